@@ -1,0 +1,1 @@
+"""The `valuekit` command (installed as the package `valuekit.cli`)."""

@@ -1,0 +1,5 @@
+import sys
+
+from valuekit.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,67 @@
+"""Options shared by several commands and their translation into library calls."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from valuekit.datasets import load_table
+from valuekit.errors import InputError
+from valuekit.trainers.base import TrainConfig, available_methods, load_method, parse_overrides
+
+
+def add_table_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("table columns")
+    g.add_argument("--id-col", default="id", help="id column (default: id)")
+    g.add_argument("--label-col", default="label", help="label column (default: label)")
+    g.add_argument("--source-col", default="source", help="source/language/domain column if present (default: source)")
+    g.add_argument("--feature-cols", default=None,
+                   help="comma-separated feature columns (default: every numeric column, or the one list column)")
+    g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
+
+
+def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) -> None:
+    d = TrainConfig()
+    g = p.add_argument_group("training")
+    g.add_argument("--dev", required=dev_required, help="small trusted dev table (same columns as TABLE)")
+    g.add_argument("--test", default=None, help="optional test table, evaluated during training")
+    g.add_argument("--method", default=None if not dev_required else d.method,
+                   help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
+    g.add_argument("--model", default=d.model, help=f"linear, mlp or cnn (default: {d.model})")
+    g.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
+    g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
+    g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda (default: auto)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
+
+
+def table_kwargs(args) -> dict:
+    shape = None
+    if args.image_shape:
+        try:
+            shape = tuple(int(v) for v in args.image_shape.split(","))
+        except ValueError:
+            raise InputError(f"--image-shape {args.image_shape!r}: expected integers like 1,28,28") from None
+    cols = [c for c in args.feature_cols.split(",") if c] if args.feature_cols else None
+    return {"id_col": args.id_col, "label_col": args.label_col, "source_col": args.source_col,
+            "feature_cols": cols, "image_shape": shape}
+
+
+def load_tables(args, table_path):
+    kw = table_kwargs(args)
+    train = load_table(table_path, name="train", **kw)
+    kw.pop("feature_cols"), kw.pop("image_shape")
+    dev = load_table(args.dev, name="dev", like=train, **kw)
+    test = load_table(args.test, name="test", like=train, **kw) if args.test else None
+    return train, dev, test
+
+
+def train_config(args) -> tuple[TrainConfig, dict]:
+    cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
+                      lr=args.lr, seed=args.seed, device=args.device)
+    module, overrides = load_method(args.method)
+    method_vals, loop_vals = parse_overrides(args.overrides, module.Config, cfg)
+    cfg = dataclasses.replace(cfg, **loop_vals)
+    return cfg, method_vals

@@ -1,0 +1,41 @@
+"""valuekit data: list and prepare the bundled real data sets."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("data", help="list or prepare bundled real data sets", description=__doc__)
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    pl = dsub.add_parser("list", help="show the data sets that can be prepared")
+    pl.set_defaults(func=run_list)
+    pp = dsub.add_parser("prepare", help="write DIR/train.parquet, DIR/dev.parquet, DIR/test.parquet")
+    pp.add_argument("name", help="data set name (valuekit data list)")
+    pp.add_argument("-o", "--out", required=True, help="output folder")
+    pp.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip (default 0)")
+    pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair"])
+    pp.add_argument("--imbalance", type=float, default=1.0, help="largest/smallest class ratio in train (default 1)")
+    pp.add_argument("--dev-size", type=int, default=None, help="dev rows, class-balanced (default 10 per class)")
+    pp.add_argument("--test-fraction", type=float, default=0.2)
+    pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows")
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--from", dest="from_dir", default=None, help="folder with the raw files (fashion-mnist)")
+    pp.set_defaults(func=run_prepare)
+
+
+def run_list(args) -> int:
+    from valuekit.datasets import DATASETS
+
+    for name, (_, desc) in DATASETS.items():
+        print(f"{name:15s} {desc}")
+    return 0
+
+
+def run_prepare(args) -> int:
+    from valuekit.datasets import prepare
+
+    paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
+                    dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
+                    seed=args.seed, from_dir=args.from_dir)
+    for split, path in paths.items():
+        print(f"{split:5s} {path}")
+    return 0

@@ -1,0 +1,59 @@
+"""valuekit score: write TABLE back with weight, value, value_std, rank (and selected) from a run.
+
+With --method instead of --run, trains first (into OUT's name + '.run/') and then exports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from valuekit.cli.common import add_table_options, add_train_options, load_tables, train_config
+
+
+def add_parser(sub):
+    p = sub.add_parser("score", help="export a weighted or pruned copy of a table", description=__doc__)
+    p.add_argument("table", help="table to score (.parquet or .csv); its ids must be in the run")
+    p.add_argument("-o", "--out", required=True, help="output .parquet or .csv")
+    p.add_argument("--run", default=None, help="run directory to take values from")
+    p.add_argument("--run-dir", default=None, help="with --method: where to write the run (default: OUT.run)")
+    sel = p.add_argument_group("selection (at most one)")
+    sel.add_argument("--keep-fraction", type=float, default=None, help="select the top fraction by value")
+    sel.add_argument("--top-k", type=int, default=None, help="select the K most valuable rows")
+    sel.add_argument("--drop-fraction", type=float, default=None, help="drop the lowest fraction by value")
+    sel.add_argument("--min-weight", type=float, default=None, help="select rows with weight >= W")
+    sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
+    add_train_options(p, dev_required=False)
+    add_table_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from valuekit.errors import InputError
+    from valuekit.export import score
+
+    out = Path(args.out)
+    if (args.run is None) == (args.method is None):
+        raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
+    run_dir = args.run
+    if args.method is not None:
+        from valuekit.trainers.base import train
+
+        if not args.dev:
+            raise InputError("--method needs --dev DEV (the small trusted table)")
+        cfg, method_cfg = train_config(args)
+        data, dev, test = load_tables(args, args.table)
+        run_dir = Path(args.run_dir or out.with_name(out.name + ".run"))
+        # Check the export options before spending time on training.
+        if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+            raise InputError(f"-o {out}: output must end in .parquet or .csv")
+        if out.resolve() == Path(args.table).resolve():
+            raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
+        r = train(data, dev, test, out=run_dir, config=cfg, method_config=method_cfg)
+        fm = r.meta.get("final_metrics", {})
+        acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
+        print(f"trained {args.method}: {run_dir} ({acc})")
+    path = score(args.table, run_dir, out=out, id_col=args.id_col, keep_fraction=args.keep_fraction,
+                 top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
+                 subset_only=args.subset_only)
+    print(f"scored table: {path}")
+    return 0

@@ -1,0 +1,31 @@
+"""valuekit: learn what each training example is worth while the model trains.
+
+Public entry points are imported lazily so that `import valuekit` stays cheap and
+analysis code can be used without importing torch.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_table": ("valuekit.datasets", "load_table"),
+    "ValueDataset": ("valuekit.datasets", "ValueDataset"),
+    "train": ("valuekit.trainers.base", "train"),
+    "TrainConfig": ("valuekit.trainers.base", "TrainConfig"),
+    "read_run": ("valuekit.runlog", "read_run"),
+    "score": ("valuekit.export", "score"),
+    "audit": ("valuekit.analysis.mislabel", "audit"),
+    "audit_summary": ("valuekit.analysis.mislabel", "audit_summary"),
+    "report": ("valuekit.report", "write_report"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'valuekit' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

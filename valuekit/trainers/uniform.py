@@ -1,0 +1,59 @@
+"""Plain empirical risk minimisation: every example weighted 1. The baseline every method is measured against.
+
+Its value is the "small-loss" signal: minus the example's mean training loss over the steps
+it was seen (examples the model keeps getting wrong, often mislabelled ones, rank last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+
+@dataclass
+class Config:
+    """uniform has no hyper-parameters beyond the loop's (model, lr, batch size, optimizer)."""
+
+
+class Trainer:
+    def __init__(self, ctx: TrainContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.model = ctx.build_model()
+        self.opt = ctx.make_optimizer(self.model.parameters())
+        zeros = lambda: torch.zeros(ctx.n, dtype=torch.float64, device=ctx.device)  # noqa: E731
+        self.loss_sum, self.loss_sq, self.count = zeros(), zeros(), zeros()
+
+    def step(self, batch: Batch) -> StepRecord:
+        self.model.train()
+        logits = self.model(batch.x)
+        losses = per_example_loss(logits, batch.y)
+        self.opt.zero_grad(set_to_none=True)
+        losses.mean().backward()
+        self.opt.step()
+        seen = losses.detach().double()
+        self.loss_sum.index_add_(0, batch.idx, seen)
+        self.loss_sq.index_add_(0, batch.idx, seen * seen)
+        self.count.index_add_(0, batch.idx, torch.ones_like(seen))
+        return StepRecord(loss=losses.detach(), correct=logits.argmax(1) == batch.y)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "loss_sum": self.loss_sum, "loss_sq": self.loss_sq, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        for k in ("loss_sum", "loss_sq", "count"):
+            getattr(self, k).copy_(state[k])
+
+    def values(self) -> dict:
+        """value = -mean training loss over the run (NaN for never-sampled rows); value_std = its std."""
+        count = self.count.clamp_min(1)
+        mean = self.loss_sum / count
+        var = (self.loss_sq / count - mean * mean).clamp_min(0)
+        unseen = self.count == 0
+        nan = torch.full_like(mean, float("nan"))
+        return {"value": torch.where(unseen, nan, -mean), "value_std": torch.where(unseen, nan, var.sqrt())}
