@@ -1,0 +1,454 @@
+"""Per-example gradient · vector dot products.
+
+DDS (Wang et al., "Optimizing Data Usage via Differentiable Rewards", ICML 2020,
+Alg. 1 line 11) rewards training example ``i`` with
+
+    r_i = ∇_θ ℓ(x_i, y_i; θ_{t-1}) · v,
+
+where ``v`` is a parameter-shaped vector (the mean dev-batch gradient
+``∇_θ J(θ_t, D_dev)``).  This module computes the ``B`` dot products of a batch
+in three ways (``DOT_METHODS``):
+
+``"exact"``
+    One forward-mode pass (``torch.func.jvp``) of ``params -> per-example losses``
+    along the tangent ``v``: the JVP *is* the vector of dot products, so
+    per-example gradients are never materialised.  Exact to floating-point
+    precision.
+``"taylor"``
+    The paper's first-order approximation
+    ``∇ℓ_i · v ≈ (ℓ_i(θ + ε v̂) − ℓ_i(θ)) / ε · ||v||`` with ``v̂ = v / ||v||``
+    (two forward passes, no backward).
+``"ghost"``
+    Layer-wise dot products from captured layer inputs and output gradients
+    of one backward pass (``nn.Linear`` and ``nn.Conv2d`` only).
+
+``per_example_dots_loop`` is an explicit per-example loop kept as a reference.
+
+Conventions shared by all functions:
+
+* ``loss_fn(logits, y)`` returns per-example losses of shape ``(B,)``
+  (default: cross-entropy with ``reduction="none"``).
+* ``params`` optionally overrides the module's parameters (e.g. θ_{t−1} kept
+  from before an optimizer step); it is applied with
+  ``torch.func.functional_call`` and the module itself is never modified.
+  Missing trainable entries are taken from the module.
+* ``v`` is a dict keyed by the names of the *trainable* parameters
+  (``requires_grad=True``, in ``model.named_parameters()`` order), or a
+  sequence of tensors in that order.
+* No ``.grad`` field of a model parameter is written, the train/eval flags
+  of all submodules are left as they were, and buffers (batch-norm running
+  statistics) are not updated: every forward runs on copies of the buffers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+__all__ = [
+    "DOT_METHODS",
+    "per_example_dots",
+    "per_example_dots_loop",
+    "mean_gradient",
+    "trainable_names",
+    "flatten",
+    "time_dot_methods",
+]
+
+DOT_METHODS = ("exact", "taylor", "ghost")
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+VectorLike = Mapping[str, Tensor] | Sequence[Tensor]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters with ``requires_grad=True``, in ``named_parameters`` order."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def flatten(tensors: Mapping[str, Tensor] | Sequence[Tensor]) -> Tensor:
+    """Concatenate a dict (in its order) or sequence of tensors into one flat vector."""
+    ts = list(tensors.values()) if isinstance(tensors, Mapping) else list(tensors)
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def _split_params(
+    model: nn.Module, params: Mapping[str, Tensor] | None
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Return (trainable primals, other overrides), all detached."""
+    names = trainable_names(model)
+    if not names:
+        raise ValueError("model has no trainable parameters")
+    own = dict(model.named_parameters())
+    params = {} if params is None else dict(params)
+    primals = {n: (params[n] if n in params else own[n]).detach() for n in names}
+    others = {n: t.detach() for n, t in params.items() if n not in primals}
+    return primals, others
+
+
+def _resolve_v(v: VectorLike, primals: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    names = list(primals)
+    if isinstance(v, Mapping):
+        if set(v) != set(names):
+            missing = sorted(set(names) - set(v))
+            extra = sorted(set(v) - set(names))
+            raise ValueError(
+                f"v keys must equal the trainable parameter names; missing={missing}, extra={extra}"
+            )
+        items = [(n, v[n]) for n in names]
+    else:
+        v = list(v)
+        if len(v) != len(names):
+            raise ValueError(f"v has {len(v)} tensors but the model has {len(names)} trainable parameters")
+        items = list(zip(names, v))
+    out = {}
+    for n, t in items:
+        p = primals[n]
+        if tuple(t.shape) != tuple(p.shape):
+            raise ValueError(f"v[{n!r}] has shape {tuple(t.shape)}, expected {tuple(p.shape)}")
+        out[n] = t.detach().to(dtype=p.dtype, device=p.device)
+    return out
+
+
+def _call(model: nn.Module, others: Mapping[str, Tensor], p: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    """``functional_call`` with fresh copies of all buffers, so in-place buffer
+    updates (batch-norm running statistics in training mode) neither touch the
+    module nor break ``torch.func`` transforms."""
+    state = {n: b.clone() for n, b in model.named_buffers()}
+    for n, t in others.items():
+        state[n] = t.clone() if n in state else t
+    state.update(p)
+    return functional_call(model, state, (x,))
+
+
+def _check_losses(losses: Tensor, batch: int) -> Tensor:
+    if losses.shape != (batch,):
+        raise ValueError(
+            f"loss_fn must return per-example losses of shape ({batch},), got {tuple(losses.shape)}"
+        )
+    return losses
+
+
+def _save_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in modes:
+        m.training = flag
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+def mean_gradient(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Gradient of the mean per-example loss, ``(1/B) Σ_i ∇θ ℓ_i``, as a detached
+    name -> tensor dict over the trainable parameters (the DDS vector ``v`` when
+    called on a dev batch).  Uses the model's current train/eval mode; ``.grad``
+    fields are not touched."""
+    loss_fn = loss_fn or _default_loss
+    primals, others = _split_params(model, params)
+
+    def mean_loss(p):
+        out = _call(model, others, p, x)
+        return _check_losses(loss_fn(out, y), x.shape[0]).mean()
+
+    with torch.enable_grad():
+        g = torch.func.grad(mean_loss)(primals)
+    return {n: t.detach() for n, t in g.items()}
+
+
+def per_example_dots(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    v: VectorLike,
+    *,
+    method: str = "exact",
+    loss_fn: LossFn | None = None,
+    params: Mapping[str, Tensor] | None = None,
+    eps: float = 1e-3,
+) -> Tensor:
+    """Return ``r`` of shape ``(B,)`` with ``r_i = ∇θ ℓ(x_i, y_i; θ) · v``.
+
+    This is the DDS reward of Wang et al. (ICML 2020), Alg. 1 line 11, with
+    ``θ = params`` (default: the module's current parameters) and ``v`` the
+    (dev-)gradient vector.  ``method`` is one of ``DOT_METHODS``:
+
+    * ``"exact"``: a single ``torch.func.jvp`` of ``θ -> (ℓ_1..ℓ_B)`` along ``v``.
+    * ``"taylor"``: ``(ℓ_i(θ + ε v̂) − ℓ_i(θ)) / ε · ||v||``, ``v̂ = v/||v||``
+      (the paper's first-order approximation; error O(ε) for smooth models, but
+      an example whose ReLU pattern flips between θ and θ + ε v̂ can be off by
+      more, whatever ε).  Both forward passes
+      run in **eval mode** (dropout off, batch-norm uses running statistics) so
+      they are deterministic and comparable; the flags are restored afterwards.
+      ``v = 0`` gives zeros.
+    * ``"ghost"``: one backward pass to the layer outputs; for every
+      ``nn.Linear``/``nn.Conv2d`` the dot product is ``<∂ℓ_i/∂out_i, layer_V(in_i)>``
+      (see :func:`_ghost_dots`).  Raises ``NotImplementedError`` if another module
+      type owns trainable parameters.
+
+    ``"exact"`` and ``"ghost"`` use the model's current mode (so with active
+    dropout they are exact for that one random forward pass).  With batch-coupled
+    layers (batch-norm in training mode) ``"exact"`` differentiates ``ℓ_i``
+    including its dependence through the batch statistics (so it differs from
+    the batch-of-one loop), and ``"ghost"`` raises ``NotImplementedError``.
+    """
+    loss_fn = loss_fn or _default_loss
+    primals, others = _split_params(model, params)
+    tangents = _resolve_v(v, primals)
+    if method == "exact":
+        return _exact_dots(model, x, y, tangents, loss_fn, primals, others)
+    if method == "taylor":
+        return _taylor_dots(model, x, y, tangents, loss_fn, primals, others, eps)
+    if method == "ghost":
+        return _ghost_dots(model, x, y, tangents, loss_fn, primals, others)
+    raise ValueError(f"unknown method {method!r}; expected one of {DOT_METHODS}")
+
+
+def per_example_dots_loop(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    v: VectorLike,
+    *,
+    loss_fn: LossFn | None = None,
+    params: Mapping[str, Tensor] | None = None,
+) -> Tensor:
+    """Reference implementation: loop over examples, ``torch.autograd.grad`` of
+    ``ℓ(x_i, y_i; θ)`` (batch of one) and an explicit dot product with ``v``."""
+    loss_fn = loss_fn or _default_loss
+    primals, others = _split_params(model, params)
+    tangents = _resolve_v(v, primals)
+    leaves = {n: p.clone().requires_grad_(True) for n, p in primals.items()}
+    names = list(leaves)
+    dtype = next(iter(primals.values())).dtype
+    out = torch.zeros(x.shape[0], dtype=dtype, device=x.device)
+    with torch.enable_grad():
+        for i in range(x.shape[0]):
+            logits = _call(model, others, leaves, x[i : i + 1])
+            loss = _check_losses(loss_fn(logits, y[i : i + 1]), 1).sum()
+            grads = torch.autograd.grad(loss, [leaves[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    out[i] += (g * tangents[n]).sum()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# methods
+# ---------------------------------------------------------------------------
+def _exact_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
+    def losses(p):
+        out = _call(model, others, p, x)
+        return _check_losses(loss_fn(out, y), x.shape[0])
+
+    # primals are detached, so no reverse-mode graph is recorded.  The first
+    # forward-AD call makes torch load jvp decompositions via the deprecated
+    # torch.jit.script; silence that one internal DeprecationWarning.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=DeprecationWarning)
+        _, dots = jvp(losses, (primals,), (tangents,))
+    return dots.detach()
+
+
+def _taylor_dots(model, x, y, tangents, loss_fn, primals, others, eps) -> Tensor:
+    if eps <= 0:
+        raise ValueError("eps must be positive")
+    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in tangents.values()))
+    if norm.item() == 0.0:
+        return torch.zeros(x.shape[0], dtype=next(iter(primals.values())).dtype, device=x.device)
+    step = eps / norm.item()  # θ + ε v̂ = θ + (ε/||v||) v
+    shifted = {n: p + step * tangents[n] for n, p in primals.items()}
+    modes = _save_modes(model)
+    try:
+        model.eval()
+        with torch.no_grad():
+            l0 = _check_losses(loss_fn(_call(model, others, primals, x), y), x.shape[0])
+            l1 = _check_losses(loss_fn(_call(model, others, shifted, x), y), x.shape[0])
+    finally:
+        _restore_modes(modes)
+    return (l1 - l0) / eps * norm.item()
+
+
+_GHOST_TYPES = (nn.Linear, nn.Conv2d)
+
+
+def _plain_forward(mod: nn.Module) -> bool:
+    # subclasses that override forward (e.g. adapters) may not be linear in the weight
+    return any(type(mod).forward is t.forward for t in _GHOST_TYPES)
+
+
+def _ghost_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
+    """Layer-wise dots without per-example gradients.
+
+    A layer's output is linear in its weight, so for a layer with input ``a_i``,
+    output gradient ``δ_i = ∂(Σ_j ℓ_j)/∂out_i = ∂ℓ_i/∂out_i`` and weight direction
+    ``V``: ``∇_W ℓ_i · V = <δ_i, layer(a_i; weight=V, bias=0)>`` and
+    ``∇_b ℓ_i · v_b = Σ_positions δ_i · v_b``.
+
+    * Linear (input ``(B, *, D_in)``): ``Σ_t δ_i[t] · (V a_i[t])``.
+    * Conv2d: the per-example weight gradient is ``Σ_p δ_i[p] ⊗ unfold(a_i)[p]``,
+      so ``∇_W ℓ_i · V = Σ_p δ_i[p] · (V_mat @ unfold(a_i))[p]``.  ``V_mat @
+      unfold(a_i)`` is exactly ``conv2d(a_i, V)`` (same stride/padding/dilation/
+      groups/padding_mode), which is what is computed — the unfolded input
+      (``C·k²`` times larger than ``a``) and the ``B × |W|`` matrix are never formed.
+
+    Cost: one forward, one backward to the layer outputs, plus one extra
+    (bias-free) layer evaluation per layer with ``V``.  Layers called several
+    times, or sharing a tied weight, contribute once per call.
+    """
+    # which modules own trainable parameters, and are they supported?
+    # canonical names: tied parameters appear once in named_parameters()
+    canon = {id(p): n for n, p in model.named_parameters()}
+    owners: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+    for mname, mod in model.named_modules():
+        local = {pn: canon[id(p)] for pn, p in mod.named_parameters(recurse=False)}
+        local = {pn: full for pn, full in local.items() if full in tangents}
+        if not local:
+            continue
+        if not (isinstance(mod, _GHOST_TYPES) and _plain_forward(mod)):
+            raise NotImplementedError(
+                f"ghost dot products support only nn.Linear and nn.Conv2d; module "
+                f"{mname or '<root>'!r} of type {type(mod).__name__} has trainable parameters "
+                f"{sorted(local)} (use method='exact')"
+            )
+        owners[mname] = (mod, local)
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and (mod.training or not mod.track_running_stats):
+            raise NotImplementedError(
+                f"ghost dot products need per-example independent losses; {type(mod).__name__} "
+                f"{mname!r} uses batch statistics (put it in eval mode or use method='exact')"
+            )
+
+    records: list[tuple[str, Tensor, Tensor]] = []
+
+    def make_hook(mname):
+        def hook(mod, inputs, output):
+            records.append((mname, inputs[0].detach(), output))
+
+        return hook
+
+    handles = [mod.register_forward_hook(make_hook(mn)) for mn, (mod, _) in owners.items()]
+    B = x.shape[0]
+    leaves = {n: p.clone().requires_grad_(True) for n, p in primals.items()}
+    try:
+        with torch.enable_grad():
+            logits = _call(model, others, leaves, x)
+            total = _check_losses(loss_fn(logits, y), B).sum()
+    finally:
+        for h in handles:
+            h.remove()
+
+    dtype = next(iter(primals.values())).dtype
+    dots = torch.zeros(B, dtype=dtype, device=x.device)
+    if not records:
+        return dots
+    outs = [o for _, _, o in records]
+    with torch.enable_grad():
+        gouts = torch.autograd.grad(total, outs, allow_unused=True)
+
+    with torch.no_grad():
+        for (mname, a, _), g in zip(records, gouts):
+            if g is None:
+                continue
+            mod, local = owners[mname]
+            if a.shape[0] != B or g.shape[0] != B:
+                raise RuntimeError(
+                    f"ghost: input/output of {mname!r} does not have the batch dimension first"
+                )
+            vw = tangents.get(local.get("weight", ""), None)
+            vb = tangents.get(local.get("bias", ""), None)
+            if isinstance(mod, nn.Linear):
+                if vw is not None:
+                    dots += (g * F.linear(a, vw)).reshape(B, -1).sum(1)
+                if vb is not None:
+                    dots += g.reshape(B, -1, g.shape[-1]).sum(1) @ vb
+            else:  # nn.Conv2d
+                if a.dim() != 4:
+                    raise RuntimeError(f"ghost: Conv2d {mname!r} needs batched 4-D input, got {a.dim()}-D")
+                if vw is not None:
+                    dots += (g * mod._conv_forward(a, vw, None)).reshape(B, -1).sum(1)
+                if vb is not None:
+                    dots += g.sum(dim=(2, 3)) @ vb
+    return dots
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+def time_dot_methods(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    *,
+    reps: int = 20,
+    loss_fn: LossFn | None = None,
+    v: VectorLike | None = None,
+    warmup: int = 2,
+) -> dict[str, float]:
+    """Median wall-clock seconds per call of each ``DOT_METHODS`` entry and of a
+    plain ``forward + mean-loss backward`` (key ``"forward_backward"``).
+
+    ``v`` defaults to the mean gradient on ``(x, y)``.  A method that raises
+    ``NotImplementedError`` (ghost on unsupported layers) is reported as ``nan``.
+    ``.grad`` fields and mode flags are restored afterwards.
+    """
+    loss_fn = loss_fn or _default_loss
+    if v is None:
+        v = mean_gradient(model, x, y, loss_fn=loss_fn)
+
+    def timeit(fn) -> float:
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    result: dict[str, float] = {}
+    for m in DOT_METHODS:
+        try:
+            per_example_dots(model, x, y, v, method=m, loss_fn=loss_fn)
+        except NotImplementedError:
+            result[m] = float("nan")
+            continue
+        result[m] = timeit(lambda m=m: per_example_dots(model, x, y, v, method=m, loss_fn=loss_fn))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+
+    def fwd_bwd():
+        for p in params:
+            p.grad = None
+        loss_fn(model(x), y).mean().backward()
+
+    try:
+        result["forward_backward"] = timeit(fwd_bwd)
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return result
