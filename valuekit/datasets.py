@@ -156,6 +156,11 @@ def _npz_to_frame(path: Path) -> tuple[pd.DataFrame, dict]:
 # ---------------------------------------------------------------- validation
 
 
+def _show(v) -> str:
+    """repr of a value as the user wrote it (numpy scalars shown as plain Python values)."""
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
 def _where(path, name):
     return path if path else f"<{name} DataFrame>"
 
@@ -190,14 +195,14 @@ def load_table(
         raise InputError(f"{where}: column {id_col!r} has a null id at row {int(np.flatnonzero(ids.isna())[0])}")
     dup = ids[ids.duplicated()]
     if len(dup):
-        raise InputError(f"{where}: column {id_col!r} has duplicate id {dup.iloc[0]!r} ({len(dup)} duplicates)")
+        raise InputError(f"{where}: column {id_col!r} has duplicate id {_show(dup.iloc[0])} ({len(dup)} duplicates)")
     ids_np = ids.to_numpy()
     ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
 
     labels = df[label_col]
     if labels.isna().any():
         row = int(np.flatnonzero(labels.isna())[0])
-        raise InputError(f"{where}: column {label_col!r} has a null label at id {ids_np[row]!r}")
+        raise InputError(f"{where}: column {label_col!r} has a null label at id {_show(ids_np[row])}")
     label_text = _label_text(labels)
     if like is None:
         classes = sorted(set(label_text.tolist()), key=_class_sort_key)
@@ -218,7 +223,7 @@ def load_table(
     if source_col in df.columns:
         if df[source_col].isna().any():
             row = int(np.flatnonzero(df[source_col].isna())[0])
-            raise InputError(f"{where}: column {source_col!r} has a null source at id {ids_np[row]!r}")
+            raise InputError(f"{where}: column {source_col!r} has a null source at id {_show(ids_np[row])}")
         src = df[source_col].astype(str).to_numpy(dtype=object)
 
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
@@ -246,7 +251,7 @@ def load_table(
         clean = np.array([code.get(t, -1) for t in _label_text(df["clean_label"])], dtype=np.int64)
 
     return ValueDataset(
-        ids=ids_np, x=torch.from_numpy(x), y=torch.from_numpy(y), classes=classes, source=src,
+        ids=ids_np, x=torch.from_numpy(np.array(x, dtype=np.float32)), y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
         path=path, file_sha256=_file_sha256(Path(path)) if path else None,
     )
@@ -295,7 +300,7 @@ def _features(df, where, reserved, feature_cols, ids):
         rows = df[col].to_numpy()
         for i, r in enumerate(rows):
             if r is None or not isinstance(r, (list, tuple, np.ndarray)):
-                raise InputError(f"{where}: column {col!r} has a missing value at id {ids[i]!r}")
+                raise InputError(f"{where}: column {col!r} has a missing value at id {_show(ids[i])}")
         lengths = {len(r) for r in rows}
         if len(lengths) != 1:
             raise InputError(f"{where}: column {col!r} has rows of different lengths {sorted(lengths)[:5]}")
@@ -322,7 +327,7 @@ def _check_finite(x, where, cols, ids):
     bad = ~np.isfinite(x)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise InputError(f"{where}: column {cols[c]!r} has value {x[r, c]} at id {ids[r]!r}; features must be finite")
+        raise InputError(f"{where}: column {cols[c]!r} has value {x[r, c]} at id {_show(ids[r])}; features must be finite")
 
 
 # ---------------------------------------------------------------- preparation
@@ -432,12 +437,13 @@ def flip_labels(y: np.ndarray, rate: float, kind: str, num_classes: int, rng: np
 
 
 def long_tail(y: np.ndarray, ratio: float, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices keeping a long-tailed class profile: class c keeps a share ratio**(-c/(C-1)) of its rows."""
+    """Indices of a long-tailed subset: class c keeps m * ratio**(-c/(C-1)) rows, m = the smallest class size,
+    so the largest/smallest class ratio is `ratio` whatever the original class sizes."""
+    m = min(int((y == c).sum()) for c in range(num_classes))
     keep = []
     for c in range(num_classes):
         rows = np.flatnonzero(y == c)
-        share = ratio ** (-c / max(num_classes - 1, 1))
-        n_keep = max(1, int(round(share * len(rows))))
+        n_keep = max(1, int(round(m * ratio ** (-c / max(num_classes - 1, 1)))))
         keep.append(rng.choice(rows, size=n_keep, replace=False))
     return np.sort(np.concatenate(keep))
 

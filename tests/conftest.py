@@ -1,0 +1,45 @@
+"""Shared tiny data for tests: CPU only, seconds per test."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def blobs(n: int, *, seed: int = 0, classes: int = 3, dim: int = 4, noise: float = 0.0, id_start: int = 0) -> pd.DataFrame:
+    """Gaussian blobs, one per class; `noise` flips that fraction of labels (is_noisy/clean_label kept)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, size=n)
+    centers = np.eye(classes, dim) * 3.0
+    x = centers[y] + rng.normal(size=(n, dim))
+    df = pd.DataFrame(x.astype(np.float32), columns=[f"f{j}" for j in range(dim)])
+    df.insert(0, "id", np.arange(id_start, id_start + n))
+    names = np.array([f"c{k}" for k in range(classes)])
+    flipped = y.copy()
+    if noise > 0:
+        idx = rng.choice(n, size=int(round(noise * n)), replace=False)
+        flipped[idx] = (y[idx] + rng.integers(1, classes, size=len(idx))) % classes
+    df.insert(1, "label", names[flipped])
+    if noise > 0:
+        df["is_noisy"] = flipped != y
+        df["clean_label"] = names[y]
+    return df
+
+
+@pytest.fixture
+def tables(tmp_path):
+    """Paths of a tiny noisy train table, a clean dev table and a test table (Parquet)."""
+    paths = {}
+    for name, df in (
+        ("train", blobs(90, seed=1, noise=0.2)),
+        ("dev", blobs(24, seed=2, id_start=1000)),
+        ("test", blobs(60, seed=3, id_start=2000)),
+    ):
+        p = tmp_path / f"{name}.parquet"
+        df.to_parquet(p, index=False)
+        paths[name] = p
+    return paths

@@ -1,0 +1,173 @@
+"""The one training loop with the uniform method: run-log contents, resume, interruption, divergence."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from valuekit.datasets import load_table
+from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.runlog import METRICS_SCHEMA, acquire_lock, read_run, steps_schema
+from valuekit.trainers.base import TrainConfig, parse_overrides, resolve_device, train
+from valuekit.trainers.uniform import Config as UniformConfig
+
+
+def _load(tables, drop_eval=False):
+    tr = pd.read_parquet(tables["train"])
+    if drop_eval:
+        tr = tr.drop(columns=["is_noisy", "clean_label"])
+    train_ds = load_table(tables["train"] if not drop_eval else tr)
+    dev = load_table(tables["dev"], like=train_ds, name="dev")
+    test = load_table(tables["test"], like=train_ds, name="test")
+    return train_ds, dev, test
+
+
+def _cfg(**kw):
+    base = dict(steps=30, batch_size=16, eval_every=10, log_every=10, checkpoint_every=10, progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_uniform_run_directory_contents(tables, tmp_path):
+    tr, dev, test = _load(tables)
+    run = train(tr, dev, test, out=tmp_path / "run", config=_cfg())
+    steps = run.steps()
+    assert steps.num_rows == 30 * 16
+    assert steps.schema.remove_metadata() == steps_schema("int64")
+    part = pq.read_schema(tmp_path / "run" / "steps" / "part-00000.parquet")
+    assert part.metadata[b"valuekit.schema_version"] == b"1" and part.metadata[b"valuekit.table"] == b"steps"
+    df = steps.to_pandas()
+    assert sorted(df.step.unique()) == list(range(1, 31))
+    assert df.reward.isna().all() and df.selected.isna().all() and df.weight.isna().all()
+    assert set(df.example_id) <= set(tr.ids.tolist())
+
+    metrics = run.metrics()
+    assert list(metrics.columns) == METRICS_SCHEMA.names and len(metrics) == 30
+    assert metrics.dev_acc.notna().sum() == 3 and metrics.test_acc.notna().sum() == 3
+
+    values = run.values()
+    assert list(values.columns) == ["example_id", "value", "value_std", "weight", "rank"]
+    assert len(values) == len(tr) and values.weight.mean() == pytest.approx(1.0)
+    assert sorted(values["rank"]) == list(range(1, len(tr) + 1))
+    # value is minus the mean logged loss of each example seen; never-seen rows are NaN and rank last
+    expected = -df.groupby("example_id").loss.mean()
+    got = values.set_index("example_id").value
+    np.testing.assert_allclose(got.loc[expected.index], expected, rtol=1e-5)
+    assert got.drop(expected.index).isna().all()
+    ranked = values.sort_values("rank")
+    assert ranked.value.dropna().is_monotonic_decreasing
+    meta = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert meta["status"] == "completed" and meta["steps_done"] == 30 and meta["method"] == "uniform"
+    assert meta["data"]["train"]["n_rows"] == 90 and len(meta["data"]["train"]["file_sha256"]) == 64
+    assert meta["versions"]["torch"] and meta["classes"] == ["c0", "c1", "c2"]
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_training_never_reads_evaluation_columns(tables, tmp_path):
+    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    b = train(*_load(tables, drop_eval=True), out=tmp_path / "b", config=_cfg()).values()
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_same_seed_same_values_other_seed_differs(tables, tmp_path):
+    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    b = train(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
+    c = train(*_load(tables), out=tmp_path / "c", config=_cfg(seed=1)).values()
+    pd.testing.assert_frame_equal(a, b)
+    assert not np.allclose(a.value.fillna(0), c.value.fillna(0))
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tables, tmp_path):
+    full = train(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
+
+    class StopAt:
+        def on_step_end(self, step, batch, record, trainer):
+            if step == 17:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), hooks=[StopAt()])
+    partial = read_run(tmp_path / "part")
+    assert partial.meta["status"] == "interrupted" and partial.meta["steps_done"] == 17
+    assert partial.values() is None and partial.steps().num_rows == 17 * 16
+    resumed = train(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), resume=True)
+    pd.testing.assert_frame_equal(full.values(), resumed.values())
+    a = full.steps().to_pandas().sort_values(["step", "example_id"], ignore_index=True)
+    b = resumed.steps().to_pandas().sort_values(["step", "example_id"], ignore_index=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert resumed.meta["status"] == "completed"
+
+
+def test_resume_extends_a_finished_run(tables, tmp_path):
+    full = train(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
+    train(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=20))
+    ext = train(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=40), resume=True)
+    pd.testing.assert_frame_equal(full.values(), ext.values())
+
+
+def test_resume_refuses_other_data_or_method(tables, tmp_path):
+    tr, dev, test = _load(tables)
+    train(tr, dev, test, out=tmp_path / "run", config=_cfg(steps=10))
+    other = load_table(pd.read_parquet(tables["train"]).iloc[:-1])
+    with pytest.raises(RunDirError, match="--resume with different data"):
+        train(other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True)
+    with pytest.raises(RunDirError, match="--resume with different config"):
+        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
+    with pytest.raises(RunDirError, match="already holds a run"):
+        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20))
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_log(tables, tmp_path):
+    tr, dev, _ = _load(tables)
+    with pytest.raises(TrainingDiverged, match=r"step \d+: training loss became NaN/inf") as err:
+        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=200, optimizer="sgd", lr=1e30, momentum=0.0))
+    step = int(str(err.value).split(":")[0].split()[1])
+    run = read_run(tmp_path / "run")
+    assert run.meta["status"] == "failed" and run.meta["steps_done"] == step
+    assert run.steps().num_rows == step * 16  # every step up to the bad one is logged
+    assert run.metrics().step.max() == step
+
+
+def test_lock_refuses_a_second_writer(tmp_path):
+    lock = acquire_lock(tmp_path)
+    with pytest.raises(RunDirError, match="in use by another valuekit process"):
+        acquire_lock(tmp_path)
+    lock.unlink()
+    lock.write_text("thishost-does-not-matter:1")  # another host's lock is never taken over
+    with pytest.raises(RunDirError):
+        acquire_lock(tmp_path)
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(f"{socket.gethostname()}:{dead.pid}")
+    lock = acquire_lock(tmp_path)
+    assert lock.read_text().endswith(f":{os.getpid()}")
+
+
+def test_overrides_are_typed_by_defaults():
+    m, loop = parse_overrides(["eval_every=5", "lr=0.1", "progress=false"], UniformConfig)
+    assert loop == {"eval_every": 5, "lr": 0.1, "progress": False} and m == {}
+    with pytest.raises(InputError, match="--set eval_every=abc: expected int"):
+        parse_overrides(["eval_every=abc"], UniformConfig)
+    with pytest.raises(InputError, match="--set nope: unknown setting"):
+        parse_overrides(["nope=1"], UniformConfig)
+
+
+def test_device_choice():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(InputError, match="--device 'tpu': use auto, cpu or cuda"):
+        resolve_device("tpu")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device is available"):
+            resolve_device("cuda")
