@@ -1,0 +1,412 @@
+"""Numerical tests for valuekit.selection (differentiable convex subset selection).
+
+The exact backend is checked against finite differences (gradcheck), against the
+cvxpylayers reference (forward and vector-Jacobian products), against an explicit
+KKT check plus two independent solvers (scipy SLSQP, breakpoint enumeration) on tiny
+problems, and for the constraints.  Everything is small: the file runs in seconds.
+"""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from valuekit.selection import (
+    DEFAULT_SOLVER_ARGS,
+    SubsetSelection,
+    benchmark_layer,
+    select_subset,
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    # numpy 2 deprecation emitted inside cvxpylayers/diffcp when they np.array() a tensor
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+)
+
+DT = torch.float64
+REGS = ("quadratic", "entropy")
+CMP_TOL = 1e-5  # exact vs cvxpylayers (SCS eps 1e-9, LSMR derivative), max abs
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+def quad_threshold(s, w, lam):
+    """tau and the free set of a quadratic solution (per row); s, w: (B, n) float64."""
+    free = (w > 0) & (w < 1)
+    cnt = free.sum(-1)
+    tau = torch.where(free, s - 2 * lam * w, torch.zeros_like(s)).sum(-1) / cnt.clamp(min=1)
+    return tau, free, cnt
+
+
+def kink_margin(s, k, lam):
+    """Smallest |s_i - tau| or |s_i - tau - 2 lam| (distance of any item from a kink) and
+    the smallest free-set size, over rows.  Used to generate problems where the quadratic
+    solution is differentiable with a non-trivial free set."""
+    w = select_subset(s, k, reg="quadratic", lam=lam)
+    tau, _, cnt = quad_threshold(s, w, lam)
+    z = s - tau.unsqueeze(-1)
+    margin = torch.minimum(z.abs(), (z - 2 * lam).abs()).min().item()
+    return margin, int(cnt.min())
+
+
+def make_scores(batch, n, k, lam, reg, seed, ties=True, min_margin=1e-3):
+    """Random float64 scores (with tied values when ties=True); for the quadratic case,
+    re-drawn until every row has a free item and no item is within min_margin of a kink."""
+    for attempt in range(200):
+        g = torch.Generator().manual_seed(1000 * seed + attempt)
+        s = torch.randn(batch, n, generator=g, dtype=DT)
+        if ties and n >= 4:
+            # copy a block of values onto other positions: exact ties in every row
+            m = n // 4
+            s[:, n - m:] = s[:, :m]
+        if reg == "entropy":
+            return s
+        margin, free = kink_margin(s, k, lam)
+        if margin > min_margin and free >= 1:
+            return s
+    raise AssertionError("could not draw a well-posed problem")
+
+
+def exact_and_vjp(layer, s, g):
+    x = s.detach().clone().requires_grad_(True)
+    w = layer(x)
+    (grad,) = torch.autograd.grad(w, x, g)
+    return w.detach(), grad
+
+
+# ---------------------------------------------------------------------------
+# gradients: finite differences
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reg", REGS)
+def test_gradcheck_exact(reg):
+    lam, k = 0.4, 2.5
+    s = make_scores(3, 7, k, lam, reg, seed=1, ties=False, min_margin=1e-2)
+    if reg == "quadratic":
+        w = select_subset(s, k, reg=reg, lam=lam)
+        _, free, cnt = quad_threshold(s, w, lam)
+        # non-trivial: free items and clipped items in every row
+        assert (cnt >= 2).all() and (~free).sum(-1).min() >= 1
+    s.requires_grad_(True)
+    fn = lambda x: select_subset(x, k, reg=reg, lam=lam)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(fn, (s,), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_gradcheck_module_1d(reg):
+    lam = 0.3
+    layer = SubsetSelection(fraction=0.4, reg=reg, lam=lam)
+    s = make_scores(1, 10, 4.0, lam, reg, seed=2, ties=False, min_margin=1e-2)[0].requires_grad_(True)
+    assert torch.autograd.gradcheck(layer, (s,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_vjp_formula(reg):
+    """grad_s of <g, w> equals the closed forms in the spec, computed here independently."""
+    lam, k = 0.25, 3.0
+    s = make_scores(4, 9, k, lam, reg, seed=3)
+    g = torch.randn(4, 9, dtype=DT, generator=torch.Generator().manual_seed(0))
+    w, grad = exact_and_vjp(lambda x: select_subset(x, k, reg=reg, lam=lam), s, g)
+    if reg == "quadratic":
+        free = ((w > 0) & (w < 1)).to(DT)
+        mean = (g * free).sum(-1, keepdim=True) / free.sum(-1, keepdim=True)
+        expected = free * (g - mean) / (2 * lam)
+    else:
+        d = w * (1 - w) / lam
+        expected = d * (g - (d * g).sum(-1, keepdim=True) / d.sum(-1, keepdim=True))
+    assert torch.allclose(grad, expected, atol=1e-12, rtol=0)
+    # sum(w) = k is a constant, so the gradient of sum(w) vanishes
+    _, grad_sum = exact_and_vjp(lambda x: select_subset(x, k, reg=reg, lam=lam), s, torch.ones_like(s))
+    assert grad_sum.abs().max().item() < 1e-12
+
+
+# ---------------------------------------------------------------------------
+# exact vs cvxpylayers reference
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("n", [5, 17, 40])
+def test_exact_matches_cvxpylayers(reg, n):
+    # entropy: lam large enough that no weight is ~1e-6; there the conic reference
+    # (exp cones solved to ~1e-12 gap) is itself only good to ~1e-5 in w and ~1e-4 in
+    # the gradient, while the closed form stays exact (checked by objective values)
+    lam = 0.37 if reg == "quadratic" else 0.8
+    ks = [1, round(n / 3) + 0.5, n - 1]
+    worst_w = worst_g = 0.0
+    for i, k in enumerate(ks):
+        exact = SubsetSelection(k=k, reg=reg, lam=lam, backend="exact")
+        ref = SubsetSelection(k=k, reg=reg, lam=lam, backend="cvxpylayers")
+        for batch in (1, 3):
+            s = make_scores(batch, n, k, lam, reg, seed=10 * n + 2 * i + batch)
+            g = torch.randn(batch, n, dtype=DT, generator=torch.Generator().manual_seed(n + i + batch))
+            w_ex, grad_ex = exact_and_vjp(exact, s, g)
+            w_ref, grad_ref = exact_and_vjp(ref, s, g)
+            assert w_ref.dtype == DT and w_ref.shape == (batch, n)
+            # the reference solves the same program
+            assert torch.allclose(w_ref.sum(-1), torch.full((batch,), float(k), dtype=DT), atol=1e-6)
+            worst_w = max(worst_w, (w_ex - w_ref).abs().max().item())
+            worst_g = max(worst_g, (grad_ex - grad_ref).abs().max().item())
+            assert (w_ex - w_ref).abs().max().item() < CMP_TOL, (k, batch)
+            assert (grad_ex - grad_ref).abs().max().item() < CMP_TOL, (k, batch)
+    assert worst_w < CMP_TOL and worst_g < CMP_TOL
+
+
+def test_cvxpylayers_backend_dtype_shape_nograd():
+    layer = SubsetSelection(k=2, reg="quadratic", lam=0.5, backend="cvxpylayers")
+    s32 = torch.tensor([0.3, -1.2, 0.9, 0.1, 0.5], dtype=torch.float32)
+    with torch.no_grad():  # solve-only path of diffcp (no derivative arguments)
+        w = layer(s32)
+    assert w.dtype == torch.float32 and w.shape == (5,)
+    w_exact = select_subset(s32.double(), 2, lam=0.5)
+    assert (w.double() - w_exact).abs().max().item() < 1e-6
+    assert 5 in layer._layers and len(layer._layers) == 1  # program cached per n
+    layer(s32.unsqueeze(0).repeat(2, 1))
+    assert len(layer._layers) == 1
+    assert layer.solver_args == DEFAULT_SOLVER_ARGS["quadratic"]
+
+
+def test_solver_args_merge():
+    entropy = SubsetSelection(k=1, reg="entropy", backend="cvxpylayers")
+    assert entropy.solver_args["solve_method"] == "Clarabel"
+    # another solver: the default solver's own settings are dropped, mode is kept
+    scs_args = {"solve_method": "SCS", "eps_abs": 1e-9, "eps_rel": 1e-9}
+    scs = SubsetSelection(k=1, reg="entropy", backend="cvxpylayers", solver_args=scs_args)
+    assert scs.solver_args == {**scs_args, "mode": "lsmr"}
+    dense = SubsetSelection(k=1, backend="cvxpylayers", solver_args={"mode": "dense"})
+    assert dense.solver_args == {**DEFAULT_SOLVER_ARGS["quadratic"], "mode": "dense"}
+    s = torch.tensor([0.2, -0.4, 1.1, 0.6], dtype=DT, requires_grad=True)
+    g = torch.tensor([1.0, -2.0, 0.5, 0.3], dtype=DT)
+    for layer in (scs, dense):
+        w, grad = exact_and_vjp(layer, s, g)
+        w_ex, grad_ex = exact_and_vjp(SubsetSelection(k=1, reg=layer.reg), s, g)
+        assert (w - w_ex).abs().max().item() < CMP_TOL and (grad - grad_ex).abs().max().item() < CMP_TOL
+
+
+# ---------------------------------------------------------------------------
+# constraints, shapes, dtypes
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("reg", REGS)
+def test_constraints_float64(reg):
+    g = torch.Generator().manual_seed(5)
+    for n, k, lam, scale in [(50, 7, 0.1, 1.0), (50, 49.5, 2.0, 3.0), (200, 0.3, 1e-3, 10.0), (3, 1, 10.0, 1.0)]:
+        s = torch.randn(4, n, generator=g, dtype=DT) * scale + 1e3
+        w = select_subset(s, k, reg=reg, lam=lam)
+        assert w.shape == s.shape and w.dtype == DT
+        assert (w.sum(-1) - k).abs().max().item() < 1e-8
+        assert w.min().item() >= 0.0 and w.max().item() <= 1.0
+        # invariant to a common shift of the scores, monotone in the scores
+        w2 = select_subset(s - 1e3, k, reg=reg, lam=lam)
+        assert (w - w2).abs().max().item() < 1e-8
+        order = s.argsort(-1)
+        ws = w.gather(-1, order)
+        assert (ws[:, 1:] - ws[:, :-1]).min().item() >= -1e-12
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 30),
+    kfrac=st.floats(0.01, 0.99),
+    lam=st.floats(1e-3, 1e2),
+    scale=st.floats(1e-3, 1e3),
+    reg=st.sampled_from(REGS),
+    seed=st.integers(0, 2**16),
+)
+def test_constraints_property(n, kfrac, lam, scale, reg, seed):
+    k = kfrac * n
+    s = torch.randn(2, n, generator=torch.Generator().manual_seed(seed), dtype=DT) * scale
+    w = select_subset(s, k, reg=reg, lam=lam)
+    assert torch.isfinite(w).all()
+    assert (w.sum(-1) - k).abs().max().item() < 1e-8 * max(1.0, k)
+    assert w.min().item() >= 0.0 and w.max().item() <= 1.0
+
+
+def test_shapes_fraction_and_dtypes():
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(12, generator=g, dtype=DT)
+    w1 = SubsetSelection(k=3)(s)
+    assert w1.shape == (12,)
+    assert torch.equal(w1, select_subset(s.unsqueeze(0), 3)[0])
+    # fraction: k = fraction * n, non-integer allowed
+    layer = SubsetSelection(fraction=0.3, reg="entropy", lam=0.2)
+    wf = layer(s)
+    assert abs(wf.sum().item() - 3.6) < 1e-10
+    assert layer.budget(12) == pytest.approx(3.6)
+    # leading dims are batch dims
+    s3 = torch.randn(2, 3, 12, generator=g, dtype=DT)
+    w3 = SubsetSelection(k=4, lam=0.5)(s3)
+    assert w3.shape == (2, 3, 12)
+    assert torch.allclose(w3.reshape(6, 12), select_subset(s3.reshape(6, 12), 4, lam=0.5), atol=0)
+    # float32 in -> float32 out, close to the float64 answer
+    for reg in REGS:
+        s64 = torch.randn(5, 40, generator=g, dtype=DT)
+        w64 = select_subset(s64, 10, reg=reg, lam=0.5)
+        s32 = s64.float().requires_grad_(True)
+        w32 = select_subset(s32, 10, reg=reg, lam=0.5)
+        assert w32.dtype == torch.float32
+        assert (w32.double() - w64).abs().max().item() < 1e-5
+        assert (w32.double().sum(-1) - 10).abs().max().item() < 1e-4
+        w32.sum().backward()
+        assert s32.grad.dtype == torch.float32 and s32.grad.abs().max().item() < 1e-5
+    # half precision is computed in float32 and cast back
+    wh = select_subset(torch.randn(3, 8, generator=g).half(), 2)
+    assert wh.dtype == torch.float16 and abs(wh.float().sum(-1) - 2).max().item() < 1e-2
+    # empty batch
+    assert select_subset(torch.zeros(0, 6, dtype=DT), 2).shape == (0, 6)
+    # n = 1: the only feasible point is w = k
+    assert select_subset(torch.tensor([3.0], dtype=DT), 0.25).item() == pytest.approx(0.25, abs=1e-15)
+
+
+def test_small_lam_approaches_hard_topk_and_large_lam_uniform():
+    s = torch.tensor([[0.9, -0.2, 1.7, 0.4, 2.5, -1.0]], dtype=DT)
+    topk = torch.zeros_like(s).scatter_(-1, s.topk(2).indices, 1.0)
+    for reg in REGS:
+        assert (select_subset(s, 2, reg=reg, lam=1e-4) - topk).abs().max().item() < 1e-6
+        assert (select_subset(s, 2, reg=reg, lam=1e4) - 2 / 6).abs().max().item() < 1e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    g = torch.Generator().manual_seed(7)
+    for reg in REGS:
+        for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+            s = torch.randn(8, 300, generator=g, dtype=dt)
+            w_cpu = select_subset(s, 30, reg=reg, lam=0.3)
+            sc = s.cuda().requires_grad_(True)
+            w_gpu = select_subset(sc, 30, reg=reg, lam=0.3)
+            assert w_gpu.device.type == "cuda" and w_gpu.dtype == dt
+            assert (w_gpu.cpu() - w_cpu).abs().max().item() < tol
+            w_gpu.sum().backward()
+            assert sc.grad.device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------
+# KKT and independent solvers on tiny problems
+# ---------------------------------------------------------------------------
+def breakpoint_solution(s, k, lam):
+    """Quadratic case by enumerating breakpoints: f(tau) = sum clip((s - tau)/2lam, 0, 1)
+    is piecewise linear and non-increasing; find the segment holding k and interpolate."""
+    s = np.asarray(s, dtype=np.float64)
+    f = lambda t: np.clip((s - t) / (2 * lam), 0, 1).sum()  # noqa: E731
+    bps = np.sort(np.concatenate([s, s - 2 * lam]))
+    vals = np.array([f(t) for t in bps])  # non-increasing
+    j = np.nonzero(vals >= k)[0].max()  # f(bps[j]) >= k > f(bps[j+1])
+    t0, t1, f0, f1 = bps[j], bps[j + 1], vals[j], vals[j + 1]
+    tau = t0 if f0 == f1 else t0 + (f0 - k) * (t1 - t0) / (f0 - f1)
+    return np.clip((s - tau) / (2 * lam), 0, 1)
+
+
+def test_quadratic_kkt_and_bruteforce():
+    from scipy.optimize import minimize
+
+    cases = [
+        ([0.3, -1.2, 0.9, 0.1, 0.5, 2.0], 2.0, 0.4),
+        ([1.0, 1.0, 0.2, -0.3, 0.7, 0.7], 2.5, 0.25),  # ties
+        ([5.0, 0.0, -1.0, 0.5], 1.0, 0.1),  # one item at the upper bound, rest zero
+        ([0.1, 0.2, 0.3, 0.4, 0.5], 4.2, 1.5),
+    ]
+    for s_list, k, lam in cases:
+        s = torch.tensor(s_list, dtype=DT)
+        w = select_subset(s, k, lam=lam).numpy()
+        sn = s.numpy()
+        # KKT: a tau with  s_i - 2 lam w_i = tau on the free set,  s_i <= tau where w_i = 0,
+        # s_i - 2 lam >= tau where w_i = 1;  primal feasibility
+        assert abs(w.sum() - k) < 1e-12 and w.min() >= 0 and w.max() <= 1
+        free = (w > 1e-12) & (w < 1 - 1e-12)
+        if free.any():
+            taus = sn[free] - 2 * lam * w[free]
+            assert np.ptp(taus) < 1e-12
+            tau = taus.mean()
+            assert np.all(sn[w <= 1e-12] <= tau + 1e-12)
+            assert np.all(sn[w >= 1 - 1e-12] - 2 * lam >= tau - 1e-12)
+        else:  # all at bounds: any tau in [max s_zero, min s_one - 2 lam] certifies
+            assert sn[w <= 1e-12].max() <= (sn[w >= 1 - 1e-12] - 2 * lam).min() + 1e-12
+        # independent exact method
+        assert np.abs(w - breakpoint_solution(sn, k, lam)).max() < 1e-12
+        # generic constrained optimiser on  min lam ||w||^2 - s.w
+        res = minimize(
+            lambda v: lam * v @ v - sn @ v,
+            np.full(len(sn), k / len(sn)),
+            jac=lambda v: 2 * lam * v - sn,
+            bounds=[(0, 1)] * len(sn),
+            constraints=[{"type": "eq", "fun": lambda v: v.sum() - k, "jac": lambda v: np.ones_like(v)}],
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
+        assert res.success
+        assert np.abs(w - res.x).max() < 1e-6
+
+
+def test_entropy_stationarity():
+    s = torch.tensor([[0.3, -1.2, 0.9, 0.1, 0.5, 2.0], [1.0, 1.0, 0.2, -0.3, 0.7, 0.7]], dtype=DT)
+    lam, k = 0.3, 2.2
+    w = select_subset(s, k, reg="entropy", lam=lam)
+    assert (w.sum(-1) - k).abs().max().item() < 1e-12
+    assert ((w > 0) & (w < 1)).all()
+    # s_i - lam * logit(w_i) is the same tau for every i
+    tau = s - lam * torch.logit(w)
+    assert (tau.max(-1).values - tau.min(-1).values).max().item() < 1e-10
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+def test_bad_k_rejected():
+    with pytest.raises(ValueError, match=r"SubsetSelection: k=5 must be in \(0, n=4\)"):
+        SubsetSelection(k=5)(torch.zeros(4))
+    with pytest.raises(ValueError, match=r"SubsetSelection: k=4 must be in \(0, n=4\)"):
+        SubsetSelection(k=4)(torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"SubsetSelection: k=4 must be in \(0, n=4\)"):
+        SubsetSelection(k=4, backend="cvxpylayers")(torch.zeros(4))
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=rf"SubsetSelection: k={bad!r} must be in \(0, n\)"):
+            SubsetSelection(k=bad)
+    with pytest.raises(TypeError, match="SubsetSelection: k must be a real number"):
+        SubsetSelection(k="3")
+    with pytest.raises(ValueError, match=r"SubsetSelection: fraction=1.0 must be in \(0, 1\)"):
+        SubsetSelection(fraction=1.0)
+    with pytest.raises(ValueError, match=r"SubsetSelection: fraction=0 must be in \(0, 1\)"):
+        SubsetSelection(fraction=0)
+    with pytest.raises(ValueError, match="exactly one of k= or fraction="):
+        SubsetSelection(k=2, fraction=0.5)
+    with pytest.raises(ValueError, match="exactly one of k= or fraction="):
+        SubsetSelection()
+    with pytest.raises(ValueError, match=r"select_subset: k=0.0 must be in \(0, n=3\)"):
+        select_subset(torch.zeros(3), 0.0)
+    with pytest.raises(ValueError, match=r"select_subset: k=3 must be in \(0, n=3\)"):
+        select_subset(torch.zeros(3), 3)
+
+
+def test_bad_lam_reg_backend_scores_rejected():
+    for bad in (0, -0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"SubsetSelection: lam={bad!r} must be a finite number > 0"):
+            SubsetSelection(k=1, lam=bad)
+    with pytest.raises(ValueError, match=r"select_subset: lam=0 must be a finite number > 0"):
+        select_subset(torch.zeros(3), 1, lam=0)
+    with pytest.raises(ValueError, match=r"SubsetSelection: reg='l1' is not one of 'quadratic', 'entropy'"):
+        SubsetSelection(k=1, reg="l1")
+    with pytest.raises(ValueError, match=r"select_subset: reg='l2' is not one of"):
+        select_subset(torch.zeros(3), 1, reg="l2")
+    with pytest.raises(ValueError, match=r"SubsetSelection: backend='scs' is not one of 'exact', 'cvxpylayers'"):
+        SubsetSelection(k=1, backend="scs")
+    with pytest.raises(ValueError, match="solver_args only applies to backend='cvxpylayers'"):
+        SubsetSelection(k=1, solver_args={"eps_abs": 1e-6})
+    with pytest.raises(ValueError, match="scores contain NaN or inf"):
+        select_subset(torch.tensor([0.0, float("nan"), 1.0]), 1)
+    with pytest.raises(TypeError, match="floating-point"):
+        SubsetSelection(k=1)(torch.arange(3))
+    with pytest.raises(ValueError, match="0-d tensor"):
+        select_subset(torch.tensor(1.0), 1)
+
+
+# ---------------------------------------------------------------------------
+# benchmark helper (tiny smoke run)
+# ---------------------------------------------------------------------------
+def test_benchmark_layer_smoke():
+    rows = benchmark_layer(ns=(8,), batches=(1, 2), reps=1)
+    assert [(r["n"], r["batch"]) for r in rows] == [(8, 1), (8, 2)]
+    for r in rows:
+        assert r["skipped"] is None and r["exact_s"] > 0 and r["cvxpylayers_s"] > 0
+        assert r["ratio"] == pytest.approx(r["cvxpylayers_s"] / r["exact_s"])
+        assert r["max_abs_diff_w"] < CMP_TOL and r["max_abs_diff_grad"] < CMP_TOL
