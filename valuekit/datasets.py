@@ -42,6 +42,7 @@ class ValueDataset:
     name: str = "table"
     path: str | None = None
     file_sha256: str | None = None
+    group: np.ndarray | None = None  # text-pair tables: int64 target-sentence id per row (load_text_pairs)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,7 +64,7 @@ class ValueDataset:
         return ValueDataset(
             ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,
             image_shape=self.image_shape, feature_cols=self.feature_cols, name=self.name,
-            path=self.path, file_sha256=self.file_sha256,
+            path=self.path, file_sha256=self.file_sha256, group=self.group,
         )
 
     def fingerprint(self) -> str:
@@ -75,6 +76,8 @@ class ValueDataset:
         h.update(json.dumps(self.classes).encode())
         if self.source is not None:
             h.update("\x00".join(self.source.tolist()).encode())
+        if self.group is not None:
+            h.update(np.asarray(self.group, dtype=np.int64).tobytes())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -532,3 +535,60 @@ def prepare(
         os.replace(tmp, path)
         written[split] = str(path)
     return written
+
+
+# ---------------------------------------------------------------- text pairs (translation)
+
+
+def load_text_pairs(
+    source,
+    *,
+    src_col: str = "src_text",
+    tgt_col: str = "tgt_text",
+    id_col: str = "id",
+    source_col: str = "source",
+    group_col: str = "group",
+    max_len: int = 80,
+    name: str = "train",
+) -> ValueDataset:
+    """Load a translation table (e.g. `valuekit data prepare multilingual`) as byte-id tensors.
+
+    x: (N, max_len) float32 source byte ids (valuekit.models.encode_bytes: bytes + 3, EOS = 2, PAD = 0),
+    y: (N, max_len) int64 target byte ids; `classes` are the vocabulary's token names, so `num_classes`
+    is the vocabulary size; `group` (int64) identifies the target sentence. Use with `--model seq2seq`.
+    """
+    from valuekit.models import BYTE_VOCAB, encode_bytes
+
+    df, _, path = read_any(source, name=name)
+    where = _where(path, name)
+    if len(df) == 0:
+        raise InputError(f"{where}: table is empty")
+    for col in (id_col, src_col, tgt_col):
+        if col not in df.columns:
+            raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+    if max_len < 2:
+        raise InputError(f"max_len {max_len}: must be >= 2")
+    ids = df[id_col]
+    dup = ids[ids.duplicated()]
+    if ids.isna().any() or len(dup):
+        raise InputError(f"{where}: column {id_col!r} has a null or duplicate id ({dup.iloc[0] if len(dup) else None!r})")
+    ids_np = ids.to_numpy()
+    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    for col in (src_col, tgt_col):
+        bad = df[col].isna() | (df[col].astype(str).str.len() == 0)
+        if bad.any():
+            raise InputError(f"{where}: column {col!r} has an empty text at id {ids_np[int(np.flatnonzero(bad)[0])]!r}")
+    src = df[source_col].astype(str).to_numpy(dtype=object) if source_col in df.columns else None
+    group = None
+    if group_col in df.columns:
+        if df[group_col].dtype.kind not in "iu":
+            raise InputError(f"{where}: column {group_col!r} must hold integer sentence ids")
+        group = df[group_col].to_numpy().astype(np.int64)
+    x = encode_bytes(df[src_col].astype(str).tolist(), max_len).float()
+    y = encode_bytes(df[tgt_col].astype(str).tolist(), max_len)
+    classes = ["<pad>", "<bos>", "<eos>"] + [f"0x{b:02x}" for b in range(256)]
+    assert len(classes) == BYTE_VOCAB
+    return ValueDataset(
+        ids=ids_np, x=x, y=y, classes=classes, source=src, feature_cols=[src_col], name=name, path=path,
+        file_sha256=_file_sha256(Path(path)) if path else None, group=group,
+    )

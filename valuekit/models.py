@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-MODELS = ("linear", "mlp", "cnn")
+MODELS = ("linear", "mlp", "cnn", "seq2seq")
 
 
 class Standardize(nn.Module):
@@ -95,6 +95,11 @@ def build_model(
             nn.Linear(32 * 16, hidden), nn.ReLU(),
         )
         width = hidden
+    elif name == "seq2seq":  # byte-level translation tables (valuekit.datasets.load_text_pairs)
+        model = Seq2Seq(vocab=num_classes, hidden=hidden)
+        if generator is not None:
+            _init_seq2seq_(model, generator)
+        return model
     else:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
     model = Classifier(body, nn.Linear(width, num_classes))
@@ -112,3 +117,127 @@ def feature_stats(x: torch.Tensor, image_shape=None) -> tuple[torch.Tensor, torc
         mean = x.mean(0)
         std = x.std(0).nan_to_num(1.0).clamp_min(1e-6)
     return mean, std
+
+
+# ---------------------------------------------------------------- byte-level translation (DDS Algorithm 2)
+
+PAD, BOS, EOS, BYTE_OFFSET = 0, 1, 2, 3  # token ids: bytes b are b + BYTE_OFFSET
+BYTE_VOCAB = 256 + BYTE_OFFSET
+
+
+def encode_bytes(texts, max_len: int) -> torch.Tensor:
+    """UTF-8 bytes + EOS, right-padded with PAD: (N, max_len) int64. Longer texts are cut to max_len - 1
+    bytes at a character boundary (no partial UTF-8 character), then EOS."""
+    out = torch.zeros(len(texts), max_len, dtype=torch.int64)
+    for i, t in enumerate(texts):
+        raw = str(t).encode("utf-8")
+        if len(raw) > max_len - 1:
+            cut = max_len - 1
+            while cut > 0 and (raw[cut] & 0xC0) == 0x80:  # raw[cut] continues a character: cut before it
+                cut -= 1
+            raw = raw[:cut]
+        ids = [b + BYTE_OFFSET for b in raw] + [EOS]
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+def decode_bytes(ids) -> list[str]:
+    """Token ids (N, L) back to text, stopping at the first EOS/PAD (invalid UTF-8 is replaced)."""
+    texts = []
+    for row in torch.as_tensor(ids).long().tolist():
+        out = bytearray()
+        for t in row:
+            if t in (PAD, EOS):
+                break
+            if t >= BYTE_OFFSET:
+                out.append(t - BYTE_OFFSET)
+        texts.append(out.decode("utf-8", errors="replace"))
+    return texts
+
+
+class Seq2Seq(nn.Module):
+    """Byte-level GRU encoder-decoder with dot-product (Luong) attention, for X -> English.
+
+    Inputs `x` are source token ids (stored as floats in the table's x), targets `y` are (N, L) token ids.
+    Training is teacher-forced with one GRU call over the whole target (no per-time-step loop); loss is the
+    mean token cross-entropy per example (`per_example_loss`). `translate` decodes greedily.
+    """
+
+    is_seq2seq = True
+
+    def __init__(self, vocab: int = BYTE_VOCAB, hidden: int = 128, emb: int = 64):
+        super().__init__()
+        self.src_emb = nn.Embedding(vocab, emb, padding_idx=PAD)
+        self.tgt_emb = nn.Embedding(vocab, emb, padding_idx=PAD)
+        self.encoder = nn.GRU(emb, hidden // 2, batch_first=True, bidirectional=True)
+        self.bridge = nn.Linear(hidden, hidden)
+        self.decoder = nn.GRU(emb, hidden, batch_first=True)
+        self.out = nn.Linear(2 * hidden, vocab)
+
+    def encode(self, x):
+        src = x.long()
+        mask = src != PAD
+        lengths = mask.sum(1).clamp_min(1).cpu()
+        # packed, so the backward direction starts at each row's own end: a row's encoding does not
+        # depend on how much padding its batch has
+        packed = nn.utils.rnn.pack_padded_sequence(self.src_emb(src), lengths, batch_first=True, enforce_sorted=False)
+        enc, _ = self.encoder(packed)
+        enc, _ = nn.utils.rnn.pad_packed_sequence(enc, batch_first=True, total_length=src.shape[1])
+        pooled = (enc * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return enc, mask, torch.tanh(self.bridge(pooled)).unsqueeze(0)
+
+    def _logits(self, dec, enc, mask):
+        att = torch.einsum("nth,nsh->nts", dec, enc).masked_fill(~mask.unsqueeze(1), float("-inf"))
+        ctx = torch.einsum("nts,nsh->nth", torch.softmax(att, -1), enc)
+        return self.out(torch.cat([dec, ctx], -1))
+
+    def forward(self, x, y):
+        """Teacher-forced logits (N, L, vocab) for targets y (input: BOS + y[:, :-1])."""
+        enc, mask, h0 = self.encode(x)
+        prev = torch.cat([torch.full_like(y[:, :1], BOS), y[:, :-1]], 1)
+        dec, _ = self.decoder(self.tgt_emb(prev), h0)
+        return self._logits(dec, enc, mask)
+
+    @staticmethod
+    def _trim(ids):
+        """Drop the all-PAD columns at the right of a batch (rows are right-padded), so cost follows the
+        longest row of the batch rather than the table's max_len; results are unchanged."""
+        width = int((ids != PAD).sum(1).max().clamp_min(1))
+        return ids[:, :width]
+
+    def per_example_loss(self, x, y):
+        x, y = self._trim(x), self._trim(y)
+        logits = self.forward(x, y)
+        tok = nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none", ignore_index=PAD)
+        return tok.sum(1) / (y != PAD).sum(1).clamp_min(1)
+
+    @torch.no_grad()
+    def translate(self, x, max_len: int = 80) -> torch.Tensor:
+        """Greedy decoding: (N, max_len) token ids, PAD after EOS."""
+        enc, mask, h = self.encode(self._trim(x))
+        tok = torch.full((x.shape[0], 1), BOS, dtype=torch.int64, device=x.device)
+        out, done = [], torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(max_len):
+            dec, h = self.decoder(self.tgt_emb(tok), h)
+            tok = self._logits(dec, enc, mask).argmax(-1)
+            tok = tok.masked_fill(done.unsqueeze(1), PAD)
+            out.append(tok)
+            done |= tok.squeeze(1) == EOS
+            if done.all():
+                break
+        return torch.cat(out, 1)
+
+    def decode_source(self, x) -> list[str]:
+        """Source ids back to text (used by the TCS character n-gram prior)."""
+        return decode_bytes(x.long().cpu())
+
+
+def _init_seq2seq_(model: nn.Module, generator: torch.Generator) -> None:
+    """Uniform(-1/sqrt(fan), 1/sqrt(fan)) for every parameter from `generator` (PyTorch's GRU default scheme)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            fan = p.shape[-1] if p.dim() > 1 else p.shape[0]
+            bound = 1 / math.sqrt(fan)
+            p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
+        for emb in (model.src_emb, model.tgt_emb):
+            emb.weight[PAD].zero_()

@@ -185,10 +185,11 @@ class PartWriter:
 class RunWriter:
     """Creates or reopens a run directory, holds its lock, writes parts, values and run.json."""
 
-    def __init__(self, run_dir, *, meta: dict, id_type: str, resume_parts: dict[str, int] | None = None):
+    def __init__(self, run_dir, *, meta: dict, id_type: str, lock: Path | None = None,
+                 resume_parts: dict[str, int] | None = None):
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.lock = acquire_lock(self.dir)
+        self.lock = lock or acquire_lock(self.dir)
         self.meta = dict(meta)
         self.meta.setdefault("schema_version", SCHEMA_VERSION)
         self.meta.setdefault("run_id", f"{int(time.time() * 1000):x}-{os.getpid()}")
@@ -288,4 +289,17 @@ def read_run(run_dir) -> Run:
         raise RunDirError(
             f"{path}: run directory has schema version {version!r}; this valuekit reads version {SCHEMA_VERSION}"
         )
+    if meta.get("status") == "running" and not _lock_held(path):
+        # The writer died without closing (SIGKILL, power loss): what is on disk is an interrupted run.
+        meta["status"] = "interrupted"
     return Run(path, meta)
+
+
+def _lock_held(run_dir: Path) -> bool:
+    lock = run_dir / LOCK
+    if not lock.exists():
+        return False
+    host, _, pid = lock.read_text().strip().rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        return _pid_alive(int(pid))
+    return True

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import math
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -27,7 +29,7 @@ import torch.nn.functional as F
 from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.models import MODELS, build_model, feature_stats
-from valuekit.runlog import RUN_JSON, RunWriter, read_run
+from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, read_run
 
 # method name -> (module, Config overrides). Modules are imported only when used.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -68,6 +70,7 @@ class TrainConfig:
     log_every: int = 50  # steps between closed Parquet parts
     checkpoint_every: int = 200  # steps between checkpoints (parts are flushed then too)
     eval_batch_size: int = 2048
+    log_steps: bool = True  # per-example rows in steps/ (off: metrics and values only, for huge runs)
     progress: bool = True
 
 
@@ -134,6 +137,7 @@ class TrainContext:
     image_shape: tuple[int, ...] | None = None
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
 
     @property
     def n(self) -> int:
@@ -313,16 +317,48 @@ def _versions() -> dict:
 
 
 def _identity(meta: dict) -> dict:
-    """The parts of run.json that a resumed run must share with the original."""
-    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device")}
-    return {
+    """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
+    tuples in a fresh config equal the lists read back from run.json)."""
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps")}
+    ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],
         "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
     }
+    return json.loads(json.dumps(ident, default=str))
 
 
 def _to_device(data: ValueDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
     return data.x.to(device), data.y.to(device)
+
+
+def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfig, device: torch.device) -> TrainContext:
+    """Move trainer-visible data to the device and seed the run's generator (no run directory involved)."""
+    generator = torch.Generator().manual_seed(config.seed)
+    x, y = _to_device(view, device)
+    dev_x, dev_y = _to_device(dev_data, device)
+    codes = {s: i for i, s in enumerate(view.sources)}
+    source = dev_source = None
+    if view.source is not None:
+        source = torch.tensor([codes[s] for s in view.source], device=device)
+        if dev_data.source is not None:
+            dev_source = torch.tensor([codes.get(s, -1) for s in dev_data.source], device=device)
+    mean, std = feature_stats(view.x, view.image_shape)
+    return TrainContext(
+        config=config, device=device, generator=generator, x=x, y=y, ids=view.ids, num_classes=view.num_classes,
+        classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
+        image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
+        group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
+    )
+
+
+def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: TrainConfig,
+                 method_config: dict | None = None):
+    """(trainer, sampler, ctx) for `config.method` without a run directory: for benchmarks and notebooks."""
+    module, overrides = load_method(config.method)
+    mcfg = module.Config(**{**overrides, **(method_config or {})})
+    ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device))
+    trainer = module.Trainer(ctx, mcfg)
+    return trainer, getattr(trainer, "sampler", None) or RandomSampler(ctx.n, ctx.generator), ctx
 
 
 def train(
@@ -373,40 +409,43 @@ def train(
     }
 
     ckpt_path = out / CHECKPOINT
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # The lock comes first: a second process on this directory stops before reading or writing anything.
+        lock = acquire_lock(out)
+    except RunDirError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     state = None
-    if resume:
-        old = read_run(out)
-        if _identity(old.meta) != _identity(meta):
-            diff = [k for k in _identity(meta) if _identity(meta)[k] != _identity(old.meta)[k]]
-            raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
-        if ckpt_path.exists():
-            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
-    elif (out / RUN_JSON).exists():
-        raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    try:
+        if resume:
+            old = read_run(out)
+            if _identity(old.meta) != _identity(meta):
+                diff = [k for k in _identity(meta) if _identity(meta)[k] != _identity(old.meta)[k]]
+                raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
+            if ckpt_path.exists():
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
+        elif (out / RUN_JSON).exists():
+            raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
-    torch.manual_seed(config.seed)  # only for third-party code that ignores our generator
-    generator = torch.Generator().manual_seed(config.seed)
-    x, y = _to_device(view, device)
-    dev_x, dev_y = _to_device(dev_data, device)
-    codes = {s: i for i, s in enumerate(view.sources)}
-    source = dev_source = None
-    if view.source is not None:
-        source = torch.tensor([codes[s] for s in view.source], device=device)
-        if dev_data.source is not None:
-            dev_source = torch.tensor([codes.get(s, -1) for s in dev_data.source], device=device)
-    mean, std = feature_stats(view.x, view.image_shape)
-    ctx = TrainContext(
-        config=config, device=device, generator=generator, x=x, y=y, ids=view.ids, num_classes=view.num_classes,
-        classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
-        image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
-    )
+    ctx = build_context(view, dev_data, config, device)
+    generator = ctx.generator
     trainer = module.Trainer(ctx, mcfg)
     sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)
+    x, y, source, dev_x, dev_y = ctx.x, ctx.y, ctx.source, ctx.dev_x, ctx.dev_y
     test_xy = _to_device(test_data, device) if test_data is not None else None
 
     start_step, elapsed_before = 0, 0.0
-    writer = RunWriter(out, meta=meta, id_type=view.id_type, resume_parts=state["parts"] if state else ({} if resume else None))
+    writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock,
+                       resume_parts=state["parts"] if state else ({} if resume else None))
     if state:
         trainer.load_state_dict(state["trainer"])
         sampler.load_state_dict(state["sampler"])
@@ -414,7 +453,7 @@ def train(
         start_step, elapsed_before = int(state["step"]), float(state["elapsed"])
 
     ids_np = view.ids
-    labels_np = view.y.numpy().astype(np.int32)
+    labels_np = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
     source_np = view.source
     hooks = hooks or []
     t0 = time.perf_counter()
@@ -433,9 +472,11 @@ def train(
 
     def evaluation(step: int) -> dict:
         m = {}
-        m["dev_loss"], m["dev_acc"] = evaluate(trainer.model, dev_x, dev_y, config.eval_batch_size)
+        # a trainer may define evaluate(x, y) -> (loss, acc), e.g. translation (acc columns then hold chrF/100)
+        ev = getattr(trainer, "evaluate", None) or (lambda ex, ey: evaluate(trainer.model, ex, ey, config.eval_batch_size))
+        m["dev_loss"], m["dev_acc"] = ev(dev_x, dev_y)
         if test_xy is not None:
-            m["test_loss"], m["test_acc"] = evaluate(trainer.model, *test_xy, config.eval_batch_size)
+            m["test_loss"], m["test_acc"] = ev(*test_xy)
         for h in hooks:
             if hasattr(h, "on_eval"):
                 h.on_eval(step, m)
@@ -447,19 +488,27 @@ def train(
 
         # disable=None: shown on a terminal, silent in pipes and CI logs.
         bar = tqdm(total=config.steps, initial=start_step, desc=config.method, unit="step", disable=None)
-    old_term = None
-    if hasattr(signal, "SIGTERM"):
-        # SIGTERM stops like Ctrl-C so that a scheduler's kill keeps the log and a checkpoint.
-        def _term(signum, frame):
+    # Ctrl-C / SIGTERM ask the loop to stop at the next step boundary, so the checkpoint never holds half a
+    # step; a second signal stops at once and resume then starts from the last periodic checkpoint.
+    stop_requested: list[int] = []
+
+    def _request_stop(signum, frame):
+        if stop_requested:
             raise KeyboardInterrupt
+        stop_requested.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            old_term = signal.signal(signal.SIGTERM, _term)
-        except ValueError:  # not the main thread
-            old_term = None
-    step = start_step
+            previous[sig] = signal.signal(sig, _request_stop)
+        except ValueError:  # not the main thread: keep Python's default behaviour
+            pass
+    step = done_step = start_step
     last_metrics: dict = {}
     try:
         while step < config.steps:
+            if stop_requested:
+                raise KeyboardInterrupt
             step += 1
             idx_cpu = sampler.next(config.batch_size)
             idx = idx_cpu.to(device)
@@ -473,12 +522,13 @@ def train(
             loss_np = rec.loss.detach().float().cpu().numpy()
             weight_np = None if rec.weight is None else rec.weight.detach().float().cpu().numpy()
             idx_np = idx_cpu.numpy()
-            writer.steps.add(
-                step=step, example_id=ids_np[idx_np], label=labels_np[idx_np],
-                source=None if source_np is None else source_np[idx_np], weight=weight_np,
-                reward=None if rec.reward is None else rec.reward.detach().float().cpu().numpy(),
-                loss=loss_np, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy(),
-            )
+            if config.log_steps:
+                writer.steps.add(
+                    step=step, example_id=ids_np[idx_np], label=None if labels_np is None else labels_np[idx_np],
+                    source=None if source_np is None else source_np[idx_np], weight=weight_np,
+                    reward=None if rec.reward is None else rec.reward.detach().float().cpu().numpy(),
+                    loss=loss_np, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy(),
+                )
             bad = not np.isfinite(loss_np).all() or (weight_np is not None and not np.isfinite(weight_np).all())
             metrics = {"step": step, "train_loss": float(np.mean(loss_np)), "step_time": step_time,
                        "wall_time": elapsed_before + time.perf_counter() - t0, "scorer_loss": rec.scorer_loss}
@@ -499,6 +549,7 @@ def train(
                     f"step {step}: training {what} became NaN/inf; stopped. Everything up to this step is in {out} "
                     f"(try a smaller --lr)"
                 )
+            done_step = step  # the step is logged: hooks and interrupts from here on see a whole step
             for h in hooks:
                 if hasattr(h, "on_step_end"):
                     h.on_step_end(step, batch, rec, trainer)
@@ -512,8 +563,9 @@ def train(
             elif step % config.log_every == 0:
                 writer.flush()
     except KeyboardInterrupt:
-        save_checkpoint(step)
-        writer.close("interrupted", steps_done=step, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if done_step == step:  # stopped between steps: everything is consistent
+            save_checkpoint(step)
+        writer.close("interrupted", steps_done=done_step, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if bar is not None:
             bar.close()
         raise
@@ -525,8 +577,8 @@ def train(
         writer.close("failed", steps_done=step, error=f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if bar is not None:
         bar.close()
     save_checkpoint(step)
