@@ -1,0 +1,371 @@
+"""DDS: Differentiable Data Selection (Wang et al., "Optimizing Data Usage via Differentiable Rewards",
+ICML 2020, Algorithm 1).
+
+A scorer network gives every example of a mini-batch a logit s_i = s(x_i, y_i; psi); the batch
+weights are p = softmax(s) and the model is trained on sum_i p_i l_i (logged as weight B * p_i, so a
+uniform scorer is plain training; Alg. 1 lines 6-7). After the model step the reward of example i is
+
+    r_i = grad_theta l(x_i, y_i; theta_{t-1}) . d_theta,   d_theta = mean dev-batch gradient at theta_t
+
+(lines 9-11; `valuekit.gradients.per_example_dots` with params = theta_{t-1}, or by default the same
+exact dots from the model step's own activations, `reward_method=fused`), and the scorer takes a
+REINFORCE step psi <- psi + lr * (1/B) sum_i r_i grad_psi log p_i (lines 12-13), every
+`update_every` steps, with normalised rewards and an optional entropy bonus (not in the paper).
+
+Variants: retrained DDS (`init_scorer=RUN_DIR` starts from the scorer of an earlier run, the paper's
+best variant) and DDS with a prior (`prior=class_balance` first fits the scorer to the
+class-frequency-balancing heuristic, like the paper's TCS+DDS).
+
+values.parquet: value = the trained scorer's logit of each training example (eval mode), weight =
+its softmax over the whole training set times N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from valuekit.errors import InputError
+from valuekit.gradients import DOT_METHODS, per_example_dots
+from valuekit.models import Standardize
+from valuekit.trainers.base import CHECKPOINT, Batch, StepRecord, TrainContext, per_example_loss
+
+SCORERS = ("mlp", "same")
+REWARD_NORMS = ("none", "baseline", "ema")
+PRIORS = ("none", "class_balance")
+REWARD_METHODS = (*DOT_METHODS, "fused")
+
+
+@dataclass
+class Config:
+    """DDS settings. Defaults were tuned on digits with 20%/40% label flips and with imbalance 10 (MLP, batch 64,
+    Adam 1e-3, 600-800 steps, 1-2 seeds); the reasons are in reports/dds.md."""
+
+    scorer: str = "mlp"  # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
+    scorer_hidden: int = 64  # hidden width of the mlp scorer
+    scorer_lr: float = 1e-3  # Adam learning rate of the scorer (0 freezes it: uniform or loaded weights)
+    reward_scale: float = 1.0  # rewards are multiplied by this before the REINFORCE step
+    # none: raw rewards | baseline: subtract a moving average of the mean reward |
+    # ema: subtract that baseline and divide by a moving average of the reward std (scale-free across training)
+    reward_norm: str = "ema"
+    # weight of an entropy bonus on the batch weights p (not in Algorithm 1; 0 = the paper's update). It keeps
+    # REINFORCE from driving the logits apart without bound, which otherwise collapses p onto a few rows
+    entropy_weight: float = 0.1
+    reward_momentum: float = 0.9  # moving-average momentum of the baseline / std
+    update_every: int = 4  # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
+    dev_batch_size: int = 64  # dev examples per reward (0 = the training batch size); whole dev set if larger
+    # exact (one jvp at theta_{t-1}) | taylor (the paper's finite difference) | ghost (Linear/Conv only), all three
+    # from valuekit.gradients; fused: the same exact dots from the layer inputs and output gradients that the
+    # model step's own forward/backward already computed (no extra pass; Linear/Conv2d models only)
+    reward_method: str = "fused"
+    scorer_warmup: int = 100  # first steps train the model with uniform weights while the scorer already learns
+    init_scorer: str = ""  # run directory of an earlier DDS run: start from its trained scorer (retrained DDS)
+    prior: str = "none"  # none | class_balance: fit softmax(scorer) to weights ~ 1/freq(y) before DDS
+    prior_steps: int = 200  # scorer steps of the prior fit
+    prior_lr: float = 1e-2  # Adam learning rate of the prior fit
+
+    def validate(self) -> None:
+        for name, allowed in (("scorer", SCORERS), ("reward_norm", REWARD_NORMS), ("reward_method", REWARD_METHODS),
+                              ("prior", PRIORS)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--set {name}={getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        if not (self.scorer_lr >= 0 and math.isfinite(self.scorer_lr)):
+            raise InputError(f"--set scorer_lr={self.scorer_lr}: must be a number >= 0")
+        if not (self.entropy_weight >= 0 and math.isfinite(self.entropy_weight)):
+            raise InputError(f"--set entropy_weight={self.entropy_weight}: must be a number >= 0")
+        if not math.isfinite(self.reward_scale):
+            raise InputError(f"--set reward_scale={self.reward_scale}: must be finite")
+        if not 0.0 <= self.reward_momentum < 1.0:
+            raise InputError(f"--set reward_momentum={self.reward_momentum}: must be in [0, 1)")
+        for name in ("update_every", "scorer_hidden"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 1")
+        for name in ("dev_batch_size", "scorer_warmup", "prior_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 0")
+        if self.init_scorer:
+            if not (Path(self.init_scorer) / CHECKPOINT).exists():
+                raise InputError(f"--set init_scorer={self.init_scorer}: no {CHECKPOINT} in that run directory")
+            if self.prior != "none":
+                raise InputError("--set init_scorer and --set prior: use one of them (both initialise the scorer)")
+
+
+# ---------------------------------------------------------------- scorers
+
+
+class MLPScorer(nn.Module):
+    """s(x, y) = h(x) . E[y] + b[y]: a two-layer ReLU MLP over the standardised features, read out by a label
+    embedding (so the scorer can tell whether a label fits its features, which noisy-label detection needs)."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, mean, std):
+        super().__init__()
+        self.body = nn.Sequential(Standardize(mean, std), nn.Linear(in_features, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, hidden), nn.ReLU())
+        self.label = nn.Embedding(num_classes, hidden)
+        self.label_bias = nn.Embedding(num_classes, 1)
+
+    def forward(self, x, y):
+        return (self.body(x) * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+
+
+class SameScorer(nn.Module):
+    """The model's family with one output per class; the logit of (x, y) is the output at y."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, y):
+        return self.net(x).gather(1, y[:, None]).squeeze(1)
+
+
+def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
+    """The scorer, initialised from the run's generator, with a zero output layer so p starts uniform."""
+    if cfg.scorer == "same":
+        scorer = SameScorer(ctx.build_model())
+        last = scorer.net.head
+    else:
+        scorer = MLPScorer(ctx.x.shape[1], ctx.num_classes, cfg.scorer_hidden, ctx.mean, ctx.std)
+        for m in scorer.body:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=ctx.generator)
+                bound = 1 / math.sqrt(m.weight.shape[1])
+                nn.init.uniform_(m.bias, -bound, bound, generator=ctx.generator)
+        with torch.no_grad():  # uniform p at step 0: DDS starts as plain training
+            scorer.label.weight.zero_()
+            scorer.label_bias.weight.zero_()
+        return scorer.to(ctx.device)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    return scorer.to(ctx.device)
+
+
+# ---------------------------------------------------------------- fused rewards
+
+
+class _LayerTape:
+    """Records each Linear/Conv2d layer's input and output gradient during one forward/backward of the model.
+
+    A layer's output is linear in its weight, so grad_W l_i . V = <dl_i/dout_i, layer(a_i; weight=V, bias=0)>
+    and grad_b l_i . v_b = sum over positions of dl_i/dout_i . v_b (the "ghost" identity of
+    valuekit.gradients, applied to the model step's own pass at theta_{t-1} instead of a new one).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.names: dict[int, tuple[str | None, str | None]] = {}
+        canon = {id(p): n for n, p in model.named_parameters()}
+        for mname, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            if not (type(mod).forward in (nn.Linear.forward, nn.Conv2d.forward)):
+                raise InputError(f"--set reward_method=fused: layer {mname!r} ({type(mod).__name__}) is not "
+                                 f"Linear/Conv2d; use reward_method=exact")
+            self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
+        self.modules = [m for m in model.modules() if id(m) in self.names]
+        self.records: list[list] = []
+        self.handles: list = []
+
+    def _hook(self, mod, inputs, output):
+        entry = [mod, inputs[0].detach(), None]
+        self.records.append(entry)
+        output.register_hook(lambda g: entry.__setitem__(2, g))
+
+    def __enter__(self):
+        self.records = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+    @torch.no_grad()
+    def dots(self, v: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """sum over recorded layers of <output gradient_i, layer_v(input_i)>, one number per row."""
+        ref = next(iter(v.values()))
+        out = torch.zeros(batch_size, dtype=ref.dtype, device=ref.device)
+        for mod, a, g in self.records:
+            if g is None:  # output did not reach the loss
+                continue
+            wname, bname = self.names[id(mod)]
+            B = g.shape[0]
+            if isinstance(mod, nn.Linear):
+                r = (g * F.linear(a, v[wname])).reshape(B, -1).sum(1)
+                if bname is not None:
+                    r = r + g.reshape(B, -1, g.shape[-1]).sum(1) @ v[bname]
+            else:
+                r = (g * mod._conv_forward(a, v[wname], None)).reshape(B, -1).sum(1)
+                if bname is not None:
+                    r = r + g.sum((2, 3)) @ v[bname]
+            out = out + r
+        self.records = []
+        return out
+
+
+# ---------------------------------------------------------------- the method
+
+
+class Trainer:
+    def __init__(self, ctx: TrainContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.model = ctx.build_model()
+        self.opt = ctx.make_optimizer(self.model.parameters())
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.scorer = build_scorer(ctx, cfg)
+        if cfg.init_scorer:
+            self._load_scorer(Path(cfg.init_scorer))
+        elif cfg.prior == "class_balance":
+            self._fit_class_balance_prior()
+        # Adam regardless of the loop's optimizer: REINFORCE gradients vary in scale by orders of magnitude.
+        self.scorer_opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.scorer_lr, foreach=True)
+        self.tape = _LayerTape(self.model) if cfg.reward_method == "fused" else None
+        self.t = 0  # DDS steps taken (loop steps), for warm-up and update_every
+        self.r_mean = torch.zeros((), dtype=torch.float64, device=ctx.device)  # moving baseline
+        self.r_var = torch.ones((), dtype=torch.float64, device=ctx.device)
+        self.r_seen = 0
+
+    # -------------------------------------------------------- initialisation variants
+
+    def _load_scorer(self, run_dir: Path) -> None:
+        """Retrained DDS: copy the scorer of an earlier DDS run (its last checkpoint)."""
+        path = run_dir / CHECKPOINT
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        scorer_state = state.get("trainer", {}).get("scorer") if isinstance(state, dict) else None
+        if scorer_state is None:
+            raise InputError(f"--set init_scorer={run_dir}: {path} holds no DDS scorer (was it a dds run?)")
+        try:
+            self.scorer.load_state_dict(scorer_state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise InputError(
+                f"--set init_scorer={run_dir}: its scorer does not fit this data/scorer setting ({first}); "
+                f"use the same data, --set scorer and scorer_hidden as that run"
+            ) from None
+
+    def _fit_class_balance_prior(self) -> None:
+        """Fit softmax(s) over random batches to q_i ~ 1/freq(y_i) by cross-entropy (the class-balancing heuristic)."""
+        ctx, cfg = self.ctx, self.cfg
+        freq = torch.bincount(ctx.y, minlength=ctx.num_classes).double()
+        q_all = (1.0 / freq.clamp_min(1))[ctx.y].float()
+        opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.prior_lr)
+        size = min(ctx.config.batch_size, ctx.n)
+        self.scorer.train()
+        for _ in range(cfg.prior_steps):
+            idx = torch.randperm(ctx.n, generator=ctx.generator)[:size].to(ctx.device)
+            q = q_all[idx] / q_all[idx].sum()
+            loss = -(q * torch.log_softmax(self.scorer(ctx.x[idx], ctx.y[idx]), 0)).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    # -------------------------------------------------------- Algorithm 1
+
+    def _normalise(self, r: torch.Tensor) -> torch.Tensor:
+        """Reward scale and moving-average baseline/std (variance reduction; the update direction stays REINFORCE's)."""
+        cfg = self.cfg
+        r = r.double()
+        if cfg.reward_norm != "none":
+            mom = cfg.reward_momentum if self.r_seen > 0 else 0.0  # first batch sets the averages
+            self.r_mean = mom * self.r_mean + (1 - mom) * r.mean()
+            self.r_var = mom * self.r_var + (1 - mom) * ((r - self.r_mean) ** 2).mean()
+            self.r_seen += 1
+            r = r - self.r_mean
+            if cfg.reward_norm == "ema":
+                r = r / self.r_var.sqrt().clamp_min(1e-12)
+        return cfg.reward_scale * r
+
+    def step(self, batch: Batch) -> StepRecord:
+        ctx, cfg = self.ctx, self.cfg
+        self.t += 1
+        x, y = batch.x, batch.y
+        B = len(y)
+        self.model.train()
+        self.scorer.train()
+        update = cfg.scorer_lr > 0 and self.t % cfg.update_every == 0
+        with torch.set_grad_enabled(update):
+            s = self.scorer(x, y)
+            log_p = torch.log_softmax(s, 0)  # line 6: p over the batch
+        if self.t <= cfg.scorer_warmup:
+            w = torch.ones(B, dtype=log_p.dtype, device=log_p.device)
+        else:
+            w = B * log_p.detach().exp()  # B * p_i, so uniform p is plain training
+
+        # lines 6-7: model step on sum_i p_i l_i, keeping theta_{t-1} for the reward
+        theta_prev = {n: p.detach().clone() for n, p in self.model.named_parameters()} if update else None
+        tape = self.tape if update else None
+        with tape or contextlib.nullcontext():
+            logits = self.model(x)
+        losses = per_example_loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        (w.to(losses.dtype) * losses).mean().backward()
+        self.opt.step()
+
+        reward = scorer_loss = None
+        if update:
+            # line 9: d_theta = mean dev-batch gradient at theta_t
+            dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size or B)
+            # plain autograd on the module: same numbers as gradients.mean_gradient, less torch.func overhead
+            d = dict(zip(self.names, torch.autograd.grad(
+                per_example_loss(self.model(dev_x), dev_y).mean(), list(self.model.parameters()))))
+            # line 11: r_i = grad l_i(theta_{t-1}) . d_theta
+            if tape is not None and bool((w > 1e-30).all()):
+                # the step's output gradients are (w_i / B) dl_i/dout_i: undo the weight per row
+                reward = tape.dots(d, B) * (B / w.to(d[self.names[0]].dtype))
+            else:  # fused with an underflowed weight: recompute at theta_{t-1}
+                method = "exact" if cfg.reward_method == "fused" else cfg.reward_method
+                reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev)
+            # lines 12-13: psi <- psi + lr (1/B) sum_i r_i grad log p_i  (minimise the negative)
+            r = self._normalise(reward)
+            loss_psi = -(r.to(log_p.dtype) * log_p).mean()
+            if cfg.entropy_weight > 0:  # minus the entropy sum_i p_i log p_i, scaled
+                loss_psi = loss_psi + cfg.entropy_weight * (log_p.exp() * log_p).sum()
+            self.scorer_opt.zero_grad(set_to_none=True)
+            loss_psi.backward()
+            self.scorer_opt.step()
+            scorer_loss = float(loss_psi.detach())
+        return StepRecord(loss=losses.detach(), weight=w, reward=reward,
+                          correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
+
+    # -------------------------------------------------------- state and values
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+            "scorer": self.scorer.state_dict(), "scorer_opt": self.scorer_opt.state_dict(),
+            "t": self.t, "r_mean": self.r_mean, "r_var": self.r_var, "r_seen": self.r_seen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.scorer.load_state_dict(state["scorer"])
+        self.scorer_opt.load_state_dict(state["scorer_opt"])
+        self.t, self.r_seen = int(state["t"]), int(state["r_seen"])
+        self.r_mean = state["r_mean"].to(self.ctx.device)
+        self.r_var = state["r_var"].to(self.ctx.device)
+
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """The scorer's logit of every training row, in eval mode, in chunks."""
+        was = self.scorer.training
+        self.scorer.eval()
+        size = self.ctx.config.eval_batch_size
+        out = torch.cat([self.scorer(self.ctx.x[i: i + size], self.ctx.y[i: i + size])
+                         for i in range(0, self.ctx.n, size)])
+        self.scorer.train(was)
+        return out
+
+    def values(self) -> dict:
+        """value = scorer logit; weight = softmax of the logits over the whole training set x N;
+        label = the class code (lets `valuekit.analysis.balance` work from values.parquet alone)."""
+        s = self.scores().double()
+        return {"value": s, "weight": torch.softmax(s, 0) * self.ctx.n, "label": self.ctx.y.double()}
