@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig, available_methods
 from valuekit.errors import InputError
-from valuekit.trainers.base import TrainConfig, available_methods, load_method, parse_overrides
 
 
 def add_table_options(p: argparse.ArgumentParser) -> None:
@@ -50,6 +49,8 @@ def table_kwargs(args) -> dict:
 
 
 def load_tables(args, table_path):
+    from valuekit.datasets import load_table
+
     kw = table_kwargs(args)
     train = load_table(table_path, name="train", **kw)
     kw.pop("feature_cols"), kw.pop("image_shape")
@@ -59,6 +60,8 @@ def load_tables(args, table_path):
 
 
 def train_config(args) -> tuple[TrainConfig, dict]:
+    from valuekit.trainers.base import load_method, parse_overrides
+
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device)
     module, overrides = load_method(args.method)

@@ -1,5 +1,17 @@
-"""Trainers: one module per method, all driven by the loop in `valuekit.trainers.base`."""
+"""Trainers: one module per method, all driven by the loop in `valuekit.trainers.base`.
 
-from valuekit.trainers.base import METHODS, Batch, StepRecord, TrainConfig, TrainContext, Trainer, train
+Names are loaded lazily so that looking up which methods exist does not import torch.
+"""
 
-__all__ = ["METHODS", "Batch", "StepRecord", "TrainConfig", "TrainContext", "Trainer", "train"]
+_BASE = ("METHODS", "Batch", "StepRecord", "TrainConfig", "TrainContext", "Trainer", "train", "make_trainer")
+
+
+def __getattr__(name):
+    if name in _BASE:
+        from valuekit.trainers import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'valuekit.trainers' has no attribute {name!r}")
+
+
+__all__ = list(_BASE)

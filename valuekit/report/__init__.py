@@ -1,0 +1,472 @@
+"""One self-contained HTML report for one or more run directories.
+
+`write_report(run_dirs, out)` renders the sections of the report (run summary, training
+curves, weight distributions, class balance, source usage, rewards, mislabel audit,
+subset value) into a single HTML file: figures are inlined as base64 PNG, the style sheet
+is inline, nothing is fetched from the network, so the file opens offline.
+
+A section appears when its data exists (class balance for runs with steps, source usage
+for runs with sources/, subset curves for runs with subset_value.parquet); when data or
+an optional analysis module is missing, or a section fails, the report says so in place
+instead of failing whole. Step logs are aggregated with pyarrow (valuekit.analysis.curves),
+never loaded whole into pandas.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from valuekit.errors import InputError, ValueKitError
+
+TEMPLATE = "report.html"
+TOP_K = 20
+
+
+class _Section:
+    def __init__(self, id: str, number: int, title: str, intro: str = ""):
+        self.id, self.number, self.title, self.intro = id, number, title, intro
+        self.figures: list[dict] = []  # {id, alt, src, caption}
+        self.tables: list[dict] = []  # {id, caption, header, rows, html_cells}
+        self.notes: list[str] = []
+
+    def figure(self, id: str, alt: str, fig, caption: str = "") -> None:
+        from valuekit.report.figures import data_uri
+
+        self.figures.append({"id": id, "alt": alt, "src": data_uri(fig), "caption": caption})
+
+
+def _optional(module: str):
+    """Import valuekit.analysis.<module> if this installation has it, else None."""
+    try:
+        return importlib.import_module(f"valuekit.analysis.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"valuekit.analysis.{module}":
+            return None
+        raise
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return str(int(v))
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.{digits}g}" if np.isfinite(v) else "–"
+    return str(v)
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "–"
+    s = float(seconds)
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.2f} h"
+
+
+def _guard(section: _Section, what: str):
+    """Context manager: an exception inside becomes a visible note in the section."""
+    class _G:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, typ, exc, tb):
+            if exc is None:
+                return False
+            if isinstance(exc, Exception):
+                section.notes.append(f"{what}: not shown ({type(exc).__name__}: {exc})")
+                return True
+            return False
+
+    return _G()
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _summary(runs, names) -> _Section:
+    sec = _Section("summary", 1, "Run summary", "One column per run.")
+    rows = []
+
+    def row(label, fn):
+        rows.append([label] + [fn(r) for r in runs])
+
+    def cfg(r, k):
+        return r.meta.get("config", {}).get(k)
+
+    def train_data(r):
+        d = (r.meta.get("data") or {}).get("train") or {}
+        return f"{d.get('path') or d.get('name', '?')} ({d.get('n_rows', '?')} rows)"
+
+    def final(r, k):
+        return _fmt((r.meta.get("final_metrics") or {}).get(k))
+
+    row("method", lambda r: r.method)
+    row("status", lambda r: r.meta.get("status", "?"))
+    row("training data", train_data)
+    row("dev data", lambda r: str((((r.meta.get("data") or {}).get("dev")) or {}).get("path") or "–"))
+    row("classes", lambda r: str(len(r.meta.get("classes") or [])))
+    row("sources", lambda r: ", ".join(r.meta.get("sources") or []) or "–")
+    row("model", lambda r: str(cfg(r, "model")) + ("" if cfg(r, "model") == "linear"
+                                                    else f" (hidden {cfg(r, 'hidden')})"))
+    row("steps", lambda r: f"{r.meta.get('steps_done', '?')} / {cfg(r, 'steps')}")
+    row("batch size · lr · optimizer", lambda r: f"{cfg(r, 'batch_size')} · {cfg(r, 'lr')} · {cfg(r, 'optimizer')}")
+    row("seed", lambda r: str(r.meta.get("seed")))
+    row("method settings",
+        lambda r: ", ".join(f"{k}={v}" for k, v in (r.meta.get("method_config") or {}).items()) or "–")
+    row("duration", lambda r: _duration(r.meta.get("duration_s")))
+    row("device · host", lambda r: f"{r.meta.get('device', '?')} · {r.meta.get('host', '?')}")
+    row("started", lambda r: str(r.meta.get("started_at", "–")))
+    for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
+        row(f"final {k.replace('_', ' ')}", lambda r, k=k: final(r, k))
+    row("valuekit · torch", lambda r: f"{(r.meta.get('versions') or {}).get('valuekit', '?')} · "
+                                      f"{(r.meta.get('versions') or {}).get('torch', '?')}")
+    sec.tables.append({"id": "run-summary", "caption": "", "header": ["", *names], "rows": rows})
+    return sec
+
+
+def _training(runs, names) -> _Section:
+    from valuekit.analysis import curves
+    from valuekit.report import figures
+
+    sec = _Section("training", 2, "Training curves",
+                   "Training loss/accuracy is the per-step mini-batch mean, averaged over step bins; dev (dashed) "
+                   "and test (dotted) are evaluated every eval_every steps.")
+    with _guard(sec, "training curves"):
+        data = {n: curves.training_curves(r, max_points=150) for r, n in zip(runs, names)}
+        data = {n: c for n, c in data.items() if len(c)}
+        if data:
+            sec.figure("fig-training-curves", "Training and dev loss and accuracy by step",
+                       figures.plot_training_curves(data))
+        else:
+            sec.notes.append("no metrics logged yet")
+    return sec
+
+
+def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
+    from valuekit.analysis import curves
+    from valuekit.report import figures
+
+    sec = _Section("weights", 3, "Weight distributions",
+                   "Final per-example weights from values.parquet (normalised to mean 1). When a run's weights are "
+                   "all equal (uniform), its value is shown instead (uniform: minus the mean training loss).")
+    series, by_class, split, what = {}, {}, {}, {}
+    finished = [(r, n) for r, n in zip(runs, names) if r.values() is not None]
+    if not finished:
+        sec.notes.append("no run has values.parquet yet (finish or resume the runs)")
+        return sec
+    for r, n in finished:
+        v = r.values()
+        w = v["weight"].to_numpy(dtype=np.float64)
+        use_weight = np.nanstd(w) > 1e-9
+        col = "weight" if use_weight else "value"
+        what[n] = "final weight" if use_weight else "value (weights all 1)"
+        series[n] = (v[col].to_numpy(dtype=np.float64), what[n])
+        ids = v["example_id"].to_numpy()
+        lab = labels.get(n)
+        if lab is not None:
+            by_class[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
+                                        "class": pd.Series(ids).map(lab).to_numpy()}).dropna(subset=["class"])
+        if noisy.get(n) is not None:
+            split[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
+                                     "noisy": pd.Series(ids).map(noisy[n]).fillna(False).to_numpy(dtype=bool)})
+    with _guard(sec, "weight histogram"):
+        sec.figure("fig-weight-hist", "Histogram of final weights", figures.plot_histograms(series))
+    with _guard(sec, "weights per class"):
+        if by_class:
+            classes = [str(c) for c in finished[0][0].meta.get("classes") or []] or None
+            sec.figure("fig-weight-class", "Final weights per class", figures.plot_by_class(by_class, what, classes))
+    with _guard(sec, "weights by is_noisy"):
+        if split:
+            sec.figure("fig-weight-noisy", "Final weights of clean vs noisy examples",
+                       figures.plot_split_noisy(split, what),
+                       "is_noisy comes from the table and is used for evaluation only.")
+    with _guard(sec, "weight trajectories"):
+        traj, ylab, tags = {}, {}, {}
+        for r, n in finished:
+            v = r.values().sort_values("rank")
+            v = v[np.isfinite(v["value"])]
+            pick = list(v["example_id"].head(3)) + list(v["example_id"].tail(3))
+            tags[n] = {**{e: "(high value)" for e in pick[:3]}, **{e: "(low value)" for e in pick[3:]}}
+            t = curves.trajectories(r, pick, column="weight")
+            col = "weight"
+            if not len(t) or t["value"].std() < 1e-9:
+                t, col = curves.trajectories(r, pick, column="loss"), "loss (weights not logged / constant)"
+            if len(t):
+                traj[n], ylab[n] = t, col
+        if traj:
+            sec.figure("fig-weight-traj", "Weight trajectories of a few examples",
+                       figures.plot_trajectories(traj, ylab, tags),
+                       "The three most and three least valuable examples of each run, at each step they were sampled.")
+    return sec
+
+
+def _balance(runs, names) -> _Section:
+    from valuekit.report import figures
+
+    sec = _Section("balance", 4, "Class balance",
+                   "Scorer weight mass per class vs the empirical training frequency vs the dev frequency, at the "
+                   "end of training and over steps.")
+    mod = _optional("balance")
+    if mod is None:
+        sec.notes.append("valuekit.analysis.balance is not in this installation")
+        return sec
+    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None]
+    if not with_steps:
+        sec.notes.append("no run has a step log")
+        return sec
+    with _guard(sec, "class balance"):
+        frames = [(n, mod.class_balance(r)) for r, n in with_steps]
+        fig, axes = figures.run_panels(len(frames))
+        for ax, (n, f) in zip(axes, frames):
+            mod.plot_class_balance(f, ax=ax)
+            ax.set_title(f"{n}\n{ax.get_title()}", fontsize=9)
+        fig.tight_layout()
+        sec.figure("fig-class-balance", "Class mass: scorer vs empirical vs dev", fig)
+    with _guard(sec, "class balance over steps"):
+        frames = [(n, mod.class_balance_over_steps(r)) for r, n in with_steps]
+        fig, axes = figures.run_panels(len(frames))
+        for ax, (n, f) in zip(axes, frames):
+            mod.plot_class_balance_over_steps(f, ax=ax)
+            ax.set_title(f"{n}: {ax.get_title()}", fontsize=9)
+            figures.step_axis(ax)
+        fig.tight_layout()
+        sec.figure("fig-class-balance-steps", "Class weight mass over training steps", fig)
+    return sec
+
+
+def _usage(runs, names) -> _Section | None:
+    from valuekit.report import figures
+
+    multi = [(r, n) for r, n in zip(runs, names) if r.dataset("sources") is not None]
+    if not multi:
+        return None
+    sec = _Section("usage", 5, "Source usage", "Share of each source (language, domain, annotator) by training step.")
+    mod = _optional("usage")
+    if mod is None:
+        sec.notes.append("valuekit.analysis.usage is not in this installation")
+        return sec
+    with _guard(sec, "source usage"):
+        frames = [(n, mod.source_usage(r)) for r, n in multi]
+        fig, axes = figures.run_panels(len(frames))
+        for ax, (n, f) in zip(axes, frames):
+            mod.plot_source_usage(f, ax=ax)
+            ax.set_title(n, fontsize=9)
+            figures.step_axis(ax)
+        fig.tight_layout()
+        sec.figure("fig-source-usage", "Source usage over training steps", fig)
+    return sec
+
+
+def _rewards(runs, names) -> _Section:
+    from valuekit.analysis import curves
+    from valuekit.report import figures
+
+    sec = _Section("rewards", 6, "Rewards and per-example losses over time",
+                   "Mean, median and quantile bands per step bin, aggregated with pyarrow over the step log.")
+    rewards, losses = {}, {}
+    with _guard(sec, "step log"):
+        for r, n in zip(runs, names):
+            both = curves.step_quantiles_many(r, ["reward", "loss"])  # one scan of the log per run
+            if both["reward"] is not None:
+                rewards[n] = both["reward"]
+            if both["loss"] is not None:
+                losses[n] = both["loss"]
+    with _guard(sec, "rewards"):
+        if rewards:
+            sec.figure("fig-rewards", "Reward quantiles per step", figures.plot_quantile_bands(rewards, "reward"))
+        else:
+            sec.notes.append("no run logs a reward (e.g. uniform); per-example losses are shown below")
+    with _guard(sec, "loss quantiles"):
+        if losses:
+            sec.figure("fig-loss-quantiles", "Per-example training loss quantiles per step",
+                       figures.plot_quantile_bands(losses, "per-example loss"))
+    return sec
+
+
+def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame | None, dict | None]:
+    from valuekit.analysis import mislabel
+    from valuekit.report import figures
+
+    sec = _Section("audit", 7, "Mislabel audit",
+                   "label_score combines the runs' values by rank (lower = more likely mislabelled); flags come from "
+                   "a two-means split of label_score, never from is_noisy, which only scores the audit.")
+    finished = [r for r in runs if (r.path / "values.parquet").exists()]
+    if not finished:
+        sec.notes.append("no run has values.parquet yet")
+        return sec, None, None
+    try:
+        frame = mislabel.audit(finished, data=data, baselines=baselines)
+    except ValueKitError as exc:
+        sec.notes.append(f"audit not available: {exc}")
+        return sec, None, None
+    summary = mislabel.audit_summary(frame)
+    table = None
+    try:
+        table = mislabel.training_table(finished[0], data)
+    except ValueKitError:
+        pass
+    shape = table["image_shape"] if table else None
+    rows_of = {}
+    if shape is not None:
+        rows_of = {i: k for k, i in enumerate(table["ids"].tolist())}
+    value_cols = [c for c in frame.columns if c.startswith("value_")]
+    header = ["rank", "id"] + (["image"] if shape else []) + ["given", "predicted", "label_score", "flagged"]
+    header += [c for c in value_cols] + (["is_noisy"] if "is_noisy" in frame.columns else [])
+    rows = []
+    for rec in frame.head(top_k).to_dict("records"):
+        cells = [{"text": str(rec["rank"])}, {"text": str(rec["id"])}]
+        if shape:
+            k = rows_of.get(rec["id"])
+            cells.append({"img": figures.thumbnail_uri(table["x"][k], shape) if k is not None else None,
+                          "alt": f"image of id {rec['id']}"})
+        pred = None if pd.isna(rec["predicted_label"]) else str(rec["predicted_label"])
+        cells += [{"text": str(rec["given_label"])},
+                  {"text": pred or "–",
+                   "cls": "diff" if pred is not None and pred != str(rec["given_label"]) else ""},
+                  {"text": _fmt(rec["label_score"])}, {"text": _fmt(bool(rec["is_label_issue"]))}]
+        cells += [{"text": _fmt(rec[c])} for c in value_cols]
+        if "is_noisy" in frame.columns:
+            cells.append({"text": _fmt(bool(rec["is_noisy"])), "cls": "noisy" if rec["is_noisy"] else ""})
+        rows.append(cells)
+    sec.tables.append({"id": "suspects", "caption": f"Top {min(top_k, len(frame))} suspects (of {len(frame)} examples; "
+                       f"{summary['n_flagged']} flagged by {summary.get('flag_rule')}). predicted = out-of-sample "
+                       f"prediction ({frame.attrs.get('cv_stand_in') or 'not computed'}).",
+                       "header": header, "rows": rows, "cells": True})
+    if "is_noisy" in frame.columns:
+        y = frame["is_noisy"].to_numpy(dtype=bool)
+        scores = ["label_score", *value_cols, *[c for c in mislabel.BASELINE_COLUMNS if c in frame.columns]]
+        with _guard(sec, "discovery curve"):
+            # a baseline identical to a run's value (uniform small loss) would draw the same line twice
+            scores = [c for i, c in enumerate(scores)
+                      if not any(frame[c].equals(frame[d]) for d in scores[:i])]
+            curves_ = {c: mislabel.discovery_curve(frame[c].to_numpy(), y) for c in scores}
+            sec.figure("fig-discovery", "Discovery curve: fraction of noisy labels found vs fraction inspected",
+                       figures.plot_discovery(curves_),
+                       "Examples inspected from the lowest score up; random = inspecting in random order, optimal = "
+                       "every inspected example is noisy until all are found.")
+        keys = ["auroc", "auprc", "precision_at_k", "recall_at_k", "f1_at_k", "two_means_f1"]
+        metric_rows = [["label_score", *[_fmt(summary.get(k)) for k in keys]]]
+        for c, m in summary.get("scores", {}).items():
+            metric_rows.append([c, *[_fmt(m.get(k)) for k in keys]])
+        sec.tables.append({"id": "audit-metrics", "caption": f"Detection of the {summary['n_noisy']} truly noisy "
+                           f"labels (is_noisy; k = {summary['n_noisy']}). Flagged: precision "
+                           f"{_fmt(summary.get('flagged_precision'))}, recall {_fmt(summary.get('flagged_recall'))}.",
+                           "header": ["score", "AUROC", "AUPRC", "precision@k", "recall@k", "F1@k", "two-means F1"],
+                           "rows": metric_rows})
+    else:
+        sec.notes.append("the training table has no is_noisy column: no discovery curve or detection metrics")
+    if summary.get("spearman"):
+        sec.tables.append({"id": "audit-agreement", "caption": "Agreement between runs (Spearman rank correlation "
+                           "of their values).", "header": ["runs", "Spearman"],
+                           "rows": [[k, _fmt(v)] for k, v in summary["spearman"].items()]})
+    for note in summary.get("baselines_skipped", []):
+        sec.notes.append(f"baseline skipped: {note}")
+    return sec, frame, table
+
+
+def _subsets(runs, names) -> _Section | None:
+    from valuekit.report import figures
+
+    have = [(r, n) for r, n in zip(runs, names) if (r.path / "subset_value.parquet").exists()]
+    if not have:
+        return None
+    sec = _Section("subsets", 8, "Subset value",
+                   "Test accuracy of a model trained on the most valuable fraction of the data vs a random subset "
+                   "of the same size.")
+    mod = _optional("subsets")
+    if mod is None:
+        sec.notes.append("valuekit.analysis.subsets is not in this installation")
+        return sec
+    with _guard(sec, "subset value curves"):
+        fig, axes = figures.run_panels(len(have))
+        for ax, (r, n) in zip(axes, have):
+            mod.plot_subset_value(pd.read_parquet(r.path / "subset_value.parquet"), ax=ax)
+            ax.set_title(n, fontsize=9)
+        fig.tight_layout()
+        sec.figure("fig-subset-value", "Subset value curves", fig)
+    return sec
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: int = TOP_K,
+                 title: str | None = None) -> Path:
+    """Render the HTML report of one or more run directories into the single file `out`; return its path.
+
+    `data` (path or DataFrame) replaces the training table named in run.json (class names,
+    is_noisy, image thumbnails); `baselines` adds the audit baselines (small loss, cleanlab).
+    """
+    import jinja2
+
+    from valuekit.analysis.mislabel import run_columns
+    from valuekit.runlog import Run, read_run
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise InputError(f"-o {out}: the report is one HTML file; give a name ending in .html")
+    if out.is_dir():
+        raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
+    if isinstance(run_dirs, (str, Path, Run)):
+        run_dirs = [run_dirs]
+    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    if not runs:
+        raise InputError("no run directory given")
+    names = run_columns(runs)
+
+    sections = [_summary(runs, names), _training(runs, names)]
+    audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
+    labels, noisy, label_notes = {}, {}, []
+    classes_of = {n: [str(c) for c in r.meta.get("classes") or []] for r, n in zip(runs, names)}
+    if table is not None:
+        lab = pd.Series(np.asarray(table["classes"], dtype=object)[table["y"]], index=table["ids"])
+        labels = {n: lab for n in names}
+        if table["is_noisy"] is not None:
+            noisy = {n: pd.Series(table["is_noisy"], index=table["ids"]) for n in names}
+    else:
+        from valuekit.analysis.curves import example_labels
+
+        for r, n in zip(runs, names):
+            try:
+                el = example_labels(r)
+                cl = classes_of[n]
+                labels[n] = pd.Series([cl[c] if c < len(cl) else str(c) for c in el["label"]],
+                                      index=el["example_id"].to_numpy())
+            except Exception as exc:  # the weights section then shows no per-class panel, and says why
+                label_notes.append(f"{n}: class labels unknown ({type(exc).__name__}: {exc})")
+    weights = _weights(runs, names, labels, noisy)
+    weights.notes += label_notes
+    sections.append(weights)
+    sections.append(_balance(runs, names))
+    sections.append(_usage(runs, names))
+    sections.append(_rewards(runs, names))
+    sections.append(audit_sec)
+    sections.append(_subsets(runs, names))
+    sections = [s for s in sections if s is not None]
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined)
+    page = env.get_template(TEMPLATE).render(
+        title=title or "valuekit report: " + ", ".join(names), runs=names, sections=sections,
+        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        version=__import__("valuekit").__version__,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
+__all__ = ["write_report"]
