@@ -46,7 +46,18 @@ def test_sigkill_then_partial_run_reads_and_resume_matches(tables, tmp_path):
     assert run.meta["status"] == "interrupted"  # the writer died: the lock's process is gone
     steps_table = run.steps()  # every visible part is closed and readable
     assert steps_table.num_rows % 8 == 0 and steps_table.num_rows >= 50 * 8
-    assert run.values() is None
+    assert run.values(partial=False) is None
+    partial = run.values()  # stand-in from the step log: minus the mean logged loss of each example seen
+    assert partial.attrs["partial"] and len(partial) == steps_table.to_pandas().example_id.nunique()
+    expected = -steps_table.to_pandas().groupby("example_id").loss.mean()
+    np.testing.assert_allclose(partial.set_index("example_id").value.loc[expected.index], expected, rtol=1e-6)
+    # report and audit work on the partial run directory
+    assert main(["report", str(killed), "-o", str(tmp_path / "partial.html")]) == 0
+    html = (tmp_path / "partial.html").read_text()
+    assert "interrupted" in html
+    assert main(["audit", str(killed), "-o", str(tmp_path / "partial-audit.csv"), "--no-predict"]) == 0
+    audit = pd.read_csv(tmp_path / "partial-audit.csv")
+    assert len(audit) == 90 and audit.label_score.between(0, 1).all()
 
     assert subprocess.run(_train_cmd(tables, killed, steps) + ["--resume"], capture_output=True).returncode == 0
     full = tmp_path / "full"

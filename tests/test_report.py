@@ -181,8 +181,9 @@ def test_report_of_an_unfinished_run(uniform_run, tmp_path):
     out = write_report(run, tmp_path / "i.html")
     text = out.read_text()
     figs = {i.get("id") for i in parse(out).imgs}
-    assert {"fig-training-curves", "fig-loss-quantiles"} <= figs and "fig-weight-hist" not in figs
-    assert text.count("no run has values.parquet yet") == 2  # weights and audit sections say why
+    # an unfinished run is shown from its step log, and the report says so
+    assert {"fig-training-curves", "fig-loss-quantiles", "fig-weight-hist"} <= figs
+    assert "the run did not finish; its values here are aggregates of the step log" in text
 
 
 # ---------------------------------------------------------------- aggregates on a synthetic log

@@ -269,9 +269,35 @@ class Run:
         t = self.table("sources")
         return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
 
-    def values(self) -> pd.DataFrame | None:
+    def values(self, *, partial: bool = True) -> pd.DataFrame | None:
+        """values.parquet; for a run that never finished (and `partial`), a stand-in from the step log
+        (`attrs["partial"] = True`): value = mean logged weight, or minus the mean loss when no weights
+        were logged. None when there is neither."""
         p = self.path / "values.parquet"
-        return pq.read_table(p).to_pandas() if p.exists() else None
+        if p.exists():
+            return pq.read_table(p).to_pandas()
+        return self.values_from_steps() if partial else None
+
+    def values_from_steps(self) -> pd.DataFrame | None:
+        """Per-example aggregates of steps/ (pyarrow group-by; the log is never loaded whole into pandas)."""
+        t = self.steps(["example_id", "weight", "loss"])
+        if t is None or t.num_rows == 0:
+            return None
+        g = t.group_by("example_id").aggregate([
+            ("weight", "mean"), ("weight", "stddev"), ("weight", "count"), ("loss", "mean"), ("loss", "stddev"),
+        ]).to_pandas()
+        weighted = g["weight_count"].to_numpy() > 0
+        value = np.where(weighted, g["weight_mean"], -g["loss_mean"])
+        std = np.where(weighted, g["weight_stddev"], g["loss_stddev"])
+        weight = np.where(weighted, g["weight_mean"], 1.0).astype(np.float64)
+        weight = weight * (len(weight) / weight.sum()) if weight.sum() > 0 else np.ones(len(weight))
+        order = np.lexsort((np.arange(len(value)), -np.nan_to_num(value, nan=-np.inf)))
+        rank = np.empty(len(value), dtype=np.int64)
+        rank[order] = np.arange(1, len(value) + 1)
+        frame = pd.DataFrame({"example_id": g["example_id"], "value": value.astype(np.float64),
+                              "value_std": std.astype(np.float64), "weight": weight, "rank": rank})
+        frame.attrs["partial"] = True
+        return frame
 
 
 def read_run(run_dir) -> Run:

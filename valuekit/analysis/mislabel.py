@@ -221,8 +221,9 @@ def open_runs(run_dirs) -> list:
     if not runs:
         raise InputError("no run directory given")
     for r in runs:
-        if not (r.path / "values.parquet").exists():
-            raise RunDirError(f"{r.path}: no values.parquet (status {r.meta.get('status', '?')!r}); "
+        # An unfinished run (killed, interrupted) is audited from its step log; see Run.values().
+        if r.values() is None:
+            raise RunDirError(f"{r.path}: no values.parquet and no step log (status {r.meta.get('status', '?')!r}); "
                               f"finish or resume the run first")
     prints = {r.meta.get("data", {}).get("train", {}).get("fingerprint") for r in runs}
     if len(prints - {None}) > 1:
@@ -295,9 +296,10 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
 
 def _aligned(run, column_ids: np.ndarray, index: pd.Index, name: str) -> pd.DataFrame:
     vals = run.values()
+    partial = vals.attrs.get("partial", False)
     vals = vals.set_index(vals["example_id"].to_numpy(dtype=column_ids.dtype))
     missing = index.difference(vals.index)
-    if len(missing):
+    if len(missing) and not partial:  # a partial run has simply not seen every row yet
         raise InputError(f"{run.path / 'values.parquet'}: has no value for training id {missing[0]!r} "
                          f"({len(missing)} ids missing); was the run trained on this table? ({name})")
     return vals.reindex(index)

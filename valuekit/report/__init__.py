@@ -162,6 +162,10 @@ def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
         sec.notes.append("no run has values.parquet yet (finish or resume the runs)")
         return sec
     for r, n in finished:
+        if r.values().attrs.get("partial"):
+            sec.notes.append(f"{n}: the run did not finish; its values here are aggregates of the step log so far "
+                             f"(mean logged weight, or minus the mean loss) — resume it for the final values")
+    for r, n in finished:
         v = r.values()
         w = v["weight"].to_numpy(dtype=np.float64)
         use_weight = np.nanstd(w) > 1e-9

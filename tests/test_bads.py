@@ -1,0 +1,328 @@
+"""Tests for valuekit.trainers.bads (Bayesian data point selection by SGLD).
+
+The drift is checked in float64 against autograd of the log posterior written out here, in the
+form the module's docstring states; the rest checks the sampler's bookkeeping and, on a small
+synthetic table with flipped labels, that the posterior puts less weight on the flipped rows.
+"""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from valuekit.datasets import load_table
+from valuekit.errors import InputError
+from valuekit.trainers import bads
+from valuekit.trainers.base import Batch, TrainConfig, TrainContext, train
+
+DT = torch.float64
+
+
+# ---------------------------------------------------------------- tiny problems
+
+
+def _context(n=12, m=6, d=3, c=3, model="mlp", seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    dev_x = torch.randn(m, d, generator=g, dtype=dtype)
+    dev_y = torch.randint(0, c, (m,), generator=g)
+    cfg = TrainConfig(model=model, hidden=5, seed=seed)
+    return TrainContext(
+        config=cfg, device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed), x=x, y=y,
+        ids=np.arange(n), num_classes=c, classes=[str(k) for k in range(c)], dev_x=dev_x, dev_y=dev_y,
+        mean=torch.zeros(d, dtype=dtype), std=torch.ones(d, dtype=dtype),
+    )
+
+
+def _float64_trainer(**overrides):
+    """Trainer on a tiny float64 problem with weights spread out (not all at init_weight)."""
+    ctx = _context(dtype=DT)
+    cfg = bads.Config(**{"dev_batch_size": 100, "prior_precision": 0.3, "rho_w": 2.0, "beta": 0.4, **overrides})
+    tr = bads.Trainer(ctx, cfg)
+    tr.model.double()
+    g = torch.Generator().manual_seed(5)
+    tr.u = torch.randn(ctx.n, generator=g, dtype=DT)
+    tr.wsum = torch.sigmoid(tr.u).sum()
+    tr.samples = tr.samples.double()
+    return ctx, cfg, tr
+
+
+def _log_post(model, theta, u, ctx, cfg, rows, dev_rows):
+    """log pi as stated in the bads docstring, with the train/meta sums estimated on `rows`/`dev_rows`
+    (scaled by N/B and M/B'), plus the log-Jacobian of w = sigmoid(u) over all N rows."""
+    n, m = ctx.n, len(ctx.dev_y)
+    w = torch.sigmoid(u)
+    names = [k for k, _ in model.named_parameters()]
+    params = dict(zip(names, theta))
+    def loss(x, y):
+        return F.cross_entropy(torch.func.functional_call(model, params, (x,)), y, reduction="none")
+
+    lt = loss(ctx.x[rows], ctx.y[rows])
+    lm = loss(ctx.dev_x[dev_rows], ctx.dev_y[dev_rows])
+    log_prior_theta = -0.5 * cfg.prior_precision * sum((t * t).sum() for t in theta)
+    log_prior_w = -(cfg.rho_w * n / 2) * (w.mean() - cfg.beta) ** 2
+    train_term = -cfg.rho_theta * (n / len(rows)) * (w[rows] * lt).sum()
+    meta_term = -(m / len(dev_rows)) * lm.sum()
+    jacobian = torch.log(w * (1 - w)).sum()
+    return log_prior_theta + log_prior_w + train_term + meta_term + jacobian
+
+
+def _grads(tr, ctx, cfg, rows, dev_rows):
+    theta = [p.detach().clone().requires_grad_(True) for p in tr.model.parameters()]
+    u = tr.u.detach().clone().requires_grad_(True)
+    lp = _log_post(tr.model, theta, u, ctx, cfg, rows, dev_rows)
+    g = torch.autograd.grad(lp, theta + [u])
+    return g[:-1], g[-1]
+
+
+def _batch(ctx, rows, step=1):
+    rows = torch.as_tensor(rows)
+    return Batch(step=step, idx=rows, x=ctx.x[rows], y=ctx.y[rows])
+
+
+# ---------------------------------------------------------------- drift = gradient of the stated log posterior
+
+
+def test_theta_drift_is_gradient_of_minibatch_log_posterior():
+    ctx, cfg, tr = _float64_trainer()
+    rows, dev_rows = torch.tensor([1, 4, 7, 9]), torch.tensor([0, 2, 5])
+    g_theta, _, w, _, _, _ = tr.drift(_batch(ctx, rows), ctx.dev_x[dev_rows], ctx.dev_y[dev_rows])
+    ref_theta, _ = _grads(tr, ctx, cfg, rows, dev_rows)
+    assert len(g_theta) == len(ref_theta)
+    for a, b in zip(g_theta, ref_theta):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(w, torch.sigmoid(tr.u[rows]))
+
+
+def test_weight_drift_is_exact_partial_of_full_log_posterior():
+    """Each batch coordinate u_i moves along d log pi / d u_i of the full-data log posterior
+    (w_i enters only through its own term, so this needs no N/B scaling)."""
+    ctx, cfg, tr = _float64_trainer()
+    rows = torch.tensor([0, 3, 5, 11])
+    _, g_u, _, losses, dw, _ = tr.drift(_batch(ctx, rows), ctx.dev_x, ctx.dev_y)
+    _, ref_u_full = _grads(tr, ctx, cfg, torch.arange(ctx.n), torch.arange(len(ctx.dev_y)))
+    torch.testing.assert_close(g_u, ref_u_full[rows], rtol=1e-10, atol=1e-10)
+    # the logged reward is d log pi / d w_i = -rho_theta l_i - rho_w (mean w - beta), by hand
+    wbar = torch.sigmoid(tr.u).mean()
+    torch.testing.assert_close(dw, -cfg.rho_theta * losses - cfg.rho_w * (wbar - cfg.beta))
+
+
+def test_weight_net_drift_is_chain_rule_of_the_batch_estimate():
+    """weight_net: d/dphi of (N/B) sum_B [-rho_theta w_i l_i - rho_w (wbar - beta) w_i] - prior_precision/2 |phi|^2,
+    with wbar the window estimate (held fixed), by autograd through the net."""
+    ctx = _context(dtype=DT)
+    cfg = bads.Config(weight_net=True, prior_precision=0.3, rho_w=2.0, beta=0.4, s_avg=3, dev_batch_size=100)
+    tr = bads.Trainer(ctx, cfg)
+    tr.model.double()
+    tr.weight_net.double()
+    tr.window = tr.window.double()
+    tr.window[1] = 0.7  # a stale batch mean from an earlier step
+    rows = torch.tensor([1, 2, 8, 10])
+    _, g_phi, _, losses, dw, _ = tr.drift(_batch(ctx, rows), ctx.dev_x, ctx.dev_y)
+    phi = list(tr.weight_net.parameters())
+    w_ref = tr.weight_net(ctx.x[rows], ctx.y[rows])
+    wbar = (0.7 + w_ref.detach().mean()) / 2  # slot 0 = this batch, slot 1 = 0.7, slot 2 empty
+    lt = F.cross_entropy(tr.model(ctx.x[rows]), ctx.y[rows], reduction="none").detach()
+    obj = (ctx.n / len(rows)) * (-cfg.rho_theta * w_ref * lt - cfg.rho_w * (wbar - cfg.beta) * w_ref).sum()
+    obj = obj - 0.5 * cfg.prior_precision * sum((p * p).sum() for p in phi)
+    ref = torch.autograd.grad(obj, phi)
+    for a, b in zip(g_phi, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(dw, -cfg.rho_theta * losses - cfg.rho_w * (wbar - cfg.beta))
+
+
+def test_full_batch_theta_drift_equals_full_gradient():
+    ctx, cfg, tr = _float64_trainer(rho_theta=1.7)
+    rows = torch.arange(ctx.n)
+    g_theta, *_ = tr.drift(_batch(ctx, rows), ctx.dev_x, ctx.dev_y)
+    ref_theta, _ = _grads(tr, ctx, cfg, rows, torch.arange(len(ctx.dev_y)))
+    for a, b in zip(g_theta, ref_theta):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_noise_off_step_is_explicit_gradient_ascent():
+    ctx, cfg, tr = _float64_trainer(temperature=0.0, lr_theta=0.07, lr_w=0.3)
+    rows = torch.tensor([2, 6, 8])
+    ref_theta, _ = _grads(tr, ctx, cfg, rows, torch.arange(len(ctx.dev_y)))  # dev_batch_size >= M: all dev rows
+    _, ref_u = _grads(tr, ctx, cfg, torch.arange(ctx.n), torch.arange(len(ctx.dev_y)))
+    theta0 = [p.detach().clone() for p in tr.model.parameters()]
+    u0 = tr.u.clone()
+    gen_state = ctx.generator.get_state()
+    tr.step(_batch(ctx, rows))
+    assert torch.equal(ctx.generator.get_state(), gen_state)  # no random draw at all with T = 0
+    for p, p0, g in zip(tr.model.parameters(), theta0, ref_theta):
+        torch.testing.assert_close(p.detach(), p0 + (cfg.lr_theta / ctx.n) * g, rtol=1e-12, atol=1e-12)
+    expect = u0.clone()
+    expect[rows] += cfg.lr_w * ref_u[rows]
+    torch.testing.assert_close(tr.u, expect, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tr.wsum, torch.sigmoid(tr.u).sum())  # running sum stays exact
+
+
+def test_only_batch_weights_move_and_all_of_them_do():
+    ctx = _context(n=30)
+    tr = bads.Trainer(ctx, bads.Config(dev_batch_size=4))
+    before = tr.u.clone()
+    rows = torch.tensor([3, 17, 29, 0, 11])
+    rec = tr.step(_batch(ctx, rows))
+    changed = (tr.u != before).nonzero().flatten()
+    assert sorted(changed.tolist()) == sorted(rows.tolist())
+    assert rec.weight.shape == (5,) and rec.reward.shape == (5,) and rec.loss.shape == (5,)
+    # a repeated row (batch straddling two passes) moves once
+    before = tr.u.clone()
+    tr.step(_batch(ctx, [4, 4, 9]))
+    assert sorted((tr.u != before).nonzero().flatten().tolist()) == [4, 9]
+    assert torch.allclose(tr.wsum.float(), torch.sigmoid(tr.u).sum(), atol=1e-5)
+
+
+def test_noise_comes_from_the_context_generator():
+    runs = []
+    for seed in (0, 0, 1):
+        ctx = _context(n=20)
+        ctx.generator.manual_seed(seed)
+        tr = bads.Trainer(ctx, bads.Config(dev_batch_size=4))
+        torch.manual_seed(123 + len(runs))  # the global RNG must not matter
+        tr.step(_batch(ctx, [1, 2, 3]))
+        runs.append(torch.cat([tr.u] + [p.detach().flatten() for p in tr.model.parameters()]))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_noise_every_k_adds_theta_noise_on_every_kth_step_only():
+    """noise_every=2: step 1 moves theta by the drift alone (as the T=0 twin), step 2 adds noise."""
+    ctx_a, ctx_b = _context(n=20), _context(n=20)
+    noisy = bads.Trainer(ctx_a, bads.Config(dev_batch_size=100, noise_every=2, temperature=1.0))
+    plain = bads.Trainer(ctx_b, bads.Config(dev_batch_size=100, temperature=0.0))
+    flat = lambda t: torch.cat([p.detach().flatten() for p in t.model.parameters()])  # noqa: E731
+    assert torch.equal(flat(noisy), flat(plain))
+    for t, c in ((noisy, ctx_a), (plain, ctx_b)):
+        t.step(_batch(c, [1, 2, 3]))
+    assert torch.equal(flat(noisy), flat(plain))
+    assert not torch.equal(noisy.u, plain.u)  # w's noise is every step
+    noisy.u.copy_(plain.u)
+    noisy.wsum = plain.wsum.clone()
+    for t, c in ((noisy, ctx_a), (plain, ctx_b)):
+        t.step(_batch(c, [4, 5, 6]))
+    diff = flat(noisy) - flat(plain)
+    # step 2 adds N(0, 2 * k * (lr/N) * T) per parameter
+    sd = math.sqrt(2 * 2 * (noisy.cfg.lr_theta / 20) * 1.0)
+    assert 0.8 * sd < diff.std().item() < 1.2 * sd
+
+
+def test_config_validation():
+    for bad in ({"beta": 1.0}, {"lr_w": 0.0}, {"temperature": -1.0}, {"reservoir": 0}, {"ci": 1.5}, {"burn_in": -1}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            bads.Config(**bad).validate()
+    bads.Config().validate()
+
+
+# ---------------------------------------------------------------- through the training loop
+
+
+def _noisy_blobs(n=240, noise=0.25, seed=0):
+    """Three well separated Gaussian blobs in 4-D; `noise` of the train labels flipped."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 4, (3, 4))
+
+    def table(k, start, flip):
+        y = rng.integers(0, 3, k)
+        x = centers[y] + rng.normal(0, 1, (k, 4))
+        noisy = np.zeros(k, bool)
+        if flip:
+            noisy[rng.choice(k, int(round(flip * k)), replace=False)] = True
+        lab = np.where(noisy, (y + rng.integers(1, 3, k)) % 3, y)
+        df = pd.DataFrame(x, columns=[f"f{j}" for j in range(4)])
+        df.insert(0, "id", np.arange(start, start + k))
+        df.insert(1, "label", [f"c{v}" for v in lab])
+        if flip:
+            df["is_noisy"] = noisy
+        return df
+
+    return table(n, 0, noise), table(30, 10_000, 0.0), table(90, 20_000, 0.0)
+
+
+def _train(tmp_path, name, *, steps, seed=0, resume=False, method_config=None, data=None):
+    tr_df, dev_df, te_df = data or _noisy_blobs()
+    tr = load_table(tr_df)
+    dev = load_table(dev_df, like=tr, name="dev")
+    te = load_table(te_df, like=tr, name="test")
+    cfg = TrainConfig(method="bads", model="mlp", hidden=16, steps=steps, batch_size=16, seed=seed, eval_every=50,
+                      log_every=40, checkpoint_every=40, progress=False)
+    mc = {"burn_in": 40, "dev_batch_size": 10, **(method_config or {})}
+    return train(tr, dev, te, out=tmp_path / name, config=cfg, method_config=mc, resume=resume), tr
+
+
+def test_same_seed_same_run_other_seed_differs(tmp_path):
+    a, _ = _train(tmp_path, "a", steps=60)
+    b, _ = _train(tmp_path, "b", steps=60)
+    c, _ = _train(tmp_path, "c", steps=60, seed=1)
+    pd.testing.assert_frame_equal(a.values(), b.values())
+    sa, sb = a.steps().to_pandas(), b.steps().to_pandas()
+    pd.testing.assert_frame_equal(sa, sb)
+    assert not np.allclose(a.values()["value"], c.values()["value"])
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full, _ = _train(tmp_path, "full", steps=120)
+    _train(tmp_path, "part", steps=80)  # checkpoints at 40 and 80
+    part, _ = _train(tmp_path, "part", steps=120, resume=True)
+    pd.testing.assert_frame_equal(full.values(), part.values())
+    pd.testing.assert_frame_equal(full.steps().to_pandas(), part.steps().to_pandas())
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["trainer"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["trainer"]
+    for k in ("u", "wsum", "count", "mean", "m2"):
+        assert torch.equal(a[k], b[k]), k
+    assert torch.equal(a["samples"].nan_to_num(-1), b["samples"].nan_to_num(-1))
+
+
+def test_resume_equals_uninterrupted_weight_net(tmp_path):
+    mc = {"weight_net": True, "s_avg": 5}
+    full, _ = _train(tmp_path, "full", steps=100, method_config=mc)
+    _train(tmp_path, "part", steps=40, method_config=mc)
+    part, _ = _train(tmp_path, "part", steps=100, resume=True, method_config=mc)
+    pd.testing.assert_frame_equal(full.values(), part.values())
+
+
+def _auroc(score, positive):
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney)."""
+    ranks = pd.Series(score).rank().to_numpy()
+    n_pos, n_neg = positive.sum(), (~positive).sum()
+    return (ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def test_noisy_rows_get_lower_posterior_mean_and_intervals_hold(tmp_path):
+    run, tr = _train(tmp_path, "noisy", steps=400)
+    v = run.values()
+    noisy = np.asarray(tr.is_noisy)
+    assert noisy.sum() == 60
+    clean_mean, noisy_mean = v["value"][~noisy].mean(), v["value"][noisy].mean()
+    assert noisy_mean < clean_mean - 0.2, (noisy_mean, clean_mean)
+    assert _auroc(v["value"].to_numpy(), ~noisy) > 0.9
+    # posterior summaries: every row was sampled after burn-in (400 steps x 16 rows over 240 rows)
+    assert (v["samples"] >= 10).all()
+    assert v[["value", "value_std", "ci_low", "ci_high"]].notna().all().all()
+    assert ((v["ci_low"] >= 0) & (v["ci_high"] <= 1) & (v["value_std"] > 0)).all()
+    assert (v["ci_low"] <= v["value"]).all() and (v["value"] <= v["ci_high"]).all()
+    # intervals: most flipped rows lie wholly below the clean rows' median weight
+    assert (v["ci_high"][noisy] < v["value"][~noisy].median()).mean() > 0.5
+    # test accuracy is well above chance on separable blobs despite 25 % flips
+    assert run.meta["final_metrics"]["test_acc"] > 0.9
+    # the log: weight = w_i used in the step, reward = d log pi / d w_i (finite, lower for flipped rows)
+    steps = run.steps(["example_id", "weight", "reward"]).to_pandas()
+    assert len(steps) == 400 * 16
+    assert steps["weight"].between(0, 1).all() and np.isfinite(steps["reward"]).all()
+    noisy_ids = set(np.asarray(tr.ids)[noisy])
+    late = steps.iloc[len(steps) // 2:]
+    is_noisy = late["example_id"].isin(noisy_ids)
+    assert late["reward"][is_noisy].mean() < late["reward"][~is_noisy].mean()
+
+
+def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
+    run, tr = _train(tmp_path, "wn", steps=200, method_config={"weight_net": True, "s_avg": 5})
+    v = run.values()
+    assert v["value"].between(0, 1).all()
+    assert v["value"].std() > 0  # the net gives rows different weights
+    assert (v["ci_low"].dropna() <= v["ci_high"].dropna()).all()

@@ -1,0 +1,355 @@
+"""BADS: Bayesian data point selection by stochastic-gradient Langevin dynamics.
+
+Xu, Kim, Lee, Martinez, Hospedales, "A Bayesian Approach to Data Point Selection", NeurIPS 2024
+(arXiv 2411.03768). Instance weights w in [0,1]^N and network parameters theta are sampled
+*jointly* from one posterior (the paper's graphical model, Fig. 1: w -> theta <- D_train,
+theta -> D_meta), so there is no inner/outer loop: one step costs about one SGD step.
+
+The log posterior this module samples (everything up to an additive constant)::
+
+    log pi(theta, w) = log p(theta)                                  Gaussian, precision `prior_precision`
+                     + log p(w)                                      sparsity prior, see below
+                     - rho_theta * sum_{i<=N} w_i * l_i(theta)       weighted ("power") train likelihood
+                     - sum_{j<=M} l^m_j(theta)                       meta (dev) likelihood
+    log p(w)         = -(rho_w * N / 2) * (mean(w) - beta)^2         on [0,1]^N
+
+with l = cross-entropy. On a mini-batch B of train rows and B' of dev rows the two likelihood
+sums are estimated without bias by (N/|B|) sum_B and (M/|B'|) sum_B' -- those are the terms the
+theta drift uses.
+
+Likelihood / normaliser: the training term is the *unnormalised* weighted likelihood
+prod_i p(y_i | x_i, theta)^(rho_theta w_i), i.e. p(theta | w, D_train) without its normaliser
+Z(w) = integral p(theta) prod_i p(y_i|x_i,theta)^(rho_theta w_i) dtheta. Keeping Z(w) would add
++rho_theta * E_{theta ~ p(theta|w,D_train)}[l_i] to the w_i gradient, an expectation under a second
+posterior that needs its own chain -- the nested cost BADS exists to avoid. Dropping Z(w) is what
+makes the update "SGD-like", and it makes the formula above a proper joint density over
+(theta, w) (w is bounded, theta has a Gaussian prior) that SGLD targets (up to step-size bias).
+Consequence: the w_i gradient is -rho_theta * l_i(theta) - rho_w * (mean(w) - beta), so examples
+the meta-informed model keeps getting wrong lose weight, and the sparsity prior sets how much
+weight is kept in total (beta = target mean weight, rho_w = how hard it pulls). The meta set acts
+on w only through theta. This is a loss signal, not a class-balancing one: under class imbalance
+the rare classes' higher loss lowers their weight (measured in reports/bads.md).
+
+Update (Langevin, Welling & Teh 2011, the paper's SGLD step), with temperature T (T = 1: the
+posterior above; T < 1: a "cold" posterior pi^(1/T); T = 0: plain gradient ascent)::
+
+    theta <- theta + lr_theta * g_theta / N + sqrt(2 * lr_theta * T / N) * eps
+    u_B   <- u_B   + lr_w * g_u            + sqrt(2 * lr_w * T) * eps'         (batch rows only)
+    phi   <- phi   + lr_phi * g_phi / N    + sqrt(2 * lr_phi * T / N) * eps''  (weight_net only)
+
+g_theta is the gradient of the mini-batch estimate of log pi; dividing by N puts lr_theta on the
+scale of an SGD learning rate on the mean loss (the Langevin step is eta = 2 lr_theta / N).
+With `noise_every = k > 1` theta's noise is added every k-th step with k times the variance
+(drift/diffusion splitting; see Config).
+Only the batch's weights move (random-scan Langevin over the coordinates of w): coordinate i is
+updated when i is in the batch, with the exact partial derivative of log pi -- w_i enters
+log pi only through its own likelihood term and mean(w), so that derivative needs no N/B
+scaling. All noise is drawn on the CPU from the run's generator (ctx.generator) and then moved
+to the device, so runs match across devices and resume exactly.
+
+Weights in [0,1]: by default w = sigmoid(u) with u an unconstrained N-vector (a tensor, not a
+network). We sample u and include the change-of-variables term log w(1-w) in its log density, so
+the samples of w follow the posterior above exactly; a sigmoid (rather than clipping) keeps every
+step inside (0,1) without putting probability atoms on the boundary, and the weight network uses
+the same squashing. `weight_net=True` instead computes w_i = sigmoid(f_phi([x_i, onehot(y_i)]))
+with a small MLP f_phi (Gaussian prior on phi); then every step moves phi and so all weights, and
+mean(w) in the prior is estimated from the last `s_avg` batches (the full mean would need a pass
+over all N rows per step).
+
+Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
+one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
+`reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
+values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
+Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from valuekit.errors import InputError
+from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+
+@dataclass
+class Config:
+    """BADS hyper-parameters. In brackets: the paper's Table 3 name of the setting that plays the same
+    role (its sigma, a noise std, is our temperature); the exact parametrisation is the one stated
+    in the module docstring.
+
+    lr_theta:   SGLD step size for theta on the mean-loss scale [eta]; the loop's --lr (an Adam
+                rate for other methods) is not used.
+    lr_w:       SGLD step size for the weight logits u (tensor form).
+    lr_phi:     SGLD step size for the weight net's parameters phi, on the mean-loss scale like
+                lr_theta (phi moves every row's weight at once, so it needs a far smaller step).
+    temperature: noise scale T; 1 = the stated posterior, <1 cold posterior, 0 = no noise
+                (plain joint gradient ascent).
+    rho_theta:  impact constant of the training likelihood [rho_theta]: power on
+                prod_i p(y_i|x_i,theta)^(w_i); also how strongly a high loss lowers w_i.
+    rho_w:      impact constant (strength) of the sparsity prior on mean(w) [rho_w].
+    beta:       sparsity level: the prior's target mean weight [beta].
+    prior_precision: precision of the Gaussian prior on theta (and phi); 0 = flat.
+    dev_batch_size: meta (dev) rows per step [B']; the meta term is scaled by M/B'.
+    init_weight: every w_i starts here (weight_net: the net's output bias starts at its logit).
+    burn_in:    steps before samples of w are collected.
+    reservoir:  S, samples kept per row (ring buffer of the latest S) for the credible interval.
+    ci:         central credible interval mass; 0.9 gives the 5%/95% quantiles.
+    weight_net: weights from a small MLP over [x, onehot(y)] instead of a per-row tensor.
+    weight_hidden: hidden width of that MLP.
+    s_avg:      averaging window (steps) for mean(w) in the prior when weight_net=True [S_avg].
+    noise_every: k; theta's (and phi's) Gaussian noise is added every k steps with k times the
+                variance: the same Brownian motion in a drift/diffusion splitting. k = 1 is plain
+                SGLD; k > 1 saves the cost of drawing one normal per parameter per step, which on a
+                CPU generator is most of BADS's overhead over an SGD step. w's noise is every step.
+    """
+
+    lr_theta: float = 0.05
+    lr_w: float = 1.0
+    lr_phi: float = 0.001
+    temperature: float = 0.1
+    rho_theta: float = 3.0
+    rho_w: float = 10.0
+    beta: float = 0.6
+    prior_precision: float = 1.0
+    dev_batch_size: int = 16
+    init_weight: float = 0.6
+    burn_in: int = 200
+    reservoir: int = 32
+    ci: float = 0.9
+    weight_net: bool = False
+    weight_hidden: int = 32
+    s_avg: int = 20
+    noise_every: int = 1
+
+    def validate(self) -> None:
+        for name in ("lr_theta", "lr_w", "lr_phi"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise InputError(f"bads --set {name}={v}: must be a positive number")
+        for name in ("temperature", "rho_theta", "rho_w", "prior_precision"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise InputError(f"bads --set {name}={v}: must be >= 0")
+        for name in ("beta", "init_weight"):
+            v = getattr(self, name)
+            if not 0 < v < 1:
+                raise InputError(f"bads --set {name}={v}: must be strictly between 0 and 1")
+        if not 0 < self.ci < 1:
+            raise InputError(f"bads --set ci={self.ci}: must be strictly between 0 and 1")
+        for name in ("dev_batch_size", "reservoir", "weight_hidden", "s_avg", "noise_every"):
+            if getattr(self, name) < 1:
+                raise InputError(f"bads --set {name}={getattr(self, name)}: must be >= 1")
+        if self.burn_in < 0:
+            raise InputError(f"bads --set burn_in={self.burn_in}: must be >= 0")
+
+
+class WeightNet(nn.Module):
+    """w = sigmoid(MLP([standardised x, onehot(y)])): one weight per example from its features."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, mean, std, init_weight: float,
+                 generator: torch.Generator):
+        super().__init__()
+        self.num_classes = num_classes
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+        self.net = nn.Sequential(nn.Linear(in_features + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                bound = 1 / math.sqrt(m.in_features)
+                nn.init.uniform_(m.weight, -bound, bound, generator=generator)
+                nn.init.zeros_(m.bias)
+        with torch.no_grad():
+            self.net[2].bias.fill_(math.log(init_weight / (1 - init_weight)))
+
+    def forward(self, x, y):
+        z = torch.cat([(x - self.mean) / self.std, nn.functional.one_hot(y, self.num_classes).to(x.dtype)], 1)
+        return torch.sigmoid(self.net(z).squeeze(1))
+
+
+def _noise(like: list[torch.Tensor], scale: float, generator: torch.Generator) -> list[torch.Tensor]:
+    """Independent N(0, scale^2) for each tensor, drawn on CPU from `generator` in one call."""
+    total = sum(t.numel() for t in like)
+    flat = torch.randn(total, generator=generator, dtype=like[0].dtype).mul_(scale)
+    out, at = [], 0
+    for t in like:
+        out.append(flat[at: at + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype, non_blocking=True))
+        at += t.numel()
+    return out
+
+
+def _first_occurrence(idx: torch.Tensor) -> torch.Tensor:
+    """Mask of the first appearance of each row (a batch straddling two passes may repeat a row)."""
+    uniq, inv = torch.unique(idx, return_inverse=True)
+    if len(uniq) == len(idx):
+        return torch.ones(len(idx), dtype=torch.bool, device=idx.device)
+    pos = torch.arange(len(idx), device=idx.device)
+    first = torch.full((len(uniq),), len(idx), device=idx.device).scatter_reduce_(0, inv, pos, "amin")
+    mask = torch.zeros(len(idx), dtype=torch.bool, device=idx.device)
+    mask[first] = True
+    return mask
+
+
+class Trainer:
+    def __init__(self, ctx: TrainContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.model = ctx.build_model()
+        n, dev = ctx.n, ctx.device
+        self.n, self.m = n, len(ctx.dev_y)
+        logit = math.log(cfg.init_weight / (1 - cfg.init_weight))
+        self.weight_net = None
+        if cfg.weight_net:
+            mean = ctx.mean if ctx.mean is not None else torch.zeros(ctx.x.shape[1])
+            std = ctx.std if ctx.std is not None else torch.ones(ctx.x.shape[1])
+            self.weight_net = WeightNet(ctx.x.shape[1], ctx.num_classes, cfg.weight_hidden, mean.cpu(), std.cpu(),
+                                        cfg.init_weight, ctx.generator).to(dev)
+            # mean(w) estimate for the prior: batch means of the last s_avg steps (NaN = empty slot).
+            self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
+        # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
+        # (used only for the final values of rows never summarised).
+        self.u = torch.full((n,), logit, dtype=torch.float32, device=dev)
+        self.wsum = torch.sigmoid(self.u).double().sum()  # kept exactly in step with u
+        zeros = lambda: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
+        self.count, self.mean, self.m2 = zeros(), zeros(), zeros()
+        self.samples = torch.full((n, cfg.reservoir), float("nan"), dtype=torch.float32, device=dev)
+        self.steps_done = 0
+
+    # ------------------------------------------------------------ the log posterior's gradient
+
+    def _weights(self, batch: Batch) -> torch.Tensor:
+        if self.weight_net is not None:
+            return self.weight_net(batch.x, batch.y)
+        return torch.sigmoid(self.u[batch.idx])
+
+    def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
+        if self.weight_net is None:
+            return self.wsum / self.n
+        window = self.window.clone()
+        window[self.steps_done % self.cfg.s_avg] = w_batch.detach().double().mean()
+        return window.nanmean()
+
+    def drift(self, batch: Batch, dev_x: torch.Tensor, dev_y: torch.Tensor):
+        """Gradients of the mini-batch estimate of log pi at the current state.
+
+        Returns (theta grads list, weight-variable grad, w, per-example losses, dlogpi/dw, logits):
+        the weight-variable grad is d/du for the tensor form (batch rows; includes the sigmoid's
+        log-Jacobian) or a list over the weight net's parameters.
+        """
+        cfg, params = self.cfg, [p for p in self.model.parameters()]
+        b, bm = len(batch.y), len(dev_y)
+        w = self._weights(batch)
+        logits_all = self.model(torch.cat([batch.x, dev_x]))
+        logits, dev_logits = logits_all[:b], logits_all[b:]
+        losses = per_example_loss(logits, batch.y)
+        dev_losses = per_example_loss(dev_logits, dev_y)
+        # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.
+        log_lik = -(cfg.rho_theta * self.n / b) * (w.detach() * losses).sum() - (self.m / bm) * dev_losses.sum()
+        g_theta = list(torch.autograd.grad(log_lik, params))
+        if cfg.prior_precision > 0:
+            torch._foreach_add_(g_theta, [p.detach() for p in params], alpha=-cfg.prior_precision)
+        wbar = self._mean_weight(w)
+        # exact d log pi / d w_i for a batch row: own likelihood term + sparsity prior.
+        dw = -cfg.rho_theta * losses.detach() - cfg.rho_w * (wbar - cfg.beta).to(losses.dtype)
+        if self.weight_net is None:
+            wd = w.detach()
+            g_u = dw * wd * (1 - wd) + (1 - 2 * wd)  # chain rule + log-Jacobian of w = sigmoid(u)
+        else:
+            phi = list(self.weight_net.parameters())
+            # d/dphi of the mini-batch estimate (N/B) sum_B [ -rho_theta w_i l_i - rho_w (wbar-beta) w_i ]
+            g_u = list(torch.autograd.grad((self.n / b) * (dw.detach() * w).sum(), phi))
+            if cfg.prior_precision > 0:
+                torch._foreach_add_(g_u, [p.detach() for p in phi], alpha=-cfg.prior_precision)
+        return g_theta, g_u, w.detach(), losses.detach(), dw, logits.detach()
+
+    # ------------------------------------------------------------ one SGLD step
+
+    def step(self, batch: Batch) -> StepRecord:
+        cfg, gen = self.cfg, self.ctx.generator
+        self.model.train()
+        dev_x, dev_y = self.ctx.sample_dev(cfg.dev_batch_size)
+        g_theta, g_u, w, losses, dw, logits = self.drift(batch, dev_x, dev_y)
+        params = list(self.model.parameters())
+        T = cfg.temperature
+        with torch.no_grad():
+            step_t = cfg.lr_theta / self.n
+            torch._foreach_add_(params, g_theta, alpha=step_t)
+            # Brownian increment over the last `noise_every` steps at once (k = 1: plain SGLD).
+            k = cfg.noise_every
+            diffuse = T > 0 and (self.steps_done + 1) % k == 0
+            if diffuse:
+                torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
+            if self.weight_net is None:
+                keep = _first_occurrence(batch.idx)
+                rows = batch.idx[keep]
+                u_new = self.u[rows] + cfg.lr_w * g_u[keep]
+                if T > 0:
+                    u_new = u_new + _noise([u_new], math.sqrt(2 * cfg.lr_w * T), gen)[0]
+                w_new = torch.sigmoid(u_new)
+                self.wsum += (w_new.double() - w[keep].double()).sum()
+                self.u[rows] = u_new
+            else:
+                phi = list(self.weight_net.parameters())
+                step_w = cfg.lr_phi / self.n
+                torch._foreach_add_(phi, g_u, alpha=step_w)
+                if diffuse:
+                    torch._foreach_add_(phi, _noise(phi, math.sqrt(2 * k * step_w * T), gen))
+                self.window[self.steps_done % cfg.s_avg] = w.double().mean()
+                keep = _first_occurrence(batch.idx)
+                rows = batch.idx[keep]
+                w_new = self.weight_net(batch.x[keep], batch.y[keep])
+                self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
+            self.steps_done += 1
+            if self.steps_done > cfg.burn_in:
+                self._collect(rows, w_new)
+        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y)
+
+    def _collect(self, rows: torch.Tensor, w_new: torch.Tensor) -> None:
+        """Welford update of the per-row mean/variance and the ring buffer of the latest samples."""
+        x = w_new.double()
+        c = self.count[rows] + 1
+        delta = x - self.mean[rows]
+        mean = self.mean[rows] + delta / c
+        self.m2[rows] += delta * (x - mean)
+        self.mean[rows] = mean
+        self.count[rows] = c
+        slot = ((c - 1) % self.cfg.reservoir).long()
+        self.samples[rows, slot] = w_new.float()
+
+    # ------------------------------------------------------------ checkpoints and results
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "u": self.u, "wsum": self.wsum, "count": self.count,
+                 "mean": self.mean, "m2": self.m2, "samples": self.samples, "steps_done": self.steps_done}
+        if self.weight_net is not None:
+            state["weight_net"] = self.weight_net.state_dict()
+            state["window"] = self.window
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        for k in ("u", "count", "mean", "m2", "samples"):
+            getattr(self, k).copy_(state[k])
+        self.wsum = state["wsum"].to(self.wsum)
+        self.steps_done = int(state["steps_done"])
+        if self.weight_net is not None:
+            self.weight_net.load_state_dict(state["weight_net"])
+            self.window.copy_(state["window"])
+
+    def values(self) -> dict:
+        """value = posterior mean of w_i; value_std = posterior std; ci_low/ci_high = quantiles of the
+        latest `reservoir` samples; samples = how many samples the row has. Rows with no sample after
+        burn-in: value = current w, std/CI NaN."""
+        cfg = self.cfg
+        seen = self.count > 0
+        current = torch.sigmoid(self.u.double())
+        value = torch.where(seen, self.mean, current)
+        var = self.m2 / (self.count - 1).clamp_min(1)
+        std = torch.where(self.count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+        lo_q, hi_q = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
+        q = torch.tensor([lo_q, hi_q], dtype=torch.float64, device=self.samples.device)
+        quant = torch.nanquantile(self.samples.double(), q, dim=1)  # (2, N); NaN rows stay NaN
+        return {"value": value, "value_std": std, "weight": value, "ci_low": quant[0], "ci_high": quant[1],
+                "samples": self.count}
