@@ -1,0 +1,31 @@
+"""valuekit bench: speed ratios, layer speed, quality against baselines, scale; writes markdown, CSV and PNG.
+
+Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
+"""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale)", description=__doc__)
+    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "all"],
+                   help="which benchmarks to run (all = the four)")
+    p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes on a CPU)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from valuekit.bench import KINDS, run_bench, write_index
+
+    kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
+    # the command line that reproduces this run, written at the top of every result file
+    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out]
+    for kind in kinds:
+        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv)
+        print(f"{kind}: {md}")
+    print(f"index: {write_index(Path(args.out))}")
+    return 0
