@@ -19,6 +19,10 @@ def add_parser(sub):
     pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows")
     pp.add_argument("--seed", type=int, default=0)
     pp.add_argument("--from", dest="from_dir", default=None, help="folder with the raw files (fashion-mnist)")
+    pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
+    pp.add_argument("--sources", default=None,
+                    help="multilingual: comma-separated source languages (default es,gl,pt,ca,it,fr,ru,ja,de,fi)")
+    pp.add_argument("--test-size", type=int, default=60, help="multilingual: test groups (default 60)")
     pp.set_defaults(func=run_prepare)
 
 
@@ -27,12 +31,23 @@ def run_list(args) -> int:
 
     for name, (_, desc) in DATASETS.items():
         print(f"{name:15s} {desc}")
+    print(f"{'multilingual':15s} Django translation catalogs as a multi-way parallel X->English table "
+          f"(target ast + 10 source languages; needs django)")
     return 0
 
 
 def run_prepare(args) -> int:
     from valuekit.datasets import prepare
 
+    if args.name == "multilingual":
+        from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
+
+        sources = tuple(s for s in args.sources.split(",") if s) if args.sources else DEFAULT_SOURCES
+        paths = prepare_multilingual(args.out, target=args.target, sources=sources, seed=args.seed,
+                                     dev_size=args.dev_size or 60, test_size=args.test_size)
+        for split, path in paths.items():
+            print(f"{split:5s} {path}")
+        return 0
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
                     seed=args.seed, from_dir=args.from_dir)
