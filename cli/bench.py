@@ -13,6 +13,11 @@ def add_parser(sub):
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes on a CPU)")
+    p.add_argument("--seeds", default=None, help="quality: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="quality: training steps per run (default 1500)")
+    p.add_argument("--datasets", default=None, help="quality: comma-separated data sets (default digits,mnist5k,"
+                   "fashion-mnist when installed)")
+    p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
     p.set_defaults(func=run)
 
 
@@ -23,9 +28,13 @@ def run(args) -> int:
 
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
+    options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods}
     argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out]
+    for key, value in options.items():
+        if value is not None:
+            argv += [f"--{key}", str(value)]
     for kind in kinds:
-        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv)
+        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options)
         print(f"{kind}: {md}")
     print(f"index: {write_index(Path(args.out))}")
     return 0

@@ -530,8 +530,10 @@ def bench_quality(out: Path, *, command: str, device: str = "cpu", quick: bool =
 KINDS = ("speed", "layer", "quality", "scale")
 
 
-def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None) -> Path:
-    """Run one benchmark and return the markdown file it wrote."""
+def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
+              seeds: str | None = None, steps: int | None = None, datasets: str | None = None,
+              methods: str | None = None) -> Path:
+    """Run one benchmark and return the markdown file it wrote (list options are comma-separated strings)."""
     from valuekit.trainers.base import resolve_device
 
     if kind not in KINDS:
@@ -539,13 +541,21 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
     out = Path(out)
+    split = lambda text: tuple(t.strip() for t in text.split(",") if t.strip()) if text else None  # noqa: E731
+    if steps is not None and steps < 1:
+        raise InputError(f"--steps {steps}: must be >= 1")
+    try:
+        seed_list = tuple(int(s) for s in split(seeds)) if seeds else None
+    except ValueError:
+        raise InputError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
     if kind == "speed":
-        return bench_speed(out, command=command, device=dev, quick=quick)
+        return bench_speed(out, command=command, device=dev, quick=quick, methods=split(methods))
     if kind == "layer":
         return bench_layer(out, command=command, device=dev, quick=quick)
     if kind == "scale":
         return bench_scale(out, command=command, device=dev, quick=quick)
-    return bench_quality(out, command=command, device=dev, quick=quick)
+    return bench_quality(out, command=command, device=dev, quick=quick, datasets=split(datasets), seeds=seed_list,
+                         methods=split(methods), steps=steps)
 
 
 def write_index(out: Path) -> Path:
