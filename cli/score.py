@@ -22,6 +22,8 @@ def add_parser(sub):
     sel.add_argument("--drop-fraction", type=float, default=None, help="drop the lowest fraction by value")
     sel.add_argument("--min-weight", type=float, default=None, help="select rows with weight >= W")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
+    p.add_argument("--batch-rows", type=int, default=None,
+                   help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
     add_train_options(p, dev_required=False)
     add_table_options(p)
     p.set_defaults(func=run)
@@ -29,11 +31,12 @@ def add_parser(sub):
 
 def run(args) -> int:
     from valuekit.errors import InputError
-    from valuekit.export import score
+    from valuekit.export import DEFAULT_BATCH_ROWS, check_selection, write_scored
 
     out = Path(args.out)
     if (args.run is None) == (args.method is None):
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
+    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only)
     run_dir = args.run
     if args.method is not None:
         from valuekit.trainers.base import train
@@ -52,8 +55,10 @@ def run(args) -> int:
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
         print(f"trained {args.method}: {run_dir} ({acc})")
-    path = score(args.table, run_dir, out=out, id_col=args.id_col, keep_fraction=args.keep_fraction,
-                 top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
-                 subset_only=args.subset_only)
-    print(f"scored table: {path}")
+    batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
+    summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
+                           top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
+                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True)
+    sel = "" if summary.selected is None else f", {summary.selected} selected"
+    print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
     return 0
