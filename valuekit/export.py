@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
-from valuekit.runlog import read_run
+from valuekit.runlog import mean_one, rank_by_value, read_run
 
 ADDED = ("weight", "value", "value_std", "rank", "selected")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -328,13 +328,8 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
         row = int(np.flatnonzero(bad)[0])
         raise InputError(f"{values_path}: column 'weight' has value {weight[row]!r} (table row {row}); "
                          "weights must be finite and >= 0")
-    total = weight.sum()
-    weight = weight * (n / total) if total > 0 else np.ones(n)
-
-    # Stable sort on -value: ties keep row order, NaN (never valued) goes last.
-    order = np.argsort(-value, kind="stable")
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
+    weight = mean_one(weight)
+    rank = rank_by_value(value)
     selected = None
     if min_weight is not None:
         selected = weight >= min_weight
@@ -345,8 +340,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
             k = min(int(top_k), n)
         else:
             k = n - int(math.floor(drop_fraction * n + 0.5))
-        selected = np.zeros(n, dtype=bool)
-        selected[order[:k]] = True
+        selected = rank <= k
     return _Plan(weight, value, value_std, rank, selected)
 
 
