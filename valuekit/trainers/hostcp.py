@@ -1,0 +1,358 @@
+"""HOST-CP: online subset selection through a differentiable convex program (Das et al., "Finding
+High-Value Training Data Subset through Differentiable Convex Programming", ECML-PKDD 2021,
+arXiv 2104.13794).
+
+Per mini-batch (the paper's alternating minimisation, one batch at a time):
+
+1. the selection model scores each example, s_i = h(u_i) . E[y_i] + b[y_i], with u_i the input
+   features (``selector_input="features"``) or the main model's detached penultimate features
+   (``"embedding"``, ``model.features(x)``);
+2. the convex layer turns the scores into a relaxed subset w in [0, 1]^B with sum(w) = k = fraction*B:
+   ``valuekit.selection.SubsetSelection`` (max s.w - lam R(w), exact closed-form backend by default),
+   or, with ``representatives=True``, the paper's representativeness program
+   (``valuekit.representatives``: new/old representatives, bounded memory);
+3. model step on the selection-weighted loss  L_w(theta) = sum_i w_i l_i(theta) / k  (w detached);
+4. selector step through a one-step look-ahead: theta'(w) = theta - eta grad L_w(theta) (an SGD step
+   with ``lookahead_lr`` = eta, written with ``torch.func.functional_call``, no model copy), and
+   phi <- Adam step on L_dev(theta'(w(phi))).  Since theta' is linear in w,
+       dL_dev/dw_i = -(eta / k) grad L_dev(theta') . grad l_i(theta)
+   exactly; ``meta_grad="ghost"``/``"exact"`` computes these dot products with
+   ``valuekit.gradients.per_example_dots`` and back-propagates them through the layer and the
+   selector; ``"fused"`` (default) reads them off the model step's own pass: each Linear/Conv2d
+   layer's input a_i and output gradient (w_i / k) dl_i/dout_i are recorded, so
+   (w_i / k) grad l_i . v = <output gradient_i, layer_v(a_i)> and dividing by w_i / k recovers the dot
+   (rows with w_i = 0 get 0: the layer's Jacobian is zero there anyway -- quadratic: not in the free
+   set; entropy: w_i (1 - w_i) = 0); ``meta_grad="autograd"`` differentiates the look-ahead directly
+   (create_graph, second order; the reference the tests compare with finite differences).
+
+Log per step: ``weight`` = w_i (sums to k per batch), ``selected`` = w_i > ``threshold``,
+``reward`` = -dL_dev/dw_i on steps with a selector update (dot-product modes).
+
+values.parquet: ``value`` = mean of w_i over the steps example i was in the batch ("how strongly it
+was selected over the run"; NaN if never sampled), ``value_std`` its std, ``weight`` = the same mean
+(normalised by the loop), ``selected_rate`` = fraction of its visits with w_i > threshold, ``score`` =
+the final selector's score s_i (eval mode, no layer).  Low value flags likely mislabelled examples.
+
+Cost (reports/hostcp.md, 2-core CPU, digits MLP): a uniform step ~0.9 ms; HOST-CP ~2.0 ms per step
+on average with ``update_every=4`` (selector step ~3.2 ms, other steps ~1.4 ms).  ``representatives=True``
+solves a cvxpylayers QP with B^2 + B*rep_max_old + B variables every step: ~40 ms per step at B = 16,
+~140 ms at B = 32, plus ~1-2 s to build the program per batch size; use it on small runs only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from valuekit.errors import InputError
+from valuekit.gradients import per_example_dots
+from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
+from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+SELECTOR_INPUTS = ("features", "embedding")
+META_GRADS = ("fused", "ghost", "exact", "autograd")
+
+
+@dataclass
+class Config:
+    """HOST-CP settings (defaults: data/digits-noisy20, MLP, batch 64, Adam 1e-3; see reports/hostcp.md)."""
+
+    fraction: float = 0.5  # k = fraction * batch size: the selection budget per mini-batch
+    reg: str = "quadratic"  # regulariser of the subset program: quadratic | entropy
+    lam: float = 0.5  # its strength (> 0; larger = flatter weights, informative gradients)
+    backend: str = "exact"  # exact (closed form) | cvxpylayers (reference, slow)
+    selector_input: str = "features"  # features: MLP over the inputs | embedding: over model.features(x).detach()
+    selector_hidden: int = 64  # hidden width of the selection model
+    selector_lr: float = 1e-3  # Adam learning rate of the selection model (0 freezes it: uniform weights)
+    lookahead_lr: float = 0.1  # eta of the virtual SGD step theta' = theta - eta grad L_w
+    dev_batch_size: int = 64  # dev examples per selector step (whole dev set if larger)
+    update_every: int = 4  # selector step every k model steps (4: ~1.5x a uniform step; 1: ~3.5x, see report)
+    # fused: the dot products from the model step's own forward/backward (Linear/Conv2d models, no extra pass) |
+    # ghost | exact: valuekit.gradients.per_example_dots (one extra pass) | autograd: second order (reference)
+    meta_grad: str = "fused"
+    threshold: float = 0.5  # w_i > threshold is logged as selected
+    representatives: bool = False  # use the representativeness program (cvxpylayers, slow) instead of SubsetSelection
+    rep_alpha: float = 1.0  # weight of the representation cost against the scores
+    rep_ridge: float = 0.1  # ridge term of the representativeness program
+    rep_capacity: int = 512  # memory of previously selected points
+    rep_max_old: int = 16  # old candidates per batch (nearest neighbours from the memory)
+
+    def validate(self) -> None:
+        for name, allowed in (("reg", REGULARISERS), ("backend", BACKENDS), ("selector_input", SELECTOR_INPUTS),
+                              ("meta_grad", META_GRADS)):
+            if getattr(self, name) not in allowed:
+                raise InputError(f"--set {name}={getattr(self, name)!r}: choose from {', '.join(allowed)}")
+        if not 0.0 < self.fraction < 1.0:
+            raise InputError(f"--set fraction={self.fraction}: must be in (0, 1)")
+        if not 0.0 < self.threshold < 1.0:
+            raise InputError(f"--set threshold={self.threshold}: must be in (0, 1)")
+        for name in ("lam", "lookahead_lr", "rep_alpha", "rep_ridge"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise InputError(f"--set {name}={v}: must be a finite number > 0")
+        if not (self.selector_lr >= 0 and math.isfinite(self.selector_lr)):
+            raise InputError(f"--set selector_lr={self.selector_lr}: must be a number >= 0")
+        for name in ("update_every", "selector_hidden", "dev_batch_size", "rep_capacity"):
+            if getattr(self, name) < 1:
+                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 1")
+        if self.rep_max_old < 0:
+            raise InputError(f"--set rep_max_old={self.rep_max_old}: must be >= 0")
+
+
+class Selector(nn.Module):
+    """s(u, y) = h(u) . E[y] + b[y]: a two-layer ReLU MLP read out by a label embedding (so it can tell
+    whether a label fits its example). E and b start at zero: uniform weights at step 0."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_features) if mean is None else mean
+        std = torch.ones(in_features) if std is None else std
+        self.register_buffer("mean", mean.clone())
+        self.register_buffer("std", std.clone())
+        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.label = nn.Embedding(num_classes, hidden)
+        self.label_bias = nn.Embedding(num_classes, 1)
+
+    def forward(self, u, y):
+        h = self.body((u - self.mean) / self.std)
+        return (h * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+
+
+class _no_tape:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _LayerTape:
+    """Records each Linear/Conv2d layer's input and output gradient during one forward/backward."""
+
+    def __init__(self, model: nn.Module):
+        canon = {id(p): n for n, p in model.named_parameters()}
+        self.names: dict[int, tuple[str, str | None]] = {}
+        for mname, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward):
+                raise InputError(f"--set meta_grad=fused: layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d; "
+                                 f"use meta_grad=exact")
+            self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
+        self.modules = [m for m in model.modules() if id(m) in self.names]
+        self.records: list[list] = []
+        self.handles: list = []
+
+    def _hook(self, mod, inputs, output):
+        entry = [mod, inputs[0].detach(), None]
+        self.records.append(entry)
+        output.register_hook(lambda g: entry.__setitem__(2, g))
+
+    def __enter__(self):
+        self.records = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+    @torch.no_grad()
+    def dots(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum over layers of <output gradient_i, layer_v(input_i)>: (per-row loss weight) * grad l_i . v."""
+        out = None
+        for mod, a, g in self.records:
+            wname, bname = self.names[id(mod)]
+            B = g.shape[0]
+            if isinstance(mod, nn.Linear):
+                r = (g * F.linear(a, v[wname])).reshape(B, -1).sum(1)
+                if bname is not None:
+                    r = r + g.reshape(B, -1, g.shape[-1]).sum(1) @ v[bname]
+            else:
+                r = (g * mod._conv_forward(a, v[wname], None)).reshape(B, -1).sum(1)
+                if bname is not None:
+                    r = r + g.sum((2, 3)) @ v[bname]
+            out = r if out is None else out + r
+        self.records = []
+        return out
+
+
+class Trainer:
+    def __init__(self, ctx: TrainContext, cfg: Config):
+        self.ctx, self.cfg = ctx, cfg
+        self.model = ctx.build_model()
+        self.opt = ctx.make_optimizer(self.model.parameters())
+        if cfg.selector_input == "features":
+            width, mean, std = ctx.x.shape[1], ctx.mean, ctx.std
+        else:
+            with torch.no_grad():
+                width = self.model.features(ctx.x[:1]).shape[1]
+            mean = std = None  # penultimate features are already on the model's scale
+        self.selector = Selector(width, ctx.num_classes, cfg.selector_hidden, mean, std)
+        for m in self.selector.body:
+            if isinstance(m, nn.Linear):
+                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=ctx.generator)
+                bound = 1 / math.sqrt(m.weight.shape[1])
+                nn.init.uniform_(m.bias, -bound, bound, generator=ctx.generator)
+        with torch.no_grad():
+            self.selector.label.weight.zero_()
+            self.selector.label_bias.weight.zero_()
+        self.selector.to(ctx.device)
+        # Adam whatever the loop's optimizer: the meta-gradient's scale changes a lot over training
+        self.selector_opt = torch.optim.Adam(self.selector.parameters(), lr=cfg.selector_lr, foreach=True)
+        if cfg.representatives:
+            from valuekit.representatives import RepresentativeSelection
+
+            self.layer = RepresentativeSelection(fraction=cfg.fraction, alpha=cfg.rep_alpha, ridge=cfg.rep_ridge,
+                                                 capacity=cfg.rep_capacity, max_old=cfg.rep_max_old)
+        else:
+            self.layer = SubsetSelection(fraction=cfg.fraction, reg=cfg.reg, lam=cfg.lam, backend=cfg.backend)
+        z = lambda: torch.zeros(ctx.n, dtype=torch.float64, device=ctx.device)  # noqa: E731
+        self.w_sum, self.w_sq, self.count, self.sel_count = z(), z(), z(), z()
+        self.t = 0
+        self.tape = _LayerTape(self.model) if cfg.meta_grad == "fused" else None
+
+    # -------------------------------------------------------- pieces
+
+    def _selector_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.selector_input == "features":
+            return x
+        with torch.no_grad():
+            return self.model.features(x)
+
+    def _weights(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.selector(u, y)
+        if self.cfg.representatives:
+            feats = u if self.cfg.selector_input == "embedding" else (u - self.ctx.mean) / self.ctx.std
+            return self.layer(s, feats.detach())[0]
+        return self.layer(s)
+
+    def meta_gradient(self, x, y, w, dev_x, dev_y, grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """dL_dev(theta'(w))/dw (B,) by the dot-product identity of the module docstring, and L_dev(theta').
+
+        ``grads`` = grad L_w(theta) at the current parameters (what the model step computed); with
+        ``meta_grad="fused"`` the tape must hold that step's forward/backward."""
+        eta, k = self.cfg.lookahead_lr, float(w.detach().sum())
+        params = {n: p.detach() for n, p in self.model.named_parameters()}
+        ahead = {n: (p - eta * grads[n]).requires_grad_(True) for n, p in params.items()}
+        dev_loss = F.cross_entropy(functional_call(self.model, ahead, (dev_x,)), dev_y)
+        v = torch.autograd.grad(dev_loss, list(ahead.values()))
+        v = dict(zip(ahead, v))
+        if self.cfg.meta_grad == "fused":
+            scaled = self.tape.dots(v).to(w.dtype)  # (w_i / k) grad l_i . v
+            wd = w.detach()
+            dots = torch.where(wd > 0, scaled / torch.where(wd > 0, wd, torch.ones_like(wd)) * k,
+                               torch.zeros_like(wd))
+        else:
+            dots = per_example_dots(self.model, x, y, v, method=self.cfg.meta_grad, params=params).to(w.dtype)
+        return -(eta / k) * dots, float(dev_loss.detach())
+
+    def lookahead_dev_loss(self, x, y, w, dev_x, dev_y) -> torch.Tensor:
+        """L_dev(theta - eta grad_theta sum_i w_i l_i(theta) / k), differentiable in w (second order)."""
+        eta, k = self.cfg.lookahead_lr, float(w.detach().sum())
+        with torch.enable_grad():  # the inner gradient is needed even when evaluating without grad
+            params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
+            losses = per_example_loss(functional_call(self.model, params, (x,)), y)
+            g = torch.autograd.grad((w * losses).sum() / k, list(params.values()), create_graph=w.requires_grad)
+        ahead = {n: p - eta * gi for (n, p), gi in zip(params.items(), g)}
+        return F.cross_entropy(functional_call(self.model, ahead, (dev_x,)), dev_y)
+
+    # -------------------------------------------------------- the step
+
+    def step(self, batch: Batch) -> StepRecord:
+        cfg = self.cfg
+        x, y = batch.x, batch.y
+        self.model.train()
+        update = cfg.selector_lr > 0 and self.t % cfg.update_every == 0
+        self.t += 1
+        u = self._selector_input(x)
+        with torch.set_grad_enabled(update):
+            w = self._weights(u, y)
+        k = float(w.detach().sum())
+
+        taping = update and self.tape is not None
+        with self.tape if taping else _no_tape():
+            logits = self.model(x)
+        losses = per_example_loss(logits, y)
+        self.opt.zero_grad(set_to_none=True)
+        ((w.detach() * losses).sum() / k).backward()
+
+        reward, scorer_loss = None, None
+        if update:
+            dev_x, dev_y = self.ctx.sample_dev(cfg.dev_batch_size)
+            self.selector_opt.zero_grad(set_to_none=True)
+            if cfg.meta_grad == "autograd":
+                dev_loss = self.lookahead_dev_loss(x, y, w, dev_x, dev_y)
+                dev_loss.backward(inputs=list(self.selector.parameters()))
+                scorer_loss = float(dev_loss.detach())
+            else:
+                grads = {n: p.grad for n, p in self.model.named_parameters()}
+                dw, scorer_loss = self.meta_gradient(x, y, w, dev_x, dev_y, grads)
+                w.backward(dw, inputs=list(self.selector.parameters()))
+                reward = -dw
+            self.selector_opt.step()
+        self.opt.step()
+
+        wd = w.detach()
+        if cfg.representatives:
+            keep = wd > cfg.threshold
+            feats = u if cfg.selector_input == "embedding" else (u - self.ctx.mean) / self.ctx.std
+            self.layer.remember(feats[keep], batch.idx[keep])
+        sel = wd > cfg.threshold
+        w64 = wd.double()
+        self.w_sum.index_add_(0, batch.idx, w64)
+        self.w_sq.index_add_(0, batch.idx, w64 * w64)
+        self.count.index_add_(0, batch.idx, torch.ones_like(w64))
+        self.sel_count.index_add_(0, batch.idx, sel.double())
+        return StepRecord(loss=losses.detach(), weight=wd, reward=reward, selected=sel,
+                          correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
+
+    # -------------------------------------------------------- state and values
+
+    def state_dict(self) -> dict:
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "selector": self.selector.state_dict(), "selector_opt": self.selector_opt.state_dict(),
+                 "w_sum": self.w_sum, "w_sq": self.w_sq, "count": self.count, "sel_count": self.sel_count,
+                 "t": self.t}
+        if self.cfg.representatives:
+            state["memory"] = self.layer.state_dict_memory()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.selector.load_state_dict(state["selector"])
+        self.selector_opt.load_state_dict(state["selector_opt"])
+        for key in ("w_sum", "w_sq", "count", "sel_count"):
+            getattr(self, key).copy_(state[key])
+        self.t = int(state["t"])
+        if self.cfg.representatives:
+            self.layer.load_state_dict_memory(state["memory"])
+
+    @torch.no_grad()
+    def scores(self, batch_size: int = 4096) -> torch.Tensor:
+        """The trained selector's score s_i of every training row (eval mode)."""
+        self.model.eval()
+        out = [self.selector(self._selector_input(self.ctx.x[i: i + batch_size]), self.ctx.y[i: i + batch_size])
+               for i in range(0, self.ctx.n, batch_size)]
+        self.model.train()
+        return torch.cat(out)
+
+    def values(self) -> dict:
+        """value = mean selection weight w_i over the steps row i was seen (NaN if never); see module doc."""
+        count = self.count.clamp_min(1)
+        mean = self.w_sum / count
+        var = (self.w_sq / count - mean * mean).clamp_min(0)
+        unseen = self.count == 0
+        nan = torch.full_like(mean, float("nan"))
+        return {"value": torch.where(unseen, nan, mean), "value_std": torch.where(unseen, nan, var.sqrt()),
+                "weight": torch.where(unseen, torch.zeros_like(mean), mean),
+                "selected_rate": torch.where(unseen, nan, self.sel_count / count),
+                "score": self.scores().double()}
