@@ -1,33 +1,99 @@
-"""valuekit train: train a model with a valuation method and write a run directory."""
+"""valuekit train: train a model with a valuation method and write a run directory.
+
+`--nproc N` runs N processes on this machine through PyTorch's launcher (`torchrun --standalone
+--nproc_per_node N -m valuekit.cli train ...`); several nodes: start `torchrun ... -m valuekit.cli train
+...` on each node yourself (README: "Running on several GPUs / nodes").
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from valuekit.cli.common import add_table_options, add_train_options, load_tables, train_config
+from valuekit.errors import InputError
+
+_PARSER: argparse.ArgumentParser | None = None
 
 
 def add_parser(sub):
+    global _PARSER
     p = sub.add_parser("train", help="train with a valuation method and log per-example weights to a run directory",
-                       description=__doc__)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", help="training table (.parquet, .csv, .npz)")
     add_train_options(p)
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="train with N processes on this machine (one per GPU, or CPU processes with gloo) via "
+                        "torchrun; --batch-size is per process, so each step sees N x batch-size rows")
     add_table_options(p)
     p.set_defaults(func=run)
+    _PARSER = p
+
+
+def _argv(args) -> list[str]:
+    """The command line of `args` again, without --nproc (options left at their default are omitted)."""
+    out = ["train", args.table]
+    for a in _PARSER._actions:
+        if not a.option_strings or a.dest in ("help", "nproc"):
+            continue
+        v = getattr(args, a.dest, a.default)
+        if v == a.default or v is None:
+            continue
+        opt = max(a.option_strings, key=len)
+        if isinstance(a, argparse._StoreTrueAction):
+            out.append(opt)
+        elif isinstance(a, argparse._AppendAction):
+            for item in v:
+                out += [opt, str(item)]
+        else:
+            out += [opt, str(v)]
+    return out
+
+
+def _launch(args) -> int:
+    """Re-run this command under torchrun with --nproc processes; its exit status is ours."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("--nproc: already running under torchrun; leave --nproc out (torchrun sets the processes)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           "-m", "valuekit.cli", *_argv(args)]
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # the workers got the signal too and stop at a step boundary; wait for them
+            continue
 
 
 def run(args) -> int:
     from valuekit.trainers.base import train
 
+    if args.nproc is not None and args.nproc < 1:
+        raise InputError(f"--nproc {args.nproc}: must be >= 1")
     cfg, method_cfg = train_config(args)
-    data, dev, test = load_tables(args, args.table)
+    data, dev, test = load_tables(args, args.table)  # bad input fails here, before any process is started
+    if args.nproc is not None and args.nproc > 1:
+        del data, dev, test
+        import torch
+
+        gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
+        if gpus and args.nproc > gpus:
+            raise InputError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s), one process each; "
+                             f"use --nproc {gpus} or --device cpu")
+        return _launch(args)
     run_ = train(data, dev, test, out=Path(args.out), config=cfg, method_config=method_cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     fm = run_.meta.get("final_metrics", {})
     acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
-    print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {acc})")
+    world = run_.meta.get("world_size", 1)
+    print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {acc}"
+          + (f", {world} processes" if world > 1 else "") + ")")
     print(f"  values:  {run_.path / 'values.parquet'}")
-    print(f"  steps:   {run_.path / 'steps'}/part-*.parquet")
+    print(f"  steps:   {run_.path / 'steps'}/" + ("rank-*/" if world > 1 else "") + "part-*.parquet")
     print(f"  metrics: {run_.path / 'metrics'}/part-*.parquet")
     return 0

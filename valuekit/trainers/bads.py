@@ -61,6 +61,13 @@ one posterior sample. Per row we keep a running mean/variance (Welford, tensors)
 `reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
 values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
+
+Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
+of its rows (its share of the N/|B| and M/|B'| sums; the shares' gradients are summed over ranks,
+then the prior is added once), the gradient for a row's weight is computed by the rank that holds
+the row, and every rank then applies the Langevin update of the whole global batch's weights (all-
+gathered) with noise drawn from the shared generator -- as is theta's noise -- so all replicas stay
+identical and the chain equals a 1-process chain with the global batch.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ from torch import nn
 
 from valuekit.errors import InputError
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 
 @dataclass
@@ -224,14 +233,23 @@ class Trainer:
             return self.weight_net(batch.x, batch.y)
         return torch.sigmoid(self.u[batch.idx])
 
+    def _batch_mean(self, w_batch: torch.Tensor) -> torch.Tensor:
+        """Mean of the weights of the (global) batch."""
+        v = w_batch.detach().double()
+        if self.ctx.world_size == 1:
+            return v.mean()
+        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
+        self.ctx.all_reduce_([total])
+        return total[0] / total[1]
+
     def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
         if self.weight_net is None:
             return self.wsum / self.n
         window = self.window.clone()
-        window[self.steps_done % self.cfg.s_avg] = w_batch.detach().double().mean()
+        window[self.steps_done % self.cfg.s_avg] = self._batch_mean(w_batch)
         return window.nanmean()
 
-    def drift(self, batch: Batch, dev_x: torch.Tensor, dev_y: torch.Tensor):
+    def drift(self, batch: Batch, dev_x: torch.Tensor, dev_y: torch.Tensor, *, dev_total: int | None = None):
         """Gradients of the mini-batch estimate of log pi at the current state.
 
         Returns (theta grads list, weight-variable grad, w, per-example losses, dlogpi/dw, logits):
@@ -240,14 +258,18 @@ class Trainer:
         """
         cfg, params = self.cfg, [p for p in self.model.parameters()]
         b, bm = len(batch.y), len(dev_y)
+        world = self.ctx.world_size
+        # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
+        b_all, bm_all = b * world, (dev_total or bm * world) if world > 1 else bm
         w = self._weights(batch)
         logits_all = self.model(torch.cat([batch.x, dev_x]))
         logits, dev_logits = logits_all[:b], logits_all[b:]
         losses = per_example_loss(logits, batch.y)
         dev_losses = per_example_loss(dev_logits, dev_y)
         # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.
-        log_lik = -(cfg.rho_theta * self.n / b) * (w.detach() * losses).sum() - (self.m / bm) * dev_losses.sum()
+        log_lik = -(cfg.rho_theta * self.n / b_all) * (w.detach() * losses).sum() - (self.m / bm_all) * dev_losses.sum()
         g_theta = list(torch.autograd.grad(log_lik, params))
+        self.ctx.all_reduce_(g_theta)  # torchrun: sum of the ranks' shares, before the prior (added once)
         if cfg.prior_precision > 0:
             torch._foreach_add_(g_theta, [p.detach() for p in params], alpha=-cfg.prior_precision)
         wbar = self._mean_weight(w)
@@ -259,7 +281,8 @@ class Trainer:
         else:
             phi = list(self.weight_net.parameters())
             # d/dphi of the mini-batch estimate (N/B) sum_B [ -rho_theta w_i l_i - rho_w (wbar-beta) w_i ]
-            g_u = list(torch.autograd.grad((self.n / b) * (dw.detach() * w).sum(), phi))
+            g_u = list(torch.autograd.grad((self.n / b_all) * (dw.detach() * w).sum(), phi))
+            self.ctx.all_reduce_(g_u)
             if cfg.prior_precision > 0:
                 torch._foreach_add_(g_u, [p.detach() for p in phi], alpha=-cfg.prior_precision)
         return g_theta, g_u, w.detach(), losses.detach(), dw, logits.detach()
@@ -269,8 +292,10 @@ class Trainer:
     def step(self, batch: Batch) -> StepRecord:
         cfg, gen = self.cfg, self.ctx.generator
         self.model.train()
-        dev_x, dev_y = self.ctx.sample_dev(cfg.dev_batch_size)
-        g_theta, g_u, w, losses, dw, logits = self.drift(batch, dev_x, dev_y)
+        ctx = self.ctx
+        dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
+        g_theta, g_u, w, losses, dw, logits = self.drift(batch, dev_x, dev_y,
+                                                         dev_total=ctx.dev_total(cfg.dev_batch_size))
         params = list(self.model.parameters())
         T = cfg.temperature
         with torch.no_grad():
@@ -282,13 +307,16 @@ class Trainer:
             if diffuse:
                 torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
             if self.weight_net is None:
-                keep = _first_occurrence(batch.idx)
-                rows = batch.idx[keep]
-                u_new = self.u[rows] + cfg.lr_w * g_u[keep]
+                # torchrun: every rank updates the whole global batch's weights (same noise), from the
+                # gradients each row's rank computed
+                idx_all, g_all, w_all = ctx.gather(batch.idx), ctx.gather(g_u), ctx.gather(w)
+                keep = _first_occurrence(idx_all)
+                rows = idx_all[keep]
+                u_new = self.u[rows] + cfg.lr_w * g_all[keep]
                 if T > 0:
                     u_new = u_new + _noise([u_new], math.sqrt(2 * cfg.lr_w * T), gen)[0]
                 w_new = torch.sigmoid(u_new)
-                self.wsum += (w_new.double() - w[keep].double()).sum()
+                self.wsum += (w_new.double() - w_all[keep].double()).sum()
                 self.u[rows] = u_new
             else:
                 phi = list(self.weight_net.parameters())
@@ -296,10 +324,15 @@ class Trainer:
                 torch._foreach_add_(phi, g_u, alpha=step_w)
                 if diffuse:
                     torch._foreach_add_(phi, _noise(phi, math.sqrt(2 * k * step_w * T), gen))
-                self.window[self.steps_done % cfg.s_avg] = w.double().mean()
-                keep = _first_occurrence(batch.idx)
-                rows = batch.idx[keep]
-                w_new = self.weight_net(batch.x[keep], batch.y[keep])
+                self.window[self.steps_done % cfg.s_avg] = self._batch_mean(w)
+                if ctx.world_size == 1:
+                    keep = _first_occurrence(batch.idx)
+                    rows = batch.idx[keep]
+                    w_new = self.weight_net(batch.x[keep], batch.y[keep])
+                else:
+                    idx_all, w_all = ctx.gather(batch.idx), ctx.gather(self.weight_net(batch.x, batch.y))
+                    keep = _first_occurrence(idx_all)
+                    rows, w_new = idx_all[keep], w_all[keep]
                 self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
             self.steps_done += 1
             if self.steps_done > cfg.burn_in:

@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import json
 import math
+import os
 import platform
 import shutil
 import signal
@@ -26,11 +27,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from valuekit import distributed as dist_
 from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.models import MODELS, build_model, feature_stats
-from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, read_run
+from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -99,10 +101,42 @@ class TrainContext:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
+    rank: int = 0  # this process's rank under torchrun (0 for one process)
+    world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
 
     @property
     def n(self) -> int:
         return len(self.y)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per step over all ranks (= config.batch_size for one process)."""
+        return self.config.batch_size * self.world_size
+
+    # ---- synchronisation (valuekit.distributed); every helper is a no-op for one process, and every rank
+    # must call them in the same order.
+
+    def sync_grads_(self, params) -> None:
+        """Average `.grad` of replicated parameters over ranks (what DDP does), before the optimizer step."""
+        if self.world_size > 1:
+            dist_.all_reduce_([p.grad for p in params if p.grad is not None], op="mean", world_size=self.world_size)
+
+    def all_reduce_(self, tensors, *, op: str = "sum") -> None:
+        """In-place sum/mean over ranks of tensors (not differentiable; one collective)."""
+        dist_.all_reduce_(list(tensors), op=op, world_size=self.world_size)
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Differentiable sum over ranks: each rank backpropagates its share of a global objective and then
+        holds the whole objective's derivative for its own inputs (replicated parameters: sum their grads)."""
+        return dist_.all_reduce_sum(tensor, world_size=self.world_size)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a per-example tensor, concatenated in global-batch order (detached)."""
+        return dist_.gather(tensor, world_size=self.world_size)
+
+    def dev_total(self, size: int) -> int:
+        """Rows in the global dev batch that `sample_dev(size)` shards (size, or the whole dev set)."""
+        return min(size, len(self.dev_y))
 
     def build_model(self, name: str | None = None, *, out_features: int | None = None) -> torch.nn.Module:
         """The configured model (or `name`) for this data, initialised from the run's generator."""
@@ -121,12 +155,18 @@ class TrainContext:
         return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
 
     def sample_dev(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """A uniform dev mini-batch (without replacement when size <= dev size)."""
+        """A uniform dev mini-batch (without replacement when size <= dev size). Under torchrun every rank draws
+        the same global batch of `size` rows and returns its own contiguous slice (`dev_total(size)` rows in all)."""
         m = len(self.dev_y)
         if size >= m:
-            return self.dev_x, self.dev_y
-        idx = torch.randperm(m, generator=self.generator)[:size].to(self.device)
-        return self.dev_x[idx], self.dev_y[idx]
+            x, y = self.dev_x, self.dev_y
+        else:
+            idx = torch.randperm(m, generator=self.generator)[:size].to(self.device)
+            x, y = self.dev_x[idx], self.dev_y[idx]
+        if self.world_size > 1:
+            x = torch.tensor_split(x, self.world_size)[self.rank]
+            y = torch.tensor_split(y, self.world_size)[self.rank]
+        return x, y
 
 
 def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -284,6 +324,7 @@ def _identity(meta: dict) -> dict:
     ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],
         "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
+        "world_size": meta.get("world_size", 1),  # the global batch and the rank folders of steps/ depend on it
     }
     return json.loads(json.dumps(ident, default=str))
 
@@ -292,7 +333,8 @@ def _to_device(data: ValueDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
     return data.x.to(device), data.y.to(device)
 
 
-def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfig, device: torch.device) -> TrainContext:
+def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfig, device: torch.device,
+                  *, rank: int = 0, world_size: int = 1) -> TrainContext:
     """Move trainer-visible data to the device and seed the run's generator (no run directory involved)."""
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _to_device(view, device)
@@ -309,6 +351,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
+        rank=rank, world_size=world_size,
     )
 
 
@@ -338,6 +381,13 @@ def train(
 
     `hooks` are objects with any of `on_step_end(step, batch, record, trainer)` and
     `on_eval(step, metrics)`; they see everything the loop sees (used by benchmarks).
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this with the same arguments: the process group
+    is started here unless the caller did (gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK), each
+    step's global batch of batch_size x world_size rows is split over the ranks (valuekit.distributed),
+    rank 0 takes the lock and writes run.json, metrics/, sources/, values.parquet and checkpoints, and
+    every rank writes its own steps/rank-R/part-*.parquet. `on_step_end` hooks run on every rank (with
+    that rank's slice of the batch), `on_eval` hooks and evaluation on rank 0 only.
     """
     config = config or TrainConfig()
     validate_config(config)
@@ -350,6 +400,19 @@ def train(
     if hasattr(mcfg, "validate"):
         mcfg.validate()
     device = resolve_device(config.device)
+    info = dist_.env_info()
+    if info.enabled and not getattr(module, "DISTRIBUTED", False):
+        # a method declares DISTRIBUTED = True once its extra state is synchronised across ranks
+        raise InputError(f"method {config.method!r} does not run under torchrun yet (its state is not synchronised "
+                         f"across processes); run it in one process")
+    if info.enabled and device.type == "cuda":
+        if config.device not in ("auto", "cuda"):
+            raise InputError(f"--device {config.device}: under torchrun each process uses cuda:LOCAL_RANK; "
+                             f"use --device auto or cuda")
+        if info.local_rank >= torch.cuda.device_count():
+            raise InputError(f"local rank {info.local_rank}: this node has {torch.cuda.device_count()} GPU(s); start "
+                             f"at most that many processes per node (or use --device cpu)")
+        device = torch.device("cuda", info.local_rank)
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     out = Path(out)
@@ -367,7 +430,18 @@ def train(
         "label_col_codes": "label column in steps/ holds class codes into `classes`",
         "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "steps_done": 0,
+        "world_size": info.world_size, "global_batch_size": config.batch_size * info.world_size,
     }
+    started_group = dist_.init(info, device)
+    try:
+        return _train(train_data, dev_data, test_data, view=view, out=out, config=config, module=module, mcfg=mcfg,
+                      meta=meta, resume=resume, hooks=hooks, device=device, info=info)
+    finally:
+        dist_.shutdown(started_group)
+
+
+def _prepare_dir(out: Path, meta: dict, resume: bool):
+    """(lock, checkpoint state or None) for a fresh or resumed run directory; run by rank 0 only."""
 
     ckpt_path = out / CHECKPOINT
     created = not out.exists()
@@ -396,17 +470,47 @@ def train(
         if created:
             shutil.rmtree(out, ignore_errors=True)
         raise
+    return lock, state
 
-    ctx = build_context(view, dev_data, config, device)
+
+def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainConfig, module, mcfg, meta: dict,
+           resume: bool, hooks, device: torch.device, info: dist_.DistInfo):
+    world, rank, main = info.world_size, info.rank, info.is_main
+    ckpt_path = out / CHECKPOINT
+    lock = state = None
+    if world > 1:
+        # Rank 0 alone takes the lock and checks the directory, then tells the others how it went.
+        status = {"error": None}
+        if main:
+            try:
+                lock, state = _prepare_dir(out, meta, resume)
+                meta.setdefault("run_id", f"{int(time.time() * 1000):x}-{os.getpid()}")
+            except BaseException as exc:
+                status["error"] = (type(exc).__name__, str(exc))
+                dist_.broadcast_object(status, world_size=world)
+                raise
+            status.update(run_id=meta["run_id"], started_at=meta["started_at"], has_state=state is not None)
+        status = dist_.broadcast_object(status, world_size=world)
+        if not main:
+            if status["error"]:
+                kind, msg = status["error"]
+                raise {"RunDirError": RunDirError, "InputError": InputError}.get(kind, RuntimeError)(msg)
+            meta["run_id"], meta["started_at"] = status["run_id"], status["started_at"]
+            if status["has_state"]:  # the run directory is on a filesystem every node sees
+                state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    else:
+        lock, state = _prepare_dir(out, meta, resume)
+
+    ctx = build_context(view, dev_data, config, device, rank=rank, world_size=world)
     generator = ctx.generator
     trainer = module.Trainer(ctx, mcfg)
     sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)
     x, y, source, dev_x, dev_y = ctx.x, ctx.y, ctx.source, ctx.dev_x, ctx.dev_y
-    test_xy = _to_device(test_data, device) if test_data is not None else None
+    test_xy = _to_device(test_data, device) if test_data is not None and main else None
 
     start_step, elapsed_before = 0, 0.0
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock,
-                       resume_parts=state["parts"] if state else ({} if resume else None))
+                       resume_parts=state["parts"] if state else ({} if resume else None), rank=rank, world_size=world)
     if state:
         trainer.load_state_dict(state["trainer"])
         sampler.load_state_dict(state["sampler"])
@@ -418,18 +522,30 @@ def train(
     source_np = view.source
     hooks = hooks or []
     t0 = time.perf_counter()
+    B = config.batch_size
+    stop_agreed = False  # all ranks saw that some rank was asked to stop (torchrun)
 
     def save_checkpoint(step: int) -> None:
         writer.flush()
-        blob = {
-            "step": step, "trainer": trainer.state_dict(), "sampler": sampler.state_dict(),
-            "generator": generator.get_state(), "parts": writer.part_counts(),
-            "elapsed": elapsed_before + time.perf_counter() - t0,
-        }
-        tmp = out / f".{CHECKPOINT}.tmp"
-        torch.save(blob, tmp)
-        tmp.replace(ckpt_path)
-        writer.write_meta(steps_done=step)
+        trainer_state = trainer.state_dict()  # every rank: a method may gather here
+        if world > 1:
+            # Replicas must agree, so rank 0's state is everyone's (and the step parts were closed in step).
+            fp = dist_.fingerprint([trainer_state, sampler.state_dict(), generator.get_state(),
+                                    writer.part_counts()["steps"]])
+            every = dist_.gather(fp[None].to(device), world_size=world).cpu()
+            if not all(torch.equal(every[0], r) for r in every[1:]):
+                raise RuntimeError(f"step {step}: the ranks' trainer states differ; this is a valuekit bug in "
+                                   f"method {config.method!r}'s synchronisation (the checkpoint would be wrong)")
+        if main:
+            blob = {
+                "step": step, "trainer": trainer_state, "sampler": sampler.state_dict(),
+                "generator": generator.get_state(), "parts": writer.part_counts(),
+                "elapsed": elapsed_before + time.perf_counter() - t0,
+            }
+            tmp = out / f".{CHECKPOINT}.tmp"
+            torch.save(blob, tmp)
+            tmp.replace(ckpt_path)
+            writer.write_meta(steps_done=step)
 
     def evaluation(step: int) -> dict:
         m = {}
@@ -444,7 +560,7 @@ def train(
         return m
 
     bar = None
-    if config.progress:
+    if config.progress and main:
         from tqdm.auto import tqdm
 
         # disable=None: shown on a terminal, silent in pipes and CI logs.
@@ -468,10 +584,13 @@ def train(
     last_metrics: dict = {}
     try:
         while step < config.steps:
-            if stop_requested:
+            if stop_agreed or (stop_requested and world == 1):
                 raise KeyboardInterrupt
             step += 1
-            idx_cpu = sampler.next(config.batch_size)
+            if world > 1:  # the same global batch on every rank (shared generator), each takes its slice
+                idx_cpu = sampler.next(B * world)[rank * B: (rank + 1) * B]
+            else:
+                idx_cpu = sampler.next(B)
             idx = idx_cpu.to(device)
             batch = Batch(step=step, idx=idx, x=x[idx], y=y[idx], source=None if source is None else source[idx])
             ts = time.perf_counter()
@@ -491,19 +610,35 @@ def train(
                     loss=loss_np, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy(),
                 )
             bad = not np.isfinite(loss_np).all() or (weight_np is not None and not np.isfinite(weight_np).all())
-            metrics = {"step": step, "train_loss": float(np.mean(loss_np)), "step_time": step_time,
+            train_loss = float(np.mean(loss_np))
+            train_acc = None if rec.correct is None else float(rec.correct.float().mean())
+            if world > 1:
+                # one collective per step: global train loss/accuracy, and whether any rank diverged or was
+                # asked to stop (so that all ranks stop at the same step)
+                agg = torch.tensor([float(np.sum(loss_np, dtype=np.float64)), len(loss_np),
+                                    0.0 if rec.correct is None else float(rec.correct.float().sum()),
+                                    float(bad), float(bool(stop_requested))], dtype=torch.float64, device=device)
+                dist_.all_reduce_([agg], world_size=world)
+                agg = agg.tolist()
+                train_loss = agg[0] / agg[1]
+                train_acc = None if rec.correct is None else agg[2] / agg[1]
+                bad_anywhere, stop_agreed = agg[3] > 0, agg[4] > 0
+            else:
+                bad_anywhere = bad
+            metrics = {"step": step, "train_loss": train_loss, "step_time": step_time,
                        "wall_time": elapsed_before + time.perf_counter() - t0, "scorer_loss": rec.scorer_loss}
-            if rec.correct is not None:
-                metrics["train_acc"] = float(rec.correct.float().mean())
-            if not bad and (step % config.eval_every == 0 or step == config.steps):
+            if train_acc is not None:
+                metrics["train_acc"] = train_acc
+            if main and not bad_anywhere and (step % config.eval_every == 0 or step == config.steps):
                 metrics.update(evaluation(step))
                 last_metrics = metrics
-            writer.metrics.add(**metrics)
-            if rec.sources:
-                for s, (p, c) in rec.sources.items():
-                    writer.sources.add(step=step, source=s, prob=p, count=c)
-            if bad:
-                what = "loss" if not np.isfinite(loss_np).all() else "weights"
+            if main:
+                writer.metrics.add(**metrics)
+                if rec.sources:
+                    for s, (p, c) in rec.sources.items():
+                        writer.sources.add(step=step, source=s, prob=p, count=c)
+            if bad_anywhere:
+                what = "loss" if not bad or not np.isfinite(loss_np).all() else "weights"
                 writer.close("failed", steps_done=step, error=f"non-finite {what} at step {step}",
                              finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
                 raise TrainingDiverged(
@@ -524,7 +659,8 @@ def train(
             elif step % config.log_every == 0:
                 writer.flush()
     except KeyboardInterrupt:
-        if done_step == step:  # stopped between steps: everything is consistent
+        # under torchrun only a stop all ranks agreed on is checkpointed (the others are mid-step or gone)
+        if done_step == step and (world == 1 or stop_agreed):  # stopped between steps: everything is consistent
             save_checkpoint(step)
         writer.close("interrupted", steps_done=done_step, finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         if bar is not None:
@@ -543,11 +679,14 @@ def train(
     if bar is not None:
         bar.close()
     save_checkpoint(step)
-    writer.write_values(finalize_values(trainer.values(), ids_np))
+    values = trainer.values()  # every rank: a method may gather here
+    if main:
+        writer.write_values(finalize_values(values, ids_np))
     writer.close(
         "completed", steps_done=step, duration_s=elapsed_before + time.perf_counter() - t0,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=_clean(last_metrics),
     )
+    dist_.barrier(world_size=world)  # run.json is final before any rank returns
     return read_run(out)
 
 
@@ -567,15 +706,10 @@ def finalize_values(values: dict, ids: np.ndarray) -> pd.DataFrame:
     value = _to_numpy(values["value"])
     std = values.get("value_std")
     weight = values.get("weight")
-    weight = np.ones(n) if weight is None else _to_numpy(weight)
-    total = weight.sum()
-    weight = weight * (n / total) if total > 0 else np.ones(n)
-    order = np.lexsort((np.arange(n), -np.nan_to_num(value, nan=-np.inf)))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
+    weight = np.ones(n) if weight is None else mean_one(_to_numpy(weight))
     frame = pd.DataFrame({
-        "example_id": ids, "value": value,
-        "value_std": np.full(n, np.nan) if std is None else _to_numpy(std), "weight": weight, "rank": rank,
+        "example_id": ids, "value": value, "value_std": np.full(n, np.nan) if std is None else _to_numpy(std),
+        "weight": weight, "rank": rank_by_value(value),
     })
     for k, v in values.items():
         if k not in ("value", "value_std", "weight"):

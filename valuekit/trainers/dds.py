@@ -18,6 +18,12 @@ class-frequency-balancing heuristic, like the paper's TCS+DDS).
 
 values.parquet: value = the trained scorer's logit of each training example (eval mode), weight =
 its softmax over the whole training set times N.
+
+Under torchrun (valuekit.distributed) the batch of Algorithm 1 is the global batch: p is a softmax
+over all ranks' rows (a differentiable all-reduce of the partition function), the dev gradient
+d_theta is averaged over the ranks' slices of one global dev batch, rewards are computed locally
+for each rank's rows, the reward baseline/std use global means, and model and scorer gradients are
+all-reduced, so the replicas stay identical and the run equals a 1-process run with the global batch.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.gradients import DOT_METHODS, per_example_dots
 from valuekit.models import Standardize
 from valuekit.trainers.base import CHECKPOINT, Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 SCORERS = ("mlp", "same")
 REWARD_NORMS = ("none", "baseline", "ema")
@@ -257,7 +266,7 @@ class Trainer:
         freq = torch.bincount(ctx.y, minlength=ctx.num_classes).double()
         q_all = (1.0 / freq.clamp_min(1))[ctx.y].float()
         opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.prior_lr)
-        size = min(ctx.config.batch_size, ctx.n)
+        size = min(ctx.global_batch_size, ctx.n)  # replicated on every rank (same generator, same rows)
         self.scorer.train()
         for _ in range(cfg.prior_steps):
             idx = torch.randperm(ctx.n, generator=ctx.generator)[:size].to(ctx.device)
@@ -275,13 +284,29 @@ class Trainer:
         r = r.double()
         if cfg.reward_norm != "none":
             mom = cfg.reward_momentum if self.r_seen > 0 else 0.0  # first batch sets the averages
-            self.r_mean = mom * self.r_mean + (1 - mom) * r.mean()
-            self.r_var = mom * self.r_var + (1 - mom) * ((r - self.r_mean) ** 2).mean()
+            self.r_mean = mom * self.r_mean + (1 - mom) * self._global_mean(r)
+            self.r_var = mom * self.r_var + (1 - mom) * self._global_mean((r - self.r_mean) ** 2)
             self.r_seen += 1
             r = r - self.r_mean
             if cfg.reward_norm == "ema":
                 r = r / self.r_var.sqrt().clamp_min(1e-12)
         return cfg.reward_scale * r
+
+    def _global_mean(self, v: torch.Tensor) -> torch.Tensor:
+        """Mean over the global batch (all ranks' rows; plain mean for one process)."""
+        if self.ctx.world_size == 1:
+            return v.mean()
+        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
+        self.ctx.all_reduce_([total])
+        return total[0] / total[1]
+
+    def _log_softmax(self, s: torch.Tensor) -> torch.Tensor:
+        """log p over the global batch (line 6); differentiable in every rank's logits."""
+        ctx = self.ctx
+        if ctx.world_size == 1:
+            return torch.log_softmax(s, 0)
+        m = dist_.all_reduce_max(s.detach().max(), world_size=ctx.world_size)
+        return s - m - torch.log(ctx.all_sum(torch.exp(s - m).sum()))
 
     def step(self, batch: Batch) -> StepRecord:
         ctx, cfg = self.ctx, self.cfg
@@ -293,11 +318,11 @@ class Trainer:
         update = cfg.scorer_lr > 0 and self.t % cfg.update_every == 0
         with torch.set_grad_enabled(update):
             s = self.scorer(x, y)
-            log_p = torch.log_softmax(s, 0)  # line 6: p over the batch
+            log_p = self._log_softmax(s)  # line 6: p over the (global) batch
         if self.t <= cfg.scorer_warmup:
             w = torch.ones(B, dtype=log_p.dtype, device=log_p.device)
         else:
-            w = B * log_p.detach().exp()  # B * p_i, so uniform p is plain training
+            w = B * ctx.world_size * log_p.detach().exp()  # (global B) * p_i, so uniform p is plain training
 
         # lines 6-7: model step on sum_i p_i l_i, keeping theta_{t-1} for the reward
         theta_prev = {n: p.detach().clone() for n, p in self.model.named_parameters()} if update else None
@@ -307,15 +332,20 @@ class Trainer:
         losses = per_example_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         (w.to(losses.dtype) * losses).mean().backward()
+        ctx.sync_grads_(self.model.parameters())
         self.opt.step()
 
         reward = scorer_loss = None
         if update:
             # line 9: d_theta = mean dev-batch gradient at theta_t
-            dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size or B)
+            dev_size = cfg.dev_batch_size or B * ctx.world_size
+            dev_x, dev_y = ctx.sample_dev(dev_size)
+            dev_losses = per_example_loss(self.model(dev_x), dev_y)
+            # torchrun: each rank's share of the global dev mean, summed over ranks below
+            dev_obj = dev_losses.mean() if ctx.world_size == 1 else dev_losses.sum() / ctx.dev_total(dev_size)
             # plain autograd on the module: same numbers as gradients.mean_gradient, less torch.func overhead
-            d = dict(zip(self.names, torch.autograd.grad(
-                per_example_loss(self.model(dev_x), dev_y).mean(), list(self.model.parameters()))))
+            d = dict(zip(self.names, torch.autograd.grad(dev_obj, list(self.model.parameters()))))
+            ctx.all_reduce_(d.values())
             # line 11: r_i = grad l_i(theta_{t-1}) . d_theta
             if tape is not None and bool((w > 1e-30).all()):
                 # the step's output gradients are (w_i / B) dl_i/dout_i: undo the weight per row
@@ -325,13 +355,19 @@ class Trainer:
                 reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev)
             # lines 12-13: psi <- psi + lr (1/B) sum_i r_i grad log p_i  (minimise the negative)
             r = self._normalise(reward)
-            loss_psi = -(r.to(log_p.dtype) * log_p).mean()
+            if ctx.world_size == 1:
+                loss_psi = -(r.to(log_p.dtype) * log_p).mean()
+            else:  # this rank's share of the global-batch loss; the shares' gradients are summed below
+                loss_psi = -(r.to(log_p.dtype) * log_p).sum() / (B * ctx.world_size)
             if cfg.entropy_weight > 0:  # minus the entropy sum_i p_i log p_i, scaled
                 loss_psi = loss_psi + cfg.entropy_weight * (log_p.exp() * log_p).sum()
             self.scorer_opt.zero_grad(set_to_none=True)
             loss_psi.backward()
+            ctx.all_reduce_([q.grad for q in self.scorer.parameters()])
             self.scorer_opt.step()
-            scorer_loss = float(loss_psi.detach())
+            loss_psi = loss_psi.detach().reshape(1)
+            ctx.all_reduce_([loss_psi])
+            scorer_loss = float(loss_psi)
         return StepRecord(loss=losses.detach(), weight=w, reward=reward,
                           correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
 

@@ -37,6 +37,17 @@ Cost (reports/hostcp.md, 2-core CPU, digits MLP): a uniform step ~0.9 ms; HOST-C
 on average with ``update_every=4`` (selector step ~3.2 ms, other steps ~1.4 ms).  ``representatives=True``
 solves a cvxpylayers QP with B^2 + B*rep_max_old + B variables every step: ~40 ms per step at B = 16,
 ~140 ms at B = 32, plus ~1-2 s to build the program per batch size; use it on small runs only.
+
+Under torchrun (valuekit.distributed) the mini-batch of the steps above is the global batch: every
+rank's selector scores its own rows, the scores are summed into the global vector with a
+differentiable all-reduce, every rank solves the same convex program over the global batch (k =
+fraction x global batch) and keeps its slice of w; model gradients, the dev gradient of the
+look-ahead and the selector gradients are all-reduced (each rank differentiates its share of the
+global objectives), and the w statistics record the whole global batch. The run equals a
+1-process run with the global batch. ``representatives=True`` is synchronised the same way, but its
+iterative solver (SCS, tolerance 1e-6) turns the 1e-7 summation-order differences into weight
+differences of ~3e-3 after one step and up to ~0.2 after four (digits, batch 32), so it matches a
+1-process run only statistically.
 """
 
 from __future__ import annotations
@@ -49,10 +60,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.gradients import per_example_dots
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 SELECTOR_INPUTS = ("features", "embedding")
 META_GRADS = ("fused", "ghost", "exact", "autograd")
@@ -228,22 +242,45 @@ class Trainer:
             return self.model.features(x)
 
     def _weights(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.selector(u, y)
+        """Relaxed subset weights; under torchrun of the whole global batch (rank 0's rows first)."""
+        s = self._global(self.selector(u, y))
         if self.cfg.representatives:
             feats = u if self.cfg.selector_input == "embedding" else (u - self.ctx.mean) / self.ctx.std
-            return self.layer(s, feats.detach())[0]
+            return self.layer(s, self.ctx.gather(feats.detach()))[0]
         return self.layer(s)
 
-    def meta_gradient(self, x, y, w, dev_x, dev_y, grads: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+    def _global(self, s: torch.Tensor) -> torch.Tensor:
+        """Every rank's scores in global-batch order, differentiable in this rank's (zeros elsewhere, summed)."""
+        ctx = self.ctx
+        if ctx.world_size == 1:
+            return s
+        zero = torch.zeros_like(s).detach()
+        return ctx.all_sum(torch.cat([s if r == ctx.rank else zero for r in range(ctx.world_size)]))
+
+    def _local(self, w_all: torch.Tensor, b: int) -> torch.Tensor:
+        """This rank's slice of a global-batch vector."""
+        return w_all if self.ctx.world_size == 1 else w_all[self.ctx.rank * b: (self.ctx.rank + 1) * b]
+
+    def _dev_loss(self, logits: torch.Tensor, dev_y: torch.Tensor, dev_total: int | None) -> torch.Tensor:
+        """Mean dev loss; under torchrun this rank's share (its rows' sum / the global dev batch size)."""
+        if self.ctx.world_size == 1:
+            return F.cross_entropy(logits, dev_y)
+        return per_example_loss(logits, dev_y).sum() / (dev_total or len(dev_y) * self.ctx.world_size)
+
+    def meta_gradient(self, x, y, w, dev_x, dev_y, grads: dict[str, torch.Tensor], *, k: float | None = None,
+                      dev_total: int | None = None) -> tuple[torch.Tensor, float]:
         """dL_dev(theta'(w))/dw (B,) by the dot-product identity of the module docstring, and L_dev(theta').
 
         ``grads`` = grad L_w(theta) at the current parameters (what the model step computed); with
-        ``meta_grad="fused"`` the tape must hold that step's forward/backward."""
-        eta, k = self.cfg.lookahead_lr, float(w.detach().sum())
+        ``meta_grad="fused"`` the tape must hold that step's forward/backward. Under torchrun ``k`` is the
+        global budget, ``grads`` the all-reduced gradient and the dev gradient is all-reduced here."""
+        eta, k = self.cfg.lookahead_lr, float(w.detach().sum()) if k is None else k
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         ahead = {n: (p - eta * grads[n]).requires_grad_(True) for n, p in params.items()}
-        dev_loss = F.cross_entropy(functional_call(self.model, ahead, (dev_x,)), dev_y)
-        v = torch.autograd.grad(dev_loss, list(ahead.values()))
+        dev_loss = self._dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
+        v = list(torch.autograd.grad(dev_loss, list(ahead.values())))
+        dev_loss = dev_loss.detach().reshape(1)
+        self.ctx.all_reduce_([*v, dev_loss])
         v = dict(zip(ahead, v))
         if self.cfg.meta_grad == "fused":
             scaled = self.tape.dots(v).to(w.dtype)  # (w_i / k) grad l_i . v
@@ -254,28 +291,32 @@ class Trainer:
             dots = per_example_dots(self.model, x, y, v, method=self.cfg.meta_grad, params=params).to(w.dtype)
         return -(eta / k) * dots, float(dev_loss.detach())
 
-    def lookahead_dev_loss(self, x, y, w, dev_x, dev_y) -> torch.Tensor:
-        """L_dev(theta - eta grad_theta sum_i w_i l_i(theta) / k), differentiable in w (second order)."""
-        eta, k = self.cfg.lookahead_lr, float(w.detach().sum())
+    def lookahead_dev_loss(self, x, y, w, dev_x, dev_y, *, k: float | None = None,
+                           dev_total: int | None = None) -> torch.Tensor:
+        """L_dev(theta - eta grad_theta sum_i w_i l_i(theta) / k), differentiable in w (second order).
+        Under torchrun the inner gradient is summed over ranks in the graph and the result is this rank's share."""
+        eta, k = self.cfg.lookahead_lr, float(w.detach().sum()) if k is None else k
         with torch.enable_grad():  # the inner gradient is needed even when evaluating without grad
             params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
             losses = per_example_loss(functional_call(self.model, params, (x,)), y)
             g = torch.autograd.grad((w * losses).sum() / k, list(params.values()), create_graph=w.requires_grad)
+            g = dist_.all_reduce_sum_list(list(g), world_size=self.ctx.world_size)
         ahead = {n: p - eta * gi for (n, p), gi in zip(params.items(), g)}
-        return F.cross_entropy(functional_call(self.model, ahead, (dev_x,)), dev_y)
+        return self._dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
 
     # -------------------------------------------------------- the step
 
     def step(self, batch: Batch) -> StepRecord:
-        cfg = self.cfg
+        cfg, ctx = self.cfg, self.ctx
         x, y = batch.x, batch.y
         self.model.train()
         update = cfg.selector_lr > 0 and self.t % cfg.update_every == 0
         self.t += 1
         u = self._selector_input(x)
         with torch.set_grad_enabled(update):
-            w = self._weights(u, y)
-        k = float(w.detach().sum())
+            w_all = self._weights(u, y)
+        k = float(w_all.detach().sum())  # the (global) budget
+        w = self._local(w_all, len(y))
 
         taping = update and self.tape is not None
         with self.tape if taping else _no_tape():
@@ -283,34 +324,43 @@ class Trainer:
         losses = per_example_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
         ((w.detach() * losses).sum() / k).backward()
+        # torchrun: each rank's loss is its share of sum_i w_i l_i / k over the global batch
+        ctx.all_reduce_([p.grad for p in self.model.parameters() if p.grad is not None])
 
         reward, scorer_loss = None, None
         if update:
-            dev_x, dev_y = self.ctx.sample_dev(cfg.dev_batch_size)
+            dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
+            dev_total = ctx.dev_total(cfg.dev_batch_size)
             self.selector_opt.zero_grad(set_to_none=True)
             if cfg.meta_grad == "autograd":
-                dev_loss = self.lookahead_dev_loss(x, y, w, dev_x, dev_y)
+                dev_loss = self.lookahead_dev_loss(x, y, w, dev_x, dev_y, k=k, dev_total=dev_total)
                 dev_loss.backward(inputs=list(self.selector.parameters()))
-                scorer_loss = float(dev_loss.detach())
+                scorer_loss = dev_loss.detach().reshape(1)
+                ctx.all_reduce_([scorer_loss])
+                scorer_loss = float(scorer_loss)
             else:
                 grads = {n: p.grad for n, p in self.model.named_parameters()}
-                dw, scorer_loss = self.meta_gradient(x, y, w, dev_x, dev_y, grads)
+                dw, scorer_loss = self.meta_gradient(x, y, w, dev_x, dev_y, grads, k=k, dev_total=dev_total)
                 w.backward(dw, inputs=list(self.selector.parameters()))
                 reward = -dw
+            # the ranks' shares of the dev objective sum to it: sum their selector gradients
+            ctx.all_reduce_([q.grad for q in self.selector.parameters() if q.grad is not None])
             self.selector_opt.step()
         self.opt.step()
 
         wd = w.detach()
+        # every rank records the whole global batch, so the replicas (and checkpoints) stay identical
+        w_all, idx_all = w_all.detach(), ctx.gather(batch.idx)
         if cfg.representatives:
-            keep = wd > cfg.threshold
+            keep = w_all > cfg.threshold
             feats = u if cfg.selector_input == "embedding" else (u - self.ctx.mean) / self.ctx.std
-            self.layer.remember(feats[keep], batch.idx[keep])
+            self.layer.remember(ctx.gather(feats)[keep], idx_all[keep])
         sel = wd > cfg.threshold
-        w64 = wd.double()
-        self.w_sum.index_add_(0, batch.idx, w64)
-        self.w_sq.index_add_(0, batch.idx, w64 * w64)
-        self.count.index_add_(0, batch.idx, torch.ones_like(w64))
-        self.sel_count.index_add_(0, batch.idx, sel.double())
+        w64 = w_all.double()
+        self.w_sum.index_add_(0, idx_all, w64)
+        self.w_sq.index_add_(0, idx_all, w64 * w64)
+        self.count.index_add_(0, idx_all, torch.ones_like(w64))
+        self.sel_count.index_add_(0, idx_all, (w_all > cfg.threshold).double())
         return StepRecord(loss=losses.detach(), weight=wd, reward=reward, selected=sel,
                           correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
 

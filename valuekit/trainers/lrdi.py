@@ -29,6 +29,13 @@ The virtual steps use their own momentum-SGD (`virtual_lr`, `virtual_momentum`, 
 buffer each meta step), whatever the loop's optimizer is: the meta-gradient needs a differentiable
 update rule, and the papers use the student's SGD step there. The K virtual steps all use the same
 batch and the weights computed once at θ_0.
+
+Under torchrun (valuekit.distributed) the batch of every equation above is the global batch: the
+virtual-step gradient is summed over ranks inside the autograd graph (an all-reduce whose backward
+is an all-reduce), the dev loss J is the mean over the ranks' slices of one global dev batch, the
+batch-mean normalisation of the weights (and L2RW's Σ_j w̃_j) runs over all ranks' rows, and the
+meta-gradients w.r.t. the teacher and the student's gradients are all-reduced. L2RW's ∂J/∂ε_i stays
+with the rank that holds row i. The result equals a 1-process run with the global batch.
 """
 
 from __future__ import annotations
@@ -41,8 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 VARIANTS = ("lrdi", "mwnet", "l2rw")
 TEACHER_INPUTS = ("features", "loss", "prob", "margin", "progress", "label")
@@ -164,7 +174,7 @@ class Trainer:
                                    generator=ctx.generator).to(ctx.device)
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_lr,
                                                 weight_decay=cfg.teacher_weight_decay, foreach=True)
-        n, b, dev = ctx.n, ctx.config.batch_size, ctx.device
+        n, b, dev = ctx.n, ctx.global_batch_size, ctx.device  # every rank records the whole global batch
         # fixed-size buffers: memory does not grow with steps
         self.window = max(1, math.ceil(cfg.std_epochs * n / b))
         self.ring_idx = torch.full((self.window, b), -1, dtype=torch.long, device=dev)
@@ -181,17 +191,25 @@ class Trainer:
     def weights(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
         """Teacher weights sigmoid(teacher(s)), divided by their batch mean when `normalize`."""
         w = torch.sigmoid(self.teacher(signals))
-        return w / w.mean() if self.cfg.normalize else w
+        if not self.cfg.normalize:
+            return w
+        if self.ctx.world_size == 1:
+            return w / w.mean()
+        return w / (self.ctx.all_sum(w.sum()) / (len(w) * self.ctx.world_size))  # global batch mean
 
     def dev_loss_after_unroll(self, losses0: torch.Tensor, w: torch.Tensor, x, y, dev_x, dev_y,
-                              *, reduce: str = "mean") -> tuple[torch.Tensor, list[torch.Tensor]]:
+                              *, reduce: str = "mean", dev_total: int | None = None
+                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """J(θ_K): dev loss after K virtual momentum-SGD steps on Σ/mean_i w_i ℓ_i, differentiable in w;
         also the first virtual gradient ∇θ L(θ_0) (in the graph).
 
         `losses0` are ℓ_i(θ_0) computed with the module's own parameters (reused, so step 1 needs no
         extra forward); later steps run the student functionally at θ_k.
+
+        Under torchrun the virtual steps use the global batch's gradient, and the returned J is this rank's
+        share (its dev rows' loss sum / `dev_total`, the global dev batch size); `first` stays local.
         """
-        c = self.cfg
+        c, world = self.cfg, self.ctx.world_size
         theta = dict(self.model.named_parameters())
         buf = first = None
         for k in range(c.unroll):
@@ -202,12 +220,19 @@ class Trainer:
             total = (w * losses).sum() if reduce == "sum" else (w * losses).mean()
             grads = torch.autograd.grad(total, list(theta.values()), create_graph=True)
             first = first or grads
+            if world > 1:  # the global batch's gradient, differentiable (sum; the mean of equal slices' means)
+                grads = dist_.all_reduce_sum_list(list(grads), world_size=world)
+                if reduce != "sum":
+                    grads = [g / world for g in grads]
             mu = c.virtual_momentum
             buf = list(grads) if buf is None else [torch.add(g, b, alpha=mu) for b, g in zip(buf, grads)]
             theta = {name: torch.add(t, b, alpha=-c.virtual_lr) for (name, t), b in zip(theta.items(), buf)}
-        return F.cross_entropy(functional_call(self.model, theta, (dev_x,)), dev_y), first
+        dev_logits = functional_call(self.model, theta, (dev_x,))
+        if world == 1:
+            return F.cross_entropy(dev_logits, dev_y), first
+        return per_example_loss(dev_logits, dev_y).sum() / (dev_total or len(dev_y) * world), first
 
-    def meta_gradient(self, x, y, dev_x, dev_y, *, progress: float) -> dict:
+    def meta_gradient(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None = None) -> dict:
         """One forward of the student and the meta-gradient (Fan et al. Alg. 1 lines 4-7; Ren et al. lines 4-9).
 
         Returns `losses` (with graph, for the real step), `signals`, `dev_loss`, and `grads`: the
@@ -220,12 +245,18 @@ class Trainer:
         signals = student_signals(feats, logits, losses, y, progress)
         if self.teacher is None:
             eps = torch.zeros_like(losses, requires_grad=True)
-            dev_loss, first = self.dev_loss_after_unroll(losses, eps, x, y, dev_x, dev_y, reduce="sum")
-            grads = torch.autograd.grad(dev_loss, eps, retain_graph=True)[0]
+            dev_loss, first = self.dev_loss_after_unroll(losses, eps, x, y, dev_x, dev_y, reduce="sum",
+                                                         dev_total=dev_total)
+            grads = torch.autograd.grad(dev_loss, eps, retain_graph=True)[0]  # torchrun: already global J's
         else:
             w = self.weights(signals)
-            dev_loss, first = self.dev_loss_after_unroll(losses, w, x, y, dev_x, dev_y)
-            grads = torch.autograd.grad(dev_loss, list(self.teacher.parameters()), retain_graph=True)
+            dev_loss, first = self.dev_loss_after_unroll(losses, w, x, y, dev_x, dev_y, dev_total=dev_total)
+            grads = list(torch.autograd.grad(dev_loss, list(self.teacher.parameters()), retain_graph=True))
+            self.ctx.all_reduce_(grads)  # torchrun: the ranks' shares of J sum to J
+        if self.ctx.world_size > 1:
+            dev_loss = dev_loss.detach().reshape(1)
+            self.ctx.all_reduce_([dev_loss])
+            dev_loss = dev_loss[0]
         return {"losses": losses, "logits": logits, "signals": signals, "dev_loss": dev_loss.detach(), "grads": grads,
                 "weights": None if self.teacher is None else w.detach(), "student_grads": [g.detach() for g in first]}
 
@@ -245,8 +276,10 @@ class Trainer:
         if self.teacher is not None and (batch.step - 1) % self.cfg.meta_every != 0:
             meta = self._plain(batch.x, batch.y, progress)
         else:
-            dev_x, dev_y = self.ctx.sample_dev(self.cfg.dev_batch_size or len(batch.y))
-            meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress)
+            dev_size = self.cfg.dev_batch_size or len(batch.y) * self.ctx.world_size
+            dev_x, dev_y = self.ctx.sample_dev(dev_size)
+            meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
+                                      dev_total=self.ctx.dev_total(dev_size))
         losses, dev_loss = meta["losses"], meta["dev_loss"]
         reward = None
         if meta["grads"] is None:
@@ -255,8 +288,10 @@ class Trainer:
         elif self.teacher is None:
             reward = -meta["grads"]
             w = reward.clamp_min(0)
-            total = w.sum()
-            w = w * (len(w) / total) if total > 0 else torch.zeros_like(w)
+            total = w.sum().reshape(1)
+            self.ctx.all_reduce_([total])  # torchrun: normalise over the global batch
+            total = total[0]
+            w = w * (len(w) * self.ctx.world_size / total) if total > 0 else torch.zeros_like(w)
         else:
             self.teacher.train()
             self.teacher_opt.zero_grad(set_to_none=True)
@@ -275,18 +310,20 @@ class Trainer:
                 p.grad = g
         else:
             (w * losses).mean().backward()
+        self.ctx.sync_grads_(self.model.parameters())
         self.opt.step()
         correct = meta["logits"].detach().argmax(1) == batch.y
         del meta
 
-        wd = w.double()
-        self.w_sum.index_add_(0, batch.idx, wd)
-        self.w_count.index_add_(0, batch.idx, torch.ones_like(wd))
+        # every rank records the whole global batch, so the replicas (and checkpoints) stay identical
+        idx, wd = self.ctx.gather(batch.idx), self.ctx.gather(w.double())
+        self.w_sum.index_add_(0, idx, wd)
+        self.w_count.index_add_(0, idx, torch.ones_like(wd))
         if reward is not None:
-            self.r_sum.index_add_(0, batch.idx, reward.detach().double())
+            self.r_sum.index_add_(0, idx, self.ctx.gather(reward.detach().double()))
         slot = (batch.step - 1) % self.window
         self.ring_idx[slot].fill_(-1)
-        self.ring_idx[slot, : len(wd)] = batch.idx
+        self.ring_idx[slot, : len(wd)] = idx
         self.ring_w[slot, : len(wd)] = wd
         self.last_step = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),

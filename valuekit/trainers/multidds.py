@@ -28,6 +28,12 @@ set's, for byte-text tables the character n-gram overlap with the target's text,
 
 values(): value = log p(S_i | y_i) of each training row under the final scorer; weight = p(S_i | y_i)
 (the loop normalises weights to mean 1).
+
+Under torchrun (valuekit.distributed) the sampler draws the global batch on every rank (shared
+generator) and each rank trains on its slice; the per-source gradient sums and row counts are
+all-reduced before the moving averages g[S] are updated (so g[S] is the global batch's mean gradient
+of source S and the model step its mean gradient), usage counts are summed over ranks, and the dev
+gradient and REINFORCE steps on psi are computed identically on every rank. Replicas stay identical.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ import torch.nn.functional as F
 
 from valuekit.errors import InputError
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 SAMPLING = ("categorical", "bernoulli")
 INITS = ("uniform", "tcs", "target")
@@ -380,6 +388,8 @@ class Trainer:
             grads = self._source_grads(losses, src, present)
         B = len(losses)
         counts = torch.bincount(src, minlength=self.num_sources)[present].to(losses.dtype)
+        if self.ctx.world_size > 1:
+            present, counts, grads, B = self._global_source_grads(present, counts, grads, B)
         for p, gs in zip(self.params, grads):
             p.grad = gs.sum(0) / B  # the batch-mean gradient, no extra backward
         self.opt.step()
@@ -389,7 +399,7 @@ class Trainer:
             self.g[present] = self.cfg.a1 * self.g[present] + self.cfg.a2 * flat
 
         src_cpu = src.cpu()
-        self.usage += torch.bincount(src_cpu, minlength=self.num_sources)
+        self.usage += self._global_usage(src_cpu)
         before = self.seen // self.cfg.update_every
         self.seen += B
         scorer_loss, log = None, batch.step == 1
@@ -403,16 +413,38 @@ class Trainer:
         return StepRecord(loss=losses.detach(), reward=reward, scorer_loss=scorer_loss, sources=sources,
                           correct=correct)
 
+    def _global_source_grads(self, present, counts, grads, B):
+        """torchrun: the global batch's per-source gradient sums and row counts (all-reduced; sources absent
+        from this rank's slice contribute zeros), as (present, counts, stacked grads, global batch size)."""
+        S = self.num_sources
+        full_counts = torch.zeros(S, dtype=counts.dtype, device=counts.device)
+        full_counts[present] = counts
+        fulls = []
+        for gs in grads:
+            f = torch.zeros((S, *gs.shape[1:]), dtype=gs.dtype, device=gs.device)
+            f[present] = gs
+            fulls.append(f)
+        self.ctx.all_reduce_([full_counts, *fulls])
+        present = (full_counts > 0).nonzero().squeeze(1)
+        return present, full_counts[present], [f[present] for f in fulls], B * self.ctx.world_size
+
+    def _global_usage(self, src_cpu: torch.Tensor) -> torch.Tensor:
+        """Rows per source in the (global) batch."""
+        used = torch.bincount(src_cpu, minlength=self.num_sources)
+        self.ctx.all_reduce_([used])
+        return used
+
     def _fixed_step(self, batch: Batch, losses: torch.Tensor, correct) -> StepRecord:
         """scorer_iters=0: a fixed scorer (init=uniform: uniform over the rows of a parallel table; init=tcs:
         TCS alone), so no per-source gradients are needed: one plain backward, usage still logged."""
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
+        self.ctx.sync_grads_(self.params)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.usage += torch.bincount(batch.source.cpu(), minlength=self.num_sources)
+        self.usage += self._global_usage(batch.source.cpu())
         before = self.seen // self.cfg.update_every
-        self.seen += len(losses)
+        self.seen += len(losses) * self.ctx.world_size
         sources = None
         if batch.step == 1 or self.seen // self.cfg.update_every > before:
             sources = self.source_summary()

@@ -2,6 +2,9 @@
 
 Its value is the "small-loss" signal: minus the example's mean training loss over the steps
 it was seen (examples the model keeps getting wrong, often mislabelled ones, rank last).
+
+Under torchrun the model gradients are averaged over ranks and every rank adds the whole global
+batch's losses to its accumulators (all-gather), so all replicas hold the same state.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+
+DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 
 @dataclass
@@ -32,11 +37,13 @@ class Trainer:
         losses = per_example_loss(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
+        self.ctx.sync_grads_(self.model.parameters())  # torchrun: gradient of the global batch's mean loss
         self.opt.step()
-        seen = losses.detach().double()
-        self.loss_sum.index_add_(0, batch.idx, seen)
-        self.loss_sq.index_add_(0, batch.idx, seen * seen)
-        self.count.index_add_(0, batch.idx, torch.ones_like(seen))
+        # every rank accumulates the whole global batch, so the replicas (and checkpoints) stay identical
+        idx, seen = self.ctx.gather(batch.idx), self.ctx.gather(losses.detach().double())
+        self.loss_sum.index_add_(0, idx, seen)
+        self.loss_sq.index_add_(0, idx, seen * seen)
+        self.count.index_add_(0, idx, torch.ones_like(seen))
         return StepRecord(loss=losses.detach(), correct=logits.argmax(1) == batch.y)
 
     def state_dict(self) -> dict:
