@@ -5,6 +5,8 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from valuekit.cli.main import main
@@ -71,7 +73,19 @@ def _bad_cases(tmp_path, tables):
     run = tmp_path / "made"
     main(["train", good, "--dev", dev, "--out", str(run), *FAST])
     other = _write(tmp_path, "other.parquet", train_df.iloc[:-3])
+    (tmp_path / "corrupt.parquet").write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")
+    foreign = _write(tmp_path, "foreign.parquet", train_df.assign(id=train_df.id + 10_000))
+    img = pa.table({"id": np.arange(12), "label": ["a", "b"] * 6,
+                    "px": pa.FixedSizeListArray.from_arrays(pa.array(np.ones(48, np.float32)), 4)})
+    pq.write_table(img.replace_schema_metadata({b"valuekit.image_shape": b"[1, 2, 2]"}), tmp_path / "img.parquet")
+    pq.write_table(img.replace_schema_metadata({b"valuekit.image_shape": b"[4, 1, 1]"}), tmp_path / "img_dev.parquet")
     return [
+        (base(tmp_path / "corrupt.parquet"), "corrupt.parquet: cannot read train table"),
+        (base(_write(tmp_path, "nulllab.parquet", train_df.assign(label=train_df.label.where(train_df.index != 4)))),
+         "null label at id 4"),
+        (base(_write(tmp_path, "one.parquet", train_df.assign(label="c1"))), "single class 'c1'"),
+        (base(tmp_path / "img.parquet", tmp_path / "img_dev.parquet"), "image shape (4, 1, 1) differs"),
+        (["score", str(foreign), "--run", str(run), "-o", str(tmp_path / "o.parquet")], "not in run"),
         (base(tmp_path / "missing.parquet"), "missing.parquet: no such file"),
         (base(tmp_path / "x.txt"), "unknown table format '.txt'"),
         (base(_write(tmp_path, "nolabel.parquet", train_df.drop(columns="label"))), "missing column 'label'"),

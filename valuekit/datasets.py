@@ -233,7 +233,8 @@ def load_table(
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
     x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
-    shape = image_shape or (like.image_shape if like is not None else None) or meta.get("image_shape")
+    # A dev/test table's own image shape (file metadata or option) must agree with the training table's.
+    shape = image_shape or meta.get("image_shape") or (like.image_shape if like is not None else None)
     if shape is not None:
         shape = tuple(int(s) for s in shape)
         if int(np.prod(shape)) != x.shape[1]:
