@@ -188,14 +188,11 @@ subprocess; peak memory is its `ru_maxrss` (resource.getrusage(RUSAGE_CHILDREN))
 
 Synthesising the run took {synth_s:.1f} s (not part of the report time).
 
-Reading the numbers: this machine is shared ({os.cpu_count()} cores, load average {load:.1f}
-while the report ran, i.e. several other jobs competing for the same cores), so wall time
-is roughly CPU time times the contention. The report itself needs {cpu_s:.1f} s of CPU
-(user + sys over all its threads); {import_cpu:.1f} s of that is the fixed cost of starting
-Python and importing pandas, pyarrow, matplotlib, scikit-learn and torch (measured the same
-way on a process that only imports; the CLI imports torch through `cli/common.py` when it
-builds the parser); on an otherwise idle 2-core machine the wall time would be close
-to that CPU time. The wall time above is what was measured, not an estimate.
+Reading the numbers: wall time on a shared machine is roughly CPU time times the contention
+(load average {load:.1f} on {os.cpu_count()} cores when the report finished). The report itself needs
+{cpu_s:.1f} s of CPU (user + sys over all its threads); {import_cpu:.1f} s of that is the fixed cost of
+starting Python and importing pandas, pyarrow, matplotlib and scikit-learn (measured the same way on a
+process that only imports). The wall time above is what was measured, not an estimate.
 
 What the report does with the log: every step-log aggregate (loss/reward quantiles per
 step bin via pyarrow's t-digest, weight trajectories of a few ids, class mass per class
