@@ -452,3 +452,65 @@ def time_dot_methods(
         for p, g in zip(params, saved):
             p.grad = g
     return result
+
+
+class LayerTape:
+    """Records each Linear/Conv2d layer's input and output gradient during the model's own forward/backward,
+    so that per-example dot products g_i . v come from that pass without a second one.
+
+    A layer's output is linear in its weight, so grad_W l_i . V = <dl_i/dout_i, layer(a_i; weight=V, bias=0)>
+    and grad_b l_i . v_b = sum over positions of dl_i/dout_i . v_b (the "ghost" identity of `per_example_dots`).
+    The backward must be of a *sum* of per-row terms; `dots` then returns d(that sum)/d(row term) times
+    grad l_i . v, i.e. each row's loss weight times its dot product. Use as a context manager around the pass.
+    """
+
+    def __init__(self, model: nn.Module):
+        canon = {id(p): n for n, p in model.named_parameters()}
+        self.names: dict[int, tuple[str, str | None]] = {}
+        for mname, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward):
+                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d")
+            self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
+        self.modules = [m for m in model.modules() if id(m) in self.names]
+        self.records: list[list] = []
+        self.handles: list = []
+
+    def _hook(self, mod, inputs, output):
+        entry = [mod, inputs[0].detach(), None]
+        self.records.append(entry)
+        output.register_hook(lambda grad: entry.__setitem__(2, grad))
+
+    def __enter__(self):
+        self.records = []
+        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+    @torch.no_grad()
+    def dots(self, v: dict[str, Tensor], batch_size: int) -> Tensor:
+        """Sum over recorded layers of <output gradient_i, layer_v(input_i)>, one number per row; frees the tape."""
+        ref = next(iter(v.values()))
+        out = torch.zeros(batch_size, dtype=ref.dtype, device=ref.device)
+        for mod, a, grad in self.records:
+            if grad is None:  # this layer's output did not reach the loss
+                continue
+            wname, bname = self.names[id(mod)]
+            b = grad.shape[0]
+            if isinstance(mod, nn.Linear):
+                r = (grad * F.linear(a, v[wname])).reshape(b, -1).sum(1)
+                if bname is not None:
+                    r = r + grad.reshape(b, -1, grad.shape[-1]).sum(1) @ v[bname]
+            else:
+                r = (grad * mod._conv_forward(a, v[wname], None)).reshape(b, -1).sum(1)
+                if bname is not None:
+                    r = r + grad.sum((2, 3)) @ v[bname]
+            out = out + r
+        self.records = []
+        return out

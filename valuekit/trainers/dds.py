@@ -39,7 +39,7 @@ from torch import nn
 
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
-from valuekit.gradients import DOT_METHODS, per_example_dots
+from valuekit.gradients import DOT_METHODS, LayerTape, per_example_dots
 from valuekit.models import Standardize
 from valuekit.trainers.base import CHECKPOINT, Batch, StepRecord, TrainContext, per_example_loss
 
@@ -159,67 +159,6 @@ def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
 # ---------------------------------------------------------------- fused rewards
 
 
-class _LayerTape:
-    """Records each Linear/Conv2d layer's input and output gradient during one forward/backward of the model.
-
-    A layer's output is linear in its weight, so grad_W l_i . V = <dl_i/dout_i, layer(a_i; weight=V, bias=0)>
-    and grad_b l_i . v_b = sum over positions of dl_i/dout_i . v_b (the "ghost" identity of
-    valuekit.gradients, applied to the model step's own pass at theta_{t-1} instead of a new one).
-    """
-
-    def __init__(self, model: nn.Module):
-        self.names: dict[int, tuple[str | None, str | None]] = {}
-        canon = {id(p): n for n, p in model.named_parameters()}
-        for mname, mod in model.named_modules():
-            own = dict(mod.named_parameters(recurse=False))
-            if not own:
-                continue
-            if not (type(mod).forward in (nn.Linear.forward, nn.Conv2d.forward)):
-                raise InputError(f"--set reward_method=fused: layer {mname!r} ({type(mod).__name__}) is not "
-                                 f"Linear/Conv2d; use reward_method=exact")
-            self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
-        self.modules = [m for m in model.modules() if id(m) in self.names]
-        self.records: list[list] = []
-        self.handles: list = []
-
-    def _hook(self, mod, inputs, output):
-        entry = [mod, inputs[0].detach(), None]
-        self.records.append(entry)
-        output.register_hook(lambda g: entry.__setitem__(2, g))
-
-    def __enter__(self):
-        self.records = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
-
-    @torch.no_grad()
-    def dots(self, v: dict[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """sum over recorded layers of <output gradient_i, layer_v(input_i)>, one number per row."""
-        ref = next(iter(v.values()))
-        out = torch.zeros(batch_size, dtype=ref.dtype, device=ref.device)
-        for mod, a, g in self.records:
-            if g is None:  # output did not reach the loss
-                continue
-            wname, bname = self.names[id(mod)]
-            B = g.shape[0]
-            if isinstance(mod, nn.Linear):
-                r = (g * F.linear(a, v[wname])).reshape(B, -1).sum(1)
-                if bname is not None:
-                    r = r + g.reshape(B, -1, g.shape[-1]).sum(1) @ v[bname]
-            else:
-                r = (g * mod._conv_forward(a, v[wname], None)).reshape(B, -1).sum(1)
-                if bname is not None:
-                    r = r + g.sum((2, 3)) @ v[bname]
-            out = out + r
-        self.records = []
-        return out
-
-
 # ---------------------------------------------------------------- the method
 
 
@@ -236,7 +175,12 @@ class Trainer:
             self._fit_class_balance_prior()
         # Adam regardless of the loop's optimizer: REINFORCE gradients vary in scale by orders of magnitude.
         self.scorer_opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.scorer_lr, foreach=True)
-        self.tape = _LayerTape(self.model) if cfg.reward_method == "fused" else None
+        self.tape = None
+        if cfg.reward_method == "fused":
+            try:
+                self.tape = LayerTape(self.model)
+            except NotImplementedError as exc:
+                raise InputError(f"--set reward_method=fused: {exc}; use reward_method=exact") from None
         self.t = 0  # DDS steps taken (loop steps), for warm-up and update_every
         self.r_mean = torch.zeros((), dtype=torch.float64, device=ctx.device)  # moving baseline
         self.r_var = torch.ones((), dtype=torch.float64, device=ctx.device)

@@ -52,6 +52,8 @@ differences of ~3e-3 after one step and up to ~0.2 after four (digits, batch 32)
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 
@@ -62,7 +64,7 @@ from torch.func import functional_call
 
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
-from valuekit.gradients import per_example_dots
+from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
 
@@ -137,67 +139,6 @@ class Selector(nn.Module):
         return (h * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
 
 
-class _no_tape:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-class _LayerTape:
-    """Records each Linear/Conv2d layer's input and output gradient during one forward/backward."""
-
-    def __init__(self, model: nn.Module):
-        canon = {id(p): n for n, p in model.named_parameters()}
-        self.names: dict[int, tuple[str, str | None]] = {}
-        for mname, mod in model.named_modules():
-            own = dict(mod.named_parameters(recurse=False))
-            if not own:
-                continue
-            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-                raise InputError(f"--set meta_grad=fused: layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d; "
-                                 f"use meta_grad=exact")
-            self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
-        self.modules = [m for m in model.modules() if id(m) in self.names]
-        self.records: list[list] = []
-        self.handles: list = []
-
-    def _hook(self, mod, inputs, output):
-        entry = [mod, inputs[0].detach(), None]
-        self.records.append(entry)
-        output.register_hook(lambda g: entry.__setitem__(2, g))
-
-    def __enter__(self):
-        self.records = []
-        self.handles = [m.register_forward_hook(self._hook) for m in self.modules]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        return False
-
-    @torch.no_grad()
-    def dots(self, v: dict[str, torch.Tensor]) -> torch.Tensor:
-        """sum over layers of <output gradient_i, layer_v(input_i)>: (per-row loss weight) * grad l_i . v."""
-        out = None
-        for mod, a, g in self.records:
-            wname, bname = self.names[id(mod)]
-            B = g.shape[0]
-            if isinstance(mod, nn.Linear):
-                r = (g * F.linear(a, v[wname])).reshape(B, -1).sum(1)
-                if bname is not None:
-                    r = r + g.reshape(B, -1, g.shape[-1]).sum(1) @ v[bname]
-            else:
-                r = (g * mod._conv_forward(a, v[wname], None)).reshape(B, -1).sum(1)
-                if bname is not None:
-                    r = r + g.sum((2, 3)) @ v[bname]
-            out = r if out is None else out + r
-        self.records = []
-        return out
-
-
 class Trainer:
     def __init__(self, ctx: TrainContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
@@ -231,7 +172,12 @@ class Trainer:
         z = lambda: torch.zeros(ctx.n, dtype=torch.float64, device=ctx.device)  # noqa: E731
         self.w_sum, self.w_sq, self.count, self.sel_count = z(), z(), z(), z()
         self.t = 0
-        self.tape = _LayerTape(self.model) if cfg.meta_grad == "fused" else None
+        self.tape = None
+        if cfg.meta_grad == "fused":
+            try:
+                self.tape = LayerTape(self.model)
+            except NotImplementedError as exc:
+                raise InputError(f"--set meta_grad=fused: {exc}; use meta_grad=exact") from None
 
     # -------------------------------------------------------- pieces
 
@@ -283,7 +229,7 @@ class Trainer:
         self.ctx.all_reduce_([*v, dev_loss])
         v = dict(zip(ahead, v))
         if self.cfg.meta_grad == "fused":
-            scaled = self.tape.dots(v).to(w.dtype)  # (w_i / k) grad l_i . v
+            scaled = self.tape.dots(v, w.shape[0]).to(w.dtype)  # (w_i / k) grad l_i . v
             wd = w.detach()
             dots = torch.where(wd > 0, scaled / torch.where(wd > 0, wd, torch.ones_like(wd)) * k,
                                torch.zeros_like(wd))
@@ -319,7 +265,7 @@ class Trainer:
         w = self._local(w_all, len(y))
 
         taping = update and self.tape is not None
-        with self.tape if taping else _no_tape():
+        with self.tape if taping else contextlib.nullcontext():
             logits = self.model(x)
         losses = per_example_loss(logits, y)
         self.opt.zero_grad(set_to_none=True)
