@@ -11,7 +11,6 @@ import pytest
 
 from valuekit.cli.main import main
 
-from conftest import blobs
 
 FAST = ["--steps", "12", "--batch-size", "16", "--device", "cpu", "--set", "eval_every=6"]
 

@@ -10,7 +10,6 @@ counts must match exactly (both runs draw the same global batches from the same 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

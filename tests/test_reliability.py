@@ -1,7 +1,6 @@
 """Killed runs, concurrent writers, foreign schema versions and random malformed tables."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,6 @@ import time
 
 import numpy as np
 import pandas as pd
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
+from valuekit.runlog import write_parquet_atomic
 
 EVAL_COLUMNS = ("is_noisy", "clean_label")
 IMAGE_SHAPE_KEY = b"valuekit.image_shape"
@@ -531,9 +531,7 @@ def prepare(
             meta[IMAGE_SHAPE_KEY] = json.dumps(list(image_shape)).encode()
         table = pa.table(cols).replace_schema_metadata(meta)
         path = out / f"{split}.parquet"
-        tmp = out / f".{split}.parquet.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        write_parquet_atomic(table, path)
         written[split] = str(path)
     return written
 

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import gettext
 import json
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
+from valuekit.runlog import write_parquet_atomic
 
 DEFAULT_TARGET = "ast"
 DEFAULT_SOURCES = ("es", "gl", "pt", "ca", "it", "fr", "ru", "ja", "de", "fi")
@@ -161,9 +160,7 @@ def prepare_multilingual(
         t = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
         t = t.replace_schema_metadata({b"valuekit.dataset": json.dumps({**info, "split": split}).encode()})
         path = out / f"{split}.parquet"
-        tmp = out / f".{split}.parquet.tmp"
-        pq.write_table(t, tmp)
-        os.replace(tmp, path)
+        write_parquet_atomic(t, path)
         written[split] = str(path)
     return written
 
