@@ -26,7 +26,7 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--test", default=None, help="optional test table, evaluated during training")
     g.add_argument("--method", default=None if not dev_required else d.method,
                    help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
-    g.add_argument("--model", default=d.model, help=f"linear, mlp or cnn (default: {d.model})")
+    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, or seq2seq for translation tables (default: {d.model})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
@@ -48,9 +48,26 @@ def table_kwargs(args) -> dict:
             "feature_cols": cols, "image_shape": shape}
 
 
+TEXT_PAIR_COLUMNS = ("src_text", "tgt_text")
+
+
+def _is_text_pairs(path) -> bool:
+    """A translation table (`valuekit data prepare multilingual`): has src_text and tgt_text columns."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names if str(path).endswith((".parquet", ".pq")) else []
+    except Exception:  # unreadable files get load_table's clear error below
+        return False
+    return all(c in names for c in TEXT_PAIR_COLUMNS)
+
+
 def load_tables(args, table_path):
     from valuekit.datasets import load_table
 
+    text = getattr(args, "model", None) == "seq2seq" or _is_text_pairs(table_path)
+    if text:
+        return _load_text_pairs(args, table_path)
     kw = table_kwargs(args)
     train = load_table(table_path, name="train", **kw)
     kw.pop("feature_cols"), kw.pop("image_shape")
@@ -68,3 +85,16 @@ def train_config(args) -> tuple[TrainConfig, dict]:
     method_vals, loop_vals = parse_overrides(args.overrides, module.Config, cfg)
     cfg = dataclasses.replace(cfg, **loop_vals)
     return cfg, method_vals
+
+
+def _load_text_pairs(args, table_path):
+    from valuekit.datasets import load_text_pairs
+
+    if getattr(args, "model", None) != "seq2seq" or getattr(args, "method", None) != "multidds":
+        raise InputError(f"{table_path}: is a translation table (src_text, tgt_text); train it with "
+                         f"--model seq2seq --method multidds")
+    kw = {"id_col": args.id_col, "source_col": args.source_col}
+    train = load_text_pairs(table_path, name="train", **kw)
+    dev = load_text_pairs(args.dev, name="dev", **kw)
+    test = load_text_pairs(args.test, name="test", **kw) if args.test else None
+    return train, dev, test

@@ -89,7 +89,9 @@ def run(args) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     fm = run_.meta.get("final_metrics", {})
-    acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
+    # translation runs keep chrF / 100 in the accuracy columns
+    label = {"dev_acc": "dev_chrf/100", "test_acc": "test_chrf/100"} if cfg.model == "seq2seq" else {}
+    acc = ", ".join(f"{label.get(k, k)}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
     world = run_.meta.get("world_size", 1)
     print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {acc}"
           + (f", {world} processes" if world > 1 else "") + ")")

@@ -173,3 +173,22 @@ def test_translation_trains_in_the_loop_with_null_labels(tmp_path):
     first = s[s.step == 1].set_index("source")["prob"]
     assert first["es"] > first["ja"]  # TCS: Spanish shares far more character 3-grams with Asturian than Japanese
     assert np.isclose(run.values()["weight"].mean(), 1.0)
+
+
+def test_translation_table_trains_from_the_cli(tmp_path, capsys):
+    from valuekit.cli.main import main
+    from valuekit.runlog import read_run
+
+    data = Path(__file__).resolve().parents[1] / "data" / "multilingual"
+    args = ["train", str(data / "train.parquet"), "--dev", str(data / "dev.parquet"), "--steps", "4",
+            "--batch-size", "8", "--device", "cpu", "--set", "eval_every=2"]
+    assert main(args + ["--out", str(tmp_path / "wrong")]) == 2  # a text table needs seq2seq + multidds
+    assert "--model seq2seq --method multidds" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+    assert main(args + ["--model", "seq2seq", "--method", "uniform", "--out", str(tmp_path / "u")]) == 2
+    assert main(args + ["--model", "seq2seq", "--method", "multidds", "--out", str(tmp_path / "run")]) == 0
+    assert "dev_chrf/100=" in capsys.readouterr().out
+    run = read_run(tmp_path / "run")
+    steps = run.steps().to_pandas()
+    assert len(steps) == 4 * 8 and steps.label.isna().all() and steps.source.notna().all()
+    assert set(run.sources().source) <= set(pd.read_parquet(data / "train.parquet").source)
+    assert len(run.values()) == len(pd.read_parquet(data / "train.parquet"))

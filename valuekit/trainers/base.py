@@ -412,6 +412,8 @@ def train(
             raise InputError(f"local rank {info.local_rank}: this node has {torch.cuda.device_count()} GPU(s); start "
                              f"at most that many processes per node (or use --device cpu)")
         device = torch.device("cuda", info.local_rank)
+    if config.model == "seq2seq" and config.method != "multidds":
+        raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     out = Path(out)
