@@ -515,3 +515,23 @@ def test_cli_scores_a_trained_run(tables, tmp_path, capsys):
     assert pq.read_table(out2).num_rows == 10 and (tmp_path / "one.parquet.run" / "values.parquet").exists()
     assert main(["score", str(tables["dev"]), "--run", str(run.path), "-o", str(tmp_path / "x.parquet")]) == 2
     assert "are not in run" in capsys.readouterr().err
+
+
+def test_temporaries_of_killed_exports_are_removed(tmp_path):
+    """A SIGKILLed export leaves .NAME.PID.tmp; the next export to that path removes it (live ones are kept)."""
+    import os
+    import subprocess
+    import sys
+
+    from valuekit.export import _remove_stale_temporaries
+
+    out = tmp_path / "scored.parquet"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".scored.parquet.{dead.pid}.tmp"
+    live = tmp_path / f".scored.parquet.{os.getpid()}.tmp"
+    other = tmp_path / ".other.parquet.1.tmp"
+    for p in (stale, live, other):
+        p.write_bytes(b"partial")
+    _remove_stale_temporaries(out)
+    assert not stale.exists() and live.exists() and other.exists()

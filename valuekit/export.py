@@ -404,6 +404,16 @@ def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, 
     raise InputError(f"{source.where}: column types kept changing while streaming; convert it to Parquet first")
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete `.NAME.PID.tmp` files left next to `out` by exports that were killed (their process is gone)."""
+    from valuekit.runlog import _pid_alive
+
+    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
+        pid = tmp.name[len(out.name) + 2: -len(".tmp")]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
 class _FileSink:
     """Writes batches to a hidden temporary file next to `out`; `finish` renames it over `out`.
 
@@ -414,6 +424,7 @@ class _FileSink:
 
     def __init__(self, out: Path, schema: pa.Schema):
         self.out = out
+        _remove_stale_temporaries(out)
         self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         self.rows = 0
         self.csv = out.suffix.lower() == ".csv"
