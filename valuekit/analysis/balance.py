@@ -178,7 +178,9 @@ def plot_class_balance(frame: pd.DataFrame, *, ax=None):
     if kl_s is not None and kl_e is not None and np.isfinite(kl_s) and np.isfinite(kl_e):
         title += f"\nKL(dev||scorer)={kl_s:.3f}  KL(dev||train)={kl_e:.3f}"
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    top = np.nanmax([frame[c].max() for c, _ in cols]) if cols else 1.0
+    ax.set_ylim(0, 1.3 * top)  # headroom so the one-row legend never covers the bars
+    ax.legend(fontsize=7, ncol=len(cols) or 1, loc="upper center", frameon=False)
     return ax
 
 
