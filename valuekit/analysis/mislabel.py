@@ -4,7 +4,7 @@ Inputs are run directories (their `values.parquet`) and the training table (clas
 features, and `is_noisy` when the data was corrupted on purpose). `is_noisy` is used only
 to *evaluate* the audit (summary metrics); it never decides a flag.
 
-label_score (in [0, 1], lower = more likely mislabelled) combines the runs by rank::
+label_score (in [0, 1], lower = more likely mislabelled) combines the runs' values, each rescaled::
 
     u_r(i) = clip((v_r(i) - q01_r) / (q99_r - q01_r), 0, 1)
     label_score(i) = mean over runs r of u_r(i)

@@ -299,7 +299,8 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     from valuekit.report import figures
 
     sec = _Section("audit", 7, "Mislabel audit",
-                   "label_score combines the runs' values by rank (lower = more likely mislabelled); flags come from "
+                   "label_score averages the runs' values, each rescaled between its 1st and 99th percentile (lower = more "
+                   "likely mislabelled); flags come from "
                    "a two-means split of label_score, never from is_noisy, which only scores the audit.")
     finished = [r for r in runs if (r.path / "values.parquet").exists()]
     if not finished:
