@@ -60,7 +60,8 @@ class StepRecord:
     selected: torch.Tensor | None = None
     correct: torch.Tensor | None = None
     scorer_loss: float | None = None
-    sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+    # source -> (prob, count) or (prob, count, reward, reward_se), logged to sources/
+    sources: dict[str, tuple] | None = None
 
 
 @runtime_checkable
@@ -636,8 +637,8 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
             if main:
                 writer.metrics.add(**metrics)
                 if rec.sources:
-                    for s, (p, c) in rec.sources.items():
-                        writer.sources.add(step=step, source=s, prob=p, count=c)
+                    for s, vals in rec.sources.items():
+                        writer.sources.add(step=step, source=s, **dict(zip(("prob", "count", "reward", "reward_se"), vals)))
             if bad_anywhere:
                 what = "loss" if not bad or not np.isfinite(loss_np).all() else "weights"
                 writer.close("failed", steps_done=step, error=f"non-finite {what} at step {step}",
@@ -683,6 +684,8 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     values = trainer.values()  # every rank: a method may gather here
     if main:
         writer.write_values(finalize_values(values, ids_np))
+        if hasattr(trainer, "source_table"):  # multi-source methods: one row per source
+            writer.write_source_table(trainer.source_table())
     writer.close(
         "completed", steps_done=step, duration_s=elapsed_before + time.perf_counter() - t0,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=_clean(last_metrics),
