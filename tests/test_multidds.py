@@ -136,7 +136,7 @@ def test_scorer_update_equals_hand_computation(conditional):
     _, train_ds, dev_ds = make_tables(n=40)
     ctx = _context(train_ds, dev_ds)
     t = multidds.Trainer(ctx, multidds.Config(scorer_optimizer="sgd", scorer_lr=0.7, scorer_batch=5, a1=0.25,
-                                               dev_batch_size=10_000, conditional=conditional))
+                                               dev_batch_size=10_000, conditional=conditional, reward_from="train"))
     d = torch.randn(t.acc.gsum.shape[1], generator=torch.Generator().manual_seed(2))
     gs = torch.randn(3, len(d), generator=torch.Generator().manual_seed(1))
     t.acc.add(torch.arange(3), gs, torch.tensor([2.0, 1.0, 4.0]), d)
@@ -168,11 +168,35 @@ def test_scorer_update_equals_hand_computation(conditional):
     assert t.acc.stats.abs().sum() == 0  # the interval's sums start again
 
 
+def test_probe_rewards_equal_hand_computation():
+    _, train_ds, dev_ds = make_tables(n=40)
+    ctx = _context(train_ds, dev_ds)
+    t = multidds.Trainer(ctx, multidds.Config(probe_batches=3, probe_size=5, dev_batch_size=10_000))
+    gen = torch.Generator()
+    gen.set_state(ctx.generator.get_state())
+    t.update_scorer()
+    # by hand: dev gradient, then 3 batches of 5 rows per source drawn in source order, q = <grad sum / 5, d>
+    model, params = t.model, list(t.model.parameters())
+    d = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(ctx.dev_x), ctx.dev_y), params)])
+    src = ctx.source
+    for s in range(3):
+        rows_s = torch.nonzero(src == s).squeeze(1)  # the sampler's order: stable sort by source
+        q = []
+        for _ in range(3):
+            u = torch.rand(5, generator=gen, dtype=torch.float64)
+            rows = rows_s[(u * len(rows_s)).long()]
+            loss = torch.nn.functional.cross_entropy(model(ctx.x[rows]), ctx.y[rows], reduction="sum")
+            q.append(float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]) @ d) / 5)
+        np.testing.assert_allclose(t.rewards[s].item(), np.mean(q), rtol=1e-4)
+        np.testing.assert_allclose(t.reward_se[s].item(), np.std(q, ddof=1) / np.sqrt(3), rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["batched", "loop", "split"])
 def test_source_gradient_sums_match_per_source_reference(method):
     _, train_ds, dev_ds = make_tables(n=40)
     ctx = _context(train_ds, dev_ds)
-    t = multidds.Trainer(ctx, multidds.Config(grad_method=method, update_every=10_000))
+    t = multidds.Trainer(ctx, multidds.Config(grad_method=method, update_every=10_000, reward_from="train"))
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     idx = t.sampler.next(24)
     src = ctx.source[idx]

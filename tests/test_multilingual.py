@@ -90,6 +90,32 @@ def test_prepare_splits_hold_out_target_groups(tmp_path):
     assert {"ast", "es", "gl"} == set(tr.source)
 
 
+def test_prepare_with_related_and_unrelated_groups(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from valuekit.cli.main import main
+
+    assert main(["data", "prepare", "multilingual", "--target", "br", "--related", "cy,ga", "--unrelated", "ja",
+                 "--dev-size", "20", "--test-size", "20", "-o", str(tmp_path / "br")]) == 0
+    tr = pd.read_parquet(tmp_path / "br" / "train.parquet")
+    assert set(tr.source) == {"br", "cy", "ga", "ja"}
+    meta = json.loads(pq.read_schema(tmp_path / "br" / "train.parquet").metadata[b"valuekit.dataset"])
+    assert meta["related"] == ["cy", "ga"] and meta["unrelated"] == ["ja"] and meta["target"] == "br"
+    assert meta["django"]
+    for bad, msg in ((["--related", "cy", "--unrelated", "cy"], "both"), (["--related", "br"], "also listed"),
+                     (["--related", "cy", "--sources", "ga"], "--sources")):
+        assert main(["data", "prepare", "multilingual", "--target", "br", *bad, "-o", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["data", "languages"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    br = [line for line in out if line.startswith("br ")]
+    assert len(br) == 1 and "known relatives: cy,ga,gd" in br[0]
+    sizes = [int(line.split()[1]) for line in out]
+    assert sizes == sorted(sizes, reverse=True) and len(out) > 50
+
+
 def test_cli_and_committed_copy(tmp_path):
     from valuekit.cli.main import main
 

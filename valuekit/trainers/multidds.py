@@ -84,6 +84,10 @@ class Config:
     target_source: str = ""  # the dev set's source; "" = the single source of the dev table, if any
     conditional: bool = False  # True: psi is a (targets x sources) table; False: one logit vector for all targets
     target_sampling: str = "uniform"  # uniform: y ~ U(targets), S ~ p(S | y) (paper) | source: S ~ p(S) (official)
+    reward_from: str = "probe"  # probe: fresh batches per source at each update (official multiDDS) | train
+    # (the training batches' per-source gradients between updates, Algorithm 2 lines 6-8)
+    probe_batches: int = 2  # reward_from=probe: batches per source per update (>= 2 gives a standard error)
+    probe_size: int = 16  # reward_from=probe: rows per probe batch
     reward: str = "dot"  # dot | cosine between the source's gradient average and the dev gradient
     reward_params: str = "all"  # all | encoder (source-side parameters of a translation model)
     a1: float = 0.05  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
@@ -102,6 +106,9 @@ class Config:
             ("init", self.init in INITS, f"use {', '.join(INITS)}"),
             ("reward", self.reward in ("cosine", "dot"), "use cosine or dot"),
             ("reward_params", self.reward_params in ("all", "encoder"), "use all or encoder"),
+            ("reward_from", self.reward_from in ("probe", "train"), "use probe or train"),
+            ("probe_batches", self.probe_batches >= 1, "must be >= 1"),
+            ("probe_size", self.probe_size >= 1, "must be >= 1"),
             ("target_sampling", self.target_sampling in ("uniform", "source"), "use uniform or source"),
             ("target_sampling", self.target_sampling == "uniform" or (not self.conditional and self.sampling
              == "categorical"), "source sampling needs conditional=false and sampling=categorical"),
@@ -485,14 +492,15 @@ class Trainer:
         self.model.train()
         src = batch.source
         present = torch.unique(src)
-        if self.cfg.scorer_iters > 0 and self.d is None:
+        from_train = self.cfg.scorer_iters > 0 and self.cfg.reward_from == "train"
+        if from_train and self.d is None:
             self.d = self.dev_gradient()  # the first interval's reward direction: the dev gradient at theta_0
-        if self.cfg.scorer_iters > 0 and self.grad_method == "split":
+        if from_train and self.grad_method == "split":
             losses, correct, grads = self._split_grads(batch, present)
         else:
             losses, correct = self._forward(batch.x, batch.y)
-            if self.cfg.scorer_iters == 0:
-                return self._fixed_step(batch, losses, correct)
+            if not from_train:
+                return self._plain_step(batch, losses, correct)
             grads = self._source_grads(losses, src, present)
         B = len(losses)
         counts = torch.bincount(src, minlength=self.num_sources)[present].to(losses.dtype)
@@ -544,9 +552,9 @@ class Trainer:
         self.ctx.all_reduce_([used])
         return used
 
-    def _fixed_step(self, batch: Batch, losses: torch.Tensor, correct) -> StepRecord:
-        """scorer_iters=0: a fixed scorer (init=uniform: uniform over the rows of a parallel table; init=tcs:
-        TCS alone), so no per-source gradients are needed: one plain backward, usage still logged."""
+    def _plain_step(self, batch: Batch, losses: torch.Tensor, correct) -> StepRecord:
+        """One plain backward on the batch: the model step when the rewards come from probe batches, or a
+        fixed scorer (scorer_iters=0; init=uniform: uniform targets and sources; init=tcs: TCS alone)."""
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.ctx.sync_grads_(self.params)
@@ -557,19 +565,48 @@ class Trainer:
         self.drawn += used
         before = self.seen // self.cfg.update_every
         self.seen += len(losses) * self.ctx.world_size
-        sources = None
+        sources, scorer_loss = None, None
+        if self.seen // self.cfg.update_every > before and self.cfg.scorer_iters > 0:
+            scorer_loss = self.update_scorer()
         if batch.step == 1 or self.seen // self.cfg.update_every > before:
-            sources = self.source_summary()
+            sources = self.source_summary(with_reward=scorer_loss is not None)
             self.usage.zero_()
-        return StepRecord(loss=losses.detach(), sources=sources, correct=correct)
+        reward = None if self.cfg.scorer_iters == 0 else self.rewards[batch.source.cpu()].float().to(losses.device)
+        return StepRecord(loss=losses.detach(), reward=reward, scorer_loss=scorer_loss, sources=sources,
+                          correct=correct)
+
+    def probe(self) -> None:
+        """reward_from=probe: the dev gradient at the current model, then `probe_batches` batches of
+        `probe_size` rows drawn uniformly from each source's rows, each batch's gradient sum fed to the reward
+        accumulator (the official multiDDS code takes one such batch per language at each update)."""
+        self.d = self.dev_gradient()
+        g, cfg = self.ctx.generator, self.cfg
+        was = self.model.training
+        self.model.train()
+        for s in range(self.num_sources):
+            n = int(self.src_count[s])
+            if n == 0:
+                continue
+            for _ in range(cfg.probe_batches):
+                u = torch.rand(min(cfg.probe_size, n), generator=g, dtype=torch.float64)
+                rows = self.src_order[self.src_start[s] + (u * n).long().clamp_max(n - 1)].to(self.ctx.device)
+                losses, _ = self._forward(self.ctx.x[rows], self.ctx.y[rows])
+                grads = torch.autograd.grad(losses.sum(), self.params, materialize_grads=True)
+                gsum = torch.cat([x.reshape(-1) for x in grads]).unsqueeze(0)
+                self.acc.add(torch.tensor([s], device=self.ctx.device), gsum,
+                             torch.tensor([float(len(rows))], device=self.ctx.device), self.d)
+        self.model.train(was)
 
     def interval_rewards(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This interval's per-source reward and standard error (NaN for sources not drawn in it)."""
         return self.acc.finish(self.cfg.reward)
 
     def update_scorer(self) -> float:
-        """Algorithm 2 lines 10-12: the interval's rewards (blended with the previous ones by a1), then E
-        REINFORCE steps on psi, then the dev gradient for the next interval."""
+        """Algorithm 2 lines 10-12: the rewards (probe batches at the current model, or the training interval's;
+        blended with the previous ones by a1), then E REINFORCE steps on psi, then (reward_from=train) the dev
+        gradient for the next interval."""
+        if self.cfg.reward_from == "probe":
+            self.probe()
         r, se = self.interval_rewards()
         self.acc.reset()
         seen = ~torch.isnan(r)
@@ -598,7 +635,8 @@ class Trainer:
             loss.backward()
             self.scorer_opt.step()
             last = loss.item()
-        self.d = self.dev_gradient()
+        if self.cfg.reward_from == "train":
+            self.d = self.dev_gradient()
         return last
 
     @torch.no_grad()
