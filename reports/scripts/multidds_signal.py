@@ -24,6 +24,36 @@ from valuekit.trainers.base import TrainConfig, train
 
 WINDOWS = (2, 4, 8, 16)
 A1S = (0.05, 0.5, 0.8)
+PROBE_BATCHES = (2, 4)
+
+
+class ProbeProbe:
+    """--mode probe: extra accumulators fed by the probe batches of each scorer update (reward_from=probe,
+    probe_batches=4): for 2 and 4 batches per source x all / encoder parameters."""
+
+    def __init__(self, S, P, enc_cols, add):
+        self._add = add
+        self.accs = {(nb, cols): multidds.RewardAccumulator(S, P, torch.device("cpu"), c)
+                     for nb in PROBE_BATCHES for cols, c in (("all", None), ("encoder", enc_cols))}
+        self.seen = np.zeros(S, dtype=int)
+        self.S = S
+        self.update = 0
+        self.out = []
+
+    def add(self, present, gsums, counts, d):
+        s = int(present[0])
+        for (nb, cols), acc in self.accs.items():
+            if self.seen[s] < nb:
+                self._add(acc, present, gsums, counts, d)
+        self.seen[s] += 1
+        if (self.seen == max(PROBE_BATCHES)).all():  # every source probed: the update is complete
+            self.update += 1
+            for (nb, cols), acc in self.accs.items():
+                for kind in ("dot", "cosine"):
+                    r, se = acc.finish(kind)
+                    self.out.append((nb, cols, kind, self.update, r.numpy().copy(), se.numpy().copy()))
+                acc.reset()
+            self.seen[:] = 0
 
 
 class Probe:
@@ -104,6 +134,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--runs", default="/tmp/mdds/signal-runs")
+    ap.add_argument("--mode", default="train", choices=["train", "probe"])
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = []
@@ -122,7 +153,9 @@ def main():
                 cols.append(torch.arange(start, start + p.numel()))
             start += p.numel()
         orig = multidds.RewardAccumulator.add
-        probe = Probe(len(tr.sources), start, torch.cat(cols), orig)
+        probe = (Probe if args.mode == "train" else ProbeProbe)(len(tr.sources), start, torch.cat(cols), orig)
+        mc = ({"scorer_lr": 0.0, "update_every": 64, "reward_from": "train"} if args.mode == "train" else
+              {"scorer_lr": 0.0, "update_every": 256, "probe_batches": max(PROBE_BATCHES), "probe_size": 16})
 
         def add(self, present, gsums, counts, d, _orig=orig):
             _orig(self, present, gsums, counts, d)
@@ -131,16 +164,16 @@ def main():
         multidds.RewardAccumulator.add = add
         t0 = time.process_time()
         try:
-            run = train(tr, dev, out=Path(args.runs) / f"{target}-s{args.seed}",
+            run = train(tr, dev, out=Path(args.runs) / f"{target}-{args.mode}-s{args.seed}",
                         config=TrainConfig(method="multidds", model="seq2seq", steps=args.steps, batch_size=32,
                                            lr=3e-3, seed=args.seed, eval_every=10_000, progress=False,
                                            device="cpu", log_steps=False),
-                        method_config={"scorer_lr": 0.0, "update_every": 64})
+                        method_config=mc)
         finally:
             multidds.RewardAccumulator.add = orig
         cpu = time.process_time() - t0
         print(target, "cpu_s", round(cpu, 1), run.meta.get("final_metrics"), flush=True)
-        for k in WINDOWS:
+        for k in (WINDOWS if args.mode == "train" else PROBE_BATCHES):
             for cols in ("all", "encoder"):
                 for kind in ("dot", "cosine"):
                     rows = [(r, se) for kk, c, kd, _, r, se in probe.out if kk == k and c == cols and kd == kind]
@@ -148,7 +181,8 @@ def main():
                     for a1 in A1S:
                         br, bs = blend(rs, ses, a1)
                         summ = summarise(br, bs, tr.sources, target, meta["related"], meta["unrelated"])
-                        results.append({"target": target, "K_steps": k, "params": cols, "reward": kind, "a1": a1,
+                        results.append({"target": target, "mode": args.mode,
+                                        ("K_steps" if args.mode == "train" else "probe_batches"): k, "params": cols, "reward": kind, "a1": a1,
                                         "cpu_s": round(cpu, 1), **summ})
         Path(args.out).write_text(json.dumps(results, indent=1))
     df = pd.DataFrame(results).drop(columns=["mean_reward"])

@@ -87,7 +87,7 @@ class Config:
     reward_from: str = "probe"  # probe: fresh batches per source at each update (official multiDDS) | train
     # (the training batches' per-source gradients between updates, Algorithm 2 lines 6-8)
     probe_batches: int = 2  # reward_from=probe: batches per source per update (>= 2 gives a standard error)
-    probe_size: int = 16  # reward_from=probe: rows per probe batch
+    probe_size: int = 32  # reward_from=probe: rows per probe batch
     reward: str = "dot"  # dot | cosine between the source's gradient average and the dev gradient
     reward_params: str = "all"  # all | encoder (source-side parameters of a translation model)
     a1: float = 0.05  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
