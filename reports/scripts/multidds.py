@@ -179,7 +179,7 @@ def overhead(runs: Path) -> pd.DataFrame:
     trainers = {"plain step (fixed scorer)": multidds.Trainer(ctx, multidds.Config(scorer_iters=0, conditional=False))}
     for gm in ("batched", "loop", "split"):
         trainers[f"multidds {gm}"] = multidds.Trainer(
-            ctx, multidds.Config(grad_method=gm, conditional=False, update_every=10**9))
+            ctx, multidds.Config(grad_method=gm, conditional=False, update_every=10**9, reward_from="train"))
     rows += _round_robin("seq2seq h128, multilingual, B=32", ctx, trainers, 32, 15)
     return pd.DataFrame(rows)
 
