@@ -21,9 +21,14 @@ def ms(values, digits=3):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", required=True)
+    ap.add_argument("--figures", default=None, help="folder for multidds_usage_<target>.png (seed 0 dds runs)")
     args = ap.parse_args()
     rows = [json.loads(line) for line in open(args.targets)]
     df = pd.DataFrame(rows)
+    dds = df[df.variant == "dds"]
+    if args.figures:
+        figures(dds, args.figures)
+    snr({(r.target, r.seed): (r.run, r.related, r.unrelated) for r in dds.itertuples()})
     for target, g in df.groupby("target", sort=False):
         rel, unrel = g.iloc[0]["related"], g.iloc[0]["unrelated"]
         print(f"\n### Target `{target}` (related: {', '.join(rel)}; unrelated: {', '.join(unrel)})\n")
@@ -59,6 +64,54 @@ def main():
                     f"{r.drawn_share[target]:.3f}"
                 print(f"| {r.seed} | {mr:.3f} | {mu:.3f} | {'yes' if mr > mu else 'NO'} | {r.prob[target]:.3f} | "
                       f"{'yes' if r.prob[target] >= r.uniform_prob[target] else 'NO'} | {ushare} |")
+
+
+def figures(dds, folder):
+    """Usage curves of each target's first dds run: p(S) over steps (top), reward +- 1 s.e. (bottom)."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from valuekit.analysis.usage import plot_source_probs, plot_source_rewards, source_rewards, source_usage
+
+    for target, g in dds.groupby("target", sort=False):
+        r = g.sort_values("seed").iloc[0]
+        fig, (a, b) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+        plot_source_probs(source_usage(r.run), ax=a, highlight=[target],
+                          title=f"{target}, seed {r.seed}: related {','.join(r.related)}; unrelated {','.join(r.unrelated)}")
+        plot_source_rewards(source_rewards(r.run, max_points=20), ax=b)
+        a.set_xlabel("")
+        fig.tight_layout()
+        out = Path(folder) / f"multidds_usage_{target}.png"
+        fig.savefig(out, dpi=90)
+        plt.close(fig)
+        print(f"wrote {out}")
+
+
+def snr(runs_by_target):
+    """Per DDS run, from its sources/ log: per scorer update, z of the related-minus-unrelated mean reward and of
+    the target against the others (as multidds_signal.summarise), medians over the updates after the first 25 %."""
+    from valuekit.analysis.usage import source_rewards
+
+    print("\n| target | seed | updates | median z related - unrelated | share of updates with every related > "
+          "every unrelated | median z target - others | median abs(r) / se |")
+    print("|---|---|---|---|---|---|---|")
+    for (target, seed), (path, rel, unrel) in runs_by_target.items():
+        r = source_rewards(path)
+        wide = r.pivot(index="step", columns="source", values="reward")
+        se = r.pivot(index="step", columns="source", values="reward_se")
+        wide, se = wide.iloc[len(wide) // 4:], se.iloc[len(se) // 4:]
+        others = [c for c in wide.columns if c != target]
+        diff = wide[rel].mean(axis=1) - wide[unrel].mean(axis=1)
+        var = (se[rel] ** 2).sum(axis=1) / len(rel) ** 2 + (se[unrel] ** 2).sum(axis=1) / len(unrel) ** 2
+        zt = (wide[target] - wide[others].mean(axis=1)) / np.sqrt(se[target] ** 2 + (se[others] ** 2).sum(axis=1) / len(others) ** 2)
+        order = (wide[rel].min(axis=1) > wide[unrel].max(axis=1)).mean()
+        ratio = (wide.abs() / se).stack().median()
+        print(f"| {target} | {seed} | {len(wide)} | {np.median(diff / np.sqrt(var)):.2f} | {order:.2f} | "
+              f"{np.median(zt):.2f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

@@ -11,22 +11,23 @@ Algorithm 2, as implemented here:
   uniform distribution over the target sentence"), then a source S ~ p(S | y) among the sources having a
   row for y, then a row of (y, S) uniformly. `target_sampling="source"` is the official multiDDS code's
   language-level sampling instead: S ~ p(S), then a row of S uniformly;
-* lines 6-8: one model step on the batch mean loss; the per-source gradient sums of the batch come from
-  ONE batched backward of the per-source loss sums (`torch.autograd.grad(is_grads_batched=True)`, a vmap over
-  one-hot cotangents), or one backward per source present (`grad_method="loop"`: through the shared batch
-  graph; `"split"`: a forward and backward of each source's own rows); never a per-example loop. The
-  training gradient is their sum / batch size, so no extra backward is needed;
-* the reward samples: at every step, each present source's mean row gradient G_t(S) is dotted with the dev
-  gradient d (the target domain: dev rows of the target source when the dev table has sources) computed at
-  the last scorer update, q_t(S) = <G_t(S), d>. Over the `update_every` training examples between two scorer
-  updates, the reward of S is the row-weighted mean of its q_t (= <mean row gradient of S, d>: the gradient
-  average g[S] of lines 6-8 taken over the interval), with a standard error from the spread of the q_t
-  (`reward="cosine"` divides both by |mean gradient of S| |d|). `a1` blends each update's estimate with the
-  previous one (r <- a1 r_old + (1 - a1) r_new; the official code keeps a0=0.05 of the old gradient).
-  `reward_params="encoder"` takes the dot product over the source-side parameters only (embedding and
-  encoder of a translation model: the part of the gradient that differs between source languages). The
-  dev gradient lags the training gradients by at most `update_every` examples (the paper's Markov
-  approximation already mixes theta_{t-1} and theta_t); reports/multidds.md measures these choices;
+* lines 6-8: one model step on the batch mean loss (one plain backward);
+* the reward samples (`reward_from="probe"`, default, as the official multiDDS code): at each scorer update,
+  every `update_every` training examples, the dev gradient d at the current model (the target domain: dev rows
+  of the target source when the dev table has sources) and, for every source, `probe_batches` fresh batches of
+  `probe_size` rows drawn uniformly from its rows; each batch's mean row gradient G gives a sample
+  q = <G, d>. The reward of S is the mean of its samples with their standard error (`reward="cosine"` divides
+  both by |mean gradient of S| |d|), so the rare target source gets as many rows as any other;
+* `reward_from="train"` (Algorithm 2 lines 6-8 as written): the per-source gradient sums of every training
+  batch (ONE batched backward of the per-source loss sums, `torch.autograd.grad(is_grads_batched=True)`, or one
+  backward per source present, `grad_method="loop"`, or a forward and backward of each source's own rows,
+  `"split"`; never a per-example loop; the training gradient is their sum / batch size) are dotted with the
+  dev gradient of the previous update, q_t(S) = <G_t(S), d>, and the reward over the interval is the
+  row-weighted mean of the q_t (= <mean row gradient of S, d>, the gradient average g[S]) with its standard
+  error. The dev gradient lags the training gradients by at most `update_every` examples;
+* `a1` blends each update's estimate with the previous one (r <- a1 r_old + (1 - a1) r_new; the official code
+  keeps a0 = 0.05 of the old gradient). `reward_params="encoder"` takes the dot product over the source-side
+  parameters only (embedding and encoder of a translation model). reports/multidds.md measures these choices;
 * lines 10-12: psi takes `scorer_iters` REINFORCE steps  psi <- psi + lr * sum_S r(S) grad_psi log p(S)
   (the shared scorer, `conditional=False`: one logit per source, as the official multiDDS "base" data actor)
   or, with `conditional=True`, mean_y sum_{S available for y} r(S) grad_psi log p(S | y) over `scorer_batch`
@@ -46,10 +47,11 @@ source_table(): one row per source (written to sources.parquet): final prob, cen
 and its standard error over the scorer updates, rows in the table and rows drawn.
 
 Under torchrun (valuekit.distributed) the sampler draws the global batch on every rank (shared
-generator) and each rank trains on its slice; the per-source gradient sums and row counts are
-all-reduced before the moving averages g[S] are updated (so g[S] is the global batch's mean gradient
-of source S and the model step its mean gradient), usage counts are summed over ranks, and the dev
-gradient and REINFORCE steps on psi are computed identically on every rank. Replicas stay identical.
+generator) and each rank trains on its slice; the model gradient is averaged over ranks; with
+reward_from=train the per-source gradient sums and row counts are all-reduced before they feed the reward
+(so a source's sample is the global batch's mean gradient of that source); usage counts are summed over
+ranks; the probe batches, the dev gradient and the REINFORCE steps on psi are computed identically on every
+rank (same generator, same weights). Replicas stay identical.
 """
 
 from __future__ import annotations
