@@ -40,6 +40,7 @@ SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
 VALUES = "values.parquet"
 CHECKPOINT = "checkpoint.pt"
+SUBSET_VALUE = "subset_value.parquet"  # written by valuekit.retrain.subset_value
 LOCK = ".lock"
 STEPS, METRICS, SOURCES = "steps", "metrics", "sources"
 TABLES = (STEPS, METRICS, SOURCES)
@@ -70,10 +71,13 @@ METRICS_SCHEMA = pa.schema([
     ("dev_acc", pa.float64()),
     ("test_loss", pa.float64()),
     ("test_acc", pa.float64()),
-    ("scorer_loss", pa.float64()),
+    ("scorer_loss", pa.float64()),  # dds/multidds: the scorer's REINFORCE loss
+    ("meta_loss", pa.float64()),  # lrdi/l2rw/mwnet/hostcp: the dev loss of the meta (look-ahead) step
     ("step_time", pa.float64()),
     ("wall_time", pa.float64()),
 ])
+
+META_LOSS_METHODS = ("lrdi", "l2rw", "mwnet", "hostcp")  # methods whose meta_loss column is filled
 
 SOURCES_SCHEMA = pa.schema([
     ("step", pa.int64()),
@@ -111,16 +115,21 @@ def temp_path(path: Path) -> Path:
 
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     """`write(tmp)` fills a hidden temporary file in `path`'s folder, which is then renamed over `path`:
-    readers see the old file or the whole new one, never half of it; the temporary is removed on failure."""
+    readers see the old file or the whole new one, never half of it; the temporary is removed on failure.
+    (A writer that streams over time, like export's, fills `temp_path(path)` itself and calls `commit`.)"""
     path = Path(path)
     tmp = temp_path(path)
     try:
         write(tmp)
-        os.replace(tmp, path)
+        commit(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a filled temporary over `path` (atomic on one filesystem)."""
+    os.replace(tmp, path)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -300,6 +309,10 @@ class Run:
         return self.meta.get("method", "?")
 
     @property
+    def meta_path(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
     def values_path(self) -> Path:
         return self.path / VALUES
 
@@ -327,7 +340,17 @@ class Run:
 
     def metrics(self) -> pd.DataFrame:
         t = self.table("metrics")
-        return pd.DataFrame(columns=METRICS_SCHEMA.names) if t is None else t.to_pandas().sort_values("step", ignore_index=True)
+        if t is None:
+            return pd.DataFrame(columns=METRICS_SCHEMA.names)
+        frame = t.to_pandas().sort_values("step", ignore_index=True)
+        if "meta_loss" not in frame.columns:
+            # runs written before meta_loss existed logged the meta-step dev loss as scorer_loss
+            meta = self.meta.get("method") in META_LOSS_METHODS
+            frame["meta_loss"] = frame["scorer_loss"] if meta else np.nan
+            if meta:
+                frame["scorer_loss"] = np.nan
+            frame = frame[[c for c in METRICS_SCHEMA.names if c in frame.columns]]
+        return frame
 
     def sources(self) -> pd.DataFrame | None:
         t = self.table("sources")

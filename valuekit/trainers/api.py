@@ -43,7 +43,8 @@ class StepRecord:
     reward: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     correct: torch.Tensor | None = None
-    scorer_loss: float | None = None
+    scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
+    meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
     sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
 
 

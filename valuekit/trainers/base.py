@@ -345,7 +345,7 @@ class _Loop:
         else:
             train_loss = float(np.mean(loss))  # as one process always computed it (float32 mean)
         metrics = {"step": step, "train_loss": train_loss, "step_time": step_time, "wall_time": self.elapsed(),
-                   "scorer_loss": rec.scorer_loss}
+                   "scorer_loss": rec.scorer_loss, "meta_loss": rec.meta_loss}
         if rec.correct is not None:
             metrics["train_acc"] = correct / n if self.info.enabled else float(rec.correct.float().mean())
         return metrics, bad or "loss", any_bad > 0
