@@ -124,7 +124,8 @@ def _summary(runs, names) -> _Section:
     row("device · host", lambda r: f"{r.meta.get('device', '?')} · {r.meta.get('host', '?')}")
     row("started", lambda r: str(r.meta.get("started_at", "–")))
     for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
-        row(f"final {k.replace('_', ' ')}", lambda r, k=k: final(r, k))
+        metric = "acc" if runs[0].acc_metric == "accuracy" else runs[0].acc_metric  # chrF/100 for translation
+        row(f"final {k.replace('_', ' ').replace('acc', metric)}", lambda r, k=k: final(r, k))
     row("valuekit · torch", lambda r: f"{(r.meta.get('versions') or {}).get('valuekit', '?')} · "
                                       f"{(r.meta.get('versions') or {}).get('torch', '?')}")
     sec.tables.append({"id": "run-summary", "caption": "", "header": ["", *names], "rows": rows})

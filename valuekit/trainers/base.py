@@ -123,6 +123,8 @@ def train(
         "classes": view.classes, "sources": view.sources, "id_type": view.id_type,
         "image_shape": list(view.image_shape) if view.image_shape else None, "feature_cols": view.feature_cols,
         "label_col_codes": "label column in steps/ holds class codes into `classes`",
+        # what the metrics' *_acc columns hold: translation models are scored by corpus chrF / 100
+        "acc_metric": "chrF/100" if config.model == "seq2seq" else "accuracy",
         "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
         "started_at": _now(), "steps_done": 0,
         "world_size": info.world_size, "global_batch_size": config.batch_size * info.world_size,
