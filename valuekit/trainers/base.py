@@ -32,6 +32,7 @@ from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F40
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.models import MODELS, build_model, feature_stats
 from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
+from valuekit.trainers.signals import SignalAccumulator
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -59,6 +60,7 @@ class StepRecord:
     reward: torch.Tensor | None = None
     selected: torch.Tensor | None = None
     correct: torch.Tensor | None = None
+    margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
     scorer_loss: float | None = None
     sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
 
@@ -102,6 +104,7 @@ class TrainContext:
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
+    signals: Any = None  # signals.SignalAccumulator fed by the loop; methods may read it in values()
 
     @property
     def n(self) -> int:
@@ -351,6 +354,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
         rank=rank, world_size=world_size,
+        signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),
     )
 
 
@@ -516,6 +520,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
         trainer.load_state_dict(state["trainer"])
         sampler.load_state_dict(state["sampler"])
         generator.set_state(state["generator"])
+        ctx.signals.load_state_dict(state.get("signals", {}))
         start_step, elapsed_before = int(state["step"]), float(state["elapsed"])
 
     ids_np = view.ids
@@ -540,7 +545,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
         if main:
             blob = {
                 "step": step, "trainer": trainer_state, "sampler": sampler.state_dict(),
-                "generator": generator.get_state(), "parts": writer.part_counts(),
+                "generator": generator.get_state(), "parts": writer.part_counts(), "signals": ctx.signals.state_dict(),
                 "elapsed": elapsed_before + time.perf_counter() - t0,
             }
             tmp = out / f".{CHECKPOINT}.tmp"
@@ -599,6 +604,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_time = time.perf_counter() - ts
+            ctx.signals.record(batch, rec)  # per-example in-run signals of every method (signals.py)
 
             loss_np = rec.loss.detach().float().cpu().numpy()
             weight_np = None if rec.weight is None else rec.weight.detach().float().cpu().numpy()
@@ -682,7 +688,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     save_checkpoint(step)
     values = trainer.values()  # every rank: a method may gather here
     if main:
-        writer.write_values(finalize_values(values, ids_np))
+        writer.write_values(finalize_values({**ctx.signals.columns(), **values}, ids_np))
     writer.close(
         "completed", steps_done=step, duration_s=elapsed_before + time.perf_counter() - t0,
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), final_metrics=_clean(last_metrics),

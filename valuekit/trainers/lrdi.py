@@ -51,6 +51,7 @@ from torch.func import functional_call
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -145,7 +146,11 @@ class Teacher(nn.Module):
             nn.init.normal_(self.label.weight, generator=generator)
 
     def forward(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.label(signals["label"]) if s == "label" else signals[s] for s in self.inputs]
+        # the hidden state is standardised per row (LayerNorm without learned scale): its norm grows ~10x over
+        # training, which otherwise drives the teacher's weights to collapse (reports/lrdi.md)
+        parts = [self.label(signals["label"]) if s == "label" else
+                 F.layer_norm(signals[s], signals[s].shape[1:]) if s == "features" else signals[s]
+                 for s in self.inputs]
         return self.net(torch.cat(parts, 1)).squeeze(1)
 
 
@@ -313,6 +318,7 @@ class Trainer:
         self.ctx.sync_grads_(self.model.parameters())
         self.opt.step()
         correct = meta["logits"].detach().argmax(1) == batch.y
+        margin = margins(meta["logits"], batch.y)
         del meta
 
         # every rank records the whole global batch, so the replicas (and checkpoints) stay identical
@@ -327,7 +333,7 @@ class Trainer:
         self.ring_w[slot, : len(wd)] = wd
         self.last_step = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),
-                          correct=correct, scorer_loss=None if dev_loss is None else float(dev_loss))
+                          correct=correct, scorer_loss=None if dev_loss is None else float(dev_loss), margin=margin)
 
     # ------------------------------------------------------------ state
 
@@ -367,11 +373,12 @@ class Trainer:
         return torch.cat(out)
 
     def values(self) -> dict:
-        """value: lrdi/mwnet — the final teacher's weight of every row (eval mode, progress of the last
-        step), divided by its mean over all rows when `normalize`; l2rw (no teacher) — the mean of the
-        row's per-step weights over the run (NaN if never sampled). value_std: std (ddof 0) of the row's
-        logged weights in the last `std_epochs` epochs (NaN when seen fewer than 2 times there).
-        Extra columns: mean_weight (run mean of logged weights), times_seen, and for l2rw mean_reward."""
+        """value: signals.in_run_value (within-class ranks of the run's -mean_loss and aum; chosen by measurement:
+        the teacher weight and the mean weight ranked worse, README). teacher_weight (lrdi/mwnet): the final
+        teacher's weight of every row (eval mode, progress of the last step), divided by its mean over all rows
+        when `normalize`; weight = teacher_weight, or for l2rw the row's mean logged weight (0 if never sampled).
+        value_std: std (ddof 0) of the row's logged weights in the last `std_epochs` epochs (NaN when seen fewer
+        than 2 times there). mean_weight / mean_reward / times_seen come from the loop's signal accumulator."""
         n, dev = self.ctx.n, self.ctx.device
         seen = self.w_count > 0
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
@@ -383,15 +390,17 @@ class Trainer:
         s2 = torch.zeros_like(cnt).index_add_(0, idx, w * w)
         m = s1 / cnt.clamp_min(1)
         std = torch.where(cnt >= 2, (s2 / cnt.clamp_min(1) - m * m).clamp_min(0).sqrt(), nan)
-        out = {"value_std": std, "mean_weight": mean_w, "times_seen": self.w_count.clone()}
+        from valuekit.trainers.signals import in_run_value
+
+        out = {"value_std": std}
         if self.teacher is None:
-            out["value"] = mean_w
-            out["mean_reward"] = torch.where(seen, self.r_sum / self.w_count.clamp_min(1), nan)
+            out["value"] = in_run_value(self.ctx, mean_w)
             out["weight"] = torch.nan_to_num(mean_w, nan=0.0)
         else:
             v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.last_step)).double()
             if self.cfg.normalize:
                 v = v / v.mean()
-            out["value"] = v
+            out["teacher_weight"] = v
+            out["value"] = in_run_value(self.ctx, v)
             out["weight"] = v
         return out
