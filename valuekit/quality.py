@@ -265,7 +265,7 @@ def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | N
         ours = g["valuekit audit label_score"]
         peers = g[[c for c in g.columns if c.startswith(("pyDVL", "cleanlab"))]]
         if peers.shape[1]:
-            margin = ours - peers.max(1)
+            margin = ours - peers.max(axis=1)
             per_set = margin.groupby(level="dataset").min()
             ok = bool((margin >= 0).all() and (per_set >= 0.02).sum() >= min(2, len(per_set)))
             out.append(("audit label_score beats the best peer on F1@k by >= 0.02 on >= 2 of the sets and is never "
@@ -393,13 +393,16 @@ def bench_quality(out: Path, *, command: str, device: str = "cpu", quick: bool =
     return write_report(out, frame, det, header=header, steps=steps, seeds=seeds, stem=_stem("quality", device))
 
 
-def report_from_csv(out: Path, csv: Path, *, command: str, device: str, steps: int, seeds) -> Path:
-    """Rewrite quality.md from saved per-run rows (e.g. a grid's partial.csv)."""
+def report_from_csv(out: Path, csvs, *, command: str, device: str, steps: int, seeds) -> Path:
+    """Rewrite quality.md from saved per-run rows (grids' partial.csv files, e.g. one process per data set);
+    each `X.csv` may have its detectors in `X_detectors.csv` next to it."""
     from valuekit.bench import _header, _stem
 
-    frame = pd.read_csv(csv)
-    dpath = Path(csv).with_name(Path(csv).stem + "_detectors.csv")
-    det = pd.read_csv(dpath) if dpath.exists() else pd.DataFrame()
+    csvs = [Path(c) for c in ([csvs] if isinstance(csvs, (str, Path)) else csvs)]
+    frame = pd.concat([pd.read_csv(c) for c in csvs], ignore_index=True)
+    dets = [c.with_name(c.stem + "_detectors.csv") for c in csvs]
+    dets = [pd.read_csv(d) for d in dets if d.exists() and d.stat().st_size > 1]
+    det = pd.concat(dets, ignore_index=True) if dets else pd.DataFrame()
     header = _header("Quality: are the values worth trusting? Methods vs their own signals, subsets, peers", command,
                      device)
     return write_report(out, frame, det, header=header, steps=steps, seeds=seeds, stem=_stem("quality", device))
