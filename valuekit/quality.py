@@ -281,6 +281,32 @@ def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | N
     return out
 
 
+def values_summary(frame: pd.DataFrame) -> list[str]:
+    """Markdown table per method: mean AUROC of value, of the same run's -mean_loss and aum, of the raw learned
+    column, the worst cell's AUROC(value) - AUROC(-mean_loss), Spearman(learned, -mean_loss); over all cells."""
+    noisy = frame.dropna(subset=["auroc"]) if "auroc" in frame else frame.iloc[:0]
+    if not len(noisy):
+        return []
+    cells = noisy.groupby(["method", "dataset", "setting"], sort=False).agg(
+        v=("auroc", "mean"), l=("auroc_loss", "mean"), a=("auroc_aum", "mean"),
+        r=("auroc_learned", "mean") if "auroc_learned" in noisy else ("auroc", lambda s: np.nan),
+        rho=("spearman_learned_loss", "mean") if "spearman_learned_loss" in noisy else ("auroc", lambda s: np.nan))
+    cells["gap"] = cells.v - cells.l
+    g = cells.groupby(level="method", sort=False).agg(v=("v", "mean"), l=("l", "mean"), a=("a", "mean"),
+                                                      r=("r", "mean"), rho=("rho", "mean"), gap=("gap", "min"),
+                                                      n=("v", "size"))
+    sets = ", ".join(f"{d} {s}" for d, s in noisy.groupby(["dataset", "setting"], sort=False).size().index)
+    lines = [f"Mean over {sets} (seeds averaged within each set):", "",
+             "| method | AUROC `value` | AUROC same run's −mean_loss | AUROC aum | AUROC raw learned column | "
+             "worst set: value − (−mean_loss) | Spearman(learned column, −mean_loss) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for m, r in g.iterrows():
+        learned = f"{r.r:.3f} (`{LEARNED[m]}`)" if m in LEARNED and np.isfinite(r.r) else "–"
+        rho = f"{r.rho:.2f}" if np.isfinite(r.rho) else "–"
+        lines.append(f"| {m} | {r.v:.3f} | {r.l:.3f} | {r.a:.3f} | {learned} | {r.gap:+.3f} | {rho} |")
+    return lines
+
+
 def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: list[str], steps: int, seeds,
                  stem: str = "quality") -> Path:
     """quality.md (+ quality.csv, quality_detectors.csv) from the per-run rows."""
@@ -300,6 +326,9 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
     ]
     for crit, ok, ev in criteria(frame, det):
         lines.append(f"- **{'PASS' if ok else 'FAIL'}** — {crit}: {ev}")
+    summary = values_summary(frame)
+    if summary:
+        lines += ["", "## Value vs the run's own signals (summary)", "", *summary]
     noisy = frame.dropna(subset=["auroc"]) if "auroc" in frame else frame.iloc[:0]
     if len(noisy):
         s = (noisy.groupby(["dataset", "setting", "method"], sort=False)
