@@ -77,3 +77,10 @@ def test_quality_helpers_exact():
     got = {c.split(",")[0][:20]: ok for c, ok, _ in criteria(pd.concat([uni, rows]), det)}
     assert got == {"AUROC(value) >= AURO": False, "top 50 % by value be": True, "audit label_score be": True,
                    "every reweighting me": False}
+
+
+def test_quality_bad_settings_exit_2_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["bench", "quality", "--settings", "noise99", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "noise99" in err[0] and "noise20" in err[0] and not out.exists()
