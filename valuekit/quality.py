@@ -282,6 +282,49 @@ def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | N
     return out
 
 
+def candidate_aurocs(runs_root) -> pd.DataFrame:
+    """AUROC against is_noisy of every candidate value of every kept run under `runs_root` (the layout
+    `bench_quality(runs_dir=...)` writes: CELL/data/train.parquet and CELL/METHOD/values.parquet): the method's
+    `value`, the run's -mean_loss and aum, the raw learned column, it standardised within class, the mean reward,
+    the mean weight, and the within-class rank average of -mean_loss, aum and the learned column. One row per
+    cell x method x candidate."""
+    from valuekit.trainers.signals import class_standardise, rank_average
+
+    rows = []
+    for cell in sorted(p for p in Path(runs_root).iterdir() if (p / "data" / "train.parquet").exists()):
+        tr = pd.read_parquet(cell / "data" / "train.parquet")
+        if "is_noisy" not in tr or not tr.is_noisy.any():
+            continue
+        labels, noisy = tr["label"].astype(str).to_numpy(), tr["is_noisy"].to_numpy(dtype=bool)
+        for vfile in sorted(cell.glob("*/values.parquet")):
+            v = pd.read_parquet(vfile).set_index("example_id").reindex(tr["id"])
+            method = vfile.parent.name
+            c = {"value": v.value, "-mean_loss": -v.mean_loss, "aum": v.aum}
+            col = LEARNED.get(method)
+            for k in ("mean_reward", "mean_weight"):
+                if k in v and v[k].notna().any() and k != col:
+                    c[k] = v[k]
+            if col in v:
+                c[f"learned ({col})"] = v[col]
+                c["learned, class-standardised"] = class_standardise(v[col].to_numpy(dtype=float), labels)
+                c["rank avg(-loss, aum, learned)"] = rank_average(
+                    [-v.mean_loss.to_numpy(), v.aum.to_numpy(), v[col].to_numpy(dtype=float)], labels)
+            for k, x in c.items():
+                rows.append({"cell": cell.name, "method": method, "candidate": k,
+                             "auroc": _auroc(np.asarray(x, dtype=np.float64), noisy)})
+    return pd.DataFrame(rows)
+
+
+def candidates_table(cands: pd.DataFrame) -> list[str]:
+    """Markdown: mean AUROC (and min over cells) of each candidate value per method."""
+    if not len(cands):
+        return []
+    g = cands.groupby(["method", "candidate"], sort=False).auroc.agg(["mean", "min", "size"]).reset_index()
+    lines = ["| method | candidate value | mean AUROC | worst cell | cells |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r.method} | {r.candidate} | {r['mean']:.3f} | {r['min']:.3f} | {r['size']} |" for _, r in g.iterrows()]
+    return lines
+
+
 def values_summary(frame: pd.DataFrame) -> list[str]:
     """Markdown table per method: mean AUROC of value, of the same run's -mean_loss and aum, of the raw learned
     column, the worst cell's AUROC(value) - AUROC(-mean_loss), Spearman(learned, -mean_loss); over all cells."""
