@@ -11,19 +11,13 @@ curves with reward error bars.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError
-from valuekit.runlog import Run, read_run
+from valuekit.runlog import open_run
 
 BY = ("prob", "count")
-
-
-def _open(run) -> Run:
-    return run if isinstance(run, Run) else read_run(Path(run))
 
 
 def source_usage(run, *, by: str = "prob") -> pd.DataFrame:
@@ -32,7 +26,7 @@ def source_usage(run, *, by: str = "prob") -> pd.DataFrame:
     log (`by="count"`). Shares sum to 1 at every step; rows are sorted by step then source."""
     if by not in BY:
         raise InputError(f"source_usage by={by!r}: use 'prob' or 'count'")
-    r = _open(run)
+    r = open_run(run)
     t = r.table("sources", ["step", "source", "prob", "count"])
     if t is None:
         if by == "count":
@@ -90,7 +84,7 @@ def source_rewards(run, *, max_points: int | None = None) -> pd.DataFrame:
     grouped into at most that many consecutive bins: step = the bin's last step, reward = mean, reward_se =
     sqrt(sum se^2) / n (the standard error of the mean of independent estimates). Empty for runs that logged
     no reward (fixed scorers, runs written before rewards were logged)."""
-    r = _open(run)
+    r = open_run(run)
     cols = ["step", "source", "reward", "reward_se"]
     d = r.dataset("sources")
     if d is None or "reward" not in d.schema.names:
@@ -114,7 +108,7 @@ def source_rewards(run, *, max_points: int | None = None) -> pd.DataFrame:
 def source_table(run) -> pd.DataFrame:
     """The run's sources.parquet (one row per source: prob, logit, uniform_prob, mean_reward, reward_se,
     updates, rows, drawn, is_target), sorted by prob, highest first."""
-    r = _open(run)
+    r = open_run(run)
     t = r.source_table()
     if t is None:
         raise InputError(f"{r.path}: no sources.parquet (only finished runs of multi-source methods such as "

@@ -59,7 +59,12 @@ over all N rows per step).
 Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
 one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
 `reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
-values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
+values(): value = the in-run signal value (signals.in_run_value: within-class ranks of -mean_loss and aum);
+posterior_mean = the sample mean of w (a near-monotone transform of the loss: Spearman with -mean_loss is
+reported in reports/quality.md), value_std = the samples' std, ci_low / ci_high = their 5 %/95 % quantiles.
+These are NOT calibrated posterior intervals: by default the chain is tempered (T = 0.1, a cold posterior
+pi^(1/T), which shrinks the spread by about sqrt(T)), the samples are consecutive and correlated, and a row
+has only ~`reservoir` of them (about one per epoch); read them as the spread of a cold chain.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
 
 Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
@@ -78,8 +83,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from valuekit.errors import InputError
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.config import setting
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -116,45 +123,26 @@ class Config:
                 CPU generator is most of BADS's overhead over an SGD step. w's noise is every step.
     """
 
-    lr_theta: float = 0.05
-    lr_w: float = 1.0
-    lr_phi: float = 0.001
-    temperature: float = 0.1
-    rho_theta: float = 3.0
-    rho_w: float = 10.0
-    beta: float = 0.6
-    prior_precision: float = 1.0
-    dev_batch_size: int = 16
-    init_weight: float = 0.6
-    burn_in: int = 200
-    reservoir: int = 32
-    ci: float = 0.9
+    lr_theta: float = setting(0.05, gt=0)
+    lr_w: float = setting(1.0, gt=0)
+    lr_phi: float = setting(0.001, gt=0)
+    temperature: float = setting(0.1, ge=0)
+    rho_theta: float = setting(3.0, ge=0)
+    rho_w: float = setting(10.0, ge=0)
+    beta: float = setting(0.6, gt=0, lt=1)
+    prior_precision: float = setting(1.0, ge=0)
+    dev_batch_size: int = setting(16, ge=1)
+    init_weight: float = setting(0.6, gt=0, lt=1)
+    burn_in: int = setting(200, ge=0)
+    reservoir: int = setting(32, ge=1)
+    ci: float = setting(0.9, gt=0, lt=1)
     weight_net: bool = False
-    weight_hidden: int = 32
-    s_avg: int = 20
-    noise_every: int = 1
+    weight_hidden: int = setting(32, ge=1)
+    s_avg: int = setting(20, ge=1)
+    noise_every: int = setting(1, ge=1)
 
     def validate(self) -> None:
-        for name in ("lr_theta", "lr_w", "lr_phi"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"bads --set {name}={v}: must be a positive number")
-        for name in ("temperature", "rho_theta", "rho_w", "prior_precision"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"bads --set {name}={v}: must be >= 0")
-        for name in ("beta", "init_weight"):
-            v = getattr(self, name)
-            if not 0 < v < 1:
-                raise InputError(f"bads --set {name}={v}: must be strictly between 0 and 1")
-        if not 0 < self.ci < 1:
-            raise InputError(f"bads --set ci={self.ci}: must be strictly between 0 and 1")
-        for name in ("dev_batch_size", "reservoir", "weight_hidden", "s_avg", "noise_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"bads --set {name}={getattr(self, name)}: must be >= 1")
-        if self.burn_in < 0:
-            raise InputError(f"bads --set burn_in={self.burn_in}: must be >= 0")
-
+        check_fields(self)
 
 class WeightNet(nn.Module):
     """w = sigmoid(MLP([standardised x, onehot(y)])): one weight per example from its features."""
@@ -235,12 +223,7 @@ class Trainer:
 
     def _batch_mean(self, w_batch: torch.Tensor) -> torch.Tensor:
         """Mean of the weights of the (global) batch."""
-        v = w_batch.detach().double()
-        if self.ctx.world_size == 1:
-            return v.mean()
-        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
-        self.ctx.all_reduce_([total])
-        return total[0] / total[1]
+        return self.ctx.global_mean(w_batch.detach().double())
 
     def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
         if self.weight_net is None:
@@ -258,9 +241,8 @@ class Trainer:
         """
         cfg, params = self.cfg, [p for p in self.model.parameters()]
         b, bm = len(batch.y), len(dev_y)
-        world = self.ctx.world_size
         # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
-        b_all, bm_all = b * world, (dev_total or bm * world) if world > 1 else bm
+        b_all, bm_all = self.ctx.global_rows(b), (dev_total or self.ctx.global_rows(bm)) if self.ctx.distributed else bm
         w = self._weights(batch)
         logits_all = self.model(torch.cat([batch.x, dev_x]))
         logits, dev_logits = logits_all[:b], logits_all[b:]
@@ -325,7 +307,7 @@ class Trainer:
                 if diffuse:
                     torch._foreach_add_(phi, _noise(phi, math.sqrt(2 * k * step_w * T), gen))
                 self.window[self.steps_done % cfg.s_avg] = self._batch_mean(w)
-                if ctx.world_size == 1:
+                if not ctx.distributed:
                     keep = _first_occurrence(batch.idx)
                     rows = batch.idx[keep]
                     w_new = self.weight_net(batch.x[keep], batch.y[keep])
@@ -337,7 +319,8 @@ class Trainer:
             self.steps_done += 1
             if self.steps_done > cfg.burn_in:
                 self._collect(rows, w_new)
-        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y)
+        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y,
+                          margin=margins(logits, batch.y))
 
     def _collect(self, rows: torch.Tensor, w_new: torch.Tensor) -> None:
         """Welford update of the per-row mean/variance and the ring buffer of the latest samples."""
@@ -372,8 +355,9 @@ class Trainer:
             self.window.copy_(state["window"])
 
     def values(self) -> dict:
-        """value = posterior mean of w_i; value_std = posterior std; ci_low/ci_high = quantiles of the
-        latest `reservoir` samples; samples = how many samples the row has. Rows with no sample after
+        """value = signals.in_run_value (module docstring); posterior_mean = mean of the samples of w_i; value_std =
+        their std; ci_low/ci_high = quantiles of the latest `reservoir` samples of the tempered chain (a cold
+        chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
         seen = self.count > 0
@@ -384,5 +368,8 @@ class Trainer:
         lo_q, hi_q = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
         q = torch.tensor([lo_q, hi_q], dtype=torch.float64, device=self.samples.device)
         quant = torch.nanquantile(self.samples.double(), q, dim=1)  # (2, N); NaN rows stay NaN
-        return {"value": value, "value_std": std, "weight": value, "ci_low": quant[0], "ci_high": quant[1],
-                "samples": self.count}
+        from valuekit.trainers.signals import in_run_value
+
+        combined = in_run_value(self.ctx, value)
+        return {"value": combined, "posterior_mean": value, "value_std": std, "weight": value, "ci_low": quant[0],
+                "ci_high": quant[1], "samples": self.count}
