@@ -44,6 +44,7 @@ class ScoreSummary:
     rows_in: int
     rows_out: int
     selected: int | None
+    starved: list | None = None  # classes kept at < half their share (rows of `class_shares`), when labels are known
 
 
 @dataclass
@@ -61,7 +62,7 @@ class _Plan:
 
 
 def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weight=None,
-                    subset_only=False) -> bool:
+                    subset_only=False, per_class=False) -> bool:
     """Check the selection options (at most one rule, in range); return whether a rule is given."""
     rules = [r for r in (keep_fraction, top_k, drop_fraction, min_weight) if r is not None]
     if len(rules) > 1:
@@ -74,6 +75,8 @@ def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weig
         raise InputError(f"--drop-fraction {drop_fraction}: must be in [0, 1)")
     if min_weight is not None and not math.isfinite(min_weight):
         raise InputError(f"--min-weight {min_weight}: must be a finite number")
+    if per_class and keep_fraction is None and top_k is None and drop_fraction is None:
+        raise InputError("--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule applied in each class)")
     if subset_only and not rules:
         raise InputError("--subset-only needs a selection rule "
                          "(--keep-fraction, --top-k, --drop-fraction or --min-weight)")
@@ -99,7 +102,85 @@ def _show(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight) -> _Plan:
+# ---------------------------------------------------------------- per-class (stratified) selection
+
+
+def class_quotas(counts, *, keep_fraction=None, top_k=None, drop_fraction=None) -> np.ndarray:
+    """Rows to keep from each class so that a selection keeps every class at its share.
+
+    keep_fraction f: max(1, round(f * n_c)) (never empties a class); drop_fraction d: n_c - round(d * n_c);
+    top_k K: K split over the classes in proportion to n_c by largest remainders (ties: lower class
+    index first), capped at n_c. Rounding is half up, as for the global rules.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if keep_fraction is not None:
+        return np.minimum(counts, np.maximum(1, np.floor(keep_fraction * counts + 0.5).astype(np.int64)))
+    if drop_fraction is not None:
+        return counts - np.floor(drop_fraction * counts + 0.5).astype(np.int64)
+    k = min(int(top_k), int(counts.sum()))
+    exact = k * counts / counts.sum()
+    q = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(counts)), -(exact - q)))  # largest remainder first, then class order
+    for c in order[: k - int(q.sum())]:
+        q[c] += 1
+    return np.minimum(q, counts)
+
+
+def select_per_class(value, labels, *, keep_fraction=None, top_k=None, drop_fraction=None) -> np.ndarray:
+    """Boolean mask: within each class (distinct entry of `labels`), its `class_quotas` rows of highest value
+    (NaN last, ties by row order, as `rank`)."""
+    value = np.asarray(value, dtype=np.float64)
+    codes, _ = pd.factorize(pd.Series(labels), sort=True)
+    counts = np.bincount(codes)
+    quota = class_quotas(counts, keep_fraction=keep_fraction, top_k=top_k, drop_fraction=drop_fraction)
+    rank = rank_by_value(value)  # global rank: its order restricted to a class is the class's order
+    order = np.lexsort((rank, codes))  # by class, then rank
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos_in_class = np.empty(len(value), dtype=np.int64)
+    pos_in_class[order] = np.arange(len(value)) - np.repeat(starts, counts)
+    return pos_in_class < quota[codes]
+
+
+def select_top(value, k: int, *, labels=None, fraction: float | None = None) -> np.ndarray:
+    """Mask of the top rows by value: the global top `k`, or with `labels` the per-class top `fraction`."""
+    if labels is None:
+        return rank_by_value(np.asarray(value, dtype=np.float64)) <= k
+    return select_per_class(value, labels, keep_fraction=fraction)
+
+
+def class_shares(selected, labels) -> pd.DataFrame:
+    """Per class: rows, rows kept, share among kept / share among all (1 = kept at its share); sorted by ratio."""
+    codes, names = pd.factorize(pd.Series(labels), sort=True)
+    sel = np.asarray(selected, dtype=bool)
+    n = np.bincount(codes, minlength=len(names))
+    kept = np.bincount(codes[sel], minlength=len(names))
+    ratio = (kept / max(int(sel.sum()), 1)) / (n / len(codes))
+    frame = pd.DataFrame({"label": list(names), "rows": n, "kept": kept, "share_ratio": ratio})
+    return frame.sort_values("share_ratio", kind="stable", ignore_index=True)
+
+
+def starved_classes(selected, labels, *, below: float = 0.5) -> pd.DataFrame:
+    """Classes whose share among the selected rows is under `below` times their share among all rows."""
+    shares = class_shares(selected, labels)
+    return shares[shares.share_ratio < below].reset_index(drop=True)
+
+
+def _labels_of(source, label_col: str) -> np.ndarray:
+    """The label column of the table being scored (for --per-class), as a numpy array; no nulls."""
+    if label_col not in source.schema.names:
+        raise InputError(f"{source.where}: --per-class needs the label column {label_col!r} "
+                         f"(choose it with --label-col; columns: {source.schema.names[:12]})")
+    col = source.ids(label_col)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{source.where}: column {label_col!r} has a null label at row {row} (--per-class)")
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight,
+          labels=None) -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
     values_path = run.values_path
     if not values_path.exists():
@@ -157,7 +238,11 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
             k = min(int(top_k), n)
         else:
             k = n - int(math.floor(drop_fraction * n + 0.5))
-        selected = rank <= k
+        if labels is not None:  # --per-class: the same rule inside every class
+            selected = select_per_class(value, labels, keep_fraction=keep_fraction, top_k=top_k,
+                                        drop_fraction=drop_fraction)
+        else:
+            selected = rank <= k
     return _Plan(weight, value, value_std, rank, selected)
 
 
@@ -238,8 +323,9 @@ def _check_out(out, source, run) -> Path:
     return out
 
 
-def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows):
-    has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only)
+def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows,
+             per_class=False):
+    has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only, per_class)
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
     run = read_run(run_dir)
@@ -264,17 +350,18 @@ def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction
 def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: float | None = None,
                  top_k: int | None = None, drop_fraction: float | None = None, min_weight: float | None = None,
                  subset_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS,
-                 progress: bool = False) -> ScoreSummary:
+                 progress: bool = False, per_class: bool = False, label_col: str = "label") -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
 
     Memory holds the id column and five numbers per row, plus one batch of `batch_rows` rows.
     """
     run, source, out, _ = _prepare(table, run_dir, out=out, id_col=id_col, keep_fraction=keep_fraction,
                                    top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                   subset_only=subset_only, batch_rows=batch_rows)
+                                   subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight)
+                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
+                     labels=_labels_of(source, label_col) if per_class else None)
         pa.default_memory_pool().release_unused()  # hand pass 1's Arrow buffers back before streaming
         n = len(plan.weight)
         if isinstance(source, _CsvSource):
@@ -282,9 +369,12 @@ def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: floa
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = _stream(source, plan, n=n, batch_rows=batch_rows, subset_only=subset_only,
                        sink=lambda schema: _FileSink(out, schema), progress=progress)
+        starved = None
+        if plan.selected is not None and label_col in source.schema.names:
+            starved = starved_classes(plan.selected, _labels_of(source, label_col)).to_dict("records")
     finally:
         source.close()
-    return ScoreSummary(out, n, rows, None if plan.selected is None else int(plan.selected.sum()))
+    return ScoreSummary(out, n, rows, None if plan.selected is None else int(plan.selected.sum()), starved)
 
 
 def score(
@@ -300,6 +390,8 @@ def score(
     subset_only: bool = False,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool = False,
+    per_class: bool = False,
+    label_col: str = "label",
 ) -> pd.DataFrame | Path:
     """Join a run's values onto `table` by id; return a DataFrame, or stream into `out` and return its path.
 
@@ -307,19 +399,23 @@ def score(
     (mean 1 over all input rows, ready for `sample_weight=` or `WeightedRandomSampler`), `value`,
     `value_std`, `rank` (1 = most valuable, NaN values last) and, with one of `keep_fraction`
     (top fraction by value), `top_k`, `drop_fraction` (drop the lowest fraction) or `min_weight`,
-    a boolean `selected`; `subset_only=True` keeps just the selected rows. A DataFrame input comes
+    a boolean `selected`; `subset_only=True` keeps just the selected rows. `per_class=True` applies
+    the keep/top-k/drop rule inside every class of the table's `label_col` (`class_quotas`), so no
+    class is starved. A DataFrame input comes
     back as a DataFrame with its own dtypes and index.
     """
     if out is not None:
         return write_scored(table, run_dir, out, id_col=id_col, keep_fraction=keep_fraction, top_k=top_k,
                             drop_fraction=drop_fraction, min_weight=min_weight, subset_only=subset_only,
-                            batch_rows=batch_rows, progress=progress).path
+                            batch_rows=batch_rows, progress=progress, per_class=per_class,
+                            label_col=label_col).path
     run, source, _, _ = _prepare(table, run_dir, out=None, id_col=id_col, keep_fraction=keep_fraction,
                                  top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                 subset_only=subset_only, batch_rows=batch_rows)
+                                 subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight)
+                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
+                     labels=_labels_of(source, label_col) if per_class else None)
         if isinstance(source, _FrameSource):
             return _frame_result(table, plan, subset_only)
         if isinstance(source, _CsvSource):

@@ -150,6 +150,22 @@ def _training(runs, names) -> _Section:
     return sec
 
 
+def _starved_notes(name: str, values: pd.DataFrame, labels: pd.Series, fraction: float = 0.5) -> list[str]:
+    """Warnings for classes that a global top-`fraction` selection by value keeps at under half their share."""
+    from valuekit.export import select_top, starved_classes
+
+    cls = pd.Series(values["example_id"].to_numpy()).map(labels)
+    ok = cls.notna().to_numpy()
+    if not ok.any():
+        return []
+    v = values["value"].to_numpy(dtype=np.float64)[ok]
+    keep = select_top(v, int(round(fraction * len(v))))
+    return [f"{name}: keeping the top {fraction:.0%} by value (valuekit score --keep-fraction {fraction:g}) keeps "
+            f"class {c['label']!r} at {c['share_ratio']:.2f}x its share ({c['kept']} of {c['rows']} rows), under "
+            f"half; add --per-class to keep every class at its share"
+            for c in starved_classes(keep, cls.to_numpy()[ok]).to_dict("records")]
+
+
 def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
     from valuekit.analysis import curves
     from valuekit.report import figures
@@ -178,6 +194,7 @@ def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
         if lab is not None:
             by_class[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                         "class": pd.Series(ids).map(lab).to_numpy()}).dropna(subset=["class"])
+            sec.notes += _starved_notes(n, v, lab)
         if noisy.get(n) is not None:
             split[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                      "noisy": pd.Series(ids).map(noisy[n]).fillna(False).to_numpy(dtype=bool)})
