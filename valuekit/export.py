@@ -198,7 +198,8 @@ class _CsvSource(_Source):
         if "straddl" in msg and self.block_size < _CSV_MAX_BLOCK * 16:
             self.block_size *= 2
             return
-        m = re.search(r"CSV column #(\d+): CSV conversion error to ([^:]+):", msg)
+        # single-threaded pyarrow (OMP_NUM_THREADS=1) puts "Row #N: " between the column and the error
+        m = re.search(r"CSV column #(\d+):(?: Row #\d+:)? CSV conversion error to ([^:]+):", msg)
         if m is None or int(m.group(1)) >= len(self.names):
             raise InputError(f"{self.path}: cannot read table ({msg})")
         name = self.names[int(m.group(1))]
