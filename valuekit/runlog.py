@@ -28,6 +28,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from valuekit.errors import RunDirError
+from valuekit.paths import unreadable
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
@@ -84,6 +85,41 @@ def values_schema(id_type: str, extra: list[str] = ()) -> pa.Schema:
     return pa.schema(fields + [(c, pa.float64()) for c in extra])
 
 
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+# The columns a reader relies on, with the kinds of Arrow type each may have (all-null columns are
+# written as nulls when a method has no such signal).
+_REQUIRED = {
+    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "weight": {"float", "int"},
+               "rank": {"int", "float"}},
+    "steps": {"step": {"int"}, "example_id": {"int", "str"}, "weight": {"float", "null"},
+              "loss": {"float", "null"}},
+    "metrics": {"step": {"int"}},
+    "sources": {"step": {"int"}, "source": {"str"}, "prob": {"float"}},
+}
+
+
+def _check_columns(path: Path, schema: pa.Schema, need: dict) -> None:
+    for name, kinds in need.items():
+        if name not in schema.names:
+            raise unreadable(path, f"no column {name!r}; not a valuekit file")
+        kind = _kind(schema.field(name).type)
+        if kind not in kinds:
+            raise unreadable(path, f"column {name!r} is {schema.field(name).type}, expected {'/'.join(sorted(kinds))}")
+
+
 def _meta(table: str, run_id: str) -> dict[bytes, bytes]:
     return {
         b"valuekit.schema_version": str(SCHEMA_VERSION).encode(),
@@ -132,10 +168,13 @@ def acquire_lock(run_dir: Path) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = lock.read_text().strip() if lock.exists() else ""
+            try:
+                holder = lock.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                holder = ""
             host, _, pid = holder.rpartition(":")
             if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                lock.unlink(missing_ok=True)
+                _take_over_stale(lock, holder)
                 continue
             raise RunDirError(
                 f"{run_dir}: run directory is in use by another valuekit process ({holder or 'unknown'}); "
@@ -145,6 +184,71 @@ def acquire_lock(run_dir: Path) -> Path:
             f.write(me)
         return lock
     raise RunDirError(f"{run_dir}: could not take the lock {lock}")
+
+
+def _take_over_stale(lock: Path, holder: str) -> None:
+    """Remove the lock of a dead process, and only that one: the lock is renamed away first (atomic), and
+    when what was moved is a fresh lock another process made meanwhile, it is put back (link fails when a
+    third process already holds the name, in which case that one keeps it)."""
+    moved = lock.with_name(f"{LOCK}.stale.{os.getpid()}")
+    try:
+        os.rename(lock, moved)
+    except FileNotFoundError:
+        return
+    try:
+        if moved.read_text().strip() != holder:
+            try:
+                os.link(moved, lock)
+            except FileExistsError:
+                pass
+    finally:
+        moved.unlink(missing_ok=True)
+
+
+def make_run_dir(run_dir: Path) -> bool:
+    """Create run_dir (and parents); True only when this call created it, so that a caller that fails
+    later removes only a folder it made itself."""
+    try:
+        Path(run_dir).mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if not Path(run_dir).is_dir():
+            raise RunDirError(f"{run_dir}: exists and is not a folder") from None
+        return False
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a folder this process created, only while it is still empty (another process may have
+    started using it)."""
+    try:
+        Path(run_dir).rmdir()
+    except OSError:
+        pass
+
+
+CHECKPOINT_KEYS = {"step": int, "trainer": dict, "sampler": dict, "parts": dict, "elapsed": (int, float)}
+
+
+def load_checkpoint(path: Path) -> dict:
+    """checkpoint.pt, loaded with weights_only=True; a damaged or foreign file raises
+    `InputError("RUN/checkpoint.pt: unreadable (...)")` (never the advice to unpickle it)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise unreadable(path, f"not a checkpoint valuekit can load safely: {type(exc).__name__}") from None
+    if not isinstance(state, dict):
+        raise unreadable(path, f"holds a {type(state).__name__}, not a valuekit checkpoint")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise unreadable(path, f"no valid {key!r} entry; not a valuekit checkpoint")
+    if not isinstance(state.get("generator"), torch.Tensor) or state["generator"].dtype != torch.uint8:
+        raise unreadable(path, "no valid 'generator' entry; not a valuekit checkpoint")
+    if state["step"] < 0 or not all(isinstance(v, int) and v >= 0 for v in state["parts"].values()) \
+            or not set(state["parts"]) <= set(TABLES):
+        raise unreadable(path, "invalid 'step' or 'parts' entry; not a valuekit checkpoint")
+    return state
 
 
 def rank_by_value(value) -> np.ndarray:
@@ -272,14 +376,36 @@ class Run:
         return self.meta.get("method", "?")
 
     def dataset(self, table: str) -> ds.Dataset | None:
+        """The table's parts as one dataset; a part that is not Parquet or lacks a column of the table's
+        schema raises `InputError("RUN/table/part: unreadable (...)")`."""
         folder = self.path / table
-        if not folder.is_dir() or not any(folder.rglob("part-*.parquet")):
+        if not folder.is_dir():
             return None
-        return ds.dataset(folder, format="parquet")
+        parts = sorted(folder.rglob("part-*.parquet"))
+        if not parts:
+            return None
+        need = _REQUIRED[table]
+        schema = None
+        for part in parts:
+            try:
+                part_schema = pq.read_schema(part)
+            except Exception as exc:
+                raise unreadable(part, exc) from None
+            _check_columns(part, part_schema, need)
+            schema = schema or part_schema
+        try:
+            return ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
+        except Exception as exc:
+            raise unreadable(folder, exc) from None
 
     def table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
         d = self.dataset(table)
-        return None if d is None else d.to_table(columns=columns)
+        if d is None:
+            return None
+        try:
+            return d.to_table(columns=columns)
+        except Exception as exc:  # a part whose data pages are damaged or do not match the others
+            raise unreadable(self.path / table, exc) from None
 
     def steps(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.table("steps", columns)
@@ -298,7 +424,14 @@ class Run:
         were logged. None when there is neither."""
         p = self.path / "values.parquet"
         if p.exists():
-            return pq.read_table(p).to_pandas()
+            try:
+                if not p.is_file():
+                    raise IsADirectoryError("not a file")
+                table = pq.read_table(p)
+            except Exception as exc:
+                raise unreadable(p, exc) from None
+            _check_columns(p, table.schema, _REQUIRED["values"])
+            return table.to_pandas()
         return self.values_from_steps() if partial else None
 
     def values_from_steps(self) -> pd.DataFrame | None:
@@ -327,8 +460,15 @@ def read_run(run_dir) -> Run:
         raise RunDirError(f"{path}: not a valuekit run directory (no {RUN_JSON})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{meta_path}: unreadable ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # a folder, binary garbage, broken JSON
+        raise unreadable(meta_path, exc) from None
+    if not isinstance(meta, dict):
+        raise unreadable(meta_path, f"expected a JSON object, found {type(meta).__name__}")
+    for key, kind in (("config", dict), ("method", str)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise unreadable(meta_path, f"{key!r} is {json.dumps(meta[key])[:40]}, expected a {kind.__name__}")
+    if not isinstance(meta.get("data", {}), (dict, type(None))):
+        raise unreadable(meta_path, "'data' is not an object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise RunDirError(
@@ -344,7 +484,10 @@ def _lock_held(run_dir: Path) -> bool:
     lock = run_dir / LOCK
     if not lock.exists():
         return False
-    host, _, pid = lock.read_text().strip().rpartition(":")
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(":")
+    except (OSError, UnicodeDecodeError):
+        return True  # something is there that we cannot read: treat the run as busy
     if host == socket.gethostname() and pid.isdigit():
         return _pid_alive(int(pid))
     return True

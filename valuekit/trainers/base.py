@@ -14,7 +14,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.models import MODELS, build_model, feature_stats
-from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
+from valuekit.paths import first_line, unreadable
+from valuekit.runlog import (RUN_JSON, RunWriter, acquire_lock, load_checkpoint, make_run_dir, mean_one,
+                             rank_by_value, read_run, remove_if_empty)
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -445,15 +446,10 @@ def _prepare_dir(out: Path, meta: dict, resume: bool):
     """(lock, checkpoint state or None) for a fresh or resumed run directory; run by rank 0 only."""
 
     ckpt_path = out / CHECKPOINT
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        # The lock comes first: a second process on this directory stops before reading or writing anything.
-        lock = acquire_lock(out)
-    except RunDirError:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    created = make_run_dir(out)  # True only if this process made it: never remove another's folder
+    # The lock comes first: a second process on this directory stops before reading or writing anything.
+    # A refused lock belongs to a process that uses this folder, so nothing is removed then.
+    lock = acquire_lock(out)
     state = None
     try:
         if resume:
@@ -462,14 +458,14 @@ def _prepare_dir(out: Path, meta: dict, resume: bool):
                 diff = [k for k in _identity(meta) if _identity(meta)[k] != _identity(old.meta)[k]]
                 raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
             if ckpt_path.exists():
-                state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                state = load_checkpoint(ckpt_path)
             meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
         elif (out / RUN_JSON).exists():
             raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
     except BaseException:
         lock.unlink(missing_ok=True)
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            remove_if_empty(out)
         raise
     return lock, state
 
@@ -498,7 +494,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
                 raise {"RunDirError": RunDirError, "InputError": InputError}.get(kind, RuntimeError)(msg)
             meta["run_id"], meta["started_at"] = status["run_id"], status["started_at"]
             if status["has_state"]:  # the run directory is on a filesystem every node sees
-                state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+                state = load_checkpoint(ckpt_path)
     else:
         lock, state = _prepare_dir(out, meta, resume)
 
@@ -510,13 +506,21 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     test_xy = _to_device(test_data, device) if test_data is not None and main else None
 
     start_step, elapsed_before = 0, 0.0
+    if state:
+        # Before the writer touches the directory (it drops parts newer than the checkpoint): a checkpoint
+        # that does not fit this method stops here with the run as it was and no lock left behind.
+        try:
+            trainer.load_state_dict(state["trainer"])
+            sampler.load_state_dict(state["sampler"])
+            generator.set_state(state["generator"])
+        except Exception as exc:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+            raise unreadable(ckpt_path, f"does not fit method {config.method!r}: {type(exc).__name__}: "
+                             f"{first_line(exc)[:120]}") from None
+        start_step, elapsed_before = int(state["step"]), float(state["elapsed"])
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock,
                        resume_parts=state["parts"] if state else ({} if resume else None), rank=rank, world_size=world)
-    if state:
-        trainer.load_state_dict(state["trainer"])
-        sampler.load_state_dict(state["sampler"])
-        generator.set_state(state["generator"])
-        start_step, elapsed_before = int(state["step"]), float(state["elapsed"])
 
     ids_np = view.ids
     labels_np = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label

@@ -1,0 +1,107 @@
+"""Where valuekit may write, and reading run files that may be damaged.
+
+Every command checks its output location with `check_output` before any work: an output that is
+empty, an input, a run directory's own file, an existing directory where a file is meant (or a
+file where a folder is meant), a path under a file, or a location that cannot be written is refused
+with one InputError. `unreadable` is the one message for a damaged run file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from valuekit.errors import InputError
+
+# Names inside a run directory that belong to the run (runlog.py writes them); never an output.
+RUN_FILES = ("run.json", "values.parquet", "checkpoint.pt", ".lock", "steps", "metrics", "sources")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (its type name when it has none)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def unreadable(path, what: str | BaseException) -> InputError:
+    """`InputError("RUN/file: unreadable (why)")` for a damaged run file."""
+    why = first_line(what) if isinstance(what, BaseException) else what
+    return InputError(f"{path}: unreadable ({why})")
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory `path` lies in (any ancestor holding run.json), or None."""
+    for parent in path.parents:
+        if (parent / "run.json").is_file():
+            return parent
+    return None
+
+
+def _writable_dir(folder: Path) -> bool:
+    """True when a file can be created in `folder` (a real probe: os.access says yes to root on read-only mounts)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".valuekit-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
+                 suffixes: tuple[str, ...] | None = None) -> Path:
+    """Resolve and check an output location before any work; returns the resolved path.
+
+    kind: "file" (an existing file is replaced, a directory is refused), "dir" (a folder that is
+    created if missing; a file there is refused) or "run" (a run directory: a file there is refused,
+    and so is a non-empty folder that is not a run directory). `inputs` are files the command reads
+    (never an output), `runs` are run directories it reads (neither they nor anything in them is an
+    output).
+    """
+    text = "" if path is None else str(path)
+    if not text.strip():
+        raise InputError(f"{option} {text!r}: empty path; give a {'file name' if kind == 'file' else 'folder'}")
+    given = Path(text).expanduser()
+    out = given.resolve()
+    label = f"{option} {text}"
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        raise InputError(f"{label}: output must end in {' or '.join(suffixes)}")
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp).expanduser().resolve()
+        if out == p or (out.exists() and p.exists() and os.path.samefile(out, p)):
+            raise InputError(f"{label}: is an input ({inp}); valuekit never overwrites its input")
+    for r in runs:
+        rp = Path(r).expanduser().resolve()
+        if out == rp or out.is_relative_to(rp):
+            raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
+    inside = _run_dir_of(out)
+    if inside is not None and out.relative_to(inside).parts[0] in RUN_FILES:
+        raise InputError(f"{label}: is a file of the run directory {inside}; write outputs elsewhere")
+    if out.exists():
+        if kind == "file" and out.is_dir():
+            raise InputError(f"{label}: is a directory; give a file name")
+        if kind != "file" and not out.is_dir():
+            raise InputError(f"{label}: exists and is a file, not a folder")
+        if kind == "run" and (out / "run.json").exists() is False and any(out.iterdir()):
+            raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
+                             f"choose a new or empty folder")
+    base = _nearest_existing(out.parent if kind == "file" or not out.exists() else out)
+    if not base.is_dir():
+        raise InputError(f"{label}: lies under {base}, which is a file, not a folder")
+    if not _writable_dir(base):
+        raise InputError(f"{label}: cannot write in {base} (permission denied or read-only)")
+    return out
