@@ -478,6 +478,8 @@ def prepare(
         raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+    if max_train is not None and max_train < 1:
+        raise InputError(f"--max-train {max_train}: must be >= 1")
     loader = DATASETS[name][0]
     x, y, shape_or_names, class_names = loader(from_dir) if name == "fashion-mnist" else loader()
     num_classes = len(class_names)

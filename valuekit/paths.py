@@ -83,7 +83,8 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
             continue
         p = Path(inp).expanduser().resolve()
         if out == p or (out.exists() and p.exists() and os.path.samefile(out, p)):
-            raise InputError(f"{label}: is an input ({inp}); valuekit never overwrites its input")
+            what = "folder" if p.is_dir() else "table"
+            raise InputError(f"{label}: is the input {what} {inp}; valuekit never overwrites its input")
     for r in runs:
         rp = Path(r).expanduser().resolve()
         if out == rp or out.is_relative_to(rp):

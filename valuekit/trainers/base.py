@@ -210,6 +210,10 @@ def _convert(key: str, text: str, default):
         raise InputError(f"--set {key}={text}: expected {kind.__name__} (default {default!r})") from None
 
 
+# loop settings that have their own command-line option (--steps etc.); --set also accepts them
+_LOOP_OPTIONS = ("method", "model", "steps", "batch_size", "lr", "seed", "device")
+
+
 def parse_overrides(pairs: list[str], method_cls, loop_cfg: TrainConfig | None = None) -> tuple[dict, dict]:
     """Split `key=value` strings into method and loop settings, typed by each field's default."""
     method_fields = {f.name: f for f in dataclasses.fields(method_cls)}
@@ -228,7 +232,8 @@ def parse_overrides(pairs: list[str], method_cls, loop_cfg: TrainConfig | None =
             loop_vals[key] = _convert(key, text, getattr(defaults_l, key))
         else:
             known = ", ".join(sorted(method_fields)) or "(none)"
-            raise InputError(f"--set {key}: unknown setting for this method; method settings: {known}")
+            loop = ", ".join(sorted(k for k in loop_fields if k not in _LOOP_OPTIONS))
+            raise InputError(f"--set {key}: unknown setting; method settings: {known}; loop settings: {loop}")
     return method_vals, loop_vals
 
 
@@ -566,10 +571,10 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
 
     bar = None
     if config.progress and main:
-        from tqdm.auto import tqdm
+        from valuekit.progress import Progress
 
-        # disable=None: shown on a terminal, silent in pipes and CI logs.
-        bar = tqdm(total=config.steps, initial=start_step, desc=config.method, unit="step", disable=None)
+        # a bar on a terminal; a line every 10 % of the steps or 30 s in pipes, CI logs and under nohup
+        bar = Progress(total=config.steps, initial=start_step, desc=config.method)
     # Ctrl-C / SIGTERM ask the loop to stop at the next step boundary, so the checkpoint never holds half a
     # step; a second signal stops at once and resume then starts from the last periodic checkpoint.
     stop_requested: list[int] = []
@@ -655,10 +660,11 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
                 if hasattr(h, "on_step_end"):
                     h.on_step_end(step, batch, rec, trainer)
             if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
+                if step % 10 == 0 or step == 1:
+                    dev_acc = last_metrics.get("dev_acc")  # none before the first evaluation (never "nan")
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
-                                    dev_acc=f"{last_metrics.get('dev_acc', float('nan')):.3f}")
+                                    dev_acc=None if dev_acc is None else f"{dev_acc:.3f}")
+                bar.update(1)
             if step % config.checkpoint_every == 0:
                 save_checkpoint(step)
             elif step % config.log_every == 0:
