@@ -77,7 +77,8 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
     out = given.resolve()
     label = f"{option} {text}"
     if suffixes is not None and out.suffix.lower() not in suffixes:
-        raise InputError(f"{label}: output must end in {' or '.join(suffixes)}")
+        shown = [s for s in suffixes if s not in (".pq", ".htm")]  # aliases accepted, not advertised
+        raise InputError(f"{label}: output must end in {' or '.join(shown)}")
     for inp in inputs:
         if inp is None:
             continue
