@@ -309,10 +309,11 @@ def _features(df, where, reserved, feature_cols, ids):
         if len(lengths) != 1:
             raise InputError(f"{where}: column {col!r} has rows of different lengths {sorted(lengths)[:5]}")
         try:
-            x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
+            with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
+                x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
         except (TypeError, ValueError):
             raise InputError(f"{where}: column {col!r} holds non-numeric values") from None
-        _check_finite(x, where, [col] * x.shape[1], ids)
+        _check_finite(x, where, [col] * x.shape[1], ids, original=lambda r, c: np.asarray(rows[r])[c])
         return x, [col], x.shape[1:]
     for c in candidates:
         kind = df[c].dtype.kind
@@ -322,16 +323,25 @@ def _features(df, where, reserved, feature_cols, ids):
                 f"{where}: column {c!r} is not numeric (e.g. {example!r}); declare features with --feature-cols "
                 f"or drop it"
             )
-    x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
-    _check_finite(x, where, candidates, ids)
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
+        x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
+    _check_finite(x, where, candidates, ids, original=lambda r, c: df[candidates[c]].iloc[r])
     return x, [str(c) for c in candidates], None
 
 
-def _check_finite(x, where, cols, ids):
+def _check_finite(x, where, cols, ids, original=None):
     bad = ~np.isfinite(x)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise InputError(f"{where}: column {cols[c]!r} has value {x[r, c]} at id {_show(ids[r])}; features must be finite")
+        value = x[r, c] if original is None else original(r, c)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            pass
+        if isinstance(value, float) and np.isfinite(value):  # finite in the file, beyond float32's range
+            raise InputError(f"{where}: column {cols[c]!r} has value {value:g} at id {_show(ids[r])}; features must "
+                             f"fit in float32 (|x| <= {np.finfo(np.float32).max:.3g})")
+        raise InputError(f"{where}: column {cols[c]!r} has value {value} at id {_show(ids[r])}; features must be finite")
 
 
 # ---------------------------------------------------------------- preparation

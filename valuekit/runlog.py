@@ -102,8 +102,8 @@ def _kind(t: pa.DataType) -> str:
 # The columns a reader relies on, with the kinds of Arrow type each may have (all-null columns are
 # written as nulls when a method has no such signal).
 _REQUIRED = {
-    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "weight": {"float", "int"},
-               "rank": {"int", "float"}},
+    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "value_std": {"float", "int", "null"},
+               "weight": {"float", "int"}, "rank": {"int", "float"}},
     "steps": {"step": {"int"}, "example_id": {"int", "str"}, "weight": {"float", "null"},
               "loss": {"float", "null"}},
     "metrics": {"step": {"int"}},
@@ -417,6 +417,28 @@ class Run:
     def sources(self) -> pd.DataFrame | None:
         t = self.table("sources")
         return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
+
+    def values_path(self) -> Path | None:
+        """values.parquet after checking its schema (no data read), or None when the run has none."""
+        p = self.path / "values.parquet"
+        if not p.exists():
+            return None
+        try:
+            if not p.is_file():
+                raise IsADirectoryError("a folder, not a file")
+            schema = pq.read_schema(p)
+        except Exception as exc:
+            raise unreadable(p, exc) from None
+        _check_columns(p, schema, _REQUIRED["values"])
+        return p
+
+    def check(self) -> "Run":
+        """Open every file of the run far enough to know it is a valuekit file (schemas, not the data):
+        a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made."""
+        self.values_path()
+        for table in TABLES:
+            self.dataset(table)
+        return self
 
     def values(self, *, partial: bool = True) -> pd.DataFrame | None:
         """values.parquet; for a run that never finished (and `partial`), a stand-in from the step log

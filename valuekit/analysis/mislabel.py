@@ -217,7 +217,7 @@ def open_runs(run_dirs) -> list:
 
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     for r in runs:

@@ -422,7 +422,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     names = run_columns(runs)
