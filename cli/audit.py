@@ -32,12 +32,16 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
-def _train_path(run) -> str | None:
-    """The training table named in run.json (data.train.path), if any."""
+def run_tables(run) -> list[str]:
+    """The tables named in run.json (data.train/dev/test.path): inputs, never an output."""
     data = run.meta.get("data") or {}
-    train = data.get("train") if isinstance(data, dict) else None
-    path = train.get("path") if isinstance(train, dict) else None
-    return path if isinstance(path, str) and path else None
+    out = []
+    for split in ("train", "dev", "test"):
+        d = data.get(split) if isinstance(data, dict) else None
+        path = d.get("path") if isinstance(d, dict) else None
+        if isinstance(path, str) and path:
+            out.append(path)
+    return out
 
 
 def summary_path(out: Path) -> Path:
@@ -86,7 +90,7 @@ def run(args) -> int:
     suffix = out.suffix.lower()
     check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=[args.data], runs=args.runs)
     # the runs' training tables are inputs too (never an output)
-    inputs = [args.data] + [_train_path(read_run(r)) for r in args.runs]
+    inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
     check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=args.runs)
     check_output(summary_path(out), inputs=inputs, runs=args.runs)
     if args.flag_fraction is not None and not 0.0 <= args.flag_fraction <= 1.0:

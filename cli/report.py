@@ -20,12 +20,12 @@ def run(args) -> int:
     from valuekit.errors import InputError
     from valuekit.report import write_report
 
-    from valuekit.cli.audit import _train_path
+    from valuekit.cli.audit import run_tables
     from valuekit.paths import check_output
     from valuekit.runlog import read_run
 
     check_output(args.out, suffixes=(".html", ".htm"), inputs=[args.data], runs=args.runs)
-    inputs = [args.data] + [_train_path(read_run(r)) for r in args.runs]
+    inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
     check_output(args.out, suffixes=(".html", ".htm"), inputs=inputs, runs=args.runs)
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: must be at least 1")

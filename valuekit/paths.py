@@ -91,8 +91,9 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
         if out == rp or out.is_relative_to(rp):
             raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
     inside = _run_dir_of(out)
-    if inside is not None and out.relative_to(inside).parts[0] in RUN_FILES:
-        raise InputError(f"{label}: is a file of the run directory {inside}; write outputs elsewhere")
+    if inside is not None:
+        what = "is a file of" if out.relative_to(inside).parts[0] in RUN_FILES else "lies in"
+        raise InputError(f"{label}: {what} the run directory {inside}; write outputs elsewhere")
     if out.exists():
         if kind == "file" and out.is_dir():
             raise InputError(f"{label}: is a directory; give a file name")

@@ -426,6 +426,10 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     if not runs:
         raise InputError("no run directory given")
     names = run_columns(runs)
+    if data is not None:  # a table the user names must be readable: refused here, before any figure is drawn
+        from valuekit.analysis.mislabel import training_table
+
+        training_table(runs[0], data)
 
     sections = [_summary(runs, names), _training(runs, names)]
     audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
