@@ -294,7 +294,7 @@ def _values_column(values_path: Path, name: str) -> pa.ChunkedArray:
 
 def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight) -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
-    values_path = run.values_path() or run.path / "values.parquet"
+    values_path = run.checked_values_path() or run.path / "values.parquet"
     if not values_path.exists():
         raise InputError(f"{run.path}: run has no values.parquet (status {run.meta.get('status')!r}); "
                          "finish it with --resume")

@@ -418,7 +418,7 @@ class Run:
         t = self.table("sources")
         return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
 
-    def values_path(self) -> Path | None:
+    def checked_values_path(self) -> Path | None:
         """values.parquet after checking its schema (no data read), or None when the run has none."""
         p = self.path / "values.parquet"
         if not p.exists():
@@ -435,7 +435,7 @@ class Run:
     def check(self) -> "Run":
         """Open every file of the run far enough to know it is a valuekit file (schemas, not the data):
         a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made."""
-        self.values_path()
+        self.checked_values_path()
         for table in TABLES:
             self.dataset(table)
         return self
