@@ -280,7 +280,7 @@ def test_damaged_checkpoint_on_resume(fresh, kind):
 
 def _contender(out: str, barrier, results) -> None:
     from valuekit.errors import ValueKitError
-    from valuekit.trainers.base import _prepare_dir
+    from valuekit.runlog import prepare_run
 
     # Widen the window between "is it there?" and "make it" (50 ms instead of microseconds) so that the
     # contenders really overlap on a busy 2-core machine: this is where the old code decided "I created it".
@@ -293,7 +293,7 @@ def _contender(out: str, barrier, results) -> None:
     Path.mkdir = slow_mkdir
     barrier.wait()
     try:
-        _prepare_dir(Path(out), {}, False)
+        prepare_run(Path(out), {}, False)
     except ValueKitError as exc:
         results.put(("lost", str(exc)))
         return
@@ -313,7 +313,7 @@ def test_simultaneous_creation_of_one_run_directory_is_race_free(tmp_path):
     wins each time, and its directory, lock and files survive the losers' clean-up (the code before
     issue 18 fails in the first round: a loser that had seen no directory removed the winner's, and a
     third process then took a second lock)."""
-    import valuekit.trainers.base  # noqa: F401 - imported once here, not in every forked child
+    import valuekit.runlog  # noqa: F401 - imported once here, not in every forked child
 
     ctx = mp.get_context("fork")
     for i in range(8):

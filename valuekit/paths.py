@@ -14,10 +14,6 @@ from pathlib import Path
 
 from valuekit.errors import InputError
 
-# Names inside a run directory that belong to the run (runlog.py writes them); never an output.
-RUN_FILES = ("run.json", "values.parquet", "checkpoint.pt", ".lock", "steps", "metrics", "sources")
-
-
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (its type name when it has none)."""
     for line in str(exc).splitlines():
@@ -41,8 +37,10 @@ def _nearest_existing(path: Path) -> Path:
 
 def _run_dir_of(path: Path) -> Path | None:
     """The run directory `path` lies in (any ancestor holding run.json), or None."""
+    from valuekit.runlog import RUN_JSON
+
     for parent in path.parents:
-        if (parent / "run.json").is_file():
+        if (parent / RUN_JSON).is_file():
             return parent
     return None
 
@@ -90,6 +88,8 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
         rp = Path(r).expanduser().resolve()
         if out == rp or out.is_relative_to(rp):
             raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
+    from valuekit.runlog import RUN_FILES, RUN_JSON
+
     inside = _run_dir_of(out)
     if inside is not None:
         what = "is a file of" if out.relative_to(inside).parts[0] in RUN_FILES else "lies in"
@@ -99,7 +99,7 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
             raise InputError(f"{label}: is a directory; give a file name")
         if kind != "file" and not out.is_dir():
             raise InputError(f"{label}: exists and is a file, not a folder")
-        if kind == "run" and (out / "run.json").exists() is False and any(out.iterdir()):
+        if kind == "run" and not (out / RUN_JSON).exists() and any(out.iterdir()):
             raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
                              f"choose a new or empty folder")
     base = _nearest_existing(out.parent if kind == "file" or not out.exists() else out)
