@@ -12,7 +12,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from valuekit.errors import InputError
+import pyarrow as pa
+
+from valuekit.errors import InputError, RunDirError
 
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (its type name when it has none)."""
@@ -108,3 +110,100 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
     if not _writable_dir(base):
         raise InputError(f"{label}: cannot write in {base} (permission denied or read-only)")
     return out
+
+
+# ---------------------------------------------------------------- run files (used by runlog)
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+# The columns a reader relies on, with the kinds of Arrow type each may have (all-null columns are
+# written as nulls when a method has no such signal).
+REQUIRED = {
+    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "value_std": {"float", "int", "null"},
+               "weight": {"float", "int"}, "rank": {"int", "float"}},
+    "steps": {"step": {"int"}, "example_id": {"int", "str"}, "weight": {"float", "null"},
+              "loss": {"float", "null"}},
+    "metrics": {"step": {"int"}},
+    "sources": {"step": {"int"}, "source": {"str"}, "prob": {"float"}},
+}
+
+
+def check_columns(path: Path, schema: pa.Schema, need: dict) -> None:
+    for name, kinds in need.items():
+        if name not in schema.names:
+            raise unreadable(path, f"no column {name!r}; not a valuekit file")
+        kind = _kind(schema.field(name).type)
+        if kind not in kinds:
+            raise unreadable(path, f"column {name!r} is {schema.field(name).type}, expected {'/'.join(sorted(kinds))}")
+
+
+def take_over_stale(lock: Path, holder: str) -> None:
+    """Remove the lock of a dead process, and only that one: the lock is renamed away first (atomic), and
+    when what was moved is a fresh lock another process made meanwhile, it is put back (link fails when a
+    third process already holds the name, in which case that one keeps it)."""
+    moved = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+    try:
+        os.rename(lock, moved)
+    except FileNotFoundError:
+        return
+    try:
+        if moved.read_text().strip() != holder:
+            try:
+                os.link(moved, lock)
+            except FileExistsError:
+                pass
+    finally:
+        moved.unlink(missing_ok=True)
+
+
+def make_run_dir(run_dir: Path) -> bool:
+    """Create run_dir (and parents); True only when this call created it, so that a caller that fails
+    later removes only a folder it made itself."""
+    try:
+        Path(run_dir).mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if not Path(run_dir).is_dir():
+            raise RunDirError(f"{run_dir}: exists and is not a folder") from None
+        return False
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a folder this process created, only while it is still empty (another process may have
+    started using it)."""
+    try:
+        Path(run_dir).rmdir()
+    except OSError:
+        pass
+
+
+CHECKPOINT_KEYS = {"step": int, "trainer": dict, "sampler": dict, "parts": dict, "elapsed": (int, float)}
+
+
+def check_training_state(state, path: Path, tables) -> None:
+    """A checkpoint the training loop can resume from: its entries and their types."""
+    import torch
+
+    if not isinstance(state, dict):
+        raise unreadable(path, f"holds a {type(state).__name__}, not a valuekit checkpoint")
+    for key, kind in CHECKPOINT_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise unreadable(path, f"no valid {key!r} entry; not a valuekit checkpoint")
+    if not isinstance(state.get("generator"), torch.Tensor) or state["generator"].dtype != torch.uint8:
+        raise unreadable(path, "no valid 'generator' entry; not a valuekit checkpoint")
+    if state["step"] < 0 or not all(isinstance(v, int) and v >= 0 for v in state["parts"].values()) \
+            or not set(state["parts"]) <= set(tables):
+        raise unreadable(path, "invalid 'step' or 'parts' entry; not a valuekit checkpoint")

@@ -34,7 +34,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from valuekit.errors import RunDirError
-from valuekit.paths import unreadable
+from valuekit.paths import (REQUIRED, check_columns, check_training_state, make_run_dir, remove_if_empty,
+                            take_over_stale, unreadable)
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
@@ -98,41 +99,6 @@ def values_schema(id_type: str, extra: list[str] = ()) -> pa.Schema:
         ("rank", pa.int64()),
     ]
     return pa.schema(fields + [(c, pa.float64()) for c in extra])
-
-
-def _kind(t: pa.DataType) -> str:
-    if pa.types.is_integer(t):
-        return "int"
-    if pa.types.is_floating(t):
-        return "float"
-    if pa.types.is_string(t) or pa.types.is_large_string(t):
-        return "str"
-    if pa.types.is_boolean(t):
-        return "bool"
-    if pa.types.is_null(t):
-        return "null"
-    return str(t)
-
-
-# The columns a reader relies on, with the kinds of Arrow type each may have (all-null columns are
-# written as nulls when a method has no such signal).
-_REQUIRED = {
-    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "value_std": {"float", "int", "null"},
-               "weight": {"float", "int"}, "rank": {"int", "float"}},
-    "steps": {"step": {"int"}, "example_id": {"int", "str"}, "weight": {"float", "null"},
-              "loss": {"float", "null"}},
-    "metrics": {"step": {"int"}},
-    "sources": {"step": {"int"}, "source": {"str"}, "prob": {"float"}},
-}
-
-
-def _check_columns(path: Path, schema: pa.Schema, need: dict) -> None:
-    for name, kinds in need.items():
-        if name not in schema.names:
-            raise unreadable(path, f"no column {name!r}; not a valuekit file")
-        kind = _kind(schema.field(name).type)
-        if kind not in kinds:
-            raise unreadable(path, f"column {name!r} is {schema.field(name).type}, expected {'/'.join(sorted(kinds))}")
 
 
 def _meta(table: str, run_id: str) -> dict[bytes, bytes]:
@@ -212,7 +178,7 @@ def acquire_lock(run_dir: Path) -> Path:
                 holder = ""
             host, _, pid = holder.rpartition(":")
             if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                _take_over_stale(lock, holder)
+                take_over_stale(lock, holder)
                 continue
             raise RunDirError(
                 f"{run_dir}: run directory is in use by another valuekit process ({holder or 'unknown'}); "
@@ -222,46 +188,6 @@ def acquire_lock(run_dir: Path) -> Path:
             f.write(me)
         return lock
     raise RunDirError(f"{run_dir}: could not take the lock {lock}")
-
-
-def _take_over_stale(lock: Path, holder: str) -> None:
-    """Remove the lock of a dead process, and only that one: the lock is renamed away first (atomic), and
-    when what was moved is a fresh lock another process made meanwhile, it is put back (link fails when a
-    third process already holds the name, in which case that one keeps it)."""
-    moved = lock.with_name(f"{LOCK}.stale.{os.getpid()}")
-    try:
-        os.rename(lock, moved)
-    except FileNotFoundError:
-        return
-    try:
-        if moved.read_text().strip() != holder:
-            try:
-                os.link(moved, lock)
-            except FileExistsError:
-                pass
-    finally:
-        moved.unlink(missing_ok=True)
-
-
-def make_run_dir(run_dir: Path) -> bool:
-    """Create run_dir (and parents); True only when this call created it, so that a caller that fails
-    later removes only a folder it made itself."""
-    try:
-        Path(run_dir).mkdir(parents=True)
-        return True
-    except FileExistsError:
-        if not Path(run_dir).is_dir():
-            raise RunDirError(f"{run_dir}: exists and is not a folder") from None
-        return False
-
-
-def remove_if_empty(run_dir: Path) -> None:
-    """Remove a folder this process created, only while it is still empty (another process may have
-    started using it)."""
-    try:
-        Path(run_dir).rmdir()
-    except OSError:
-        pass
 
 
 def rank_by_value(value) -> np.ndarray:
@@ -420,14 +346,14 @@ class Run:
         parts = sorted(folder.rglob("part-*.parquet"))
         if not parts:
             return None
-        need = _REQUIRED[table]
+        need = REQUIRED[table]
         schema = None
         for part in parts:
             try:
                 part_schema = pq.read_schema(part)
             except Exception as exc:
                 raise unreadable(part, exc) from None
-            _check_columns(part, part_schema, need)
+            check_columns(part, part_schema, need)
             schema = schema or part_schema
         try:
             return ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
@@ -475,7 +401,7 @@ class Run:
             schema = pq.read_schema(p)
         except Exception as exc:
             raise unreadable(p, exc) from None
-        _check_columns(p, schema, _REQUIRED["values"])
+        check_columns(p, schema, REQUIRED["values"])
         return p
 
     def check(self) -> "Run":
@@ -498,7 +424,7 @@ class Run:
                 table = pq.read_table(p)
             except Exception as exc:
                 raise unreadable(p, exc) from None
-            _check_columns(p, table.schema, _REQUIRED["values"])
+            check_columns(p, table.schema, REQUIRED["values"])
             return table.to_pandas()
         return self.values_from_steps() if partial else None
 
@@ -616,9 +542,6 @@ def save_checkpoint(run_dir, blob: dict) -> None:
     write_atomic(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
 
 
-CHECKPOINT_KEYS = {"step": int, "trainer": dict, "sampler": dict, "parts": dict, "elapsed": (int, float)}
-
-
 def load_checkpoint(run_dir, *, training: bool = False) -> dict | None:
     """The run's checkpoint (weights_only=True: tensors and plain containers, never arbitrary objects),
     on the CPU; None when the run has none. A damaged or foreign file raises
@@ -634,20 +557,5 @@ def load_checkpoint(run_dir, *, training: bool = False) -> dict | None:
     except Exception as exc:
         raise unreadable(path, f"not a checkpoint valuekit can load safely: {type(exc).__name__}") from None
     if training:
-        _check_training_state(state, path)
+        check_training_state(state, path, TABLES)
     return state
-
-
-def _check_training_state(state, path: Path) -> None:
-    import torch
-
-    if not isinstance(state, dict):
-        raise unreadable(path, f"holds a {type(state).__name__}, not a valuekit checkpoint")
-    for key, kind in CHECKPOINT_KEYS.items():
-        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
-            raise unreadable(path, f"no valid {key!r} entry; not a valuekit checkpoint")
-    if not isinstance(state.get("generator"), torch.Tensor) or state["generator"].dtype != torch.uint8:
-        raise unreadable(path, "no valid 'generator' entry; not a valuekit checkpoint")
-    if state["step"] < 0 or not all(isinstance(v, int) and v >= 0 for v in state["parts"].values()) \
-            or not set(state["parts"]) <= set(TABLES):
-        raise unreadable(path, "invalid 'step' or 'parts' entry; not a valuekit checkpoint")
