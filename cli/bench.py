@@ -29,11 +29,38 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def _check(args) -> None:
+    """Every option is checked before the first benchmark starts (a typo must not cost a speed run)."""
+    from valuekit.config import available_methods
+    from valuekit.datasets import DATASETS
+    from valuekit.errors import InputError
+    from valuekit.paths import check_output
+    from valuekit.trainers.base import resolve_device
+
+    check_output(args.out, kind="dir")
+    resolve_device(args.device)
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be >= 1")
+    items = {key: [t.strip() for t in (getattr(args, key) or "").split(",") if t.strip()]
+             for key in ("seeds", "datasets", "methods")}
+    for key in ("seeds", "datasets", "methods"):
+        if getattr(args, key) is not None and not items[key]:
+            raise InputError(f"--{key} {getattr(args, key)!r}: empty list")
+    bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
+    if bad:
+        raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
+    for key, known in (("datasets", list(DATASETS)), ("methods", available_methods())):
+        unknown = [t for t in items[key] if t not in known]
+        if unknown:
+            raise InputError(f"--{key}: unknown {key[:-1]} {unknown[0]!r}; choose from {', '.join(known)}")
+
+
 def run(args) -> int:
     from pathlib import Path
 
     from valuekit.bench import KINDS, run_bench, write_index
 
+    _check(args)
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def test_teacher_inputs_subset_and_validation():
                 dict(teacher_inputs=""), dict(teacher_inputs="loss,loss"),
                 dict(variant="mwnet", teacher_inputs="features"), dict(variant="l2rw", meta_every=2),
                 dict(virtual_lr=0.0), dict(virtual_momentum=1.0), dict(dev_batch_size=-1), dict(meta_every=0)):
-        with pytest.raises(InputError):
+        key, value = list(bad.items())[-1]  # the message names the offending setting and its value
+        with pytest.raises(InputError, match=rf"{key}\W+'?{re.escape(str(value))}"):
             Config(**bad).validate()
     Config(variant="mwnet", teacher_inputs="loss").validate()
     vals, _ = parse_overrides(["teacher_inputs=loss,features", "unroll=3"], Config)
