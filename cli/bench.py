@@ -5,6 +5,8 @@ Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found 
 
 from __future__ import annotations
 
+from valuekit.cli.common import add_threads_option
+
 
 def add_parser(sub):
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale)", description=__doc__)
@@ -18,6 +20,7 @@ def add_parser(sub):
     p.add_argument("--datasets", default=None, help="quality: comma-separated data sets (default digits,mnist5k,"
                    "fashion-mnist when installed)")
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
+    add_threads_option(p)
     p.set_defaults(func=run)
 
 
@@ -25,11 +28,18 @@ def run(args) -> int:
     from pathlib import Path
 
     from valuekit.bench import KINDS, run_bench, write_index
+    from valuekit.cli.common import apply_cli_threads
+
+    apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
 
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods}
-    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out]
+    if args.threads is not None:
+        argv_threads = ["--threads", str(args.threads)]
+    else:
+        argv_threads = []
+    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out, *argv_threads]
     for key, value in options.items():
         if value is not None:
             argv += [f"--{key}", str(value)]
