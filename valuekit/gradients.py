@@ -471,8 +471,8 @@ class LayerTape:
             own = dict(mod.named_parameters(recurse=False))
             if not own:
                 continue
-            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d")
+            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward, nn.modules.batchnorm._BatchNorm.forward):
+                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d/BatchNorm")
             self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
         self.modules = [m for m in model.modules() if id(m) in self.names]
         self.records: list[list] = []
@@ -507,6 +507,14 @@ class LayerTape:
                 r = (grad * F.linear(a, v[wname])).reshape(b, -1).sum(1)
                 if bname is not None:
                     r = r + grad.reshape(b, -1, grad.shape[-1]).sum(1) @ v[bname]
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                # the output is linear in (weight, bias): normalise the recorded input as the forward did
+                # (batch statistics in training mode, else the running ones; nothing is updated) with weight
+                # and bias replaced by v
+                batch_stats = mod.training or mod.running_mean is None
+                y_v = F.batch_norm(a, None if batch_stats else mod.running_mean, None if batch_stats else mod.running_var,
+                                   v[wname], None if bname is None else v[bname], training=batch_stats, eps=mod.eps)
+                r = (grad * y_v).reshape(b, -1).sum(1)
             else:
                 r = (grad * mod._conv_forward(a, v[wname], None)).reshape(b, -1).sum(1)
                 if bname is not None:
