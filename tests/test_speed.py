@@ -152,3 +152,25 @@ def test_step_times_breakdown_and_layer_under_load():
     assert [r["setting"] for r in rows][0] == "idle, 1 thread" and len(rows) == 4
     assert all(r["median_ms"] > 0 for r in rows) and rows[1]["vs_loaded_1_thread"] == pytest.approx(1.0)
     assert torch.get_num_threads() >= 1
+
+
+def test_batchnorm_models_use_exact_dots_in_dds_and_hostcp():
+    from valuekit.bench import _bench_tables
+    from valuekit.trainers.base import Batch, TrainConfig, make_trainer
+
+    tr, dv = _bench_tables(side=16)
+    dds, _, ctx = make_trainer(tr, dv, TrainConfig(method="dds", model="resnet", batch_size=8, steps=10,
+                                                   progress=False, device="cpu"))
+    assert dds.tape is None
+    hc, _, _ = make_trainer(tr, dv, TrainConfig(method="hostcp", model="resnet", batch_size=8, steps=10,
+                                                progress=False, device="cpu"))
+    assert hc.tape is None and hc.dots_method == "exact"
+    mlp, _, _ = make_trainer(tr, dv, TrainConfig(method="hostcp", model="mlp", batch_size=8, steps=10,
+                                                 progress=False, device="cpu"))
+    assert mlp.tape is not None and mlp.dots_method == "fused"
+    # a dds scorer update on the resnet runs and gives finite rewards
+    dds.cfg.scorer_warmup = 0
+    for step in range(1, 5):
+        idx = torch.arange(8 * step, 8 * step + 8)
+        rec = dds.step(Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx]))
+    assert rec.reward is not None and torch.isfinite(rec.reward).all()

@@ -462,6 +462,11 @@ class LayerTape:
     and grad_b l_i . v_b = sum over positions of dl_i/dout_i . v_b (the "ghost" identity of `per_example_dots`).
     The backward must be of a *sum* of per-row terms; `dots` then returns d(that sum)/d(row term) times
     grad l_i . v, i.e. each row's loss weight times its dot product. Use as a context manager around the pass.
+
+    BatchNorm layers are recorded too (their output is linear in (weight, bias)); in training mode the rows
+    interact through the batch statistics, and the per-row terms are then each row's share of the batch
+    gradient's dot product (they still sum to it exactly), not grad l_i . v: methods that need the latter
+    use forward-mode dots for such models (dds, hostcp, lrdi do).
     """
 
     def __init__(self, model: nn.Module):
