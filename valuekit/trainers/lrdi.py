@@ -14,6 +14,12 @@ by the batch mean). The teacher is trained by meta-gradients (the paper's Algori
    detached from the student) and one teacher optimizer (Adam) step;
 3. the real student step with the updated teacher's (detached) weights and the loop's optimizer.
 
+For one virtual step (the default) the meta-gradient is computed without a double backward
+(``meta_grad="auto"``): θ' = θ − α ∇θ L gives ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ'), and those B dot
+products come from the student's own forward/backward (`gradients.LayerTape`, as DDS's fused rewards),
+or from one forward-mode pass when BatchNorm makes the rows interact; the teacher's gradient is then one
+backward of w. Same numbers as the second-order autograd path (``meta_grad="autograd"``, used for K > 1).
+
 Variants sharing this code (`variant` in Config; the method registry maps the names):
 
 * ``mwnet`` — Meta-Weight-Net (Shu et al., NeurIPS 2019, Alg. 1): the same loop with the teacher
