@@ -94,6 +94,9 @@ def _bench_tables(data_dir: Path | None = None, *, sources: int = 3, side: int =
 
 #: the models of `bench speed`: name -> (image side, batch size)
 SPEED_MODELS = {"mlp": (8, 64), "cnn": (8, 64), "resnet": (28, 128)}
+#: timed resnet steps per repetition (kept small: a shared 2-core machine gives this process a fraction of a core)
+RESNET_STEPS = 5
+TOY_STEPS = 40  # timed mlp/cnn steps per repetition
 #: issue 20's "done when" ratios (model, method) -> most step time / uniform's
 TARGETS = {("resnet", "dds"): 1.3, ("resnet", "bads"): 1.1, ("resnet", "hostcp"): 1.4, ("resnet", "multidds"): 1.6,
            ("resnet", "l2rw"): 2.0, ("resnet", "mwnet"): 2.0, ("resnet", "lrdi"): 2.2, ("mlp", "lrdi"): 2.5,
@@ -364,7 +367,8 @@ def thread_table(tr_small, dv_small, tr_big, dv_big, *, steps: int, threads: int
             trainer, sampler, ctx = make_trainer(tr, dv, TrainConfig(method="uniform", model=model, batch_size=bs,
                                                                      steps=10**6, progress=False, device="cpu"))
             t = {1: [], threads: []}
-            for i in range(2 * steps + 2):
+            n_steps = steps if side == 8 else max(2, steps // 4)
+            for i in range(2 * n_steps + 2):
                 th = 1 if i % 2 == 0 else threads
                 torch.set_num_threads(th)
                 idx = sampler.next(bs)
@@ -381,7 +385,7 @@ def thread_table(tr_small, dv_small, tr_big, dv_big, *, steps: int, threads: int
 
 
 def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = False, methods=None,
-                models=None, data_dir=None, reps: int | None = None) -> Path:
+                models=None, data_dir=None, reps: int | None = None, memory: bool = False) -> Path:
     """Median step time of each method / uniform on the same model, batch and data, with a breakdown, plus
     peak memory, the step log's cost, the subset layer under load and the thread table."""
     import torch
@@ -409,8 +413,8 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         if quick:
             steps, warmup = 12, 3
         else:
-            steps, warmup = (20, 3) if side != 8 else (100, 20)
-        before = [] if quick else [BEFORE[m] for m in methods if m in BEFORE]
+            steps, warmup = (RESNET_STEPS, 2) if side != 8 else (TOY_STEPS, 5)
+        before = [] if quick else [BEFORE[m] for m in methods if m in BEFORE and (side == 8 or m in ("lrdi", "multidds"))]
         times, parts = step_times(tr, dv, methods=["uniform", *methods, *before], model=model, batch_size=batch_size,
                                   steps=steps, warmup=warmup, device=device, reps=reps, breakdown=True)
         rep_med = {m: np.median(t, axis=1) for m, t in times.items()}  # (reps,)
@@ -423,7 +427,7 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                 "p90_step_ms": 1e3 * float(np.quantile(t, 0.9)), "ratio_vs_uniform": med / base,
                 "ratio_min": float(rep_ratio.min()), "ratio_max": float(rep_ratio.max()),
                 "steps_per_s": 1.0 / med, "steps_timed": int(t.size), "reps": reps,
-                "peak_mem_mib": float("nan") if quick or "[" in m else _peak_memory(m, model, batch_size,
+                "peak_mem_mib": float("nan") if quick or not memory or "[" in m or side != 8 else _peak_memory(m, model, batch_size,
                                                                                       10 if side != 8 else 30,
                                                                                       device, data_dir, side),
             })
@@ -437,12 +441,12 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                                    "logging_pct_of_step": 100 * logging / total})
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     frame = pd.DataFrame(rows)
-    log = logging_overhead(steps=200 if quick else 1000, repeats=1 if quick else 5, device=device,
+    log = logging_overhead(steps=200 if quick else 600, repeats=1 if quick else 3, device=device,
                            sync_writer=not quick)
-    layer = layer_under_load(reps=3 if quick else 15, default_threads=torch_default) if device == "cpu" else []
+    layer = layer_under_load(reps=3 if quick else 9, default_threads=torch_default) if device == "cpu" else []
     threads = [] if quick or device != "cpu" else thread_table(*tables.get(8, _bench_tables(data_dir)),
                                                                  *tables.get(28, _bench_tables(data_dir, side=28)),
-                                                                 steps=8, threads=torch_default)
+                                                                 steps=6, threads=torch_default)
     mem_kind = "CUDA max allocated" if device.startswith("cuda") else "peak RSS of a child process (1 thread)"
     lines = _header("Speed: step time of each method relative to uniform", command, device) + [
         f"Load average (1 min) of the machine: {load_before:.1f} before, {load_after:.1f} after the step timings "
@@ -450,10 +454,11 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "Data: bundled digits-noisy20 (1,338 rows, 8x8) with 3 sources; mlp and cnn at batch 64 on 8x8, resnet",
         "(a small residual CNN with BatchNorm, `valuekit.models.resnet_body`, random init) at batch 128 on the",
         f"same images resized to 28x28. {reps} repetition(s) of interleaved timed steps per model (mlp/cnn: "
-        f"{100 if not quick else 12} steps, resnet: {20 if not quick else 12}",
+        f"{TOY_STEPS if not quick else 12} steps, resnet: {RESNET_STEPS if not quick else 12}",
         "steps per repetition, after warm-up), methods interleaved step by step in one process (the order rotates",
         "every round). Median step = median over repetitions of each repetition's median; ratio = that / uniform's;",
-        f"min-max = the range of the per-repetition ratios. Memory: {mem_kind}.",
+        f"min-max = the range of the per-repetition ratios. Memory: {mem_kind} (resnet: not measured; "
+        f"`memory=False`, the default, skips it: one child process per method costs minutes on a loaded machine).",
         "", "| model | method | median step (ms) | ratio vs uniform | ratio min-max | p90 (ms) | steps/s | peak memory (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
