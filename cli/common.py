@@ -79,7 +79,38 @@ def load_tables(args, table_path):
     kw.pop("feature_cols"), kw.pop("image_shape")
     dev = load_table(args.dev, name="dev", like=train, **kw)
     test = load_table(args.test, name="test", like=train, **kw) if args.test else None
+    for note in table_warnings(train, dev, batch_size=getattr(args, "batch_size", 0) or 0):
+        warn(note)
     return train, dev, test
+
+
+def warn(message: str) -> None:
+    """One line on stderr for input that is accepted but probably not what the user meant."""
+    import sys
+
+    print(f"valuekit: warning: {message}", file=sys.stderr)
+
+
+def _is_int_text(text: str) -> bool:
+    return text.lstrip("+-").isdigit()
+
+
+def table_warnings(train, dev, *, batch_size: int) -> list[str]:
+    """Accepted but suspicious input: a batch larger than the table, a dev table that is the training
+    table, a stray text label among integer labels."""
+    notes = []
+    if batch_size > len(train):
+        notes.append(f"--batch-size {batch_size} is larger than the training table ({len(train)} rows); "
+                     f"every step then sees rows repeated")
+    if len(dev) == len(train) and dev.fingerprint() == train.fingerprint():
+        notes.append(f"the dev table {dev.path or ''} holds the same rows as the training table; the methods "
+                     f"then learn nothing a plain run would not (the dev table should be small and trusted)")
+    ints = [c for c in train.classes if _is_int_text(c)]
+    others = [c for c in train.classes if not _is_int_text(c)]
+    if ints and others and len(others) <= max(1, len(train.classes) // 4):
+        notes.append(f"{train.path or 'train'}: label {others[0]!r} is not an integer while the other labels "
+                     f"are ({', '.join(ints[:5])}{', ...' if len(ints) > 5 else ''}); a stray value?")
+    return notes
 
 
 def train_config(args) -> tuple[TrainConfig, object]:
