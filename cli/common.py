@@ -33,6 +33,13 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda (default: auto)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
+    add_threads_option(g)
+
+
+def add_threads_option(p) -> None:
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="CPU threads for torch (default: $VALUEKIT_THREADS, else 1 for the small built-in models "
+                        "linear/mlp/cnn, torch's default for larger ones; see valuekit.threads)")
 
 
 def table_kwargs(args) -> dict:
@@ -113,7 +120,19 @@ def train_config(args) -> tuple[TrainConfig, object]:
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device)
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
+    apply_cli_threads(args, model=cfg.model, device=cfg.device)
     return cfg, method_cfg
+
+
+def apply_cli_threads(args, *, model: str | None = None, device: str | None = None) -> int:
+    """Apply --threads / $VALUEKIT_THREADS / the measured default (valuekit.threads) before any torch work."""
+    from valuekit.threads import apply_threads
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return apply_threads(getattr(args, "threads", None), model=model, device=device)
 
 
 def _load_text_pairs(args, table_path):
