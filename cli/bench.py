@@ -1,5 +1,5 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
-(uniform, dds, dds-entropy, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
+(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
 see valuekit.suites); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
