@@ -30,7 +30,7 @@ from valuekit import distributed as dist_
 from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
-from valuekit.models import MODELS, build_model, feature_stats
+from valuekit.models import build_model, build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
 
 CHECKPOINT = "checkpoint.pt"
@@ -102,6 +102,12 @@ class TrainContext:
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
+    model_factory: Any = None  # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.resolve_factory)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one row as a user's model receives it: the image shape, or (features,)."""
+        return tuple(self.image_shape) if self.image_shape else (self.x.shape[1],)
 
     @property
     def n(self) -> int:
@@ -139,6 +145,11 @@ class TrainContext:
 
     def build_model(self, name: str | None = None, *, out_features: int | None = None) -> torch.nn.Module:
         """The configured model (or `name`) for this data, initialised from the run's generator."""
+        spec = name or self.config.model
+        if not is_builtin(spec):  # a user's model: pkg.mod:factory, torchvision:NAME, a factory or a module
+            model = build_user_model(spec, num_classes=out_features or self.num_classes, input_shape=self.input_shape,
+                                     generator=self.generator, factory=None if name else self.model_factory)
+            return model.to(self.device)
         model = build_model(
             name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
             image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,
@@ -244,8 +255,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    if cfg.model not in MODELS:
-        raise InputError(f"--model {cfg.model!r}: choose from {', '.join(MODELS)}")
+    check_model_spec(cfg.model)
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer {cfg.optimizer!r}: use adam or sgd")
     for name in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every", "hidden"):
@@ -333,7 +343,7 @@ def _to_device(data: ValueDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfig, device: torch.device,
-                  *, rank: int = 0, world_size: int = 1) -> TrainContext:
+                  *, rank: int = 0, world_size: int = 1, model_factory=None) -> TrainContext:
     """Move trainer-visible data to the device and seed the run's generator (no run directory involved)."""
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _to_device(view, device)
@@ -350,18 +360,39 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, model_factory=model_factory,
     )
 
 
 def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: TrainConfig,
-                 method_config: dict | None = None):
+                 method_config: dict | None = None, *, model=None):
     """(trainer, sampler, ctx) for `config.method` without a run directory: for benchmarks and notebooks."""
     module, overrides = load_method(config.method)
     mcfg = module.Config(**{**overrides, **(method_config or {})})
-    ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device))
+    config, factory = _resolve_model(config, model, train_data)
+    ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device),
+                        model_factory=factory)
     trainer = module.Trainer(ctx, mcfg)
     return trainer, getattr(trainer, "sampler", None) or RandomSampler(ctx.n, ctx.generator), ctx
+
+
+def _resolve_model(config: TrainConfig, model, data: ValueDataset):
+    """(config with model described as text, factory or None): a user's model is imported/resolved once here
+    and built on two rows to check that it gives one logit per class, before anything is written."""
+    from valuekit.models import check_output, describe_model, resolve_factory
+
+    if model is not None:
+        check_model_spec(model)
+        config = dataclasses.replace(config, model=describe_model(model))
+    spec = config.model if model is None else model
+    if is_builtin(spec):
+        return config, None
+    factory = resolve_factory(spec)
+    shape = tuple(data.image_shape) if data.image_shape else (data.x.shape[1],)
+    probe = build_user_model(spec, num_classes=data.num_classes, input_shape=shape,
+                             generator=torch.Generator().manual_seed(config.seed), factory=factory)
+    check_output(probe, data.x[:2], data.num_classes, config.model)
+    return config, factory
 
 
 def train(
@@ -375,8 +406,12 @@ def train(
     resume: bool = False,
     hooks: list | None = None,
     name: str | None = None,
+    model=None,
 ):
     """Train `config.method` on `train_data`, log to the run directory `out`, return the opened Run.
+
+    `model` (optional) is a user's model: an nn.Module (each build is a deep copy of it), a factory
+    `f(num_classes=, input_shape=)`, or a spec string; it replaces `config.model` (run.json records its name).
 
     `hooks` are objects with any of `on_step_end(step, batch, record, trainer)` and
     `on_eval(step, metrics)`; they see everything the loop sees (used by benchmarks).
@@ -390,6 +425,7 @@ def train(
     """
     config = config or TrainConfig()
     validate_config(config)
+    config, factory = _resolve_model(config, model, train_data)
     module, overrides = load_method(config.method)
     mcfg_values = {**overrides, **(method_config or {})}
     unknown = set(mcfg_values) - {f.name for f in dataclasses.fields(module.Config)}
@@ -436,7 +472,7 @@ def train(
     started_group = dist_.init(info, device)
     try:
         return _train(train_data, dev_data, test_data, view=view, out=out, config=config, module=module, mcfg=mcfg,
-                      meta=meta, resume=resume, hooks=hooks, device=device, info=info)
+                      meta=meta, resume=resume, hooks=hooks, device=device, info=info, model_factory=factory)
     finally:
         dist_.shutdown(started_group)
 
@@ -475,7 +511,7 @@ def _prepare_dir(out: Path, meta: dict, resume: bool):
 
 
 def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainConfig, module, mcfg, meta: dict,
-           resume: bool, hooks, device: torch.device, info: dist_.DistInfo):
+           resume: bool, hooks, device: torch.device, info: dist_.DistInfo, model_factory=None):
     world, rank, main = info.world_size, info.rank, info.is_main
     ckpt_path = out / CHECKPOINT
     lock = state = None
@@ -502,7 +538,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     else:
         lock, state = _prepare_dir(out, meta, resume)
 
-    ctx = build_context(view, dev_data, config, device, rank=rank, world_size=world)
+    ctx = build_context(view, dev_data, config, device, rank=rank, world_size=world, model_factory=model_factory)
     generator = ctx.generator
     trainer = module.Trainer(ctx, mcfg)
     sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)

@@ -39,7 +39,7 @@ from torch import nn
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.gradients import DOT_METHODS, LayerTape, per_example_dots
-from valuekit.models import Standardize
+from valuekit.models import Standardize, last_linear
 from valuekit.trainers.base import CHECKPOINT, Batch, StepRecord, TrainContext, per_example_loss
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
@@ -139,7 +139,7 @@ def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
     """The scorer, initialised from the run's generator, with a zero output layer so p starts uniform."""
     if cfg.scorer == "same":
         scorer = SameScorer(ctx.build_model())
-        last = scorer.net.head
+        last = last_linear(scorer.net)[1]  # the classifier head of a built-in or a user's model
     else:
         scorer = MLPScorer(ctx.x.shape[1], ctx.num_classes, cfg.scorer_hidden, ctx.mean, ctx.std)
         for m in scorer.body:
@@ -180,8 +180,8 @@ class Trainer:
         if cfg.reward_method == "fused":
             try:
                 self.tape = LayerTape(self.model)
-            except NotImplementedError as exc:
-                raise InputError(f"--set reward_method=fused: {exc}; use reward_method=exact") from None
+            except NotImplementedError:  # layers other than Linear/Conv2d (a user's model): exact dots instead
+                self.tape = None
         self.t = 0  # DDS steps taken (loop steps), for warm-up and update_every
         self.r_mean = torch.zeros((), dtype=torch.float64, device=ctx.device)  # moving baseline
         self.r_var = torch.ones((), dtype=torch.float64, device=ctx.device)

@@ -6,7 +6,7 @@ Per mini-batch (the paper's alternating minimisation, one batch at a time):
 
 1. the selection model scores each example, s_i = h(u_i) . E[y_i] + b[y_i], with u_i the input
    features (``selector_input="features"``) or the main model's detached penultimate features
-   (``"embedding"``, ``model.features(x)``);
+   (``"embedding"``: the input of the model's last nn.Linear, or of ``feature_layer``, read with a forward hook);
 2. the convex layer turns the scores into a relaxed subset w in [0, 1]^B with sum(w) = k = fraction*B:
    ``valuekit.selection.SubsetSelection`` (max s.w - lam R(w), exact closed-form backend by default),
    or, with ``representatives=True``, the paper's representativeness program
@@ -65,6 +65,7 @@ from torch.func import functional_call
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
 from valuekit.gradients import LayerTape, per_example_dots
+from valuekit.models import feature_dim, feature_module, features_and_logits
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
 
@@ -82,7 +83,7 @@ class Config:
     reg: str = "quadratic"  # regulariser of the subset program: quadratic | entropy
     lam: float = 0.5  # its strength (> 0; larger = flatter weights, informative gradients)
     backend: str = "exact"  # exact (closed form) | cvxpylayers (reference, slow)
-    selector_input: str = "features"  # features: MLP over the inputs | embedding: over model.features(x).detach()
+    selector_input: str = "features"  # features: MLP over the inputs | embedding: over the model's detached features (hook)
     selector_hidden: int = 64  # hidden width of the selection model
     selector_lr: float = 1e-3  # Adam learning rate of the selection model (0 freezes it: uniform weights)
     lookahead_lr: float = 0.1  # eta of the virtual SGD step theta' = theta - eta grad L_w
@@ -92,6 +93,8 @@ class Config:
     # ghost | exact: valuekit.gradients.per_example_dots (one extra pass) | autograd: second order (reference)
     meta_grad: str = "fused"
     threshold: float = 0.5  # w_i > threshold is logged as selected
+    # selector_input=embedding reads the input of this layer (forward hook); "" = the model's last nn.Linear
+    feature_layer: str = ""
     representatives: bool = False  # use the representativeness program (cvxpylayers, slow) instead of SubsetSelection
     rep_alpha: float = 1.0  # weight of the representation cost against the scores
     rep_ridge: float = 0.1  # ridge term of the representativeness program
@@ -147,8 +150,8 @@ class Trainer:
         if cfg.selector_input == "features":
             width, mean, std = ctx.x.shape[1], ctx.mean, ctx.std
         else:
-            with torch.no_grad():
-                width = self.model.features(ctx.x[:1]).shape[1]
+            self.feature_layer = feature_module(self.model, cfg.feature_layer)
+            width = feature_dim(self.model, self.feature_layer, ctx.x[:2])
             mean = std = None  # penultimate features are already on the model's scale
         self.selector = Selector(width, ctx.num_classes, cfg.selector_hidden, mean, std)
         for m in self.selector.body:
@@ -176,8 +179,8 @@ class Trainer:
         if cfg.meta_grad == "fused":
             try:
                 self.tape = LayerTape(self.model)
-            except NotImplementedError as exc:
-                raise InputError(f"--set meta_grad=fused: {exc}; use meta_grad=exact") from None
+            except NotImplementedError:  # layers other than Linear/Conv2d (a user's model): exact dots instead
+                self.tape = None
 
     # -------------------------------------------------------- pieces
 
@@ -185,7 +188,7 @@ class Trainer:
         if self.cfg.selector_input == "features":
             return x
         with torch.no_grad():
-            return self.model.features(x)
+            return features_and_logits(self.model, x, self.feature_layer)[0]
 
     def _weights(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Relaxed subset weights; under torchrun of the whole global batch (rank 0's rows first)."""
@@ -228,13 +231,14 @@ class Trainer:
         dev_loss = dev_loss.detach().reshape(1)
         self.ctx.all_reduce_([*v, dev_loss])
         v = dict(zip(ahead, v))
-        if self.cfg.meta_grad == "fused":
+        if self.cfg.meta_grad == "fused" and self.tape is not None:
             scaled = self.tape.dots(v, w.shape[0]).to(w.dtype)  # (w_i / k) grad l_i . v
             wd = w.detach()
             dots = torch.where(wd > 0, scaled / torch.where(wd > 0, wd, torch.ones_like(wd)) * k,
                                torch.zeros_like(wd))
         else:
-            dots = per_example_dots(self.model, x, y, v, method=self.cfg.meta_grad, params=params).to(w.dtype)
+            method = "exact" if self.cfg.meta_grad == "fused" else self.cfg.meta_grad
+            dots = per_example_dots(self.model, x, y, v, method=method, params=params).to(w.dtype)
         return -(eta / k) * dots, float(dev_loss.detach())
 
     def lookahead_dev_loss(self, x, y, w, dev_x, dev_y, *, k: float | None = None,

@@ -2,7 +2,7 @@
 
 LRDI (Fan, Xia, Wu et al., "Learning to Reweight with Deep Interactions", AAAI 2021, arXiv 2007.04649):
 a teacher network maps each training example's *student internal state* (the detached hidden
-features `model.features(x)`) plus surface signals (loss, probability of the given label, margin,
+features: the input of the student's last nn.Linear, or of `feature_layer`, read with a forward hook) plus surface signals (loss, probability of the given label, margin,
 training progress, label embedding) to a weight ``w_i = sigmoid(teacher(s_i))`` (optionally divided
 by the batch mean). The teacher is trained by meta-gradients (the paper's Algorithm 1):
 
@@ -50,6 +50,7 @@ from torch.func import functional_call
 
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
+from valuekit.models import feature_dim, feature_module, features_and_logits
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
@@ -88,6 +89,9 @@ class Config:
     # passes an example is seen about once per epoch (std undefined), so the default window is the
     # last 3 epochs; std_epochs=1 gives exactly the last epoch.
     std_epochs: int = 3
+    # the student's internal state the teacher reads: the input of this layer (a name from the model's
+    # named_modules(), read with a forward hook); "" = the input of the model's last nn.Linear
+    feature_layer: str = ""
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -168,8 +172,10 @@ class Trainer:
         self.model = ctx.build_model()
         self.opt = ctx.make_optimizer(self.model.parameters())
         self.teacher = self.teacher_opt = None
+        self.feature_layer = feature_module(self.model, cfg.feature_layer)
         if cfg.variant != "l2rw":
-            self.teacher = Teacher(cfg.inputs(), feat_dim=self.model.head.in_features, num_classes=ctx.num_classes,
+            feat_dim = feature_dim(self.model, self.feature_layer, ctx.x[:2]) if "features" in cfg.inputs() else 0
+            self.teacher = Teacher(cfg.inputs(), feat_dim=feat_dim, num_classes=ctx.num_classes,
                                    hidden=cfg.teacher_hidden, label_dim=cfg.label_dim,
                                    generator=ctx.generator).to(ctx.device)
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_lr,
@@ -239,8 +245,7 @@ class Trainer:
         gradient of J(θ_K) w.r.t. the teacher's parameters (lrdi/mwnet) or w.r.t. ε (l2rw, shape (B,)).
         Nothing is updated.
         """
-        feats = self.model.features(x)
-        logits = self.model.head(feats)
+        feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         signals = student_signals(feats, logits, losses, y, progress)
         if self.teacher is None:
@@ -262,8 +267,7 @@ class Trainer:
 
     def _plain(self, x, y, progress: float) -> dict:
         """Forward and teacher inputs only, for the steps between meta steps."""
-        feats = self.model.features(x)
-        logits = self.model.head(feats)
+        feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         return {"losses": losses, "logits": logits, "signals": student_signals(feats, logits, losses, y, progress),
                 "dev_loss": None, "grads": None}
@@ -358,8 +362,7 @@ class Trainer:
         out = []
         for i in range(0, len(y), chunk):
             xb, yb = x[i: i + chunk], y[i: i + chunk]
-            feats = self.model.features(xb)
-            logits = self.model.head(feats)
+            feats, logits = features_and_logits(self.model, xb, self.feature_layer)
             sig = student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)
             out.append(torch.sigmoid(self.teacher(sig)))
         self.model.train()

@@ -1,0 +1,274 @@
+"""A user's own model: the `--model pkg.mod:factory` resolver, torchvision/timm extras, `valuekit.train`,
+per-example gradient dots for any module (BatchNorm, LayerNorm, Embedding, attention), feature hooks."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import valuekit
+from valuekit.cli.main import main
+from valuekit.errors import InputError
+from valuekit.gradients import LayerTape, per_example_dots, per_example_dots_loop
+from valuekit.models import build_user_model, features_and_logits, last_linear
+
+import usermodels
+
+
+def image_frame(n: int, *, seed: int, start: int = 0, side: int = 8) -> pd.DataFrame:
+    """3 classes of side x side grey images: a bright square in a class-specific corner, plus noise."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(0.2, 0.1, size=(n, side, side)).astype(np.float32)
+    h = side // 2
+    for i, c in enumerate(y):
+        r, q = (0, 0) if c == 0 else (0, h) if c == 1 else (h, 0)
+        x[i, r: r + h, q: q + h] += 0.7
+    return pd.DataFrame({"id": np.arange(start, start + n), "label": [f"c{c}" for c in y],
+                         "pixels": list(x.reshape(n, -1).clip(0, 1))})
+
+
+def write_images(tmp_path, side=8):
+    paths = {}
+    for name, n, seed, start in (("train", 48, 1, 0), ("dev", 12, 2, 1000)):
+        p = tmp_path / f"{name}.parquet"
+        image_frame(n, seed=seed, start=start, side=side).to_parquet(p, index=False)
+        paths[name] = p
+    return paths
+
+
+# ---------------------------------------------------------------- resolver
+
+
+def test_factory_is_built_reproducibly_without_touching_the_global_rng():
+    state = torch.random.get_rng_state()
+    a = build_user_model("usermodels:resnet", num_classes=4, input_shape=(1, 8, 8),
+                         generator=torch.Generator().manual_seed(3))
+    b = build_user_model("usermodels:resnet", num_classes=4, input_shape=(1, 8, 8),
+                         generator=torch.Generator().manual_seed(3))
+    c = build_user_model("usermodels:resnet", num_classes=4, input_shape=(1, 8, 8),
+                         generator=torch.Generator().manual_seed(4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a.net.fc.weight, b.net.fc.weight) and not torch.equal(a.net.fc.weight, c.net.fc.weight)
+    assert isinstance(a.net, usermodels.TinyResNet)
+    assert a(torch.rand(5, 64)).shape == (5, 4)  # flat table rows are reshaped to (N, 1, 8, 8)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("nosuchmodule_xyz:f", "cannot import module 'nosuchmodule_xyz'"),
+    ("usermodels:nothere", "has no attribute 'nothere'"),
+    ("usermodels:raises", "usermodels:raises: the factory raised RuntimeError: no GPU here"),
+    ("usermodels:not_a_module", "usermodels:not_a_module: the factory returned str, not a torch.nn.Module"),
+    ("usermodels:wrong_output", "usermodels:wrong_output: output has shape (2, 4) for 2 rows; expected (2, 3)"),
+    ("resnet18", "not a built-in model"),
+])
+def test_bad_model_gives_one_line_exit_2_and_writes_nothing(tmp_path, capsys, spec, fragment):
+    paths = write_images(tmp_path)
+    out = tmp_path / "run"
+    code = main(["train", str(paths["train"]), "--dev", str(paths["dev"]), "--model", spec, "--image-shape", "1,8,8",
+                 "--steps", "2", "--out", str(out), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and fragment in err, err
+    assert not out.exists()
+
+
+def test_hub_model_without_the_extra_names_the_extra(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *a, **k):
+        if name in ("torchvision", "timm"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    for spec, extra in (("torchvision:resnet18", "valuekit[vision]"), ("timm:resnet18", "valuekit[timm]")):
+        with pytest.raises(InputError) as exc:
+            build_user_model(spec, num_classes=3, input_shape=(1, 8, 8))
+        assert "is not installed" in str(exc.value) and extra in str(exc.value)
+
+
+def test_torchvision_resnet_dots_match_a_per_example_loop():
+    """Needs the `vision` extra (torchvision importable beside this torch); skipped otherwise."""
+    try:
+        importlib.import_module("torchvision")
+    except Exception:
+        pytest.skip("torchvision is not importable here")
+    model = build_user_model("torchvision:resnet18", num_classes=3, input_shape=(1, 16, 16),
+                             generator=torch.Generator().manual_seed(0)).double().train()
+    x, y = torch.rand(3, 256, dtype=torch.float64), torch.tensor([0, 1, 2])
+    g = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    np.testing.assert_allclose(per_example_dots(model, x, y, v), reference_dots(model, x, y, v), rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------- Python API
+
+
+def test_python_api_takes_paths_frames_datasets_modules_and_factories(tmp_path):
+    paths = write_images(tmp_path)
+    frame = pd.read_parquet(paths["train"])
+    kw = dict(steps=4, batch_size=16, device="cpu", progress=False, eval_every=2, table_kw={"image_shape": (1, 8, 8)})
+    a = valuekit.train(paths["train"], dev=paths["dev"], model="usermodels:resnet", out=tmp_path / "a", **kw)
+    b = valuekit.train(frame, dev=pd.read_parquet(paths["dev"]), model=usermodels.resnet, out=tmp_path / "b", **kw)
+    va, vb = pd.read_parquet(a.path / "values.parquet"), pd.read_parquet(b.path / "values.parquet")
+    np.testing.assert_allclose(va.value, vb.value)  # same seed, same factory: same run
+    assert b.meta["config"]["model"] == "python:usermodels.resnet"
+    module = usermodels.TinyResNet(3)
+    before = {k: t.clone() for k, t in module.state_dict().items()}
+    c = valuekit.train(a.meta["data"]["train"]["path"], dev=paths["dev"], model=module, method="dds",
+                       out=tmp_path / "c", scorer_lr=0.01, **kw)
+    assert c.meta["method_config"]["scorer_lr"] == 0.01 and c.meta["config"]["steps"] == 4
+    assert all(torch.equal(before[k], t) for k, t in module.state_dict().items())  # the run trains a copy
+    with pytest.raises(InputError, match="unknown setting 'scorer_lrr'"):
+        valuekit.train(frame, dev=paths["dev"], model=module, method="dds", out=tmp_path / "d", scorer_lrr=1, **kw)
+    assert not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- per-example gradient dots
+
+
+def reference_dots(model, x, y, v):
+    """Independent reference: a copy of the model whose training-mode batch-norm layers get the batch's
+    (biased) statistics as running statistics and run in eval mode; then one example at a time,
+    torch.autograd.grad and an explicit dot with v."""
+    import copy
+
+    ref = copy.deepcopy(model)
+    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    stats = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a: stats.__setitem__(
+        mod, (a[0].mean([0, *range(2, a[0].dim())]), a[0].var([0, *range(2, a[0].dim())], unbiased=False))))
+        for m in bns]
+    with torch.no_grad():
+        ref(x)
+    for h in hooks:
+        h.remove()
+    for m in bns:
+        m.running_mean.copy_(stats[m][0])
+        m.running_var.copy_(stats[m][1])
+        m.eval()
+    params = [p for p in ref.parameters()]
+    names = [n for n, _ in ref.named_parameters()]
+    out = []
+    for i in range(len(y)):
+        loss = nn.functional.cross_entropy(ref(x[i: i + 1]), y[i: i + 1])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out.append(sum((g * v[n]).sum() for n, g in zip(names, grads) if g is not None).item())
+    return np.array(out)
+
+
+def test_batchnorm_residual_dots_match_a_per_example_loop_and_do_not_leak():
+    torch.manual_seed(0)
+    model = usermodels.TinyResNet(3, width=4).double().train()
+    x, y = torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    want = reference_dots(model, x, y, v)
+    for method in ("exact", "vmap"):
+        np.testing.assert_allclose(per_example_dots(model, x, y, v, method=method).numpy(), want, rtol=1e-9, atol=1e-10)
+    np.testing.assert_allclose(per_example_dots_loop(model, x, y, v).numpy(), want, rtol=1e-9, atol=1e-10)
+    # the batch-coupled gradient (through the statistics) differs: the held-fixed choice is not a no-op here
+    coupled = torch.func.jvp(lambda p: nn.functional.cross_entropy(
+        torch.func.functional_call(model, {**{k: b.clone() for k, b in model.named_buffers()}, **p}, (x,)), y,
+        reduction="none"), (dict(model.named_parameters()),), (v,))[1].detach()
+    assert np.abs(coupled.numpy() - want).max() > 1e-3
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(b, buffers[k]) for k, b in model.named_buffers())  # running statistics not updated
+
+
+def test_sum_of_dots_equals_batch_gradient_with_statistics_held_fixed():
+    """Σ_i ∇ℓ_i·v equals the directional derivative of Σ_i ℓ_i when the batch statistics are constants:
+    a finite difference of the frozen forward along v (independent of the per-example machinery)."""
+    torch.manual_seed(1)
+    model = usermodels.TinyResNet(2, width=4).double().train()
+    x, y = torch.rand(5, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    dots = per_example_dots(model, x, y, v)
+    import copy
+
+    ref = copy.deepcopy(model)
+    bns = [m for m in ref.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    seen = {}
+    hs = [m.register_forward_pre_hook(lambda mod, a: seen.__setitem__(mod, a[0].detach())) for m in bns]
+    with torch.no_grad():
+        train_losses = nn.functional.cross_entropy(ref(x), y, reduction="none")
+    for h in hs:
+        h.remove()
+    for m in bns:
+        a = seen[m]
+        d = [0, *range(2, a.dim())]
+        m.running_mean.copy_(a.mean(d))
+        m.running_var.copy_(a.var(d, unbiased=False))
+        m.eval()
+    with torch.no_grad():
+        frozen_losses = nn.functional.cross_entropy(ref(x), y, reduction="none")
+        np.testing.assert_allclose(frozen_losses, train_losses, rtol=1e-6)  # eps of BN aside, same forward
+        eps = 1e-6
+        for n, p in ref.named_parameters():
+            p.add_(eps * v[n])
+        up = nn.functional.cross_entropy(ref(x), y, reduction="sum")
+        for n, p in ref.named_parameters():
+            p.sub_(2 * eps * v[n])
+        down = nn.functional.cross_entropy(ref(x), y, reduction="sum")
+    assert dots.sum().item() == pytest.approx(((up - down) / (2 * eps)).item(), rel=1e-6)
+
+
+def test_embedding_layernorm_attention_text_model_dots_match_a_loop():
+    torch.manual_seed(2)
+    model = usermodels.TextClassifier(3).double().train()
+    ids = torch.randint(1, 50, (5, 7))
+    ids[:, 5:] = 0
+    ids[2, 3:] = 0  # rows of different lengths
+    y = torch.tensor([0, 1, 2, 1, 0])
+    v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    want = reference_dots(model, ids, y, v)
+    for method in ("exact", "vmap"):
+        np.testing.assert_allclose(per_example_dots(model, ids, y, v, method=method).numpy(), want, rtol=1e-9, atol=1e-11)
+
+
+def test_fused_tape_refuses_batchnorm_and_methods_fall_back_to_exact():
+    with pytest.raises(NotImplementedError, match="couples the rows"):
+        LayerTape(usermodels.TinyResNet(3))
+
+
+# ---------------------------------------------------------------- features from a hook
+
+
+def test_feature_hook_reads_the_last_linear_input_and_named_layers(tmp_path):
+    from valuekit.models import build_model, feature_module
+
+    m = build_model("mlp", in_features=5, num_classes=3, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(4, 5)
+    feats, logits = features_and_logits(m, x, last_linear(m)[1])
+    assert torch.equal(feats, m.features(x)) and torch.equal(logits, m(x))  # built-ins: the same state as before
+    user = build_user_model("usermodels:resnet", num_classes=3, input_shape=(1, 8, 8))
+    assert feature_module(user, "block") is user.net.block and feature_module(user, "net.block") is user.net.block
+    feats, _ = features_and_logits(user.eval(), torch.rand(2, 64), feature_module(user, "block"))
+    assert feats.shape == (2, 8 * 8 * 8)  # block input (N, 8, 8, 8) flattened
+    with pytest.raises(InputError, match="feature_layer=nope: no such layer"):
+        feature_module(user, "nope")
+    paths = write_images(tmp_path)
+    run = valuekit.train(paths["train"], dev=paths["dev"], model="usermodels:resnet", method="lrdi", steps=3,
+                         batch_size=16, device="cpu", progress=False, out=tmp_path / "r", feature_layer="pool.1",
+                         table_kw={"image_shape": (1, 8, 8)})
+    assert run.meta["method_config"]["feature_layer"] == "pool.1"
+    ckpt = torch.load(run.path / "checkpoint.pt", weights_only=True)
+    assert ckpt["trainer"]["teacher"]["net.0.weight"].shape[1] == 8 + 1 + 1 + 1 + 1 + 8  # 8 features + signals
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("dds", ["--set", "scorer=same"]), ("hostcp", ["--set", "selector_input=embedding"]),
+])
+def test_scorer_and_selector_from_the_users_model(tmp_path, capsys, method, settings):
+    paths = write_images(tmp_path)
+    assert main(["train", str(paths["train"]), "--dev", str(paths["dev"]), "--model", "usermodels:resnet",
+                 "--image-shape", "1,8,8", "--method", method, "--steps", "8", "--batch-size", "16",
+                 "--out", str(tmp_path / "r"), "--device", "cpu", *settings]) == 0
+    vals = pd.read_parquet(tmp_path / "r" / "values.parquet")
+    assert len(vals) == 48 and vals.value.notna().all()
