@@ -17,6 +17,8 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-cols", default=None,
                    help="comma-separated feature columns (default: every numeric column, or the one list column)")
     g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
+    g.add_argument("--image-size", default=None,
+                   help="H,W: resize every image of an encoded image column (PNG/JPEG bytes or paths) to this size")
 
 
 def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) -> None:
@@ -43,9 +45,17 @@ def table_kwargs(args) -> dict:
             shape = tuple(int(v) for v in args.image_shape.split(","))
         except ValueError:
             raise InputError(f"--image-shape {args.image_shape!r}: expected integers like 1,28,28") from None
+    size = None
+    if getattr(args, "image_size", None):
+        try:
+            size = tuple(int(v) for v in args.image_size.split(","))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise InputError(f"--image-size {args.image_size!r}: expected two positive integers like 32,32")
     cols = [c for c in args.feature_cols.split(",") if c] if args.feature_cols else None
     return {"id_col": args.id_col, "label_col": args.label_col, "source_col": args.source_col,
-            "feature_cols": cols, "image_shape": shape}
+            "feature_cols": cols, "image_shape": shape, "image_size": size}
 
 
 TEXT_PAIR_COLUMNS = ("src_text", "tgt_text")

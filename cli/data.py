@@ -18,6 +18,9 @@ def add_parser(sub):
     pp.add_argument("--test-fraction", type=float, default=0.2)
     pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows")
     pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--format", dest="image_format", default="array", choices=["array", "png", "folder"],
+                    help="image sets: array (float list column 'pixels', default), png (column 'image' of PNG bytes in "
+                         "the Hugging Face {bytes, path} layout) or folder (DIR/images/SPLIT/ID.png + a path column)")
     pp.add_argument("--from", dest="from_dir", default=None, help="folder with the raw files (fashion-mnist)")
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
     pp.add_argument("--sources", default=None,
@@ -50,7 +53,7 @@ def run_prepare(args) -> int:
         return 0
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
-                    seed=args.seed, from_dir=args.from_dir)
+                    seed=args.seed, from_dir=args.from_dir, image_format=args.image_format)
     for split, path in paths.items():
         print(f"{split:5s} {path}")
     return 0

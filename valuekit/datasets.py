@@ -176,12 +176,17 @@ def load_table(
     source_col: str = "source",
     feature_cols: list[str] | None = None,
     image_shape: tuple[int, ...] | None = None,
+    image_size: tuple[int, int] | None = None,
     like: ValueDataset | None = None,
     name: str = "train",
 ) -> ValueDataset:
     """Load a table and validate it once; `like` aligns a dev/test table to the training table.
 
-    Errors name the file, the column and the offending value.
+    An image column (encoded PNG/JPEG bytes, the Hugging Face `{bytes, path}` struct, or paths relative
+    to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
+    C = 1, any colour image makes every row RGB (C = 3, alpha dropped); `image_size` (H, W) resizes
+    every image, otherwise all must have the same size. Errors name the file, the column and the
+    offending value (for images: the row's id and the image file).
     """
     import torch
 
@@ -232,7 +237,19 @@ def load_table(
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
-    x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
+    base = Path(path).parent if path else Path.cwd()
+    image_col = _image_column(df, reserved, feature_cols, where)
+    if image_col is not None:
+        want = tuple(like.image_shape) if like is not None and like.image_shape else None
+        x, decoded_shape = decode_image_column(df[image_col], where=where, col=image_col, ids=ids_np, base=base,
+                                               size=image_size, channels=want[0] if want else None,
+                                               expect_hw=want[1:] if want and image_size is None else None)
+        if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
+            raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
+                             f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
+        feature_cols, image_shape = [image_col], decoded_shape
+    else:
+        x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
     # A dev/test table's own image shape (file metadata or option) must agree with the training table's.
     shape = image_shape or meta.get("image_shape") or (like.image_shape if like is not None else None)
     if shape is not None:
@@ -325,6 +342,140 @@ def _features(df, where, reserved, feature_cols, ids):
     x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
     _check_finite(x, where, candidates, ids)
     return x, [str(c) for c in candidates], None
+
+
+IMAGE_FORMATS = ("array", "png", "folder")
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image layout
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _image_kind(s: pd.Series) -> str | None:
+    """'bytes' (encoded image bytes), 'struct' ({bytes, path} as Hugging Face datasets writes), 'path' (image
+    file names) or None, judged from the column's first non-null value."""
+    if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or not s.notna().any():
+        return None
+    first = s[s.notna()].iloc[0]
+    if isinstance(first, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(first, dict) and set(first) & {"bytes", "path"} and set(first) <= {"bytes", "path"}:
+        return "struct"
+    if isinstance(first, str) and first.lower().endswith(IMAGE_SUFFIXES):
+        return "path"
+    return None
+
+
+def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table") -> str | None:
+    """The image column among the feature candidates (it must be the only feature column), or None."""
+    candidates = [c for c in df.columns if c not in reserved] if feature_cols is None else list(feature_cols)
+    found = [c for c in candidates if c in df.columns and _image_kind(df[c]) is not None]
+    if not found:
+        return None
+    if len(candidates) > 1:
+        others = [c for c in candidates if c != found[0]][:5]
+        raise InputError(f"{where}: image column {found[0]!r} must be the only feature column (also found {others}; choose "
+                         f"with --feature-cols)")
+    return found[0]
+
+
+def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: Path,
+                        size: tuple[int, int] | None = None, channels: int | None = None,
+                        expect_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple]:
+    """Decode an image column into float32 rows (N, C*H*W) in [0, 1] and the shape (C, H, W).
+
+    `channels` forces 1 (grey) or 3 (RGB); by default any colour image makes the whole column RGB.
+    `expect_hw` (a dev/test table): every image must have the training table's (H, W).
+    Raises InputError naming the row's id and the file for a missing or undecodable image."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    kind = _image_kind(values)
+    raw, names = [], []
+    for i, v in enumerate(values.tolist()):
+        data, name = None, None
+        if kind == "struct" and isinstance(v, dict):
+            data, name = v.get("bytes"), v.get("path")
+        elif kind == "bytes":
+            data = v
+        elif kind == "path":
+            name = v
+        if data is None and isinstance(name, str) and name:
+            file = Path(name) if Path(name).is_absolute() else base / name
+            if not file.is_file():
+                raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image file {file} not found")
+            data, name = file.read_bytes(), str(file)
+        if data is None:
+            raise InputError(f"{where}: column {col!r} has no image at id {_show(ids[i])}")
+        raw.append(bytes(data))
+        names.append(name)
+
+    def open_(i):
+        try:
+            img = Image.open(io.BytesIO(raw[i]))
+            img.load()
+            return img
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            what = f"image file {names[i]}" if names[i] else "image bytes"
+            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: {what} cannot be decoded "
+                             f"({type(exc).__name__})") from None
+
+    grey = ("1", "L", "LA", "I", "I;16", "F", "P")
+    if channels is None:  # a header pass: colour anywhere makes the column RGB
+        channels = 1
+        for i in range(len(raw)):
+            img = open_(i)
+            if img.mode == "P":  # a palette: colour only if some palette entry is not grey
+                rgb = np.asarray(img.convert("RGB"))
+                colour = not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+            else:
+                colour = img.mode not in grey
+            if colour:
+                channels = 3
+                break
+    mode = "L" if channels == 1 else "RGB"
+    first_size = None
+    out = None
+    for i in range(len(raw)):
+        img = open_(i)
+        if img.mode in ("I", "I;16", "F"):  # wide grey: scale to 8 bits by the image's own range
+            arr = np.asarray(img, dtype=np.float64)
+            lo, hi = arr.min(), arr.max()
+            img = Image.fromarray(((arr - lo) / (hi - lo if hi > lo else 1) * 255).round().astype(np.uint8))
+        img = img.convert(mode)
+        if size is not None:
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        if expect_hw is not None and img.size != (expect_hw[1], expect_hw[0]):
+            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {img.size[0]}x{img.size[1]} "
+                             f"(WxH), the training table's are {expect_hw[1]}x{expect_hw[0]}; resize with --image-size H,W")
+        if first_size is None:
+            first_size = img.size
+            w, h = first_size
+            out = np.empty((len(raw), channels * h * w), dtype=np.float32)
+        elif img.size != first_size:
+            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {img.size[0]}x{img.size[1]} "
+                             f"(WxH), the first row's is {first_size[0]}x{first_size[1]}; resize with --image-size H,W")
+        arr = np.asarray(img, dtype=np.uint8)
+        if channels == 3:
+            arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+        out[i] = arr.reshape(-1) / np.float32(255.0)
+    w, h = first_size
+    return out, (channels, h, w)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(C, H, W) or (H, W) floats in [0, 1] (or uint8) -> PNG bytes (grey for C = 1, RGB for C = 3)."""
+    import io
+
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (a.astype(np.float64) * 255.0).round().clip(0, 255).astype(np.uint8)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_finite(x, where, cols, ids):
@@ -464,11 +615,15 @@ def prepare(
     max_train: int | None = None,
     seed: int = 0,
     from_dir: str | None = None,
+    image_format: str = "array",
 ) -> dict[str, str]:
     """Write DIR/train.parquet, DIR/dev.parquet (small, clean, class-balanced) and DIR/test.parquet.
 
     Label flips go to train only (with `is_noisy` and `clean_label`); imbalance is applied to train
-    before the flips. Returns the written paths.
+    before the flips. Image sets are written as `image_format`: `array` (a fixed-size list column
+    `pixels`), `png` (a column `image` of PNG bytes in the Hugging Face `{bytes, path}` struct) or
+    `folder` (PNG files under DIR/images/SPLIT/ID.png and a column `image` of paths relative to the
+    table). Returns the written paths.
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (valuekit data list)")
@@ -478,6 +633,8 @@ def prepare(
         raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+    if image_format not in IMAGE_FORMATS:
+        raise InputError(f"--format {image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
     loader = DATASETS[name][0]
     x, y, shape_or_names, class_names = loader(from_dir) if name == "fashion-mnist" else loader()
     num_classes = len(class_names)
@@ -517,7 +674,18 @@ def prepare(
         ("test", test_idx, y[test_idx], False),
     ):
         cols = {"id": pa.array(ids[idx]), "label": pa.array(labels[lab].tolist(), pa.string())}
-        if image_shape:
+        if image_shape and image_format != "array":
+            pngs = [encode_png(x[i].reshape(image_shape)) for i in idx]
+            if image_format == "png":
+                cols["image"] = pa.array([{"bytes": b, "path": None} for b in pngs], IMAGE_STRUCT)
+            else:
+                folder = out / "images" / split
+                folder.mkdir(parents=True, exist_ok=True)
+                names = [f"images/{split}/{ids[i]}.png" for i in idx]
+                for name, b in zip(names, pngs):
+                    (out / name).write_bytes(b)
+                cols["image"] = pa.array(names, pa.string())
+        elif image_shape:
             flat = pa.array(x[idx].reshape(-1), pa.float32())
             cols["pixels"] = pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
         else:
@@ -527,7 +695,7 @@ def prepare(
             cols["is_noisy"] = pa.array(lab != y[idx])
             cols["clean_label"] = pa.array(labels[y[idx]].tolist(), pa.string())
         meta = {b"valuekit.dataset": json.dumps({**info, "split": split}).encode()}
-        if image_shape:
+        if image_shape and image_format == "array":
             meta[IMAGE_SHAPE_KEY] = json.dumps(list(image_shape)).encode()
         table = pa.table(cols).replace_schema_metadata(meta)
         path = out / f"{split}.parquet"
