@@ -19,6 +19,9 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
     g.add_argument("--image-size", default=None,
                    help="H,W: resize every image of an encoded image column (PNG/JPEG bytes or paths) to this size")
+    g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
+                   help="encoded image columns: keep the images encoded and decode each batch's rows (yes), decode "
+                        "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto)")
 
 
 def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) -> None:
@@ -55,7 +58,8 @@ def table_kwargs(args) -> dict:
             raise InputError(f"--image-size {args.image_size!r}: expected two positive integers like 32,32")
     cols = [c for c in args.feature_cols.split(",") if c] if args.feature_cols else None
     return {"id_col": args.id_col, "label_col": args.label_col, "source_col": args.source_col,
-            "feature_cols": cols, "image_shape": shape, "image_size": size}
+            "feature_cols": cols, "image_shape": shape, "image_size": size,
+            "stream": {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")}
 
 
 TEXT_PAIR_COLUMNS = ("src_text", "tgt_text")

@@ -420,3 +420,39 @@ def test_data_prepare_png_and_folder_layouts_decode_to_the_array_layout(tmp_path
         # digits are 0..16 levels scaled to [0, 1]; PNG keeps 8 bits: within half a grey level
         np.testing.assert_allclose(got.x.numpy(), ref.x.numpy(), atol=0.5 / 255 + 1e-6)
     assert (tmp_path / "folder" / "images" / "train").is_dir()
+
+
+# ---------------------------------------------------------------- streamed images
+
+
+def test_streamed_images_give_the_same_run_as_decoded_ones(tmp_path):
+    from valuekit.datasets import load_table
+    from valuekit.images import ImageRows
+
+    paths, arrays = png_tables(tmp_path, "struct")
+    eager = load_table(paths["train"], stream=False)
+    lazy = load_table(paths["train"], stream=True)
+    assert isinstance(lazy.x, ImageRows) and lazy.x.shape == eager.x.shape and len(lazy.x) == 48
+    assert lazy.fingerprint() != "" and lazy.image_shape == eager.image_shape
+    idx = torch.tensor([5, 0, 47, 5])
+    assert torch.equal(lazy.x[idx], eager.x[idx]) and torch.equal(lazy.x[3:9], eager.x[3:9])
+    assert torch.equal(lazy.x[7], eager.x[7]) and torch.equal(lazy.x[np.array([2, 1])], eager.x[[2, 1]])
+    assert lazy.x.buf.nbytes < eager.x.numel() * 4  # encoded bytes, not pixels
+    runs = {}
+    for mode in (False, True):
+        for method in ("uniform", "dds", "lrdi"):
+            run = valuekit.train(paths["train"], dev=paths["dev"], model="usermodels:resnet", method=method, steps=6,
+                                 batch_size=16, device="cpu", progress=False, out=tmp_path / f"{method}-{mode}",
+                                 table_kw={"stream": mode})
+            runs[method, mode] = pd.read_parquet(run.path / "values.parquet")
+    for method in ("uniform", "dds", "lrdi"):
+        pd.testing.assert_frame_equal(runs[method, False], runs[method, True])
+
+
+def test_streamed_image_files_and_the_cli_flag(tmp_path, capsys):
+    paths, _ = png_tables(tmp_path, "paths")
+    out = tmp_path / "run"
+    assert main(["train", str(paths["train"]), "--dev", str(paths["dev"]), "--model", "usermodels:resnet",
+                 "--stream", "yes", "--steps", "4", "--batch-size", "16", "--out", str(out), "--device", "cpu"]) == 0
+    vals = pd.read_parquet(out / "values.parquet")
+    assert len(vals) == 48 and vals.value.notna().all()

@@ -71,7 +71,7 @@ class ValueDataset:
         """Hash of what a trainer sees (ids, features, labels, sources); stable across file rewrites."""
         h = hashlib.sha256()
         h.update(np.asarray(self.ids).astype(str).tobytes() if self.ids.dtype == object else self.ids.tobytes())
-        h.update(self.x.numpy().tobytes())
+        h.update(self.x.digest() if hasattr(self.x, "digest") else self.x.numpy().tobytes())
         h.update(self.y.numpy().tobytes())
         h.update(json.dumps(self.classes).encode())
         if self.source is not None:
@@ -177,6 +177,7 @@ def load_table(
     feature_cols: list[str] | None = None,
     image_shape: tuple[int, ...] | None = None,
     image_size: tuple[int, int] | None = None,
+    stream: bool | str = "auto",
     like: ValueDataset | None = None,
     name: str = "train",
 ) -> ValueDataset:
@@ -185,7 +186,9 @@ def load_table(
     An image column (encoded PNG/JPEG bytes, the Hugging Face `{bytes, path}` struct, or paths relative
     to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
     C = 1, any colour image makes every row RGB (C = 3, alpha dropped); `image_size` (H, W) resizes
-    every image, otherwise all must have the same size. Errors name the file, the column and the
+    every image, otherwise all must have the same size. `stream` (True / False / "auto": when the
+    decoded pixels would pass STREAM_BYTES) keeps the images encoded in memory and decodes the rows a
+    batch needs (`valuekit.images.ImageRows`); numeric tables are always held in memory. Errors name the file, the column and the
     offending value (for images: the row's id and the image file).
     """
     import torch
@@ -241,9 +244,14 @@ def load_table(
     image_col = _image_column(df, reserved, feature_cols, where)
     if image_col is not None:
         want = tuple(like.image_shape) if like is not None and like.image_shape else None
+        if stream not in (True, False, "auto"):
+            raise InputError(f"stream={stream!r}: use True, False or 'auto'")
+        if stream == "auto":
+            stream = _decoded_bytes(df[image_col], image_size, want) > STREAM_BYTES
         x, decoded_shape = decode_image_column(df[image_col], where=where, col=image_col, ids=ids_np, base=base,
                                                size=image_size, channels=want[0] if want else None,
-                                               expect_hw=want[1:] if want and image_size is None else None)
+                                               expect_hw=want[1:] if want and image_size is None else None,
+                                               stream=bool(stream))
         if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
             raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
                              f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
@@ -271,8 +279,10 @@ def load_table(
     if "clean_label" in df.columns:
         clean = np.array([code.get(t, -1) for t in _label_text(df["clean_label"])], dtype=np.int64)
 
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.array(x, dtype=np.float32))
     return ValueDataset(
-        ids=ids_np, x=torch.from_numpy(np.array(x, dtype=np.float32)), y=torch.from_numpy(y), classes=classes, source=src,
+        ids=ids_np, x=x, y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
         path=path, file_sha256=_file_sha256(Path(path)) if path else None,
     )
@@ -377,89 +387,36 @@ def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table"
     return found[0]
 
 
+STREAM_BYTES = 1 << 30  # stream="auto": keep images encoded when the decoded pixels would exceed 1 GiB
+
+
 def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: Path,
                         size: tuple[int, int] | None = None, channels: int | None = None,
-                        expect_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple]:
-    """Decode an image column into float32 rows (N, C*H*W) in [0, 1] and the shape (C, H, W).
+                        expect_hw: tuple[int, int] | None = None, stream: bool = False):
+    """Decode an image column into float32 rows (N, C*H*W) in [0, 1] (or an `ImageRows` that decodes on
+    indexing, when `stream`) and the shape (C, H, W); see `valuekit.images.read_image_column`."""
+    from valuekit.images import read_image_column
 
-    `channels` forces 1 (grey) or 3 (RGB); by default any colour image makes the whole column RGB.
-    `expect_hw` (a dev/test table): every image must have the training table's (H, W).
-    Raises InputError naming the row's id and the file for a missing or undecodable image."""
-    import io
+    return read_image_column(values.tolist(), _image_kind(values), where=where, col=col, ids=ids, base=base,
+                             size=size, channels=channels, expect_hw=expect_hw, stream=stream)
 
-    from PIL import Image, UnidentifiedImageError
 
-    kind = _image_kind(values)
-    raw, names = [], []
-    for i, v in enumerate(values.tolist()):
-        data, name = None, None
-        if kind == "struct" and isinstance(v, dict):
-            data, name = v.get("bytes"), v.get("path")
-        elif kind == "bytes":
-            data = v
-        elif kind == "path":
-            name = v
-        if data is None and isinstance(name, str) and name:
-            file = Path(name) if Path(name).is_absolute() else base / name
-            if not file.is_file():
-                raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image file {file} not found")
-            data, name = file.read_bytes(), str(file)
-        if data is None:
-            raise InputError(f"{where}: column {col!r} has no image at id {_show(ids[i])}")
-        raw.append(bytes(data))
-        names.append(name)
+def _decoded_bytes(values: pd.Series, size, want) -> int:
+    """Bytes of the decoded float32 pixels, estimated from the first image (its size, or `size`; 3 channels)."""
+    if want is not None:
+        per_row = int(np.prod(want))
+    elif size is not None:
+        per_row = 3 * size[0] * size[1]
+    else:
+        from valuekit.images import _open
 
-    def open_(i):
-        try:
-            img = Image.open(io.BytesIO(raw[i]))
-            img.load()
-            return img
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            what = f"image file {names[i]}" if names[i] else "image bytes"
-            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: {what} cannot be decoded "
-                             f"({type(exc).__name__})") from None
-
-    grey = ("1", "L", "LA", "I", "I;16", "F", "P")
-    if channels is None:  # a header pass: colour anywhere makes the column RGB
-        channels = 1
-        for i in range(len(raw)):
-            img = open_(i)
-            if img.mode == "P":  # a palette: colour only if some palette entry is not grey
-                rgb = np.asarray(img.convert("RGB"))
-                colour = not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
-            else:
-                colour = img.mode not in grey
-            if colour:
-                channels = 3
-                break
-    mode = "L" if channels == 1 else "RGB"
-    first_size = None
-    out = None
-    for i in range(len(raw)):
-        img = open_(i)
-        if img.mode in ("I", "I;16", "F"):  # wide grey: scale to 8 bits by the image's own range
-            arr = np.asarray(img, dtype=np.float64)
-            lo, hi = arr.min(), arr.max()
-            img = Image.fromarray(((arr - lo) / (hi - lo if hi > lo else 1) * 255).round().astype(np.uint8))
-        img = img.convert(mode)
-        if size is not None:
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-        if expect_hw is not None and img.size != (expect_hw[1], expect_hw[0]):
-            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {img.size[0]}x{img.size[1]} "
-                             f"(WxH), the training table's are {expect_hw[1]}x{expect_hw[0]}; resize with --image-size H,W")
-        if first_size is None:
-            first_size = img.size
-            w, h = first_size
-            out = np.empty((len(raw), channels * h * w), dtype=np.float32)
-        elif img.size != first_size:
-            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {img.size[0]}x{img.size[1]} "
-                             f"(WxH), the first row's is {first_size[0]}x{first_size[1]}; resize with --image-size H,W")
-        arr = np.asarray(img, dtype=np.uint8)
-        if channels == 3:
-            arr = arr.transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
-        out[i] = arr.reshape(-1) / np.float32(255.0)
-    w, h = first_size
-    return out, (channels, h, w)
+        v = values[values.notna()].iloc[0]
+        data = v.get("bytes") if isinstance(v, dict) else v
+        if not isinstance(data, (bytes, bytearray)):
+            return 0  # file paths: decide eagerly (the files are small or the user says --stream)
+        w, h = _open(bytes(data)).size
+        per_row = 3 * w * h
+    return 4 * per_row * len(values)
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -110,7 +110,11 @@ def build_model(
 
 def feature_stats(x: torch.Tensor, image_shape=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-feature mean/std of the training features (one scalar pair for images, so convs see one scale)."""
-    if image_shape is not None:
+    if hasattr(x, "sample_stats"):  # streamed images (valuekit.images.ImageRows): a sample of rows
+        m, s = x.sample_stats()
+        mean = torch.full((x.shape[1],), m)
+        std = torch.full((x.shape[1],), max(s, 1e-6))
+    elif image_shape is not None:
         mean = x.mean().expand(x.shape[1]).clone()
         std = x.std().clamp_min(1e-6).expand(x.shape[1]).clone()
     else:

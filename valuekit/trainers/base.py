@@ -348,6 +348,8 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _to_device(view, device)
     dev_x, dev_y = _to_device(dev_data, device)
+    if not isinstance(dev_x, torch.Tensor):  # streamed images: the dev set is small and used whole, decode it once
+        dev_x = dev_x[:]
     codes = {s: i for i, s in enumerate(view.sources)}
     source = dev_source = None
     if view.source is not None:

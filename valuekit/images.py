@@ -1,0 +1,245 @@
+"""Image columns: encoded bytes (PNG/JPEG...), the Hugging Face `{bytes, path}` struct, or image files
+named relative to the table, decoded with PIL into (C, H, W) float32 in [0, 1].
+
+`read_image_column` validates every row once (a missing file or an image that does not decode stops
+with an InputError naming the row's id and the file) and returns either the decoded rows (N, C*H*W) or,
+when streaming, an `ImageRows`: the encoded bytes packed in one buffer, decoded only when rows are
+indexed. `ImageRows` behaves like the read-only (N, C*H*W) float32 tensor it stands for wherever
+valuekit indexes training rows (`x[idx]`, `x[i:j]`, `x.shape`, `len(x)`, `x.to(device)`), so
+trainers need no change and resident memory holds the encoded bytes, not the pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+
+from valuekit.errors import InputError
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+WIDE_GREY = ("I", "I;16", "F")
+
+
+def _show(v) -> str:
+    return repr(v.item() if isinstance(v, np.generic) else v)
+
+
+def _open(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data))
+
+
+def decode(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndarray:
+    """Encoded image -> uint8 (C, H, W) in `mode` (L or RGB), resized to size = (H, W) when given."""
+    from PIL import Image
+
+    img = _open(data)
+    img.load()
+    if img.mode in WIDE_GREY:  # 16-bit / float grey: scale to 8 bits by the image's own range
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = arr.min(), arr.max()
+        img = Image.fromarray(((arr - lo) / (hi - lo if hi > lo else 1) * 255).round().astype(np.uint8))
+    img = img.convert(mode)
+    if size is not None and img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _is_colour(data: bytes) -> bool:
+    img = _open(data)  # header only, except palettes, which are colour only if an entry is not grey
+    if img.mode == "P":
+        rgb = np.asarray(img.convert("RGB"))
+        return not ((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())
+    return img.mode not in GREY_MODES
+
+
+class ImageRows:
+    """Encoded images standing in for a read-only (N, C*H*W) float32 tensor; rows are decoded on indexing.
+
+    `files` (paths) are read when indexed; otherwise `buf[offsets[i]:offsets[i+1]]` holds row i's bytes.
+    Indexing returns a torch tensor on `device` (copied with non_blocking from pinned memory on CUDA).
+    """
+
+    dtype = None  # set on first use to torch.float32 (torch imported lazily)
+
+    def __init__(self, buf: np.ndarray | None, offsets: np.ndarray | None, files: list[str] | None,
+                 image_shape: tuple[int, int, int], size: tuple[int, int] | None, device="cpu"):
+        import torch
+
+        self.buf, self.offsets, self.files = buf, offsets, files
+        self.image_shape = tuple(image_shape)
+        self.mode = "L" if self.image_shape[0] == 1 else "RGB"
+        self.size = size
+        self.device = torch.device(device)
+        self.dtype = torch.float32
+        n = len(files) if files is not None else len(offsets) - 1
+        self.shape = torch.Size((n, int(np.prod(self.image_shape))))
+
+    # ---- tensor-like surface
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def dim(self) -> int:
+        return 2
+
+    def size_(self, d=None):
+        return self.shape if d is None else self.shape[d]
+
+    def to(self, device=None, *args, non_blocking: bool = False, **kw) -> "ImageRows":
+        import torch
+
+        if device is None or not isinstance(device, (str, torch.device)):
+            return self
+        out = ImageRows.__new__(ImageRows)
+        out.__dict__.update(self.__dict__)
+        out.device = torch.device(device)
+        return out
+
+    def cpu(self) -> "ImageRows":
+        return self.to("cpu")
+
+    def encoded(self, i: int) -> bytes:
+        if self.files is not None:
+            return Path(self.files[i]).read_bytes()
+        return self.buf[self.offsets[i]: self.offsets[i + 1]].tobytes()
+
+    def row(self, i: int) -> np.ndarray:
+        """Row i decoded: float32 (C*H*W,) in [0, 1]."""
+        return decode(self.encoded(int(i)), self.mode, self.size).reshape(-1) / np.float32(255.0)
+
+    def rows(self, index) -> np.ndarray:
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        out = np.empty((len(index), self.shape[1]), dtype=np.float32)
+        for k, i in enumerate(index):
+            out[k] = self.row(i)
+        return out
+
+    def _index(self, key) -> np.ndarray:
+        import torch
+
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(n)[key]
+        if isinstance(key, torch.Tensor):
+            key = key.detach().cpu().numpy()
+        key = np.asarray(key)
+        if key.dtype == bool:
+            return np.flatnonzero(key)
+        return np.where(key < 0, key + n, key)
+
+    def __getitem__(self, key):
+        import torch
+
+        if isinstance(key, (int, np.integer)):
+            return torch.from_numpy(self.row(int(key) % len(self))).to(self.device)
+        if isinstance(key, torch.Tensor) and key.dim() == 0:
+            return self[int(key)]
+        x = torch.from_numpy(self.rows(self._index(key)))
+        if self.device.type == "cuda":
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def numpy(self) -> np.ndarray:
+        """Every row decoded (N, C*H*W): as much memory as the eager path."""
+        return self.rows(np.arange(len(self)))
+
+    def sample_stats(self, limit: int = 4096) -> tuple[float, float]:
+        """Mean and std of the pixels of at most `limit` evenly spaced rows (all rows when N <= limit)."""
+        idx = np.unique(np.linspace(0, len(self) - 1, min(limit, len(self))).round().astype(np.int64))
+        import torch
+
+        x = torch.from_numpy(self.rows(idx))
+        return float(x.mean()), float(x.std())
+
+    def digest(self) -> bytes:
+        """Hash of the encoded rows (what a fingerprint of this table's features uses)."""
+        h = hashlib.sha256()
+        h.update(repr((self.image_shape, self.size)).encode())
+        for i in range(len(self)):
+            h.update(hashlib.sha256(self.encoded(i)).digest())
+        return h.digest()
+
+
+def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Path,
+                      size: tuple[int, int] | None = None, channels: int | None = None,
+                      expect_hw: tuple[int, int] | None = None, stream: bool = False):
+    """Validate and decode an image column; returns (rows, (C, H, W)) with rows a float32 array
+    (N, C*H*W) in [0, 1], or an `ImageRows` when `stream` (every row is still decoded once here, so
+    bad input fails before training; only the encoded bytes are kept).
+
+    `channels` forces 1 (grey) or 3 (RGB); by default any colour image makes the whole column RGB.
+    `expect_hw` (a dev/test table): every image must have the training table's (H, W)."""
+    from PIL import UnidentifiedImageError
+
+    entries, names, is_file = [], [], []
+    for i, v in enumerate(values):
+        data, name = None, None
+        if kind == "struct" and isinstance(v, dict):
+            data, name = v.get("bytes"), v.get("path")
+        elif kind == "bytes":
+            data = v
+        elif kind == "path":
+            name = v
+        from_file = False
+        if data is None and isinstance(name, str) and name:
+            file = Path(name) if Path(name).is_absolute() else base / name
+            if not file.is_file():
+                raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image file {file} not found")
+            data, name, from_file = file.read_bytes(), str(file), True
+        if data is None:
+            raise InputError(f"{where}: column {col!r} has no image at id {_show(ids[i])}")
+        entries.append(bytes(data))
+        names.append(name)
+        is_file.append(from_file)
+
+    def fail(i, exc):
+        what = f"image file {names[i]}" if names[i] else "image bytes"
+        raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: {what} cannot be decoded "
+                         f"({type(exc).__name__})") from None
+
+    errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+    if channels is None:
+        channels = 1
+        for i, data in enumerate(entries):
+            try:
+                if _is_colour(data):
+                    channels = 3
+                    break
+            except errors as exc:
+                fail(i, exc)
+    mode = "L" if channels == 1 else "RGB"
+    first = None
+    out = None
+    for i, data in enumerate(entries):
+        try:
+            arr = decode(data, mode, size)
+        except errors as exc:
+            fail(i, exc)
+        hw = arr.shape[1:]
+        if expect_hw is not None and hw != tuple(expect_hw):
+            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
+                             f"training table's are {expect_hw[1]}x{expect_hw[0]}; resize with --image-size H,W")
+        if first is None:
+            first = hw
+            if not stream:
+                out = np.empty((len(entries), channels * hw[0] * hw[1]), dtype=np.float32)
+        elif hw != first:
+            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
+                             f"first row's is {first[1]}x{first[0]}; resize with --image-size H,W")
+        if out is not None:
+            out[i] = arr.reshape(-1) / np.float32(255.0)
+    shape = (channels, int(first[0]), int(first[1]))
+    if not stream:
+        return out, shape
+    if all(is_file):  # keep the file names, read on access
+        return ImageRows(None, None, names, shape, size), shape
+    lengths = np.fromiter((len(e) for e in entries), dtype=np.int64, count=len(entries))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    buf = np.frombuffer(b"".join(entries), dtype=np.uint8)
+    return ImageRows(buf, offsets, None, shape, size), shape
