@@ -456,3 +456,47 @@ def test_streamed_image_files_and_the_cli_flag(tmp_path, capsys):
                  "--stream", "yes", "--steps", "4", "--batch-size", "16", "--out", str(out), "--device", "cpu"]) == 0
     vals = pd.read_parquet(out / "values.parquet")
     assert len(vals) == 48 and vals.value.notna().all()
+
+
+def test_row_stream_prefetches_the_next_batch_without_changing_the_random_stream(tmp_path):
+    from valuekit.datasets import load_table
+    from valuekit.streaming import RowStream
+    from valuekit.trainers.base import RandomSampler
+
+    paths, _ = png_tables(tmp_path, "struct")
+    rows = load_table(paths["train"], stream=True).x
+    g_ref, g = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    ref, sampler = RandomSampler(48, g_ref), RandomSampler(48, g)
+    stream = RowStream(rows, torch.device("cpu"), workers=2)
+    try:
+        for step in range(8):  # 16 rows a step: passes end at steps 3 and 6, where a method's draw intervenes
+            want = ref.next(16)
+            idx = sampler.next(16)
+            assert torch.equal(idx, want)
+            assert torch.equal(stream.get(idx), rows[idx])
+            torch.randint(0, 10, (1,), generator=g)  # a method drawing from the run's generator
+            torch.randint(0, 10, (1,), generator=g_ref)
+            stream.predict(sampler, 16)
+        assert torch.equal(g.get_state(), g_ref.get_state())  # predicting never advanced the real generator
+        assert stream.hits >= 5
+    finally:
+        stream.close()
+
+
+def test_token_id_list_column_trains_an_embedding_attention_model_with_every_method(tmp_path):
+    """Token ids in a list column arrive as exact float32 ids; the user's model casts them (ids.long())."""
+    rng = np.random.default_rng(0)
+
+    def frame(n, start):
+        y = rng.integers(0, 3, n)
+        ids = rng.integers(1, 50, (n, 6))
+        ids[np.arange(n), 0] = 10 + y  # the first token tells the class
+        ids[: n // 3, 4:] = 0  # padding
+        return pd.DataFrame({"id": np.arange(start, start + n), "label": y, "tokens": list(ids)})
+
+    tr, dv = frame(48, 0), frame(12, 100)
+    for method in ("uniform", "dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads"):
+        run = valuekit.train(tr, dev=dv, model=usermodels.text, method=method, steps=6, batch_size=16,
+                             device="cpu", progress=False, out=tmp_path / method)
+        vals = pd.read_parquet(run.path / "values.parquet")
+        assert len(vals) == 48 and vals.value.notna().all(), method

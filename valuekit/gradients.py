@@ -498,6 +498,14 @@ def _ghost_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
     return dots
 
 
+def second_order():
+    """Context for code that differentiates twice (meta-gradients through a virtual step): attention runs on
+    PyTorch's math kernel, since the fused scaled-dot-product kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # ---------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------

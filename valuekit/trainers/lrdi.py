@@ -50,6 +50,7 @@ from torch.func import functional_call
 
 from valuekit import distributed as dist_
 from valuekit.errors import InputError
+from valuekit.gradients import second_order
 from valuekit.models import feature_dim, feature_module, features_and_logits
 from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
 
@@ -282,8 +283,9 @@ class Trainer:
         else:
             dev_size = self.cfg.dev_batch_size or len(batch.y) * self.ctx.world_size
             dev_x, dev_y = self.ctx.sample_dev(dev_size)
-            meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
-                                      dev_total=self.ctx.dev_total(dev_size))
+            with second_order():  # double backward through attention (a user's model)
+                meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
+                                          dev_total=self.ctx.dev_total(dev_size))
         losses, dev_loss = meta["losses"], meta["dev_loss"]
         reward = None
         if meta["grads"] is None:
