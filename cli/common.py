@@ -37,6 +37,9 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda (default: auto)")
+    g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or bf16/fp16 autocast for each step (fp16 with a gradient scaler; uniform only) "
+                        f"(default: {d.precision})")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
 
@@ -94,7 +97,8 @@ def train_config(args) -> tuple[TrainConfig, dict]:
     from valuekit.trainers.base import load_method, parse_overrides
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, device=args.device)
+                      lr=args.lr, seed=args.seed, device=args.device,
+                      precision=getattr(args, "precision", TrainConfig.precision))
     module, overrides = load_method(args.method)
     method_vals, loop_vals = parse_overrides(args.overrides, module.Config, cfg)
     cfg = dataclasses.replace(cfg, **loop_vals)

@@ -500,3 +500,39 @@ def test_token_id_list_column_trains_an_embedding_attention_model_with_every_met
                              device="cpu", progress=False, out=tmp_path / method)
         vals = pd.read_parquet(run.path / "values.parquet")
         assert len(vals) == 48 and vals.value.notna().all(), method
+
+
+# ---------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_runs_every_step_in_bf16_on_cpu_and_fp16_needs_a_scaler(tmp_path, capsys):
+    paths = write_images(tmp_path)
+    seen = []
+
+    class Probe:  # records the dtype of the model's output inside each step
+        def on_step_end(self, step, batch, record, trainer):
+            pass
+
+    kw = dict(steps=4, batch_size=16, device="cpu", progress=False, table_kw={"image_shape": (1, 8, 8)})
+    for method in ("uniform", "dds", "lrdi"):
+        model = usermodels.TinyResNet(3)
+        run = valuekit.train(paths["train"], dev=paths["dev"], model=model, method=method, precision="bf16",
+                             out=tmp_path / method, hooks=[Probe()], **kw)
+        vals = pd.read_parquet(run.path / "values.parquet")
+        assert run.meta["config"]["precision"] == "bf16" and np.isfinite(vals.value).all()
+        assert run.metrics()["cuda_mem_mb"].isna().all()  # no CUDA here: the column is null
+    # the step really runs under autocast: a forward hook sees bf16 conv outputs
+    from valuekit.precision import autocast
+
+    net = usermodels.TinyResNet(3)
+    net.stem[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    with autocast(torch.device("cpu"), "bf16"):
+        net(torch.rand(2, 1, 8, 8))
+    assert seen == [torch.bfloat16]
+    fp16 = valuekit.train(paths["train"], dev=paths["dev"], model="usermodels:resnet", precision="fp16",
+                          out=tmp_path / "fp16", **kw)
+    assert np.isfinite(pd.read_parquet(fp16.path / "values.parquet").value).all()
+    code = main(["train", str(paths["train"]), "--dev", str(paths["dev"]), "--image-shape", "1,8,8", "--method", "dds",
+                 "--precision", "fp16", "--out", str(tmp_path / "no"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "use --precision bf16" in err and not (tmp_path / "no").exists()

@@ -44,3 +44,5 @@ class TrainConfig:
     eval_batch_size: int = 2048
     log_steps: bool = True  # per-example rows in steps/ (off: metrics and values only, for huge runs)
     progress: bool = True
+    # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.precision)
+    precision: str = "fp32"

@@ -188,7 +188,7 @@ def _freeze_batchnorm(model: nn.Module, others: dict[str, Tensor], primals: Mapp
 
     def hook(name):
         def record(mod, args):
-            a = args[0].detach()
+            a = args[0].detach().float() if args[0].dtype in (torch.float16, torch.bfloat16) else args[0].detach()
             dims = [0, *range(2, a.dim())]
             seen[name] = (a.mean(dims), a.var(dims, unbiased=False))  # what the training forward normalises with
         return record
@@ -200,8 +200,10 @@ def _freeze_batchnorm(model: nn.Module, others: dict[str, Tensor], primals: Mapp
     finally:
         for h in handles:
             h.remove()
-    for name, (mean, var) in seen.items():
-        others[f"{name}.running_mean"], others[f"{name}.running_var"] = mean, var
+    buffers = dict(model.named_buffers())
+    for name, (mean, var) in seen.items():  # in the buffers' dtype (the input may be bf16 under autocast)
+        dtype = buffers[f"{name}.running_mean"].dtype
+        others[f"{name}.running_mean"], others[f"{name}.running_var"] = mean.to(dtype), var.to(dtype)
     return [m for _, m in bns]
 
 
@@ -293,16 +295,18 @@ def per_example_dots(
         raise ValueError(f"unknown method {method!r}; expected one of {DOT_METHODS}")
     if method == "ghost":
         return _ghost_dots(model, x, y, tangents, loss_fn, primals, others)
-    frozen = _freeze_batchnorm(model, others, primals, x)  # batch statistics held fixed (module doc)
-    with _EvalMode(frozen):
-        if method == "vmap":
-            return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
-        try:
-            return _exact_dots(model, x, y, tangents, loss_fn, primals, others)
-        except (NotImplementedError, RuntimeError) as exc:
-            if "forward" not in str(exc).lower():  # only a missing forward-mode formula falls back
-                raise
-            return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
+    # full precision even inside a bf16/fp16 autocast step (forward-mode AD does not mix with autocast)
+    with torch.autocast(x.device.type, enabled=False):
+        frozen = _freeze_batchnorm(model, others, primals, x)  # batch statistics held fixed (module doc)
+        with _EvalMode(frozen):
+            if method == "vmap":
+                return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
+            try:
+                return _exact_dots(model, x, y, tangents, loss_fn, primals, others)
+            except (NotImplementedError, RuntimeError) as exc:
+                if "forward" not in str(exc).lower():  # only a missing forward-mode formula falls back
+                    raise
+                return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
 
 
 def per_example_dots_loop(

@@ -63,6 +63,7 @@ METRICS_SCHEMA = pa.schema([
     ("scorer_loss", pa.float64()),
     ("step_time", pa.float64()),
     ("wall_time", pa.float64()),
+    ("cuda_mem_mb", pa.float64()),  # peak CUDA memory allocated during the step (MiB); null off CUDA
 ])
 
 SOURCES_SCHEMA = pa.schema([

@@ -30,6 +30,7 @@ from valuekit import distributed as dist_
 from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.models import build_model, build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
 
@@ -103,6 +104,19 @@ class TrainContext:
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
     model_factory: Any = None  # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.resolve_factory)
+    scaler: Any = None  # torch.amp.GradScaler under --precision fp16 (valuekit.precision), else None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: scaled under fp16 (see `optimizer_step`), unchanged otherwise."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """opt.step(), through the fp16 gradient scaler when there is one (it skips steps with inf/NaN gradients)."""
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -263,6 +277,10 @@ def validate_config(cfg: TrainConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise InputError(f"--lr {cfg.lr}: must be a positive number")
+    from valuekit.precision import PRECISIONS
+
+    if cfg.precision not in PRECISIONS:
+        raise InputError(f"--precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
 # ---------------------------------------------------------------- sampling
@@ -362,7 +380,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
-        rank=rank, world_size=world_size, model_factory=model_factory,
+        rank=rank, world_size=world_size, model_factory=model_factory, scaler=grad_scaler(device, config.precision),
     )
 
 
@@ -429,6 +447,9 @@ def train(
     validate_config(config)
     config, factory = _resolve_model(config, model, train_data)
     module, overrides = load_method(config.method)
+    if config.precision == "fp16" and not getattr(module, "FP16", False):
+        raise InputError(f"--precision fp16: method {config.method!r} does not use the gradient scaler fp16 needs; "
+                         f"use --precision bf16")
     mcfg_values = {**overrides, **(method_config or {})}
     unknown = set(mcfg_values) - {f.name for f in dataclasses.fields(module.Config)}
     if unknown:
@@ -633,7 +654,9 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
             idx = idx_cpu.to(device)
             batch = Batch(step=step, idx=idx, x=x[idx], y=y[idx], source=None if source is None else source[idx])
             ts = time.perf_counter()
-            rec = trainer.step(batch)
+            reset_peak(device)
+            with autocast(device, config.precision):
+                rec = trainer.step(batch)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             step_time = time.perf_counter() - ts
@@ -664,7 +687,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
                 bad_anywhere, stop_agreed = agg[3] > 0, agg[4] > 0
             else:
                 bad_anywhere = bad
-            metrics = {"step": step, "train_loss": train_loss, "step_time": step_time,
+            metrics = {"step": step, "train_loss": train_loss, "step_time": step_time, "cuda_mem_mb": peak_memory_mb(device),
                        "wall_time": elapsed_before + time.perf_counter() - t0, "scorer_loss": rec.scorer_loss}
             if train_acc is not None:
                 metrics["train_acc"] = train_acc
