@@ -536,3 +536,25 @@ def test_bf16_autocast_runs_every_step_in_bf16_on_cpu_and_fp16_needs_a_scaler(tm
                  "--precision", "fp16", "--out", str(tmp_path / "no"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "use --precision bf16" in err and not (tmp_path / "no").exists()
+
+
+def test_streamed_run_with_decode_workers_equals_the_in_memory_run_and_resumes(tmp_path):
+    paths, _ = png_tables(tmp_path, "struct")
+    kw = dict(model="usermodels:resnet", method="dds", steps=10, batch_size=16, device="cpu", progress=False,
+              checkpoint_every=4)
+    eager = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "eager", table_kw={"stream": False}, **kw)
+    streamed = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "w2", table_kw={"stream": True},
+                              data_workers=2, **kw)
+    pd.testing.assert_frame_equal(eager.values(), streamed.values())
+
+    class StopAt:
+        def on_step_end(self, step, batch, record, trainer):
+            if step == 6:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", table_kw={"stream": True},
+                       data_workers=2, hooks=[StopAt()], **kw)
+    resumed = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", table_kw={"stream": True},
+                             data_workers=1, resume=True, **kw)
+    pd.testing.assert_frame_equal(eager.values(), resumed.values())

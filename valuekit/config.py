@@ -46,3 +46,6 @@ class TrainConfig:
     progress: bool = True
     # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.precision)
     precision: str = "fp32"
+    # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
+    # trains; 0 decodes in the training process (valuekit.streaming)
+    data_workers: int = 0

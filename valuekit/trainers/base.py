@@ -30,7 +30,9 @@ from valuekit import distributed as dist_
 from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.streaming import RowStream
 from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
+from valuekit.streaming import RowStream
 from valuekit.models import build_model, build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
 
@@ -275,6 +277,8 @@ def validate_config(cfg: TrainConfig) -> None:
     for name in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every", "hidden"):
         if getattr(cfg, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be >= 1")
+    if cfg.data_workers < 0:
+        raise InputError(f"--set data_workers={cfg.data_workers}: must be >= 0")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise InputError(f"--lr {cfg.lr}: must be a positive number")
     from valuekit.precision import PRECISIONS
@@ -347,7 +351,7 @@ def _versions() -> dict:
 def _identity(meta: dict) -> dict:
     """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
     tuples in a fresh config equal the lists read back from run.json)."""
-    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps")}
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps", "data_workers")}
     ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],
         "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
@@ -566,6 +570,8 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     trainer = module.Trainer(ctx, mcfg)
     sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)
     x, y, source, dev_x, dev_y = ctx.x, ctx.y, ctx.source, ctx.dev_x, ctx.dev_y
+    # streamed images: rows decoded per batch, the next batch in background workers (valuekit.streaming)
+    stream = RowStream(x, device, config.data_workers) if not isinstance(x, torch.Tensor) else None
     test_xy = _to_device(test_data, device) if test_data is not None and main else None
 
     start_step, elapsed_before = 0, 0.0
@@ -651,8 +657,11 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
                 idx_cpu = sampler.next(B * world)[rank * B: (rank + 1) * B]
             else:
                 idx_cpu = sampler.next(B)
-            idx = idx_cpu.to(device)
-            batch = Batch(step=step, idx=idx, x=x[idx], y=y[idx], source=None if source is None else source[idx])
+            idx = idx_cpu.to(device, non_blocking=True)
+            xb = x[idx] if stream is None else stream.get(idx_cpu)
+            if stream is not None:  # decode the likely next batch while this step trains
+                stream.predict(sampler, B * world, slice(rank * B, (rank + 1) * B) if world > 1 else None)
+            batch = Batch(step=step, idx=idx, x=xb, y=y[idx], source=None if source is None else source[idx])
             ts = time.perf_counter()
             reset_peak(device)
             with autocast(device, config.precision):
@@ -738,6 +747,8 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stream is not None:
+            stream.close()
     if bar is not None:
         bar.close()
     save_checkpoint(step)
