@@ -290,6 +290,9 @@ def _import_factory(spec: str):
     from valuekit.errors import InputError
 
     modname, _, attr = spec.partition(":")
+    if modname == "python":
+        raise InputError(f"--model {spec}: names a Python object given to valuekit.train(model=...); pass that "
+                         f"object again from Python (the command line takes package.module:factory)")
     if "" not in sys.path and "." not in sys.path:  # the console script's sys.path lacks the working directory
         sys.path.insert(0, "")
     try:
