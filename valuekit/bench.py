@@ -280,7 +280,8 @@ def synthetic_step_log(run_dir: Path, *, rows: int, n: int = 20000, batch: int =
                    "dev_loss": np.where(ms % 100 == 0, np.exp(-ms / steps), np.nan),
                    "dev_acc": np.where(ms % 100 == 0, 1 - np.exp(-ms / steps), np.nan),
                    "test_loss": np.full(steps, np.nan), "test_acc": np.full(steps, np.nan),
-                   "scorer_loss": np.full(steps, np.nan), "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3},
+                   "scorer_loss": np.full(steps, np.nan), "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3,
+                   "cuda_mem_mb": np.full(steps, np.nan)},
                   schema=METRICS_SCHEMA)
     pq.write_table(mt, run_dir / "metrics" / "part-00000.parquet")
     value = np.where(noisy, -1.0, 1.0) + rng.normal(0, 0.5, n)
