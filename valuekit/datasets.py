@@ -115,7 +115,8 @@ def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | 
             raw = table.schema.metadata or {}
             if IMAGE_SHAPE_KEY in raw:
                 meta["image_shape"] = json.loads(raw[IMAGE_SHAPE_KEY])
-            df = table.to_pandas()
+            # encoded image columns stay Arrow-backed (no Python object per row; valuekit.images.packed_column)
+            df = table.to_pandas(types_mapper=_arrow_image_type)
         elif suffix == ".csv":
             df = pd.read_csv(path)
         elif suffix == ".npz":
@@ -130,6 +131,15 @@ def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read {name} table ({first})") from None
     return df, meta, str(path)
+
+
+def _arrow_image_type(t):
+    """pd.ArrowDtype for binary columns and {bytes, path} structs, None (pandas' default) otherwise."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pd.ArrowDtype(t)
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and {t.field(i).name for i in range(t.num_fields)} <= {"bytes", "path"}:
+        return pd.ArrowDtype(t)
+    return None
 
 
 def _npz_to_frame(path: Path) -> tuple[pd.DataFrame, dict]:
@@ -362,6 +372,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 def _image_kind(s: pd.Series) -> str | None:
     """'bytes' (encoded image bytes), 'struct' ({bytes, path} as Hugging Face datasets writes), 'path' (image
     file names) or None, judged from the column's first non-null value."""
+    if isinstance(s.dtype, pd.ArrowDtype):
+        t = s.dtype.pyarrow_dtype
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t):
+            return "packed" if _arrow_image_type(t) is not None else None
     if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or not s.notna().any():
         return None
     first = s[s.notna()].iloc[0]
@@ -395,9 +409,11 @@ def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: P
                         expect_hw: tuple[int, int] | None = None, stream: bool = False):
     """Decode an image column into float32 rows (N, C*H*W) in [0, 1] (or an `ImageRows` that decodes on
     indexing, when `stream`) and the shape (C, H, W); see `valuekit.images.read_image_column`."""
-    from valuekit.images import read_image_column
+    from valuekit.images import packed_column, read_image_column
 
-    return read_image_column(values.tolist(), _image_kind(values), where=where, col=col, ids=ids, base=base,
+    kind = _image_kind(values)
+    data = packed_column(pa.array(values.array)) if kind == "packed" else values.tolist()
+    return read_image_column(data, kind, where=where, col=col, ids=ids, base=base,
                              size=size, channels=channels, expect_hw=expect_hw, stream=stream)
 
 
@@ -412,6 +428,7 @@ def _decoded_bytes(values: pd.Series, size, want) -> int:
 
         v = values[values.notna()].iloc[0]
         data = v.get("bytes") if isinstance(v, dict) else v
+        data = data.as_py() if hasattr(data, "as_py") else data
         if not isinstance(data, (bytes, bytearray)):
             return 0  # file paths: decide eagerly (the files are small or the user says --stream)
         w, h = _open(bytes(data)).size

@@ -166,6 +166,34 @@ class ImageRows:
         return h.digest()
 
 
+def packed_column(array) -> tuple[np.ndarray, np.ndarray, np.ndarray, list | None]:
+    """An Arrow binary column, or a `{bytes, path}` struct column, as (buf uint8, offsets int64 (N+1), has_bytes
+    bool (N), paths or None) without one Python object per row: the bytes stay in Arrow's buffer."""
+    import pyarrow as pa
+
+    if isinstance(array, pa.ChunkedArray):
+        array = array.combine_chunks()
+    paths = None
+    if pa.types.is_struct(array.type):
+        names = [array.type.field(i).name for i in range(array.type.num_fields)]
+        if "path" in names:
+            paths = array.field("path").to_pylist()
+        data = array.field("bytes") if "bytes" in names else pa.nulls(len(array), pa.binary())
+        valid = np.asarray(array.is_valid()) if array.null_count else np.ones(len(array), bool)
+        valid = valid & np.asarray(data.is_valid())
+    else:
+        data, valid = array, np.asarray(array.is_valid())
+    if pa.types.is_null(data.type):
+        data = pa.nulls(len(array), pa.binary())
+    if pa.types.is_binary(data.type) or pa.types.is_string(data.type):
+        data = data.cast(pa.large_binary())
+    bufs = data.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64)[data.offset: data.offset + len(data) + 1] if bufs[1] else \
+        np.zeros(len(data) + 1, np.int64)
+    buf = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None and bufs[2].size else np.zeros(0, np.uint8)
+    return buf, offsets, valid, paths
+
+
 def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Path,
                       size: tuple[int, int] | None = None, channels: int | None = None,
                       expect_hw: tuple[int, int] | None = None, stream: bool = False):
@@ -173,54 +201,69 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
     (N, C*H*W) in [0, 1], or an `ImageRows` when `stream` (every row is still decoded once here, so
     bad input fails before training; only the encoded bytes are kept).
 
-    `channels` forces 1 (grey) or 3 (RGB); by default any colour image makes the whole column RGB.
-    `expect_hw` (a dev/test table): every image must have the training table's (H, W)."""
+    `values` is a list of per-row values (bytes, {bytes, path} dicts or path strings, per `kind`) or the
+    result of `packed_column` (kind "packed"). `channels` forces 1 (grey) or 3 (RGB); by default any
+    colour image makes the whole column RGB. `expect_hw` (a dev/test table): every image must have the
+    training table's (H, W)."""
     from PIL import UnidentifiedImageError
 
-    entries, names, is_file = [], [], []
-    for i, v in enumerate(values):
-        data, name = None, None
+    if kind == "packed":
+        buf, offsets, has_bytes, paths = values
+        n = len(has_bytes)
+    else:
+        n = len(values)
+
+    def source(i) -> tuple[bytes | None, str | None]:
+        if kind == "packed":
+            if has_bytes[i]:
+                return buf[offsets[i]: offsets[i + 1]].tobytes(), (paths[i] if paths else None)
+            return None, (paths[i] if paths else None)
+        v = values[i]
         if kind == "struct" and isinstance(v, dict):
-            data, name = v.get("bytes"), v.get("path")
-        elif kind == "bytes":
-            data = v
-        elif kind == "path":
-            name = v
-        from_file = False
+            return v.get("bytes"), v.get("path")
+        if kind == "bytes":
+            return v, None
+        return None, v  # path
+
+    files: list[str | None] = [None] * n  # rows read from an image file: its resolved name
+
+    def fetch(i) -> tuple[bytes, str | None]:
+        data, name = source(i)
         if data is None and isinstance(name, str) and name:
             file = Path(name) if Path(name).is_absolute() else base / name
             if not file.is_file():
                 raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image file {file} not found")
-            data, name, from_file = file.read_bytes(), str(file), True
+            files[i] = str(file)
+            return file.read_bytes(), str(file)
         if data is None:
             raise InputError(f"{where}: column {col!r} has no image at id {_show(ids[i])}")
-        entries.append(bytes(data))
-        names.append(name)
-        is_file.append(from_file)
+        return bytes(data), name
 
-    def fail(i, exc):
-        what = f"image file {names[i]}" if names[i] else "image bytes"
+    def fail(i, name, exc):
+        what = f"image file {name}" if name else "image bytes"
         raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: {what} cannot be decoded "
                          f"({type(exc).__name__})") from None
 
     errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
     if channels is None:
         channels = 1
-        for i, data in enumerate(entries):
+        for i in range(n):
+            data, name = fetch(i)
             try:
                 if _is_colour(data):
                     channels = 3
                     break
             except errors as exc:
-                fail(i, exc)
+                fail(i, name, exc)
     mode = "L" if channels == 1 else "RGB"
     first = None
     out = None
-    for i, data in enumerate(entries):
+    for i in range(n):
+        data, name = fetch(i)
         try:
             arr = decode(data, mode, size)
         except errors as exc:
-            fail(i, exc)
+            fail(i, name, exc)
         hw = arr.shape[1:]
         if expect_hw is not None and hw != tuple(expect_hw):
             raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
@@ -228,7 +271,7 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
         if first is None:
             first = hw
             if not stream:
-                out = np.empty((len(entries), channels * hw[0] * hw[1]), dtype=np.float32)
+                out = np.empty((n, channels * hw[0] * hw[1]), dtype=np.float32)
         elif hw != first:
             raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
                              f"first row's is {first[1]}x{first[0]}; resize with --image-size H,W")
@@ -237,9 +280,11 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
     shape = (channels, int(first[0]), int(first[1]))
     if not stream:
         return out, shape
-    if all(is_file):  # keep the file names, read on access
-        return ImageRows(None, None, names, shape, size), shape
-    lengths = np.fromiter((len(e) for e in entries), dtype=np.int64, count=len(entries))
+    if all(f is not None for f in files):  # every row is a file: keep the names, read on access
+        return ImageRows(None, None, files, shape, size), shape
+    if kind == "packed" and not any(f is not None for f in files):  # Arrow's buffer as it is
+        return ImageRows(buf, offsets, None, shape, size), shape
+    chunks = [fetch(i)[0] for i in range(n)]  # mixed bytes and files: pack everything
+    lengths = np.fromiter((len(c) for c in chunks), dtype=np.int64, count=n)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    buf = np.frombuffer(b"".join(entries), dtype=np.uint8)
-    return ImageRows(buf, offsets, None, shape, size), shape
+    return ImageRows(np.frombuffer(b"".join(chunks), dtype=np.uint8), offsets, None, shape, size), shape

@@ -35,10 +35,10 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from valuekit.config import TrainConfig
-    from valuekit.datasets import load_table
+    from valuekit.datasets import _arrow_image_type, load_table
     from valuekit.trainers.base import Batch, make_trainer
 
-    frame = pq.read_table(Path(a.data) / "train.parquet").slice(0, a.rows).to_pandas()
+    frame = pq.read_table(Path(a.data) / "train.parquet").slice(0, a.rows).to_pandas(types_mapper=_arrow_image_type)
     train = load_table(frame, stream=True, name="train")
     del frame
     dev = load_table(Path(a.data) / "dev.parquet", like=train, name="dev")

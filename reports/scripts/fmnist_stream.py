@@ -82,11 +82,11 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     import valuekit
-    from valuekit.datasets import load_table
+    from valuekit.datasets import _arrow_image_type, load_table
 
     t0 = time.perf_counter()
     table = pq.read_table(Path(a.data) / "train.parquet").slice(0, a.rows)
-    frame = table.to_pandas()
+    frame = table.to_pandas(types_mapper=_arrow_image_type)  # as load_table reads a Parquet file
     del table
     train = load_table(frame, stream=a.stream == "yes", name="train")
     del frame
