@@ -558,3 +558,53 @@ def test_streamed_run_with_decode_workers_equals_the_in_memory_run_and_resumes(t
     resumed = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", table_kw={"stream": True},
                              data_workers=1, resume=True, **kw)
     pd.testing.assert_frame_equal(eager.values(), resumed.values())
+
+
+def test_augmentation_flips_and_crops_the_rows_a_method_sees_and_resumes_exactly(tmp_path):
+    from valuekit.datasets import load_table
+
+    paths, _ = png_tables(tmp_path, "struct")
+    raw = load_table(paths["train"]).x.reshape(-1, 1, 8, 8)
+    seen = {}
+
+    class Keep:
+        def on_step_end(self, step, batch, record, trainer):
+            seen[step] = (batch.idx.clone(), batch.x.reshape(-1, 1, 8, 8).clone())
+
+    kw = dict(model="usermodels:resnet", steps=6, batch_size=16, device="cpu", progress=False, checkpoint_every=3)
+    valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "flip", augment="flip", hooks=[Keep()], **kw)
+    flips = 0
+    for idx, x in seen.values():
+        same = (x == raw[idx]).flatten(1).all(1)
+        mirrored = (x == raw[idx].flip(-1)).flatten(1).all(1)
+        assert (same | mirrored).all()
+        flips += int((mirrored & ~same).sum())
+    assert 20 < flips < 76  # about half of 96 rows
+    seen.clear()
+    valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "crop", augment="crop", hooks=[Keep()], **kw)
+    padded = torch.nn.functional.pad(raw, (4, 4, 4, 4))
+    for idx, x in seen.values():
+        for row, i in zip(x, idx.tolist()):
+            windows = padded[i].unfold(1, 8, 1).unfold(2, 8, 1)  # (1, 9, 9, 8, 8): every 8x8 window
+            assert (windows == row[:, None, None]).flatten(3).all(-1).any()
+    full = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "full", augment="crop+flip", **kw)
+
+    class StopAt:
+        def on_step_end(self, step, batch, record, trainer):
+            if step == 4:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", augment="crop+flip",
+                       hooks=[StopAt()], **kw)
+    resumed = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", augment="crop+flip",
+                             resume=True, **kw)
+    pd.testing.assert_frame_equal(full.values(), resumed.values())
+    with pytest.raises(InputError, match="augment=flip needs an image table"):
+        valuekit.train(usermodels_table(), dev=usermodels_table(), out=tmp_path / "no", augment="flip",
+                       steps=2, device="cpu", progress=False)
+
+
+def usermodels_table():
+    rng = np.random.default_rng(0)
+    return pd.DataFrame({"id": np.arange(12), "label": np.arange(12) % 2, "f0": rng.normal(size=12)})

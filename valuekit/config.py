@@ -60,3 +60,6 @@ class TrainConfig:
     # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
     # trains; 0 decodes in the training process (valuekit.streaming)
     data_workers: int = setting(0, ge=0)
+    # image tables: train-time augmentation of each batch (random crop with 4-pixel zero padding and/or
+    # left-right flip; valuekit.images.augment), drawn from its own generator (seed + 1); evaluation is never augmented
+    augment: str = setting("none", choices=("none", "flip", "crop", "crop+flip"))

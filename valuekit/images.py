@@ -194,6 +194,30 @@ def packed_column(array) -> tuple[np.ndarray, np.ndarray, np.ndarray, list | Non
     return buf, offsets, valid, paths
 
 
+def augment(x, image_shape, mode: str, generator, *, total: int | None = None, part: slice | None = None,
+            pad: int = 4):
+    """Train-time augmentation of flat image rows (B, C*H*W): `flip` mirrors each row left-right with
+    probability 1/2, `crop` pads the image by `pad` zero pixels and takes an H x W window at a uniformly
+    drawn offset (the usual CIFAR recipe). Draws come from `generator`, for `total` rows of the global
+    batch of which this process holds `part` (so a torchrun run augments as one process would)."""
+    import torch
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    total = total or b
+    part = part or slice(0, b)
+    c, h, w = image_shape
+    img = x.reshape(b, c, h, w)
+    if "flip" in mode:
+        flip = (torch.rand(total, generator=generator) < 0.5)[part].to(img.device)
+        img = torch.where(flip[:, None, None, None], img.flip(-1), img)
+    if "crop" in mode:
+        off = torch.randint(0, 2 * pad + 1, (total, 2), generator=generator)[part].tolist()
+        padded = F.pad(img, (pad, pad, pad, pad))
+        img = torch.stack([padded[i, :, oy: oy + h, ox: ox + w] for i, (oy, ox) in enumerate(off)])
+    return img.reshape(b, -1)
+
+
 def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Path,
                       size: tuple[int, int] | None = None, channels: int | None = None,
                       expect_hw: tuple[int, int] | None = None, stream: bool = False):

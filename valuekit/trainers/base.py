@@ -26,6 +26,7 @@ from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.models import build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
+from valuekit.images import augment
 from valuekit.streaming import RowStream
 from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, prepare_run,  # noqa: F401
                              rank_by_value, read_run, save_checkpoint)
@@ -191,6 +192,8 @@ def _placement(config: TrainConfig, spec) -> tuple[torch.device, dist_.DistInfo]
 def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_data) -> None:
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
+    if config.augment != "none" and train_data.image_shape is None:
+        raise InputError(f"{train_data.path or 'train'}: --set augment={config.augment} needs an image table")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):
@@ -305,6 +308,7 @@ class _Loop:
         self.last_metrics: dict = {}
         # streamed images: each batch's rows decoded on the host, the likely next batch by background workers
         self.stream = None if isinstance(ctx.x, torch.Tensor) else RowStream(ctx.x, ctx.device, ctx.config.data_workers)
+        self.augment_generator = torch.Generator().manual_seed(ctx.config.seed + 1)  # augmentation only
 
     def close_stream(self) -> None:
         if self.stream is not None:
@@ -314,6 +318,8 @@ class _Loop:
         self.trainer.load_state_dict(state["trainer"])
         self.sampler.load_state_dict(state["sampler"])
         self.ctx.generator.set_state(state["generator"])
+        if "augment_generator" in state:
+            self.augment_generator.set_state(state["augment_generator"])
         self.step = self.done = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
 
@@ -332,6 +338,8 @@ class _Loop:
         else:
             x = self.stream.get(idx_cpu)
             self.stream.predict(self.sampler, B * world, part if world > 1 else None)  # decoded while this step runs
+        if self.config.augment != "none":
+            x = augment(x, ctx.image_shape, self.config.augment, self.augment_generator, total=B * world, part=part)
         return Batch(step=step, idx=idx, x=x, y=ctx.y[idx], source=src), idx_cpu
 
     def run_step(self, stop_requested: bool, bar) -> None:
@@ -428,7 +436,7 @@ class _Loop:
             save_checkpoint(self.out, {
                 "step": step, "trainer": trainer_state, "sampler": self.sampler.state_dict(),
                 "generator": self.ctx.generator.get_state(), "parts": self.writer.part_counts(),
-                "elapsed": self.elapsed(),
+                "elapsed": self.elapsed(), "augment_generator": self.augment_generator.get_state(),
             })
             self.writer.write_meta(steps_done=step)
 
