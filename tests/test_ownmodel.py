@@ -608,3 +608,18 @@ def test_augmentation_flips_and_crops_the_rows_a_method_sees_and_resumes_exactly
 def usermodels_table():
     rng = np.random.default_rng(0)
     return pd.DataFrame({"id": np.arange(12), "label": np.arange(12) % 2, "f0": rng.normal(size=12)})
+
+
+def test_valuekit_train_keeps_the_older_dataset_and_config_form(tables, tmp_path):
+    from valuekit.datasets import load_table
+    from valuekit.trainers.base import TrainConfig, train as loop_train
+    from valuekit.trainers.dds import Config as DDSConfig
+
+    tr = load_table(tables["train"])
+    dv, te = load_table(tables["dev"], like=tr, name="dev"), load_table(tables["test"], like=tr, name="test")
+    cfg = TrainConfig(method="dds", steps=8, batch_size=16, device="cpu", progress=False)
+    a = valuekit.train(tr, dv, te, out=tmp_path / "a", config=cfg, method_config=DDSConfig(scorer_lr=0.01))
+    b = loop_train(tr, dv, te, out=tmp_path / "b", config=cfg, method_config={"scorer_lr": 0.01})
+    pd.testing.assert_frame_equal(a.values(), b.values())
+    c = valuekit.train(tr, dv, out=tmp_path / "c", config=cfg, method_config=DDSConfig(), scorer_lr=0.01)
+    pd.testing.assert_frame_equal(a.values(), c.values())

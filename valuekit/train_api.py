@@ -52,7 +52,10 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
     if unknown:
         raise InputError(f"valuekit.train: unknown setting {unknown[0]!r} (loop settings: {', '.join(sorted(loop_fields))}; "
                          f"{config.method} settings: {', '.join(sorted(method_fields)) or '(none)'})")
-    method_config = {**(method_config or {}), **extra}
+    if dataclasses.is_dataclass(method_config):  # a method Config instance (the older form)
+        method_config = dataclasses.replace(method_config, **extra) if extra else method_config
+    else:
+        method_config = {**(method_config or {}), **extra}
     train_ds = _table(train, "train", table_kw=table_kw)
     dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
