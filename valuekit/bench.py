@@ -250,8 +250,6 @@ def _stream_data(folder: Path, quick: bool) -> tuple[Path, str]:
 def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
     """One measured run in this (child) process: load the first `rows` training rows, train `steps` steps of
     `method` on small_resnet, report load time, the loop's own step times, RSS after loading and peak RSS."""
-    import resource
-
     import pyarrow.parquet as pq
     import torch
 
@@ -260,9 +258,10 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
 
     torch.set_num_threads(1)
 
-    def rss() -> float:
+    def rss(key: str = "VmRSS") -> float:
+        # VmHWM (this process's peak) rather than ru_maxrss, which a child inherits from its parent across exec
         with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 
     t0 = time.perf_counter()
     frame = pq.read_table(Path(data) / "train.parquet").slice(0, rows).to_pandas(types_mapper=_arrow_image_type)
@@ -277,7 +276,7 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
         t = run.metrics()["step_time"].to_numpy()
         values = run.values()
     return {"method": method, "rows": rows, "stream": stream, "load_s": load_s, "rss_after_load_mib": rss_loaded,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mib": rss("VmHWM"),
             "median_step_s": float(np.median(t[min(2, len(t) - 1):])), "values_rows": int(len(values))}
 
 
@@ -338,9 +337,10 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | peak RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in frame.itertuples():
-        lines.append(f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {r.interleaved_step_s:.3f} | "
-                     f"{r.epoch_min_derived:.1f} | {r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} |")
+    for r in frame.itertuples():  # step time was measured on streamed rows only
+        step = f"{r.interleaved_step_s:.3f} | {r.epoch_min_derived:.1f}" if r.stream else "- | -"
+        lines.append(f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {step} | "
+                     f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} |")
     return _write(out, _stem("stream", device), lines, frame)
 
 
