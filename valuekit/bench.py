@@ -331,7 +331,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         f"Step time: every method in one process on all {sizes[-1]:,} rows (streamed: each step decodes its 64",
         f"PNG rows), {rounds} timed rounds after {warmup} warm-up, methods interleaved step by step; median.",
         "Epoch time is **derived** (ceil(N / batch) x that median step time), not a timed full epoch.",
-        f"Memory: peak resident set (ru_maxrss) of a child process that loads the first N rows and trains",
+        f"Memory: peak resident set (VmHWM) of a child process that loads the first N rows and trains",
         f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
         "table is loaded. `streamed`: images kept encoded (`--stream yes`); `decoded`: all pixels in memory.",
         "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | peak RSS (MiB) |",
