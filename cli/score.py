@@ -21,6 +21,9 @@ def add_parser(sub):
     sel.add_argument("--top-k", type=int, default=None, help="select the K most valuable rows")
     sel.add_argument("--drop-fraction", type=float, default=None, help="drop the lowest fraction by value")
     sel.add_argument("--min-weight", type=float, default=None, help="select rows with weight >= W")
+    sel.add_argument("--per-class", action="store_true",
+                     help="apply --keep-fraction/--top-k/--drop-fraction inside every class of --label-col "
+                          "(stratified: each class keeps its share)")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
@@ -33,10 +36,20 @@ def run(args) -> int:
     from valuekit.errors import InputError
     from valuekit.export import DEFAULT_BATCH_ROWS, check_selection, write_scored
 
-    out = Path(args.out)
+    from valuekit.paths import check_output
+
     if (args.run is None) == (args.method is None):
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
-    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only)
+    inputs = [args.table, args.dev, args.test]
+    runs = [args.run] if args.run else []
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=runs)
+    out = Path(args.out)
+    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only,
+                    args.per_class)
+    if args.batch_rows is not None and args.batch_rows < 1:
+        raise InputError(f"--batch-rows {args.batch_rows}: must be an integer >= 1")
+    if args.method is None and args.run_dir is not None:
+        raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
     if args.method is not None:
         from valuekit.trainers.base import train
@@ -46,11 +59,10 @@ def run(args) -> int:
         cfg, method_cfg = train_config(args)
         data, dev, test = load_tables(args, args.table)
         run_dir = Path(args.run_dir or out.with_name(out.name + ".run"))
-        # Check the export options before spending time on training.
-        if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
-            raise InputError(f"-o {out}: output must end in .parquet or .csv")
-        if out.resolve() == Path(args.table).resolve():
-            raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
+        # Check where the run goes before spending time on training.
+        check_output(run_dir, option="--run-dir", kind="run", inputs=[*inputs, args.out])
+        if run_dir.resolve() == out.resolve() or out.resolve().is_relative_to(run_dir.resolve()):
+            raise InputError(f"-o {args.out}: lies in the run directory {run_dir}; write the table elsewhere")
         r = train(data, dev, test, out=run_dir, config=cfg, method_config=method_cfg)
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
@@ -58,7 +70,11 @@ def run(args) -> int:
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
-                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True)
+                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True,
+                           per_class=args.per_class, label_col=args.label_col)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
+    for c in summary.starved or []:
+        print(f"warning: class {c['label']!r} keeps {c['kept']} of {c['rows']} rows, {c['share_ratio']:.2f}x its share "
+              f"(under half); --per-class keeps every class at its share")
     return 0

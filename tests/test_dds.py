@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +15,7 @@ from valuekit.errors import InputError
 from valuekit.trainers import dds, uniform
 from valuekit.trainers.base import Batch, TrainConfig, TrainContext, per_example_loss, train
 
-DIGITS = "data/digits-noisy20"
+DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"  # from any working directory
 
 
 def make_ctx(*, n=24, d=5, c=3, m=10, seed=0, batch_size=8, dtype=torch.float32, model="mlp") -> TrainContext:
@@ -133,7 +136,7 @@ def test_frozen_uniform_scorer_is_plain_training():
     for p, q in zip(tr_d.model.parameters(), tr_u.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     v = tr_d.values()
-    assert torch.all(v["value"] == 0) and torch.allclose(v["weight"], torch.ones(ctx_d.n, dtype=torch.float64))
+    assert torch.all(v["scorer_logit"] == 0) and torch.allclose(v["weight"], torch.ones(ctx_d.n, dtype=torch.float64))
 
 
 def test_warmup_uses_uniform_weights_while_scorer_learns():
@@ -166,7 +169,8 @@ def test_class_balance_prior_equalises_class_mass():
 @pytest.mark.parametrize("bad", [{"reward_method": "magic"}, {"scorer": "tree"}, {"reward_norm": "z"},
                                  {"update_every": 0}, {"init_scorer": "/nonexistent/run"}, {"scorer_lr": -1.0}])
 def test_config_validation(bad):
-    with pytest.raises(InputError):
+    (key, value), = bad.items()  # the message names the setting and the value given
+    with pytest.raises(InputError, match=rf"{key}\W+'?{re.escape(str(value))}"):
         dds.Config(**bad).validate()
 
 
@@ -200,8 +204,8 @@ def test_short_run_logs_rewards_and_weights(digits, tmp_path):
     v = run.values()
     assert len(v) == len(digits[0].ids)
     assert v["weight"].mean() == pytest.approx(1.0, abs=1e-9)
-    # weight is the softmax of value over the whole training set, times N
-    w = np.exp(v["value"] - v["value"].max())
+    # weight is the softmax of the scorer logit over the whole training set, times N
+    w = np.exp(v["scorer_logit"] - v["scorer_logit"].max())
     assert np.allclose(v["weight"], w / w.sum() * len(v), rtol=1e-9)
     assert np.array_equal(v["label"].to_numpy(), digits[0].y.numpy())
     ck = torch.load(run.path / "checkpoint.pt", weights_only=True)
@@ -222,11 +226,11 @@ def test_resume_equals_uninterrupted(digits, tmp_path, mcfg):
 def test_retrained_dds_loads_the_scorer(digits, tmp_path):
     src = run_dds(digits, tmp_path / "src", steps=8)
     again = run_dds(digits, tmp_path / "again", steps=4, init_scorer=str(src.path), scorer_lr=0.0)
-    assert np.array_equal(src.values()["value"].to_numpy(), again.values()["value"].to_numpy())
+    assert np.array_equal(src.values()["scorer_logit"].to_numpy(), again.values()["scorer_logit"].to_numpy())
     w = again.steps(["weight"]).column("weight").to_numpy()
     assert w.std() > 1e-4  # the loaded scorer, not a uniform one, weighted the batches
     plain = run_dds(digits, tmp_path / "plain", steps=4, scorer_lr=0.0)
-    assert np.all(plain.values()["value"].to_numpy() == 0)
+    assert np.all(plain.values()["scorer_logit"].to_numpy() == 0)
     # a run without a scorer cannot seed retrained DDS
     tr, dv = digits
     u = train(tr, dv, out=tmp_path / "u", config=TrainConfig(steps=2, progress=False))

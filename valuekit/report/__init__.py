@@ -124,7 +124,8 @@ def _summary(runs, names) -> _Section:
     row("device · host", lambda r: f"{r.meta.get('device', '?')} · {r.meta.get('host', '?')}")
     row("started", lambda r: str(r.meta.get("started_at", "–")))
     for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
-        row(f"final {k.replace('_', ' ')}", lambda r, k=k: final(r, k))
+        metric = "acc" if runs[0].acc_metric == "accuracy" else runs[0].acc_metric  # chrF/100 for translation
+        row(f"final {k.replace('_', ' ').replace('acc', metric)}", lambda r, k=k: final(r, k))
     row("valuekit · torch", lambda r: f"{(r.meta.get('versions') or {}).get('valuekit', '?')} · "
                                       f"{(r.meta.get('versions') or {}).get('torch', '?')}")
     sec.tables.append({"id": "run-summary", "caption": "", "header": ["", *names], "rows": rows})
@@ -147,6 +148,22 @@ def _training(runs, names) -> _Section:
         else:
             sec.notes.append("no metrics logged yet")
     return sec
+
+
+def _starved_notes(name: str, values: pd.DataFrame, labels: pd.Series, fraction: float = 0.5) -> list[str]:
+    """Warnings for classes that a global top-`fraction` selection by value keeps at under half their share."""
+    from valuekit.export import select_top, starved_classes
+
+    cls = pd.Series(values["example_id"].to_numpy()).map(labels)
+    ok = cls.notna().to_numpy()
+    if not ok.any():
+        return []
+    v = values["value"].to_numpy(dtype=np.float64)[ok]
+    keep = select_top(v, int(round(fraction * len(v))))
+    return [f"{name}: keeping the top {fraction:.0%} by value (valuekit score --keep-fraction {fraction:g}) keeps "
+            f"class {c['label']!r} at {c['share_ratio']:.2f}x its share ({c['kept']} of {c['rows']} rows), under "
+            f"half; add --per-class to keep every class at its share"
+            for c in starved_classes(keep, cls.to_numpy()[ok]).to_dict("records")]
 
 
 def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
@@ -177,6 +194,7 @@ def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
         if lab is not None:
             by_class[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                         "class": pd.Series(ids).map(lab).to_numpy()}).dropna(subset=["class"])
+            sec.notes += _starved_notes(n, v, lab)
         if noisy.get(n) is not None:
             split[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                      "noisy": pd.Series(ids).map(noisy[n]).fillna(False).to_numpy(dtype=bool)})
@@ -215,8 +233,9 @@ def _balance(runs, names) -> _Section:
     from valuekit.report import figures
 
     sec = _Section("balance", 4, "Class balance",
-                   "Scorer weight mass per class vs the empirical training frequency vs the dev frequency, at the "
-                   "end of training and over steps.")
+                   "Weight mass per class (from each run's final weights: a scorer's or teacher's where the method "
+                   "learns one, all 1 for uniform) vs the empirical training frequency vs the dev frequency, at "
+                   "the end of training and over steps.")
     mod = _optional("balance")
     if mod is None:
         sec.notes.append("valuekit.analysis.balance is not in this installation")
@@ -232,7 +251,7 @@ def _balance(runs, names) -> _Section:
             mod.plot_class_balance(f, ax=ax)
             ax.set_title(f"{n}\n{ax.get_title()}", fontsize=9)
         fig.tight_layout()
-        sec.figure("fig-class-balance", "Class mass: scorer vs empirical vs dev", fig)
+        sec.figure("fig-class-balance", "Class mass: the run's weights vs empirical vs dev", fig)
     with _guard(sec, "class balance over steps"):
         frames = [(n, mod.class_balance_over_steps(r)) for r, n in with_steps]
         fig, axes = figures.run_panels(len(frames))
@@ -421,10 +440,14 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     names = run_columns(runs)
+    if data is not None:  # a table the user names must be readable: refused here, before any figure is drawn
+        from valuekit.analysis.mislabel import training_table
+
+        training_table(runs[0], data)
 
     sections = [_summary(runs, names), _training(runs, names)]
     audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
@@ -455,6 +478,8 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     sections.append(audit_sec)
     sections.append(_subsets(runs, names))
     sections = [s for s in sections if s is not None]
+    for number, s in enumerate(sections, 1):  # no gaps where a section is absent
+        s.number = number
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

@@ -46,6 +46,7 @@ class StepRecord:
     scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
     meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
     sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+    margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
 
 
 @runtime_checkable
@@ -238,6 +239,7 @@ class TrainContext:
         else:
             self.scaler.step(opt)
             self.scaler.update()
+    signals: Any = None  # signals.SignalAccumulator the loop feeds every step; methods may read it in values()
 
     @property
     def n(self) -> int:

@@ -59,7 +59,12 @@ over all N rows per step).
 Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
 one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
 `reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
-values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
+values(): value = the in-run signal value (signals.in_run_value: within-class ranks of -mean_loss and aum);
+posterior_mean = the sample mean of w (a near-monotone transform of the loss: Spearman with -mean_loss is
+reported in reports/quality.md), value_std = the samples' std, ci_low / ci_high = their 5 %/95 % quantiles.
+These are NOT calibrated posterior intervals: by default the chain is tempered (T = 0.1, a cold posterior
+pi^(1/T), which shrinks the spread by about sqrt(T)), the samples are consecutive and correlated, and a row
+has only ~`reservoir` of them (about one per epoch); read them as the spread of a cold chain.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
 
 Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
@@ -81,6 +86,7 @@ from torch import nn
 from valuekit.config import setting
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -313,7 +319,8 @@ class Trainer:
             self.steps_done += 1
             if self.steps_done > cfg.burn_in:
                 self._collect(rows, w_new)
-        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y)
+        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y,
+                          margin=margins(logits, batch.y))
 
     def _collect(self, rows: torch.Tensor, w_new: torch.Tensor) -> None:
         """Welford update of the per-row mean/variance and the ring buffer of the latest samples."""
@@ -348,8 +355,9 @@ class Trainer:
             self.window.copy_(state["window"])
 
     def values(self) -> dict:
-        """value = posterior mean of w_i; value_std = posterior std; ci_low/ci_high = quantiles of the
-        latest `reservoir` samples; samples = how many samples the row has. Rows with no sample after
+        """value = signals.in_run_value (module docstring); posterior_mean = mean of the samples of w_i; value_std =
+        their std; ci_low/ci_high = quantiles of the latest `reservoir` samples of the tempered chain (a cold
+        chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
         seen = self.count > 0
@@ -360,5 +368,8 @@ class Trainer:
         lo_q, hi_q = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
         q = torch.tensor([lo_q, hi_q], dtype=torch.float64, device=self.samples.device)
         quant = torch.nanquantile(self.samples.double(), q, dim=1)  # (2, N); NaN rows stay NaN
-        return {"value": value, "value_std": std, "weight": value, "ci_low": quant[0], "ci_high": quant[1],
-                "samples": self.count}
+        from valuekit.trainers.signals import in_run_value
+
+        combined = in_run_value(self.ctx, value)
+        return {"value": combined, "posterior_mean": value, "value_std": std, "weight": value, "ci_low": quant[0],
+                "ci_high": quant[1], "samples": self.count}

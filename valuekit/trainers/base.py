@@ -24,6 +24,8 @@ from valuekit import distributed as dist_
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.paths import first_line, unreadable
+from valuekit.models import feature_stats
 from valuekit.models import build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.images import augment
@@ -32,6 +34,7 @@ from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, p
                              rank_by_value, read_run, save_checkpoint)
 from valuekit.trainers.api import (Batch, RandomSampler, Sampler, StepRecord, TrainContext, Trainer,  # noqa: F401
                                    evaluate, per_example_loss)
+from valuekit.trainers.signals import SignalAccumulator
 from valuekit.trainers.options import (load_method, parse_overrides, resolve, resolve_device,  # noqa: F401
                                        validate_config)
 
@@ -78,6 +81,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
         rank=rank, world_size=world_size, model_factory=model_factory, scaler=grad_scaler(device, config.precision),
+        signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),
     )
 
 
@@ -158,6 +162,8 @@ def train(
         "classes": view.classes, "sources": view.sources, "id_type": view.id_type,
         "image_shape": list(view.image_shape) if view.image_shape else None, "feature_cols": view.feature_cols,
         "label_col_codes": "label column in steps/ holds class codes into `classes`",
+        # what the metrics' *_acc columns hold: translation models are scored by corpus chrF / 100
+        "acc_metric": "chrF/100" if config.model == "seq2seq" else "accuracy",
         "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
         "started_at": _now(), "steps_done": 0,
         "world_size": info.world_size, "global_batch_size": config.batch_size * info.world_size,
@@ -214,7 +220,7 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
         return local
     meta["run_id"], meta["started_at"] = shared["run_id"], shared["started_at"]
     # the run directory is on a filesystem every node sees
-    return None, load_checkpoint(out) if shared["has_state"] else None
+    return None, load_checkpoint(out, training=True) if shared["has_state"] else None
 
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
@@ -223,6 +229,8 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
     ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size,  # build
                         model_factory=model_factory)
     trainer, sampler = spec.build(ctx, mcfg)
+    if state:
+        _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock, rank=info.rank, world_size=info.world_size,
                        resume_parts=state["parts"] if state else ({} if resume else None))
     test_xy = _to_device(test_data, device) if test_data is not None and info.is_main else None
@@ -246,6 +254,20 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
         finally:
             loop.close_stream()
     return loop.finish()                                                              # finalise
+
+
+def _check_state(trainer, sampler, ctx, state: dict, *, out: Path, lock, method: str) -> None:
+    """Load the checkpoint into the fresh trainer before the writer touches the directory (it drops parts newer
+    than the checkpoint): a checkpoint that does not fit this method stops here, the run as it was, no lock left."""
+    try:
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state_dict(state["sampler"])
+        ctx.generator.set_state(state["generator"])
+    except Exception as exc:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+        raise unreadable(out / CHECKPOINT, f"does not fit method {method!r}: {type(exc).__name__}: "
+                         f"{first_line(exc)[:120]}") from None
 
 
 class _StopSignals:
@@ -274,14 +296,15 @@ class _StopSignals:
 
 
 class _Progress:
-    """tqdm bar on rank 0 when config.progress (disable=None: shown on a terminal, silent in pipes and CI)."""
+    """Progress on rank 0 when config.progress: a tqdm bar on a terminal; in pipes, CI logs and under nohup a
+    line every 10 % of the steps or 30 s (valuekit.progress)."""
 
     def __init__(self, config: TrainConfig, start: int, info: dist_.DistInfo):
         self.bar = None
         if config.progress and info.is_main:
-            from tqdm.auto import tqdm
+            from valuekit.progress import Progress
 
-            self.bar = tqdm(total=config.steps, initial=start, desc=config.method, unit="step", disable=None)
+            self.bar = Progress(total=config.steps, initial=start, desc=config.method)
 
     def __enter__(self):
         return self.bar
@@ -320,6 +343,7 @@ class _Loop:
         self.ctx.generator.set_state(state["generator"])
         if "augment_generator" in state:
             self.augment_generator.set_state(state["augment_generator"])
+        self.ctx.signals.load_state_dict(state.get("signals", {}))
         self.step = self.done = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
 
@@ -349,6 +373,7 @@ class _Loop:
         reset_peak(self.ctx.device)
         with autocast(self.ctx.device, self.config.precision):
             rec = self.trainer.step(batch)
+        self.ctx.signals.record(batch, rec)  # per-example in-run signals of every method (signals.py)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         metrics, bad, diverged = self.log_step(step, idx_cpu, rec, time.perf_counter() - ts, stop_requested)
@@ -368,10 +393,11 @@ class _Loop:
             if hasattr(h, "on_step_end"):
                 h.on_step_end(step, batch, rec, self.trainer)
         if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:
+            if step % 10 == 0 or step == 1:
+                dev_acc = self.last_metrics.get("dev_acc")  # none before the first evaluation (never "nan")
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
-                                dev_acc=f"{self.last_metrics.get('dev_acc', float('nan')):.3f}")
+                                dev_acc=None if dev_acc is None else f"{dev_acc:.3f}")
+            bar.update(1)
         if step % self.config.checkpoint_every == 0:
             self.save_checkpoint(step)
         elif step % self.config.log_every == 0:
@@ -436,7 +462,8 @@ class _Loop:
             save_checkpoint(self.out, {
                 "step": step, "trainer": trainer_state, "sampler": self.sampler.state_dict(),
                 "generator": self.ctx.generator.get_state(), "parts": self.writer.part_counts(),
-                "elapsed": self.elapsed(), "augment_generator": self.augment_generator.get_state(),
+                "elapsed": self.elapsed(), "signals": self.ctx.signals.state_dict(),
+                "augment_generator": self.augment_generator.get_state(),
             })
             self.writer.write_meta(steps_done=step)
 
@@ -450,7 +477,7 @@ class _Loop:
         self.save_checkpoint(self.step)
         values = self.trainer.values()  # every rank: a method may gather here
         if self.info.is_main:
-            self.writer.write_values(finalize_values(values, self.ids))
+            self.writer.write_values(finalize_values({**self.ctx.signals.columns(), **values}, self.ids))
         self.writer.close("completed", steps_done=self.step, duration_s=self.elapsed(), finished_at=_now(),
                           final_metrics=_clean(self.last_metrics))
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns

@@ -14,6 +14,12 @@ by the batch mean). The teacher is trained by meta-gradients (the paper's Algori
    detached from the student) and one teacher optimizer (Adam) step;
 3. the real student step with the updated teacher's (detached) weights and the loop's optimizer.
 
+For one virtual step (the default) the meta-gradient is computed without a double backward
+(``meta_grad="auto"``): θ' = θ − α ∇θ L gives ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ'), and those B dot
+products come from the student's own forward/backward (`gradients.LayerTape`, as DDS's fused rewards),
+or from one forward-mode pass when BatchNorm makes the rows interact; the teacher's gradient is then one
+backward of w. Same numbers as the second-order autograd path (``meta_grad="autograd"``, used for K > 1).
+
 Variants sharing this code (`variant` in Config; the method registry maps the names):
 
 * ``mwnet`` — Meta-Weight-Net (Shu et al., NeurIPS 2019, Alg. 1): the same loop with the teacher
@@ -40,6 +46,7 @@ with the rank that holds row i. The result equals a 1-process run with the globa
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -52,8 +59,10 @@ from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import second_order
 from valuekit.models import feature_dim, feature_module, features_and_logits
+from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -94,6 +103,16 @@ class Config:
     # the student's internal state the teacher reads: the input of this layer (a name from the model's
     # named_modules(), read with a forward hook); "" = the input of the model's last nn.Linear
     feature_layer: str = ""
+    # how the meta-gradient is computed: autograd (second-order: backward through the virtual step kept in the
+    # graph, any unroll) | fused (unroll 1 only: dJ/dw_i = -α/B ∇ℓ_i(θ)·∇J(θ') from per-example dot products —
+    # from the student's own forward/backward (gradients.LayerTape, as DDS's fused rewards), or one forward-mode
+    # pass when BatchNorm makes rows interact — then one backward through the teacher; no double backward; the
+    # same numbers as autograd) | auto: fused when unroll is 1
+    meta_grad: str = setting("auto", choices=("auto", "autograd", "fused"))
+    # lrdi/mwnet: effective-sample-size floor of the batch weights, ESS = (sum w)^2 / (B sum w^2): when the teacher's
+    # weights fall under it they are shrunk towards their batch mean until ESS = floor (0 = off). With the
+    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (reports/lrdi.md).
+    ess_floor: float = setting(0.3, ge=0, lt=1)
 
     def validate(self) -> None:
         check_fields(self)
@@ -105,6 +124,8 @@ class Config:
         if self.variant == "mwnet" and chosen not in (TEACHER_INPUTS, ("loss",)):
             raise InputError(f"--set teacher_inputs={self.teacher_inputs}: mwnet's teacher reads the loss only; "
                              f"use variant=lrdi to choose inputs")
+        if self.meta_grad == "fused" and self.unroll != 1:
+            raise InputError(f"--set meta_grad=fused needs unroll 1 (got {self.unroll}); use meta_grad=autograd")
         if self.variant == "l2rw" and self.meta_every != 1:
             raise InputError(f"--set meta_every={self.meta_every}: l2rw needs its meta-gradient every step; use 1")
 
@@ -135,7 +156,11 @@ class Teacher(nn.Module):
             nn.init.normal_(self.label.weight, generator=generator)
 
     def forward(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.label(signals["label"]) if s == "label" else signals[s] for s in self.inputs]
+        # the hidden state is standardised per row (LayerNorm without learned scale): its norm grows ~10x over
+        # training, which otherwise drives the teacher's weights to collapse (reports/lrdi.md)
+        parts = [self.label(signals["label"]) if s == "label" else
+                 F.layer_norm(signals[s], signals[s].shape[1:]) if s == "features" else signals[s]
+                 for s in self.inputs]
         return self.net(torch.cat(parts, 1)).squeeze(1)
 
 
@@ -166,6 +191,19 @@ class Trainer:
                                    generator=ctx.generator).to(ctx.device)
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_lr,
                                                 weight_decay=cfg.teacher_weight_decay, foreach=True)
+        # fused meta-gradient: per-example dots from the tape (rows independent), or, when rows interact through
+        # BatchNorm batch statistics (the tape would split the batch gradient into rows differently from
+        # ∇ℓ_i), from one forward-mode pass along ∇J(θ') (gradients.per_example_dots "exact"; still no
+        # double backward)
+        self.tape, self.dots_by = None, None
+        if cfg.meta_grad != "autograd" and cfg.unroll == 1:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                self.dots_by = "jvp"
+            else:
+                try:
+                    self.tape, self.dots_by = LayerTape(self.model), "tape"
+                except NotImplementedError:
+                    self.dots_by = "jvp"
         n, b, dev = ctx.n, ctx.global_batch_size, ctx.device  # every rank records the whole global batch
         # fixed-size buffers: memory does not grow with steps
         self.window = max(1, math.ceil(cfg.std_epochs * n / b))
@@ -181,13 +219,29 @@ class Trainer:
         return step / self.ctx.config.steps
 
     def weights(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher weights sigmoid(teacher(s)), divided by their batch mean when `normalize`."""
+        """Teacher weights sigmoid(teacher(s)), shrunk towards their batch mean when their effective sample size
+        is under `ess_floor`, divided by the batch mean when `normalize`."""
         w = torch.sigmoid(self.teacher(signals))
-        if not self.cfg.normalize:
+        ctx = self.ctx
+        mean = w.mean() if not ctx.distributed else ctx.all_sum(w.sum()) / ctx.global_rows(len(w))  # global batch
+        if self.cfg.ess_floor > 0:
+            w = self._ess_floor(w, mean)
+        return w / mean if self.cfg.normalize else w
+
+    def _ess_floor(self, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """w' = mean + c (w - mean) with the largest c <= 1 such that ESS(w') = (sum w')^2 / (B sum w'^2) >= floor.
+        With r = w / mean, ESS = 1 / mean(r^2) and mean(r'^2) = 1 + c^2 (mean(r^2) - 1), so
+        c = sqrt((1/floor - 1) / (mean(r^2) - 1)). c is computed from detached weights (a data-dependent step size
+        of the shrinkage); the batch mean, and so the weights' scale, is unchanged."""
+        r2 = ((w / mean) ** 2).detach()
+        stats = torch.stack([r2.sum(), torch.tensor(float(len(w)), dtype=r2.dtype, device=r2.device)])
+        self.ctx.all_reduce_([stats])  # torchrun: over the global batch
+        m2 = stats[0] / stats[1]
+        limit = 1.0 / self.cfg.ess_floor - 1.0
+        if float(m2) - 1.0 <= limit:
             return w
-        if not self.ctx.distributed:
-            return w / w.mean()
-        return w / (self.ctx.all_sum(w.sum()) / self.ctx.global_rows(len(w)))  # global batch mean
+        c = torch.sqrt(limit / (m2 - 1.0)).to(w.dtype)
+        return mean + c * (w - mean)
 
     def dev_loss_after_unroll(self, losses0: torch.Tensor, w: torch.Tensor, x, y, dev_x, dev_y,
                               *, reduce: str = "mean", dev_total: int | None = None
@@ -231,6 +285,8 @@ class Trainer:
         gradient of J(θ_K) w.r.t. the teacher's parameters (lrdi/mwnet) or w.r.t. ε (l2rw, shape (B,)).
         Nothing is updated.
         """
+        if self.dots_by is not None:
+            return self._fused_meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
         feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         signals = student_signals(feats, logits, losses, y, progress)
@@ -250,6 +306,77 @@ class Trainer:
             dev_loss = dev_loss[0]
         return {"losses": losses, "logits": logits, "signals": signals, "dev_loss": dev_loss.detach(), "grads": grads,
                 "weights": None if self.teacher is None else w.detach(), "student_grads": [g.detach() for g in first]}
+
+    def _fused_meta_gradient(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
+        """meta_gradient for one virtual SGD step without second-order autograd (Config.meta_grad).
+
+        θ' = θ − α ∇θ L with L the (global) batch's mean of w_i ℓ_i (L2RW: Σ ε_i ℓ_i at ε = 0, so θ' = θ),
+        hence ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ') (L2RW: −α ∇ℓ_i·∇J, Ren et al. eq. 12).  The dot products come
+        from the layer inputs and output gradients recorded during the student's backward of L (LayerTape);
+        the teacher's gradient is then one backward of w with those values as output gradients.  Returns
+        what meta_gradient returns; falls back to the second-order path if a weight underflowed to 0."""
+        c, ctx, world = self.cfg, self.ctx, self.ctx.world_size
+        with self.tape if self.tape is not None else contextlib.nullcontext():
+            feats, logits = features_and_logits(self.model, x, self.feature_layer)
+        losses = per_example_loss(logits, y)
+        signals = student_signals(feats, logits, losses, y, progress)
+        names = [n for n, _ in self.model.named_parameters()]
+        params = list(self.model.parameters())
+        B = len(y)
+        w = None
+        if self.teacher is None:
+            row_w = torch.ones_like(losses)
+            total = losses.sum()  # the tape needs a backward with non-zero row weights; ε = 0 leaves θ' = θ
+        else:
+            w = self.weights(signals)
+            row_w = w.detach()
+            if self.tape is not None and not bool((row_w > 1e-30).all()):  # the division below would lose them
+                self.tape.records = []
+                return self._second_order(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
+            total = (row_w * losses).mean()
+        first = list(torch.autograd.grad(total, params, retain_graph=True))
+        if self.teacher is None:
+            theta = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+        else:
+            if world > 1:  # the global batch's mean gradient
+                ctx.all_reduce_(first)
+                first = [g / world for g in first]
+            theta = {n: (p.detach() - c.virtual_lr * g).requires_grad_() for n, p, g in zip(names, params, first)}
+        dev_logits = functional_call(self.model, theta, (dev_x,))
+        if world == 1:
+            dev_loss = F.cross_entropy(dev_logits, dev_y)
+        else:
+            dev_loss = per_example_loss(dev_logits, dev_y).sum() / (dev_total or len(dev_y) * world)
+        v = list(torch.autograd.grad(dev_loss, list(theta.values())))
+        ctx.all_reduce_(v)  # torchrun: the ranks' shares of J sum to J, so their gradients sum to ∇J
+        if self.tape is not None:
+            # dots_i = (∂total/∂ℓ_i) ∇ℓ_i·∇J(θ'): row_w_i / B times the dot (lrdi), the dot itself (l2rw)
+            dots = self.tape.dots(dict(zip(names, v)), B)
+            if self.teacher is not None:
+                dots = dots * (B / row_w)
+        else:  # ∇ℓ_i·∇J(θ') by forward mode at θ, the batch's own statistics, buffers untouched
+            dots = per_example_dots(self.model, x, y, dict(zip(names, v)), method="exact")
+        if self.teacher is None:
+            grads = -c.virtual_lr * dots
+        else:
+            dj_dw = -c.virtual_lr * dots / (B * world)
+            grads = list(torch.autograd.grad(w, list(self.teacher.parameters()), grad_outputs=dj_dw.to(w.dtype),
+                                             retain_graph=True))
+            ctx.all_reduce_(grads)  # torchrun: the ranks' shares of J sum to J
+        dev_loss = dev_loss.detach()
+        if world > 1:
+            dev_loss = dev_loss.reshape(1)
+            ctx.all_reduce_([dev_loss])
+            dev_loss = dev_loss[0]
+        return {"losses": losses, "logits": logits, "signals": signals, "dev_loss": dev_loss, "grads": grads,
+                "weights": None if w is None else row_w, "student_grads": [g.detach() for g in first]}
+
+    def _second_order(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
+        dots_by, self.dots_by = self.dots_by, None
+        try:
+            return self.meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
+        finally:
+            self.dots_by = dots_by
 
     def _plain(self, x, y, progress: float) -> dict:
         """Forward and teacher inputs only, for the steps between meta steps."""
@@ -304,6 +431,7 @@ class Trainer:
         self.ctx.sync_grads_(self.model.parameters())
         self.opt.step()
         correct = meta["logits"].detach().argmax(1) == batch.y
+        margin = margins(meta["logits"], batch.y)
         del meta
 
         # every rank records the whole global batch, so the replicas (and checkpoints) stay identical
@@ -318,7 +446,7 @@ class Trainer:
         self.ring_w[slot, : len(wd)] = wd
         self.last_step = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),
-                          correct=correct, meta_loss=None if dev_loss is None else float(dev_loss))
+                          correct=correct, meta_loss=None if dev_loss is None else float(dev_loss), margin=margin)
 
     # ------------------------------------------------------------ state
 
@@ -351,11 +479,12 @@ class Trainer:
         return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)
 
     def values(self) -> dict:
-        """value: lrdi/mwnet — the final teacher's weight of every row (eval mode, progress of the last
-        step), divided by its mean over all rows when `normalize`; l2rw (no teacher) — the mean of the
-        row's per-step weights over the run (NaN if never sampled). value_std: std (ddof 0) of the row's
-        logged weights in the last `std_epochs` epochs (NaN when seen fewer than 2 times there).
-        Extra columns: mean_weight (run mean of logged weights), times_seen, and for l2rw mean_reward."""
+        """value: signals.in_run_value (within-class ranks of the run's -mean_loss and aum; chosen by measurement:
+        the teacher weight and the mean weight ranked worse, README). teacher_weight (lrdi/mwnet): the final
+        teacher's weight of every row (eval mode, progress of the last step), divided by its mean over all rows
+        when `normalize`; weight = teacher_weight, or for l2rw the row's mean logged weight (0 if never sampled).
+        value_std: std (ddof 0) of the row's logged weights in the last `std_epochs` epochs (NaN when seen fewer
+        than 2 times there). mean_weight / mean_reward / times_seen come from the loop's signal accumulator."""
         n, dev = self.ctx.n, self.ctx.device
         seen = self.w_count > 0
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
@@ -367,15 +496,17 @@ class Trainer:
         s2 = torch.zeros_like(cnt).index_add_(0, idx, w * w)
         m = s1 / cnt.clamp_min(1)
         std = torch.where(cnt >= 2, (s2 / cnt.clamp_min(1) - m * m).clamp_min(0).sqrt(), nan)
-        out = {"value_std": std, "mean_weight": mean_w, "times_seen": self.w_count.clone()}
+        from valuekit.trainers.signals import in_run_value
+
+        out = {"value_std": std}
         if self.teacher is None:
-            out["value"] = mean_w
-            out["mean_reward"] = torch.where(seen, self.r_sum / self.w_count.clamp_min(1), nan)
+            out["value"] = in_run_value(self.ctx, mean_w)
             out["weight"] = torch.nan_to_num(mean_w, nan=0.0)
         else:
             v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.last_step)).double()
             if self.cfg.normalize:
                 v = v / v.mean()
-            out["value"] = v
+            out["teacher_weight"] = v
+            out["value"] = in_run_value(self.ctx, v)
             out["weight"] = v
         return out
