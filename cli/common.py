@@ -30,7 +30,8 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--test", default=None, help="optional test table, evaluated during training")
     g.add_argument("--method", default=None if not dev_required else d.method,
                    help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
-    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, or seq2seq for translation tables (default: {d.model})")
+    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, seq2seq (translation tables), or your own: package.module:factory, "
+                        f"torchvision:NAME, timm:NAME (default: {d.model})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
