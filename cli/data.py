@@ -35,6 +35,9 @@ def add_parser(sub):
     pp.add_argument("--test-fraction", type=float, default=0.2, help="fraction of rows held out as test (default 0.2)")
     pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows (>= 1)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the split, subsampling and label flips (default 0)")
+    pp.add_argument("--format", dest="image_format", default="array", choices=["array", "png", "folder"],
+                    help="image sets: array (float list column 'pixels', default), png (column 'image' of PNG bytes in "
+                         "the Hugging Face {bytes, path} layout) or folder (DIR/images/SPLIT/ID.png + a path column)")
     pp.add_argument("--from", dest="from_dir", default=None,
                     help="fashion-mnist: folder with the raw idx files (default: Debian's dataset-fashion-mnist)")
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
@@ -121,7 +124,7 @@ def run_prepare(args) -> int:
 
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
-                    seed=args.seed, from_dir=args.from_dir)
+                    seed=args.seed, from_dir=args.from_dir, image_format=args.image_format)
     for split, path in paths.items():
         print(f"{split:5s} {path}")
     return 0

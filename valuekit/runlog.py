@@ -80,6 +80,7 @@ METRICS_SCHEMA = pa.schema([
     ("meta_loss", pa.float64()),  # lrdi/l2rw/mwnet/hostcp: the dev loss of the meta (look-ahead) step
     ("step_time", pa.float64()),
     ("wall_time", pa.float64()),
+    ("cuda_mem_mb", pa.float64()),  # peak CUDA memory allocated during the step (MiB); null off CUDA
 ])
 
 META_LOSS_METHODS = ("lrdi", "l2rw", "mwnet", "hostcp")  # methods whose meta_loss column is filled
@@ -647,7 +648,7 @@ def open_run(run) -> Run:
 def identity(meta: dict) -> dict:
     """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
     tuples in a fresh config equal the lists read back from run.json)."""
-    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps")}
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps", "data_workers")}
     ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],
         "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
