@@ -45,7 +45,8 @@ class StepRecord:
     correct: torch.Tensor | None = None
     scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
     meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
-    sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+    # source -> (prob, count) or (prob, count, reward, reward_se), logged to sources/
+    sources: dict[str, tuple] | None = None
     margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
 
 

@@ -382,8 +382,8 @@ class _Loop:
             self.last_metrics = metrics
         if self.info.is_main:
             self.writer.metrics.add(**metrics)
-            for s, (p, c) in (rec.sources or {}).items():
-                self.writer.sources.add(step=step, source=s, prob=p, count=c)
+            for s, vals in (rec.sources or {}).items():
+                self.writer.sources.add(step=step, source=s, **dict(zip(("prob", "count", "reward", "reward_se"), vals)))
         if diverged:
             self.writer.close("failed", steps_done=step, error=f"non-finite {bad} at step {step}", finished_at=_now())
             raise TrainingDiverged(f"step {step}: training {bad} became NaN/inf; stopped. Everything up to this step "
@@ -478,6 +478,8 @@ class _Loop:
         values = self.trainer.values()  # every rank: a method may gather here
         if self.info.is_main:
             self.writer.write_values(finalize_values({**self.ctx.signals.columns(), **values}, self.ids))
+            if hasattr(self.trainer, "source_table"):  # multi-source methods: one row per source
+                self.writer.write_source_table(self.trainer.source_table())
         self.writer.close("completed", steps_done=self.step, duration_s=self.elapsed(), finished_at=_now(),
                           final_metrics=_clean(self.last_metrics))
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns
