@@ -72,7 +72,7 @@ def test_bad_model_gives_one_line_exit_2_and_writes_nothing(tmp_path, capsys, sp
     paths = write_images(tmp_path)
     out = tmp_path / "run"
     code = main(["train", str(paths["train"]), "--dev", str(paths["dev"]), "--model", spec, "--image-shape", "1,8,8",
-                 "--steps", "2", "--out", str(out), "--device", "cpu"])
+                 "--steps", "2", "--batch-size", "16", "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and fragment in err, err
     assert not out.exists()
@@ -104,7 +104,8 @@ def test_torchvision_resnet_dots_match_a_per_example_loop():
     x, y = torch.rand(3, 256, dtype=torch.float64), torch.tensor([0, 1, 2])
     g = torch.Generator().manual_seed(1)
     v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
-    np.testing.assert_allclose(per_example_dots(model, x, y, v), reference_dots(model, x, y, v), rtol=1e-8, atol=1e-8)
+    np.testing.assert_allclose(per_example_dots(model, x, y, v, batch_stats="fixed"), reference_dots(model, x, y, v),
+                               rtol=1e-8, atol=1e-8)
 
 
 # ---------------------------------------------------------------- Python API
@@ -171,7 +172,7 @@ def test_batchnorm_residual_dots_match_a_per_example_loop_and_do_not_leak():
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     want = reference_dots(model, x, y, v)
     for method in ("exact", "vmap"):
-        np.testing.assert_allclose(per_example_dots(model, x, y, v, method=method).numpy(), want, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(per_example_dots(model, x, y, v, method=method, batch_stats="fixed").numpy(), want, rtol=1e-9, atol=1e-10)
     np.testing.assert_allclose(per_example_dots_loop(model, x, y, v).numpy(), want, rtol=1e-9, atol=1e-10)
     # the batch-coupled gradient (through the statistics) differs: the held-fixed choice is not a no-op here
     coupled = torch.func.jvp(lambda p: nn.functional.cross_entropy(
@@ -189,7 +190,7 @@ def test_sum_of_dots_equals_batch_gradient_with_statistics_held_fixed():
     model = usermodels.TinyResNet(2, width=4).double().train()
     x, y = torch.rand(5, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1])
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    dots = per_example_dots(model, x, y, v)
+    dots = per_example_dots(model, x, y, v, batch_stats="fixed")
     import copy
 
     ref = copy.deepcopy(model)

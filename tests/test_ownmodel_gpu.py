@@ -36,6 +36,6 @@ def test_per_example_dots_on_cuda_match_cpu():
     model = usermodels.TinyResNet(3).double().train()
     x, y = torch.rand(6, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    cpu = per_example_dots(model, x, y, v)
-    gpu = per_example_dots(model.cuda(), x.cuda(), y.cuda(), {n: t.cuda() for n, t in v.items()})
+    cpu = per_example_dots(model, x, y, v, batch_stats="fixed")
+    gpu = per_example_dots(model.cuda(), x.cuda(), y.cuda(), {n: t.cuda() for n, t in v.items()}, batch_stats="fixed")
     np.testing.assert_allclose(gpu.cpu().numpy(), cpu.numpy(), rtol=1e-8, atol=1e-10)

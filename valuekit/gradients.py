@@ -260,8 +260,14 @@ def per_example_dots(
     loss_fn: LossFn | None = None,
     params: Mapping[str, Tensor] | None = None,
     eps: float = 1e-3,
+    batch_stats: str = "coupled",
 ) -> Tensor:
     """Return ``r`` of shape ``(B,)`` with ``r_i = ∇θ ℓ(x_i, y_i; θ) · v``.
+
+    ``batch_stats`` matters only for batch-norm layers in training mode: ``"coupled"`` (default) gives
+    the derivative of the i-th term of the batch loss, including its path through the batch statistics
+    (what a meta-gradient of a batch objective needs); ``"fixed"`` holds the statistics fixed (module
+    doc: no other example's term in row i's gradient, the per-example value DDS rewards use).
 
     This is the DDS reward of Wang et al. (ICML 2020), Alg. 1 line 11, with
     ``θ = params`` (default: the module's current parameters) and ``v`` the
@@ -295,9 +301,12 @@ def per_example_dots(
         raise ValueError(f"unknown method {method!r}; expected one of {DOT_METHODS}")
     if method == "ghost":
         return _ghost_dots(model, x, y, tangents, loss_fn, primals, others)
+    if batch_stats not in ("coupled", "fixed"):
+        raise ValueError(f"batch_stats {batch_stats!r}: use 'coupled' or 'fixed'")
     # full precision even inside a bf16/fp16 autocast step (forward-mode AD does not mix with autocast)
     with torch.autocast(x.device.type, enabled=False):
-        frozen = _freeze_batchnorm(model, others, primals, x)  # batch statistics held fixed (module doc)
+        # batch statistics held fixed (module doc), or left to couple the rows
+        frozen = _freeze_batchnorm(model, others, primals, x) if batch_stats == "fixed" else []
         with _EvalMode(frozen):
             if method == "vmap":
                 return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
