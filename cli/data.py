@@ -22,7 +22,14 @@ def add_parser(sub):
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
     pp.add_argument("--sources", default=None,
                     help="multilingual: comma-separated source languages (default es,gl,pt,ca,it,fr,ru,ja,de,fi)")
-    pp.add_argument("--test-size", type=int, default=60, help="multilingual: test groups (default 60)")
+    pp.add_argument("--test-size", type=int, default=60, help="multilingual / instructions: test groups (default 60)")
+    pp.add_argument("--tasks", default=None,
+                    help="instructions: comma-separated languages, one task each (default es,fr,de,ru,ja,fi)")
+    pp.add_argument("--junk-task", default="pt",
+                    help="instructions: language added as task 'junk' with random responses ('none': no junk task)")
+    pp.add_argument("--max-per-task", type=int, default=None, help="instructions: at most this many train rows per task")
+    pp.add_argument("--format", default="parquet", choices=["parquet", "jsonl", "csv"],
+                    help="instructions: file format of the splits (default parquet)")
     pp.set_defaults(func=run_prepare)
 
 
@@ -31,6 +38,8 @@ def run_list(args) -> int:
 
     for name, (_, desc) in DATASETS.items():
         print(f"{name:15s} {desc}")
+    print(f"{'instructions':15s} Django translation catalogs as a multi-task instruction set (prompt, response, task; "
+          f"junk task and --noise junk rows for evaluation; needs django)")
     print(f"{'multilingual':15s} Django translation catalogs as a multi-way parallel X->English table "
           f"(target ast + 10 source languages; needs django)")
     return 0
@@ -39,6 +48,17 @@ def run_list(args) -> int:
 def run_prepare(args) -> int:
     from valuekit.datasets import prepare
 
+    if args.name == "instructions":
+        from valuekit.instructions import DEFAULT_TASKS, prepare_instructions
+
+        tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
+        junk = None if args.junk_task.lower() == "none" else args.junk_task
+        paths = prepare_instructions(args.out, tasks=tasks, junk_task=junk, noise=args.noise,
+                                     dev_size=args.dev_size or 100, test_size=args.test_size,
+                                     max_per_task=args.max_per_task, fmt=args.format, seed=args.seed)
+        for split, path in paths.items():
+            print(f"{split:5s} {path}")
+        return 0
     if args.name == "multilingual":
         from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
 

@@ -74,6 +74,10 @@ def build_model(
     generator: torch.Generator | None = None,
 ) -> Classifier:
     """Build `linear`, `mlp` (two hidden ReLU layers) or `cnn` (two 3x3 convs, needs image_shape)."""
+    from valuekit.lm import build_lm, is_lm
+
+    if is_lm(name):  # causal LMs for instruction tables: in_features is the sequence length
+        return build_lm(name, vocab=num_classes, max_len=in_features, hidden=hidden, generator=generator)
     mean = torch.zeros(in_features) if mean is None else mean
     std = torch.ones(in_features) if std is None else std
     norm = Standardize(mean, std)

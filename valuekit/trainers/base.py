@@ -30,6 +30,7 @@ from valuekit import distributed as dist_
 from valuekit.datasets import ValueDataset
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.lm import is_lm
 from valuekit.models import MODELS, build_model, feature_stats
 from valuekit.runlog import RUN_JSON, RunWriter, acquire_lock, mean_one, rank_by_value, read_run
 
@@ -169,7 +170,12 @@ class TrainContext:
 
 
 def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+    """Cross-entropy per example. Sequence targets (logits (N, V, L), y (N, L), e.g. valuekit.lm): the mean
+    token NLL over the positions whose target is not -100 (for instruction tables: the response tokens)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)  # (N, L), 0 where ignored
+    return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
 
 
 # ---------------------------------------------------------------- options
@@ -244,7 +250,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def validate_config(cfg: TrainConfig) -> None:
-    if cfg.model not in MODELS:
+    if cfg.model not in MODELS and not is_lm(cfg.model):
         raise InputError(f"--model {cfg.model!r}: choose from {', '.join(MODELS)}")
     if cfg.optimizer not in ("adam", "sgd"):
         raise InputError(f"optimizer {cfg.optimizer!r}: use adam or sgd")
@@ -293,12 +299,14 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     was_training = model.training
     model.eval()
     loss, correct = 0.0, 0
+    scored = 0  # accuracy denominator: rows, or scored tokens for sequence targets
     for i in range(0, len(y), batch_size):
-        logits = model(x[i: i + batch_size])
-        loss += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum").item()
-        correct += (logits.argmax(1) == y[i: i + batch_size]).sum().item()
+        logits, yb = model(x[i: i + batch_size]), y[i: i + batch_size]
+        loss += per_example_loss(logits, yb).sum().item()
+        correct += (logits.argmax(1) == yb).sum().item()
+        scored += yb.numel() if yb.dim() == 1 else int((yb != -100).sum())
     model.train(was_training)
-    return loss / len(y), correct / len(y)
+    return loss / len(y), correct / max(scored, 1)
 
 
 # ---------------------------------------------------------------- the loop
@@ -414,6 +422,12 @@ def train(
         device = torch.device("cuda", info.local_rank)
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
+    if is_lm(config.model):
+        from valuekit.lm import check_lm
+
+        if train_data.y.dim() != 2:
+            raise InputError(f"--model {config.model}: needs an instruction table (prompt, response columns)")
+        check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1])
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     out = Path(out)
