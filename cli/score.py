@@ -22,6 +22,8 @@ def add_parser(sub):
     sel.add_argument("--drop-fraction", type=float, default=None, help="drop the lowest fraction by value")
     sel.add_argument("--min-weight", type=float, default=None, help="select rows with weight >= W")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
+    sel.add_argument("--per-task", action="store_true",
+                     help="instruction tables: --keep-fraction within each task (the --source-col, default task)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
     add_train_options(p, dev_required=False)
@@ -38,6 +40,7 @@ def run(args) -> int:
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
     check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only)
     run_dir = args.run
+    instr = _instruction_export(args, out)
     if args.method is not None:
         from valuekit.trainers.base import train
 
@@ -47,7 +50,7 @@ def run(args) -> int:
         data, dev, test = load_tables(args, args.table)
         run_dir = Path(args.run_dir or out.with_name(out.name + ".run"))
         # Check the export options before spending time on training.
-        if out.suffix.lower() not in (".parquet", ".pq", ".csv"):
+        if out.suffix.lower() not in (".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()):
             raise InputError(f"-o {out}: output must end in .parquet or .csv")
         if out.resolve() == Path(args.table).resolve():
             raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
@@ -55,6 +58,18 @@ def run(args) -> int:
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
         print(f"trained {args.method}: {run_dir} ({acc})")
+    if instr:
+        from valuekit.instructions import export_instructions
+
+        task_col = "task" if args.source_col == "source" else args.source_col
+        path, tasks = export_instructions(args.table, run_dir, out, id_col=args.id_col, task_col=task_col,
+                                          keep_fraction=args.keep_fraction, per_task=args.per_task,
+                                          subset_only=args.subset_only)
+        print(f"scored instruction table: {path}")
+        if tasks is not None:
+            print(f"per-task table: {Path(path).with_name(Path(path).stem + '.tasks.csv')}")
+            print(tasks.to_string(index=False))
+        return 0
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
@@ -62,3 +77,15 @@ def run(args) -> int:
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
     return 0
+
+
+def _instruction_export(args, out: Path) -> bool:
+    """Instruction tables (prompt + response columns), JSONL output or --per-task: the instruction export."""
+    from valuekit.cli.common import _columns
+    from valuekit.errors import InputError
+
+    names = _columns(args.table)
+    instr = args.per_task or out.suffix.lower() == ".jsonl" or ("prompt" in names and "response" in names)
+    if instr and (args.top_k is not None or args.drop_fraction is not None or args.min_weight is not None):
+        raise InputError("instruction tables select with --keep-fraction (optionally --per-task)")
+    return instr

@@ -62,6 +62,14 @@ one posterior sample. Per row we keep a running mean/variance (Welford, tensors)
 values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
 
+Per-source weights (`per_source=True`, the paper's per-task optimisation for instruction sets): one
+u_t per source t, w_i = sigmoid(u_{t(i)}). Same log pi; its exact partial derivative in w_t is
+-rho_theta sum_{i in t} l_i - rho_w n_t (mean(w) - beta) with n_t the source's row count, estimated
+without bias by (N/|B|) sum_{i in B, t(i)=t} dlogpi/dw_i. The Langevin step of u_t is preconditioned by
+1/n_t (a constant per coordinate, so the target is unchanged): u_t += (lr_w / n_t) g_t +
+sqrt(2 lr_w T / n_t) eps, which moves u_t at the per-row scale. Every step logs each source's current w_t
+to sources/ (step, source, prob = w_t, count = its rows in the batch): the per-task table.
+
 Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
 of its rows (its share of the N/|B| and M/|B'| sums; the shares' gradients are summed over ranks,
 then the prior is added once), the gradient for a row's weight is computed by the rank that holds
@@ -110,6 +118,9 @@ class Config:
     weight_net: weights from a small MLP over [x, onehot(y)] instead of a per-row tensor.
     weight_hidden: hidden width of that MLP.
     s_avg:      averaging window (steps) for mean(w) in the prior when weight_net=True [S_avg].
+    per_source: one weight per source/task (the table's source column, e.g. an instruction set's `task`)
+                instead of one per row: the paper's per-task optimisation. w_i = w_{t(i)}; see "Per-source
+                weights" in the module docstring. Every row's value is then its task's posterior mean.
     noise_every: k; theta's (and phi's) Gaussian noise is added every k steps with k times the
                 variance: the same Brownian motion in a drift/diffusion splitting. k = 1 is plain
                 SGLD; k > 1 saves the cost of drawing one normal per parameter per step, which on a
@@ -133,6 +144,7 @@ class Config:
     weight_hidden: int = 32
     s_avg: int = 20
     noise_every: int = 1
+    per_source: bool = False
 
     def validate(self) -> None:
         for name in ("lr_theta", "lr_w", "lr_phi"):
@@ -219,6 +231,18 @@ class Trainer:
             self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
         # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
         # (used only for the final values of rows never summarised).
+        self.task_u = None
+        if cfg.per_source:
+            if ctx.source is None or not ctx.sources:
+                raise InputError("bads --set per_source=true: the training table has no source/task column")
+            if cfg.weight_net:
+                raise InputError("bads: per_source and weight_net exclude each other")
+            S = len(ctx.sources)
+            self.task_n = torch.bincount(ctx.source, minlength=S).double()
+            self.task_u = torch.full((S,), logit, dtype=torch.float32, device=dev)
+            self.task_count = torch.zeros(S, dtype=torch.float64, device=dev)
+            self.task_mean = torch.zeros(S, dtype=torch.float64, device=dev)
+            self.task_m2 = torch.zeros(S, dtype=torch.float64, device=dev)
         self.u = torch.full((n,), logit, dtype=torch.float32, device=dev)
         self.wsum = torch.sigmoid(self.u).double().sum()  # kept exactly in step with u
         zeros = lambda: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
@@ -231,6 +255,8 @@ class Trainer:
     def _weights(self, batch: Batch) -> torch.Tensor:
         if self.weight_net is not None:
             return self.weight_net(batch.x, batch.y)
+        if self.task_u is not None:
+            return torch.sigmoid(self.task_u[batch.source])
         return torch.sigmoid(self.u[batch.idx])
 
     def _batch_mean(self, w_batch: torch.Tensor) -> torch.Tensor:
@@ -243,6 +269,8 @@ class Trainer:
         return total[0] / total[1]
 
     def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
+        if self.task_u is not None:
+            return (self.task_n * torch.sigmoid(self.task_u.double())).sum() / self.n
         if self.weight_net is None:
             return self.wsum / self.n
         window = self.window.clone()
@@ -306,7 +334,21 @@ class Trainer:
             diffuse = T > 0 and (self.steps_done + 1) % k == 0
             if diffuse:
                 torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
-            if self.weight_net is None:
+            if self.task_u is not None:
+                # (N/B) sum over the batch rows of each source of dlogpi/dw_i, then the chain rule to u_t
+                src_all, dw_all = ctx.gather(batch.source), ctx.gather(dw)
+                S = len(self.task_u)
+                g_w = torch.zeros(S, dtype=torch.float64, device=dw.device).index_add_(
+                    0, src_all, dw_all.double()) * (self.n / len(src_all))
+                wt = torch.sigmoid(self.task_u.double())
+                g_t = g_w * wt * (1 - wt) + (1 - 2 * wt)
+                step_u = cfg.lr_w / self.task_n
+                u_new = self.task_u.double() + step_u * g_t
+                if T > 0:
+                    u_new = u_new + _noise([u_new], 1.0, gen)[0] * (2 * step_u * T).sqrt()
+                self.task_u.copy_(u_new.float())
+                rows, w_new = batch.idx[:0], w[:0]  # per-row summaries are not used in this mode
+            elif self.weight_net is None:
                 # torchrun: every rank updates the whole global batch's weights (same noise), from the
                 # gradients each row's rank computed
                 idx_all, g_all, w_all = ctx.gather(batch.idx), ctx.gather(g_u), ctx.gather(w)
@@ -336,8 +378,28 @@ class Trainer:
                 self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
             self.steps_done += 1
             if self.steps_done > cfg.burn_in:
-                self._collect(rows, w_new)
-        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y)
+                if self.task_u is not None:
+                    self._collect_tasks()
+                else:
+                    self._collect(rows, w_new)
+        return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y,
+                          sources=self._source_log(batch, w))
+
+    def _source_log(self, batch: Batch, w: torch.Tensor) -> dict | None:
+        """per_source: each source's current w_t and its rows in the batch, for sources/ (the per-task table)."""
+        if self.task_u is None:
+            return None
+        count = torch.bincount(batch.source, minlength=len(self.ctx.sources)).tolist()
+        prob = torch.sigmoid(self.task_u.double()).tolist()
+        return {s: (prob[t], count[t]) for t, s in enumerate(self.ctx.sources)}
+
+    def _collect_tasks(self) -> None:
+        """Welford update of each source's posterior mean/variance of w_t (one sample per step)."""
+        x = torch.sigmoid(self.task_u.double())
+        self.task_count += 1
+        delta = x - self.task_mean
+        self.task_mean += delta / self.task_count
+        self.task_m2 += delta * (x - self.task_mean)
 
     def _collect(self, rows: torch.Tensor, w_new: torch.Tensor) -> None:
         """Welford update of the per-row mean/variance and the ring buffer of the latest samples."""
@@ -359,6 +421,9 @@ class Trainer:
         if self.weight_net is not None:
             state["weight_net"] = self.weight_net.state_dict()
             state["window"] = self.window
+        if self.task_u is not None:
+            state.update(task_u=self.task_u, task_count=self.task_count, task_mean=self.task_mean,
+                         task_m2=self.task_m2)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -370,12 +435,23 @@ class Trainer:
         if self.weight_net is not None:
             self.weight_net.load_state_dict(state["weight_net"])
             self.window.copy_(state["window"])
+        if self.task_u is not None:
+            for k in ("task_u", "task_count", "task_mean", "task_m2"):
+                getattr(self, k).copy_(state[k])
 
     def values(self) -> dict:
         """value = posterior mean of w_i; value_std = posterior std; ci_low/ci_high = quantiles of the
         latest `reservoir` samples; samples = how many samples the row has. Rows with no sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
+        if self.task_u is not None:
+            src = self.ctx.source
+            seen = self.task_count > 0
+            mean = torch.where(seen, self.task_mean, torch.sigmoid(self.task_u.double()))
+            var = self.task_m2 / (self.task_count - 1).clamp_min(1)
+            std = torch.where(self.task_count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+            return {"value": mean[src], "value_std": std[src], "weight": mean[src],
+                    "samples": self.task_count[src]}
         seen = self.count > 0
         current = torch.sigmoid(self.u.double())
         value = torch.where(seen, self.mean, current)
