@@ -251,3 +251,61 @@ def test_hf_weights_and_tokenizer(tables, tmp_path):
     a.inner.save_pretrained(tmp_path / "m")
     b = build_lm(f"hf:{tmp_path / 'm'}", vocab=len(vocab), max_len=8).eval()
     assert torch.allclose(a(data.x[:4]), b(data.x[:4]), atol=1e-6)
+
+
+def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
+    """per_source: one weight per task; with the model frozen (lr_theta tiny) the task with the higher loss
+    must lose weight, and sources/ logs every task's w_t at every step."""
+    from valuekit.config import TrainConfig
+    from valuekit.instructions import load_instructions
+    from valuekit.trainers.base import make_trainer
+
+    train, dev = tables
+    tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
+    cfg = TrainConfig(method="bads", model="causal-lm", batch_size=36, hidden=32, device="cpu", progress=False)
+    trainer, sampler, ctx = make_trainer(tr, dv, cfg, dict(per_source=True, temperature=0.0, lr_theta=1e-9,
+                                                           burn_in=0, rho_w=0.0, lr_w=0.01))
+    from valuekit.trainers.base import Batch
+
+    idx = torch.arange(36)
+    batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
+    u0 = trainer.task_u.clone()
+    rec = trainer.step(batch)
+    # exact expected move (T = 0, rho_w = 0): u_t += (lr_w / n_t) * [(N/B) sum_{i in t} (-rho l_i) w(1-w) + (1-2w)]
+    w0 = torch.sigmoid(u0.double())
+    for t, name in enumerate(ctx.sources):
+        rows = ctx.source == t
+        g = (36 / 36) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t]) + (1 - 2 * w0[t])
+        assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 / rows.sum() * g).item(), rel=1e-5)
+        assert rec.sources[name] == (pytest.approx(torch.sigmoid(trainer.task_u[t].double()).item()), int(rows.sum()))
+    vals = trainer.values()
+    assert vals["value"].shape == (36,)
+    assert len(set(vals["value"][ctx.source == 0].tolist())) == 1  # rows of one task share the task's weight
+
+
+def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
+    train, dev = tables
+    run = tmp_path / "run"
+    assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "uniform", "--steps", "5",
+                 "--batch-size", "12", "--max-len", "32", "--device", "cpu", "--out", str(run),
+                 "--set", "hidden=32"]) == 0
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", str(train), "--run", str(run), "-o", str(out), "--keep-fraction", "0.5", "--per-task"]) == 0
+    got = pd.read_json(out, lines=True)
+    src = pd.read_parquet(train)
+    assert got[list(src.columns)].equals(src)  # every input column kept, rows in order
+    vals = pd.read_parquet(run / "values.parquet").set_index("example_id")
+    assert np.allclose(got.value, vals.loc[got.id, "value"])
+    for task, part in got.groupby("task"):
+        assert part.selected.sum() == 6  # half of each task's 12 rows
+        kept, dropped = part[part.selected].value, part[~part.selected].value
+        assert kept.min() >= dropped.max()  # the top half by value within the task
+    tasks = pd.read_csv(tmp_path / "scored.tasks.csv")
+    assert sorted(tasks.task) == ["copy", "junk", "upper"] and (tasks.kept == 6).all()
+    means = got.groupby("task").value.mean()
+    assert np.allclose(tasks.set_index("task").mean_value.loc[means.index], means)
+    assert (tasks.sort_values("mean_value", ascending=False)["rank"] == [1, 2, 3]).all()
+    sub = tmp_path / "sub.parquet"
+    assert main(["score", str(train), "--run", str(run), "-o", str(sub), "--keep-fraction", "0.25", "--subset-only"]) == 0
+    kept = pd.read_parquet(sub)
+    assert len(kept) == 9 and set(kept.id) == set(got.sort_values("value").id.iloc[-9:])

@@ -82,7 +82,7 @@ def write_instructions(frame: pd.DataFrame, path, *, meta: dict | None = None) -
         return str(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if suffix == ".jsonl":
-        frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
     elif suffix == ".csv":
         frame.to_csv(tmp, index=False)
     else:
