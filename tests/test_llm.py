@@ -309,3 +309,29 @@ def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
     assert main(["score", str(train), "--run", str(run), "-o", str(sub), "--keep-fraction", "0.25", "--subset-only"]) == 0
     kept = pd.read_parquet(sub)
     assert len(kept) == 9 and set(kept.id) == set(got.sort_values("value").id.iloc[-9:])
+
+
+def test_bads_preconditioned_theta_step_matches_psgld(tables):
+    """precondition=True, T=0: theta moves by lr * G * g / N with G = 1 / (sqrt((1-decay) (g/N)^2) + eps)."""
+    from valuekit.config import TrainConfig
+    from valuekit.trainers.base import Batch
+
+    train, dev = tables
+    tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
+    cfg = TrainConfig(method="bads", model="causal-lm", batch_size=8, hidden=32, device="cpu", progress=False)
+    mc = dict(precondition=True, temperature=0.0, lr_theta=1e-3, dev_batch_size=100, burn_in=0)
+    from valuekit.trainers.base import make_trainer
+
+    trainer, sampler, ctx = make_trainer(tr, dv, cfg, mc)
+    idx = torch.arange(8)
+    batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    g = trainer.drift(batch, ctx.dev_x, ctx.dev_y)[0]
+    trainer.step(batch)
+    n, c = trainer.n, trainer.cfg
+    moved = 0
+    for p0, p1, gi in zip(before, trainer.model.parameters(), g):
+        G = 1 / ((1 - c.rms_decay) ** 0.5 * (gi / n).abs() + c.rms_eps)
+        assert torch.allclose(p1.detach() - p0, c.lr_theta * G * gi / n, atol=1e-7, rtol=1e-4)
+        moved += int((p1.detach() != p0).any())
+    assert moved > 0

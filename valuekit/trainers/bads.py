@@ -121,6 +121,12 @@ class Config:
     per_source: one weight per source/task (the table's source column, e.g. an instruction set's `task`)
                 instead of one per row: the paper's per-task optimisation. w_i = w_{t(i)}; see "Per-source
                 weights" in the module docstring. Every row's value is then its task's posterior mean.
+    precondition: pSGLD for theta (Li, Chen, Carlson, Carin, AAAI 2016): an RMSprop preconditioner G on
+                the drift and the noise variance (the Gamma correction term is dropped, as in that paper's
+                practical algorithm); lr_theta is then an RMSprop rate (~1e-3). For Transformers, where plain
+                SGLD at a stable step barely moves in a few hundred steps (measured in reports/llm.md).
+    rms_decay:  pSGLD's running-average decay of the squared gradient.
+    rms_eps:    pSGLD's lambda: G <= 1 / rms_eps, which bounds the noise on parameters with tiny gradients.
     noise_every: k; theta's (and phi's) Gaussian noise is added every k steps with k times the
                 variance: the same Brownian motion in a drift/diffusion splitting. k = 1 is plain
                 SGLD; k > 1 saves the cost of drawing one normal per parameter per step, which on a
@@ -145,12 +151,17 @@ class Config:
     s_avg: int = 20
     noise_every: int = 1
     per_source: bool = False
+    precondition: bool = False
+    rms_decay: float = 0.99
+    rms_eps: float = 1e-3
 
     def validate(self) -> None:
         for name in ("lr_theta", "lr_w", "lr_phi"):
             v = getattr(self, name)
             if not (v > 0 and math.isfinite(v)):
                 raise InputError(f"bads --set {name}={v}: must be a positive number")
+        if not (0 <= self.rms_decay < 1 and self.rms_eps > 0):
+            raise InputError(f"bads --set rms_decay={self.rms_decay} / rms_eps={self.rms_eps}: need 0 <= decay < 1, eps > 0")
         for name in ("temperature", "rho_theta", "rho_w", "prior_precision"):
             v = getattr(self, name)
             if not (v >= 0 and math.isfinite(v)):
@@ -231,6 +242,7 @@ class Trainer:
             self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
         # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
         # (used only for the final values of rows never summarised).
+        self.rms = [torch.zeros_like(p) for p in self.model.parameters()] if cfg.precondition else None
         self.task_u = None
         if cfg.per_source:
             if ctx.source is None or not ctx.sources:
@@ -328,12 +340,23 @@ class Trainer:
         T = cfg.temperature
         with torch.no_grad():
             step_t = cfg.lr_theta / self.n
-            torch._foreach_add_(params, g_theta, alpha=step_t)
-            # Brownian increment over the last `noise_every` steps at once (k = 1: plain SGLD).
             k = cfg.noise_every
             diffuse = T > 0 and (self.steps_done + 1) % k == 0
-            if diffuse:
-                torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
+            if cfg.precondition:
+                # pSGLD: G = 1 / (eps + sqrt(V)), V = running mean of (g / N)^2; drift lr G g / N, noise var 2 lr T G / N
+                sq = [(g / self.n).square() for g in g_theta]
+                torch._foreach_mul_(self.rms, cfg.rms_decay)
+                torch._foreach_add_(self.rms, sq, alpha=1 - cfg.rms_decay)
+                G = [1.0 / (v.sqrt() + cfg.rms_eps) for v in self.rms]
+                torch._foreach_add_(params, torch._foreach_mul(g_theta, G), alpha=step_t)
+                if diffuse:
+                    eps = _noise(params, 1.0, gen)
+                    torch._foreach_add_(params, [e * (2 * k * step_t * T * s).sqrt() for e, s in zip(eps, G)])
+            else:
+                torch._foreach_add_(params, g_theta, alpha=step_t)
+                # Brownian increment over the last `noise_every` steps at once (k = 1: plain SGLD).
+                if diffuse:
+                    torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
             if self.task_u is not None:
                 # (N/B) sum over the batch rows of each source of dlogpi/dw_i, then the chain rule to u_t
                 src_all, dw_all = ctx.gather(batch.source), ctx.gather(dw)
@@ -421,6 +444,8 @@ class Trainer:
         if self.weight_net is not None:
             state["weight_net"] = self.weight_net.state_dict()
             state["window"] = self.window
+        if self.rms is not None:
+            state["rms"] = self.rms
         if self.task_u is not None:
             state.update(task_u=self.task_u, task_count=self.task_count, task_mean=self.task_mean,
                          task_m2=self.task_m2)
@@ -435,6 +460,9 @@ class Trainer:
         if self.weight_net is not None:
             self.weight_net.load_state_dict(state["weight_net"])
             self.window.copy_(state["window"])
+        if self.rms is not None:
+            for v, saved in zip(self.rms, state["rms"]):
+                v.copy_(saved)
         if self.task_u is not None:
             for k in ("task_u", "task_count", "task_mean", "task_m2"):
                 getattr(self, k).copy_(state[k])
