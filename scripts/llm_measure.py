@@ -125,7 +125,7 @@ def main():
     p.add_argument("--work", default="/tmp/llm_runs")
     a = p.parse_args()
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    model = gpt_config(Path(a.work) / "gpt2-tiny")
+    model = gpt_config(Path(a.work) / f"gpt2-tiny-{a.what}-s{a.seed}")  # one folder per process: no write race
     table = pd.read_parquet(Path(a.data) / "train.parquet")
     tr = load_instructions(table, max_len=MAX_LEN)
     dv = load_instructions(Path(a.data) / "dev.parquet", max_len=MAX_LEN)

@@ -177,6 +177,7 @@ def test_train_causal_lm(tables, tmp_path, method):
 
 def _bad(tmp_path, capsys, argv):
     out = tmp_path / "never"
+    capsys.readouterr()  # only what this command prints
     rc = main([*argv, "--device", "cpu", "--steps", "2", "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and not out.exists()
@@ -223,6 +224,14 @@ def test_hf_config_model_trains_and_bad_models_exit_2(tables, tmp_path, capsys):
     err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'gpt'}",
                                   "--max-len", "100"])
     assert "n_positions 64" in err
+    from transformers import LlamaConfig, LlamaModel
+
+    base = LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=259, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaModel(base).save_pretrained(tmp_path / "llama-base")  # weights without the output layer
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf:{tmp_path / 'llama-base'}",
+                                  "--max-len", "32"])
+    assert "no causal-LM head" in err
 
 
 @needs_hf

@@ -141,9 +141,15 @@ def check_lm(name: str, *, vocab: int, max_len: int) -> None:
         p = getattr(config, key, None)
         if isinstance(p, int) and p < max_len:
             raise InputError(f"--model {name}: {key} {p} is smaller than the sequence length {max_len} (--max-len)")
-    if kind == "hf" and not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
-        raise InputError(f"--model {name}: {path} has no weights (*.safetensors / *.bin); use hf-config:{path} "
-                         f"for random weights")
+    if kind == "hf":
+        if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
+            raise InputError(f"--model {name}: {path} has no weights (*.safetensors / *.bin); use hf-config:{path} "
+                             f"for random weights")
+        archs = getattr(config, "architectures", None) or []
+        tied = getattr(config, "tie_word_embeddings", True)
+        if archs and not tied and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            # a base model's weights: the untied output layer would start random, silently
+            raise InputError(f"--model {name}: {path} holds {archs[0]} weights, which have no causal-LM head")
 
 
 def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
