@@ -179,3 +179,50 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
             raise InputError(f"--model {name}: the weights have no causal-LM head ({missing[0]} missing)")
     inner.float()
     return HFCausalLM(inner)
+
+
+class LengthBucketSampler:
+    """Length bucketing for token tables, so padding does not dominate a batch: each pass shuffles the rows,
+    sorts windows of `window` batches by length, cuts them into batches and shuffles the batches. Every row is
+    drawn once per pass, as with the loop's RandomSampler; batches may straddle two passes."""
+
+    def __init__(self, lengths: torch.Tensor, generator: torch.Generator, *, window: int = 50):
+        self.lengths, self.g, self.window = lengths.cpu(), generator, window
+        self.perm, self.cursor = None, 0
+
+    def _new_pass(self, size: int) -> torch.Tensor:
+        n = len(self.lengths)
+        perm = torch.randperm(n, generator=self.g)
+        span = size * self.window
+        parts = []
+        for i in range(0, n, span):
+            chunk = perm[i: i + span]
+            parts.append(chunk[torch.argsort(self.lengths[chunk], stable=True)])
+        order = torch.cat(parts)
+        batches = list(torch.split(order, size))
+        pick = torch.randperm(len(batches), generator=self.g).tolist()
+        return torch.cat([batches[j] for j in pick])
+
+    def next(self, size: int) -> torch.Tensor:
+        out = []
+        while size > 0:
+            if self.perm is None or self.cursor >= len(self.perm):
+                self.perm, self.cursor = self._new_pass(size), 0
+            take = self.perm[self.cursor: self.cursor + size]
+            self.cursor += len(take)
+            size -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"perm": torch.empty(0, dtype=torch.int64) if self.perm is None else self.perm.clone(),
+                "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm = state["perm"] if len(state["perm"]) else None
+        self.cursor = int(state["cursor"])
+
+
+def token_lengths(x: torch.Tensor) -> torch.Tensor:
+    """Tokens per row of an instruction table's x (positions before PAD_INPUT)."""
+    return (x >= 0).sum(1)

@@ -290,6 +290,15 @@ class RandomSampler:
         self.perm, self.cursor = state["perm"], int(state["cursor"])
 
 
+def default_sampler(ctx: TrainContext):
+    """RandomSampler; for causal-LM token tables, length-bucketed batches (valuekit.lm.LengthBucketSampler)."""
+    if is_lm(ctx.config.model):
+        from valuekit.lm import LengthBucketSampler, token_lengths
+
+        return LengthBucketSampler(token_lengths(ctx.x), ctx.generator)
+    return RandomSampler(ctx.n, ctx.generator)
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -369,7 +378,7 @@ def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: Train
     mcfg = module.Config(**{**overrides, **(method_config or {})})
     ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device))
     trainer = module.Trainer(ctx, mcfg)
-    return trainer, getattr(trainer, "sampler", None) or RandomSampler(ctx.n, ctx.generator), ctx
+    return trainer, getattr(trainer, "sampler", None) or default_sampler(ctx), ctx
 
 
 def train(
@@ -519,7 +528,7 @@ def _train(train_data, dev_data, test_data, *, view, out: Path, config: TrainCon
     ctx = build_context(view, dev_data, config, device, rank=rank, world_size=world)
     generator = ctx.generator
     trainer = module.Trainer(ctx, mcfg)
-    sampler = getattr(trainer, "sampler", None) or RandomSampler(ctx.n, generator)
+    sampler = getattr(trainer, "sampler", None) or default_sampler(ctx)
     x, y, source, dev_x, dev_y = ctx.x, ctx.y, ctx.source, ctx.dev_x, ctx.dev_y
     test_xy = _to_device(test_data, device) if test_data is not None and main else None
 
