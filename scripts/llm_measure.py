@@ -3,6 +3,7 @@
   python scripts/llm_measure.py value  --data DIR --seed S --steps K --out OUT   # uniform / bads / bads per-task
   python scripts/llm_measure.py subset --data DIR --seed S --steps K --out OUT   # fine-tune on top-50 % vs random 50 %
   python scripts/llm_measure.py timing --data DIR --steps K --out OUT            # interleaved step times
+  python scripts/llm_measure.py padding --data DIR --out OUT                      # padding share per batch
 
 Model: a 2-layer GPT-2 built from a config with random weights (hf-config:), byte-level tokenizer.
 Every result is appended as one JSON line to OUT.
@@ -115,15 +116,37 @@ def timing(a, model, tr, dv):
         f.write(json.dumps(rec) + "\n")
 
 
+def padding(a):
+    """Share of padded token positions per batch of 16: random batches (trimmed to their longest row) vs
+    length buckets, and with no trimming at all."""
+    from valuekit.lm import LengthBucketSampler, token_lengths
+
+    L = token_lengths(load_instructions(Path(a.data) / "train.parquet", max_len=MAX_LEN).x)
+    rec = {"kind": "padding", "max_len": MAX_LEN, "no_trim": 1 - L.float().mean().item() / MAX_LEN}
+    for name, sampler in [("random_trimmed", None),
+                          ("length_buckets", LengthBucketSampler(L, torch.Generator().manual_seed(a.seed)))]:
+        g = torch.Generator().manual_seed(a.seed)
+        shares = []
+        for _ in range(2000):
+            i = torch.randperm(len(L), generator=g)[:16] if sampler is None else sampler.next(16)
+            shares.append(1 - L[i].sum().item() / (16 * L[i].max().item()))
+        rec[name] = float(np.mean(shares))
+    print(json.dumps(rec), flush=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["value", "subset", "timing"])
+    p.add_argument("what", choices=["value", "subset", "timing", "padding"])
     p.add_argument("--data", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", required=True)
     p.add_argument("--work", default="/tmp/llm_runs")
     a = p.parse_args()
+    if a.what == "padding":
+        return padding(a)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     model = gpt_config(Path(a.work) / f"gpt2-tiny-{a.what}-s{a.seed}")  # one folder per process: no write race
     table = pd.read_parquet(Path(a.data) / "train.parquet")
