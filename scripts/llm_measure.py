@@ -136,10 +136,34 @@ def padding(a):
         f.write(json.dumps(rec) + "\n")
 
 
+def summarize(a):
+    """Markdown tables from the JSON lines in --out."""
+    recs = [json.loads(line) for line in open(a.out)]
+    val = pd.DataFrame([r for r in recs if r["kind"] == "value"])
+    if len(val):
+        print("| method | seed | steps | dev loss | AUROC junk rows (all) | AUROC junk rows in real tasks | junk task rank (1 = best) | lowest-valued task |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in val.sort_values(["method", "seed"]).itertuples():
+            low = min(r.task_mean_value, key=r.task_mean_value.get)
+            print(f"| {r.method} | {r.seed} | {r.steps} | {r.dev_loss:.3f} | {r.auroc_all_junk:.3f} | "
+                  f"{r.auroc_junk_rows_in_real_tasks:.3f} | {r.junk_task_rank} of {r.n_tasks} | {low} |")
+        print()
+    sub = pd.DataFrame([r for r in recs if r["kind"] == "subset"])
+    if len(sub):
+        print("| subset (fine-tuned with uniform) | seed | rows | junk rows kept | dev loss |")
+        print("|---|---|---|---|---|")
+        for r in sub.sort_values(["seed", "subset"]).itertuples():
+            print(f"| {r.subset} | {r.seed} | {r.rows} | {r.junk_rows_kept} | {r.dev_loss:.4f} |")
+        print()
+    for r in recs:
+        if r["kind"] in ("timing", "padding"):
+            print(json.dumps(r))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["value", "subset", "timing", "padding"])
-    p.add_argument("--data", required=True)
+    p.add_argument("what", choices=["value", "subset", "timing", "padding", "summarize"])
+    p.add_argument("--data", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", required=True)
@@ -147,6 +171,8 @@ def main():
     a = p.parse_args()
     if a.what == "padding":
         return padding(a)
+    if a.what == "summarize":
+        return summarize(a)
     Path(a.work).mkdir(parents=True, exist_ok=True)
     model = gpt_config(Path(a.work) / f"gpt2-tiny-{a.what}-s{a.seed}")  # one folder per process: no write race
     table = pd.read_parquet(Path(a.data) / "train.parquet")
