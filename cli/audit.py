@@ -8,8 +8,9 @@ next to it, and prints the summary. Flags come from a two-means split of label_s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from valuekit.runlog import write_atomic
 
 
 def add_parser(sub):
@@ -35,16 +36,6 @@ def add_parser(sub):
 def summary_path(out: Path) -> Path:
     """AUDIT.parquet -> AUDIT.summary.json (same folder)."""
     return out.with_name(out.stem + ".summary.json")
-
-
-def _write_atomic(write, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def format_summary(s: dict) -> str:
@@ -92,11 +83,11 @@ def run(args) -> int:
     table = frame.copy()
     table.attrs = {}
     if suffix == ".csv":
-        _write_atomic(lambda p: table.to_csv(p, index=False), out)
+        write_atomic(out, lambda p: table.to_csv(p, index=False))
     else:
-        _write_atomic(lambda p: table.to_parquet(p, index=False), out)
+        write_atomic(out, lambda p: table.to_parquet(p, index=False))
     spath = summary_path(out)
-    _write_atomic(lambda p: p.write_text(json.dumps(summary, indent=2)), spath)
+    write_atomic(spath, lambda p: p.write_text(json.dumps(summary, indent=2)))
     print(format_summary(summary))
     print(f"audit table: {out}\nsummary: {spath}")
     return 0

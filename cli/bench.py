@@ -1,4 +1,6 @@
-"""valuekit bench: speed ratios, layer speed, quality against baselines, scale; writes markdown, CSV and PNG.
+"""valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
+(uniform, dds, dds-entropy, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
+see valuekit.suites); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
 """
@@ -7,16 +9,19 @@ from __future__ import annotations
 
 
 def add_parser(sub):
-    p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale)", description=__doc__)
-    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "all"],
-                   help="which benchmarks to run (all = the four)")
+    from valuekit.suites import SUITES
+
+    p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
+                       description=__doc__)
+    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "all", *SUITES],
+                   help="which benchmarks to run (all = the first four; the others are study suites)")
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes on a CPU)")
-    p.add_argument("--seeds", default=None, help="quality: comma-separated seeds (default 0,1,2)")
-    p.add_argument("--steps", type=int, default=None, help="quality: training steps per run (default 1500)")
-    p.add_argument("--datasets", default=None, help="quality: comma-separated data sets (default digits,mnist5k,"
-                   "fashion-mnist when installed)")
+    p.add_argument("--seeds", default=None, help="quality, suites: comma-separated seeds (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="quality, suites: training steps per run (default 1500)")
+    p.add_argument("--datasets", default=None, help="quality, suites: comma-separated data sets (default digits,"
+                   "mnist5k, fashion-mnist when installed; a suite's own list)")
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
     p.set_defaults(func=run)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from valuekit.config import TrainConfig, available_methods
 from valuekit.errors import InputError
@@ -84,15 +83,14 @@ def load_tables(args, table_path):
     return train, dev, test
 
 
-def train_config(args) -> tuple[TrainConfig, dict]:
-    from valuekit.trainers.base import load_method, parse_overrides
+def train_config(args) -> tuple[TrainConfig, object]:
+    """(TrainConfig, method Config) from the flags and --set pairs, typed and validated (trainers.options)."""
+    from valuekit.trainers.options import resolve
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device)
-    module, overrides = load_method(args.method)
-    method_vals, loop_vals = parse_overrides(args.overrides, module.Config, cfg)
-    cfg = dataclasses.replace(cfg, **loop_vals)
-    return cfg, method_vals
+    cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
+    return cfg, method_cfg
 
 
 def _load_text_pairs(args, table_path):

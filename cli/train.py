@@ -95,7 +95,7 @@ def run(args) -> int:
     world = run_.meta.get("world_size", 1)
     print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {acc}"
           + (f", {world} processes" if world > 1 else "") + ")")
-    print(f"  values:  {run_.path / 'values.parquet'}")
+    print(f"  values:  {run_.values_path}")
     print(f"  steps:   {run_.path / 'steps'}/" + ("rank-*/" if world > 1 else "") + "part-*.parquet")
     print(f"  metrics: {run_.path / 'metrics'}/part-*.parquet")
     return 0

@@ -136,7 +136,7 @@ def assert_same_run(one: Path, two: Path) -> None:
 
     m1, m2 = r1.metrics(), r2.metrics()
     assert list(m1.step) == list(m2.step) == list(range(1, 7))
-    for col in ("train_loss", "train_acc", "dev_loss", "dev_acc", "test_loss", "test_acc", "scorer_loss"):
+    for col in ("train_loss", "train_acc", "dev_loss", "dev_acc", "test_loss", "test_acc", "scorer_loss", "meta_loss"):
         assert_close(m1[col], m2[col], f"metrics.{col}")
 
     v1, v2 = r1.values(), r2.values()

@@ -61,7 +61,7 @@ def test_meta_gradient_matches_finite_differences(reg):
     auto = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
     eps = 1e-6
     checked = 0
-    for name in ("label.weight", "label_bias.weight", "body.0.weight", "body.2.bias"):
+    for name in ("label.weight", "label_bias.weight", "body.1.weight", "body.3.bias"):
         p = params[name]
         flat = p.data.view(-1)
         for j in range(0, flat.numel(), max(1, flat.numel() // 4)):
@@ -134,7 +134,7 @@ def test_short_run_logs_weight_and_selected(digits, tmp_path):
     assert steps["weight"].std() > 1e-4  # the selector moved away from uniform (w = k/B = 0.25)
     assert steps["reward"].notna().all()
     m = run.metrics()
-    assert m["scorer_loss"].notna().all()
+    assert m["meta_loss"].notna().all() and m["scorer_loss"].isna().all()
     # value = mean w over the visits of each row, value_std its std, selected_rate the share of visits selected
     v = run.values().set_index("example_id")
     agg = steps.groupby("example_id").agg(mean=("weight", "mean"), sel=("selected", "mean"),

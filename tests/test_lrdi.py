@@ -133,7 +133,7 @@ def test_meta_every_updates_the_teacher_only_on_meta_steps():
         before = _flat([p.detach() for p in tr.teacher.parameters()]).clone()
         rec = tr.step(Batch(step=step, idx=torch.arange(ctx.n), x=ctx.x, y=ctx.y))
         changed.append(not torch.equal(before, _flat([p.detach() for p in tr.teacher.parameters()])))
-        assert (rec.scorer_loss is None) == (not changed[-1])
+        assert (rec.meta_loss is None) == (not changed[-1]) and rec.scorer_loss is None
     assert changed == [True, False, False, True, False, False, True]
 
 
@@ -263,7 +263,7 @@ def test_short_run_logs_weights_rewards_and_values(tmp_path, variant):
         assert np.allclose(per_step, 1.0, atol=1e-5)  # batch-normalised to mean 1
         assert st.weight.std() > 1e-3  # the teacher does not give every example the same weight
     m = run.metrics()
-    assert m.scorer_loss.notna().all() and m.test_acc.dropna().iloc[-1] > 0.5
+    assert m.meta_loss.notna().all() and m.scorer_loss.isna().all() and m.test_acc.dropna().iloc[-1] > 0.5
 
     vals = run.values()
     assert len(vals) == len(data.y) and list(vals.example_id) == list(data.ids)

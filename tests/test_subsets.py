@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import blobs
-from valuekit.analysis.subsets import COLUMNS, plot_subset_value, subset_value, summarise, top_ids
+from valuekit.analysis.subsets import COLUMNS, plot_subset_value, summarise, top_ids
+from valuekit.retrain import subset_value
 from valuekit.errors import InputError
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError
+from valuekit.runlog import RUN_JSON, VALUES, write_text_atomic
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
 SPEED_METHODS = ("dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads", "multidds")
@@ -50,9 +51,7 @@ def _write(out: Path, kind: str, lines: list[str], frame: pd.DataFrame) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     frame.to_csv(out / f"{kind}.csv", index=False)
     md = out / f"{kind}.md"
-    tmp = md.with_name(f".{md.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
+    write_text_atomic("\n".join(lines) + "\n", md)
     return md
 
 
@@ -280,7 +279,8 @@ def synthetic_step_log(run_dir: Path, *, rows: int, n: int = 20000, batch: int =
                    "dev_loss": np.where(ms % 100 == 0, np.exp(-ms / steps), np.nan),
                    "dev_acc": np.where(ms % 100 == 0, 1 - np.exp(-ms / steps), np.nan),
                    "test_loss": np.full(steps, np.nan), "test_acc": np.full(steps, np.nan),
-                   "scorer_loss": np.full(steps, np.nan), "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3},
+                   "scorer_loss": np.full(steps, np.nan), "meta_loss": np.full(steps, np.nan),
+                   "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3},
                   schema=METRICS_SCHEMA)
     pq.write_table(mt, run_dir / "metrics" / "part-00000.parquet")
     value = np.where(noisy, -1.0, 1.0) + rng.normal(0, 0.5, n)
@@ -289,14 +289,14 @@ def synthetic_step_log(run_dir: Path, *, rows: int, n: int = 20000, batch: int =
     rank[order] = np.arange(1, n + 1)
     vt = pa.table({"example_id": np.arange(n), "value": value, "value_std": np.abs(rng.normal(size=n)),
                    "weight": np.ones(n), "rank": rank}, schema=values_schema("int64"))
-    pq.write_table(vt, run_dir / "values.parquet")
+    pq.write_table(vt, run_dir / VALUES)
     write_json_atomic({
         "schema_version": SCHEMA_VERSION, "name": run_dir.name, "method": "uniform", "status": "completed",
         "config": {"model": "mlp", "steps": steps, "batch_size": batch}, "method_config": {}, "seed": seed,
         "data": {"train": {"path": str(table_path), "n_rows": n}, "dev": None, "test": None},
         "classes": [str(c) for c in range(10)], "sources": [], "id_type": "int64", "image_shape": None,
         "steps_done": steps, "device": "cpu", "run_id": "synthetic",
-    }, run_dir / "run.json")
+    }, run_dir / RUN_JSON)
     return table_path
 
 
@@ -393,9 +393,9 @@ def _values_only_run(run_dir: Path, rows: int) -> None:
     rank[np.argsort(-value, kind="stable")] = np.arange(1, rows + 1)
     pq.write_table(pa.table({"example_id": np.arange(rows), "value": value, "value_std": np.zeros(rows),
                              "weight": np.ones(rows), "rank": rank}, schema=values_schema("int64")),
-                   run_dir / "values.parquet")
+                   run_dir / VALUES)
     write_json_atomic({"schema_version": SCHEMA_VERSION, "name": run_dir.name, "method": "uniform",
-                       "status": "completed", "id_type": "int64", "data": {}, "config": {}}, run_dir / "run.json")
+                       "status": "completed", "id_type": "int64", "data": {}, "config": {}}, run_dir / RUN_JSON)
 
 
 # ---------------------------------------------------------------- quality
@@ -533,11 +533,13 @@ KINDS = ("speed", "layer", "quality", "scale")
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
               seeds: str | None = None, steps: int | None = None, datasets: str | None = None,
               methods: str | None = None) -> Path:
-    """Run one benchmark and return the markdown file it wrote (list options are comma-separated strings)."""
+    """Run one benchmark or study suite (valuekit.suites) and return the markdown file it wrote (list options
+    are comma-separated strings)."""
+    from valuekit.suites import SUITES, run_suite
     from valuekit.trainers.base import resolve_device
 
-    if kind not in KINDS:
-        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join(KINDS)}")
+    if kind not in KINDS and kind not in SUITES:
+        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join([*KINDS, *SUITES])}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
     out = Path(out)
@@ -548,6 +550,9 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         seed_list = tuple(int(s) for s in split(seeds)) if seeds else None
     except ValueError:
         raise InputError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
+    if kind in SUITES:
+        return run_suite(kind, out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
+                         datasets=split(datasets))
     if kind == "speed":
         return bench_speed(out, command=command, device=dev, quick=quick, methods=split(methods))
     if kind == "layer":
@@ -574,7 +579,5 @@ def write_index(out: Path) -> Path:
         lines += ["## GPU", "", "No GPU results yet: `valuekit bench all --device cuda -o reports/` on a CUDA machine",
                   "writes them (this project's CI has no GPU).", ""]
     path = out / "BENCHMARKS.md"
-    tmp = path.with_name(".BENCHMARKS.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic("\n".join(lines) + "\n", path)
     return path

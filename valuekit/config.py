@@ -4,7 +4,7 @@ parsers from these, and `valuekit audit`/`report` never need torch)."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # method name -> (module, Config overrides). Modules are imported only when used.
 METHODS: dict[str, tuple[str, dict]] = {
@@ -18,6 +18,17 @@ METHODS: dict[str, tuple[str, dict]] = {
     "bads": ("valuekit.trainers.bads", {}),
 }
 
+
+def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite: bool | None = None):
+    """A Config field with its allowed values declared next to the default; `valuekit.trainers.options.check`
+    is the one validator that reads them (floats must also be finite unless finite=False)."""
+    rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if choices is not None:
+        rules["choices"] = tuple(choices)
+    rules["finite"] = isinstance(default, float) if finite is None else finite
+    return field(default=default, metadata={"valuekit": rules})
+
+
 def available_methods() -> list[str]:
     """Method names whose module is present in this installation."""
     return [m for m, (mod, _) in METHODS.items() if importlib.util.find_spec(mod) is not None]
@@ -28,19 +39,19 @@ class TrainConfig:
     """Settings of the training loop shared by every method."""
 
     method: str = "uniform"
-    model: str = "mlp"  # linear | mlp | cnn
-    steps: int = 500
-    batch_size: int = 64
-    lr: float = 1e-3  # model learning rate
-    optimizer: str = "adam"  # adam | sgd (sgd uses `momentum`)
+    model: str = "mlp"  # linear | mlp | cnn | seq2seq (checked against valuekit.models.MODELS)
+    steps: int = setting(500, ge=1)
+    batch_size: int = setting(64, ge=1)
+    lr: float = setting(1e-3, gt=0)  # model learning rate
+    optimizer: str = setting("adam", choices=("adam", "sgd"))  # sgd uses `momentum`
     momentum: float = 0.9
     weight_decay: float = 0.0
-    hidden: int = 128  # hidden width of mlp/cnn
+    hidden: int = setting(128, ge=1)  # hidden width of mlp/cnn
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    eval_every: int = 50  # steps between dev/test evaluations
-    log_every: int = 50  # steps between closed Parquet parts
-    checkpoint_every: int = 200  # steps between checkpoints (parts are flushed then too)
+    eval_every: int = setting(50, ge=1)  # steps between dev/test evaluations
+    log_every: int = setting(50, ge=1)  # steps between closed Parquet parts
+    checkpoint_every: int = setting(200, ge=1)  # steps between checkpoints (parts are flushed then too)
     eval_batch_size: int = 2048
     log_steps: bool = True  # per-example rows in steps/ (off: metrics and values only, for huge runs)
     progress: bool = True

@@ -175,6 +175,47 @@ def broadcast_object(obj, *, world_size: int):
     return box[0]
 
 
+def rank0_decides(decide, *, info: DistInfo, errors: dict[str, type] | None = None):
+    """(local, shared): rank 0 alone runs `decide() -> (local, shared)` (e.g. take a lock, check a
+    directory) and tells every rank `shared` (a small picklable object); the other ranks get local=None.
+    When `decide` raises on rank 0, every rank raises the same kind of error (from `errors` by class
+    name, RuntimeError otherwise) with the same message, so all processes stop together."""
+    if not info.enabled:
+        return decide()
+    status: dict = {"error": None, "shared": None}
+    local = None
+    if info.is_main:
+        try:
+            local, status["shared"] = decide()
+        except BaseException as exc:
+            status["error"] = (type(exc).__name__, str(exc))
+            broadcast_object(status, world_size=info.world_size)
+            raise
+    status = broadcast_object(status, world_size=info.world_size)
+    if status["error"]:
+        kind, msg = status["error"]
+        raise (errors or {}).get(kind, RuntimeError)(msg)
+    return local, status["shared"]
+
+
+def agree(values: list[float], *, device: torch.device, world_size: int) -> list[float]:
+    """Sums over ranks of a few numbers, in one float64 collective (the values themselves for one process):
+    how a step's global loss/accuracy and any rank's divergence or stop request become everyone's."""
+    if world_size <= 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    all_reduce_([t], world_size=world_size)
+    return t.tolist()
+
+
+def replicas_agree(state, *, device: torch.device, world_size: int) -> bool:
+    """True when every rank holds the same (nested) state, compared by `fingerprint` (True for one process)."""
+    if world_size <= 1:
+        return True
+    every = gather(fingerprint(state)[None].to(device), world_size=world_size).cpu()
+    return all(torch.equal(every[0], r) for r in every[1:])
+
+
 def barrier(*, world_size: int) -> None:
     if world_size > 1:
         dist.barrier()

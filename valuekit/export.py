@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
-from valuekit.runlog import mean_one, rank_by_value, read_run
+from valuekit.runlog import commit, mean_one, rank_by_value, read_run, temp_path
 
 ADDED = ("weight", "value", "value_std", "rank", "selected")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -284,7 +284,7 @@ def _show(values) -> str:
 
 def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight) -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
-    values_path = run.path / "values.parquet"
+    values_path = run.values_path
     if not values_path.exists():
         raise InputError(f"{run.path}: run has no values.parquet (status {run.meta.get('status')!r}); "
                          "finish it with --resume")
@@ -425,7 +425,7 @@ class _FileSink:
     def __init__(self, out: Path, schema: pa.Schema):
         self.out = out
         _remove_stale_temporaries(out)
-        self.tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        self.tmp = temp_path(out)  # the same hidden .NAME.PID.tmp as runlog.write_atomic
         self.rows = 0
         self.csv = out.suffix.lower() == ".csv"
         self.schema = schema
@@ -465,7 +465,7 @@ class _FileSink:
             if not self.csv:
                 self._flush()
             self.writer.close()
-            os.replace(self.tmp, self.out)
+            commit(self.tmp, self.out)
         finally:
             self.tmp.unlink(missing_ok=True)
         return self.rows
@@ -503,7 +503,7 @@ def _check_out(out, source, run) -> Path:
         raise InputError(f"-o {out}: output must end in .parquet or .csv")
     if out.is_dir():
         raise InputError(f"-o {out}: is a directory; give a file name ending in .parquet or .csv")
-    protected = [p for p in (source.path, run.path / "values.parquet") if p is not None]
+    protected = [p for p in (source.path, run.values_path) if p is not None]
     for p in protected:
         if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
             what = "the input table" if p == source.path else "the run's values file"

@@ -10,16 +10,23 @@
 Parts are written to a hidden temporary file and renamed, so every visible part is a
 closed, readable Parquet file even after SIGKILL. Schemas are declared here once and
 stored in each file's metadata.
+
+This module is the one owner of the run directory: the file names above are spelled only
+here (RUN_JSON, VALUES, CHECKPOINT, ...), and preparing/locking a directory, checkpoint
+save/load, atomic writes (`write_atomic`, also used for reports, audits and exports) and
+opening a run (`open_run`) live here. It imports torch only inside the checkpoint functions.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -31,8 +38,12 @@ from valuekit.errors import RunDirError
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
+VALUES = "values.parquet"
+CHECKPOINT = "checkpoint.pt"
+SUBSET_VALUE = "subset_value.parquet"  # written by valuekit.retrain.subset_value
 LOCK = ".lock"
-TABLES = ("steps", "metrics", "sources")
+STEPS, METRICS, SOURCES = "steps", "metrics", "sources"
+TABLES = (STEPS, METRICS, SOURCES)
 
 
 def _id_type(id_type: str) -> pa.DataType:
@@ -60,10 +71,13 @@ METRICS_SCHEMA = pa.schema([
     ("dev_acc", pa.float64()),
     ("test_loss", pa.float64()),
     ("test_acc", pa.float64()),
-    ("scorer_loss", pa.float64()),
+    ("scorer_loss", pa.float64()),  # dds/multidds: the scorer's REINFORCE loss
+    ("meta_loss", pa.float64()),  # lrdi/l2rw/mwnet/hostcp: the dev loss of the meta (look-ahead) step
     ("step_time", pa.float64()),
     ("wall_time", pa.float64()),
 ])
+
+META_LOSS_METHODS = ("lrdi", "l2rw", "mwnet", "hostcp")  # methods whose meta_loss column is filled
 
 SOURCES_SCHEMA = pa.schema([
     ("step", pa.int64()),
@@ -92,23 +106,46 @@ def _meta(table: str, run_id: str) -> dict[bytes, bytes]:
     }
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a hidden temporary file in the same folder, then rename over `path`."""
+def temp_path(path: Path) -> Path:
+    """The hidden temporary file next to `path` that an atomic write fills before renaming it over `path`
+    (`.NAME.PID.tmp`: a killed writer's leftovers can be told apart by their process id)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    """`write(tmp)` fills a hidden temporary file in `path`'s folder, which is then renamed over `path`:
+    readers see the old file or the whole new one, never half of it; the temporary is removed on failure.
+    (A writer that streams over time, like export's, fills `temp_path(path)` itself and calls `commit`.)"""
+    path = Path(path)
+    tmp = temp_path(path)
     try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        write(tmp)
+        commit(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def commit(tmp: Path, path: Path) -> None:
+    """Rename a filled temporary over `path` (atomic on one filesystem)."""
+    os.replace(tmp, path)
+
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str)))
+
+
+def write_text_atomic(text: str, path: Path) -> None:
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def new_run_id() -> str:
+    return f"{int(time.time() * 1000):x}-{os.getpid()}"
 
 
 # ---------------------------------------------------------------- locking
@@ -210,7 +247,7 @@ class RunWriter:
         self.lock = (lock or acquire_lock(self.dir)) if self.main else None
         self.meta = dict(meta)
         self.meta.setdefault("schema_version", SCHEMA_VERSION)
-        self.meta.setdefault("run_id", f"{int(time.time() * 1000):x}-{os.getpid()}")
+        self.meta.setdefault("run_id", new_run_id())
         self.id_type = id_type
         run_id = self.meta["run_id"]
         parts = resume_parts or {}
@@ -244,7 +281,7 @@ class RunWriter:
         extra = [c for c in frame.columns if c not in ("example_id", "value", "value_std", "weight", "rank")]
         schema = values_schema(self.id_type, extra).with_metadata(_meta("values", self.meta["run_id"]))
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
-        write_parquet_atomic(table, self.dir / "values.parquet")
+        write_parquet_atomic(table, self.dir / VALUES)
 
     def close(self, status: str, **updates) -> None:
         self.flush()
@@ -271,6 +308,23 @@ class Run:
     def method(self) -> str:
         return self.meta.get("method", "?")
 
+    @property
+    def meta_path(self) -> Path:
+        return self.path / RUN_JSON
+
+    @property
+    def values_path(self) -> Path:
+        return self.path / VALUES
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.path / CHECKPOINT
+
+    @property
+    def finished(self) -> bool:
+        """values.parquet is there (the run completed)."""
+        return self.values_path.exists()
+
     def dataset(self, table: str) -> ds.Dataset | None:
         folder = self.path / table
         if not folder.is_dir() or not any(folder.rglob("part-*.parquet")):
@@ -286,7 +340,17 @@ class Run:
 
     def metrics(self) -> pd.DataFrame:
         t = self.table("metrics")
-        return pd.DataFrame(columns=METRICS_SCHEMA.names) if t is None else t.to_pandas().sort_values("step", ignore_index=True)
+        if t is None:
+            return pd.DataFrame(columns=METRICS_SCHEMA.names)
+        frame = t.to_pandas().sort_values("step", ignore_index=True)
+        if "meta_loss" not in frame.columns:
+            # runs written before meta_loss existed logged the meta-step dev loss as scorer_loss
+            meta = self.meta.get("method") in META_LOSS_METHODS
+            frame["meta_loss"] = frame["scorer_loss"] if meta else np.nan
+            if meta:
+                frame["scorer_loss"] = np.nan
+            frame = frame[[c for c in METRICS_SCHEMA.names if c in frame.columns]]
+        return frame
 
     def sources(self) -> pd.DataFrame | None:
         t = self.table("sources")
@@ -296,7 +360,7 @@ class Run:
         """values.parquet; for a run that never finished (and `partial`), a stand-in from the step log
         (`attrs["partial"] = True`): value = mean logged weight, or minus the mean loss when no weights
         were logged. None when there is neither."""
-        p = self.path / "values.parquet"
+        p = self.values_path
         if p.exists():
             return pq.read_table(p).to_pandas()
         return self.values_from_steps() if partial else None
@@ -348,3 +412,74 @@ def _lock_held(run_dir: Path) -> bool:
     if host == socket.gethostname() and pid.isdigit():
         return _pid_alive(int(pid))
     return True
+
+
+def open_run(run) -> Run:
+    """A Run for a run directory path or an already opened Run (the one way analysis, report and export open runs)."""
+    return run if isinstance(run, Run) else read_run(Path(run))
+
+
+# ---------------------------------------------------------------- preparing, checkpoints
+
+
+def identity(meta: dict) -> dict:
+    """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
+    tuples in a fresh config equal the lists read back from run.json)."""
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps")}
+    ident = {
+        "method": meta["method"], "config": loop, "method_config": meta["method_config"],
+        "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},
+        "world_size": meta.get("world_size", 1),  # the global batch and the rank folders of steps/ depend on it
+    }
+    return json.loads(json.dumps(ident, default=str))
+
+
+def prepare_run(out: Path, meta: dict, resume: bool):
+    """(lock, checkpoint state or None) for a fresh or resumed run directory; one process (rank 0) only.
+    A resumed run takes run_id and started_at from the original; a fresh one gets a run_id."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        # The lock comes first: a second process on this directory stops before reading or writing anything.
+        lock = acquire_lock(out)
+    except RunDirError:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    state = None
+    try:
+        if resume:
+            old = read_run(out)
+            if identity(old.meta) != identity(meta):
+                diff = [k for k in identity(meta) if identity(meta)[k] != identity(old.meta)[k]]
+                raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
+            state = load_checkpoint(out)
+            meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
+        elif (out / RUN_JSON).exists():
+            raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+    except BaseException:
+        lock.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    meta.setdefault("run_id", new_run_id())
+    return lock, state
+
+
+def save_checkpoint(run_dir, blob: dict) -> None:
+    """checkpoint.pt, written atomically (torch.save of tensors, numbers, lists and dicts only)."""
+    import torch
+
+    write_atomic(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
+
+
+def load_checkpoint(run_dir) -> dict | None:
+    """The run's checkpoint (weights_only=True: tensors and plain containers, never arbitrary objects),
+    on the CPU; None when the run has none."""
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)

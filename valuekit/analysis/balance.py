@@ -16,13 +16,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from valuekit.errors import InputError
-from valuekit.runlog import Run, read_run
+from valuekit.runlog import Run, open_run
 
 __all__ = ["class_balance", "class_balance_over_steps", "plot_class_balance", "plot_class_balance_over_steps", "kl"]
 
-
-def _open(run) -> Run:
-    return run if isinstance(run, Run) else read_run(Path(run))
 
 
 def kl(p, q) -> float:
@@ -88,7 +85,7 @@ def class_balance(run) -> pd.DataFrame:
     KL(dev || empirical), in nats: the direction that asks how well each distribution covers the dev
     distribution (NaN without dev frequencies).
     """
-    run = _open(run)
+    run = open_run(run)
     classes = list(run.meta.get("classes") or [])
     values = run.values()
     if values is None:
@@ -123,7 +120,7 @@ def class_balance_over_steps(run, *, bins: int = 20) -> pd.DataFrame:
     """
     if bins < 1:
         raise InputError(f"bins={bins}: must be >= 1")
-    run = _open(run)
+    run = open_run(run)
     d = run.dataset("steps")
     if d is None:
         raise InputError(f"{run.path}: no steps/ parts to aggregate")

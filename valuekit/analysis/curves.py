@@ -8,7 +8,6 @@ group_by; only the small aggregated result becomes a DataFrame.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,19 +16,16 @@ import pyarrow.compute as pc
 
 from valuekit.analysis.mislabel import discovery_curve  # noqa: F401  (re-exported: curves for the report)
 from valuekit.errors import InputError
-from valuekit.runlog import METRICS_SCHEMA, Run, read_run
+from valuekit.runlog import METRICS_SCHEMA, open_run
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 DIGEST_ROWS = 1_000_000  # quantiles of bigger logs come from every k-th row (means and counts use all rows)
 
 
-def _open(run) -> Run:
-    return run if isinstance(run, Run) else read_run(Path(run))
-
 
 def last_step(run) -> int:
     """Last logged step: run.json's steps_done, else the metrics log's largest step."""
-    run = _open(run)
+    run = open_run(run)
     done = int(run.meta.get("steps_done") or 0)
     if done:
         return done
@@ -55,7 +51,7 @@ def training_curves(run, *, max_points: int = 500) -> pd.DataFrame:
     """Columns step, train_loss, train_acc (mean over bins of at most max_points), and dev/test
     loss/accuracy at the evaluation steps (NaN elsewhere). One row per bin or evaluation step.
     """
-    run = _open(run)
+    run = open_run(run)
     d = run.dataset("metrics")
     cols = ["step", "train_loss", "train_acc", "dev_loss", "dev_acc", "test_loss", "test_acc"]
     if d is None:
@@ -84,7 +80,7 @@ def step_quantiles(run, column: str = "reward", *, bins: int = 200, q=QUANTILES)
 
 def step_quantiles_many(run, columns=("reward", "loss"), *, bins: int = 200, q=QUANTILES) -> dict:
     """`step_quantiles` of several steps/ columns from one scan of the log: {column: frame or None}."""
-    run = _open(run)
+    run = open_run(run)
     columns = list(columns)
     for c in columns:
         if c not in ("reward", "loss", "weight"):
@@ -123,7 +119,7 @@ def step_quantiles_many(run, columns=("reward", "loss"), *, bins: int = 200, q=Q
 
 def example_labels(run) -> pd.DataFrame:
     """example_id -> label code of every example seen in steps/ (group_by over the log)."""
-    run = _open(run)
+    run = open_run(run)
     d = run.dataset("steps")
     if d is None:
         return pd.DataFrame({"example_id": [], "label": []})
@@ -135,7 +131,7 @@ def example_labels(run) -> pd.DataFrame:
 def trajectories(run, ids, *, column: str = "weight") -> pd.DataFrame:
     """Columns example_id, step, value: the logged `column` of a few examples at every step they were seen
     (the scan filters on example_id, so only their rows leave Parquet)."""
-    run = _open(run)
+    run = open_run(run)
     d = run.dataset("steps")
     ids = list(ids)
     if d is None or not ids:
@@ -149,7 +145,7 @@ def trajectories(run, ids, *, column: str = "weight") -> pd.DataFrame:
 
 def visits(run) -> pd.DataFrame:
     """example_id -> number of times the example was sampled (rows in steps/)."""
-    run = _open(run)
+    run = open_run(run)
     d = run.dataset("steps")
     if d is None:
         return pd.DataFrame({"example_id": [], "count": []})
@@ -160,7 +156,7 @@ def visits(run) -> pd.DataFrame:
 
 def final_weights(run) -> pd.DataFrame | None:
     """values.parquet (example_id, value, weight, ...) or None when the run has not finished."""
-    return _open(run).values()
+    return open_run(run).values()
 
 
 def metrics_columns() -> list[str]:

@@ -213,11 +213,11 @@ def discovery_curve(score, is_noisy) -> pd.DataFrame:
 
 def open_runs(run_dirs) -> list:
     """Open run directories (paths or Run objects), refusing ones without values.parquet."""
-    from valuekit.runlog import Run, read_run
+    from valuekit.runlog import Run, open_run
 
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    runs = [open_run(r) for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     for r in runs:
@@ -245,13 +245,13 @@ def run_columns(runs) -> list[str]:
 def _table_path(run) -> Path:
     raw = (run.meta.get("data", {}).get("train") or {}).get("path")
     if not raw:
-        raise InputError(f"{run.path / 'run.json'}: data.train.path is empty (trained from a DataFrame); "
+        raise InputError(f"{run.meta_path}: data.train.path is empty (trained from a DataFrame); "
                          f"pass --data TABLE")
     p = Path(raw)
     for cand in (p, run.path / p, run.path.parent / p):
         if cand.exists():
             return cand
-    raise InputError(f"{run.path / 'run.json'}: training table {raw!r} (data.train.path) not found; pass --data TABLE")
+    raise InputError(f"{run.meta_path}: training table {raw!r} (data.train.path) not found; pass --data TABLE")
 
 
 def training_table(run, data=None, *, id_col: str = "id", label_col: str = "label") -> dict:
@@ -300,7 +300,7 @@ def _aligned(run, column_ids: np.ndarray, index: pd.Index, name: str) -> pd.Data
     vals = vals.set_index(vals["example_id"].to_numpy(dtype=column_ids.dtype))
     missing = index.difference(vals.index)
     if len(missing) and not partial:  # a partial run has simply not seen every row yet
-        raise InputError(f"{run.path / 'values.parquet'}: has no value for training id {missing[0]!r} "
+        raise InputError(f"{run.values_path}: has no value for training id {missing[0]!r} "
                          f"({len(missing)} ids missing); was the run trained on this table? ({name})")
     return vals.reindex(index)
 

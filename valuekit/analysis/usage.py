@@ -8,19 +8,15 @@ update: step, source, prob, count) and returns each source's share per logged st
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError
-from valuekit.runlog import Run, read_run
+from valuekit.runlog import open_run
 
 BY = ("prob", "count")
 
-
-def _open(run) -> Run:
-    return run if isinstance(run, Run) else read_run(Path(run))
 
 
 def source_usage(run, *, by: str = "prob") -> pd.DataFrame:
@@ -29,7 +25,7 @@ def source_usage(run, *, by: str = "prob") -> pd.DataFrame:
     log (`by="count"`). Shares sum to 1 at every step; rows are sorted by step then source."""
     if by not in BY:
         raise InputError(f"source_usage by={by!r}: use 'prob' or 'count'")
-    r = _open(run)
+    r = open_run(run)
     t = r.table("sources", ["step", "source", "prob", "count"])
     if t is None:
         if by == "count":

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError, ValueKitError
+from valuekit.runlog import SUBSET_VALUE, write_atomic
 
 TEMPLATE = "report.html"
 TOP_K = 20
@@ -302,7 +302,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
                    "label_score averages the runs' values, each rescaled between its 1st and 99th percentile (lower = more "
                    "likely mislabelled); flags come from "
                    "a two-means split of label_score, never from is_noisy, which only scores the audit.")
-    finished = [r for r in runs if (r.path / "values.parquet").exists()]
+    finished = [r for r in runs if r.finished]
     if not finished:
         sec.notes.append("no run has values.parquet yet")
         return sec, None, None
@@ -379,7 +379,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
 def _subsets(runs, names) -> _Section | None:
     from valuekit.report import figures
 
-    have = [(r, n) for r, n in zip(runs, names) if (r.path / "subset_value.parquet").exists()]
+    have = [(r, n) for r, n in zip(runs, names) if (r.path / SUBSET_VALUE).exists()]
     if not have:
         return None
     sec = _Section("subsets", 8, "Subset value",
@@ -392,7 +392,7 @@ def _subsets(runs, names) -> _Section | None:
     with _guard(sec, "subset value curves"):
         fig, axes = figures.run_panels(len(have))
         for ax, (r, n) in zip(axes, have):
-            mod.plot_subset_value(pd.read_parquet(r.path / "subset_value.parquet"), ax=ax)
+            mod.plot_subset_value(pd.read_parquet(r.path / SUBSET_VALUE), ax=ax)
             ax.set_title(n, fontsize=9)
         fig.tight_layout()
         sec.figure("fig-subset-value", "Subset value curves", fig)
@@ -464,14 +464,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         version=__import__("valuekit").__version__,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return write_atomic(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
 
 
 __all__ = ["write_report"]

@@ -86,8 +86,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from valuekit.config import setting
 from valuekit.errors import InputError
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -133,50 +135,30 @@ class Config:
                 CPU generator is most of BADS's overhead over an SGD step. w's noise is every step.
     """
 
-    lr_theta: float = 0.05
-    lr_w: float = 1.0
-    lr_phi: float = 0.001
-    temperature: float = 0.1
-    rho_theta: float = 3.0
-    rho_w: float = 10.0
-    beta: float = 0.6
-    prior_precision: float = 1.0
-    dev_batch_size: int = 16
-    init_weight: float = 0.6
-    burn_in: int = 200
-    reservoir: int = 32
-    ci: float = 0.9
+    lr_theta: float = setting(0.05, gt=0)
+    lr_w: float = setting(1.0, gt=0)
+    lr_phi: float = setting(0.001, gt=0)
+    temperature: float = setting(0.1, ge=0)
+    rho_theta: float = setting(3.0, ge=0)
+    rho_w: float = setting(10.0, ge=0)
+    beta: float = setting(0.6, gt=0, lt=1)
+    prior_precision: float = setting(1.0, ge=0)
+    dev_batch_size: int = setting(16, ge=1)
+    init_weight: float = setting(0.6, gt=0, lt=1)
+    burn_in: int = setting(200, ge=0)
+    reservoir: int = setting(32, ge=1)
+    ci: float = setting(0.9, gt=0, lt=1)
     weight_net: bool = False
-    weight_hidden: int = 32
-    s_avg: int = 20
-    noise_every: int = 1
+    weight_hidden: int = setting(32, ge=1)
+    s_avg: int = setting(20, ge=1)
+    noise_every: int = setting(1, ge=1)
     per_source: bool = False
     precondition: bool = False
-    rms_decay: float = 0.99
-    rms_eps: float = 1e-3
+    rms_decay: float = setting(0.99, ge=0, lt=1)
+    rms_eps: float = setting(1e-3, gt=0)
 
     def validate(self) -> None:
-        for name in ("lr_theta", "lr_w", "lr_phi"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"bads --set {name}={v}: must be a positive number")
-        if not (0 <= self.rms_decay < 1 and self.rms_eps > 0):
-            raise InputError(f"bads --set rms_decay={self.rms_decay} / rms_eps={self.rms_eps}: need 0 <= decay < 1, eps > 0")
-        for name in ("temperature", "rho_theta", "rho_w", "prior_precision"):
-            v = getattr(self, name)
-            if not (v >= 0 and math.isfinite(v)):
-                raise InputError(f"bads --set {name}={v}: must be >= 0")
-        for name in ("beta", "init_weight"):
-            v = getattr(self, name)
-            if not 0 < v < 1:
-                raise InputError(f"bads --set {name}={v}: must be strictly between 0 and 1")
-        if not 0 < self.ci < 1:
-            raise InputError(f"bads --set ci={self.ci}: must be strictly between 0 and 1")
-        for name in ("dev_batch_size", "reservoir", "weight_hidden", "s_avg", "noise_every"):
-            if getattr(self, name) < 1:
-                raise InputError(f"bads --set {name}={getattr(self, name)}: must be >= 1")
-        if self.burn_in < 0:
-            raise InputError(f"bads --set burn_in={self.burn_in}: must be >= 0")
+        check_fields(self)
 
 
 class WeightNet(nn.Module):
@@ -273,12 +255,7 @@ class Trainer:
 
     def _batch_mean(self, w_batch: torch.Tensor) -> torch.Tensor:
         """Mean of the weights of the (global) batch."""
-        v = w_batch.detach().double()
-        if self.ctx.world_size == 1:
-            return v.mean()
-        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
-        self.ctx.all_reduce_([total])
-        return total[0] / total[1]
+        return self.ctx.global_mean(w_batch.detach().double())
 
     def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
         if self.task_u is not None:
@@ -298,9 +275,8 @@ class Trainer:
         """
         cfg, params = self.cfg, [p for p in self.model.parameters()]
         b, bm = len(batch.y), len(dev_y)
-        world = self.ctx.world_size
         # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
-        b_all, bm_all = b * world, (dev_total or bm * world) if world > 1 else bm
+        b_all, bm_all = self.ctx.global_rows(b), (dev_total or self.ctx.global_rows(bm)) if self.ctx.distributed else bm
         w = self._weights(batch)
         logits_all = self.model(torch.cat([batch.x, dev_x]))
         logits, dev_logits = logits_all[:b], logits_all[b:]
@@ -390,7 +366,7 @@ class Trainer:
                 if diffuse:
                     torch._foreach_add_(phi, _noise(phi, math.sqrt(2 * k * step_w * T), gen))
                 self.window[self.steps_done % cfg.s_avg] = self._batch_mean(w)
-                if ctx.world_size == 1:
+                if not ctx.distributed:
                     keep = _first_occurrence(batch.idx)
                     rows = batch.idx[keep]
                     w_new = self.weight_net(batch.x[keep], batch.y[keep])

@@ -29,18 +29,19 @@ all-reduced, so the replicas stay identical and the run equals a 1-process run w
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from valuekit import distributed as dist_
+from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import DOT_METHODS, LayerTape, per_example_dots
-from valuekit.models import Standardize
-from valuekit.trainers.base import CHECKPOINT, Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.runlog import CHECKPOINT, load_checkpoint
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
+from valuekit.trainers.scorers import LabelMLP, label_mlp
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -55,73 +56,43 @@ class Config:
     """DDS settings. Defaults were tuned on digits with 20%/40% label flips and with imbalance 10 (MLP, batch 64,
     Adam 1e-3, 600-800 steps, 1-2 seeds); the reasons are in reports/dds.md."""
 
-    scorer: str = "mlp"  # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
-    scorer_hidden: int = 64  # hidden width of the mlp scorer
-    scorer_lr: float = 1e-3  # Adam learning rate of the scorer (0 freezes it: uniform or loaded weights)
-    reward_scale: float = 1.0  # rewards are multiplied by this before the REINFORCE step
+    scorer: str = setting("mlp", choices=SCORERS)  # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
+    scorer_hidden: int = setting(64, ge=1)  # hidden width of the mlp scorer
+    scorer_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the scorer (0 freezes it: uniform or loaded weights)
+    reward_scale: float = setting(1.0, finite=True)  # rewards are multiplied by this before the REINFORCE step
     # none: raw rewards | baseline: subtract a moving average of the mean reward |
     # ema: subtract that baseline and divide by a moving average of the reward std (scale-free across training)
-    reward_norm: str = "ema"
+    reward_norm: str = setting("ema", choices=REWARD_NORMS)
     # weight of an entropy bonus on the batch weights p (not in Algorithm 1; 0 = the paper's update). It keeps
     # REINFORCE from driving the logits apart without bound, which otherwise collapses p onto a few rows. 0.5:
     # at 0.1 p collapsed to ~2 rows per batch on fashion-mnist with 40 % flips and training diverged in 2 of 3
-    # seeds; 0.5 raised AUROC on all 6 noise settings (reports/scripts/dds_entropy.py, reports/dds.md)
-    entropy_weight: float = 0.5
-    reward_momentum: float = 0.9  # moving-average momentum of the baseline / std
-    update_every: int = 4  # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
-    dev_batch_size: int = 64  # dev examples per reward (0 = the training batch size); whole dev set if larger
+    # seeds; 0.5 raised AUROC on all 6 noise settings (valuekit bench dds-entropy, reports/dds.md)
+    entropy_weight: float = setting(0.5, ge=0)
+    reward_momentum: float = setting(0.9, ge=0, lt=1)  # moving-average momentum of the baseline / std
+    update_every: int = setting(4, ge=1)  # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
+    dev_batch_size: int = setting(64, ge=0)  # dev examples per reward (0 = the training batch size); whole dev set if larger
     # exact (one jvp at theta_{t-1}) | taylor (the paper's finite difference) | ghost (Linear/Conv only), all three
     # from valuekit.gradients; fused: the same exact dots from the layer inputs and output gradients that the
     # model step's own forward/backward already computed (no extra pass; Linear/Conv2d models only)
-    reward_method: str = "fused"
-    scorer_warmup: int = 100  # first steps train the model with uniform weights while the scorer already learns
+    reward_method: str = setting("fused", choices=REWARD_METHODS)
+    scorer_warmup: int = setting(100, ge=0)  # first steps train the model with uniform weights while the scorer already learns
     init_scorer: str = ""  # run directory of an earlier DDS run: start from its trained scorer (retrained DDS)
-    prior: str = "none"  # none | class_balance: fit softmax(scorer) to weights ~ 1/freq(y) before DDS
-    prior_steps: int = 200  # scorer steps of the prior fit
+    prior: str = setting("none", choices=PRIORS)  # none | class_balance: fit softmax(scorer) to weights ~ 1/freq(y) before DDS
+    prior_steps: int = setting(200, ge=0)  # scorer steps of the prior fit
     prior_lr: float = 1e-2  # Adam learning rate of the prior fit
 
     def validate(self) -> None:
-        for name, allowed in (("scorer", SCORERS), ("reward_norm", REWARD_NORMS), ("reward_method", REWARD_METHODS),
-                              ("prior", PRIORS)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"--set {name}={getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        if not (self.scorer_lr >= 0 and math.isfinite(self.scorer_lr)):
-            raise InputError(f"--set scorer_lr={self.scorer_lr}: must be a number >= 0")
-        if not (self.entropy_weight >= 0 and math.isfinite(self.entropy_weight)):
-            raise InputError(f"--set entropy_weight={self.entropy_weight}: must be a number >= 0")
-        if not math.isfinite(self.reward_scale):
-            raise InputError(f"--set reward_scale={self.reward_scale}: must be finite")
-        if not 0.0 <= self.reward_momentum < 1.0:
-            raise InputError(f"--set reward_momentum={self.reward_momentum}: must be in [0, 1)")
-        for name in ("update_every", "scorer_hidden"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 1")
-        for name in ("dev_batch_size", "scorer_warmup", "prior_steps"):
-            if getattr(self, name) < 0:
-                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 0")
+        check_fields(self)
         if self.init_scorer:
             if not (Path(self.init_scorer) / CHECKPOINT).exists():
                 raise InputError(f"--set init_scorer={self.init_scorer}: no {CHECKPOINT} in that run directory")
             if self.prior != "none":
                 raise InputError("--set init_scorer and --set prior: use one of them (both initialise the scorer)")
 
-
 # ---------------------------------------------------------------- scorers
 
 
-class MLPScorer(nn.Module):
-    """s(x, y) = h(x) . E[y] + b[y]: a two-layer ReLU MLP over the standardised features, read out by a label
-    embedding (so the scorer can tell whether a label fits its features, which noisy-label detection needs)."""
-
-    def __init__(self, in_features: int, num_classes: int, hidden: int, mean, std):
-        super().__init__()
-        self.body = nn.Sequential(Standardize(mean, std), nn.Linear(in_features, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, hidden), nn.ReLU())
-        self.label = nn.Embedding(num_classes, hidden)
-        self.label_bias = nn.Embedding(num_classes, 1)
-
-    def forward(self, x, y):
-        return (self.body(x) * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+MLPScorer = LabelMLP  # s(x, y) = h(x) . E[y] + b[y] (valuekit.trainers.scorers)
 
 
 class SameScorer(nn.Module):
@@ -141,23 +112,13 @@ def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
         scorer = SameScorer(ctx.build_model())
         last = scorer.net.head
     else:
-        scorer = MLPScorer(ctx.x.shape[1], ctx.num_classes, cfg.scorer_hidden, ctx.mean, ctx.std)
-        for m in scorer.body:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=ctx.generator)
-                bound = 1 / math.sqrt(m.weight.shape[1])
-                nn.init.uniform_(m.bias, -bound, bound, generator=ctx.generator)
-        with torch.no_grad():  # uniform p at step 0: DDS starts as plain training
-            scorer.label.weight.zero_()
-            scorer.label_bias.weight.zero_()
-        return scorer.to(ctx.device)
+        # zero label read-out: uniform p at step 0, DDS starts as plain training
+        return label_mlp(ctx.x.shape[1], ctx.num_classes, cfg.scorer_hidden, mean=ctx.mean, std=ctx.std,
+                         generator=ctx.generator, device=ctx.device)
     with torch.no_grad():
         last.weight.zero_()
         last.bias.zero_()
     return scorer.to(ctx.device)
-
-
-# ---------------------------------------------------------------- fused rewards
 
 
 # ---------------------------------------------------------------- the method
@@ -192,7 +153,7 @@ class Trainer:
     def _load_scorer(self, run_dir: Path) -> None:
         """Retrained DDS: copy the scorer of an earlier DDS run (its last checkpoint)."""
         path = run_dir / CHECKPOINT
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(run_dir)
         scorer_state = state.get("trainer", {}).get("scorer") if isinstance(state, dict) else None
         if scorer_state is None:
             raise InputError(f"--set init_scorer={run_dir}: {path} holds no DDS scorer (was it a dds run?)")
@@ -225,32 +186,24 @@ class Trainer:
 
     def _normalise(self, r: torch.Tensor) -> torch.Tensor:
         """Reward scale and moving-average baseline/std (variance reduction; the update direction stays REINFORCE's)."""
-        cfg = self.cfg
+        ctx, cfg = self.ctx, self.cfg
         r = r.double()
         if cfg.reward_norm != "none":
             mom = cfg.reward_momentum if self.r_seen > 0 else 0.0  # first batch sets the averages
-            self.r_mean = mom * self.r_mean + (1 - mom) * self._global_mean(r)
-            self.r_var = mom * self.r_var + (1 - mom) * self._global_mean((r - self.r_mean) ** 2)
+            self.r_mean = mom * self.r_mean + (1 - mom) * ctx.global_mean(r)
+            self.r_var = mom * self.r_var + (1 - mom) * ctx.global_mean((r - self.r_mean) ** 2)
             self.r_seen += 1
             r = r - self.r_mean
             if cfg.reward_norm == "ema":
                 r = r / self.r_var.sqrt().clamp_min(1e-12)
         return cfg.reward_scale * r
 
-    def _global_mean(self, v: torch.Tensor) -> torch.Tensor:
-        """Mean over the global batch (all ranks' rows; plain mean for one process)."""
-        if self.ctx.world_size == 1:
-            return v.mean()
-        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
-        self.ctx.all_reduce_([total])
-        return total[0] / total[1]
-
     def _log_softmax(self, s: torch.Tensor) -> torch.Tensor:
         """log p over the global batch (line 6); differentiable in every rank's logits."""
         ctx = self.ctx
-        if ctx.world_size == 1:
+        if not ctx.distributed:
             return torch.log_softmax(s, 0)
-        m = dist_.all_reduce_max(s.detach().max(), world_size=ctx.world_size)
+        m = ctx.all_max(s.detach().max())
         return s - m - torch.log(ctx.all_sum(torch.exp(s - m).sum()))
 
     def step(self, batch: Batch) -> StepRecord:
@@ -267,7 +220,7 @@ class Trainer:
         if self.t <= cfg.scorer_warmup:
             w = torch.ones(B, dtype=log_p.dtype, device=log_p.device)
         else:
-            w = B * ctx.world_size * log_p.detach().exp()  # (global B) * p_i, so uniform p is plain training
+            w = ctx.global_rows(B) * log_p.detach().exp()  # (global B) * p_i, so uniform p is plain training
 
         # lines 6-7: model step on sum_i p_i l_i, keeping theta_{t-1} for the reward
         theta_prev = {n: p.detach().clone() for n, p in self.model.named_parameters()} if update else None
@@ -283,11 +236,11 @@ class Trainer:
         reward = scorer_loss = None
         if update:
             # line 9: d_theta = mean dev-batch gradient at theta_t
-            dev_size = cfg.dev_batch_size or B * ctx.world_size
+            dev_size = cfg.dev_batch_size or ctx.global_rows(B)
             dev_x, dev_y = ctx.sample_dev(dev_size)
             dev_losses = per_example_loss(self.model(dev_x), dev_y)
             # torchrun: each rank's share of the global dev mean, summed over ranks below
-            dev_obj = dev_losses.mean() if ctx.world_size == 1 else dev_losses.sum() / ctx.dev_total(dev_size)
+            dev_obj = ctx.mean_share(dev_losses, ctx.dev_total(dev_size))
             # plain autograd on the module: same numbers as gradients.mean_gradient, less torch.func overhead
             d = dict(zip(self.names, torch.autograd.grad(dev_obj, list(self.model.parameters()))))
             ctx.all_reduce_(d.values())
@@ -300,10 +253,8 @@ class Trainer:
                 reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev)
             # lines 12-13: psi <- psi + lr (1/B) sum_i r_i grad log p_i  (minimise the negative)
             r = self._normalise(reward)
-            if ctx.world_size == 1:
-                loss_psi = -(r.to(log_p.dtype) * log_p).mean()
-            else:  # this rank's share of the global-batch loss; the shares' gradients are summed below
-                loss_psi = -(r.to(log_p.dtype) * log_p).sum() / (B * ctx.world_size)
+            # torchrun: this rank's share of the global-batch loss; the shares' gradients are summed below
+            loss_psi = -ctx.mean_share(r.to(log_p.dtype) * log_p)
             if cfg.entropy_weight > 0:  # minus the entropy sum_i p_i log p_i, scaled
                 loss_psi = loss_psi + cfg.entropy_weight * (log_p.exp() * log_p).sum()
             self.scorer_opt.zero_grad(set_to_none=True)
@@ -337,13 +288,7 @@ class Trainer:
     @torch.no_grad()
     def scores(self) -> torch.Tensor:
         """The scorer's logit of every training row, in eval mode, in chunks."""
-        was = self.scorer.training
-        self.scorer.eval()
-        size = self.ctx.config.eval_batch_size
-        out = torch.cat([self.scorer(self.ctx.x[i: i + size], self.ctx.y[i: i + size])
-                         for i in range(0, self.ctx.n, size)])
-        self.scorer.train(was)
-        return out
+        return self.ctx.score_rows(self.scorer, self.scorer)
 
     def values(self) -> dict:
         """value = scorer logit; weight = softmax of the logits over the whole training set x N;

@@ -54,19 +54,18 @@ from __future__ import annotations
 
 import contextlib
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
-from valuekit import distributed as dist_
+from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
+from valuekit.trainers.scorers import LabelMLP, label_mlp
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -78,65 +77,30 @@ META_GRADS = ("fused", "ghost", "exact", "autograd")
 class Config:
     """HOST-CP settings (defaults: data/digits-noisy20, MLP, batch 64, Adam 1e-3; see reports/hostcp.md)."""
 
-    fraction: float = 0.5  # k = fraction * batch size: the selection budget per mini-batch
-    reg: str = "quadratic"  # regulariser of the subset program: quadratic | entropy
-    lam: float = 0.5  # its strength (> 0; larger = flatter weights, informative gradients)
-    backend: str = "exact"  # exact (closed form) | cvxpylayers (reference, slow)
-    selector_input: str = "features"  # features: MLP over the inputs | embedding: over model.features(x).detach()
-    selector_hidden: int = 64  # hidden width of the selection model
-    selector_lr: float = 1e-3  # Adam learning rate of the selection model (0 freezes it: uniform weights)
-    lookahead_lr: float = 0.1  # eta of the virtual SGD step theta' = theta - eta grad L_w
-    dev_batch_size: int = 64  # dev examples per selector step (whole dev set if larger)
-    update_every: int = 4  # selector step every k model steps (4: ~1.5x a uniform step; 1: ~3.5x, see report)
+    fraction: float = setting(0.5, gt=0, lt=1)  # k = fraction * batch size: the selection budget per mini-batch
+    reg: str = setting("quadratic", choices=REGULARISERS)  # regulariser of the subset program: quadratic | entropy
+    lam: float = setting(0.5, gt=0)  # its strength (> 0; larger = flatter weights, informative gradients)
+    backend: str = setting("exact", choices=BACKENDS)  # exact (closed form) | cvxpylayers (reference, slow)
+    selector_input: str = setting("features", choices=SELECTOR_INPUTS)  # features: MLP over the inputs | embedding: over model.features(x).detach()
+    selector_hidden: int = setting(64, ge=1)  # hidden width of the selection model
+    selector_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the selection model (0 freezes it: uniform weights)
+    lookahead_lr: float = setting(0.1, gt=0)  # eta of the virtual SGD step theta' = theta - eta grad L_w
+    dev_batch_size: int = setting(64, ge=1)  # dev examples per selector step (whole dev set if larger)
+    update_every: int = setting(4, ge=1)  # selector step every k model steps (4: ~1.5x a uniform step; 1: ~3.5x, see report)
     # fused: the dot products from the model step's own forward/backward (Linear/Conv2d models, no extra pass) |
     # ghost | exact: valuekit.gradients.per_example_dots (one extra pass) | autograd: second order (reference)
-    meta_grad: str = "fused"
-    threshold: float = 0.5  # w_i > threshold is logged as selected
+    meta_grad: str = setting("fused", choices=META_GRADS)
+    threshold: float = setting(0.5, gt=0, lt=1)  # w_i > threshold is logged as selected
     representatives: bool = False  # use the representativeness program (cvxpylayers, slow) instead of SubsetSelection
-    rep_alpha: float = 1.0  # weight of the representation cost against the scores
-    rep_ridge: float = 0.1  # ridge term of the representativeness program
-    rep_capacity: int = 512  # memory of previously selected points
-    rep_max_old: int = 16  # old candidates per batch (nearest neighbours from the memory)
+    rep_alpha: float = setting(1.0, gt=0)  # weight of the representation cost against the scores
+    rep_ridge: float = setting(0.1, gt=0)  # ridge term of the representativeness program
+    rep_capacity: int = setting(512, ge=1)  # memory of previously selected points
+    rep_max_old: int = setting(16, ge=0)  # old candidates per batch (nearest neighbours from the memory)
 
     def validate(self) -> None:
-        for name, allowed in (("reg", REGULARISERS), ("backend", BACKENDS), ("selector_input", SELECTOR_INPUTS),
-                              ("meta_grad", META_GRADS)):
-            if getattr(self, name) not in allowed:
-                raise InputError(f"--set {name}={getattr(self, name)!r}: choose from {', '.join(allowed)}")
-        if not 0.0 < self.fraction < 1.0:
-            raise InputError(f"--set fraction={self.fraction}: must be in (0, 1)")
-        if not 0.0 < self.threshold < 1.0:
-            raise InputError(f"--set threshold={self.threshold}: must be in (0, 1)")
-        for name in ("lam", "lookahead_lr", "rep_alpha", "rep_ridge"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"--set {name}={v}: must be a finite number > 0")
-        if not (self.selector_lr >= 0 and math.isfinite(self.selector_lr)):
-            raise InputError(f"--set selector_lr={self.selector_lr}: must be a number >= 0")
-        for name in ("update_every", "selector_hidden", "dev_batch_size", "rep_capacity"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--set {name}={getattr(self, name)}: must be >= 1")
-        if self.rep_max_old < 0:
-            raise InputError(f"--set rep_max_old={self.rep_max_old}: must be >= 0")
+        check_fields(self)
 
-
-class Selector(nn.Module):
-    """s(u, y) = h(u) . E[y] + b[y]: a two-layer ReLU MLP read out by a label embedding (so it can tell
-    whether a label fits its example). E and b start at zero: uniform weights at step 0."""
-
-    def __init__(self, in_features: int, num_classes: int, hidden: int, mean=None, std=None):
-        super().__init__()
-        mean = torch.zeros(in_features) if mean is None else mean
-        std = torch.ones(in_features) if std is None else std
-        self.register_buffer("mean", mean.clone())
-        self.register_buffer("std", std.clone())
-        self.body = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.label = nn.Embedding(num_classes, hidden)
-        self.label_bias = nn.Embedding(num_classes, 1)
-
-    def forward(self, u, y):
-        h = self.body((u - self.mean) / self.std)
-        return (h * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+Selector = LabelMLP  # s(u, y) = h(u) . E[y] + b[y] (valuekit.trainers.scorers)
 
 
 class Trainer:
@@ -150,16 +114,8 @@ class Trainer:
             with torch.no_grad():
                 width = self.model.features(ctx.x[:1]).shape[1]
             mean = std = None  # penultimate features are already on the model's scale
-        self.selector = Selector(width, ctx.num_classes, cfg.selector_hidden, mean, std)
-        for m in self.selector.body:
-            if isinstance(m, nn.Linear):
-                nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=ctx.generator)
-                bound = 1 / math.sqrt(m.weight.shape[1])
-                nn.init.uniform_(m.bias, -bound, bound, generator=ctx.generator)
-        with torch.no_grad():
-            self.selector.label.weight.zero_()
-            self.selector.label_bias.weight.zero_()
-        self.selector.to(ctx.device)
+        self.selector = label_mlp(width, ctx.num_classes, cfg.selector_hidden, mean=mean, std=std,
+                                  generator=ctx.generator, device=ctx.device)
         # Adam whatever the loop's optimizer: the meta-gradient's scale changes a lot over training
         self.selector_opt = torch.optim.Adam(self.selector.parameters(), lr=cfg.selector_lr, foreach=True)
         if cfg.representatives:
@@ -198,20 +154,10 @@ class Trainer:
     def _global(self, s: torch.Tensor) -> torch.Tensor:
         """Every rank's scores in global-batch order, differentiable in this rank's (zeros elsewhere, summed)."""
         ctx = self.ctx
-        if ctx.world_size == 1:
+        if not ctx.distributed:
             return s
         zero = torch.zeros_like(s).detach()
         return ctx.all_sum(torch.cat([s if r == ctx.rank else zero for r in range(ctx.world_size)]))
-
-    def _local(self, w_all: torch.Tensor, b: int) -> torch.Tensor:
-        """This rank's slice of a global-batch vector."""
-        return w_all if self.ctx.world_size == 1 else w_all[self.ctx.rank * b: (self.ctx.rank + 1) * b]
-
-    def _dev_loss(self, logits: torch.Tensor, dev_y: torch.Tensor, dev_total: int | None) -> torch.Tensor:
-        """Mean dev loss; under torchrun this rank's share (its rows' sum / the global dev batch size)."""
-        if self.ctx.world_size == 1:
-            return F.cross_entropy(logits, dev_y)
-        return per_example_loss(logits, dev_y).sum() / (dev_total or len(dev_y) * self.ctx.world_size)
 
     def meta_gradient(self, x, y, w, dev_x, dev_y, grads: dict[str, torch.Tensor], *, k: float | None = None,
                       dev_total: int | None = None) -> tuple[torch.Tensor, float]:
@@ -223,7 +169,7 @@ class Trainer:
         eta, k = self.cfg.lookahead_lr, float(w.detach().sum()) if k is None else k
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         ahead = {n: (p - eta * grads[n]).requires_grad_(True) for n, p in params.items()}
-        dev_loss = self._dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
+        dev_loss = self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
         v = list(torch.autograd.grad(dev_loss, list(ahead.values())))
         dev_loss = dev_loss.detach().reshape(1)
         self.ctx.all_reduce_([*v, dev_loss])
@@ -246,9 +192,9 @@ class Trainer:
             params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
             losses = per_example_loss(functional_call(self.model, params, (x,)), y)
             g = torch.autograd.grad((w * losses).sum() / k, list(params.values()), create_graph=w.requires_grad)
-            g = dist_.all_reduce_sum_list(list(g), world_size=self.ctx.world_size)
+            g = self.ctx.all_sum_list(g)
         ahead = {n: p - eta * gi for (n, p), gi in zip(params.items(), g)}
-        return self._dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
+        return self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
 
     # -------------------------------------------------------- the step
 
@@ -262,7 +208,7 @@ class Trainer:
         with torch.set_grad_enabled(update):
             w_all = self._weights(u, y)
         k = float(w_all.detach().sum())  # the (global) budget
-        w = self._local(w_all, len(y))
+        w = ctx.local_slice(w_all, len(y))
 
         taping = update and self.tape is not None
         with self.tape if taping else contextlib.nullcontext():
@@ -273,7 +219,7 @@ class Trainer:
         # torchrun: each rank's loss is its share of sum_i w_i l_i / k over the global batch
         ctx.all_reduce_([p.grad for p in self.model.parameters() if p.grad is not None])
 
-        reward, scorer_loss = None, None
+        reward, meta_loss = None, None
         if update:
             dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
             dev_total = ctx.dev_total(cfg.dev_batch_size)
@@ -281,12 +227,12 @@ class Trainer:
             if cfg.meta_grad == "autograd":
                 dev_loss = self.lookahead_dev_loss(x, y, w, dev_x, dev_y, k=k, dev_total=dev_total)
                 dev_loss.backward(inputs=list(self.selector.parameters()))
-                scorer_loss = dev_loss.detach().reshape(1)
-                ctx.all_reduce_([scorer_loss])
-                scorer_loss = float(scorer_loss)
+                meta_loss = dev_loss.detach().reshape(1)
+                ctx.all_reduce_([meta_loss])
+                meta_loss = float(meta_loss)
             else:
                 grads = {n: p.grad for n, p in self.model.named_parameters()}
-                dw, scorer_loss = self.meta_gradient(x, y, w, dev_x, dev_y, grads, k=k, dev_total=dev_total)
+                dw, meta_loss = self.meta_gradient(x, y, w, dev_x, dev_y, grads, k=k, dev_total=dev_total)
                 w.backward(dw, inputs=list(self.selector.parameters()))
                 reward = -dw
             # the ranks' shares of the dev objective sum to it: sum their selector gradients
@@ -308,7 +254,7 @@ class Trainer:
         self.count.index_add_(0, idx_all, torch.ones_like(w64))
         self.sel_count.index_add_(0, idx_all, (w_all > cfg.threshold).double())
         return StepRecord(loss=losses.detach(), weight=wd, reward=reward, selected=sel,
-                          correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
+                          correct=logits.argmax(1) == y, meta_loss=meta_loss)
 
     # -------------------------------------------------------- state and values
 
@@ -335,11 +281,8 @@ class Trainer:
     @torch.no_grad()
     def scores(self, batch_size: int = 4096) -> torch.Tensor:
         """The trained selector's score s_i of every training row (eval mode)."""
-        self.model.eval()
-        out = [self.selector(self._selector_input(self.ctx.x[i: i + batch_size]), self.ctx.y[i: i + batch_size])
-               for i in range(0, self.ctx.n, batch_size)]
-        self.model.train()
-        return torch.cat(out)
+        return self.ctx.score_rows(lambda x, y: self.selector(self._selector_input(x), y), self.model,
+                                   chunk=batch_size)
 
     def values(self) -> dict:
         """value = mean selection weight w_i over the steps row i was seen (NaN if never); see module doc."""

@@ -48,9 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from valuekit import distributed as dist_
+from valuekit.config import setting
 from valuekit.errors import InputError
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -62,61 +63,45 @@ TEACHER_INPUTS = ("features", "loss", "prob", "margin", "progress", "label")
 class Config:
     """Settings of LRDI / Meta-Weight-Net / L2RW (the student's lr, optimizer, batch size are the loop's)."""
 
-    variant: str = "lrdi"  # lrdi | mwnet (teacher reads the loss only) | l2rw (no teacher)
+    variant: str = setting("lrdi", choices=VARIANTS)  # lrdi | mwnet (teacher reads the loss only) | l2rw (no teacher)
     # teacher signals for lrdi, comma-separated (a str, not a tuple, so that run.json round-trips it for
     # --resume): features (detached student hidden state), loss, prob (softmax prob of the given label),
     # margin (that prob minus the largest other class prob), progress (step / steps), label (learned
     # embedding). mwnet always uses "loss".
     teacher_inputs: str = ",".join(TEACHER_INPUTS)
-    teacher_hidden: int = 100  # hidden width of the teacher MLP (Meta-Weight-Net uses 100)
-    label_dim: int = 8  # size of the teacher's label embedding
-    teacher_lr: float = 1e-3  # Adam learning rate of the teacher
-    teacher_weight_decay: float = 1e-4
+    teacher_hidden: int = setting(100, ge=1)  # hidden width of the teacher MLP (Meta-Weight-Net uses 100)
+    label_dim: int = setting(8, ge=1)  # size of the teacher's label embedding
+    teacher_lr: float = setting(1e-3, gt=0)  # Adam learning rate of the teacher
+    teacher_weight_decay: float = setting(1e-4, ge=0)
     normalize: bool = True  # divide the sigmoid weights by their batch mean (mean 1) for lrdi/mwnet
-    unroll: int = 1  # K virtual student steps in the meta step (1..5)
-    virtual_lr: float = 0.1  # lr α of the virtual momentum-SGD steps (not the real optimizer's lr)
-    virtual_momentum: float = 0.9  # μ of the virtual steps (irrelevant for K=1: the buffer starts at 0)
+    unroll: int = setting(1, ge=1, le=5)  # K virtual student steps in the meta step (1..5)
+    virtual_lr: float = setting(0.1, gt=0)  # lr α of the virtual momentum-SGD steps (not the real optimizer's lr)
+    virtual_momentum: float = setting(0.9, ge=0, lt=1)  # μ of the virtual steps (irrelevant for K=1: the buffer starts at 0)
     # lrdi/mwnet: take the real step with the weights of the virtual step (the teacher *before* its update)
     # and reuse the virtual step's gradient, saving one backward pass. The papers (MW-Net Alg. 1 line 8,
     # Fan et al. Alg. 1) recompute the weights with the updated teacher, hence the default False.
     reuse_gradient: bool = False
-    dev_batch_size: int = 0  # dev rows per meta step; 0 = the loop's batch size (as L2RW/MW-Net); at most all
+    dev_batch_size: int = setting(0, ge=0)  # dev rows per meta step; 0 = the loop's batch size (as L2RW/MW-Net); at most all
     # lrdi/mwnet: meta step (teacher update) every this many steps; the steps between use the current
     # teacher's weights at about the cost of a uniform step. l2rw needs its meta-gradient every step.
-    meta_every: int = 1
+    meta_every: int = setting(1, ge=1)
     # value_std window: the issue asks for the std over the last epoch's weights, but with shuffled
     # passes an example is seen about once per epoch (std undefined), so the default window is the
     # last 3 epochs; std_epochs=1 gives exactly the last epoch.
-    std_epochs: int = 3
+    std_epochs: int = setting(3, ge=1)
 
     def validate(self) -> None:
-        if self.variant not in VARIANTS:
-            raise InputError(f"variant {self.variant!r}: choose from {', '.join(VARIANTS)}")
+        check_fields(self)
         chosen = self._chosen()
         bad = [s for s in chosen if s not in TEACHER_INPUTS]
         if bad or not chosen or len(set(chosen)) != len(chosen):
-            raise InputError(f"teacher_inputs {self.teacher_inputs!r}: choose one or more (no repeats) of "
+            raise InputError(f"--set teacher_inputs={self.teacher_inputs}: choose one or more (no repeats) of "
                              f"{','.join(TEACHER_INPUTS)}")
         if self.variant == "mwnet" and chosen not in (TEACHER_INPUTS, ("loss",)):
-            raise InputError(f"teacher_inputs {self.teacher_inputs!r}: mwnet's teacher reads the loss only; "
+            raise InputError(f"--set teacher_inputs={self.teacher_inputs}: mwnet's teacher reads the loss only; "
                              f"use variant=lrdi to choose inputs")
-        if not 1 <= self.unroll <= 5:
-            raise InputError(f"unroll {self.unroll}: must be between 1 and 5")
-        if self.dev_batch_size < 0:
-            raise InputError(f"dev_batch_size {self.dev_batch_size}: must be >= 0 (0 = the training batch size)")
         if self.variant == "l2rw" and self.meta_every != 1:
-            raise InputError(f"meta_every {self.meta_every}: l2rw needs its meta-gradient every step; use 1")
-        for name in ("teacher_hidden", "label_dim", "meta_every", "std_epochs"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name} {getattr(self, name)}: must be >= 1")
-        for name in ("teacher_lr", "virtual_lr"):
-            v = getattr(self, name)
-            if not (v > 0 and math.isfinite(v)):
-                raise InputError(f"{name} {v}: must be a positive number")
-        if self.teacher_weight_decay < 0:
-            raise InputError(f"teacher_weight_decay {self.teacher_weight_decay}: must be >= 0")
-        if not 0 <= self.virtual_momentum < 1:
-            raise InputError(f"virtual_momentum {self.virtual_momentum}: must be in [0, 1)")
+            raise InputError(f"--set meta_every={self.meta_every}: l2rw needs its meta-gradient every step; use 1")
 
     def _chosen(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.teacher_inputs.split(",") if s.strip())
@@ -193,9 +178,9 @@ class Trainer:
         w = torch.sigmoid(self.teacher(signals))
         if not self.cfg.normalize:
             return w
-        if self.ctx.world_size == 1:
+        if not self.ctx.distributed:
             return w / w.mean()
-        return w / (self.ctx.all_sum(w.sum()) / (len(w) * self.ctx.world_size))  # global batch mean
+        return w / (self.ctx.all_sum(w.sum()) / self.ctx.global_rows(len(w)))  # global batch mean
 
     def dev_loss_after_unroll(self, losses0: torch.Tensor, w: torch.Tensor, x, y, dev_x, dev_y,
                               *, reduce: str = "mean", dev_total: int | None = None
@@ -221,7 +206,7 @@ class Trainer:
             grads = torch.autograd.grad(total, list(theta.values()), create_graph=True)
             first = first or grads
             if world > 1:  # the global batch's gradient, differentiable (sum; the mean of equal slices' means)
-                grads = dist_.all_reduce_sum_list(list(grads), world_size=world)
+                grads = self.ctx.all_sum_list(grads)
                 if reduce != "sum":
                     grads = [g / world for g in grads]
             mu = c.virtual_momentum
@@ -253,7 +238,7 @@ class Trainer:
             dev_loss, first = self.dev_loss_after_unroll(losses, w, x, y, dev_x, dev_y, dev_total=dev_total)
             grads = list(torch.autograd.grad(dev_loss, list(self.teacher.parameters()), retain_graph=True))
             self.ctx.all_reduce_(grads)  # torchrun: the ranks' shares of J sum to J
-        if self.ctx.world_size > 1:
+        if self.ctx.distributed:
             dev_loss = dev_loss.detach().reshape(1)
             self.ctx.all_reduce_([dev_loss])
             dev_loss = dev_loss[0]
@@ -276,7 +261,7 @@ class Trainer:
         if self.teacher is not None and (batch.step - 1) % self.cfg.meta_every != 0:
             meta = self._plain(batch.x, batch.y, progress)
         else:
-            dev_size = self.cfg.dev_batch_size or len(batch.y) * self.ctx.world_size
+            dev_size = self.cfg.dev_batch_size or self.ctx.global_rows(len(batch.y))
             dev_x, dev_y = self.ctx.sample_dev(dev_size)
             meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
                                       dev_total=self.ctx.dev_total(dev_size))
@@ -291,7 +276,7 @@ class Trainer:
             total = w.sum().reshape(1)
             self.ctx.all_reduce_([total])  # torchrun: normalise over the global batch
             total = total[0]
-            w = w * (len(w) * self.ctx.world_size / total) if total > 0 else torch.zeros_like(w)
+            w = w * (self.ctx.global_rows(len(w)) / total) if total > 0 else torch.zeros_like(w)
         else:
             self.teacher.train()
             self.teacher_opt.zero_grad(set_to_none=True)
@@ -327,7 +312,7 @@ class Trainer:
         self.ring_w[slot, : len(wd)] = wd
         self.last_step = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),
-                          correct=correct, scorer_loss=None if dev_loss is None else float(dev_loss))
+                          correct=correct, meta_loss=None if dev_loss is None else float(dev_loss))
 
     # ------------------------------------------------------------ state
 
@@ -353,18 +338,12 @@ class Trainer:
     @torch.no_grad()
     def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int = 2048) -> torch.Tensor:
         """Raw sigmoid teacher weights of rows (x, y), student and teacher in eval mode."""
-        self.model.eval()
-        self.teacher.eval()
-        out = []
-        for i in range(0, len(y), chunk):
-            xb, yb = x[i: i + chunk], y[i: i + chunk]
+        def weight(xb, yb):
             feats = self.model.features(xb)
             logits = self.model.head(feats)
-            sig = student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)
-            out.append(torch.sigmoid(self.teacher(sig)))
-        self.model.train()
-        self.teacher.train()
-        return torch.cat(out)
+            return torch.sigmoid(self.teacher(student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)))
+
+        return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)
 
     def values(self) -> dict:
         """value: lrdi/mwnet — the final teacher's weight of every row (eval mode, progress of the last

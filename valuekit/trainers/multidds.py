@@ -45,8 +45,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from valuekit.config import setting
 from valuekit.errors import InputError
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.options import check_fields
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -58,43 +60,27 @@ INITS = ("uniform", "tcs", "target")
 class Config:
     """Algorithm 2 settings (defaults from the paper where it gives them)."""
 
-    sampling: str = "categorical"  # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
-    init: str = "uniform"  # uniform | tcs (similarity prior) | target (mass on the target source)
+    sampling: str = setting("categorical", choices=SAMPLING)  # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
+    init: str = setting("uniform", choices=INITS)  # uniform | tcs (similarity prior) | target (mass on the target source)
     prior: str = ""  # explicit TCS prior "src=weight,...", used by init=tcs instead of the computed one
-    tcs_temperature: float = 0.1  # q(S) = softmax(similarity / T) for the computed TCS prior
-    target_mass: float = 0.9  # init=target: p(target source | y) where it is available
+    tcs_temperature: float = setting(0.1, gt=0)  # q(S) = softmax(similarity / T) for the computed TCS prior
+    target_mass: float = setting(0.9, gt=0, lt=1)  # init=target: p(target source | y) where it is available
     target_source: str = ""  # the dev set's source; "" = the single source of the dev table, if any
     conditional: bool = True  # psi is a (targets x sources) table; False: one logit vector shared by all targets
-    reward: str = "cosine"  # cosine | dot between g[S] and the dev gradient
+    reward: str = setting("cosine", choices=("cosine", "dot"))  # cosine | dot between g[S] and the dev gradient
     a1: float = 0.5  # gradient EMA decay, g[S] <- a1 * g[S] + a2 * grad
     a2: float = 1.0
-    update_every: int = 640  # K: training examples between scorer updates
-    scorer_iters: int = 1  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
-    scorer_batch: int = 64  # targets sampled per REINFORCE iteration
-    scorer_lr: float = 0.05
-    scorer_optimizer: str = "adam"  # adam | sgd (plain gradient ascent, as written in the paper)
-    dev_batch_size: int = 256  # dev rows for g_dev (all when the dev set is smaller)
-    grad_method: str = "auto"  # batched (one vmapped backward) | loop (one backward per source present)
+    update_every: int = setting(640, ge=1)  # K: training examples between scorer updates
+    scorer_iters: int = setting(1, ge=0)  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
+    scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration
+    scorer_lr: float = setting(0.05, ge=0)
+    scorer_optimizer: str = setting("adam", choices=("adam", "sgd"))  # adam | sgd (plain gradient ascent, as written in the paper)
+    dev_batch_size: int = setting(256, ge=1)  # dev rows for g_dev (all when the dev set is smaller)
+    grad_method: str = setting("auto", choices=("auto", "batched", "loop", "split"))  # batched (one vmapped backward) | loop (one backward per source present)
     # | split (forward + backward per source on its own rows) | auto: split for seq2seq models, else batched
 
     def validate(self) -> None:
-        checks = (
-            ("sampling", self.sampling in SAMPLING, f"use {' or '.join(SAMPLING)}"),
-            ("init", self.init in INITS, f"use {', '.join(INITS)}"),
-            ("reward", self.reward in ("cosine", "dot"), "use cosine or dot"),
-            ("scorer_optimizer", self.scorer_optimizer in ("adam", "sgd"), "use adam or sgd"),
-            ("grad_method", self.grad_method in ("auto", "batched", "loop", "split"), "use auto, batched, loop or split"),
-            ("update_every", self.update_every >= 1, "must be >= 1"),
-            ("scorer_iters", self.scorer_iters >= 0, "must be >= 0"),
-            ("scorer_batch", self.scorer_batch >= 1, "must be >= 1"),
-            ("dev_batch_size", self.dev_batch_size >= 1, "must be >= 1"),
-            ("scorer_lr", self.scorer_lr >= 0 and math.isfinite(self.scorer_lr), "must be >= 0"),
-            ("tcs_temperature", self.tcs_temperature > 0, "must be > 0"),
-            ("target_mass", 0 < self.target_mass < 1, "must be in (0, 1)"),
-        )
-        for name, ok, hint in checks:
-            if not ok:
-                raise InputError(f"multidds setting {name}={getattr(self, name)!r}: {hint}")
+        check_fields(self)
         parse_prior(self.prior)
 
 
@@ -388,7 +374,7 @@ class Trainer:
             grads = self._source_grads(losses, src, present)
         B = len(losses)
         counts = torch.bincount(src, minlength=self.num_sources)[present].to(losses.dtype)
-        if self.ctx.world_size > 1:
+        if self.ctx.distributed:
             present, counts, grads, B = self._global_source_grads(present, counts, grads, B)
         for p, gs in zip(self.params, grads):
             p.grad = gs.sum(0) / B  # the batch-mean gradient, no extra backward
@@ -426,7 +412,7 @@ class Trainer:
             fulls.append(f)
         self.ctx.all_reduce_([full_counts, *fulls])
         present = (full_counts > 0).nonzero().squeeze(1)
-        return present, full_counts[present], [f[present] for f in fulls], B * self.ctx.world_size
+        return present, full_counts[present], [f[present] for f in fulls], self.ctx.global_rows(B)
 
     def _global_usage(self, src_cpu: torch.Tensor) -> torch.Tensor:
         """Rows per source in the (global) batch."""
@@ -444,7 +430,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.usage += self._global_usage(batch.source.cpu())
         before = self.seen // self.cfg.update_every
-        self.seen += len(losses) * self.ctx.world_size
+        self.seen += self.ctx.global_rows(len(losses))
         sources = None
         if batch.step == 1 or self.seen // self.cfg.update_every > before:
             sources = self.source_summary()
@@ -481,7 +467,7 @@ class Trainer:
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(mean loss, accuracy) for classifiers, exactly as the loop's own evaluation; for translation
         models (mean per-example token loss, corpus chrF / 100 of greedy translations against y)."""
-        from valuekit.trainers.base import evaluate
+        from valuekit.trainers.api import eval_mode, evaluate
 
         bs = self.ctx.config.eval_batch_size
         if not getattr(self.model, "is_seq2seq", False):
@@ -489,13 +475,11 @@ class Trainer:
         from valuekit.models import decode_bytes
         from valuekit.multilingual import chrf
 
-        was = self.model.training
-        self.model.eval()
         loss, hyps = 0.0, []
-        for i in range(0, len(y), bs):
-            loss += self.model.per_example_loss(x[i: i + bs], y[i: i + bs]).sum().item()
-            hyps += decode_bytes(self.model.translate(x[i: i + bs], max_len=y.shape[1]).cpu())
-        self.model.train(was)
+        with eval_mode(self.model):
+            for i in range(0, len(y), bs):
+                loss += self.model.per_example_loss(x[i: i + bs], y[i: i + bs]).sum().item()
+                hyps += decode_bytes(self.model.translate(x[i: i + bs], max_len=y.shape[1]).cpu())
         return loss / len(y), chrf(hyps, decode_bytes(y.cpu())) / 100
 
     def state_dict(self) -> dict:

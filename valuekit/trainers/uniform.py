@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from valuekit.trainers.base import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 

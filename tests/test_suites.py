@@ -1,0 +1,66 @@
+"""Study suites (`valuekit bench SUITE`): the grid they run, the rows and table they write."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from valuekit import suites
+from valuekit.errors import InputError
+
+
+def test_noisy_sources_flip_at_their_rates(tmp_path):
+    from valuekit.datasets import prepare
+
+    paths = prepare("digits", tmp_path, seed=0)
+    before = pd.read_parquet(paths["train"])
+    suites._noisy_sources(paths, (0.0, 0.5), seed=0)
+    after, dev = pd.read_parquet(paths["train"]), pd.read_parquet(paths["dev"])
+    flipped = after["label"].to_numpy() != before["label"].to_numpy()
+    assert (flipped == after["is_noisy"].to_numpy()).all()
+    assert (after["clean_label"] == before["label"]).all() and set(dev["source"]) == {"s0"}
+    s1 = after["source"] == "s1"
+    assert not flipped[~s1].any() and 0.4 < flipped[s1].mean() < 0.6
+    assert shape(paths["train"]) == shape(paths["test"]) == b"[1, 8, 8]"  # image shape kept
+
+
+def shape(path):
+    import pyarrow.parquet as pq
+
+    return {k: v for k, v in pq.read_schema(path).metadata.items() if b"shape" in k}.popitem()[1]
+
+
+def test_a_suite_runs_its_grid_and_writes_csv_md_png(tmp_path, monkeypatch):
+    tiny = suites.Suite("tiny", "Tiny", ("digits",), ("noise20", "imbalance10"),
+                        (suites.Arm("uniform", "uniform"), suites.Arm("dds k=2", "dds", {"update_every": 2})),
+                        seeds=(0, 1), steps=20, batch_size=16)
+    monkeypatch.setitem(suites.SUITES, "tiny", tiny)
+    md = suites.run_suite("tiny", tmp_path, command="valuekit bench tiny", device="cpu")
+    frame = pd.read_csv(tmp_path / "suite-tiny.csv")
+    assert len(frame) == 1 * 2 * 2 * 2 and (tmp_path / "suite-tiny.png").exists()
+    assert set(frame.arm) == {"uniform", "dds k=2"} and set(frame.seed) == {0, 1}
+    noise = frame[frame.setting == "noise20"]
+    assert noise.auroc.between(0, 1).all() and noise.kl_dev_weights.isna().all()
+    imb = frame[frame.setting == "imbalance10"]
+    assert imb.auroc.isna().all() and (imb.kl_dev_rows > 0).all() and np.isfinite(imb.kl_dev_weights).all()
+    # uniform weights are all 1: its weight mass per class is the row count per class
+    np.testing.assert_allclose(imb[imb.arm == "uniform"].kl_dev_weights, imb[imb.arm == "uniform"].kl_dev_rows)
+    text = md.read_text()
+    assert text.startswith("# Tiny") and "Command: `valuekit bench tiny`" in text
+    row = [line for line in text.splitlines() if line.startswith("| digits | noise20 | uniform |")][0]
+    mean, std = noise[noise.arm == "uniform"].test_acc.mean(), noise[noise.arm == "uniform"].test_acc.std()
+    assert f"{mean:.3f} ± {std:.3f}" in row
+    with pytest.raises(InputError, match="unknown suite"):
+        suites.run_suite("nope", tmp_path, command="x")
+
+
+def test_every_suite_names_known_methods_settings_and_data():
+    from valuekit.config import METHODS
+    from valuekit.datasets import DATASETS
+    from valuekit.trainers import options
+    from valuekit.config import TrainConfig
+
+    for s in suites.SUITES.values():
+        assert set(s.settings) <= set(suites.SETTINGS) and set(s.data) <= set(DATASETS)
+        for arm in s.arms:
+            assert arm.method in METHODS
+            options.resolve(TrainConfig(method=arm.method, **arm.loop), arm.settings)  # settings validate

@@ -1,0 +1,361 @@
+"""Everything a method sees: the batch it gets, the record it returns, the context and its small kit,
+and the `Trainer` protocol that `load_method` checks when a method is looked up.
+
+A method is one module in `valuekit.trainers` with a `Config` dataclass (documented defaults, bounds in
+field metadata, see `valuekit.config.setting`) and a `Trainer` class built as `Trainer(ctx, cfg)`.
+Optional members are declared, not guessed: a Trainer class may define `evaluate(x, y) -> (loss, metric)`
+and may set a `sampler` attribute (see `Sampler`); a Config may define `validate()` for rules that
+involve several fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from valuekit import distributed as dist_
+from valuekit.config import TrainConfig
+from valuekit.models import build_model
+
+
+@dataclass
+class Batch:
+    """A training mini-batch on the device; `idx` are row numbers in the training table."""
+
+    step: int
+    idx: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    source: torch.Tensor | None = None  # source codes into TrainContext.sources
+
+
+@dataclass
+class StepRecord:
+    """What one method step reports; per-example tensors have the batch's length."""
+
+    loss: torch.Tensor
+    weight: torch.Tensor | None = None
+    reward: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    correct: torch.Tensor | None = None
+    scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
+    meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
+    sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Draws the row numbers of each (global) batch; its state is checkpointed with the run."""
+
+    def next(self, size: int) -> torch.Tensor: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@runtime_checkable
+class Trainer(Protocol):
+    model: torch.nn.Module
+
+    def step(self, batch: Batch) -> StepRecord: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def values(self) -> dict[str, Any]:
+        """Final per-example values: `value` (higher = more valuable) and optional `value_std`,
+        `weight` and extra columns, each an array over the training table's rows."""
+        ...
+
+
+REQUIRED = ("step", "state_dict", "load_state_dict", "values")
+OPTIONAL = ("evaluate",)  # methods of the Trainer class the loop uses when the class defines them
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method module checked against the contract (what `load_method` returns)."""
+
+    name: str
+    module: Any
+    overrides: dict
+    evaluates: bool  # the Trainer class defines evaluate(x, y) -> (loss, metric)
+
+    @property
+    def Config(self):
+        return self.module.Config
+
+    @property
+    def Trainer(self):
+        return self.module.Trainer
+
+    @property
+    def distributed(self) -> bool:
+        """The module declares `DISTRIBUTED = True`: its state is synchronised under torchrun."""
+        return bool(vars(self.module).get("DISTRIBUTED", False))
+
+    def build(self, ctx: "TrainContext", cfg) -> tuple[Trainer, Sampler]:
+        """(trainer, sampler): the trainer's own `sampler` when it sets one, else shuffled passes."""
+        trainer = self.module.Trainer(ctx, cfg)
+        sampler = vars(trainer).get("sampler") or default_sampler(ctx)
+        return trainer, sampler
+
+
+def default_sampler(ctx: "TrainContext"):
+    """RandomSampler; for causal-LM token tables, length-bucketed batches (valuekit.lm.LengthBucketSampler)."""
+    from valuekit.lm import LengthBucketSampler, is_lm, token_lengths
+
+    if is_lm(ctx.config.model):
+        return LengthBucketSampler(token_lengths(ctx.x), ctx.generator)
+    return RandomSampler(ctx.n, ctx.generator)
+
+
+def check_method(name: str, module, overrides: dict) -> Method:
+    """The contract, checked once when a method is looked up: a Config dataclass whose fields all have
+    defaults and a Trainer class with step/state_dict/load_state_dict/values."""
+    cfg_cls, trainer_cls = vars(module).get("Config"), vars(module).get("Trainer")
+    if cfg_cls is None or not dataclasses.is_dataclass(cfg_cls):
+        raise TypeError(f"method {name!r} ({module.__name__}): needs a `Config` dataclass")
+    missing = [f.name for f in dataclasses.fields(cfg_cls)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise TypeError(f"method {name!r}: Config fields {missing} need documented defaults")
+    if trainer_cls is None or not isinstance(trainer_cls, type):
+        raise TypeError(f"method {name!r} ({module.__name__}): needs a `Trainer` class")
+    absent = [m for m in REQUIRED if not callable(getattr(trainer_cls, m, None))]
+    if absent:
+        raise TypeError(f"method {name!r}: Trainer lacks {', '.join(absent)} (see valuekit.trainers.api.Trainer)")
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(cfg_cls)}
+    if unknown:
+        raise TypeError(f"method {name!r}: registry overrides unknown Config fields {sorted(unknown)}")
+    return Method(name=name, module=module, overrides=dict(overrides),
+                  evaluates=callable(getattr(trainer_cls, "evaluate", None)))
+
+
+class RandomSampler:
+    """Endless shuffled passes over the rows; a batch may straddle two passes."""
+
+    def __init__(self, n: int, generator: torch.Generator):
+        self.n, self.g = n, generator
+        self.perm = torch.randperm(n, generator=generator)
+        self.cursor = 0
+
+    def next(self, size: int) -> torch.Tensor:
+        out = []
+        while size > 0:
+            if self.cursor >= self.n:
+                self.perm, self.cursor = torch.randperm(self.n, generator=self.g), 0
+            take = self.perm[self.cursor: self.cursor + size]
+            self.cursor += len(take)
+            size -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"perm": self.perm.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm, self.cursor = state["perm"], int(state["cursor"])
+
+
+def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per example. Sequence targets (logits (N, V, L), y (N, L), e.g. valuekit.lm): the mean
+    token NLL over the positions whose target is not -100 (for instruction tables: the response tokens)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)  # (N, L), 0 where ignored
+    return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
+
+
+class eval_mode:
+    """Context manager: the given modules in eval mode (and no autograd); each one's own mode restored after."""
+
+    def __init__(self, *modules: torch.nn.Module):
+        self.modules = [m for m in modules if m is not None]
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self):
+        self.was = [[(sub, sub.training) for sub in m.modules()] for m in self.modules]
+        for m in self.modules:
+            m.eval()
+        self.no_grad.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        for flags in self.was:
+            for sub, training in flags:
+                sub.training = training
+        return False
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
+    loss, correct = 0.0, 0
+    scored = 0  # accuracy denominator: rows, or scored tokens for sequence targets
+    with eval_mode(model):
+        for i in range(0, len(y), batch_size):
+            logits, yb = model(x[i: i + batch_size]), y[i: i + batch_size]
+            loss += per_example_loss(logits, yb).sum().item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            scored += yb.numel() if yb.dim() == 1 else int((yb != -100).sum())
+    return loss / len(y), correct / max(scored, 1)
+
+
+@dataclass
+class TrainContext:
+    """Everything a method may use: trainer-visible data on the device, config, seeded generator, and a
+    small kit (global-batch reductions, dev loss, chunked scoring) that is the same for one process
+    and for torchrun."""
+
+    config: TrainConfig
+    device: torch.device
+    generator: torch.Generator  # CPU generator; draw on CPU then move, so runs match across devices
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: np.ndarray
+    num_classes: int
+    classes: list[str]
+    dev_x: torch.Tensor
+    dev_y: torch.Tensor
+    source: torch.Tensor | None = None
+    sources: list[str] = field(default_factory=list)
+    dev_source: torch.Tensor | None = None
+    image_shape: tuple[int, ...] | None = None
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
+    rank: int = 0  # this process's rank under torchrun (0 for one process)
+    world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+    @property
+    def global_batch_size(self) -> int:
+        """Rows per step over all ranks (= config.batch_size for one process)."""
+        return self.config.batch_size * self.world_size
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def global_rows(self, local: int) -> int:
+        """Rows over all ranks when every rank holds `local` rows (= local for one process)."""
+        return local * self.world_size
+
+    # ---- synchronisation (valuekit.distributed); every helper is a no-op for one process, and every rank
+    # must call them in the same order.
+
+    def sync_grads_(self, params) -> None:
+        """Average `.grad` of replicated parameters over ranks (what DDP does), before the optimizer step."""
+        if self.world_size > 1:
+            dist_.all_reduce_([p.grad for p in params if p.grad is not None], op="mean", world_size=self.world_size)
+
+    def all_reduce_(self, tensors, *, op: str = "sum") -> None:
+        """In-place sum/mean over ranks of tensors (not differentiable; one collective)."""
+        dist_.all_reduce_(list(tensors), op=op, world_size=self.world_size)
+
+    def all_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Differentiable sum over ranks: each rank backpropagates its share of a global objective and then
+        holds the whole objective's derivative for its own inputs (replicated parameters: sum their grads)."""
+        return dist_.all_reduce_sum(tensor, world_size=self.world_size)
+
+    def all_sum_list(self, tensors) -> list[torch.Tensor]:
+        """Differentiable sum over ranks of several tensors, in one collective."""
+        return dist_.all_reduce_sum_list(list(tensors), world_size=self.world_size)
+
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum over ranks (not differentiable)."""
+        return dist_.all_reduce_max(tensor, world_size=self.world_size)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of a per-example tensor, concatenated in global-batch order (detached)."""
+        return dist_.gather(tensor, world_size=self.world_size)
+
+    def global_mean(self, v: torch.Tensor) -> torch.Tensor:
+        """Mean of `v` over the global batch (every rank's rows; the plain mean for one process). Not
+        differentiable under torchrun."""
+        if self.world_size == 1:
+            return v.mean()
+        total = torch.stack([v.sum(), torch.tensor(float(len(v)), dtype=v.dtype, device=v.device)])
+        self.all_reduce_([total])
+        return total[0] / total[1]
+
+    def mean_share(self, v: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """This rank's share of a global mean: v.mean() for one process, else sum(v) / total (default
+        len(v) x world_size); the shares of all ranks sum to the global mean (differentiable)."""
+        if self.world_size == 1:
+            return v.mean()
+        return v.sum() / (total or len(v) * self.world_size)
+
+    def dev_loss(self, logits: torch.Tensor, y: torch.Tensor, total: int | None = None) -> torch.Tensor:
+        """Mean cross-entropy of a dev batch; under torchrun this rank's share (see `mean_share`)."""
+        if self.world_size == 1:
+            return F.cross_entropy(logits, y)
+        return self.mean_share(per_example_loss(logits, y), total)
+
+    def local_slice(self, v_all: torch.Tensor, local: int) -> torch.Tensor:
+        """This rank's contiguous slice of a global-batch vector (the vector itself for one process)."""
+        return v_all if self.world_size == 1 else v_all[self.rank * local: (self.rank + 1) * local]
+
+    def dev_total(self, size: int) -> int:
+        """Rows in the global dev batch that `sample_dev(size)` shards (size, or the whole dev set)."""
+        return min(size, len(self.dev_y))
+
+    # ---- building blocks
+
+    def build_model(self, name: str | None = None, *, out_features: int | None = None) -> torch.nn.Module:
+        """The configured model (or `name`) for this data, initialised from the run's generator."""
+        model = build_model(
+            name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
+            image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,
+            generator=self.generator,
+        )
+        return model.to(self.device)
+
+    def make_optimizer(self, params, *, lr: float | None = None) -> torch.optim.Optimizer:
+        c = self.config
+        lr = c.lr if lr is None else lr
+        if c.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=c.weight_decay)
+
+    def sample_dev(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniform dev mini-batch (without replacement when size <= dev size). Under torchrun every rank draws
+        the same global batch of `size` rows and returns its own contiguous slice (`dev_total(size)` rows in all)."""
+        m = len(self.dev_y)
+        if size >= m:
+            x, y = self.dev_x, self.dev_y
+        else:
+            idx = torch.randperm(m, generator=self.generator)[:size].to(self.device)
+            x, y = self.dev_x[idx], self.dev_y[idx]
+        if self.world_size > 1:
+            x = torch.tensor_split(x, self.world_size)[self.rank]
+            y = torch.tensor_split(y, self.world_size)[self.rank]
+        return x, y
+
+    def score_rows(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *modules: torch.nn.Module,
+                   x: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                   chunk: int | None = None) -> torch.Tensor:
+        """fn(x_chunk, y_chunk) over the rows (default: the training rows) in chunks of `chunk` (default
+        config.eval_batch_size), concatenated; `modules` in eval mode and without autograd meanwhile, each
+        module's own train/eval mode restored afterwards."""
+        x = self.x if x is None else x
+        y = self.y if y is None else y
+        chunk = chunk or self.config.eval_batch_size
+        with eval_mode(*modules):
+            return torch.cat([fn(x[i: i + chunk], y[i: i + chunk]) for i in range(0, len(y), chunk)])
+
+
+__all__ = ["Batch", "StepRecord", "Sampler", "Trainer", "Method", "check_method", "RandomSampler",
+           "TrainContext", "per_example_loss", "evaluate", "eval_mode"]

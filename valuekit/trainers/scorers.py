@@ -1,0 +1,63 @@
+"""The label-conditioned MLP that DDS (its `mlp` scorer) and HOST-CP (its selector) learn over examples.
+
+s(x, y) = h(x) . E[y] + b[y]: a two-layer ReLU MLP over standardised inputs, read out by a label
+embedding, so it can tell whether a label fits its example (what noisy-label detection needs). E and b
+start at zero, so s is constant at step 0: uniform weights, i.e. the method starts as plain training.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from valuekit.models import Standardize
+
+
+class LabelMLP(nn.Module):
+    """s(x, y) = h(x) . E[y] + b[y] with h = ReLU MLP(standardise(x)); mean/std None = no standardisation."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int, mean=None, std=None):
+        super().__init__()
+        mean = torch.zeros(in_features) if mean is None else mean
+        std = torch.ones(in_features) if std is None else std
+        self.body = nn.Sequential(Standardize(mean, std), nn.Linear(in_features, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, hidden), nn.ReLU())
+        self.label = nn.Embedding(num_classes, hidden)
+        self.label_bias = nn.Embedding(num_classes, 1)
+        self._register_load_state_dict_pre_hook(_old_selector_keys)
+
+    def forward(self, x, y):
+        return (self.body(x) * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+
+
+def _old_selector_keys(state, prefix, *args):
+    """Checkpoints of HOST-CP runs made before the two scorers were merged: mean/std at the top and the
+    Linear layers at body.0/body.2 (now body.0 is the standardisation, the Linear layers body.1/body.3)."""
+    if prefix + "mean" in state and prefix + "body.0.mean" not in state:
+        moved = {}
+        for key in [k for k in state if k.startswith(prefix)]:
+            rest = key[len(prefix):]
+            if rest in ("mean", "std"):
+                moved[prefix + "body.0." + rest] = state.pop(key)
+            elif rest.startswith(("body.0.", "body.2.")):
+                i = int(rest.split(".")[1])
+                moved[prefix + f"body.{i + 1}." + rest.split(".", 2)[2]] = state.pop(key)
+        state.update(moved)
+
+
+def label_mlp(in_features: int, num_classes: int, hidden: int, *, mean=None, std=None,
+              generator: torch.Generator, device) -> LabelMLP:
+    """A LabelMLP initialised from `generator` (PyTorch's default Linear init, drawn from the run's
+    generator) with a zero label read-out: constant scores, uniform weights at step 0."""
+    net = LabelMLP(in_features, num_classes, hidden, mean, std)
+    for m in net.body:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_uniform_(m.weight, a=math.sqrt(5), generator=generator)
+            bound = 1 / math.sqrt(m.weight.shape[1])
+            nn.init.uniform_(m.bias, -bound, bound, generator=generator)
+    with torch.no_grad():
+        net.label.weight.zero_()
+        net.label_bias.weight.zero_()
+    return net.to(device)
