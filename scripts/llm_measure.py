@@ -54,6 +54,8 @@ def cfg(method, model, steps, seed, lr=3e-3):
 def value_runs(a, model, tr, dv, table):
     for name, method, mc in [("uniform", "uniform", {}), ("bads", "bads", BADS),
                              ("bads-per-task", "bads", {**BADS, "per_source": True})]:
+        if a.methods and name not in a.methods.split(","):
+            continue
         out = Path(a.work) / f"{name}-s{a.seed}"
         t = time.time()
         r = train(tr, dv, out=out, config=cfg(method, model, a.steps, a.seed), method_config=mc)
@@ -168,6 +170,7 @@ def main():
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--out", required=True)
     p.add_argument("--work", default="/tmp/llm_runs")
+    p.add_argument("--methods", default="", help="value: comma-separated subset of uniform,bads,bads-per-task")
     a = p.parse_args()
     if a.what == "padding":
         return padding(a)

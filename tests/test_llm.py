@@ -276,16 +276,18 @@ def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
                                                            burn_in=0, rho_w=0.0, lr_w=0.01))
     from valuekit.trainers.base import Batch
 
-    idx = torch.arange(36)
+    idx = torch.arange(0, 36, 3)  # B = 12 of N = 36 rows, 4 of each task's 12
     batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
     u0 = trainer.task_u.clone()
     rec = trainer.step(batch)
-    # exact expected move (T = 0, rho_w = 0): u_t += (lr_w / n_t) * [(N/B) sum_{i in t} (-rho l_i) w(1-w) + (1-2w)]
+    # exact expected move (T = 0, rho_w = 0):
+    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + (1-2w)],  n_t = 12
     w0 = torch.sigmoid(u0.double())
+    src = ctx.source[idx]
     for t, name in enumerate(ctx.sources):
-        rows = ctx.source == t
-        g = (36 / 36) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t]) + (1 - 2 * w0[t])
-        assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 / rows.sum() * g).item(), rel=1e-5)
+        rows = src == t
+        g = (36 / 12) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t]) + (1 - 2 * w0[t])
+        assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 * 12 / (36 * 12) * g).item(), rel=1e-5)
         assert rec.sources[name] == (pytest.approx(torch.sigmoid(trainer.task_u[t].double()).item()), int(rows.sum()))
     vals = trainer.values()
     assert vals["value"].shape == (36,)

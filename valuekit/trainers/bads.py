@@ -66,8 +66,12 @@ Per-source weights (`per_source=True`, the paper's per-task optimisation for ins
 u_t per source t, w_i = sigmoid(u_{t(i)}). Same log pi; its exact partial derivative in w_t is
 -rho_theta sum_{i in t} l_i - rho_w n_t (mean(w) - beta) with n_t the source's row count, estimated
 without bias by (N/|B|) sum_{i in B, t(i)=t} dlogpi/dw_i. The Langevin step of u_t is preconditioned by
-1/n_t (a constant per coordinate, so the target is unchanged): u_t += (lr_w / n_t) g_t +
-sqrt(2 lr_w T / n_t) eps, which moves u_t at the per-row scale. Every step logs each source's current w_t
+|B| / (N n_t) (a constant per coordinate, so the target is unchanged): u_t += eps_t g_t +
+sqrt(2 eps_t T) xi with eps_t = lr_w |B| / (N n_t). g_t is about n_t times a row's gradient and u_t moves
+at every step where a row's u_i moves once per pass (|B|/N of the steps), so over one pass u_t moves as
+far as one u_i does in its one visit: the per-row and per-task chains share lr_w. (A step of lr_w / n_t,
+N/|B| times larger, saturated every w_t within ~20 steps, before the model had learnt anything:
+reports/llm.md.) Every step logs each source's current w_t
 to sources/ (step, source, prob = w_t, count = its rows in the batch): the per-task table.
 
 Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
@@ -341,7 +345,7 @@ class Trainer:
                     0, src_all, dw_all.double()) * (self.n / len(src_all))
                 wt = torch.sigmoid(self.task_u.double())
                 g_t = g_w * wt * (1 - wt) + (1 - 2 * wt)
-                step_u = cfg.lr_w / self.task_n
+                step_u = cfg.lr_w * len(src_all) / (self.n * self.task_n)
                 u_new = self.task_u.double() + step_u * g_t
                 if T > 0:
                     u_new = u_new + _noise([u_new], 1.0, gen)[0] * (2 * step_u * T).sqrt()
