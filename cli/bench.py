@@ -23,6 +23,9 @@ def add_parser(sub):
     p.add_argument("--datasets", default=None, help="quality, suites: comma-separated data sets (default digits,"
                    "mnist5k, fashion-mnist when installed; a suite's own list)")
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
+    p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
+                   "(default noise20,noise40)")
+    p.add_argument("--runs-dir", default=None, help="quality: keep every run directory (and partial results) here")
     p.set_defaults(func=run)
 
 
@@ -33,11 +36,12 @@ def run(args) -> int:
 
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
-    options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods}
+    options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
+               "settings": args.settings, "runs_dir": args.runs_dir}
     argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out]
     for key, value in options.items():
         if value is not None:
-            argv += [f"--{key}", str(value)]
+            argv += [f"--{key.replace('_', '-')}", str(value)]
     for kind in kinds:
         md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options)
         print(f"{kind}: {md}")

@@ -21,6 +21,9 @@ def add_parser(sub):
     sel.add_argument("--top-k", type=int, default=None, help="select the K most valuable rows")
     sel.add_argument("--drop-fraction", type=float, default=None, help="drop the lowest fraction by value")
     sel.add_argument("--min-weight", type=float, default=None, help="select rows with weight >= W")
+    sel.add_argument("--per-class", action="store_true",
+                     help="apply --keep-fraction/--top-k/--drop-fraction inside every class of --label-col "
+                          "(stratified: each class keeps its share)")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
     sel.add_argument("--per-task", action="store_true",
                      help="instruction tables: --keep-fraction within each task (the --source-col, default task)")
@@ -38,7 +41,8 @@ def run(args) -> int:
     out = Path(args.out)
     if (args.run is None) == (args.method is None):
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
-    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only)
+    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only,
+                    args.per_class)
     run_dir = args.run
     instr = _instruction_export(args, out)
     if args.method is not None:
@@ -73,9 +77,13 @@ def run(args) -> int:
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
-                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True)
+                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True,
+                           per_class=args.per_class, label_col=args.label_col)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
+    for c in summary.starved or []:
+        print(f"warning: class {c['label']!r} keeps {c['kept']} of {c['rows']} rows, {c['share_ratio']:.2f}x its share "
+              f"(under half); --per-class keeps every class at its share")
     return 0
 
 

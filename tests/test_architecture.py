@@ -236,6 +236,7 @@ def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path
         train(tr, dev, out=tmp_path / "bad", config=cfg, method_config={"temperature": 0.0})
     run = train(tr, dev, out=tmp_path / "run", config=cfg, method_config={"temperature": 2.0})
     assert run.meta["status"] == "completed" and run.meta["method_config"] == {"temperature": 2.0}
+    assert run.meta["acc_metric"] == run.acc_metric == "accuracy"
     steps = run.steps().to_pandas()
     assert len(steps) == 12 * 16
     np.testing.assert_allclose(steps.groupby("step").weight.mean(), 1.0, rtol=1e-5)  # softmax x B has mean 1
@@ -296,3 +297,22 @@ def test_one_label_mlp_serves_dds_and_hostcp_and_reads_old_selector_checkpoints(
     expected = (h * old["label.weight"][y]).sum(-1) + old["label_bias.weight"][y, 0]
     torch.testing.assert_close(fresh(x, y), expected)
     torch.testing.assert_close(net(x, y), expected)
+
+
+def test_run_says_what_its_acc_columns_hold(tmp_path):
+    for meta, expected in (({}, "accuracy"), ({"config": {"model": "seq2seq"}}, "chrF/100"),
+                           ({"acc_metric": "accuracy", "config": {"model": "mlp"}}, "accuracy")):
+        assert runlog.Run(tmp_path, meta).acc_metric == expected
+
+
+def test_no_function_over_100_lines_and_no_module_over_600():
+    """The size limits of issue 19, measured as scripts/sizes.py measures them (lines incl. docstrings)."""
+    long_functions, long_modules = [], []
+    for path in SOURCES:
+        text = path.read_text()
+        if len(text.splitlines()) > 600:
+            long_modules.append((str(path.relative_to(ROOT)), len(text.splitlines())))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100:
+                long_functions.append((f"{path.relative_to(ROOT)}:{node.name}", node.end_lineno - node.lineno + 1))
+    assert long_functions == [] and long_modules == []

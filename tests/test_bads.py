@@ -298,6 +298,8 @@ def test_noisy_rows_get_lower_posterior_mean_and_intervals_hold(tmp_path):
     v = run.values()
     noisy = np.asarray(tr.is_noisy)
     assert noisy.sum() == 60
+    assert _auroc(v["value"].to_numpy(), ~noisy) > 0.9  # value: in-run signals (signals.in_run_value)
+    v = v.assign(value=v["posterior_mean"])  # the chain's summaries below
     clean_mean, noisy_mean = v["value"][~noisy].mean(), v["value"][noisy].mean()
     assert noisy_mean < clean_mean - 0.2, (noisy_mean, clean_mean)
     assert _auroc(v["value"].to_numpy(), ~noisy) > 0.9

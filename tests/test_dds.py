@@ -133,7 +133,7 @@ def test_frozen_uniform_scorer_is_plain_training():
     for p, q in zip(tr_d.model.parameters(), tr_u.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
     v = tr_d.values()
-    assert torch.all(v["value"] == 0) and torch.allclose(v["weight"], torch.ones(ctx_d.n, dtype=torch.float64))
+    assert torch.all(v["scorer_logit"] == 0) and torch.allclose(v["weight"], torch.ones(ctx_d.n, dtype=torch.float64))
 
 
 def test_warmup_uses_uniform_weights_while_scorer_learns():
@@ -200,8 +200,8 @@ def test_short_run_logs_rewards_and_weights(digits, tmp_path):
     v = run.values()
     assert len(v) == len(digits[0].ids)
     assert v["weight"].mean() == pytest.approx(1.0, abs=1e-9)
-    # weight is the softmax of value over the whole training set, times N
-    w = np.exp(v["value"] - v["value"].max())
+    # weight is the softmax of the scorer logit over the whole training set, times N
+    w = np.exp(v["scorer_logit"] - v["scorer_logit"].max())
     assert np.allclose(v["weight"], w / w.sum() * len(v), rtol=1e-9)
     assert np.array_equal(v["label"].to_numpy(), digits[0].y.numpy())
     ck = torch.load(run.path / "checkpoint.pt", weights_only=True)
@@ -222,11 +222,11 @@ def test_resume_equals_uninterrupted(digits, tmp_path, mcfg):
 def test_retrained_dds_loads_the_scorer(digits, tmp_path):
     src = run_dds(digits, tmp_path / "src", steps=8)
     again = run_dds(digits, tmp_path / "again", steps=4, init_scorer=str(src.path), scorer_lr=0.0)
-    assert np.array_equal(src.values()["value"].to_numpy(), again.values()["value"].to_numpy())
+    assert np.array_equal(src.values()["scorer_logit"].to_numpy(), again.values()["scorer_logit"].to_numpy())
     w = again.steps(["weight"]).column("weight").to_numpy()
     assert w.std() > 1e-4  # the loaded scorer, not a uniform one, weighted the batches
     plain = run_dds(digits, tmp_path / "plain", steps=4, scorer_lr=0.0)
-    assert np.all(plain.values()["value"].to_numpy() == 0)
+    assert np.all(plain.values()["scorer_logit"].to_numpy() == 0)
     # a run without a scorer cannot seed retrained DDS
     tr, dv = digits
     u = train(tr, dv, out=tmp_path / "u", config=TrainConfig(steps=2, progress=False))

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import valuekit
-from valuekit import export
+from valuekit import export, tablestream
 from valuekit.errors import InputError
 from valuekit.runlog import RunWriter, read_run
 
@@ -320,7 +320,7 @@ def test_refuses_to_overwrite_input(scored, tmp_path):
 def test_interrupted_parquet_write_leaves_no_file(scored, tmp_path, monkeypatch):
     out = tmp_path / "exp" / "scored.parquet"
     out.parent.mkdir()
-    monkeypatch.setattr(export, "_ROW_GROUP_ROWS", 5)  # a row group per 5 rows: many writes
+    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 5)  # a row group per 5 rows: many writes
     calls = []
     real = pq.ParquetWriter.write_table
 
@@ -386,7 +386,7 @@ def test_streaming_small_batches_equals_one_batch(scored, tmp_path, monkeypatch)
     assert_tables_equal(pq.read_table(small), pq.read_table(big))
     # Output row groups gather batches (up to 1M rows), so tiny batches do not make tiny row groups.
     assert pq.ParquetFile(small).metadata.num_row_groups == 1
-    monkeypatch.setattr(export, "_ROW_GROUP_ROWS", 20)
+    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 20)
     valuekit.score(scored["path"], scored["run"], out=small, batch_rows=3, keep_fraction=0.5)
     meta = pq.ParquetFile(small).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [21, 21, 18]
@@ -523,7 +523,7 @@ def test_temporaries_of_killed_exports_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from valuekit.export import _remove_stale_temporaries
+    from valuekit.tablestream import _remove_stale_temporaries
 
     out = tmp_path / "scored.parquet"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

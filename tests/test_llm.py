@@ -371,3 +371,19 @@ def test_length_buckets_cut_padding_and_cover_every_row():
     s2 = LengthBucketSampler(lengths, g2, window=20)
     s2.load_state_dict(state)
     assert torch.equal(torch.cat([s2.next(10) for _ in range(150)]), a)
+
+
+def test_sequence_margin_is_mean_scored_token_margin():
+    from valuekit.trainers.signals import margins
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)  # (N, V, L)
+    y = torch.tensor([[IGNORE, 3, 0, IGNORE], [1, IGNORE, IGNORE, IGNORE]])
+    got = margins(logits, y)
+    for i in range(2):
+        ref = []
+        for t in range(4):
+            if y[i, t] != IGNORE:
+                col = logits[i, :, t]
+                ref.append((col[y[i, t]] - torch.cat([col[: y[i, t]], col[y[i, t] + 1:]]).max()).item())
+        assert got[i].item() == pytest.approx(np.mean(ref))

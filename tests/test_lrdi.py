@@ -270,14 +270,19 @@ def test_short_run_logs_weights_rewards_and_values(tmp_path, variant):
     mean_w = st.groupby("example_id").weight.mean()
     got = vals.set_index("example_id")
     assert np.allclose(got.mean_weight.loc[mean_w.index], mean_w, rtol=1e-5)
-    if variant == "l2rw":  # no teacher: value = mean logged weight, NaN for rows never sampled
-        assert np.allclose(got.value.loc[mean_w.index], mean_w, rtol=1e-5)
-        assert got.value.drop(mean_w.index).isna().all()
-    else:  # value = the final teacher's eval-mode weight of every row, mean 1
+    # value: within-class rank average of the run's -mean_loss and aum, NaN for rows never sampled
+    from valuekit.trainers.signals import rank_average
+    want = rank_average([-vals.mean_loss.to_numpy(), vals.aum.to_numpy()], data.y.numpy())
+    np.testing.assert_allclose(vals.value.to_numpy(), want, rtol=1e-12)
+    assert got.value.drop(mean_w.index).isna().all() and got.value.loc[mean_w.index].notna().all()
+    if variant == "l2rw":  # no teacher: weight = mean logged weight, 0 for rows never sampled
+        assert np.allclose(got.weight.loc[mean_w.index] * mean_w.sum() / got.weight.loc[mean_w.index].sum(), mean_w,
+                           rtol=1e-5)
+    else:  # teacher_weight = the final teacher's eval-mode weight of every row, mean 1
         tr = keep.trainer
         w = tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=1.0).double()
-        assert np.allclose(vals.value, (w / w.mean()).numpy(), rtol=1e-6)
-        assert vals.value.notna().all() and abs(vals.value.mean() - 1) < 1e-9
+        assert np.allclose(vals.teacher_weight, (w / w.mean()).numpy(), rtol=1e-6)
+        assert vals.teacher_weight.notna().all() and abs(vals.teacher_weight.mean() - 1) < 1e-9
     # value_std: std (ddof 0) of the logged weights in the last epoch (std_epochs=1: ceil(N/B) steps)
     window = math.ceil(len(data.y) / bsz)
     last = st[st.step > steps - window]

@@ -64,3 +64,15 @@ def test_every_suite_names_known_methods_settings_and_data():
         for arm in s.arms:
             assert arm.method in METHODS
             options.resolve(TrainConfig(method=arm.method, **arm.loop), arm.settings)  # settings validate
+
+
+def test_bench_command_takes_suite_names(tmp_path, monkeypatch):
+    from valuekit.cli.main import build_parser
+
+    calls = []
+    monkeypatch.setattr(suites, "run_suite", lambda name, out, **kw: calls.append((name, kw)) or out / "x.md")
+    args = build_parser().parse_args(["bench", "dds", "--quick", "--seeds", "3", "--device", "cpu", "-o", str(tmp_path)])
+    assert args.func(args) == 0
+    (name, kw), = calls
+    assert name == "dds" and kw["quick"] and kw["seeds"] == (3,)
+    assert kw["command"] == f"valuekit bench dds --quick --device cpu -o {tmp_path} --seeds 3"

@@ -401,127 +401,12 @@ def _values_only_run(run_dir: Path, rows: int) -> None:
 # ---------------------------------------------------------------- quality
 
 
-QUALITY_METHODS = ("uniform", "dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads")
-SETTINGS = {"noise20": {"noise": 0.2}, "noise40": {"noise": 0.4}, "imbalance10": {"imbalance": 10.0}}
+def bench_quality(out: Path, **kw) -> Path:
+    """Values worth trusting: every method vs its own run's signals, the subset test and the peers
+    (valuekit.quality)."""
+    from valuekit.quality import bench_quality as run
 
-
-def _quality_data(name: str, setting: str, seed: int, folder: Path):
-    from valuekit.datasets import load_table, prepare
-
-    kw = dict(SETTINGS[setting])
-    if name == "fashion-mnist":
-        kw.update(max_train=3000, test_fraction=0.05)
-    paths = prepare(name, folder, seed=seed, **kw)
-    tr = load_table(paths["train"])
-    return tr, load_table(paths["dev"], like=tr, name="dev"), load_table(paths["test"], like=tr, name="test")
-
-
-def _baselines(tr, dv, seed: int) -> dict[str, np.ndarray]:
-    """Values of the baselines people would use instead (higher = more valuable)."""
-    from valuekit.analysis.baselines import knn_shapley
-
-    x, y = tr.x.numpy(), tr.y.numpy()
-    out = {"knn-shapley": knn_shapley(x, y, dv.x.numpy(), dv.y.numpy(), k=10)}
-    try:
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
-        return out
-    from valuekit.analysis.mislabel import cv_pred_probs
-
-    probs = cv_pred_probs(x, y, tr.num_classes, model="mlp", seed=seed)
-    out["cleanlab"] = get_label_quality_scores(y, probs)
-    return out
-
-
-def bench_quality(out: Path, *, command: str, device: str = "cpu", quick: bool = False, datasets=None,
-                  settings=None, seeds=None, methods=None, steps: int | None = None) -> Path:
-    """AUROC / F1@k of each method's value against the hidden is_noisy, and final test accuracy, with baselines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from valuekit.analysis.mislabel import detection_metrics
-    from valuekit.datasets import FASHION_DIR
-    from valuekit.trainers.base import TrainConfig, available_methods, train
-
-    have = set(available_methods())
-    if quick:
-        datasets, settings, seeds = datasets or ("digits",), settings or ("noise20",), seeds or (0,)
-        methods, steps = methods or ("uniform", "dds"), steps or 150
-    else:
-        datasets = datasets or ("digits", "mnist5k") + (("fashion-mnist",) if Path(FASHION_DIR).is_dir() else ())
-        settings, seeds = settings or tuple(SETTINGS), seeds or (0, 1, 2)
-        methods, steps = methods or QUALITY_METHODS, steps or 1500
-    methods = [m for m in methods if m in have]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in datasets:
-            for setting in settings:
-                for seed in seeds:
-                    folder = Path(tmp) / f"{name}-{setting}-{seed}"
-                    tr, dv, te = _quality_data(name, setting, seed, folder / "data")
-                    noisy = tr.is_noisy
-                    for m in methods:
-                        cfg = TrainConfig(method=m, model="mlp", steps=steps, batch_size=64, seed=seed,
-                                          device=device, progress=False, eval_every=steps, log_every=500,
-                                          checkpoint_every=steps)
-                        t0 = time.perf_counter()
-                        run = train(tr, dv, te, out=folder / m, config=cfg)
-                        dt = time.perf_counter() - t0
-                        v = run.values().set_index("example_id").value.reindex(tr.ids).to_numpy()
-                        det = detection_metrics(v, noisy) if noisy is not None and noisy.any() else {}
-                        rows.append({"dataset": name, "setting": setting, "seed": seed, "method": m,
-                                     "auroc": det.get("auroc", np.nan), "f1_at_k": det.get("f1_at_k", np.nan),
-                                     "test_acc": run.meta["final_metrics"].get("test_acc", np.nan), "seconds": dt})
-                    if noisy is not None and noisy.any():
-                        t0 = time.perf_counter()
-                        base = _baselines(tr, dv, seed)
-                        dt = (time.perf_counter() - t0) / max(len(base), 1)
-                        for b, v in base.items():
-                            det = detection_metrics(v, noisy)
-                            rows.append({"dataset": name, "setting": setting, "seed": seed, "method": b,
-                                         "auroc": det["auroc"], "f1_at_k": det["f1_at_k"], "test_acc": np.nan,
-                                         "seconds": dt})
-    frame = pd.DataFrame(rows)
-    summary = (frame.groupby(["dataset", "setting", "method"], sort=False)
-               .agg(auroc_mean=("auroc", "mean"), auroc_std=("auroc", "std"), f1_mean=("f1_at_k", "mean"),
-                    f1_std=("f1_at_k", "std"), acc_mean=("test_acc", "mean"), acc_std=("test_acc", "std"),
-                    seeds=("seed", "nunique"), seconds=("seconds", "mean")).reset_index())
-
-    def pm(m, sd):
-        return "–" if not np.isfinite(m) else (f"{m:.3f}" if not np.isfinite(sd) else f"{m:.3f} ± {sd:.3f}")
-
-    lines = _header("Quality: mislabel detection and test accuracy, methods vs baselines", command, device) + [
-        f"Each cell: mean ± std over seeds {list(seeds)} of `valuekit data prepare DATASET` with the setting's label",
-        f"flips or imbalance (fashion-mnist: 3,000 training rows, 5 % test), MLP, {steps} steps of batch 64, default",
-        "method settings. AUROC and F1@k (k = number of flipped rows) rank examples by `value` (low = suspect)",
-        "against the hidden `is_noisy`; test accuracy is at the last step (no early stopping). Baselines:",
-        "`uniform` is the small-loss value; `cleanlab` = confident-learning label quality from 5-fold",
-        "out-of-sample probabilities of a scikit-learn MLP stand-in (valuekit.analysis.mislabel.cv_pred_probs);",
-        "`knn-shapley` = exact KNN-Shapley (K=10) against the dev set. Baselines train no model of their own, so",
-        "they have no test accuracy. Imbalance settings have no flipped rows: accuracy only.", "",
-        "| dataset | setting | method | AUROC | F1@k | test accuracy | seconds/run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in summary.itertuples(index=False):
-        lines.append(f"| {r.dataset} | {r.setting} | {r.method} | {pm(r.auroc_mean, r.auroc_std)} | "
-                     f"{pm(r.f1_mean, r.f1_std)} | {pm(r.acc_mean, r.acc_std)} | {r.seconds:.1f} |")
-    noisy_rows = summary[np.isfinite(summary.auroc_mean)]
-    if len(noisy_rows):
-        out.mkdir(parents=True, exist_ok=True)
-        groups = list(noisy_rows.groupby(["dataset", "setting"], sort=False))
-        fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), squeeze=False)
-        for ax, ((d, st), sub) in zip(axes[0], groups):
-            ax.barh(sub.method, sub.auroc_mean, xerr=sub.auroc_std.fillna(0))
-            ax.set_xlim(0.4, 1.0)
-            ax.set_title(f"{d} {st}", fontsize=9)
-            ax.set_xlabel("AUROC vs is_noisy")
-        fig.tight_layout()
-        fig.savefig(out / f"{_stem('quality', device)}.png", dpi=110)
-        plt.close(fig)
-        lines += ["", f"![quality]({_stem('quality', device)}.png)"]
-    return _write(out, _stem("quality", device), lines, frame)
+    return run(out, **kw)
 
 
 # ---------------------------------------------------------------- entry
@@ -532,7 +417,7 @@ KINDS = ("speed", "layer", "quality", "scale")
 
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
               seeds: str | None = None, steps: int | None = None, datasets: str | None = None,
-              methods: str | None = None) -> Path:
+              methods: str | None = None, settings: str | None = None, runs_dir: str | None = None) -> Path:
     """Run one benchmark or study suite (valuekit.suites) and return the markdown file it wrote (list options
     are comma-separated strings)."""
     from valuekit.suites import SUITES, run_suite
@@ -559,8 +444,13 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_layer(out, command=command, device=dev, quick=quick)
     if kind == "scale":
         return bench_scale(out, command=command, device=dev, quick=quick)
+    from valuekit.quality import SETTINGS
+
+    bad = [s for s in split(settings) or () if s not in SETTINGS]
+    if bad:
+        raise InputError(f"--settings {bad[0]!r}: choose from {', '.join(SETTINGS)}")
     return bench_quality(out, command=command, device=dev, quick=quick, datasets=split(datasets), seeds=seed_list,
-                         methods=split(methods), steps=steps)
+                         methods=split(methods), steps=steps, settings=split(settings), runs_dir=runs_dir)
 
 
 def write_index(out: Path) -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +23,16 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
-from valuekit.runlog import commit, mean_one, rank_by_value, read_run, temp_path
+from valuekit.runlog import mean_one, rank_by_value, read_run
+from valuekit.tablestream import (PARQUET_SUFFIXES, _CsvSource, _csv_unwritable, _FileSink, _FrameSource,
+                                  _MemorySink, _open_source, _Restart)
 
 ADDED = ("weight", "value", "value_std", "rank", "selected")
-PARQUET_SUFFIXES = (".parquet", ".pq")
 OUT_SUFFIXES = (*PARQUET_SUFFIXES, ".csv")
 DEFAULT_BATCH_ROWS = 131_072
-_ROW_GROUP_ROWS = 1 << 20  # output Parquet row groups: pyarrow's default length ...
-_ROW_GROUP_BYTES = 128 << 20  # ... or this much Arrow data, whichever comes first
-_CSV_MIN_BLOCK = 1 << 14  # bytes; open_csv needs every row to fit in one block
-_CSV_MAX_BLOCK = 1 << 26
 _SHOW_IDS = 5
 
 
@@ -49,6 +44,7 @@ class ScoreSummary:
     rows_in: int
     rows_out: int
     selected: int | None
+    starved: list | None = None  # classes kept at < half their share (rows of `class_shares`), when labels are known
 
 
 @dataclass
@@ -62,189 +58,11 @@ class _Plan:
     selected: np.ndarray | None
 
 
-# ---------------------------------------------------------------- sources (pass 2 streams)
-
-
-class _Source:
-    """What pass 1 and pass 2 need from a table: `schema`, `ids(id_col)`, `batches(batch_rows)`."""
-
-    path: Path | None = None
-
-    def close(self) -> None:
-        pass
-
-
-def _first_line(exc: Exception) -> str:
-    s = str(exc).strip()
-    return s.splitlines()[0] if s else type(exc).__name__
-
-
-class _TableSource(_Source):
-    """An in-memory Arrow table (a DataFrame converted once)."""
-
-    def __init__(self, table: pa.Table, where: str):
-        self.table, self.where, self.path = table, where, None
-        self.schema = table.schema
-        self.num_rows = table.num_rows
-
-    def ids(self, id_col: str) -> pa.Array:
-        return self.table.column(id_col).combine_chunks()
-
-    def batches(self, batch_rows: int):
-        yield from self.table.to_batches(max_chunksize=batch_rows)
-
-
-class _FrameSource(_Source):
-    """A DataFrame that comes back as a DataFrame: only its id column goes through Arrow."""
-
-    def __init__(self, df: pd.DataFrame):
-        self.df, self.where, self.path = df, "<DataFrame>", None
-        self.schema = pa.schema([(str(c), pa.null()) for c in df.columns])  # names only
-
-    def ids(self, id_col: str) -> pa.Array:
-        try:
-            return pa.array(self.df[id_col], from_pandas=True)
-        except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise InputError(
-                f"<DataFrame>: column {id_col!r} mixes types or is not int/str ({_first_line(exc)})") from None
-
-
-class _ParquetSource(_Source):
-    def __init__(self, path: Path):
-        self.path, self.where = path, str(path)
-        try:
-            # Without pre-buffering and with a 1 MiB read buffer, memory stays bounded by columns x pages
-            # instead of holding a whole compressed row group (hundreds of MB for 1M-row groups).
-            self.file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-        except Exception as exc:
-            raise InputError(f"{path}: cannot read table ({_first_line(exc)})") from None
-        self.schema = self.file.schema_arrow
-        self.num_rows = self.file.metadata.num_rows
-
-    def close(self) -> None:
-        self.file.close()
-
-    def ids(self, id_col: str) -> pa.Array:
-        try:
-            return self.file.read(columns=[id_col]).column(0).combine_chunks()
-        except Exception as exc:
-            raise InputError(f"{self.path}: cannot read column {id_col!r} ({_first_line(exc)})") from None
-
-    def batches(self, batch_rows: int):
-        try:
-            for batch in self.file.iter_batches(batch_size=batch_rows):
-                # Dictionary value types can come back narrower than the file's Arrow schema.
-                yield batch if batch.schema.equals(self.schema) else batch.cast(self.schema)
-        except (OSError, pa.ArrowException) as exc:
-            raise InputError(f"{self.path}: cannot read table ({_first_line(exc)})") from None
-
-
-class _CsvSource(_Source):
-    """A CSV file streamed with `open_csv`.
-
-    `open_csv` fixes column types from its first block while `read_csv` unifies them over the
-    whole file; when a later block does not convert, the column's type is taken from a
-    `read_csv` of that one column and the stream restarts, so the types match `read_csv`.
-    """
-
-    def __init__(self, path: Path):
-        self.path, self.where = path, str(path)
-        try:
-            with pacsv.open_csv(path) as reader:
-                self.schema = reader.schema
-        except Exception as exc:
-            raise InputError(f"{path}: cannot read table ({_first_line(exc)})") from None
-        self.names = self.schema.names
-        self.column_types: dict[str, pa.DataType] = {}
-        self.num_rows = None
-        self.block_size = _CSV_MIN_BLOCK
-
-    def ids(self, id_col: str) -> pa.Array:
-        try:
-            t = pacsv.read_csv(self.path, convert_options=pacsv.ConvertOptions(include_columns=[id_col]))
-        except Exception as exc:
-            raise InputError(f"{self.path}: cannot read column {id_col!r} ({_first_line(exc)})") from None
-        ids = t.column(0).combine_chunks()
-        self.column_types[id_col] = ids.type
-        self.num_rows = len(ids)
-        return ids
-
-    def set_batch_rows(self, batch_rows: int) -> None:
-        per_row = os.path.getsize(self.path) / max(self.num_rows or 1, 1)
-        self.block_size = int(min(max(batch_rows * per_row, _CSV_MIN_BLOCK), _CSV_MAX_BLOCK))
-
-    def _open(self):
-        return pacsv.open_csv(
-            self.path,
-            read_options=pacsv.ReadOptions(block_size=self.block_size),
-            convert_options=pacsv.ConvertOptions(column_types=self.column_types),
-        )
-
-    def batches(self, batch_rows: int):
-        try:
-            reader = self._open()
-            self.schema = reader.schema
-            with reader:
-                for batch in reader:
-                    if not batch.schema.equals(self.schema):
-                        batch = batch.cast(self.schema)
-                    yield batch
-        except pa.ArrowInvalid as exc:
-            self._fix(exc)
-            raise _Restart from None
-
-    def _fix(self, exc: Exception) -> None:
-        msg = _first_line(exc)
-        if "straddl" in msg and self.block_size < _CSV_MAX_BLOCK * 16:
-            self.block_size *= 2
-            return
-        m = re.search(r"CSV column #(\d+): CSV conversion error to ([^:]+):", msg)
-        if m is None or int(m.group(1)) >= len(self.names):
-            raise InputError(f"{self.path}: cannot read table ({msg})")
-        name = self.names[int(m.group(1))]
-        try:
-            t = pacsv.read_csv(self.path, convert_options=pacsv.ConvertOptions(include_columns=[name]))
-        except Exception as exc2:
-            raise InputError(f"{self.path}: cannot read column {name!r} ({_first_line(exc2)})") from None
-        new = t.schema.field(0).type
-        if self.column_types.get(name) == new:
-            raise InputError(f"{self.path}: column {name!r} cannot be read as {new} ({msg})")
-        self.column_types[name] = new
-
-
-class _Restart(Exception):
-    """Raised by a source whose column types changed mid-stream; pass 2 starts again."""
-
-
-def _open_source(table, *, for_csv_out: bool, frame_out: bool = False):
-    if isinstance(table, pd.DataFrame) and frame_out:
-        return _FrameSource(table)
-    if isinstance(table, pd.DataFrame):
-        try:
-            t = pa.Table.from_pandas(table, preserve_index=None if not for_csv_out else False)
-        except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise InputError(f"<DataFrame>: cannot convert to Arrow ({_first_line(exc)})") from None
-        return _TableSource(t, "<DataFrame>")
-    if isinstance(table, pa.Table):
-        return _TableSource(table, "<Arrow table>")
-    path = Path(table)
-    if not path.exists():
-        raise InputError(f"{path}: no such file (table to score)")
-    if path.is_dir():
-        raise InputError(f"{path}: is a directory, expected a .parquet or .csv file (table to score)")
-    suffix = path.suffix.lower()
-    if suffix in PARQUET_SUFFIXES:
-        return _ParquetSource(path)
-    if suffix == ".csv":
-        return _CsvSource(path)
-    raise InputError(f"{path}: score reads .parquet or .csv tables, not {suffix or '(no extension)'!r}")
-
-
 # ---------------------------------------------------------------- pass 1: ids -> plan
 
 
 def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weight=None,
-                    subset_only=False) -> bool:
+                    subset_only=False, per_class=False) -> bool:
     """Check the selection options (at most one rule, in range); return whether a rule is given."""
     rules = [r for r in (keep_fraction, top_k, drop_fraction, min_weight) if r is not None]
     if len(rules) > 1:
@@ -257,6 +75,8 @@ def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weig
         raise InputError(f"--drop-fraction {drop_fraction}: must be in [0, 1)")
     if min_weight is not None and not math.isfinite(min_weight):
         raise InputError(f"--min-weight {min_weight}: must be a finite number")
+    if per_class and keep_fraction is None and top_k is None and drop_fraction is None:
+        raise InputError("--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule applied in each class)")
     if subset_only and not rules:
         raise InputError("--subset-only needs a selection rule "
                          "(--keep-fraction, --top-k, --drop-fraction or --min-weight)")
@@ -282,7 +102,85 @@ def _show(values) -> str:
     return ", ".join(repr(v) for v in values)
 
 
-def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight) -> _Plan:
+# ---------------------------------------------------------------- per-class (stratified) selection
+
+
+def class_quotas(counts, *, keep_fraction=None, top_k=None, drop_fraction=None) -> np.ndarray:
+    """Rows to keep from each class so that a selection keeps every class at its share.
+
+    keep_fraction f: max(1, round(f * n_c)) (never empties a class); drop_fraction d: n_c - round(d * n_c);
+    top_k K: K split over the classes in proportion to n_c by largest remainders (ties: lower class
+    index first), capped at n_c. Rounding is half up, as for the global rules.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    if keep_fraction is not None:
+        return np.minimum(counts, np.maximum(1, np.floor(keep_fraction * counts + 0.5).astype(np.int64)))
+    if drop_fraction is not None:
+        return counts - np.floor(drop_fraction * counts + 0.5).astype(np.int64)
+    k = min(int(top_k), int(counts.sum()))
+    exact = k * counts / counts.sum()
+    q = np.floor(exact).astype(np.int64)
+    order = np.lexsort((np.arange(len(counts)), -(exact - q)))  # largest remainder first, then class order
+    for c in order[: k - int(q.sum())]:
+        q[c] += 1
+    return np.minimum(q, counts)
+
+
+def select_per_class(value, labels, *, keep_fraction=None, top_k=None, drop_fraction=None) -> np.ndarray:
+    """Boolean mask: within each class (distinct entry of `labels`), its `class_quotas` rows of highest value
+    (NaN last, ties by row order, as `rank`)."""
+    value = np.asarray(value, dtype=np.float64)
+    codes, _ = pd.factorize(pd.Series(labels), sort=True)
+    counts = np.bincount(codes)
+    quota = class_quotas(counts, keep_fraction=keep_fraction, top_k=top_k, drop_fraction=drop_fraction)
+    rank = rank_by_value(value)  # global rank: its order restricted to a class is the class's order
+    order = np.lexsort((rank, codes))  # by class, then rank
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pos_in_class = np.empty(len(value), dtype=np.int64)
+    pos_in_class[order] = np.arange(len(value)) - np.repeat(starts, counts)
+    return pos_in_class < quota[codes]
+
+
+def select_top(value, k: int, *, labels=None, fraction: float | None = None) -> np.ndarray:
+    """Mask of the top rows by value: the global top `k`, or with `labels` the per-class top `fraction`."""
+    if labels is None:
+        return rank_by_value(np.asarray(value, dtype=np.float64)) <= k
+    return select_per_class(value, labels, keep_fraction=fraction)
+
+
+def class_shares(selected, labels) -> pd.DataFrame:
+    """Per class: rows, rows kept, share among kept / share among all (1 = kept at its share); sorted by ratio."""
+    codes, names = pd.factorize(pd.Series(labels), sort=True)
+    sel = np.asarray(selected, dtype=bool)
+    n = np.bincount(codes, minlength=len(names))
+    kept = np.bincount(codes[sel], minlength=len(names))
+    ratio = (kept / max(int(sel.sum()), 1)) / (n / len(codes))
+    frame = pd.DataFrame({"label": list(names), "rows": n, "kept": kept, "share_ratio": ratio})
+    return frame.sort_values("share_ratio", kind="stable", ignore_index=True)
+
+
+def starved_classes(selected, labels, *, below: float = 0.5) -> pd.DataFrame:
+    """Classes whose share among the selected rows is under `below` times their share among all rows."""
+    shares = class_shares(selected, labels)
+    return shares[shares.share_ratio < below].reset_index(drop=True)
+
+
+def _labels_of(source, label_col: str) -> np.ndarray:
+    """The label column of the table being scored (for --per-class), as a numpy array; no nulls."""
+    if label_col not in source.schema.names:
+        raise InputError(f"{source.where}: --per-class needs the label column {label_col!r} "
+                         f"(choose it with --label-col; columns: {source.schema.names[:12]})")
+    col = source.ids(label_col)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(f"{source.where}: column {label_col!r} has a null label at row {row} (--per-class)")
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight,
+          labels=None) -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
     values_path = run.values_path
     if not values_path.exists():
@@ -340,7 +238,11 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
             k = min(int(top_k), n)
         else:
             k = n - int(math.floor(drop_fraction * n + 0.5))
-        selected = rank <= k
+        if labels is not None:  # --per-class: the same rule inside every class
+            selected = select_per_class(value, labels, keep_fraction=keep_fraction, top_k=top_k,
+                                        drop_fraction=drop_fraction)
+        else:
+            selected = rank <= k
     return _Plan(weight, value, value_std, rank, selected)
 
 
@@ -404,96 +306,6 @@ def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, 
     raise InputError(f"{source.where}: column types kept changing while streaming; convert it to Parquet first")
 
 
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete `.NAME.PID.tmp` files left next to `out` by exports that were killed (their process is gone)."""
-    from valuekit.runlog import _pid_alive
-
-    for tmp in out.parent.glob(f".{out.name}.*.tmp"):
-        pid = tmp.name[len(out.name) + 2: -len(".tmp")]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-class _FileSink:
-    """Writes batches to a hidden temporary file next to `out`; `finish` renames it over `out`.
-
-    Parquet batches are gathered into row groups of up to `_ROW_GROUP_ROWS` rows / `_ROW_GROUP_BYTES`
-    bytes (pyarrow's default is 1M rows): one small row group per batch would let dictionary encoding
-    swallow whole float columns and make the file ~1.5x larger.
-    """
-
-    def __init__(self, out: Path, schema: pa.Schema):
-        self.out = out
-        _remove_stale_temporaries(out)
-        self.tmp = temp_path(out)  # the same hidden .NAME.PID.tmp as runlog.write_atomic
-        self.rows = 0
-        self.csv = out.suffix.lower() == ".csv"
-        self.schema = schema
-        self.pending: list[pa.RecordBatch] = []
-        self.pending_rows = self.pending_bytes = 0
-        self.writer = pacsv.CSVWriter(self.tmp, schema) if self.csv else pq.ParquetWriter(self.tmp, schema)
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        if not batch.num_rows:
-            return
-        self.rows += batch.num_rows
-        if self.csv:
-            self.writer.write_batch(batch)
-            return
-        self.pending.append(batch)
-        self.pending_rows += batch.num_rows
-        self.pending_bytes += batch.nbytes
-        if self.pending_rows >= _ROW_GROUP_ROWS or self.pending_bytes >= _ROW_GROUP_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self.pending:
-            table = pa.Table.from_batches(self.pending, schema=self.schema)
-            self.pending, self.pending_rows, self.pending_bytes = [], 0, 0
-            self.writer.write_table(table, row_group_size=table.num_rows)
-
-    def abort(self) -> None:
-        self.pending = []
-        try:
-            self.writer.close()
-        except Exception:
-            pass
-        self.tmp.unlink(missing_ok=True)
-
-    def finish(self) -> int:
-        try:
-            if not self.csv:
-                self._flush()
-            self.writer.close()
-            commit(self.tmp, self.out)
-        finally:
-            self.tmp.unlink(missing_ok=True)
-        return self.rows
-
-
-class _MemorySink:
-    def __init__(self, schema: pa.Schema):
-        self.schema, self.batches = schema, []
-
-    def write(self, batch) -> None:
-        self.batches.append(batch)
-
-    def abort(self) -> None:
-        self.batches = []
-
-    def finish(self) -> pa.Table:
-        return pa.Table.from_batches(self.batches, schema=self.schema)
-
-
-def _csv_unwritable(schema: pa.Schema) -> str | None:
-    for f in schema:
-        t = f.type.value_type if pa.types.is_dictionary(f.type) else f.type
-        if pa.types.is_nested(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t) \
-                or pa.types.is_fixed_size_binary(t):
-            return f"column {f.name!r} is {f.type}, which CSV cannot hold; write a .parquet output instead"
-    return None
-
-
 # ---------------------------------------------------------------- public
 
 
@@ -511,8 +323,9 @@ def _check_out(out, source, run) -> Path:
     return out
 
 
-def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows):
-    has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only)
+def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows,
+             per_class=False):
+    has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only, per_class)
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
     run = read_run(run_dir)
@@ -537,17 +350,18 @@ def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction
 def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: float | None = None,
                  top_k: int | None = None, drop_fraction: float | None = None, min_weight: float | None = None,
                  subset_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS,
-                 progress: bool = False) -> ScoreSummary:
+                 progress: bool = False, per_class: bool = False, label_col: str = "label") -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
 
     Memory holds the id column and five numbers per row, plus one batch of `batch_rows` rows.
     """
     run, source, out, _ = _prepare(table, run_dir, out=out, id_col=id_col, keep_fraction=keep_fraction,
                                    top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                   subset_only=subset_only, batch_rows=batch_rows)
+                                   subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight)
+                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
+                     labels=_labels_of(source, label_col) if per_class else None)
         pa.default_memory_pool().release_unused()  # hand pass 1's Arrow buffers back before streaming
         n = len(plan.weight)
         if isinstance(source, _CsvSource):
@@ -555,9 +369,12 @@ def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: floa
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = _stream(source, plan, n=n, batch_rows=batch_rows, subset_only=subset_only,
                        sink=lambda schema: _FileSink(out, schema), progress=progress)
+        starved = None
+        if plan.selected is not None and label_col in source.schema.names:
+            starved = starved_classes(plan.selected, _labels_of(source, label_col)).to_dict("records")
     finally:
         source.close()
-    return ScoreSummary(out, n, rows, None if plan.selected is None else int(plan.selected.sum()))
+    return ScoreSummary(out, n, rows, None if plan.selected is None else int(plan.selected.sum()), starved)
 
 
 def score(
@@ -573,6 +390,8 @@ def score(
     subset_only: bool = False,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     progress: bool = False,
+    per_class: bool = False,
+    label_col: str = "label",
 ) -> pd.DataFrame | Path:
     """Join a run's values onto `table` by id; return a DataFrame, or stream into `out` and return its path.
 
@@ -580,19 +399,23 @@ def score(
     (mean 1 over all input rows, ready for `sample_weight=` or `WeightedRandomSampler`), `value`,
     `value_std`, `rank` (1 = most valuable, NaN values last) and, with one of `keep_fraction`
     (top fraction by value), `top_k`, `drop_fraction` (drop the lowest fraction) or `min_weight`,
-    a boolean `selected`; `subset_only=True` keeps just the selected rows. A DataFrame input comes
+    a boolean `selected`; `subset_only=True` keeps just the selected rows. `per_class=True` applies
+    the keep/top-k/drop rule inside every class of the table's `label_col` (`class_quotas`), so no
+    class is starved. A DataFrame input comes
     back as a DataFrame with its own dtypes and index.
     """
     if out is not None:
         return write_scored(table, run_dir, out, id_col=id_col, keep_fraction=keep_fraction, top_k=top_k,
                             drop_fraction=drop_fraction, min_weight=min_weight, subset_only=subset_only,
-                            batch_rows=batch_rows, progress=progress).path
+                            batch_rows=batch_rows, progress=progress, per_class=per_class,
+                            label_col=label_col).path
     run, source, _, _ = _prepare(table, run_dir, out=None, id_col=id_col, keep_fraction=keep_fraction,
                                  top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                 subset_only=subset_only, batch_rows=batch_rows)
+                                 subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight)
+                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
+                     labels=_labels_of(source, label_col) if per_class else None)
         if isinstance(source, _FrameSource):
             return _frame_result(table, plan, subset_only)
         if isinstance(source, _CsvSource):

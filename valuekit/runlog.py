@@ -309,6 +309,12 @@ class Run:
         return self.meta.get("method", "?")
 
     @property
+    def acc_metric(self) -> str:
+        """What the metrics' train/dev/test_acc columns hold ("accuracy", or "chrF/100" for translation)."""
+        return self.meta.get("acc_metric") or ("chrF/100" if (self.meta.get("config") or {}).get("model") == "seq2seq"
+                                               else "accuracy")
+
+    @property
     def meta_path(self) -> Path:
         return self.path / RUN_JSON
 

@@ -172,9 +172,9 @@ def run_suite(name: str, out: Path, *, command: str, device: str = "cpu", quick:
                     folder = Path(tmp) / f"{d}-{setting}-{seed}"
                     tr, dv, te = _data(d, setting, seed, folder / "data")
                     for i, arm in enumerate(s.arms):
-                        cfg = TrainConfig(method=arm.method, model=s.model, steps=steps, batch_size=s.batch_size,
-                                          seed=seed, device=device, progress=False, eval_every=steps,
-                                          log_every=max(1, steps // 3), checkpoint_every=steps, **arm.loop)
+                        cfg = TrainConfig(**{"model": s.model, **arm.loop}, method=arm.method, steps=steps,
+                                          batch_size=s.batch_size, seed=seed, device=device, progress=False,
+                                          eval_every=steps, log_every=max(1, steps // 3), checkpoint_every=steps)
                         t0 = time.perf_counter()
                         run = train(tr, dv, te, out=folder / f"arm{i}", config=cfg, method_config=arm.settings)
                         seconds = time.perf_counter() - t0

@@ -14,9 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from valuekit.analysis.mislabel import discovery_curve  # noqa: F401  (re-exported: curves for the report)
 from valuekit.errors import InputError
-from valuekit.runlog import METRICS_SCHEMA, open_run
+from valuekit.runlog import open_run
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 DIGEST_ROWS = 1_000_000  # quantiles of bigger logs come from every k-th row (means and counts use all rows)
@@ -152,12 +151,3 @@ def visits(run) -> pd.DataFrame:
     g = d.to_table(columns=["example_id"]).group_by("example_id").aggregate([([], "count_all")])
     return pd.DataFrame({"example_id": g["example_id"].to_numpy(zero_copy_only=False),
                          "count": g["count_all"].to_numpy()})
-
-
-def final_weights(run) -> pd.DataFrame | None:
-    """values.parquet (example_id, value, weight, ...) or None when the run has not finished."""
-    return open_run(run).values()
-
-
-def metrics_columns() -> list[str]:
-    return list(METRICS_SCHEMA.names)

@@ -124,7 +124,8 @@ def _summary(runs, names) -> _Section:
     row("device · host", lambda r: f"{r.meta.get('device', '?')} · {r.meta.get('host', '?')}")
     row("started", lambda r: str(r.meta.get("started_at", "–")))
     for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
-        row(f"final {k.replace('_', ' ')}", lambda r, k=k: final(r, k))
+        metric = "acc" if runs[0].acc_metric == "accuracy" else runs[0].acc_metric  # chrF/100 for translation
+        row(f"final {k.replace('_', ' ').replace('acc', metric)}", lambda r, k=k: final(r, k))
     row("valuekit · torch", lambda r: f"{(r.meta.get('versions') or {}).get('valuekit', '?')} · "
                                       f"{(r.meta.get('versions') or {}).get('torch', '?')}")
     sec.tables.append({"id": "run-summary", "caption": "", "header": ["", *names], "rows": rows})
@@ -147,6 +148,22 @@ def _training(runs, names) -> _Section:
         else:
             sec.notes.append("no metrics logged yet")
     return sec
+
+
+def _starved_notes(name: str, values: pd.DataFrame, labels: pd.Series, fraction: float = 0.5) -> list[str]:
+    """Warnings for classes that a global top-`fraction` selection by value keeps at under half their share."""
+    from valuekit.export import select_top, starved_classes
+
+    cls = pd.Series(values["example_id"].to_numpy()).map(labels)
+    ok = cls.notna().to_numpy()
+    if not ok.any():
+        return []
+    v = values["value"].to_numpy(dtype=np.float64)[ok]
+    keep = select_top(v, int(round(fraction * len(v))))
+    return [f"{name}: keeping the top {fraction:.0%} by value (valuekit score --keep-fraction {fraction:g}) keeps "
+            f"class {c['label']!r} at {c['share_ratio']:.2f}x its share ({c['kept']} of {c['rows']} rows), under "
+            f"half; add --per-class to keep every class at its share"
+            for c in starved_classes(keep, cls.to_numpy()[ok]).to_dict("records")]
 
 
 def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
@@ -177,6 +194,7 @@ def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
         if lab is not None:
             by_class[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                         "class": pd.Series(ids).map(lab).to_numpy()}).dropna(subset=["class"])
+            sec.notes += _starved_notes(n, v, lab)
         if noisy.get(n) is not None:
             split[n] = pd.DataFrame({"v": v[col].to_numpy(dtype=np.float64),
                                      "noisy": pd.Series(ids).map(noisy[n]).fillna(False).to_numpy(dtype=bool)})

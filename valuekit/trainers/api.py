@@ -46,6 +46,7 @@ class StepRecord:
     scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
     meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
     sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+    margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
 
 
 @runtime_checkable
@@ -235,6 +236,7 @@ class TrainContext:
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
+    signals: Any = None  # signals.SignalAccumulator the loop feeds every step; methods may read it in values()
 
     @property
     def n(self) -> int:

@@ -59,7 +59,12 @@ over all N rows per step).
 Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
 one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
 `reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
-values(): value = posterior mean of w, value_std = posterior std, ci_low / ci_high = quantiles.
+values(): value = the in-run signal value (signals.in_run_value: within-class ranks of -mean_loss and aum);
+posterior_mean = the sample mean of w (a near-monotone transform of the loss: Spearman with -mean_loss is
+reported in reports/quality.md), value_std = the samples' std, ci_low / ci_high = their 5 %/95 % quantiles.
+These are NOT calibrated posterior intervals: by default the chain is tempered (T = 0.1, a cold posterior
+pi^(1/T), which shrinks the spread by about sqrt(T)), the samples are consecutive and correlated, and a row
+has only ~`reservoir` of them (about one per epoch); read them as the spread of a cold chain.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
 
 Per-source weights (`per_source=True`, the paper's per-task optimisation for instruction sets): one
@@ -94,6 +99,7 @@ from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -386,7 +392,7 @@ class Trainer:
                 else:
                     self._collect(rows, w_new)
         return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y,
-                          sources=self._source_log(batch, w))
+                          margin=margins(logits, batch.y), sources=self._source_log(batch, w))
 
     def _source_log(self, batch: Batch, w: torch.Tensor) -> dict | None:
         """per_source: each source's current w_t and its rows in the batch, for sources/ (the per-task table)."""
@@ -448,8 +454,9 @@ class Trainer:
                 getattr(self, k).copy_(state[k])
 
     def values(self) -> dict:
-        """value = posterior mean of w_i; value_std = posterior std; ci_low/ci_high = quantiles of the
-        latest `reservoir` samples; samples = how many samples the row has. Rows with no sample after
+        """value = signals.in_run_value (module docstring); posterior_mean = mean of the samples of w_i; value_std =
+        their std; ci_low/ci_high = quantiles of the latest `reservoir` samples of the tempered chain (a cold
+        chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
         if self.task_u is not None:
@@ -468,5 +475,8 @@ class Trainer:
         lo_q, hi_q = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
         q = torch.tensor([lo_q, hi_q], dtype=torch.float64, device=self.samples.device)
         quant = torch.nanquantile(self.samples.double(), q, dim=1)  # (2, N); NaN rows stay NaN
-        return {"value": value, "value_std": std, "weight": value, "ci_low": quant[0], "ci_high": quant[1],
-                "samples": self.count}
+        from valuekit.trainers.signals import in_run_value
+
+        combined = in_run_value(self.ctx, value)
+        return {"value": combined, "posterior_mean": value, "value_std": std, "weight": value, "ci_low": quant[0],
+                "ci_high": quant[1], "samples": self.count}

@@ -29,6 +29,7 @@ from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, p
                              rank_by_value, read_run, save_checkpoint)
 from valuekit.trainers.api import (Batch, RandomSampler, Sampler, StepRecord, TrainContext, Trainer,  # noqa: F401
                                    evaluate, per_example_loss)
+from valuekit.trainers.signals import SignalAccumulator
 from valuekit.trainers.options import (load_method, parse_overrides, resolve, resolve_device,  # noqa: F401
                                        validate_config)
 
@@ -72,6 +73,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
         rank=rank, world_size=world_size,
+        signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),
     )
 
 
@@ -123,6 +125,8 @@ def train(
         "classes": view.classes, "sources": view.sources, "id_type": view.id_type,
         "image_shape": list(view.image_shape) if view.image_shape else None, "feature_cols": view.feature_cols,
         "label_col_codes": "label column in steps/ holds class codes into `classes`",
+        # what the metrics' *_acc columns hold: translation models are scored by corpus chrF / 100
+        "acc_metric": "chrF/100" if config.model == "seq2seq" else "accuracy",
         "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
         "started_at": _now(), "steps_done": 0,
         "world_size": info.world_size, "global_batch_size": config.batch_size * info.world_size,
@@ -277,6 +281,7 @@ class _Loop:
         self.trainer.load_state_dict(state["trainer"])
         self.sampler.load_state_dict(state["sampler"])
         self.ctx.generator.set_state(state["generator"])
+        self.ctx.signals.load_state_dict(state.get("signals", {}))
         self.step = self.done = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
 
@@ -296,6 +301,7 @@ class _Loop:
         batch, idx_cpu = self.next_batch(step)
         ts = time.perf_counter()
         rec = self.trainer.step(batch)
+        self.ctx.signals.record(batch, rec)  # per-example in-run signals of every method (signals.py)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         metrics, bad, diverged = self.log_step(step, idx_cpu, rec, time.perf_counter() - ts, stop_requested)
@@ -382,7 +388,7 @@ class _Loop:
             save_checkpoint(self.out, {
                 "step": step, "trainer": trainer_state, "sampler": self.sampler.state_dict(),
                 "generator": self.ctx.generator.get_state(), "parts": self.writer.part_counts(),
-                "elapsed": self.elapsed(),
+                "elapsed": self.elapsed(), "signals": self.ctx.signals.state_dict(),
             })
             self.writer.write_meta(steps_done=step)
 
@@ -396,7 +402,7 @@ class _Loop:
         self.save_checkpoint(self.step)
         values = self.trainer.values()  # every rank: a method may gather here
         if self.info.is_main:
-            self.writer.write_values(finalize_values(values, self.ids))
+            self.writer.write_values(finalize_values({**self.ctx.signals.columns(), **values}, self.ids))
         self.writer.close("completed", steps_done=self.step, duration_s=self.elapsed(), finished_at=_now(),
                           final_metrics=_clean(self.last_metrics))
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns

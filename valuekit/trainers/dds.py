@@ -10,14 +10,21 @@ uniform scorer is plain training; Alg. 1 lines 6-7). After the model step the re
 (lines 9-11; `valuekit.gradients.per_example_dots` with params = theta_{t-1}, or by default the same
 exact dots from the model step's own activations, `reward_method=fused`), and the scorer takes a
 REINFORCE step psi <- psi + lr * (1/B) sum_i r_i grad_psi log p_i (lines 12-13), every
-`update_every` steps, with normalised rewards and an optional entropy bonus (not in the paper).
+`update_every` steps. Two additions, neither in the paper: rewards are divided by a moving root mean
+square (`reward_norm="scale"`; a positive factor, so the direction stays REINFORCE's, whereas
+subtracting a baseline would not, since the batch is drawn uniformly rather than from p), and a
+squared-hinge penalty keeps the effective sample size of p above `ess_floor` (p never collapses onto a
+few rows, but is free above the floor). The paper's update is `reward_norm=none, ess_floor=0,
+entropy_weight=0`.
 
 Variants: retrained DDS (`init_scorer=RUN_DIR` starts from the scorer of an earlier run, the paper's
 best variant) and DDS with a prior (`prior=class_balance` first fits the scorer to the
 class-frequency-balancing heuristic, like the paper's TCS+DDS).
 
-values.parquet: value = the trained scorer's logit of each training example (eval mode), weight =
-its softmax over the whole training set times N.
+values.parquet: value = the within-class percentile ranks of the run's -mean_loss and aum, averaged
+(`signals.in_run_value`; measured better than every scorer-based candidate, README); scorer_logit = the
+trained scorer's logit of each training example (eval mode), weight = its softmax over the whole training
+set times N; the loop adds mean_reward (the mean in-run gradient alignment with the dev set) and mean_weight.
 
 Under torchrun (valuekit.distributed) the batch of Algorithm 1 is the global batch: p is a softmax
 over all ranks' rows (a differentiable all-reduce of the partition function), the dev gradient
@@ -42,11 +49,12 @@ from valuekit.runlog import CHECKPOINT, load_checkpoint
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.scorers import LabelMLP, label_mlp
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
 SCORERS = ("mlp", "same")
-REWARD_NORMS = ("none", "baseline", "ema")
+REWARD_NORMS = ("none", "scale", "baseline", "ema")
 PRIORS = ("none", "class_balance")
 REWARD_METHODS = (*DOT_METHODS, "fused")
 
@@ -60,14 +68,21 @@ class Config:
     scorer_hidden: int = setting(64, ge=1)  # hidden width of the mlp scorer
     scorer_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the scorer (0 freezes it: uniform or loaded weights)
     reward_scale: float = setting(1.0, finite=True)  # rewards are multiplied by this before the REINFORCE step
-    # none: raw rewards | baseline: subtract a moving average of the mean reward |
-    # ema: subtract that baseline and divide by a moving average of the reward std (scale-free across training)
-    reward_norm: str = setting("ema", choices=REWARD_NORMS)
-    # weight of an entropy bonus on the batch weights p (not in Algorithm 1; 0 = the paper's update). It keeps
-    # REINFORCE from driving the logits apart without bound, which otherwise collapses p onto a few rows. 0.5:
-    # at 0.1 p collapsed to ~2 rows per batch on fashion-mnist with 40 % flips and training diverged in 2 of 3
-    # seeds; 0.5 raised AUROC on all 6 noise settings (valuekit bench dds-entropy, reports/dds.md)
-    entropy_weight: float = setting(0.5, ge=0)
+    # scale: divide by a moving average of the reward's root mean square (no shift, so the update stays
+    #   REINFORCE's direction up to a positive factor; the default) | none: raw rewards (the paper) |
+    # baseline / ema: subtract a moving average of the mean reward (ema: and divide by a moving std). The batch is
+    #   drawn uniformly, not from p, so a shift b adds b (1/B - p_j) to the gradient of logit s_j: these two bias
+    #   the update towards uniform weights and are kept only to reproduce older runs.
+    reward_norm: str = setting("scale", choices=REWARD_NORMS)
+    # effective-sample-size floor of the batch weights, ESS(p) = 1 / (B sum_i p_i^2) in (0, 1]: the scorer loss gets
+    # ess_weight * max(0, ess_floor - ESS)^2, which stops p collapsing onto a few rows (training then diverges) but,
+    # unlike an entropy bonus, does not pull p back towards uniform while ESS is above the floor. 0 turns it off.
+    ess_floor: float = setting(0.3, ge=0, le=1)
+    ess_weight: float = setting(10.0, ge=0)
+    # weight of an entropy bonus on p (not in Algorithm 1). It caps legitimate reweighting (rare-class boost 1.4-1.6x
+    # vs 3.8x with the ESS floor under 10x imbalance, reports/dds.md), so the default is 0; the ESS floor replaces it.
+    # The paper's update is entropy_weight=0, ess_floor=0, reward_norm=none.
+    entropy_weight: float = setting(0.0, ge=0)
     reward_momentum: float = setting(0.9, ge=0, lt=1)  # moving-average momentum of the baseline / std
     update_every: int = setting(4, ge=1)  # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
     dev_batch_size: int = setting(64, ge=0)  # dev examples per reward (0 = the training batch size); whole dev set if larger
@@ -185,9 +200,14 @@ class Trainer:
     # -------------------------------------------------------- Algorithm 1
 
     def _normalise(self, r: torch.Tensor) -> torch.Tensor:
-        """Reward scale and moving-average baseline/std (variance reduction; the update direction stays REINFORCE's)."""
+        """Reward scale (and, for the legacy baseline/ema options, a moving-average shift; see Config)."""
         ctx, cfg = self.ctx, self.cfg
         r = r.double()
+        if cfg.reward_norm == "scale":
+            mom = cfg.reward_momentum if self.r_seen > 0 else 0.0  # first batch sets the average
+            self.r_var = mom * self.r_var + (1 - mom) * ctx.global_mean(r * r)  # mean square, no centring
+            self.r_seen += 1
+            return cfg.reward_scale * r / self.r_var.sqrt().clamp_min(1e-30)
         if cfg.reward_norm != "none":
             mom = cfg.reward_momentum if self.r_seen > 0 else 0.0  # first batch sets the averages
             self.r_mean = mom * self.r_mean + (1 - mom) * ctx.global_mean(r)
@@ -256,7 +276,13 @@ class Trainer:
             # torchrun: this rank's share of the global-batch loss; the shares' gradients are summed below
             loss_psi = -ctx.mean_share(r.to(log_p.dtype) * log_p)
             if cfg.entropy_weight > 0:  # minus the entropy sum_i p_i log p_i, scaled
-                loss_psi = loss_psi + cfg.entropy_weight * (log_p.exp() * log_p).sum()
+                loss_psi = loss_psi + cfg.entropy_weight * (log_p.exp() * log_p).sum()  # this rank's rows
+            if cfg.ess_floor > 0 and cfg.ess_weight > 0:  # squared hinge below the ESS floor
+                sq = torch.exp(2 * log_p).sum()
+                ess = 1.0 / (ctx.global_rows(B) * (ctx.all_sum(sq) if ctx.distributed else sq))
+                # every rank computes the same global penalty; through all_sum each backpropagates it for its own
+                # rows `world_size` times over, hence the division (the replicas' gradients are summed below)
+                loss_psi = loss_psi + cfg.ess_weight * torch.relu(cfg.ess_floor - ess) ** 2 / ctx.world_size
             self.scorer_opt.zero_grad(set_to_none=True)
             loss_psi.backward()
             ctx.all_reduce_([q.grad for q in self.scorer.parameters()])
@@ -265,7 +291,7 @@ class Trainer:
             ctx.all_reduce_([loss_psi])
             scorer_loss = float(loss_psi)
         return StepRecord(loss=losses.detach(), weight=w, reward=reward,
-                          correct=logits.argmax(1) == y, scorer_loss=scorer_loss)
+                          correct=logits.argmax(1) == y, scorer_loss=scorer_loss, margin=margins(logits, y))
 
     # -------------------------------------------------------- state and values
 
@@ -291,7 +317,18 @@ class Trainer:
         return self.ctx.score_rows(self.scorer, self.scorer)
 
     def values(self) -> dict:
-        """value = scorer logit; weight = softmax of the logits over the whole training set x N;
-        label = the class code (lets `valuekit.analysis.balance` work from values.parquet alone)."""
+        """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
+        scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, README);
+        scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
+        standardised within class; weight = softmax of the logits over the whole training set x N; label = the
+        class code (lets `valuekit.analysis.balance` work from values.parquet alone)."""
+        from valuekit.trainers.signals import class_standardise, in_run_value
+
         s = self.scores().double()
-        return {"value": s, "weight": torch.softmax(s, 0) * self.ctx.n, "label": self.ctx.y.double()}
+        out = {"scorer_logit": s, "weight": torch.softmax(s, 0) * self.ctx.n, "label": self.ctx.y.double()}
+        if self.ctx.y.dim() == 1:
+            out["value"] = in_run_value(self.ctx, s)
+            out["scorer_logit_z"] = class_standardise(s.cpu().numpy(), self.ctx.y.cpu().numpy())
+        else:
+            out["value"] = s
+        return out

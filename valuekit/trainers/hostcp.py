@@ -66,6 +66,7 @@ from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.scorers import LabelMLP, label_mlp
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -254,7 +255,7 @@ class Trainer:
         self.count.index_add_(0, idx_all, torch.ones_like(w64))
         self.sel_count.index_add_(0, idx_all, (w_all > cfg.threshold).double())
         return StepRecord(loss=losses.detach(), weight=wd, reward=reward, selected=sel,
-                          correct=logits.argmax(1) == y, meta_loss=meta_loss)
+                          correct=logits.argmax(1) == y, meta_loss=meta_loss, margin=margins(logits, y))
 
     # -------------------------------------------------------- state and values
 
@@ -285,13 +286,20 @@ class Trainer:
                                    chunk=batch_size)
 
     def values(self) -> dict:
-        """value = mean selection weight w_i over the steps row i was seen (NaN if never); see module doc."""
+        """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
+        selection weight ranked worse, README); selection_weight = mean w_i over the steps row i
+        was seen (NaN if never; the raw learned quantity), value_std its std; weight = that mean (normalised by the
+        loop); selected_rate = fraction of visits with w_i > threshold; score = the final selector's score."""
+        from valuekit.trainers.signals import in_run_value
+
         count = self.count.clamp_min(1)
         mean = self.w_sum / count
         var = (self.w_sq / count - mean * mean).clamp_min(0)
         unseen = self.count == 0
         nan = torch.full_like(mean, float("nan"))
-        return {"value": torch.where(unseen, nan, mean), "value_std": torch.where(unseen, nan, var.sqrt()),
+        sel_w = torch.where(unseen, nan, mean)
+        value = in_run_value(self.ctx, sel_w)
+        return {"value": value, "selection_weight": sel_w, "value_std": torch.where(unseen, nan, var.sqrt()),
                 "weight": torch.where(unseen, torch.zeros_like(mean), mean),
                 "selected_rate": torch.where(unseen, nan, self.sel_count / count),
                 "score": self.scores().double()}

@@ -52,6 +52,7 @@ from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -89,6 +90,10 @@ class Config:
     # passes an example is seen about once per epoch (std undefined), so the default window is the
     # last 3 epochs; std_epochs=1 gives exactly the last epoch.
     std_epochs: int = setting(3, ge=1)
+    # lrdi/mwnet: effective-sample-size floor of the batch weights, ESS = (sum w)^2 / (B sum w^2): when the teacher's
+    # weights fall under it they are shrunk towards their batch mean until ESS = floor (0 = off). With the
+    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (reports/lrdi.md).
+    ess_floor: float = setting(0.3, ge=0, lt=1)
 
     def validate(self) -> None:
         check_fields(self)
@@ -130,7 +135,11 @@ class Teacher(nn.Module):
             nn.init.normal_(self.label.weight, generator=generator)
 
     def forward(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
-        parts = [self.label(signals["label"]) if s == "label" else signals[s] for s in self.inputs]
+        # the hidden state is standardised per row (LayerNorm without learned scale): its norm grows ~10x over
+        # training, which otherwise drives the teacher's weights to collapse (reports/lrdi.md)
+        parts = [self.label(signals["label"]) if s == "label" else
+                 F.layer_norm(signals[s], signals[s].shape[1:]) if s == "features" else signals[s]
+                 for s in self.inputs]
         return self.net(torch.cat(parts, 1)).squeeze(1)
 
 
@@ -174,13 +183,29 @@ class Trainer:
         return step / self.ctx.config.steps
 
     def weights(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Teacher weights sigmoid(teacher(s)), divided by their batch mean when `normalize`."""
+        """Teacher weights sigmoid(teacher(s)), shrunk towards their batch mean when their effective sample size
+        is under `ess_floor`, divided by the batch mean when `normalize`."""
         w = torch.sigmoid(self.teacher(signals))
-        if not self.cfg.normalize:
+        ctx = self.ctx
+        mean = w.mean() if not ctx.distributed else ctx.all_sum(w.sum()) / ctx.global_rows(len(w))  # global batch
+        if self.cfg.ess_floor > 0:
+            w = self._ess_floor(w, mean)
+        return w / mean if self.cfg.normalize else w
+
+    def _ess_floor(self, w: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        """w' = mean + c (w - mean) with the largest c <= 1 such that ESS(w') = (sum w')^2 / (B sum w'^2) >= floor.
+        With r = w / mean, ESS = 1 / mean(r^2) and mean(r'^2) = 1 + c^2 (mean(r^2) - 1), so
+        c = sqrt((1/floor - 1) / (mean(r^2) - 1)). c is computed from detached weights (a data-dependent step size
+        of the shrinkage); the batch mean, and so the weights' scale, is unchanged."""
+        r2 = ((w / mean) ** 2).detach()
+        stats = torch.stack([r2.sum(), torch.tensor(float(len(w)), dtype=r2.dtype, device=r2.device)])
+        self.ctx.all_reduce_([stats])  # torchrun: over the global batch
+        m2 = stats[0] / stats[1]
+        limit = 1.0 / self.cfg.ess_floor - 1.0
+        if float(m2) - 1.0 <= limit:
             return w
-        if not self.ctx.distributed:
-            return w / w.mean()
-        return w / (self.ctx.all_sum(w.sum()) / self.ctx.global_rows(len(w)))  # global batch mean
+        c = torch.sqrt(limit / (m2 - 1.0)).to(w.dtype)
+        return mean + c * (w - mean)
 
     def dev_loss_after_unroll(self, losses0: torch.Tensor, w: torch.Tensor, x, y, dev_x, dev_y,
                               *, reduce: str = "mean", dev_total: int | None = None
@@ -298,6 +323,7 @@ class Trainer:
         self.ctx.sync_grads_(self.model.parameters())
         self.opt.step()
         correct = meta["logits"].detach().argmax(1) == batch.y
+        margin = margins(meta["logits"], batch.y)
         del meta
 
         # every rank records the whole global batch, so the replicas (and checkpoints) stay identical
@@ -312,7 +338,7 @@ class Trainer:
         self.ring_w[slot, : len(wd)] = wd
         self.last_step = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),
-                          correct=correct, meta_loss=None if dev_loss is None else float(dev_loss))
+                          correct=correct, meta_loss=None if dev_loss is None else float(dev_loss), margin=margin)
 
     # ------------------------------------------------------------ state
 
@@ -346,11 +372,12 @@ class Trainer:
         return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)
 
     def values(self) -> dict:
-        """value: lrdi/mwnet — the final teacher's weight of every row (eval mode, progress of the last
-        step), divided by its mean over all rows when `normalize`; l2rw (no teacher) — the mean of the
-        row's per-step weights over the run (NaN if never sampled). value_std: std (ddof 0) of the row's
-        logged weights in the last `std_epochs` epochs (NaN when seen fewer than 2 times there).
-        Extra columns: mean_weight (run mean of logged weights), times_seen, and for l2rw mean_reward."""
+        """value: signals.in_run_value (within-class ranks of the run's -mean_loss and aum; chosen by measurement:
+        the teacher weight and the mean weight ranked worse, README). teacher_weight (lrdi/mwnet): the final
+        teacher's weight of every row (eval mode, progress of the last step), divided by its mean over all rows
+        when `normalize`; weight = teacher_weight, or for l2rw the row's mean logged weight (0 if never sampled).
+        value_std: std (ddof 0) of the row's logged weights in the last `std_epochs` epochs (NaN when seen fewer
+        than 2 times there). mean_weight / mean_reward / times_seen come from the loop's signal accumulator."""
         n, dev = self.ctx.n, self.ctx.device
         seen = self.w_count > 0
         nan = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
@@ -362,15 +389,17 @@ class Trainer:
         s2 = torch.zeros_like(cnt).index_add_(0, idx, w * w)
         m = s1 / cnt.clamp_min(1)
         std = torch.where(cnt >= 2, (s2 / cnt.clamp_min(1) - m * m).clamp_min(0).sqrt(), nan)
-        out = {"value_std": std, "mean_weight": mean_w, "times_seen": self.w_count.clone()}
+        from valuekit.trainers.signals import in_run_value
+
+        out = {"value_std": std}
         if self.teacher is None:
-            out["value"] = mean_w
-            out["mean_reward"] = torch.where(seen, self.r_sum / self.w_count.clamp_min(1), nan)
+            out["value"] = in_run_value(self.ctx, mean_w)
             out["weight"] = torch.nan_to_num(mean_w, nan=0.0)
         else:
             v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.last_step)).double()
             if self.cfg.normalize:
                 v = v / v.mean()
-            out["value"] = v
+            out["teacher_weight"] = v
+            out["value"] = in_run_value(self.ctx, v)
             out["weight"] = v
         return out

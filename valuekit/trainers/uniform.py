@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
+from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -44,7 +45,7 @@ class Trainer:
         self.loss_sum.index_add_(0, idx, seen)
         self.loss_sq.index_add_(0, idx, seen * seen)
         self.count.index_add_(0, idx, torch.ones_like(seen))
-        return StepRecord(loss=losses.detach(), correct=logits.argmax(1) == batch.y)
+        return StepRecord(loss=losses.detach(), correct=logits.argmax(1) == batch.y, margin=margins(logits, batch.y))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),

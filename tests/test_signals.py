@@ -1,0 +1,116 @@
+"""Per-example in-run signals (valuekit.trainers.signals): accumulator vs explicit loops over the step log."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from valuekit.datasets import load_table
+from valuekit.runlog import read_run
+from valuekit.trainers.base import TrainConfig, train
+from valuekit.trainers.signals import (SignalAccumulator, class_percentile, class_standardise, margins,
+                                       rank_average)
+
+
+def _load(tables):
+    tr = load_table(tables["train"])
+    return tr, load_table(tables["dev"], like=tr, name="dev"), load_table(tables["test"], like=tr, name="test")
+
+
+def _cfg(method, **kw):
+    base = dict(method=method, steps=40, batch_size=16, eval_every=10, log_every=10, checkpoint_every=10,
+                progress=False, device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+class Margins:
+    """Hook: the margins each step reported, row by row (the explicit reference for aum)."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_step_end(self, step, batch, record, trainer):
+        for i, m in zip(batch.idx.tolist(), record.margin.tolist()):
+            self.rows.append((i, m))
+
+
+def test_margins_match_an_explicit_loop():
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    want = [logits[i, y[i]] - max(logits[i, c] for c in range(4) if c != y[i]) for i in range(7)]
+    np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("method", ["dds", "l2rw", "uniform"])
+def test_columns_equal_explicit_means_over_the_step_log(tables, tmp_path, method):
+    hook = Margins()
+    over = {"update_every": 2, "scorer_warmup": 5} if method == "dds" else None
+    run = train(*_load(tables), out=tmp_path / method, config=_cfg(method), method_config=over, hooks=[hook])
+    vals = run.values().set_index("example_id")
+    steps = run.steps().to_pandas()
+    g = steps.groupby("example_id")
+    np.testing.assert_allclose(vals.loc[g.loss.mean().index, "mean_loss"], g.loss.mean(), rtol=1e-6)
+    np.testing.assert_array_equal(vals.loc[g.size().index, "times_seen"], g.size())
+    ids = _load(tables)[0].ids
+    m = pd.DataFrame(hook.rows, columns=["row", "margin"]).groupby("row").margin.mean()
+    np.testing.assert_allclose(vals.loc[ids[m.index], "aum"], m.to_numpy(), rtol=1e-12)
+    if method == "uniform":  # no weights, no rewards: NaN columns, and value = -mean_loss (the small-loss signal)
+        assert vals.mean_weight.isna().all() and vals.mean_reward.isna().all()
+        np.testing.assert_allclose(vals.value, -vals.mean_loss, rtol=1e-12)
+        return
+    w = g.weight.mean()
+    np.testing.assert_allclose(vals.loc[w.index, "mean_weight"], w, rtol=1e-5)
+    rewarded = steps.dropna(subset=["reward"]).groupby("example_id").reward.mean()
+    assert len(rewarded) > 0
+    np.testing.assert_allclose(vals.loc[rewarded.index, "mean_reward"], rewarded, rtol=1e-5, atol=1e-12)
+    never = vals.index.difference(rewarded.index)
+    assert vals.loc[never, "mean_reward"].isna().all()
+
+
+def test_unseen_rows_are_nan_and_sums_are_exact():
+    acc = SignalAccumulator(5)
+    acc.update(torch.tensor([0, 1, 1]), loss=torch.tensor([1.0, 2.0, 4.0]), margin=torch.tensor([0.5, -1.0, 1.0]),
+               weight=None, reward=torch.tensor([3.0, 1.0, 2.0]))
+    acc.update(torch.tensor([0]), loss=torch.tensor([3.0]), weight=torch.tensor([2.0]))
+    c = acc.columns()
+    np.testing.assert_allclose(c["mean_loss"][:2], [2.0, 3.0])
+    np.testing.assert_allclose(c["aum"][:2], [0.5, 0.0])
+    np.testing.assert_allclose(c["mean_reward"][:2], [3.0, 1.5])
+    assert c["mean_weight"][0] == 2.0 and np.isnan(c["mean_weight"][1])  # weight only reported once, for row 0
+    assert np.isnan(c["mean_loss"][2:]).all() and list(c["times_seen"]) == [2, 2, 0, 0, 0]
+    again = SignalAccumulator(5)
+    again.load_state_dict(acc.state_dict())
+    for k, v in again.columns().items():
+        np.testing.assert_array_equal(v, c[k])
+
+
+def test_resume_gives_identical_signals(tables, tmp_path):
+    over = {"update_every": 2, "scorer_warmup": 5}
+    full = train(*_load(tables), out=tmp_path / "full", config=_cfg("dds"), method_config=over)
+
+    class StopAt:
+        def on_step_end(self, step, batch, record, trainer):
+            if step == 17:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, hooks=[StopAt()])
+    resumed = train(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, resume=True)
+    a, b = full.values(), resumed.values()
+    for col in ("mean_loss", "aum", "mean_weight", "mean_reward", "times_seen", "value", "scorer_logit"):
+        np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=col)
+    assert read_run(tmp_path / "part").meta["status"] == "completed"
+
+
+def test_class_percentile_and_rank_average():
+    v = np.array([3.0, 1.0, 2.0, 10.0, np.nan, 5.0, 5.0])
+    lab = np.array(["a", "a", "a", "b", "b", "b", "c"])
+    np.testing.assert_allclose(class_percentile(v, lab), [1.0, 0.0, 0.5, 1.0, np.nan, 0.0, 0.5], equal_nan=True)
+    ties = class_percentile(np.array([1.0, 1.0, 2.0]), np.zeros(3))
+    np.testing.assert_allclose(ties, [0.25, 0.25, 1.0])
+    w = np.array([1.0, 3.0, 2.0, np.nan, np.nan, 1.0, 0.0])
+    # class b: v ranks 10 -> 1, 5 -> 0; w has one finite row (0.5); row 4 has no finite signal -> nan
+    np.testing.assert_allclose(rank_average([v, w], lab), [0.5, 0.5, 0.5, 1.0, np.nan, 0.25, 0.5], equal_nan=True)
+    z = class_standardise(np.array([1.0, 3.0, 5.0, 5.0]), np.array([0, 0, 1, 1]))
+    np.testing.assert_allclose(z, [-1.0, 1.0, 0.0, 0.0])
