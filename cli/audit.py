@@ -33,6 +33,18 @@ def add_parser(sub):
     p.set_defaults(func=run)
 
 
+def run_tables(run) -> list[str]:
+    """The tables named in run.json (data.train/dev/test.path): inputs, never an output."""
+    data = run.meta.get("data") or {}
+    out = []
+    for split in ("train", "dev", "test"):
+        d = data.get(split) if isinstance(data, dict) else None
+        path = d.get("path") if isinstance(d, dict) else None
+        if isinstance(path, str) and path:
+            out.append(path)
+    return out
+
+
 def summary_path(out: Path) -> Path:
     """AUDIT.parquet -> AUDIT.summary.json (same folder)."""
     return out.with_name(out.stem + ".summary.json")
@@ -62,18 +74,22 @@ def run(args) -> int:
     from valuekit.analysis.mislabel import audit, audit_summary
     from valuekit.errors import InputError
 
+    from valuekit.paths import check_output
+    from valuekit.runlog import read_run
+
     out = Path(args.out)
     suffix = out.suffix.lower()
-    if suffix not in (".parquet", ".pq", ".csv"):
-        raise InputError(f"-o {out}: output must end in .parquet or .csv")
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=[args.data], runs=args.runs)
+    # the runs' training tables are inputs too (never an output)
+    inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=args.runs)
+    check_output(summary_path(out), inputs=inputs, runs=args.runs)
     if args.flag_fraction is not None and not 0.0 <= args.flag_fraction <= 1.0:
         raise InputError(f"--flag-fraction {args.flag_fraction}: must be between 0 and 1")
     if args.cv_folds < 2:
         raise InputError(f"--cv-folds {args.cv_folds}: need at least 2")
     if args.cv_max_train < 10:
         raise InputError(f"--cv-max-train {args.cv_max_train}: need at least 10")
-    if out.is_dir():
-        raise InputError(f"-o {out}: is a directory; give a file name ending in .parquet or .csv")
     frame = audit(args.runs, data=args.data, flag_fraction=args.flag_fraction, baselines=args.baselines,
                   predict=args.predict, cv_folds=args.cv_folds, cv_max_train=args.cv_max_train, seed=args.seed,
                   id_col=args.id_col, label_col=args.label_col)

@@ -1,11 +1,13 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
-(uniform, dds, dds-entropy, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
+(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
 see valuekit.suites); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
 """
 
 from __future__ import annotations
+
+from valuekit.cli.common import add_threads_option
 
 
 def add_parser(sub):
@@ -26,19 +28,51 @@ def add_parser(sub):
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
                    "(default noise20,noise40)")
     p.add_argument("--runs-dir", default=None, help="quality: keep every run directory (and partial results) here")
+    add_threads_option(p)
     p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    """Every option is checked before the first benchmark starts (a typo must not cost a speed run)."""
+    from valuekit.config import available_methods
+    from valuekit.datasets import DATASETS
+    from valuekit.errors import InputError
+    from valuekit.paths import check_output
+    from valuekit.trainers.base import resolve_device
+
+    check_output(args.out, kind="dir")
+    resolve_device(args.device)
+    if args.steps is not None and args.steps < 1:
+        raise InputError(f"--steps {args.steps}: must be >= 1")
+    items = {key: [t.strip() for t in (getattr(args, key) or "").split(",") if t.strip()]
+             for key in ("seeds", "datasets", "methods")}
+    for key in ("seeds", "datasets", "methods"):
+        if getattr(args, key) is not None and not items[key]:
+            raise InputError(f"--{key} {getattr(args, key)!r}: empty list")
+    bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
+    if bad:
+        raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
+    for key, known in (("datasets", list(DATASETS)), ("methods", available_methods())):
+        unknown = [t for t in items[key] if t not in known]
+        if unknown:
+            raise InputError(f"--{key}: unknown {key[:-1]} {unknown[0]!r}; choose from {', '.join(known)}")
 
 
 def run(args) -> int:
     from pathlib import Path
 
     from valuekit.bench import KINDS, run_bench, write_index
+    from valuekit.cli.common import apply_cli_threads
 
+    apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
+
+    _check(args)
     kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}
-    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out]
+    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out,
+            *(["--threads", str(args.threads)] if args.threads is not None else [])]
     for key, value in options.items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]

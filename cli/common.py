@@ -39,6 +39,13 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda (default: auto)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
+    add_threads_option(g)
+
+
+def add_threads_option(p) -> None:
+    p.add_argument("--threads", default=None, metavar="N",
+                   help="CPU threads for torch (default: $VALUEKIT_THREADS, else 1 for the small built-in models "
+                        "linear/mlp/cnn, torch's default for larger ones; see valuekit.threads)")
 
 
 def table_kwargs(args) -> dict:
@@ -80,7 +87,38 @@ def load_tables(args, table_path):
     kw.pop("feature_cols"), kw.pop("image_shape")
     dev = load_table(args.dev, name="dev", like=train, **kw)
     test = load_table(args.test, name="test", like=train, **kw) if args.test else None
+    for note in table_warnings(train, dev, batch_size=getattr(args, "batch_size", 0) or 0):
+        warn(note)
     return train, dev, test
+
+
+def warn(message: str) -> None:
+    """One line on stderr for input that is accepted but probably not what the user meant."""
+    import sys
+
+    print(f"valuekit: warning: {message}", file=sys.stderr)
+
+
+def _is_int_text(text: str) -> bool:
+    return text.lstrip("+-").isdigit()
+
+
+def table_warnings(train, dev, *, batch_size: int) -> list[str]:
+    """Accepted but suspicious input: a batch larger than the table, a dev table that is the training
+    table, a stray text label among integer labels."""
+    notes = []
+    if batch_size > len(train):
+        notes.append(f"--batch-size {batch_size} is larger than the training table ({len(train)} rows); "
+                     f"every step then sees rows repeated")
+    if len(dev) == len(train) and dev.fingerprint() == train.fingerprint():
+        notes.append(f"the dev table {dev.path or ''} holds the same rows as the training table; the methods "
+                     f"then learn nothing a plain run would not (the dev table should be small and trusted)")
+    ints = [c for c in train.classes if _is_int_text(c)]
+    others = [c for c in train.classes if not _is_int_text(c)]
+    if ints and others and len(others) <= max(1, len(train.classes) // 4):
+        notes.append(f"{train.path or 'train'}: label {others[0]!r} is not an integer while the other labels "
+                     f"are ({', '.join(ints[:5])}{', ...' if len(ints) > 5 else ''}); a stray value?")
+    return notes
 
 
 def train_config(args) -> tuple[TrainConfig, object]:
@@ -90,7 +128,19 @@ def train_config(args) -> tuple[TrainConfig, object]:
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device)
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
+    apply_cli_threads(args, model=cfg.model, device=cfg.device)
     return cfg, method_cfg
+
+
+def apply_cli_threads(args, *, model: str | None = None, device: str | None = None) -> int:
+    """Apply --threads / $VALUEKIT_THREADS / the measured default (valuekit.threads) before any torch work."""
+    from valuekit.threads import apply_threads
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return apply_threads(getattr(args, "threads", None), model=model, device=device)
 
 
 def _load_text_pairs(args, table_path):

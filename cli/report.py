@@ -20,6 +20,13 @@ def run(args) -> int:
     from valuekit.errors import InputError
     from valuekit.report import write_report
 
+    from valuekit.cli.audit import run_tables
+    from valuekit.paths import check_output
+    from valuekit.runlog import read_run
+
+    check_output(args.out, suffixes=(".html", ".htm"), inputs=[args.data], runs=args.runs)
+    inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
+    check_output(args.out, suffixes=(".html", ".htm"), inputs=inputs, runs=args.runs)
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: must be at least 1")
     path = write_report(args.runs, args.out, data=args.data, baselines=args.baselines, top_k=args.top_k,

@@ -38,13 +38,23 @@ def run(args) -> int:
     from valuekit.errors import InputError
     from valuekit.export import DEFAULT_BATCH_ROWS, check_selection, write_scored
 
-    out = Path(args.out)
+    from valuekit.paths import check_output
+
     if (args.run is None) == (args.method is None):
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
+    inputs = [args.table, args.dev, args.test]
+    runs = [args.run] if args.run else []
+    out = Path(args.out)
+    instr = _instruction_export(args, out)
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()), inputs=inputs,
+                 runs=runs)
     check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only,
                     args.per_class)
+    if args.batch_rows is not None and args.batch_rows < 1:
+        raise InputError(f"--batch-rows {args.batch_rows}: must be an integer >= 1")
+    if args.method is None and args.run_dir is not None:
+        raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
-    instr = _instruction_export(args, out)
     if args.method is not None:
         from valuekit.trainers.base import train
 
@@ -53,11 +63,10 @@ def run(args) -> int:
         cfg, method_cfg = train_config(args)
         data, dev, test = load_tables(args, args.table)
         run_dir = Path(args.run_dir or out.with_name(out.name + ".run"))
-        # Check the export options before spending time on training.
-        if out.suffix.lower() not in (".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()):
-            raise InputError(f"-o {out}: output must end in .parquet or .csv")
-        if out.resolve() == Path(args.table).resolve():
-            raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
+        # Check where the run goes before spending time on training.
+        check_output(run_dir, option="--run-dir", kind="run", inputs=[*inputs, args.out])
+        if run_dir.resolve() == out.resolve() or out.resolve().is_relative_to(run_dir.resolve()):
+            raise InputError(f"-o {args.out}: lies in the run directory {run_dir}; write the table elsewhere")
         r = train(data, dev, test, out=run_dir, config=cfg, method_config=method_cfg)
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
@@ -94,6 +103,7 @@ def _instruction_export(args, out: Path) -> bool:
 
     names = _columns(args.table)
     instr = args.per_task or out.suffix.lower() == ".jsonl" or ("prompt" in names and "response" in names)
-    if instr and (args.top_k is not None or args.drop_fraction is not None or args.min_weight is not None):
+    if instr and (args.top_k is not None or args.drop_fraction is not None or args.min_weight is not None
+                  or args.per_class):
         raise InputError("instruction tables select with --keep-fraction (optionally --per-task)")
     return instr

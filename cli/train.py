@@ -15,6 +15,7 @@ from pathlib import Path
 
 from valuekit.cli.common import add_table_options, add_train_options, load_tables, train_config
 from valuekit.errors import InputError
+from valuekit.paths import check_output
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -72,6 +73,7 @@ def _launch(args) -> int:
 def run(args) -> int:
     from valuekit.trainers.base import train
 
+    check_output(args.out, option="--out", kind="run", inputs=[args.table, args.dev, args.test])
     if args.nproc is not None and args.nproc < 1:
         raise InputError(f"--nproc {args.nproc}: must be >= 1")
     cfg, method_cfg = train_config(args)

@@ -9,6 +9,22 @@ import torch
 
 torch.set_num_threads(1)
 
+# Property-based tests draw the same cases on every run and every machine (no example database).
+from hypothesis import settings as _hsettings  # noqa: E402
+
+_hsettings.register_profile("valuekit", derandomize=True, database=None, deadline=None)
+_hsettings.load_profile("valuekit")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run by default where CUDA is present and are skipped (with the reason) elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 def blobs(n: int, *, seed: int = 0, classes: int = 3, dim: int = 4, noise: float = 0.0, id_start: int = 0) -> pd.DataFrame:
     """Gaussian blobs, one per class; `noise` flips that fraction of labels (is_noisy/clean_label kept)."""

@@ -322,9 +322,34 @@ def test_noisy_rows_get_lower_posterior_mean_and_intervals_hold(tmp_path):
     assert late["reward"][is_noisy].mean() < late["reward"][~is_noisy].mean()
 
 
+class _FirstNet:
+    """Hook: the weight net's parameters after step 1 and the trainer at the end."""
+
+    def on_step_end(self, step, batch, record, trainer):
+        if step == 1:
+            self.first = {k: v.detach().clone() for k, v in trainer.weight_net.state_dict().items()}
+        self.trainer = trainer
+
+
 def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
     run, tr = _train(tmp_path, "wn", steps=200, method_config={"weight_net": True, "s_avg": 5})
     v = run.values()
     assert v["value"].between(0, 1).all()
     assert v["value"].std() > 0  # the net gives rows different weights
     assert (v["ci_low"].dropna() <= v["ci_high"].dropna()).all()
+    # Without Langevin noise (T = 0) only the drift moves phi: it must move it (an update set to zero
+    # left every assertion above green).
+    tr_df, dev_df, te_df = _noisy_blobs()
+    data = load_table(tr_df)
+    hook = _FirstNet()
+    cfg = TrainConfig(method="bads", model="mlp", hidden=16, steps=60, batch_size=16, eval_every=50, progress=False)
+    cold = train(data, load_table(dev_df, like=data, name="dev"), out=tmp_path / "cold", config=cfg, hooks=[hook],
+                 method_config={"weight_net": True, "s_avg": 5, "burn_in": 10, "dev_batch_size": 10,
+                                "temperature": 0.0})
+    last = hook.trainer.weight_net.state_dict()
+    moved = max(float((last[k] - hook.first[k]).abs().max()) for k in last)
+    assert moved > 1e-3, moved
+    with torch.no_grad():
+        w_end = hook.trainer.weight_net(hook.trainer.ctx.x, hook.trainer.ctx.y).double().cpu().numpy()
+    assert np.all((w_end > 0) & (w_end < 1))
+    assert np.isfinite(cold.values()["value"]).all()

@@ -97,7 +97,7 @@ def _bad_cases(tmp_path, tables):
         (base(good, _write(tmp_path, "dev_cols.parquet", dev_df.rename(columns={"f1": "g1"}))),
          "feature column 'f1' not found"),
         (["score", good, "--run", str(run), "-o", good], "is the input table"),
-        (["train", good, "--dev", dev, "--out", good, *FAST], "is an input table"),
+        (["train", good, "--dev", dev, "--out", good, *FAST], "is the input table"),
         (["train", str(other), "--dev", dev, "--out", str(run), "--resume", *FAST], "--resume with different data"),
         (["train", good, "--dev", dev, "--out", str(run), "--resume", "--method", "uniform", "--model", "linear",
           *FAST], "--resume with different config"),

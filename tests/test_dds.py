@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +15,7 @@ from valuekit.errors import InputError
 from valuekit.trainers import dds, uniform
 from valuekit.trainers.base import Batch, TrainConfig, TrainContext, per_example_loss, train
 
-DIGITS = "data/digits-noisy20"
+DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"  # from any working directory
 
 
 def make_ctx(*, n=24, d=5, c=3, m=10, seed=0, batch_size=8, dtype=torch.float32, model="mlp") -> TrainContext:
@@ -166,7 +169,8 @@ def test_class_balance_prior_equalises_class_mass():
 @pytest.mark.parametrize("bad", [{"reward_method": "magic"}, {"scorer": "tree"}, {"reward_norm": "z"},
                                  {"update_every": 0}, {"init_scorer": "/nonexistent/run"}, {"scorer_lr": -1.0}])
 def test_config_validation(bad):
-    with pytest.raises(InputError):
+    (key, value), = bad.items()  # the message names the setting and the value given
+    with pytest.raises(InputError, match=rf"{key}\W+'?{re.escape(str(value))}"):
         dds.Config(**bad).validate()
 
 

@@ -182,8 +182,8 @@ def test_two_processes_equal_doubled_batch(case, tmp_path, multisource):
     method = CASES[case][1]
     if method not in available_methods():
         pytest.skip(f"method {method} not in this version")
-    if not getattr(load_method(method)[0], "DISTRIBUTED", False):
-        pytest.skip(f"method {method} does not synchronise its state under torchrun yet")
+    # README: every method runs under torchrun; one that lost DISTRIBUTED = True fails here, never skips
+    assert getattr(load_method(method)[0], "DISTRIBUTED", False), f"method {method} lost DISTRIBUTED = True"
     args = tables(case, multisource) + LOOP + CASES[case]
     single([*args, "--batch-size", str(2 * B), "--out", str(tmp_path / "one")])
     ok(torchrun([*args, "--batch-size", str(B), "--out", str(tmp_path / "two")]))

@@ -277,8 +277,21 @@ def test_batchnorm_buffers_not_updated_and_exact_in_train_mode():
     x, y = data("flat")
     v = rand_v(model)
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    r = per_example_dots(model, x, y, v)  # batch-coupled, but must run
+    r = per_example_dots(model, x, y, v)  # batch-coupled: d l_i / d theta . v through the batch statistics
     assert r.shape == (x.shape[0],)
+    # exact reference: for each i, backward of l_i from one whole-batch forward (train mode) on a copy
+    import copy
+
+    ref = []
+    for i in range(x.shape[0]):
+        m = copy.deepcopy(model)
+        loss_i = F.cross_entropy(m(x), y, reduction="none")[i]
+        names = [n for n, p in m.named_parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss_i, [dict(m.named_parameters())[n] for n in names])
+        ref.append(sum((g * v[n]).sum() for g, n in zip(grads, names)))
+    torch.testing.assert_close(r, torch.stack(ref), rtol=RTOL, atol=ATOL)
+    # and it is not the batch-of-one loop (which would ignore the coupling)
+    assert (r - per_example_dots_loop(copy.deepcopy(model).eval(), x, y, v)).abs().max() > 1e-6
     per_example_dots(model, x, y, v, method="taylor")
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n

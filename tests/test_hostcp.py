@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +17,7 @@ from valuekit.trainers.base import Batch, TrainConfig, TrainContext, train
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside cvxpylayers/diffcp
 )
-DIGITS = "data/digits-noisy20"
+DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"  # from any working directory
 DT = torch.float64
 
 

@@ -162,13 +162,18 @@ def test_overrides_are_typed_by_defaults():
         parse_overrides(["nope=1"], UniformConfig)
 
 
-def test_device_choice():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device("auto").type in ("cpu", "cuda")
-    with pytest.raises(InputError, match="--device 'tpu': use auto, cpu or cuda"):
-        resolve_device("tpu")
+def test_device_choice(monkeypatch):
     import torch
 
-    if not torch.cuda.is_available():
-        with pytest.raises(InputError, match="no CUDA device is available"):
-            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InputError, match="--device 'tpu': use auto, cpu or cuda"):
+        resolve_device("tpu")
+    # both answers of "is there a GPU?", whatever this machine has
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for name in ("cuda", "cuda:0"):
+        with pytest.raises(InputError, match=f"--device {name}: no CUDA device is available"):
+            resolve_device(name)

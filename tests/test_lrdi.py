@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -218,7 +219,8 @@ def test_teacher_inputs_subset_and_validation():
                 dict(teacher_inputs=""), dict(teacher_inputs="loss,loss"),
                 dict(variant="mwnet", teacher_inputs="features"), dict(variant="l2rw", meta_every=2),
                 dict(virtual_lr=0.0), dict(virtual_momentum=1.0), dict(dev_batch_size=-1), dict(meta_every=0)):
-        with pytest.raises(InputError):
+        key, value = list(bad.items())[-1]  # the message names the offending setting and its value
+        with pytest.raises(InputError, match=rf"{key}\W+'?{re.escape(str(value))}"):
             Config(**bad).validate()
     Config(variant="mwnet", teacher_inputs="loss").validate()
     vals, _ = parse_overrides(["teacher_inputs=loss,features", "unroll=3"], Config)
@@ -346,3 +348,36 @@ def test_live_tensor_memory_is_flat_over_200_steps(variant, unroll):
     assert snap[200][2] == 0  # no autograd graph survives a step
     n_params = sum(p.numel() for p in tr.model.parameters())
     assert n_params == sum(p.numel() for p in tiny_trainer(Config(variant=variant)).model.parameters())
+
+
+# ---------------------------------------------------------------- fused meta-gradient (speed, issue 20)
+
+
+@pytest.mark.parametrize("variant", ["lrdi", "mwnet", "l2rw"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_fused_meta_gradient_equals_second_order(variant, normalize):
+    """meta_grad=fused (per-example dots from the student's own backward, no double backward) gives the
+    second-order autograd meta-gradient, dev loss and student gradient to float64 rounding."""
+    out = {}
+    for mode in ("fused", "autograd"):
+        tr = tiny_trainer(Config(variant=variant, meta_grad=mode, virtual_lr=0.4, teacher_hidden=3, label_dim=2,
+                                 normalize=normalize))
+        assert (tr.dots_by == "tape") == (mode == "fused")
+        ctx = tr.ctx
+        out[mode] = tr.meta_gradient(ctx.x, ctx.y, ctx.dev_x, ctx.dev_y, progress=0.3)
+    f, a = out["fused"], out["autograd"]
+    gf = f["grads"] if variant == "l2rw" else _flat(f["grads"])
+    ga = a["grads"] if variant == "l2rw" else _flat(a["grads"])
+    assert ga.abs().max() > 1e-4
+    torch.testing.assert_close(gf, ga, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(f["dev_loss"], a["dev_loss"], rtol=1e-12, atol=0)
+    if variant != "l2rw":
+        torch.testing.assert_close(_flat(f["student_grads"]), _flat(a["student_grads"]), rtol=1e-10, atol=1e-13)
+
+
+def test_meta_grad_option_validation():
+    with pytest.raises(InputError, match="meta_grad=fused needs unroll 1"):
+        Config(meta_grad="fused", unroll=2).validate()
+    with pytest.raises(InputError, match="meta_grad"):
+        Config(meta_grad="x").validate()
+    assert tiny_trainer(Config(unroll=2)).dots_by is None  # auto: second order for unroll > 1

@@ -91,7 +91,15 @@ def test_prepare_splits_hold_out_target_groups(tmp_path):
 
 
 def test_cli_and_committed_copy(tmp_path):
+    """Rebuilt from the installed Django, the corpus equals the committed copy, within the Django versions the
+    `multilingual` extra pins (the copy was built with 5.2.19; other releases change the catalogs)."""
+    import django
+
     from valuekit.cli.main import main
+
+    version = tuple(int(v) for v in django.__version__.split(".")[:3] if v.isdigit())
+    if not (5, 2, 19) <= version < (5, 3):
+        pytest.skip(f"Django {django.__version__} is outside the pinned range >=5.2.19,<5.3")
 
     assert main(["data", "prepare", "multilingual", "-o", str(tmp_path)]) == 0
     for split in ("train", "dev", "test"):

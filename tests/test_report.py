@@ -152,10 +152,10 @@ def test_optional_sections_appear_with_their_data(uniform_run, tmp_path):
     assert "usage" in page.sections and "subsets" in page.sections
     figs = {i.get("id") for i in page.imgs}
     for mod, fig in (("usage", "fig-source-usage"), ("subsets", "fig-subset-value")):
-        if importlib.util.find_spec(f"valuekit.analysis.{mod}") is not None:
-            assert fig in figs
-        else:
-            assert f"valuekit.analysis.{mod} is not in this installation" in text
+        assert importlib.util.find_spec(f"valuekit.analysis.{mod}") is not None  # shipped: the figure is required
+        assert fig in figs, (fig, figs)
+        assert f"valuekit.analysis.{mod} is not in this installation" not in text
+        assert "not shown" not in text
 
 
 def test_report_without_the_training_table(uniform_run, tmp_path):

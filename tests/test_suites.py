@@ -44,6 +44,10 @@ def test_a_suite_runs_its_grid_and_writes_csv_md_png(tmp_path, monkeypatch):
     assert imb.auroc.isna().all() and (imb.kl_dev_rows > 0).all() and np.isfinite(imb.kl_dev_weights).all()
     # uniform weights are all 1: its weight mass per class is the row count per class
     np.testing.assert_allclose(imb[imb.arm == "uniform"].kl_dev_weights, imb[imb.arm == "uniform"].kl_dev_rows)
+    dds = frame[frame.arm == "dds k=2"]
+    assert dds.ess_median.between(0, 1).all() and (dds.ess_p5 <= dds.ess_median).all()
+    assert np.isfinite(imb[imb.arm == "dds k=2"].rare_boost).all() and noise.rare_boost.isna().all()
+    assert frame[frame.arm == "uniform"].ess_median.isna().all()  # uniform logs no weights
     text = md.read_text()
     assert text.startswith("# Tiny") and "Command: `valuekit bench tiny`" in text
     row = [line for line in text.splitlines() if line.startswith("| digits | noise20 | uniform |")][0]

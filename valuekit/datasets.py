@@ -309,10 +309,11 @@ def _features(df, where, reserved, feature_cols, ids):
         if len(lengths) != 1:
             raise InputError(f"{where}: column {col!r} has rows of different lengths {sorted(lengths)[:5]}")
         try:
-            x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
+            with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
+                x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
         except (TypeError, ValueError):
             raise InputError(f"{where}: column {col!r} holds non-numeric values") from None
-        _check_finite(x, where, [col] * x.shape[1], ids)
+        _check_finite(x, where, [col] * x.shape[1], ids, original=lambda r, c: np.asarray(rows[r])[c])
         return x, [col], x.shape[1:]
     for c in candidates:
         kind = df[c].dtype.kind
@@ -322,16 +323,20 @@ def _features(df, where, reserved, feature_cols, ids):
                 f"{where}: column {c!r} is not numeric (e.g. {example!r}); declare features with --feature-cols "
                 f"or drop it"
             )
-    x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
-    _check_finite(x, where, candidates, ids)
+    with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
+        x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
+    _check_finite(x, where, candidates, ids, original=lambda r, c: df[candidates[c]].iloc[r])
     return x, [str(c) for c in candidates], None
 
 
-def _check_finite(x, where, cols, ids):
+def _check_finite(x, where, cols, ids, original=None):
     bad = ~np.isfinite(x)
     if bad.any():
         r, c = np.argwhere(bad)[0]
-        raise InputError(f"{where}: column {cols[c]!r} has value {x[r, c]} at id {_show(ids[r])}; features must be finite")
+        value = x[r, c] if original is None else original(r, c)
+        if isinstance(value, (int, float, np.number)) and np.isfinite(value):  # finite in the file: beyond float32
+            raise InputError(f"{where}: column {cols[c]!r} has value {value:g} at id {_show(ids[r])}; beyond float32")
+        raise InputError(f"{where}: column {cols[c]!r} has value {value} at id {_show(ids[r])}; features must be finite")
 
 
 # ---------------------------------------------------------------- preparation
@@ -478,6 +483,8 @@ def prepare(
         raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+    if max_train is not None and max_train < 1:
+        raise InputError(f"--max-train {max_train}: must be >= 1")
     loader = DATASETS[name][0]
     x, y, shape_or_names, class_names = loader(from_dir) if name == "fashion-mnist" else loader()
     num_classes = len(class_names)

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
+from valuekit.paths import unreadable
 from valuekit.runlog import mean_one, rank_by_value, read_run
 from valuekit.tablestream import (PARQUET_SUFFIXES, _CsvSource, _csv_unwritable, _FileSink, _FrameSource,
                                   _MemorySink, _open_source, _Restart)
@@ -179,10 +180,18 @@ def _labels_of(source, label_col: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _values_column(values_path: Path, name: str) -> pa.ChunkedArray:
+    """One column of values.parquet (schema checked by Run.checked_values_path); damaged pages -> one line."""
+    try:
+        return pq.read_table(values_path, columns=[name]).column(0)
+    except Exception as exc:
+        raise unreadable(values_path, exc) from None
+
+
 def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight,
           labels=None) -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
-    values_path = run.values_path
+    values_path = run.checked_values_path() or run.values_path
     if not values_path.exists():
         raise InputError(f"{run.path}: run has no values.parquet (status {run.meta.get('status')!r}); "
                          "finish it with --resume")
@@ -190,7 +199,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
     if n == 0:
         raise InputError(f"{where}: table is empty")
     ids = _normalise_ids(ids, where, id_col)
-    vid = pq.read_table(values_path, columns=["example_id"]).column(0).combine_chunks()
+    vid = _values_column(values_path, "example_id").combine_chunks()
     vid = vid.cast(pa.int64()) if pa.types.is_integer(vid.type) else vid.cast(pa.large_string())
     if vid.type != ids.type:  # int ids on one side, text on the other: compare as text
         ids, vid = ids.cast(pa.large_string()), vid.cast(pa.large_string())
@@ -216,7 +225,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
 
     def gather(name: str) -> np.ndarray:
         # One column at a time keeps pass 1 at a few arrays of N numbers.
-        a = pq.read_table(values_path, columns=[name]).column(0).to_numpy().astype(np.float64, copy=False)
+        a = _values_column(values_path, name).to_numpy().astype(np.float64, copy=False)
         return a if pos is None else a[pos]
 
     value, value_std, weight = gather("value"), gather("value_std"), gather("weight")

@@ -462,6 +462,11 @@ class LayerTape:
     and grad_b l_i . v_b = sum over positions of dl_i/dout_i . v_b (the "ghost" identity of `per_example_dots`).
     The backward must be of a *sum* of per-row terms; `dots` then returns d(that sum)/d(row term) times
     grad l_i . v, i.e. each row's loss weight times its dot product. Use as a context manager around the pass.
+
+    BatchNorm layers are recorded too (their output is linear in (weight, bias)); in training mode the rows
+    interact through the batch statistics, and the per-row terms are then each row's share of the batch
+    gradient's dot product (they still sum to it exactly), not grad l_i . v: methods that need the latter
+    use forward-mode dots for such models (dds, hostcp, lrdi do).
     """
 
     def __init__(self, model: nn.Module):
@@ -471,8 +476,8 @@ class LayerTape:
             own = dict(mod.named_parameters(recurse=False))
             if not own:
                 continue
-            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward):
-                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d")
+            if type(mod).forward not in (nn.Linear.forward, nn.Conv2d.forward, nn.modules.batchnorm._BatchNorm.forward):
+                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) is not Linear/Conv2d/BatchNorm")
             self.names[id(mod)] = (canon[id(own["weight"])], canon[id(own["bias"])] if "bias" in own else None)
         self.modules = [m for m in model.modules() if id(m) in self.names]
         self.records: list[list] = []
@@ -507,6 +512,14 @@ class LayerTape:
                 r = (grad * F.linear(a, v[wname])).reshape(b, -1).sum(1)
                 if bname is not None:
                     r = r + grad.reshape(b, -1, grad.shape[-1]).sum(1) @ v[bname]
+            elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                # the output is linear in (weight, bias): normalise the recorded input as the forward did
+                # (batch statistics in training mode, else the running ones; nothing is updated) with weight
+                # and bias replaced by v
+                batch_stats = mod.training or mod.running_mean is None
+                y_v = F.batch_norm(a, None if batch_stats else mod.running_mean, None if batch_stats else mod.running_var,
+                                   v[wname], None if bname is None else v[bname], training=batch_stats, eps=mod.eps)
+                r = (grad * y_v).reshape(b, -1).sum(1)
             else:
                 r = (grad * mod._conv_forward(a, v[wname], None)).reshape(b, -1).sum(1)
                 if bname is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import time
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from valuekit.errors import RunDirError
+from valuekit.paths import (REQUIRED, check_columns, check_training_state, make_run_dir, remove_if_empty,
+                            take_over_stale, unreadable)
 
 SCHEMA_VERSION = 1
 RUN_JSON = "run.json"
@@ -44,6 +45,8 @@ SUBSET_VALUE = "subset_value.parquet"  # written by valuekit.retrain.subset_valu
 LOCK = ".lock"
 STEPS, METRICS, SOURCES = "steps", "metrics", "sources"
 TABLES = (STEPS, METRICS, SOURCES)
+# Everything in a run directory that belongs to the run: never an output (valuekit.paths.check_output).
+RUN_FILES = (RUN_JSON, VALUES, CHECKPOINT, LOCK, *TABLES)
 
 
 def _id_type(id_type: str) -> pa.DataType:
@@ -169,10 +172,13 @@ def acquire_lock(run_dir: Path) -> Path:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = lock.read_text().strip() if lock.exists() else ""
+            try:
+                holder = lock.read_text().strip()
+            except (OSError, UnicodeDecodeError):
+                holder = ""
             host, _, pid = holder.rpartition(":")
             if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
-                lock.unlink(missing_ok=True)
+                take_over_stale(lock, holder)
                 continue
             raise RunDirError(
                 f"{run_dir}: run directory is in use by another valuekit process ({holder or 'unknown'}); "
@@ -234,6 +240,114 @@ class PartWriter:
         self.buffer = []
 
 
+class AsyncPartWriter:
+    """PartWriter's interface (`add`, `flush`, `next_part`) with the work moved off the training loop.
+
+    `add` only keeps the step's column arrays (no Arrow conversion per step); `flush` hands the buffered
+    steps to one background thread, which concatenates each column over all of them, builds one Arrow
+    table and writes the part (hidden temporary file + rename, as PartWriter).  Part numbers are assigned
+    at `flush` time, so they are the same as PartWriter's; `sync()` waits until every flushed part is on
+    disk (RunWriter.part_counts and close call it, so a checkpoint never names a part that is not written).
+    An error in the thread is raised again in the caller at the next add/flush/sync.
+    """
+
+    def __init__(self, folder: Path, schema: pa.Schema, table: str, run_id: str, start_part: int = 0,
+                 *, max_pending: int = 2):
+        import queue
+        import threading
+
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.schema = schema.with_metadata(_meta(table, run_id))
+        self.buffer: list[dict] = []
+        self.next_part = start_part
+        self.error: BaseException | None = None
+        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)  # bounded: memory stays flat if disk is slow
+        self.thread = threading.Thread(target=self._work, name=f"valuekit-{table}-writer", daemon=True)
+        self.thread.start()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise RuntimeError(f"writing {self.folder} failed: {error}") from error
+
+    def add(self, **columns) -> None:
+        """Append rows; each column is an array, a scalar (repeated) or None (nulls). The arrays are kept
+        as they are (the caller must not modify them afterwards)."""
+        self._raise()
+        self.buffer.append(columns)
+
+    def flush(self) -> None:
+        self._raise()
+        if not self.buffer:
+            return
+        if not self.thread.is_alive():  # closed: write here
+            self.close()
+            return
+        self.jobs.put((self.buffer, self.folder / f"part-{self.next_part:05d}.parquet"))
+        self.next_part += 1
+        self.buffer = []
+
+    def sync(self) -> None:
+        """Wait until every flushed part is written."""
+        self.jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        """Write what is buffered and stop the thread (a later flush writes in the caller's thread)."""
+        if not self.thread.is_alive():
+            if self.buffer:
+                write_parquet_atomic(self._table(self.buffer), self.folder / f"part-{self.next_part:05d}.parquet")
+                self.next_part += 1
+                self.buffer = []
+            self._raise()
+            return
+        self.flush()
+        self.sync()
+        self.jobs.put(None)
+        self.thread.join()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:  # after a failure, later parts are dropped (the error is reported)
+                    rows, path = job
+                    write_parquet_atomic(self._table(rows), path)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                self.error = exc
+            finally:
+                self.jobs.task_done()
+
+    def _table(self, rows: list[dict]) -> pa.Table:
+        sizes = [max((np.size(v) for v in r.values() if v is not None and np.ndim(v) > 0), default=1) for r in rows]
+        total = int(sum(sizes))
+        arrays = []
+        for f in self.schema:
+            parts = [r.get(f.name) for r in rows]
+            if all(v is None for v in parts):
+                arrays.append(pa.nulls(total, f.type))
+                continue
+            if any(v is None for v in parts):  # some steps have the column, some not: mask the missing rows
+                mask = np.concatenate([np.full(n, v is None) for v, n in zip(parts, sizes)])
+                filler = next(v for v in parts if v is not None)
+                dtype = np.asarray(filler).dtype
+                parts = [np.zeros(n, dtype=dtype) if v is None else v for v, n in zip(parts, sizes)]
+            else:
+                mask = None
+            col = np.concatenate([np.broadcast_to(np.asarray(v), (n,)) for v, n in zip(parts, sizes)])
+            if col.dtype == object:
+                values = col.tolist()
+                if mask is not None:
+                    values = [None if m else v for v, m in zip(values, mask)]
+                arrays.append(pa.array(values, f.type))
+            else:
+                arrays.append(pa.array(col, f.type, mask=mask))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
+
+
 class RunWriter:
     """Creates or reopens a run directory, holds its lock, writes parts, values and run.json."""
 
@@ -260,17 +374,27 @@ class RunWriter:
                 for p in sorted(folders[name].glob("part-*.parquet")):
                     if int(p.stem.split("-")[1]) >= parts.get(name, 0):
                         p.unlink()
-        self.steps = PartWriter(folders["steps"], steps_schema(id_type), "steps", run_id, parts.get("steps", 0))
-        self.metrics = PartWriter(self.dir / "metrics", METRICS_SCHEMA, "metrics", run_id, parts.get("metrics", 0))
-        self.sources = PartWriter(self.dir / "sources", SOURCES_SCHEMA, "sources", run_id, parts.get("sources", 0))
+        # the three logs are written by background threads (AsyncPartWriter): the loop only hands over arrays
+        self.steps = AsyncPartWriter(folders["steps"], steps_schema(id_type), "steps", run_id, parts.get("steps", 0))
+        self.metrics = AsyncPartWriter(self.dir / "metrics", METRICS_SCHEMA, "metrics", run_id,
+                                       parts.get("metrics", 0))
+        self.sources = AsyncPartWriter(self.dir / "sources", SOURCES_SCHEMA, "sources", run_id,
+                                       parts.get("sources", 0))
         self.write_meta()
 
     def part_counts(self) -> dict[str, int]:
+        """Parts flushed so far per table, once they are all on disk (what a checkpoint may record)."""
+        self.sync()
         return {"steps": self.steps.next_part, "metrics": self.metrics.next_part, "sources": self.sources.next_part}
 
     def flush(self) -> None:
+        """Close the buffered rows into parts; they are written in the background (`sync` waits)."""
         for w in (self.steps, self.metrics, self.sources):
             w.flush()
+
+    def sync(self) -> None:
+        for w in (self.steps, self.metrics, self.sources):
+            w.sync()
 
     def write_meta(self, **updates) -> None:
         self.meta.update(updates)
@@ -284,7 +408,8 @@ class RunWriter:
         write_parquet_atomic(table, self.dir / VALUES)
 
     def close(self, status: str, **updates) -> None:
-        self.flush()
+        for w in (self.steps, self.metrics, self.sources):
+            w.close()
         self.write_meta(status=status, **updates)
         if self.lock is not None:
             self.lock.unlink(missing_ok=True)
@@ -332,14 +457,36 @@ class Run:
         return self.values_path.exists()
 
     def dataset(self, table: str) -> ds.Dataset | None:
+        """The table's parts as one dataset; a part that is not Parquet or lacks a column of the table's
+        schema raises `InputError("RUN/table/part: unreadable (...)")`."""
         folder = self.path / table
-        if not folder.is_dir() or not any(folder.rglob("part-*.parquet")):
+        if not folder.is_dir():
             return None
-        return ds.dataset(folder, format="parquet")
+        parts = sorted(folder.rglob("part-*.parquet"))
+        if not parts:
+            return None
+        need = REQUIRED[table]
+        schema = None
+        for part in parts:
+            try:
+                part_schema = pq.read_schema(part)
+            except Exception as exc:
+                raise unreadable(part, exc) from None
+            check_columns(part, part_schema, need)
+            schema = schema or part_schema
+        try:
+            return ds.dataset([str(p) for p in parts], format="parquet", schema=schema)
+        except Exception as exc:
+            raise unreadable(folder, exc) from None
 
     def table(self, table: str, columns: list[str] | None = None) -> pa.Table | None:
         d = self.dataset(table)
-        return None if d is None else d.to_table(columns=columns)
+        if d is None:
+            return None
+        try:
+            return d.to_table(columns=columns)
+        except Exception as exc:  # a part whose data pages are damaged or do not match the others
+            raise unreadable(self.path / table, exc) from None
 
     def steps(self, columns: list[str] | None = None) -> pa.Table | None:
         return self.table("steps", columns)
@@ -362,13 +509,42 @@ class Run:
         t = self.table("sources")
         return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
 
+    def checked_values_path(self) -> Path | None:
+        """values.parquet after checking its schema (no data read), or None when the run has none."""
+        p = self.path / "values.parquet"
+        if not p.exists():
+            return None
+        try:
+            if not p.is_file():
+                raise IsADirectoryError("a folder, not a file")
+            schema = pq.read_schema(p)
+        except Exception as exc:
+            raise unreadable(p, exc) from None
+        check_columns(p, schema, REQUIRED["values"])
+        return p
+
+    def check(self) -> "Run":
+        """Open every file of the run far enough to know it is a valuekit file (schemas, not the data):
+        a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made."""
+        self.checked_values_path()
+        for table in TABLES:
+            self.dataset(table)
+        return self
+
     def values(self, *, partial: bool = True) -> pd.DataFrame | None:
         """values.parquet; for a run that never finished (and `partial`), a stand-in from the step log
         (`attrs["partial"] = True`): value = mean logged weight, or minus the mean loss when no weights
         were logged. None when there is neither."""
         p = self.values_path
         if p.exists():
-            return pq.read_table(p).to_pandas()
+            try:
+                if not p.is_file():
+                    raise IsADirectoryError("not a file")
+                table = pq.read_table(p)
+            except Exception as exc:
+                raise unreadable(p, exc) from None
+            check_columns(p, table.schema, REQUIRED["values"])
+            return table.to_pandas()
         return self.values_from_steps() if partial else None
 
     def values_from_steps(self) -> pd.DataFrame | None:
@@ -397,8 +573,15 @@ def read_run(run_dir) -> Run:
         raise RunDirError(f"{path}: not a valuekit run directory (no {RUN_JSON})")
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunDirError(f"{meta_path}: unreadable ({exc})") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # a folder, binary garbage, broken JSON
+        raise unreadable(meta_path, exc) from None
+    if not isinstance(meta, dict):
+        raise unreadable(meta_path, f"expected a JSON object, found {type(meta).__name__}")
+    for key, kind in (("config", dict), ("method", str)):
+        if key in meta and not isinstance(meta[key], kind):
+            raise unreadable(meta_path, f"{key!r} is {json.dumps(meta[key])[:40]}, expected a {kind.__name__}")
+    if not isinstance(meta.get("data", {}), (dict, type(None))):
+        raise unreadable(meta_path, "'data' is not an object")
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
         raise RunDirError(
@@ -414,7 +597,10 @@ def _lock_held(run_dir: Path) -> bool:
     lock = run_dir / LOCK
     if not lock.exists():
         return False
-    host, _, pid = lock.read_text().strip().rpartition(":")
+    try:
+        host, _, pid = lock.read_text().strip().rpartition(":")
+    except (OSError, UnicodeDecodeError):
+        return True  # something is there that we cannot read: treat the run as busy
     if host == socket.gethostname() and pid.isdigit():
         return _pid_alive(int(pid))
     return True
@@ -444,15 +630,10 @@ def prepare_run(out: Path, meta: dict, resume: bool):
     """(lock, checkpoint state or None) for a fresh or resumed run directory; one process (rank 0) only.
     A resumed run takes run_id and started_at from the original; a fresh one gets a run_id."""
     out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    try:
-        # The lock comes first: a second process on this directory stops before reading or writing anything.
-        lock = acquire_lock(out)
-    except RunDirError:
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
+    created = make_run_dir(out)  # True only if this process made it: never remove another's folder
+    # The lock comes first: a second process on this directory stops before reading or writing anything.
+    # A refused lock belongs to a process that uses this folder, so nothing is removed then.
+    lock = acquire_lock(out)
     state = None
     try:
         if resume:
@@ -460,14 +641,14 @@ def prepare_run(out: Path, meta: dict, resume: bool):
             if identity(old.meta) != identity(meta):
                 diff = [k for k in identity(meta) if identity(meta)[k] != identity(old.meta)[k]]
                 raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
-            state = load_checkpoint(out)
+            state = load_checkpoint(out, training=True)
             meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
         elif (out / RUN_JSON).exists():
             raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
     except BaseException:
         lock.unlink(missing_ok=True)
         if created:
-            shutil.rmtree(out, ignore_errors=True)
+            remove_if_empty(out)
         raise
     meta.setdefault("run_id", new_run_id())
     return lock, state
@@ -480,12 +661,20 @@ def save_checkpoint(run_dir, blob: dict) -> None:
     write_atomic(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
 
 
-def load_checkpoint(run_dir) -> dict | None:
+def load_checkpoint(run_dir, *, training: bool = False) -> dict | None:
     """The run's checkpoint (weights_only=True: tensors and plain containers, never arbitrary objects),
-    on the CPU; None when the run has none."""
+    on the CPU; None when the run has none. A damaged or foreign file raises
+    `InputError("RUN/checkpoint.pt: unreadable (...)")` (never the advice to unpickle it); with
+    `training`, so does one without the loop's entries (step, trainer, sampler, generator, parts, elapsed)."""
     import torch
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise unreadable(path, f"not a checkpoint valuekit can load safely: {type(exc).__name__}") from None
+    if training:
+        check_training_state(state, path, TABLES)
+    return state

@@ -25,11 +25,16 @@ Two backends:
 * ``"exact"`` -- closed form.  The KKT conditions give
   ``w_i = clip((s_i - tau) / (2 lam), 0, 1)`` (quadratic) or
   ``w_i = sigmoid((s_i - tau) / lam)`` (entropy) with one scalar threshold ``tau``
-  per row chosen so that ``sum(w) = k``.  ``tau`` is found by a batched,
-  safeguarded Newton/bisection iteration (vectorised over rows, no Python loop over
-  rows; CPU or CUDA, float32/float64), then the scores are re-centred on it and a
+  per row chosen so that ``sum(w) = k``.  ``tau`` is found by a fixed number of
+  batched, safeguarded Newton/bisection steps inside a bracket from order statistics
+  (vectorised over rows; CPU or CUDA, float32/float64; no host synchronisation inside
+  the loop, convergence tested once at the end, with a bounded fallback and a
+  RuntimeWarning if it is ever needed), then the scores are re-centred on it and a
   second short solve plus a final Newton step (exact on the identified active set
-  for the quadratic case) bring ``sum(w) - k`` down to rounding error.  The backward
+  for the quadratic case) bring ``sum(w) - k`` down to rounding error.  On CPU the
+  solve runs on one intra-op thread whatever the process's setting (see
+  ``_one_cpu_thread``: many small kernels, and threads that wait for each other on a
+  loaded machine).  The backward
   pass is analytic (implicit function theorem) -- see :func:`select_subset`.
 * ``"cvxpylayers"`` -- the same program written in cvxpy (DPP, built once per
   ``n`` and cached) and differentiated by cvxpylayers/diffcp.  Slow; it is the
@@ -92,7 +97,10 @@ DEFAULT_SOLVER_ARGS: dict[str, dict[str, Any]] = {
 # keys that only diffcp's solve_and_derivative understands (its solve-only path hands
 # everything to the solver, which rejects them), passed per call when grads are needed
 _DERIVATIVE_KEYS = ("mode", "n_jobs_backward", "derivative_kwargs")
-_MAX_ITER = 100  # Newton/bisection iterations for the threshold (typically < 10 used)
+_MAX_ITER = 100  # Newton/bisection steps at most for the threshold (the fallback path; typically unused)
+# steps run without host synchronisation before convergence is tested once; chosen by measurement
+# (test_fixed_steps_suffice): from the order-statistic bracket of _bracket, typical rows need 2-5
+_FIXED_ITERS = {"quadratic": 6, "entropy": 8}
 _NUMPY_COPY_WARNING = r"__array__ implementation doesn't accept a copy keyword"
 
 
@@ -175,36 +183,46 @@ def _residual(s: torch.Tensor, tau: torch.Tensor, k: float, lam: float, reg: str
     return w.sum(-1) - k, df
 
 
-def _solve_threshold(
-    s: torch.Tensor, k: float, lam: float, reg: str, tau0: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Per-row threshold tau with sum_i w_i(tau) = k; s is (B, n), returns (B,).
+def _bracket(s: torch.Tensor, k: float, lam: float, reg: str):
+    """(lo, hi, initial tau) per row with f(lo) >= 0 >= f(hi), from order statistics (no sort).
 
-    sum_i w_i(tau) is non-increasing in tau.  A bracket [lo, hi] with f(lo) >= 0 >=
-    f(hi) is known in closed form; each iteration takes a Newton step when it stays
-    inside the bracket and shrinks it fast enough (Numerical Recipes' rtsafe rule),
-    a bisection step otherwise.  Stops when the Newton step (or the bracket) is below
-    ``tol * lam`` (tol 1e-12 in float64, 1e-6 in float32), which bounds the error in
-    w by ~tol.  A final Newton step polishes tau (exact on the active set for the
-    quadratic regulariser).  ``tau0`` overrides the initial guess.
+    With j = ceil(k) and s_(j) the j-th largest score: at tau = s_(j) at most j - 1 < k items have
+    w > 0 in the quadratic case, each <= 1, so f <= 0; at tau = s_(j) - 2 lam the top j items have w = 1,
+    so f >= 0: a bracket of width 2 lam.  Entropy, with m = floor(k) + 1 <= n: at tau = s_(m) - lam log(m /
+    (m - k)) the top m items have w >= m / (2m - k), so f >= m^2 / (2m - k) - k = (m - k)^2 / (2m - k) >= 0;
+    at tau = s_(j) + lam log((1 - q) / q), q = (k - j + 1) / (n - j + 1), the top j - 1 items give < j - 1
+    and the other n - j + 1 items <= q each, so f < 0.  The closed-form bracket of all items (every w at
+    its bound / at k / n) is intersected with it.  The initial tau is the bracket's midpoint.
     """
     n = s.shape[-1]
-    finfo = torch.finfo(s.dtype)
-    tol = 1e-12 if s.dtype == torch.float64 else 1e-6
-    xtol = tol * lam
+    j = math.ceil(k)
+    s_j = s.kthvalue(n - j + 1, -1).values
     if reg == "quadratic":
-        lo = s.amin(-1) - 2.0 * lam  # every w_i = 1  ->  sum = n >= k
-        hi = s.amax(-1)  # every w_i = 0  ->  sum = 0 <= k
-        tau = (s.mean(-1) - 2.0 * lam * k / n).clamp(min=lo, max=hi)
+        lo = torch.maximum(s_j - 2.0 * lam, s.amin(-1) - 2.0 * lam)
+        hi = s_j
     else:
-        c = lam * math.log(k / (n - k))  # lam * logit(k / n)
-        lo = s.amin(-1) - c  # every w_i >= k / n
-        hi = s.amax(-1) - c  # every w_i <= k / n
-        tau = s.mean(-1) - c
-    if tau0 is not None:
-        tau = tau0.clamp(min=lo, max=hi)
-    dx_old = hi - lo
-    for _ in range(_MAX_ITER):
+        m = math.floor(k) + 1
+        s_m = s_j if m == j else s.kthvalue(n - m + 1, -1).values
+        q = (k - j + 1) / (n - j + 1)
+        c = lam * math.log(k / (n - k))  # lam * logit(k / n): every w_i >= k/n at min s - c
+        lo = torch.maximum(s_m - lam * math.log(m / (m - k)), s.amin(-1) - c)
+        hi = torch.minimum(s_j + lam * math.log((1 - q) / q), s.amax(-1) - c)
+    return lo, hi, 0.5 * (lo + hi)
+
+
+def _rtsafe(s, k, lam, reg, tau, lo, hi, dx_old, iters: int):
+    """`iters` safeguarded Newton/bisection steps on all rows at once, no host synchronisation.
+
+    Each step takes the Newton step when it stays inside the bracket and shrinks it fast enough
+    (Numerical Recipes' rtsafe rule), bisection otherwise; rows that have converged stay put.
+    Returns (tau, lo, hi, dx_old, done) with `done` the per-row convergence test at the returned tau.
+    """
+    finfo = torch.finfo(s.dtype)
+    xtol = (1e-12 if s.dtype == torch.float64 else 1e-6) * lam
+    # |sum(w) - k| at the rounding level of a sum of n weights also stops a row: the error of every w_i
+    # is then below it too (|dw_i| <= |f| for both regularisers), and no tau in this dtype does better
+    ftol = 2.0 * s.shape[-1] * finfo.eps
+    for it in range(iters + 1):
         f, df = _residual(s, tau, k, lam, reg)
         lo = torch.where(f > 0, tau, lo)
         hi = torch.where(f < 0, tau, hi)
@@ -212,20 +230,58 @@ def _solve_threshold(
         step = f / torch.where(has_slope, df, torch.ones_like(df))
         width = hi - lo
         done = (
-            (f == 0)
+            (f.abs() <= ftol)
             | (has_slope & (step.abs() <= xtol))
             | (width <= xtol)
             | (width <= 4 * finfo.eps * torch.maximum(lo.abs(), hi.abs()))
         )
-        if bool(done.all()):
+        if it == iters:
             break
         newton = tau + step
-        use_newton = (
-            has_slope & (newton > lo) & (newton < hi) & ((2 * f).abs() <= (dx_old * df).abs())
-        )
+        # non-strict: the order-statistic bracket can end exactly on the solution (f = 0 there)
+        use_newton = has_slope & (newton >= lo) & (newton <= hi) & ((2 * f).abs() <= (dx_old * df).abs())
         new_tau = torch.where(use_newton, newton, 0.5 * (lo + hi))
         dx_old = torch.where(done, dx_old, (new_tau - tau).abs())
         tau = torch.where(done, tau, new_tau)
+    return tau, lo, hi, dx_old, done
+
+
+def _solve_threshold(
+    s: torch.Tensor, k: float, lam: float, reg: str, tau0: torch.Tensor | None = None,
+    iters: int | None = None, check: bool = True,
+) -> torch.Tensor:
+    """Per-row threshold tau with sum_i w_i(tau) = k; s is (B, n), returns (B,).
+
+    sum_i w_i(tau) is non-increasing in tau, and a bracket [lo, hi] with f(lo) >= 0 >= f(hi) is
+    known in closed form.  A fixed number of vectorised safeguarded Newton/bisection steps
+    (:func:`_rtsafe`, ``iters``, default ``_FIXED_ITERS[reg]``) runs without any host
+    synchronisation; convergence (Newton step or bracket below ``tol * lam``, tol 1e-12 in float64,
+    1e-6 in float32, which bounds the error in w by ~tol) is tested once at the end (``check``).
+    Rows that have not converged then get more steps, tested every ``_FIXED_ITERS`` steps, up to
+    ``_MAX_ITER``; a RuntimeWarning names what is left if that is not enough.  A final Newton step
+    polishes tau (exact on the active set for the quadratic regulariser).  ``tau0`` overrides the
+    initial guess.
+    """
+    lo, hi, tau = _bracket(s, k, lam, reg)
+    if tau0 is not None:
+        tau = tau0.clamp(min=lo, max=hi)
+    iters = _FIXED_ITERS[reg] if iters is None else iters
+    tau, lo, hi, dx_old, done = _rtsafe(s, k, lam, reg, tau, lo, hi, hi - lo, iters)
+    if check and s.shape[0] and not bool(done.all()):  # the one host synchronisation of a solve
+        used = iters
+        while used < _MAX_ITER:
+            tau, lo, hi, dx_old, done = _rtsafe(s, k, lam, reg, tau, lo, hi, dx_old, _FIXED_ITERS[reg])
+            used += _FIXED_ITERS[reg]
+            if bool(done.all()):
+                break
+        else:
+            f, _ = _residual(s, tau, k, lam, reg)
+            warnings.warn(
+                f"select_subset: the threshold did not converge in {_MAX_ITER} steps for "
+                f"{int((~done).sum())} of {s.shape[0]} rows (max |sum(w) - k| = {f.abs().max().item():.3g}); "
+                f"the weights of those rows are approximate",
+                RuntimeWarning, stacklevel=4,
+            )
     # polish: one more Newton step where it stays inside the bracket
     f, df = _residual(s, tau, k, lam, reg)
     has_slope = df > 0
@@ -261,6 +317,28 @@ def _select_vjp(w: torch.Tensor, g: torch.Tensor, lam: float, reg: str) -> torch
     return d * (g - (d * g).sum(-1, keepdim=True) / total)
 
 
+class _one_cpu_thread:
+    """Run a CPU solve on one intra-op thread, restoring the caller's count after.
+
+    The solve is a few hundred small kernels on (batch, n) tensors (n=1024, batch 32: ~32k elements
+    each).  With several OpenMP threads every reduction is a parallel region whose threads wait for each
+    other; on a loaded machine a thread is often descheduled and each region then costs a time slice:
+    190 ms instead of 2.7 ms per forward+backward was measured (reports/speed.md, layer under load).
+    One thread is never slower at these sizes, so the layer takes it whatever the process's setting.
+    """
+
+    def __init__(self, tensor: torch.Tensor):
+        self.threads = torch.get_num_threads() if tensor.device.type == "cpu" else 1
+
+    def __enter__(self):
+        if self.threads > 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        if self.threads > 1:
+            torch.set_num_threads(self.threads)
+
+
 class _SelectSubset(torch.autograd.Function):
     """w = argmax s.w - lam R(w) s.t. 0<=w<=1, sum w = k, rows of a 2-D s; analytic backward."""
 
@@ -271,10 +349,11 @@ class _SelectSubset(torch.autograd.Function):
         # correction from 0.  The second stage takes 1-2 Newton steps and makes w and
         # sum(w) accurate to the dtype's precision even when |tau| >> lam (e.g. scores
         # with a large common offset, or float32 scores of magnitude 100 and lam 1e-3).
-        tau = _solve_threshold(s, k, lam, reg)
-        x = s - tau.unsqueeze(-1)
-        tau = _solve_threshold(x, k, lam, reg, tau0=torch.zeros_like(tau))
-        w = _weights(x, tau, lam, reg)
+        with _one_cpu_thread(s):
+            tau = _solve_threshold(s, k, lam, reg, check=False)
+            x = s - tau.unsqueeze(-1)
+            tau = _solve_threshold(x, k, lam, reg, tau0=torch.zeros_like(tau))
+            w = _weights(x, tau, lam, reg)
         ctx.lam, ctx.reg = lam, reg
         ctx.save_for_backward(w)
         return w
@@ -282,7 +361,10 @@ class _SelectSubset(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         (w,) = ctx.saved_tensors
-        grad = _select_vjp(w, g, ctx.lam, ctx.reg) if ctx.needs_input_grad[0] else None
+        grad = None
+        if ctx.needs_input_grad[0]:
+            with _one_cpu_thread(g):
+                grad = _select_vjp(w, g, ctx.lam, ctx.reg)
         return grad, None, None, None
 
 

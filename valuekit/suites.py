@@ -6,7 +6,8 @@ corruptions (label flips, class imbalance, noisy sources), the arms (a method an
 seeds; every arm trains through `valuekit.train` with the same loop settings. Per run it records the final
 test accuracy, the mislabel-detection AUROC / F1@k of `value` against the hidden `is_noisy` (label flips),
 the mean weight of flipped over clean rows, KL(dev classes || weight mass per class) next to KL(dev
-classes || training rows) (imbalance), the final scorer
+classes || training rows) and the rare-class boost of the logged batch weights (imbalance), the batch
+effective sample size of the logged weights, the final scorer
 probability of the clean source (noisy sources), the top-f subset test accuracy by value and at random
 (`subset_fraction`, via valuekit.retrain) and the seconds per run. `--quick` runs one seed of the first
 data set and setting with a tenth of the steps, to prove the suite runs.
@@ -66,6 +67,12 @@ SUITES = {s.name: s for s in (
           (_U, Arm("dds", "dds"), Arm("dds+prior", "dds", {"prior": "class_balance"}))),
     Suite("dds-entropy", "DDS entropy bonus: 0 (Algorithm 1), 0.1, 0.5 (default)", ("digits", "mnist5k"),
           ("noise20", "noise40"), tuple(Arm(f"dds ent={e}", "dds", {"entropy_weight": e}) for e in (0.0, 0.1, 0.5))),
+    Suite("dds-ess", "DDS under class imbalance: entropy bonus (old default) vs ESS floor (default) vs the paper",
+          ("digits",), ("imbalance10",),
+          (Arm("entropy 0.5 + ema", "dds", {"entropy_weight": 0.5, "reward_norm": "ema", "ess_floor": 0.0}),
+           Arm("ESS floor 0.3 + scale", "dds"),
+           Arm("paper", "dds", {"entropy_weight": 0.0, "reward_norm": "none", "ess_floor": 0.0})),
+          seeds=(0, 1), steps=800),
     Suite("lrdi", "LRDI, Meta-Weight-Net and L2RW vs uniform", ("digits", "mnist5k"), ("noise20", "noise40"),
           (_U, Arm("lrdi", "lrdi"), Arm("mwnet", "mwnet"), Arm("l2rw", "l2rw"))),
     Suite("lrdi-normalize", "LRDI teacher weights normalised to batch mean 1 or not", ("digits", "mnist5k"),
@@ -136,6 +143,7 @@ def _measure(run, tr, dev_y, suite: Suite, seed: int, steps: int) -> dict:
         mass = np.bincount(y, weights=np.nan_to_num(w), minlength=tr.num_classes)
         row["kl_dev_weights"] = kl(np.bincount(dev_y, minlength=tr.num_classes), mass)
         row["kl_dev_rows"] = kl(np.bincount(dev_y, minlength=tr.num_classes), counts)
+    row.update(_step_weights(run, counts, warmup=min(100, steps // 2)))
     src = run.sources()
     if src is not None and len(src):
         last = src[src.step == src.step.max()].set_index("source")["prob"]
@@ -148,6 +156,23 @@ def _measure(run, tr, dev_y, suite: Suite, seed: int, steps: int) -> dict:
                            fractions=(suite.subset_fraction,), seeds=(seed,), steps=max(1, steps // 3),
                            write=False).set_index("selection")["test_acc"]
         row["subset_acc_value"], row["subset_acc_random"] = float(sub["value"]), float(sub["random"])
+    return row
+
+
+def _step_weights(run, counts: np.ndarray, *, warmup: int) -> dict:
+    """From the logged batch weights (methods that weight rows): the median and 5th-percentile batch effective
+    sample size (sum w)^2 / (B sum w^2), and for imbalanced data the rare-class boost = mean logged weight of
+    the rarest class over that of the most frequent one, after `warmup` steps."""
+    t = run.steps(["step", "label", "weight"])
+    if t is None or t.column("weight").null_count == t.num_rows:
+        return {}
+    st = t.to_pandas().dropna(subset=["weight"])
+    g = st.assign(w2=st.weight ** 2).groupby("step").agg(s=("weight", "sum"), s2=("w2", "sum"), b=("weight", "size"))
+    ess = (g.s ** 2 / (g.b * g.s2)).to_numpy()
+    row = {"ess_median": float(np.median(ess)), "ess_p5": float(np.quantile(ess, 0.05))}
+    if counts.min() * 2 < counts.max():
+        by = st[st.step > warmup].groupby("label").weight.mean()
+        row["rare_boost"] = float(by.get(counts.argmin(), np.nan) / by.get(counts.argmax(), np.nan))
     return row
 
 
@@ -199,7 +224,8 @@ def _describe(s: Suite, data, settings, seeds, steps) -> list[str]:
             "`value` (low = suspect) against the hidden `is_noisy`; test accuracy is at the last step.", ""]
 
 
-METRICS = ("test_acc", "auroc", "f1_at_k", "w_noisy/w_clean", "kl_dev_weights", "kl_dev_rows", "p_clean_source",
+METRICS = ("test_acc", "auroc", "f1_at_k", "w_noisy/w_clean", "kl_dev_weights", "kl_dev_rows", "rare_boost",
+           "ess_median", "ess_p5", "p_clean_source",
            "subset_acc_value", "subset_acc_random", "seconds")
 
 

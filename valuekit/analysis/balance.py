@@ -108,7 +108,14 @@ def class_balance(run) -> pd.DataFrame:
     frame = pd.DataFrame({"class": classes, "scorer_mass": mass, "empirical": empirical, "dev": dev})
     frame.attrs["kl_scorer_dev"] = kl(dev, mass)
     frame.attrs["kl_empirical_dev"] = kl(dev, empirical)
+    frame.attrs["weights_of"] = weights_of(run.method)
     return frame
+
+
+def weights_of(method: str) -> str:
+    """What learned the weights of a method's run, as the figures name it (uniform learns none)."""
+    return {"dds": "scorer", "multidds": "scorer", "lrdi": "teacher", "mwnet": "teacher",
+            "uniform": "uniform weights (all 1)"}.get(method, "weights")
 
 
 def class_balance_over_steps(run, *, bins: int = 20) -> pd.DataFrame:
@@ -162,7 +169,8 @@ def plot_class_balance(frame: pd.DataFrame, *, ax=None):
     """Grouped bars per class: scorer mass vs empirical training frequency vs dev frequency."""
     ax = _axes(ax)
     x = np.arange(len(frame))
-    cols = [("scorer_mass", "scorer"), ("empirical", "train (empirical)"), ("dev", "dev")]
+    who = frame.attrs.get("weights_of", "scorer")
+    cols = [("scorer_mass", who), ("empirical", "train (empirical)"), ("dev", "dev")]
     cols = [(c, lab) for c, lab in cols if c in frame and not frame[c].isna().all()]
     width = 0.8 / max(len(cols), 1)
     for j, (c, lab) in enumerate(cols):
@@ -170,10 +178,11 @@ def plot_class_balance(frame: pd.DataFrame, *, ax=None):
     ax.set_xticks(x, [str(c) for c in frame["class"]])
     ax.set_xlabel("class")
     ax.set_ylabel("probability mass")
-    title = "class distribution learned by the scorer"
+    title = ("class distribution of uniform weights (nothing learned: equals train)" if who.startswith("uniform")
+             else f"class distribution learned by the {who}")
     kl_s, kl_e = frame.attrs.get("kl_scorer_dev"), frame.attrs.get("kl_empirical_dev")
     if kl_s is not None and kl_e is not None and np.isfinite(kl_s) and np.isfinite(kl_e):
-        title += f"\nKL(dev||scorer)={kl_s:.3f}  KL(dev||train)={kl_e:.3f}"
+        title += f"\nKL(dev||{who.split(' ')[0]})={kl_s:.3f}  KL(dev||train)={kl_e:.3f}"
     ax.set_title(title, fontsize=9)
     top = np.nanmax([frame[c].max() for c, _ in cols]) if cols else 1.0
     ax.set_ylim(0, 1.3 * top)  # headroom so the one-row legend never covers the bars

@@ -232,7 +232,7 @@ def open_runs(run_dirs) -> list:
 
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [open_run(r) for r in run_dirs]
+    runs = [open_run(r).check() for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     for r in runs:
@@ -269,6 +269,11 @@ def _table_path(run) -> Path:
     raise InputError(f"{run.meta_path}: training table {raw!r} (data.train.path) not found; pass --data TABLE")
 
 
+def _plain(v):
+    """numpy scalars as plain Python values (messages show 0, not np.int64(0))."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
 def training_table(run, data=None, *, id_col: str = "id", label_col: str = "label") -> dict:
     """The training table as numpy pieces: ids, given codes, x (N, D) float32 or None, image_shape, is_noisy.
 
@@ -278,9 +283,17 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
 
     df, meta, path = read_any(data if data is not None else _table_path(run), name="train")
     where = path or "<data DataFrame>"
+    if len(df) == 0:
+        raise InputError(f"{where}: table is empty")
     for col in (id_col, label_col):
         if col not in df.columns:
             raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+        if df[col].isna().any():
+            row = int(np.flatnonzero(df[col].isna().to_numpy())[0])
+            raise InputError(f"{where}: column {col!r} has a null value at row {row}")
+    dup = df[id_col][df[id_col].duplicated()]
+    if len(dup):
+        raise InputError(f"{where}: column {id_col!r} has duplicate id {_plain(dup.iloc[0])!r}")
     ids = df[id_col].to_numpy()
     ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else df[id_col].astype(str).to_numpy(dtype=object)
     classes = [str(c) for c in run.meta.get("classes") or []]
@@ -388,7 +401,7 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
     index = pd.Index(ids)
     if index.has_duplicates:
         dup = index[index.duplicated()][0]
-        raise InputError(f"{table['path'] or 'data'}: column {id_col!r} has duplicate id {dup!r}")
+        raise InputError(f"{table['path'] or 'data'}: column {id_col!r} has duplicate id {_plain(dup)!r}")
     frame = pd.DataFrame({"id": ids, "given_label": np.asarray(classes, dtype=object)[table["y"]]})
     value_cols, signals = [], []
     for run, name in zip(runs, names):

@@ -233,8 +233,9 @@ def _balance(runs, names) -> _Section:
     from valuekit.report import figures
 
     sec = _Section("balance", 4, "Class balance",
-                   "Scorer weight mass per class vs the empirical training frequency vs the dev frequency, at the "
-                   "end of training and over steps.")
+                   "Weight mass per class (from each run's final weights: a scorer's or teacher's where the method "
+                   "learns one, all 1 for uniform) vs the empirical training frequency vs the dev frequency, at "
+                   "the end of training and over steps.")
     mod = _optional("balance")
     if mod is None:
         sec.notes.append("valuekit.analysis.balance is not in this installation")
@@ -250,7 +251,7 @@ def _balance(runs, names) -> _Section:
             mod.plot_class_balance(f, ax=ax)
             ax.set_title(f"{n}\n{ax.get_title()}", fontsize=9)
         fig.tight_layout()
-        sec.figure("fig-class-balance", "Class mass: scorer vs empirical vs dev", fig)
+        sec.figure("fig-class-balance", "Class mass: the run's weights vs empirical vs dev", fig)
     with _guard(sec, "class balance over steps"):
         frames = [(n, mod.class_balance_over_steps(r)) for r, n in with_steps]
         fig, axes = figures.run_panels(len(frames))
@@ -439,10 +440,14 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [r if isinstance(r, Run) else read_run(r) for r in run_dirs]
+    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
     if not runs:
         raise InputError("no run directory given")
     names = run_columns(runs)
+    if data is not None:  # a table the user names must be readable: refused here, before any figure is drawn
+        from valuekit.analysis.mislabel import training_table
+
+        training_table(runs[0], data)
 
     sections = [_summary(runs, names), _training(runs, names)]
     audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
@@ -473,6 +478,8 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     sections.append(audit_sec)
     sections.append(_subsets(runs, names))
     sections = [s for s in sections if s is not None]
+    for number, s in enumerate(sections, 1):  # no gaps where a section is absent
+        s.number = number
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)

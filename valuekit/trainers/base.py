@@ -24,6 +24,7 @@ from valuekit import distributed as dist_
 from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F401  (re-exported)
 from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
+from valuekit.paths import first_line, unreadable
 from valuekit.models import feature_stats
 from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, prepare_run,  # noqa: F401
                              rank_by_value, read_run, save_checkpoint)
@@ -187,7 +188,7 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
         return local
     meta["run_id"], meta["started_at"] = shared["run_id"], shared["started_at"]
     # the run directory is on a filesystem every node sees
-    return None, load_checkpoint(out) if shared["has_state"] else None
+    return None, load_checkpoint(out, training=True) if shared["has_state"] else None
 
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
@@ -195,6 +196,8 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
     lock, state = _prepare(out, meta, resume, info)                                   # prepare
     ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size)  # build
     trainer, sampler = spec.build(ctx, mcfg)
+    if state:
+        _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock, rank=info.rank, world_size=info.world_size,
                        resume_parts=state["parts"] if state else ({} if resume else None))
     test_xy = _to_device(test_data, device) if test_data is not None and info.is_main else None
@@ -216,6 +219,20 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
             writer.close("failed", steps_done=loop.step, error=f"{type(exc).__name__}: {exc}")
             raise
     return loop.finish()                                                              # finalise
+
+
+def _check_state(trainer, sampler, ctx, state: dict, *, out: Path, lock, method: str) -> None:
+    """Load the checkpoint into the fresh trainer before the writer touches the directory (it drops parts newer
+    than the checkpoint): a checkpoint that does not fit this method stops here, the run as it was, no lock left."""
+    try:
+        trainer.load_state_dict(state["trainer"])
+        sampler.load_state_dict(state["sampler"])
+        ctx.generator.set_state(state["generator"])
+    except Exception as exc:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+        raise unreadable(out / CHECKPOINT, f"does not fit method {method!r}: {type(exc).__name__}: "
+                         f"{first_line(exc)[:120]}") from None
 
 
 class _StopSignals:
@@ -244,14 +261,15 @@ class _StopSignals:
 
 
 class _Progress:
-    """tqdm bar on rank 0 when config.progress (disable=None: shown on a terminal, silent in pipes and CI)."""
+    """Progress on rank 0 when config.progress: a tqdm bar on a terminal; in pipes, CI logs and under nohup a
+    line every 10 % of the steps or 30 s (valuekit.progress)."""
 
     def __init__(self, config: TrainConfig, start: int, info: dist_.DistInfo):
         self.bar = None
         if config.progress and info.is_main:
-            from tqdm.auto import tqdm
+            from valuekit.progress import Progress
 
-            self.bar = tqdm(total=config.steps, initial=start, desc=config.method, unit="step", disable=None)
+            self.bar = Progress(total=config.steps, initial=start, desc=config.method)
 
     def __enter__(self):
         return self.bar
@@ -321,10 +339,11 @@ class _Loop:
             if hasattr(h, "on_step_end"):
                 h.on_step_end(step, batch, rec, self.trainer)
         if bar is not None:
-            bar.update(1)
-            if step % 10 == 0:
+            if step % 10 == 0 or step == 1:
+                dev_acc = self.last_metrics.get("dev_acc")  # none before the first evaluation (never "nan")
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}",
-                                dev_acc=f"{self.last_metrics.get('dev_acc', float('nan')):.3f}")
+                                dev_acc=None if dev_acc is None else f"{dev_acc:.3f}")
+            bar.update(1)
         if step % self.config.checkpoint_every == 0:
             self.save_checkpoint(step)
         elif step % self.config.log_every == 0:

@@ -153,7 +153,10 @@ class Trainer:
         # Adam regardless of the loop's optimizer: REINFORCE gradients vary in scale by orders of magnitude.
         self.scorer_opt = torch.optim.Adam(self.scorer.parameters(), lr=cfg.scorer_lr, foreach=True)
         self.tape = None
-        if cfg.reward_method == "fused":
+        # BatchNorm in training mode: a row's loss depends on the other rows, and the tape's split of the batch
+        # gradient into rows is not grad l_i; the step then takes the forward-mode ("exact") dots instead
+        batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        if cfg.reward_method == "fused" and not batchnorm:
             try:
                 self.tape = LayerTape(self.model)
             except NotImplementedError as exc:

@@ -130,7 +130,12 @@ class Trainer:
         self.w_sum, self.w_sq, self.count, self.sel_count = z(), z(), z(), z()
         self.t = 0
         self.tape = None
-        if cfg.meta_grad == "fused":
+        # BatchNorm in training mode makes a row's loss depend on the other rows: the tape's split of the batch
+        # gradient into rows is then not grad l_i, so the dots come from one forward-mode pass instead ("exact")
+        self.dots_method = cfg.meta_grad
+        if cfg.meta_grad == "fused" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            self.dots_method = "exact"
+        if self.dots_method == "fused":
             try:
                 self.tape = LayerTape(self.model)
             except NotImplementedError as exc:
@@ -175,13 +180,14 @@ class Trainer:
         dev_loss = dev_loss.detach().reshape(1)
         self.ctx.all_reduce_([*v, dev_loss])
         v = dict(zip(ahead, v))
-        if self.cfg.meta_grad == "fused":
+        if self.cfg.meta_grad == "fused" and self.tape is not None:
             scaled = self.tape.dots(v, w.shape[0]).to(w.dtype)  # (w_i / k) grad l_i . v
             wd = w.detach()
             dots = torch.where(wd > 0, scaled / torch.where(wd > 0, wd, torch.ones_like(wd)) * k,
                                torch.zeros_like(wd))
         else:
-            dots = per_example_dots(self.model, x, y, v, method=self.cfg.meta_grad, params=params).to(w.dtype)
+            method = self.dots_method if self.cfg.meta_grad == "fused" else self.cfg.meta_grad
+            dots = per_example_dots(self.model, x, y, v, method=method, params=params).to(w.dtype)
         return -(eta / k) * dots, float(dev_loss.detach())
 
     def lookahead_dev_loss(self, x, y, w, dev_x, dev_y, *, k: float | None = None,

@@ -14,6 +14,12 @@ by the batch mean). The teacher is trained by meta-gradients (the paper's Algori
    detached from the student) and one teacher optimizer (Adam) step;
 3. the real student step with the updated teacher's (detached) weights and the loop's optimizer.
 
+For one virtual step (the default) the meta-gradient is computed without a double backward
+(``meta_grad="auto"``): θ' = θ − α ∇θ L gives ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ'), and those B dot
+products come from the student's own forward/backward (`gradients.LayerTape`, as DDS's fused rewards),
+or from one forward-mode pass when BatchNorm makes the rows interact; the teacher's gradient is then one
+backward of w. Same numbers as the second-order autograd path (``meta_grad="autograd"``, used for K > 1).
+
 Variants sharing this code (`variant` in Config; the method registry maps the names):
 
 * ``mwnet`` — Meta-Weight-Net (Shu et al., NeurIPS 2019, Alg. 1): the same loop with the teacher
@@ -40,6 +46,7 @@ with the rank that holds row i. The result equals a 1-process run with the globa
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -50,6 +57,7 @@ from torch.func import functional_call
 
 from valuekit.config import setting
 from valuekit.errors import InputError
+from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.signals import margins
@@ -90,6 +98,12 @@ class Config:
     # passes an example is seen about once per epoch (std undefined), so the default window is the
     # last 3 epochs; std_epochs=1 gives exactly the last epoch.
     std_epochs: int = setting(3, ge=1)
+    # how the meta-gradient is computed: autograd (second-order: backward through the virtual step kept in the
+    # graph, any unroll) | fused (unroll 1 only: dJ/dw_i = -α/B ∇ℓ_i(θ)·∇J(θ') from per-example dot products —
+    # from the student's own forward/backward (gradients.LayerTape, as DDS's fused rewards), or one forward-mode
+    # pass when BatchNorm makes rows interact — then one backward through the teacher; no double backward; the
+    # same numbers as autograd) | auto: fused when unroll is 1
+    meta_grad: str = setting("auto", choices=("auto", "autograd", "fused"))
     # lrdi/mwnet: effective-sample-size floor of the batch weights, ESS = (sum w)^2 / (B sum w^2): when the teacher's
     # weights fall under it they are shrunk towards their batch mean until ESS = floor (0 = off). With the
     # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (reports/lrdi.md).
@@ -105,6 +119,8 @@ class Config:
         if self.variant == "mwnet" and chosen not in (TEACHER_INPUTS, ("loss",)):
             raise InputError(f"--set teacher_inputs={self.teacher_inputs}: mwnet's teacher reads the loss only; "
                              f"use variant=lrdi to choose inputs")
+        if self.meta_grad == "fused" and self.unroll != 1:
+            raise InputError(f"--set meta_grad=fused needs unroll 1 (got {self.unroll}); use meta_grad=autograd")
         if self.variant == "l2rw" and self.meta_every != 1:
             raise InputError(f"--set meta_every={self.meta_every}: l2rw needs its meta-gradient every step; use 1")
 
@@ -168,6 +184,19 @@ class Trainer:
                                    generator=ctx.generator).to(ctx.device)
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_lr,
                                                 weight_decay=cfg.teacher_weight_decay, foreach=True)
+        # fused meta-gradient: per-example dots from the tape (rows independent), or, when rows interact through
+        # BatchNorm batch statistics (the tape would split the batch gradient into rows differently from
+        # ∇ℓ_i), from one forward-mode pass along ∇J(θ') (gradients.per_example_dots "exact"; still no
+        # double backward)
+        self.tape, self.dots_by = None, None
+        if cfg.meta_grad != "autograd" and cfg.unroll == 1:
+            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+                self.dots_by = "jvp"
+            else:
+                try:
+                    self.tape, self.dots_by = LayerTape(self.model), "tape"
+                except NotImplementedError:
+                    self.dots_by = "jvp"
         n, b, dev = ctx.n, ctx.global_batch_size, ctx.device  # every rank records the whole global batch
         # fixed-size buffers: memory does not grow with steps
         self.window = max(1, math.ceil(cfg.std_epochs * n / b))
@@ -249,6 +278,8 @@ class Trainer:
         gradient of J(θ_K) w.r.t. the teacher's parameters (lrdi/mwnet) or w.r.t. ε (l2rw, shape (B,)).
         Nothing is updated.
         """
+        if self.dots_by is not None:
+            return self._fused_meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
         feats = self.model.features(x)
         logits = self.model.head(feats)
         losses = per_example_loss(logits, y)
@@ -269,6 +300,78 @@ class Trainer:
             dev_loss = dev_loss[0]
         return {"losses": losses, "logits": logits, "signals": signals, "dev_loss": dev_loss.detach(), "grads": grads,
                 "weights": None if self.teacher is None else w.detach(), "student_grads": [g.detach() for g in first]}
+
+    def _fused_meta_gradient(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
+        """meta_gradient for one virtual SGD step without second-order autograd (Config.meta_grad).
+
+        θ' = θ − α ∇θ L with L the (global) batch's mean of w_i ℓ_i (L2RW: Σ ε_i ℓ_i at ε = 0, so θ' = θ),
+        hence ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ') (L2RW: −α ∇ℓ_i·∇J, Ren et al. eq. 12).  The dot products come
+        from the layer inputs and output gradients recorded during the student's backward of L (LayerTape);
+        the teacher's gradient is then one backward of w with those values as output gradients.  Returns
+        what meta_gradient returns; falls back to the second-order path if a weight underflowed to 0."""
+        c, ctx, world = self.cfg, self.ctx, self.ctx.world_size
+        with self.tape if self.tape is not None else contextlib.nullcontext():
+            feats = self.model.features(x)
+            logits = self.model.head(feats)
+        losses = per_example_loss(logits, y)
+        signals = student_signals(feats, logits, losses, y, progress)
+        names = [n for n, _ in self.model.named_parameters()]
+        params = list(self.model.parameters())
+        B = len(y)
+        w = None
+        if self.teacher is None:
+            row_w = torch.ones_like(losses)
+            total = losses.sum()  # the tape needs a backward with non-zero row weights; ε = 0 leaves θ' = θ
+        else:
+            w = self.weights(signals)
+            row_w = w.detach()
+            if self.tape is not None and not bool((row_w > 1e-30).all()):  # the division below would lose them
+                self.tape.records = []
+                return self._second_order(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
+            total = (row_w * losses).mean()
+        first = list(torch.autograd.grad(total, params, retain_graph=True))
+        if self.teacher is None:
+            theta = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+        else:
+            if world > 1:  # the global batch's mean gradient
+                ctx.all_reduce_(first)
+                first = [g / world for g in first]
+            theta = {n: (p.detach() - c.virtual_lr * g).requires_grad_() for n, p, g in zip(names, params, first)}
+        dev_logits = functional_call(self.model, theta, (dev_x,))
+        if world == 1:
+            dev_loss = F.cross_entropy(dev_logits, dev_y)
+        else:
+            dev_loss = per_example_loss(dev_logits, dev_y).sum() / (dev_total or len(dev_y) * world)
+        v = list(torch.autograd.grad(dev_loss, list(theta.values())))
+        ctx.all_reduce_(v)  # torchrun: the ranks' shares of J sum to J, so their gradients sum to ∇J
+        if self.tape is not None:
+            # dots_i = (∂total/∂ℓ_i) ∇ℓ_i·∇J(θ'): row_w_i / B times the dot (lrdi), the dot itself (l2rw)
+            dots = self.tape.dots(dict(zip(names, v)), B)
+            if self.teacher is not None:
+                dots = dots * (B / row_w)
+        else:  # ∇ℓ_i·∇J(θ') by forward mode at θ, the batch's own statistics, buffers untouched
+            dots = per_example_dots(self.model, x, y, dict(zip(names, v)), method="exact")
+        if self.teacher is None:
+            grads = -c.virtual_lr * dots
+        else:
+            dj_dw = -c.virtual_lr * dots / (B * world)
+            grads = list(torch.autograd.grad(w, list(self.teacher.parameters()), grad_outputs=dj_dw.to(w.dtype),
+                                             retain_graph=True))
+            ctx.all_reduce_(grads)  # torchrun: the ranks' shares of J sum to J
+        dev_loss = dev_loss.detach()
+        if world > 1:
+            dev_loss = dev_loss.reshape(1)
+            ctx.all_reduce_([dev_loss])
+            dev_loss = dev_loss[0]
+        return {"losses": losses, "logits": logits, "signals": signals, "dev_loss": dev_loss, "grads": grads,
+                "weights": None if w is None else row_w, "student_grads": [g.detach() for g in first]}
+
+    def _second_order(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
+        dots_by, self.dots_by = self.dots_by, None
+        try:
+            return self.meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
+        finally:
+            self.dots_by = dots_by
 
     def _plain(self, x, y, progress: float) -> dict:
         """Forward and teacher inputs only, for the steps between meta steps."""

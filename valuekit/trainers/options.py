@@ -80,7 +80,8 @@ def parse_overrides(pairs, method_cls, loop_cfg: TrainConfig | None = None) -> t
             loop_vals[key] = _convert(key, text, getattr(defaults_l, key))
         else:
             known = ", ".join(sorted(method_fields)) or "(none)"
-            raise InputError(f"--set {key}: unknown setting for this method; method settings: {known}")
+            loop = ", ".join(sorted(k for k in loop_fields if k not in FLAGS))  # those with no flag of their own
+            raise InputError(f"--set {key}: unknown setting; method settings: {known}; loop settings: {loop}")
     return method_vals, loop_vals
 
 
