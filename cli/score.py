@@ -25,6 +25,8 @@ def add_parser(sub):
                      help="apply --keep-fraction/--top-k/--drop-fraction inside every class of --label-col "
                           "(stratified: each class keeps its share)")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
+    sel.add_argument("--per-task", action="store_true",
+                     help="instruction tables: --keep-fraction within each task (the --source-col, default task)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
     add_train_options(p, dev_required=False)
@@ -42,8 +44,10 @@ def run(args) -> int:
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
     inputs = [args.table, args.dev, args.test]
     runs = [args.run] if args.run else []
-    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=runs)
     out = Path(args.out)
+    instr = _instruction_export(args, out)
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()), inputs=inputs,
+                 runs=runs)
     check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only,
                     args.per_class)
     if args.batch_rows is not None and args.batch_rows < 1:
@@ -67,6 +71,18 @@ def run(args) -> int:
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
         print(f"trained {args.method}: {run_dir} ({acc})")
+    if instr:
+        from valuekit.instructions import export_instructions
+
+        task_col = "task" if args.source_col == "source" else args.source_col
+        path, tasks = export_instructions(args.table, run_dir, out, id_col=args.id_col, task_col=task_col,
+                                          keep_fraction=args.keep_fraction, per_task=args.per_task,
+                                          subset_only=args.subset_only)
+        print(f"scored instruction table: {path}")
+        if tasks is not None:
+            print(f"per-task table: {Path(path).with_name(Path(path).stem + '.tasks.csv')}")
+            print(tasks.to_string(index=False))
+        return 0
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
@@ -78,3 +94,16 @@ def run(args) -> int:
         print(f"warning: class {c['label']!r} keeps {c['kept']} of {c['rows']} rows, {c['share_ratio']:.2f}x its share "
               f"(under half); --per-class keeps every class at its share")
     return 0
+
+
+def _instruction_export(args, out: Path) -> bool:
+    """Instruction tables (prompt + response columns), JSONL output or --per-task: the instruction export."""
+    from valuekit.cli.common import _columns
+    from valuekit.errors import InputError
+
+    names = _columns(args.table)
+    instr = args.per_task or out.suffix.lower() == ".jsonl" or ("prompt" in names and "response" in names)
+    if instr and (args.top_k is not None or args.drop_fraction is not None or args.min_weight is not None
+                  or args.per_class):
+        raise InputError("instruction tables select with --keep-fraction (optionally --per-task)")
+    return instr

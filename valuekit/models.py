@@ -105,7 +105,11 @@ def build_model(
     generator: torch.Generator | None = None,
 ) -> Classifier:
     """Build `linear`, `mlp` (two hidden ReLU layers), `cnn` (two 3x3 convs, needs image_shape) or `resnet`
-    (a small residual CNN with BatchNorm, `resnet_body`; needs image_shape)."""
+    (a small residual CNN with BatchNorm, `resnet_body`; needs image_shape); causal LMs (valuekit.lm) by name."""
+    from valuekit.lm import build_lm, is_lm
+
+    if is_lm(name):  # causal LMs for instruction tables: in_features is the sequence length
+        return build_lm(name, vocab=num_classes, max_len=in_features, hidden=hidden, generator=generator)
     mean = torch.zeros(in_features) if mean is None else mean
     std = torch.ones(in_features) if std is None else std
     norm = Standardize(mean, std)
@@ -291,7 +295,10 @@ EXTRAS = {"torchvision": "vision", "timm": "timm"}  # model prefix -> pip extra 
 
 
 def is_builtin(spec) -> bool:
-    return isinstance(spec, str) and spec in MODELS
+    """A model valuekit builds itself: a built-in name or a causal LM (`causal-lm`, `hf-config:DIR`, `hf:DIR`)."""
+    from valuekit.lm import is_lm
+
+    return isinstance(spec, str) and (spec in MODELS or is_lm(spec))
 
 
 def describe_model(spec) -> str:
@@ -312,7 +319,7 @@ def check_model_spec(spec) -> None:
     if not isinstance(spec, str) or not spec:
         raise InputError(f"--model {spec!r}: give a built-in name ({', '.join(MODELS)}), package.module:factory, "
                          f"torchvision:NAME or timm:NAME")
-    if spec in MODELS:
+    if is_builtin(spec):
         return
     head, sep, tail = spec.partition(":")
     if not sep or not head or not tail:

@@ -106,8 +106,17 @@ class Method:
     def build(self, ctx: "TrainContext", cfg) -> tuple[Trainer, Sampler]:
         """(trainer, sampler): the trainer's own `sampler` when it sets one, else shuffled passes."""
         trainer = self.module.Trainer(ctx, cfg)
-        sampler = vars(trainer).get("sampler") or RandomSampler(ctx.n, ctx.generator)
+        sampler = vars(trainer).get("sampler") or default_sampler(ctx)
         return trainer, sampler
+
+
+def default_sampler(ctx: "TrainContext"):
+    """RandomSampler; for causal-LM token tables, length-bucketed batches (valuekit.lm.LengthBucketSampler)."""
+    from valuekit.lm import LengthBucketSampler, is_lm, token_lengths
+
+    if is_lm(ctx.config.model):
+        return LengthBucketSampler(token_lengths(ctx.x), ctx.generator)
+    return RandomSampler(ctx.n, ctx.generator)
 
 
 def check_method(name: str, module, overrides: dict) -> Method:
@@ -159,7 +168,12 @@ class RandomSampler:
 
 
 def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+    """Cross-entropy per example. Sequence targets (logits (N, V, L), y (N, L), e.g. valuekit.lm): the mean
+    token NLL over the positions whose target is not -100 (for instruction tables: the response tokens)."""
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)  # (N, L), 0 where ignored
+    return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
 
 
 class eval_mode:
@@ -188,12 +202,14 @@ class eval_mode:
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2048) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
     loss, correct = 0.0, 0
+    scored = 0  # accuracy denominator: rows, or scored tokens for sequence targets
     with eval_mode(model):
         for i in range(0, len(y), batch_size):
-            logits = model(x[i: i + batch_size])
-            loss += F.cross_entropy(logits, y[i: i + batch_size], reduction="sum").item()
-            correct += (logits.argmax(1) == y[i: i + batch_size]).sum().item()
-    return loss / len(y), correct / len(y)
+            logits, yb = model(x[i: i + batch_size]), y[i: i + batch_size]
+            loss += per_example_loss(logits, yb).sum().item()
+            correct += (logits.argmax(1) == yb).sum().item()
+            scored += yb.numel() if yb.dim() == 1 else int((yb != -100).sum())
+    return loss / len(y), correct / max(scored, 1)
 
 
 @dataclass

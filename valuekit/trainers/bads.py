@@ -67,6 +67,18 @@ pi^(1/T), which shrinks the spread by about sqrt(T)), the samples are consecutiv
 has only ~`reservoir` of them (about one per epoch); read them as the spread of a cold chain.
 Logged per step: weight = w_i used in the step, reward = d log pi / d w_i (the gradient signal).
 
+Per-source weights (`per_source=True`, the paper's per-task optimisation for instruction sets): one
+u_t per source t, w_i = sigmoid(u_{t(i)}). Same log pi; its exact partial derivative in w_t is
+-rho_theta sum_{i in t} l_i - rho_w n_t (mean(w) - beta) with n_t the source's row count, estimated
+without bias by (N/|B|) sum_{i in B, t(i)=t} dlogpi/dw_i. The Langevin step of u_t is preconditioned by
+|B| / (N n_t) (a constant per coordinate, so the target is unchanged): u_t += eps_t g_t +
+sqrt(2 eps_t T) xi with eps_t = lr_w |B| / (N n_t). g_t is about n_t times a row's gradient and u_t moves
+at every step where a row's u_i moves once per pass (|B|/N of the steps), so over one pass u_t moves as
+far as one u_i does in its one visit: the per-row and per-task chains share lr_w. (A step of lr_w / n_t,
+N/|B| times larger, saturated every w_t within ~20 steps, before the model had learnt anything:
+reports/llm.md.) Every step logs each source's current w_t
+to sources/ (step, source, prob = w_t, count = its rows in the batch): the per-task table.
+
 Under torchrun (valuekit.distributed) B and B' are the global batches: each rank computes the drift
 of its rows (its share of the N/|B| and M/|B'| sums; the shares' gradients are summed over ranks,
 then the prior is added once), the gradient for a row's weight is computed by the rank that holds
@@ -84,6 +96,7 @@ import torch
 from torch import nn
 
 from valuekit.config import setting
+from valuekit.errors import InputError
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.signals import margins
@@ -117,6 +130,15 @@ class Config:
     weight_net: weights from a small MLP over [x, onehot(y)] instead of a per-row tensor.
     weight_hidden: hidden width of that MLP.
     s_avg:      averaging window (steps) for mean(w) in the prior when weight_net=True [S_avg].
+    per_source: one weight per source/task (the table's source column, e.g. an instruction set's `task`)
+                instead of one per row: the paper's per-task optimisation. w_i = w_{t(i)}; see "Per-source
+                weights" in the module docstring. Every row's value is then its task's posterior mean.
+    precondition: pSGLD for theta (Li, Chen, Carlson, Carin, AAAI 2016): an RMSprop preconditioner G on
+                the drift and the noise variance (the Gamma correction term is dropped, as in that paper's
+                practical algorithm); lr_theta is then an RMSprop rate (~1e-3). For Transformers, where plain
+                SGLD at a stable step barely moves in a few hundred steps (measured in reports/llm.md).
+    rms_decay:  pSGLD's running-average decay of the squared gradient.
+    rms_eps:    pSGLD's lambda: G <= 1 / rms_eps, which bounds the noise on parameters with tiny gradients.
     noise_every: k; theta's (and phi's) Gaussian noise is added every k steps with k times the
                 variance: the same Brownian motion in a drift/diffusion splitting. k = 1 is plain
                 SGLD; k > 1 saves the cost of drawing one normal per parameter per step, which on a
@@ -140,9 +162,14 @@ class Config:
     weight_hidden: int = setting(32, ge=1)
     s_avg: int = setting(20, ge=1)
     noise_every: int = setting(1, ge=1)
+    per_source: bool = False
+    precondition: bool = False
+    rms_decay: float = setting(0.99, ge=0, lt=1)
+    rms_eps: float = setting(1e-3, gt=0)
 
     def validate(self) -> None:
         check_fields(self)
+
 
 class WeightNet(nn.Module):
     """w = sigmoid(MLP([standardised x, onehot(y)])): one weight per example from its features."""
@@ -207,6 +234,19 @@ class Trainer:
             self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
         # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
         # (used only for the final values of rows never summarised).
+        self.rms = [torch.zeros_like(p) for p in self.model.parameters()] if cfg.precondition else None
+        self.task_u = None
+        if cfg.per_source:
+            if ctx.source is None or not ctx.sources:
+                raise InputError("bads --set per_source=true: the training table has no source/task column")
+            if cfg.weight_net:
+                raise InputError("bads: per_source and weight_net exclude each other")
+            S = len(ctx.sources)
+            self.task_n = torch.bincount(ctx.source, minlength=S).double()
+            self.task_u = torch.full((S,), logit, dtype=torch.float32, device=dev)
+            self.task_count = torch.zeros(S, dtype=torch.float64, device=dev)
+            self.task_mean = torch.zeros(S, dtype=torch.float64, device=dev)
+            self.task_m2 = torch.zeros(S, dtype=torch.float64, device=dev)
         self.u = torch.full((n,), logit, dtype=torch.float32, device=dev)
         self.wsum = torch.sigmoid(self.u).double().sum()  # kept exactly in step with u
         zeros = lambda: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
@@ -219,6 +259,8 @@ class Trainer:
     def _weights(self, batch: Batch) -> torch.Tensor:
         if self.weight_net is not None:
             return self.weight_net(batch.x, batch.y)
+        if self.task_u is not None:
+            return torch.sigmoid(self.task_u[batch.source])
         return torch.sigmoid(self.u[batch.idx])
 
     def _batch_mean(self, w_batch: torch.Tensor) -> torch.Tensor:
@@ -226,6 +268,8 @@ class Trainer:
         return self.ctx.global_mean(w_batch.detach().double())
 
     def _mean_weight(self, w_batch: torch.Tensor) -> torch.Tensor:
+        if self.task_u is not None:
+            return (self.task_n * torch.sigmoid(self.task_u.double())).sum() / self.n
         if self.weight_net is None:
             return self.wsum / self.n
         window = self.window.clone()
@@ -282,13 +326,38 @@ class Trainer:
         T = cfg.temperature
         with torch.no_grad():
             step_t = cfg.lr_theta / self.n
-            torch._foreach_add_(params, g_theta, alpha=step_t)
-            # Brownian increment over the last `noise_every` steps at once (k = 1: plain SGLD).
             k = cfg.noise_every
             diffuse = T > 0 and (self.steps_done + 1) % k == 0
-            if diffuse:
-                torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
-            if self.weight_net is None:
+            if cfg.precondition:
+                # pSGLD: G = 1 / (eps + sqrt(V)), V = running mean of (g / N)^2; drift lr G g / N, noise var 2 lr T G / N
+                sq = [(g / self.n).square() for g in g_theta]
+                torch._foreach_mul_(self.rms, cfg.rms_decay)
+                torch._foreach_add_(self.rms, sq, alpha=1 - cfg.rms_decay)
+                G = [1.0 / (v.sqrt() + cfg.rms_eps) for v in self.rms]
+                torch._foreach_add_(params, torch._foreach_mul(g_theta, G), alpha=step_t)
+                if diffuse:
+                    eps = _noise(params, 1.0, gen)
+                    torch._foreach_add_(params, [e * (2 * k * step_t * T * s).sqrt() for e, s in zip(eps, G)])
+            else:
+                torch._foreach_add_(params, g_theta, alpha=step_t)
+                # Brownian increment over the last `noise_every` steps at once (k = 1: plain SGLD).
+                if diffuse:
+                    torch._foreach_add_(params, _noise(params, math.sqrt(2 * k * step_t * T), gen))
+            if self.task_u is not None:
+                # (N/B) sum over the batch rows of each source of dlogpi/dw_i, then the chain rule to u_t
+                src_all, dw_all = ctx.gather(batch.source), ctx.gather(dw)
+                S = len(self.task_u)
+                g_w = torch.zeros(S, dtype=torch.float64, device=dw.device).index_add_(
+                    0, src_all, dw_all.double()) * (self.n / len(src_all))
+                wt = torch.sigmoid(self.task_u.double())
+                g_t = g_w * wt * (1 - wt) + (1 - 2 * wt)
+                step_u = cfg.lr_w * len(src_all) / (self.n * self.task_n)
+                u_new = self.task_u.double() + step_u * g_t
+                if T > 0:
+                    u_new = u_new + _noise([u_new], 1.0, gen)[0] * (2 * step_u * T).sqrt()
+                self.task_u.copy_(u_new.float())
+                rows, w_new = batch.idx[:0], w[:0]  # per-row summaries are not used in this mode
+            elif self.weight_net is None:
                 # torchrun: every rank updates the whole global batch's weights (same noise), from the
                 # gradients each row's rank computed
                 idx_all, g_all, w_all = ctx.gather(batch.idx), ctx.gather(g_u), ctx.gather(w)
@@ -318,9 +387,28 @@ class Trainer:
                 self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
             self.steps_done += 1
             if self.steps_done > cfg.burn_in:
-                self._collect(rows, w_new)
+                if self.task_u is not None:
+                    self._collect_tasks()
+                else:
+                    self._collect(rows, w_new)
         return StepRecord(loss=losses, weight=w, reward=dw, correct=logits.argmax(1) == batch.y,
-                          margin=margins(logits, batch.y))
+                          margin=margins(logits, batch.y), sources=self._source_log(batch, w))
+
+    def _source_log(self, batch: Batch, w: torch.Tensor) -> dict | None:
+        """per_source: each source's current w_t and its rows in the batch, for sources/ (the per-task table)."""
+        if self.task_u is None:
+            return None
+        count = torch.bincount(batch.source, minlength=len(self.ctx.sources)).tolist()
+        prob = torch.sigmoid(self.task_u.double()).tolist()
+        return {s: (prob[t], count[t]) for t, s in enumerate(self.ctx.sources)}
+
+    def _collect_tasks(self) -> None:
+        """Welford update of each source's posterior mean/variance of w_t (one sample per step)."""
+        x = torch.sigmoid(self.task_u.double())
+        self.task_count += 1
+        delta = x - self.task_mean
+        self.task_mean += delta / self.task_count
+        self.task_m2 += delta * (x - self.task_mean)
 
     def _collect(self, rows: torch.Tensor, w_new: torch.Tensor) -> None:
         """Welford update of the per-row mean/variance and the ring buffer of the latest samples."""
@@ -342,6 +430,11 @@ class Trainer:
         if self.weight_net is not None:
             state["weight_net"] = self.weight_net.state_dict()
             state["window"] = self.window
+        if self.rms is not None:
+            state["rms"] = self.rms
+        if self.task_u is not None:
+            state.update(task_u=self.task_u, task_count=self.task_count, task_mean=self.task_mean,
+                         task_m2=self.task_m2)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -353,6 +446,12 @@ class Trainer:
         if self.weight_net is not None:
             self.weight_net.load_state_dict(state["weight_net"])
             self.window.copy_(state["window"])
+        if self.rms is not None:
+            for v, saved in zip(self.rms, state["rms"]):
+                v.copy_(saved)
+        if self.task_u is not None:
+            for k in ("task_u", "task_count", "task_mean", "task_m2"):
+                getattr(self, k).copy_(state[k])
 
     def values(self) -> dict:
         """value = signals.in_run_value (module docstring); posterior_mean = mean of the samples of w_i; value_std =
@@ -360,6 +459,14 @@ class Trainer:
         chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
+        if self.task_u is not None:
+            src = self.ctx.source
+            seen = self.task_count > 0
+            mean = torch.where(seen, self.task_mean, torch.sigmoid(self.task_u.double()))
+            var = self.task_m2 / (self.task_count - 1).clamp_min(1)
+            std = torch.where(self.task_count > 1, var.sqrt(), torch.full_like(var, float("nan")))
+            return {"value": mean[src], "value_std": std[src], "weight": mean[src],
+                    "samples": self.task_count[src]}
         seen = self.count > 0
         current = torch.sigmoid(self.u.double())
         value = torch.where(seen, self.mean, current)

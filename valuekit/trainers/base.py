@@ -200,6 +200,12 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
     if config.augment != "none" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --set augment={config.augment} needs an image table")
+    from valuekit.lm import check_lm, is_lm
+
+    if is_lm(config.model):
+        if train_data.y.dim() != 2:
+            raise InputError(f"--model {config.model}: needs an instruction table (prompt, response columns)")
+        check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1])
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):

@@ -140,7 +140,7 @@ def check(cfg) -> None:
 def check_loop(cfg: TrainConfig) -> None:
     from valuekit.models import check_model_spec
 
-    check_model_spec(cfg.model)  # a built-in name or the form of a user's model (imported later, once)
+    check_model_spec(cfg.model)  # a built-in name, a causal LM or the form of a user's model (imported later, once)
     check_fields(cfg, loop=True)
 
 

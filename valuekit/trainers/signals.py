@@ -35,6 +35,11 @@ _SUMS = ("count", "loss", "margin", "margin_n", "weight", "weight_n", "reward", 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Assigned-label logit minus the largest other logit, per row (Pleiss et al. 2020, eq. 1); detached."""
     logits = logits.detach()
+    if logits.dim() > 2:  # sequence targets (N, V, L) / (N, L): mean token margin over targets != -100
+        scored = y != -100
+        yy = y.clamp_min(0)[:, None]
+        tok = logits.gather(1, yy).squeeze(1) - logits.scatter(1, yy, float("-inf")).max(1).values
+        return (tok * scored).sum(1) / scored.sum(1).clamp_min(1)
     assigned = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.scatter(1, y[:, None], float("-inf")).max(1).values
     return assigned - other

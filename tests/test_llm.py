@@ -1,0 +1,392 @@
+"""Issue 21: instruction tables, causal LMs and LM data selection (tiny, CPU).
+
+Tests that need the optional `transformers` package skip without it (pytest reports them as skipped
+with the reason "needs transformers").
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from valuekit.cli.main import main
+from valuekit.instructions import (IGNORE, PAD_INPUT, ByteTokenizer, load_instructions, prepare_instructions,
+                                   read_instructions, tokenize, write_instructions)
+from valuekit.lm import CausalLM, build_lm
+from valuekit.trainers.base import per_example_loss
+
+
+def _has(mod: str) -> bool:
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+needs_hf = pytest.mark.skipif(not _has("transformers"), reason="needs transformers (pip install 'valuekit[llm]')")
+needs_django = pytest.mark.skipif(not _has("django"), reason="needs django (pip install 'valuekit[multilingual]')")
+
+
+def _table(n_per_task=12, seed=0):
+    """Two learnable tasks (copy a word, upper-case a word) and one junk task (random responses)."""
+    rng = np.random.default_rng(seed)
+    words = ["apple", "river", "stone", "cloud", "green", "light", "table", "house", "bread", "plant", "music", "chair"]
+    rows = []
+    for t in ("copy", "upper", "junk"):
+        for i in range(n_per_task):
+            w = words[i % len(words)]
+            resp = {"copy": w, "upper": w.upper(), "junk": "".join(rng.choice(list("qxzjv"), 5))}[t]
+            rows.append({"prompt": f"{t}: {w}\n", "response": resp, "task": t, "is_noisy": t == "junk"})
+    df = pd.DataFrame(rows)
+    df.insert(0, "id", np.arange(len(df), dtype=np.int64))
+    return df
+
+
+@pytest.fixture
+def tables(tmp_path):
+    train = _table()
+    dev = train[train.task != "junk"].iloc[::3].copy()
+    dev["id"] = np.arange(1000, 1000 + len(dev))
+    train.to_parquet(tmp_path / "train.parquet")
+    dev.drop(columns="is_noisy").to_parquet(tmp_path / "dev.parquet")
+    return tmp_path / "train.parquet", tmp_path / "dev.parquet"
+
+
+# ---------------------------------------------------------------- tokenisation and loss
+
+
+def test_tokenize_scores_only_the_response():
+    tok = ByteTokenizer()
+    x, y, cut = tokenize(["ab:"], ["xyz"], tok, max_len=16)
+    seq = [tok.bos_id] + tok.encode("ab:") + tok.encode("xyz") + [tok.eos_id]  # 1 + 3 + 3 + 1 = 8 tokens
+    assert x.shape == y.shape == (1, 16) and not cut[0]
+    assert x[0, :7].long().tolist() == seq[:-1] and (x[0, 7:] == PAD_INPUT).all()
+    # targets: the prompt's next tokens are ignored, then exactly the response + EOS
+    assert y[0].tolist() == [IGNORE] * 3 + tok.encode("xyz") + [tok.eos_id] + [IGNORE] * 9
+
+
+def test_tokenize_cuts_the_prompt_first():
+    tok = ByteTokenizer()
+    x, y, cut = tokenize(["0123456789"], ["ab"], tok, max_len=6)  # 1 + 10 + 2 + 1 = 14 tokens > 7
+    assert cut[0]
+    scored = y[0][y[0] != IGNORE].tolist()
+    assert scored == tok.encode("ab") + [tok.eos_id]  # the whole response survives
+    assert x[0].long().tolist()[-3:] == tok.encode("9") + tok.encode("ab")  # the prompt's tail is kept
+
+
+def test_sequence_loss_is_mean_response_nll():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)  # (N, V, L)
+    y = torch.tensor([[IGNORE, 1, 2, IGNORE, IGNORE], [0, 6, IGNORE, IGNORE, 3], [IGNORE] * 4 + [4]])
+    got = per_example_loss(logits, y)
+    for i in range(3):
+        pos = [t for t in range(5) if y[i, t] != IGNORE]
+        ref = np.mean([-torch.log_softmax(logits[i, :, t], 0)[y[i, t]].item() for t in pos])
+        assert got[i].item() == pytest.approx(ref, rel=1e-12)
+
+
+def test_causal_lm_is_causal_and_ignores_padding():
+    g = torch.Generator().manual_seed(0)
+    model = build_lm("causal-lm", vocab=259, max_len=12, hidden=32, generator=g).eval()
+    assert isinstance(model, CausalLM)
+    x = torch.full((2, 12), float(PAD_INPUT))
+    x[0, :8] = torch.arange(8) + 10
+    x[1, :3] = torch.tensor([5.0, 6.0, 7.0])
+    out = model(x)
+    assert out.shape == (2, 259, 12)
+    alone = model(x[1:2, :3])
+    assert torch.allclose(out[1, :, :3], alone[0], atol=1e-5)  # padding and batch neighbours change nothing
+    x2 = x.clone()
+    x2[0, 6] = 99.0
+    assert torch.allclose(model(x2)[0, :, :6], out[0, :, :6], atol=1e-6)  # a later token never changes earlier logits
+    # same seed, same weights
+    again = build_lm("causal-lm", vocab=259, max_len=12, hidden=32, generator=torch.Generator().manual_seed(0)).eval()
+    assert torch.equal(again(x), out)
+
+
+# ---------------------------------------------------------------- input tables
+
+
+def test_instruction_formats_round_trip(tmp_path):
+    df = _table(n_per_task=3)
+    df.loc[0, "response"] = "a, \"quoted\"\nline"
+    for suffix in ("parquet", "jsonl", "csv"):
+        path = write_instructions(df, tmp_path / f"t.{suffix}")
+        back, _ = read_instructions(path)
+        assert back["response"].tolist() == df["response"].tolist()
+        data = load_instructions(path)
+        assert data.sources == ["copy", "junk", "upper"] and data.is_noisy.sum() == 3
+        assert data.trainer_view().is_noisy is None
+
+
+@needs_django
+def test_prepare_instructions(tmp_path):
+    paths = prepare_instructions(tmp_path, tasks=("es", "de"), junk_task="fr", noise=0.2, dev_size=30, test_size=30,
+                                 max_per_task=100, seed=1)
+    train, dev, test = (pd.read_parquet(paths[s]) for s in ("train", "dev", "test"))
+    assert list(train.columns) == ["id", "prompt", "response", "task", "is_noisy"]
+    assert train.task.value_counts().to_dict() == {"es": 100, "de": 100, "junk": 100}
+    assert train[train.task == "junk"].is_noisy.all()
+    real = train[train.task != "junk"]
+    assert real.is_noisy.sum() == 40  # 20 % of the 200 real rows
+    assert (train.response.str.strip().str.len() > 0).all()
+    assert train.prompt[train.task == "es"].str.startswith("Translate from Spanish to English: ").all()
+    assert len(dev) == len(test) == 30 and not dev.is_noisy.any() and set(dev.task) <= {"es", "de"}
+    # held-out English strings never reach training through any language
+    assert not set(dev.response) & set(train.response[~train.is_noisy])
+    assert len(set(train.id) | set(dev.id) | set(test.id)) == len(train) + len(dev) + len(test)
+    again = prepare_instructions(tmp_path / "again", tasks=("es", "de"), junk_task="fr", noise=0.2, dev_size=30,
+                                 test_size=30, max_per_task=100, seed=1, fmt="jsonl")
+    assert pd.read_json(again["train"], lines=True).equals(train)  # seeded, and the JSONL holds the same rows
+
+
+def test_prepare_instructions_cli(tmp_path, capsys):
+    pytest.importorskip("django", reason="needs django")
+    rc = main(["data", "prepare", "instructions", "-o", str(tmp_path), "--tasks", "es", "--junk-task", "none",
+               "--dev-size", "20", "--test-size", "20", "--format", "csv"])
+    assert rc == 0
+    train = pd.read_csv(tmp_path / "train.csv")
+    assert set(train.task) == {"es"} and not train.is_noisy.any()
+
+
+# ---------------------------------------------------------------- training and export
+
+
+@pytest.mark.parametrize("method", ["uniform", "bads"])
+def test_train_causal_lm(tables, tmp_path, method):
+    train, dev = tables
+    out = tmp_path / f"run-{method}"
+    rc = main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", method, "--steps", "6",
+               "--batch-size", "8", "--max-len", "32", "--device", "cpu", "--out", str(out),
+               "--set", "hidden=32", "--set", "eval_every=3", *(["--set", "burn_in=0"] if method == "bads" else [])])
+    assert rc == 0
+    vals = pd.read_parquet(out / "values.parquet")
+    assert len(vals) == 36 and vals["value"].notna().any()
+    steps = pd.concat(pd.read_parquet(p) for p in sorted((out / "steps").glob("part-*.parquet")))
+    assert set(steps.source) <= {"copy", "upper", "junk"} and steps.label.isna().all()
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["config"]["model"] == "causal-lm" and meta["status"] == "completed"
+    m = pd.concat(pd.read_parquet(p) for p in (out / "metrics").glob("part-*.parquet"))
+    assert np.isfinite(m.dev_loss.dropna()).all() and m.dev_loss.dropna().iloc[0] < np.log(259) + 1
+
+
+def _bad(tmp_path, capsys, argv):
+    out = tmp_path / "never"
+    capsys.readouterr()  # only what this command prints
+    rc = main([*argv, "--device", "cpu", "--steps", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and not out.exists()
+    return err
+
+
+def test_bad_instruction_input_exit_2(tables, tmp_path, capsys):
+    train, dev = tables
+    df = pd.read_parquet(train)
+    df.drop(columns="response").to_parquet(tmp_path / "noresp.parquet")
+    err = _bad(tmp_path, capsys, ["train", str(tmp_path / "noresp.parquet"), "--dev", str(dev), "--model", "causal-lm"])
+    assert "missing column 'response'" in err
+    empty = df.copy()
+    empty.loc[4, "response"] = "   "
+    empty.to_parquet(tmp_path / "empty.parquet")
+    err = _bad(tmp_path, capsys, ["train", str(tmp_path / "empty.parquet"), "--dev", str(dev), "--model", "causal-lm"])
+    assert "empty response at id 4" in err
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{not json")
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm",
+                                  "--tokenizer", str(tmp_path / "tok")])
+    assert "--tokenizer" in err
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'nope'}"])
+    # without the optional transformers package the model form is refused before its folder is read
+    import importlib.util
+
+    assert ("config.json" if importlib.util.find_spec("transformers") else "valuekit[llm]") in err
+
+
+@needs_hf
+def test_hf_config_model_trains_and_bad_models_exit_2(tables, tmp_path, capsys):
+    from transformers import DistilBertConfig, GPT2Config
+
+    train, dev = tables
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=64).save_pretrained(tmp_path / "gpt")
+    out = tmp_path / "run"
+    rc = main(["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'gpt'}", "--method", "bads",
+               "--steps", "4", "--batch-size", "8", "--max-len", "32", "--device", "cpu", "--out", str(out),
+               "--set", "burn_in=0"])
+    assert rc == 0 and len(pd.read_parquet(out / "values.parquet")) == 36
+    DistilBertConfig(n_layers=1, dim=32, hidden_dim=64, n_heads=2).save_pretrained(tmp_path / "bert")
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'bert'}"])
+    assert "no causal-LM head" in err
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf:{tmp_path / 'gpt'}",
+                                  "--max-len", "32"])
+    assert "no weights" in err
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'gpt'}",
+                                  "--max-len", "100"])
+    assert "n_positions 64" in err
+    from transformers import LlamaConfig, LlamaModel
+
+    base = LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=259, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaModel(base).save_pretrained(tmp_path / "llama-base")  # weights without the output layer
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf:{tmp_path / 'llama-base'}",
+                                  "--max-len", "32"])
+    assert "no causal-LM head" in err
+
+
+@needs_hf
+def test_hf_weights_and_tokenizer(tables, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "<s>": 2, "</s>": 3}
+    for w in "copy upper junk : apple river stone cloud APPLE RIVER".split():
+        vocab.setdefault(w, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
+                            unk_token="[UNK]").save_pretrained(tmp_path / "tok")
+    from valuekit.instructions import get_tokenizer
+
+    tok = get_tokenizer(str(tmp_path / "tok"))
+    data = load_instructions(tables[0], tokenizer=tok, max_len=8)
+    # row 0: "copy: apple\n" -> <s> copy : apple | apple </s>; scored targets = [apple, </s>]
+    assert data.y[0][data.y[0] != IGNORE].tolist() == [vocab["apple"], vocab["</s>"]]
+    assert data.num_classes == len(vocab)
+    # hf:DIR loads the saved weights: same logits as the model that was saved
+    g = torch.Generator().manual_seed(3)
+    GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=len(vocab), n_positions=8).save_pretrained(tmp_path / "m")
+    a = build_lm(f"hf-config:{tmp_path / 'm'}", vocab=len(vocab), max_len=8, generator=g).eval()
+    a.inner.save_pretrained(tmp_path / "m")
+    b = build_lm(f"hf:{tmp_path / 'm'}", vocab=len(vocab), max_len=8).eval()
+    assert torch.allclose(a(data.x[:4]), b(data.x[:4]), atol=1e-6)
+
+
+def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
+    """per_source: one weight per task; with the model frozen (lr_theta tiny) the task with the higher loss
+    must lose weight, and sources/ logs every task's w_t at every step."""
+    from valuekit.config import TrainConfig
+    from valuekit.instructions import load_instructions
+    from valuekit.trainers.base import make_trainer
+
+    train, dev = tables
+    tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
+    cfg = TrainConfig(method="bads", model="causal-lm", batch_size=36, hidden=32, device="cpu", progress=False)
+    trainer, sampler, ctx = make_trainer(tr, dv, cfg, dict(per_source=True, temperature=0.0, lr_theta=1e-9,
+                                                           burn_in=0, rho_w=0.0, lr_w=0.01))
+    from valuekit.trainers.base import Batch
+
+    idx = torch.arange(0, 36, 3)  # B = 12 of N = 36 rows, 4 of each task's 12
+    batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
+    u0 = trainer.task_u.clone()
+    rec = trainer.step(batch)
+    # exact expected move (T = 0, rho_w = 0):
+    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + (1-2w)],  n_t = 12
+    w0 = torch.sigmoid(u0.double())
+    src = ctx.source[idx]
+    for t, name in enumerate(ctx.sources):
+        rows = src == t
+        g = (36 / 12) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t]) + (1 - 2 * w0[t])
+        assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 * 12 / (36 * 12) * g).item(), rel=1e-5)
+        assert rec.sources[name] == (pytest.approx(torch.sigmoid(trainer.task_u[t].double()).item()), int(rows.sum()))
+    vals = trainer.values()
+    assert vals["value"].shape == (36,)
+    assert len(set(vals["value"][ctx.source == 0].tolist())) == 1  # rows of one task share the task's weight
+
+
+def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
+    train, dev = tables
+    run = tmp_path / "run"
+    assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "uniform", "--steps", "5",
+                 "--batch-size", "12", "--max-len", "32", "--device", "cpu", "--out", str(run),
+                 "--set", "hidden=32"]) == 0
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", str(train), "--run", str(run), "-o", str(out), "--keep-fraction", "0.5", "--per-task"]) == 0
+    got = pd.read_json(out, lines=True)
+    src = pd.read_parquet(train)
+    assert got[list(src.columns)].equals(src)  # every input column kept, rows in order
+    vals = pd.read_parquet(run / "values.parquet").set_index("example_id")
+    assert np.allclose(got.value, vals.loc[got.id, "value"])
+    for task, part in got.groupby("task"):
+        assert part.selected.sum() == 6  # half of each task's 12 rows
+        kept, dropped = part[part.selected].value, part[~part.selected].value
+        assert kept.min() >= dropped.max()  # the top half by value within the task
+    tasks = pd.read_csv(tmp_path / "scored.tasks.csv")
+    assert sorted(tasks.task) == ["copy", "junk", "upper"] and (tasks.kept == 6).all()
+    means = got.groupby("task").value.mean()
+    assert np.allclose(tasks.set_index("task").mean_value.loc[means.index], means)
+    assert (tasks.sort_values("mean_value", ascending=False)["rank"] == [1, 2, 3]).all()
+    sub = tmp_path / "sub.parquet"
+    assert main(["score", str(train), "--run", str(run), "-o", str(sub), "--keep-fraction", "0.25", "--subset-only"]) == 0
+    kept = pd.read_parquet(sub)
+    assert len(kept) == 9 and set(kept.id) == set(got.sort_values("value").id.iloc[-9:])
+
+
+def test_bads_preconditioned_theta_step_matches_psgld(tables):
+    """precondition=True, T=0: theta moves by lr * G * g / N with G = 1 / (sqrt((1-decay) (g/N)^2) + eps)."""
+    from valuekit.config import TrainConfig
+    from valuekit.trainers.base import Batch
+
+    train, dev = tables
+    tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
+    cfg = TrainConfig(method="bads", model="causal-lm", batch_size=8, hidden=32, device="cpu", progress=False)
+    mc = dict(precondition=True, temperature=0.0, lr_theta=1e-3, dev_batch_size=100, burn_in=0)
+    from valuekit.trainers.base import make_trainer
+
+    trainer, sampler, ctx = make_trainer(tr, dv, cfg, mc)
+    idx = torch.arange(8)
+    batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    g = trainer.drift(batch, ctx.dev_x, ctx.dev_y)[0]
+    trainer.step(batch)
+    n, c = trainer.n, trainer.cfg
+    moved = 0
+    for p0, p1, gi in zip(before, trainer.model.parameters(), g):
+        G = 1 / ((1 - c.rms_decay) ** 0.5 * (gi / n).abs() + c.rms_eps)
+        assert torch.allclose(p1.detach() - p0, c.lr_theta * G * gi / n, atol=1e-7, rtol=1e-4)
+        moved += int((p1.detach() != p0).any())
+    assert moved > 0
+
+
+def test_length_buckets_cut_padding_and_cover_every_row():
+    from valuekit.lm import LengthBucketSampler
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(5, 200, (1000,), generator=g)
+    s = LengthBucketSampler(lengths, torch.Generator().manual_seed(1), window=20)
+    seen, pad_b, pad_r = [], [], []
+    for _ in range(1000 // 10):
+        idx = s.next(10)
+        seen.append(idx)
+        pad_b.append(1 - lengths[idx].sum().item() / (10 * lengths[idx].max().item()))
+        r = torch.randperm(1000, generator=g)[:10]
+        pad_r.append(1 - lengths[r].sum().item() / (10 * lengths[r].max().item()))
+    assert sorted(torch.cat(seen).tolist()) == list(range(1000))  # one pass = every row once
+    assert np.mean(pad_b) < 0.1 < 0.3 < np.mean(pad_r)  # padding share: bucketed vs random batches
+    s.next(35)  # mid-pass, not on a batch boundary
+    state, gstate = s.state_dict(), s.g.get_state()  # the loop checkpoints the sampler and the run's generator
+    a = torch.cat([s.next(10) for _ in range(150)])  # crosses into the next pass
+    g2 = torch.Generator()
+    g2.set_state(gstate)
+    s2 = LengthBucketSampler(lengths, g2, window=20)
+    s2.load_state_dict(state)
+    assert torch.equal(torch.cat([s2.next(10) for _ in range(150)]), a)
+
+
+def test_sequence_margin_is_mean_scored_token_margin():
+    from valuekit.trainers.signals import margins
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)  # (N, V, L)
+    y = torch.tensor([[IGNORE, 3, 0, IGNORE], [1, IGNORE, IGNORE, IGNORE]])
+    got = margins(logits, y)
+    for i in range(2):
+        ref = []
+        for t in range(4):
+            if y[i, t] != IGNORE:
+                col = logits[i, :, t]
+                ref.append((col[y[i, t]] - torch.cat([col[: y[i, t]], col[y[i, t] + 1:]]).max()).item())
+        assert got[i].item() == pytest.approx(np.mean(ref))

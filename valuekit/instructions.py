@@ -1,0 +1,403 @@
+"""Instruction tables for causal-LM fine-tuning: prepare one offline, read it, tokenise it.
+
+Table columns: `id`, `prompt`, `response`, optional `task` (any `--source-col`; the BADS paper's
+per-task setting), and the evaluation-only `is_noisy` (never given to a method).
+
+`prepare_instructions` builds a real multi-task set offline from Django's translation catalogs
+(valuekit.multilingual): one task per source language X, prompt "Translate from <X> to English: <text>",
+response the English message. Evaluation corruptions: a *junk task* (rows of one more language whose
+responses are replaced by random text) and a fraction of junk rows mixed into the real tasks; every
+corrupted row has is_noisy = True. Random text is drawn character by character from the character
+frequencies of all English responses, with the original response's length, so junk rows are not
+longer, shorter or made of different characters than real ones -- only unpredictable.
+
+Tokenisation (`load_instructions`): sequence = [BOS] prompt response [EOS]; the model reads
+x = sequence[:-1] and is scored on y = sequence[1:], where every target that is still part of the
+prompt, and every padding position, is IGNORE (-100). So the per-example loss (mean token NLL over
+y != IGNORE, valuekit.trainers.base.per_example_loss) is the response's loss only. x holds PAD_INPUT
+(-1) after the sequence's end, which the LM adapters use to run each batch only up to its longest row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from valuekit.errors import InputError
+
+IGNORE = -100  # target positions that carry no loss (prompt, padding)
+PAD_INPUT = -1  # input positions after the sequence's end
+INSTRUCTION_SUFFIXES = (".parquet", ".pq", ".csv", ".jsonl")
+DEFAULT_TASKS = ("es", "fr", "de", "ru", "ja", "fi")
+DEFAULT_JUNK = "pt"
+LANGUAGE_NAMES = {
+    "es": "Spanish", "fr": "French", "de": "German", "ru": "Russian", "ja": "Japanese", "fi": "Finnish",
+    "pt": "Portuguese", "it": "Italian", "nl": "Dutch", "pl": "Polish", "tr": "Turkish", "ar": "Arabic",
+    "ko": "Korean", "zh_Hans": "Chinese", "ca": "Catalan", "gl": "Galician", "ast": "Asturian",
+}
+
+
+# ---------------------------------------------------------------- reading and writing tables
+
+
+def read_instructions(source, *, name: str = "train") -> tuple[pd.DataFrame, str | None]:
+    """(DataFrame, path) from a .parquet/.csv/.jsonl path or a DataFrame; InputError naming the file."""
+    if isinstance(source, pd.DataFrame):
+        return source, None
+    path = Path(source)
+    if not path.exists():
+        raise InputError(f"{path}: no such file ({name} table)")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            df = pd.read_parquet(path)
+        elif suffix == ".csv":
+            df = pd.read_csv(path, keep_default_na=False, dtype={"prompt": str, "response": str})
+        elif suffix == ".jsonl":
+            df = pd.read_json(path, lines=True, dtype=False)
+        else:
+            raise InputError(f"{path}: unsupported file type {suffix!r}; use {', '.join(INSTRUCTION_SUFFIXES)}")
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow / pandas parse errors: one line naming the file
+        raise InputError(f"{path}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    return df, str(path)
+
+
+def write_instructions(frame: pd.DataFrame, path, *, meta: dict | None = None) -> str:
+    """Write an instruction table as .parquet (metadata in the schema), .jsonl or .csv, atomically."""
+    from valuekit.runlog import write_parquet_atomic
+
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in (".parquet", ".pq"):
+        t = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        if meta:
+            t = t.replace_schema_metadata({**(t.schema.metadata or {}), b"valuekit.dataset": json.dumps(meta).encode()})
+        write_parquet_atomic(t, path)
+        return str(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if suffix == ".jsonl":
+        frame.to_json(tmp, orient="records", lines=True, force_ascii=False, double_precision=15)
+    elif suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    else:
+        raise InputError(f"{path}: unsupported file type {suffix!r}; use {', '.join(INSTRUCTION_SUFFIXES)}")
+    tmp.replace(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- prepare (offline, from Django catalogs)
+
+
+def _prompt(lang: str, text: str) -> str:
+    return f"Translate from {LANGUAGE_NAMES.get(lang, lang)} to English: {text}\n"
+
+
+def _random_texts(lengths, alphabet: np.ndarray, probs: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """Random strings of the given lengths; the ends are never whitespace (texts are stripped elsewhere)."""
+    solid = np.array([not c.isspace() for c in alphabet])
+    ps = np.where(solid, probs, 0.0) / probs[solid].sum()
+    out = []
+    for n in lengths:
+        n = max(int(n), 1)
+        mid = rng.choice(alphabet, size=max(n - 2, 0), p=probs).tolist()
+        ends = rng.choice(alphabet, size=min(n, 2), p=ps).tolist()
+        out.append("".join(ends[:1] + mid + ends[1:]))
+    return out
+
+
+def build_instructions(*, tasks=DEFAULT_TASKS, junk_task: str | None = DEFAULT_JUNK, max_chars: int = 80) -> pd.DataFrame:
+    """All rows before splitting and corruption: group (English string id), lang, prompt, response."""
+    from valuekit.multilingual import available_languages, read_catalog, strip_placeholders
+
+    langs = list(dict.fromkeys([*tasks, *([junk_task] if junk_task else [])]))
+    known = set(available_languages())
+    missing = [lang for lang in langs if lang not in known]
+    if missing:
+        raise InputError(f"language {missing[0]!r} has no Django catalog here; available: {', '.join(sorted(known))}")
+    rows = []
+    for lang in langs:
+        for msgid, text in read_catalog(lang).items():
+            src, tgt = strip_placeholders(text), strip_placeholders(msgid)
+            if src and tgt and len(src) <= max_chars and len(tgt) <= max_chars:
+                rows.append((lang, src, tgt))
+    frame = pd.DataFrame(rows, columns=["lang", "src", "response"]).drop_duplicates(["response", "lang"])
+    english = sorted(frame["response"].unique())
+    frame["group"] = frame["response"].map({t: i for i, t in enumerate(english)}).astype("int64")
+    frame["prompt"] = [_prompt(lang, s) for lang, s in zip(frame["lang"], frame["src"])]
+    return frame.sort_values(["group", "lang"]).reset_index(drop=True)
+
+
+def prepare_instructions(
+    out_dir,
+    *,
+    tasks=DEFAULT_TASKS,
+    junk_task: str | None = DEFAULT_JUNK,
+    noise: float = 0.1,
+    dev_size: int = 100,
+    test_size: int = 100,
+    max_per_task: int | None = None,
+    max_chars: int = 80,
+    fmt: str = "parquet",
+    seed: int = 0,
+) -> dict[str, str]:
+    """Write DIR/{train,dev,test}.<fmt>; see the module docstring.
+
+    dev/test hold `dev_size`/`test_size` English strings (groups), each as one clean row of a real task
+    (the task drawn at random); those groups are removed from training for every language. train holds
+    the rest, at most `max_per_task` rows per task; then a `noise` fraction of the real tasks' train rows
+    get random responses, and the `junk_task` language (if any) is added as task "junk", all random.
+    """
+    tasks = tuple(tasks)
+    if not tasks:
+        raise InputError("--tasks: give at least one language")
+    if junk_task in tasks:
+        raise InputError(f"--junk-task {junk_task}: is also a real task; choose another language")
+    if not 0 <= noise < 1:
+        raise InputError(f"--noise {noise}: must be in [0, 1)")
+    if dev_size < 1 or test_size < 1:
+        raise InputError(f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
+    if max_per_task is not None and max_per_task < 1:
+        raise InputError(f"--max-per-task {max_per_task}: must be >= 1")
+    if fmt not in ("parquet", "jsonl", "csv"):
+        raise InputError(f"--format {fmt!r}: use parquet, jsonl or csv")
+    frame = build_instructions(tasks=tasks, junk_task=junk_task, max_chars=max_chars)
+    rng = np.random.default_rng(seed)
+    real = frame[frame.lang.isin(tasks)]
+    groups = np.sort(real.group.unique())
+    if len(groups) < dev_size + test_size + 10:
+        raise InputError(f"only {len(groups)} messages; too few for dev {dev_size} + test {test_size}")
+    perm = rng.permutation(groups)
+    dev_g, test_g = perm[:dev_size], perm[dev_size: dev_size + test_size]
+    held = frame.group.isin(np.concatenate([dev_g, test_g]))
+
+    def one_per_group(gs):
+        part = real[real.group.isin(gs)]
+        pick = part.groupby("group", sort=True).sample(n=1, random_state=int(rng.integers(2**31)))
+        return pick.sort_values("group")
+
+    train = frame[~held]
+    if max_per_task is not None:
+        train = train.iloc[rng.permutation(len(train))].groupby("lang", sort=False).head(max_per_task)
+    train = train.sort_values(["group", "lang"]).reset_index(drop=True)
+    train["task"] = np.where(train.lang == junk_task, "junk", train.lang) if junk_task else train.lang
+    train["is_noisy"] = train.task == "junk"
+    real_rows = np.flatnonzero(~train.is_noisy.to_numpy())
+    flip = rng.choice(real_rows, size=int(round(noise * len(real_rows))), replace=False)
+    train.loc[flip, "is_noisy"] = True
+    # random text with the English responses' character frequencies and each row's own length
+    chars, counts = np.unique(np.array(list("".join(frame.response))), return_counts=True)
+    noisy = np.flatnonzero(train.is_noisy.to_numpy())
+    train.loc[noisy, "response"] = _random_texts(train.response.str.len().to_numpy()[noisy], chars,
+                                                 counts / counts.sum(), rng)
+    cols = ["id", "prompt", "response", "task", "is_noisy"]
+    splits = {"train": train, "dev": one_per_group(dev_g), "test": one_per_group(test_g)}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"dataset": "instructions", "tasks": list(tasks), "junk_task": junk_task, "noise": noise, "seed": seed,
+            "max_chars": max_chars, "max_per_task": max_per_task,
+            "origin": "Django translation catalogs (BSD licence)"}
+    written, start = {}, 0
+    for split, part in splits.items():
+        part = part.copy()
+        if "task" not in part:
+            part["task"] = part.lang
+            part["is_noisy"] = False
+        part["id"] = np.arange(start, start + len(part), dtype=np.int64)  # ids unique over the three splits
+        start += len(part)
+        written[split] = write_instructions(part[cols].reset_index(drop=True), out / f"{split}.{fmt}",
+                                            meta={**info, "split": split})
+    return written
+
+
+# ---------------------------------------------------------------- tokenisation
+
+
+class ByteTokenizer:
+    """UTF-8 bytes; ids: PAD 0, BOS 1, EOS 2, byte b -> b + 3 (valuekit.models' byte vocabulary)."""
+
+    name = "bytes"
+    bos_id, eos_id = 1, 2
+    vocab_size = 259
+
+    def encode(self, text: str) -> list[int]:
+        return [b + 3 for b in text.encode("utf-8")]
+
+    def describe(self) -> dict:
+        return {"kind": "bytes", "vocab_size": self.vocab_size}
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory (nothing downloaded)."""
+
+    def __init__(self, path: str):
+        try:
+            from transformers import AutoTokenizer
+        except ImportError:
+            raise InputError(f"--tokenizer {path}: needs the optional 'transformers' package "
+                             f"(pip install 'valuekit[llm]')") from None
+        if not Path(path).is_dir():
+            raise InputError(f"--tokenizer {path}: not a directory")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except Exception as exc:  # transformers raises OSError/ValueError/... for a broken folder
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise InputError(f"--tokenizer {path}: does not load as a tokenizer ({first[:200]})") from None
+        self.path = str(path)
+        self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
+        self.vocab_size = len(self.tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def describe(self) -> dict:
+        return {"kind": "huggingface", "path": self.path, "vocab_size": self.vocab_size}
+
+
+def get_tokenizer(path: str | None):
+    return ByteTokenizer() if path is None else HFTokenizer(path)
+
+
+def tokenize(prompts, responses, tokenizer, max_len: int):
+    """(x float32 (N, L) input ids with PAD_INPUT after the end, y int64 (N, L) targets with IGNORE
+    outside the response, truncated flags). The prompt is cut from the left when prompt + response do not
+    fit in max_len + 1 tokens; a response longer than that is cut from the right (then no EOS)."""
+    import torch
+
+    seqs, starts, cut = [], [], []
+    for p, r in zip(prompts, responses):
+        head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p)
+        tail = tokenizer.encode(r) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
+        room = max_len + 1
+        trimmed = len(head) + len(tail) > room
+        tail = tail[: room - 1]
+        head = head[max(0, len(head) - (room - len(tail))):] if len(head) + len(tail) > room else head
+        if not head:  # the model needs one input token before the first scored one
+            head, tail = tail[:1], tail[1:]
+        seqs.append(head + tail)
+        starts.append(len(head))
+        cut.append(trimmed)
+    L = max_len  # one width for every table (train and dev rows share batches); adapters trim per batch
+    x = torch.full((len(seqs), L), PAD_INPUT, dtype=torch.float32)
+    y = torch.full((len(seqs), L), IGNORE, dtype=torch.int64)
+    for i, (s, h) in enumerate(zip(seqs, starts)):
+        t = torch.tensor(s, dtype=torch.int64)
+        x[i, : len(s) - 1] = t[:-1].float()
+        y[i, h - 1: len(s) - 1] = t[h:]
+    return x, y, np.array(cut)
+
+
+def load_instructions(
+    source,
+    *,
+    tokenizer=None,
+    id_col: str = "id",
+    prompt_col: str = "prompt",
+    response_col: str = "response",
+    source_col: str = "task",
+    max_len: int = 256,
+    name: str = "train",
+):
+    """Read + validate an instruction table and tokenise it into a ValueDataset for causal-LM training.
+
+    x: (N, L) float32 input token ids (PAD_INPUT after the end), y: (N, L) int64 next-token targets
+    (IGNORE on the prompt and padding), L = max_len for every table. `classes` names the
+    vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
+    """
+    from valuekit.datasets import EVAL_COLUMNS, ValueDataset, _file_sha256  # noqa: F401
+
+    tokenizer = tokenizer or ByteTokenizer()
+    df, path = read_instructions(source, name=name)
+    where = f"{path or 'DataFrame'} ({name} table)"
+    if len(df) == 0:
+        raise InputError(f"{where}: table is empty")
+    for col in (id_col, prompt_col, response_col):
+        if col not in df.columns:
+            raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+    if max_len < 2:
+        raise InputError(f"--max-len {max_len}: must be >= 2")
+    ids = df[id_col]
+    dup = ids[ids.duplicated()]
+    if ids.isna().any() or len(dup):
+        raise InputError(f"{where}: column {id_col!r} has a null or duplicate id ({dup.iloc[0] if len(dup) else None!r})")
+    ids_np = ids.to_numpy()
+    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    for col in (prompt_col, response_col):
+        text = df[col]
+        bad = text.isna() | (text.astype(str).str.strip().str.len() == 0) if col == response_col else text.isna()
+        if bad.any():
+            what = "an empty response" if col == response_col else "a missing prompt"
+            at = ids_np[int(np.flatnonzero(bad.to_numpy())[0])]
+            raise InputError(f"{where}: column {col!r} has {what} at id {at.item() if hasattr(at, 'item') else at!r}")
+    x, y, _ = tokenize(df[prompt_col].astype(str).tolist(), df[response_col].astype(str).tolist(), tokenizer, max_len)
+    if int(y.max()) >= tokenizer.vocab_size:
+        raise InputError(f"{where}: token id {int(y.max())} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
+    src = df[source_col].astype(str).to_numpy(dtype=object) if source_col in df.columns else None
+    noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
+    return ValueDataset(
+        ids=ids_np, x=x, y=y, classes=[str(i) for i in range(tokenizer.vocab_size)], source=src, is_noisy=noisy,
+        feature_cols=[prompt_col, response_col], name=name, path=path,
+        file_sha256=_file_sha256(Path(path)) if path else None,
+    )
+
+
+# ---------------------------------------------------------------- per-task table and export
+
+
+def task_table(scored: pd.DataFrame, *, task_col: str = "task") -> pd.DataFrame:
+    """Per-task summary of a scored instruction table (columns weight, value from `score_instructions`):
+    task, rows, mean_weight, mean_value, rank (1 = the task with the highest mean value)."""
+    g = scored.groupby(task_col, sort=True)
+    out = pd.DataFrame({"rows": g.size(), "mean_weight": g["weight"].mean(), "mean_value": g["value"].mean()})
+    out["rank"] = out["mean_value"].rank(ascending=False, method="min", na_option="bottom").astype("int64")
+    return out.reset_index().rename(columns={task_col: "task"}).sort_values("rank").reset_index(drop=True)
+
+
+def score_instructions(table, run_dir, *, id_col: str = "id", task_col: str = "task",
+                       keep_fraction: float | None = None, per_task: bool = False) -> pd.DataFrame:
+    """The instruction table with every column kept plus the run's weight (mean 1), value, value_std, rank
+    and, with keep_fraction, `selected`: the top fraction by value overall, or within each task
+    (`per_task=True`: every task keeps round(fraction x its rows), at least one)."""
+    from valuekit.export import score
+
+    df, path = read_instructions(table, name="table")
+    if keep_fraction is not None and not 0 < keep_fraction <= 1:
+        raise InputError(f"--keep-fraction {keep_fraction}: must be in (0, 1]")
+    if per_task and task_col not in df.columns:
+        raise InputError(f"{path or 'table'}: --per-task needs a {task_col!r} column (choose it with --source-col)")
+    if per_task and keep_fraction is None:
+        raise InputError("--per-task needs --keep-fraction")
+    res = score(df, run_dir, id_col=id_col, keep_fraction=None if per_task else keep_fraction)
+    if per_task:
+        order = res.groupby(task_col)["value"].rank(ascending=False, method="first", na_option="bottom")
+        size = res.groupby(task_col)[task_col].transform("size")
+        res["selected"] = order <= np.maximum(1, np.floor(keep_fraction * size + 0.5))
+    return res
+
+
+def export_instructions(table, run_dir, out, *, subset_only: bool = False, **kw) -> tuple[str, pd.DataFrame]:
+    """Write `score_instructions(...)` to `out` (.parquet/.jsonl/.csv) and the per-task table to
+    `<out stem>.tasks.csv`; returns (path, per-task table)."""
+    out = Path(out)
+    if out.suffix.lower() not in INSTRUCTION_SUFFIXES:
+        raise InputError(f"-o {out}: output must end in {', '.join(INSTRUCTION_SUFFIXES)}")
+    if not isinstance(table, pd.DataFrame) and out.resolve() == Path(table).resolve():
+        raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
+    res = score_instructions(table, run_dir, **kw)
+    task_col = kw.get("task_col", "task")
+    tasks = task_table(res, task_col=task_col) if task_col in res.columns else None
+    if tasks is not None and "selected" in res.columns:
+        kept = res.groupby(task_col)["selected"].sum()
+        tasks["kept"] = tasks["task"].map(kept).astype("int64")
+    if subset_only and "selected" in res.columns:
+        res = res[res["selected"]]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_instructions(res, out)
+    if tasks is not None:
+        tasks.to_csv(out.with_name(out.stem + ".tasks.csv"), index=False)
+    return str(out), tasks

@@ -1,0 +1,228 @@
+"""Causal language models for instruction tables (valuekit.instructions).
+
+Model names: `causal-lm` (a small built-in decoder-only Transformer, no extra package), `hf-config:PATH`
+(a Hugging Face causal LM built from PATH/config.json with random weights drawn from the run's
+generator), `hf:PATH` (config + weights from a local directory; nothing is downloaded).
+
+Every model here maps x (N, L) float input ids, PAD_INPUT after each row's end, to logits laid out
+(N, V, L) -- the class axis second, as torch's cross_entropy expects -- so the shared per-example
+loss and the methods' `logits.argmax(1) == y` work unchanged. Each forward runs only up to the
+batch's longest row and pads the logits back with zeros (positions whose target is IGNORE).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from valuekit.errors import InputError
+
+LM_PREFIXES = ("hf:", "hf-config:")
+BUILTIN = "causal-lm"
+
+
+def is_lm(name: str) -> bool:
+    return name == BUILTIN or name.startswith(LM_PREFIXES)
+
+
+def _trim(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """int64 ids of the batch up to its longest row (PAD_INPUT -> 0) and the full width."""
+    ids = x.long()
+    valid = ids >= 0
+    width = int(valid.any(0).nonzero().max()) + 1 if valid.any() else 1
+    return ids[:, :width].clamp_min(0), ids.shape[1]
+
+
+def _layout(logits: torch.Tensor, full: int) -> torch.Tensor:
+    """(N, l, V) -> (N, V, full), zero logits after l."""
+    out = logits.transpose(1, 2)
+    return F.pad(out, (0, full - out.shape[2])) if out.shape[2] < full else out
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, h):
+        n, l, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(n, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        h = h + self.proj(a.transpose(1, 2).reshape(n, l, d))
+        return h + self.mlp(self.ln2(h))
+
+
+class CausalLM(nn.Module):
+    """Decoder-only Transformer (pre-LayerNorm, learned positions, tied input/output embedding)."""
+
+    def __init__(self, vocab: int, max_len: int, d: int = 128, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(max_len, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+
+    def forward(self, x):
+        ids, full = _trim(x)
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for b in self.blocks:
+            h = b(h)
+        return _layout(self.ln(h) @ self.tok.weight.T, full)
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM behind valuekit's (N, L) -> (N, V, L) interface."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        ids, full = _trim(x)
+        # right padding under a causal mask: real positions never attend to the padding, so no mask is needed
+        return _layout(self.inner(input_ids=ids, use_cache=False).logits, full)
+
+
+def _init_(model: nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
+    """Random weights from `generator` (GPT-2's scheme: N(0, std) matrices/embeddings, zero biases,
+    unit norms), never from torch's global RNG."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)) or type(m).__name__ == "Conv1D":  # GPT-2 uses Conv1D
+            nn.init.normal_(m.weight, 0.0, std, generator=generator)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif "norm" in type(m).__name__.lower():
+            if getattr(m, "weight", None) is not None:
+                nn.init.ones_(m.weight)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+
+def _hf_config(path: str, name: str):
+    try:
+        import transformers
+    except ImportError:
+        raise InputError(f"--model {name}: needs the optional 'transformers' package (pip install 'valuekit[llm]')") from None
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"--model {name}: {folder} has no config.json")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise InputError(f"--model {name}: {folder}/config.json does not load ({_first(exc)})") from None
+    if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
+        raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} model, which has no causal-LM head "
+                         f"in transformers")
+    return transformers, config
+
+
+def _first(exc: Exception) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
+
+
+def check_lm(name: str, *, vocab: int, max_len: int) -> None:
+    """Validate an LM name against the data before anything is written (InputError, one line)."""
+    if name == BUILTIN:
+        return
+    kind, _, path = name.partition(":")
+    _, config = _hf_config(path, name)
+    v = getattr(config, "vocab_size", None)
+    if v is not None and v < vocab:
+        raise InputError(f"--model {name}: vocab_size {v} is smaller than the tokenizer's {vocab}")
+    for key in ("n_positions", "max_position_embeddings"):
+        p = getattr(config, key, None)
+        if isinstance(p, int) and p < max_len:
+            raise InputError(f"--model {name}: {key} {p} is smaller than the sequence length {max_len} (--max-len)")
+    if kind == "hf":
+        if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
+            raise InputError(f"--model {name}: {path} has no weights (*.safetensors / *.bin); use hf-config:{path} "
+                             f"for random weights")
+        archs = getattr(config, "architectures", None) or []
+        tied = getattr(config, "tie_word_embeddings", True)
+        if archs and not tied and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            # a base model's weights: the untied output layer would start random, silently
+            raise InputError(f"--model {name}: {path} holds {archs[0]} weights, which have no causal-LM head")
+
+
+def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
+             generator: torch.Generator | None = None) -> nn.Module:
+    """The causal LM `name` for a vocabulary of `vocab` ids and sequences of `max_len` tokens."""
+    if name == BUILTIN:
+        model = CausalLM(vocab, max_len, d=hidden, heads=4 if hidden % 4 == 0 else 1)
+        if generator is not None:
+            _init_(model, generator)
+        return model
+    kind, _, path = name.partition(":")
+    transformers, config = _hf_config(path, name)
+    if kind == "hf-config":
+        inner = transformers.AutoModelForCausalLM.from_config(config)
+        if generator is not None:
+            _init_(inner, generator, std=getattr(config, "initializer_range", 0.02))
+            if hasattr(inner, "tie_weights"):
+                inner.tie_weights()
+    else:
+        try:
+            inner, info = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                                            output_loading_info=True)
+        except Exception as exc:
+            raise InputError(f"--model {name}: weights do not load ({_first(exc)})") from None
+        missing = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
+        if missing:
+            raise InputError(f"--model {name}: the weights have no causal-LM head ({missing[0]} missing)")
+    inner.float()
+    return HFCausalLM(inner)
+
+
+class LengthBucketSampler:
+    """Length bucketing for token tables, so padding does not dominate a batch: each pass shuffles the rows,
+    sorts windows of `window` batches by length, cuts them into batches and shuffles the batches. Every row is
+    drawn once per pass, as with the loop's RandomSampler; batches may straddle two passes."""
+
+    def __init__(self, lengths: torch.Tensor, generator: torch.Generator, *, window: int = 50):
+        self.lengths, self.g, self.window = lengths.cpu(), generator, window
+        self.perm, self.cursor = None, 0
+
+    def _new_pass(self, size: int) -> torch.Tensor:
+        n = len(self.lengths)
+        perm = torch.randperm(n, generator=self.g)
+        span = size * self.window
+        parts = []
+        for i in range(0, n, span):
+            chunk = perm[i: i + span]
+            parts.append(chunk[torch.argsort(self.lengths[chunk], stable=True)])
+        order = torch.cat(parts)
+        batches = list(torch.split(order, size))
+        pick = torch.randperm(len(batches), generator=self.g).tolist()
+        return torch.cat([batches[j] for j in pick])
+
+    def next(self, size: int) -> torch.Tensor:
+        out = []
+        while size > 0:
+            if self.perm is None or self.cursor >= len(self.perm):
+                self.perm, self.cursor = self._new_pass(size), 0
+            take = self.perm[self.cursor: self.cursor + size]
+            self.cursor += len(take)
+            size -= len(take)
+            out.append(take)
+        return torch.cat(out)
+
+    def state_dict(self) -> dict:
+        return {"perm": torch.empty(0, dtype=torch.int64) if self.perm is None else self.perm.clone(),
+                "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.perm = state["perm"] if len(state["perm"]) else None
+        self.cursor = int(state["cursor"])
+
+
+def token_lengths(x: torch.Tensor) -> torch.Tensor:
+    """Tokens per row of an instruction table's x (positions before PAD_INPUT)."""
+    return (x >= 0).sum(1)
