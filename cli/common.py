@@ -16,6 +16,11 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--feature-cols", default=None,
                    help="comma-separated feature columns (default: every numeric column, or the one list column)")
     g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
+    g.add_argument("--image-size", default=None,
+                   help="H,W: resize every image of an encoded image column (PNG/JPEG bytes or paths) to this size")
+    g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
+                   help="encoded image columns: keep the images encoded and decode each batch's rows (yes), decode "
+                        "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto)")
 
 
 def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) -> None:
@@ -25,12 +30,16 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--test", default=None, help="optional test table, evaluated during training")
     g.add_argument("--method", default=None if not dev_required else d.method,
                    help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
-    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, or seq2seq for translation tables (default: {d.model})")
+    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, seq2seq (translation tables), or your own: package.module:factory, "
+                        f"torchvision:NAME, timm:NAME (default: {d.model})")
     g.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
     g.add_argument("--device", default=d.device, help="auto (CUDA when present), cpu or cuda (default: auto)")
+    g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"],
+                   help="fp32, or bf16/fp16 autocast for each step (fp16 with a gradient scaler; uniform only) "
+                        f"(default: {d.precision})")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
     add_threads_option(g)
@@ -49,9 +58,18 @@ def table_kwargs(args) -> dict:
             shape = tuple(int(v) for v in args.image_shape.split(","))
         except ValueError:
             raise InputError(f"--image-shape {args.image_shape!r}: expected integers like 1,28,28") from None
+    size = None
+    if getattr(args, "image_size", None):
+        try:
+            size = tuple(int(v) for v in args.image_size.split(","))
+        except ValueError:
+            size = ()
+        if len(size) != 2 or min(size) < 1:
+            raise InputError(f"--image-size {args.image_size!r}: expected two positive integers like 32,32")
     cols = [c for c in args.feature_cols.split(",") if c] if args.feature_cols else None
     return {"id_col": args.id_col, "label_col": args.label_col, "source_col": args.source_col,
-            "feature_cols": cols, "image_shape": shape}
+            "feature_cols": cols, "image_shape": shape, "image_size": size,
+            "stream": {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")}
 
 
 TEXT_PAIR_COLUMNS = ("src_text", "tgt_text")
@@ -118,7 +136,8 @@ def train_config(args) -> tuple[TrainConfig, object]:
     from valuekit.trainers.options import resolve
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, device=args.device)
+                      lr=args.lr, seed=args.seed, device=args.device,
+                      precision=getattr(args, "precision", TrainConfig.precision))
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
     apply_cli_threads(args, model=cfg.model, device=cfg.device)
     return cfg, method_cfg

@@ -19,6 +19,8 @@ def add_parser(sub):
     dsub = p.add_subparsers(dest="data_command", required=True)
     pl = dsub.add_parser("list", help="show the data sets, which are bundled and what preparing each needs")
     pl.set_defaults(func=run_list)
+    pg = dsub.add_parser("languages", help="languages of the multilingual data set (Django catalogs) and their sizes")
+    pg.set_defaults(func=run_languages)
     pp = dsub.add_parser("prepare", help="write DIR/train.parquet, DIR/dev.parquet, DIR/test.parquet")
     pp.add_argument("name", help="data set name (valuekit data list)")
     pp.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
@@ -33,11 +35,18 @@ def add_parser(sub):
     pp.add_argument("--test-fraction", type=float, default=0.2, help="fraction of rows held out as test (default 0.2)")
     pp.add_argument("--max-train", type=int, default=None, help="subsample train to at most this many rows (>= 1)")
     pp.add_argument("--seed", type=int, default=0, help="seed of the split, subsampling and label flips (default 0)")
+    pp.add_argument("--format", dest="image_format", default="array", choices=["array", "png", "folder"],
+                    help="image sets: array (float list column 'pixels', default), png (column 'image' of PNG bytes in "
+                         "the Hugging Face {bytes, path} layout) or folder (DIR/images/SPLIT/ID.png + a path column)")
     pp.add_argument("--from", dest="from_dir", default=None,
                     help="fashion-mnist: folder with the raw idx files (default: Debian's dataset-fashion-mnist)")
     pp.add_argument("--target", default="ast", help="multilingual: held-out target language (default ast)")
     pp.add_argument("--sources", default=None,
                     help="multilingual: comma-separated source languages (default es,gl,pt,ca,it,fr,ru,ja,de,fi)")
+    pp.add_argument("--related", default=None,
+                    help="multilingual: comma-separated languages related to the target (recorded as a group; "
+                         "with --unrelated replaces --sources)")
+    pp.add_argument("--unrelated", default=None, help="multilingual: comma-separated unrelated languages")
     pp.add_argument("--test-size", type=int, default=60, help="multilingual: test sentence groups (default 60)")
     pp.set_defaults(func=run_prepare)
 
@@ -75,6 +84,15 @@ def run_list(args) -> int:
     return 0
 
 
+def run_languages(args) -> int:
+    from valuekit.multilingual import RELATED, language_sizes
+
+    for lang, n in language_sizes().items():
+        rel = RELATED.get(lang)
+        print(f"{lang:8s} {n:5d} messages" + (f"   known relatives: {','.join(rel)}" if rel else ""))
+    return 0
+
+
 def run_prepare(args) -> int:
     from valuekit.errors import InputError
     from valuekit.paths import check_output
@@ -90,8 +108,14 @@ def run_prepare(args) -> int:
     if args.name == MULTILINGUAL:
         from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
 
-        sources = tuple(s for s in args.sources.split(",") if s) if args.sources else DEFAULT_SOURCES
-        paths = prepare_multilingual(args.out, target=args.target, sources=sources, seed=args.seed,
+        def langs(text):
+            return tuple(s.strip() for s in text.split(",") if s.strip()) if text else ()
+
+        if args.sources and (args.related or args.unrelated):
+            raise InputError("--sources: leave it out with --related/--unrelated (their union is the sources)")
+        sources = langs(args.sources) or DEFAULT_SOURCES
+        paths = prepare_multilingual(args.out, target=args.target, sources=sources, related=langs(args.related),
+                                     unrelated=langs(args.unrelated), seed=args.seed,
                                      dev_size=args.dev_size or 60, test_size=args.test_size)
         for split, path in paths.items():
             print(f"{split:5s} {path}")
@@ -100,7 +124,7 @@ def run_prepare(args) -> int:
 
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,
-                    seed=args.seed, from_dir=args.from_dir)
+                    seed=args.seed, from_dir=args.from_dir, image_format=args.image_format)
     for split, path in paths.items():
         print(f"{split:5s} {path}")
     return 0

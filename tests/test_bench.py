@@ -24,6 +24,12 @@ def test_bench_all_quick(tmp_path, capsys):
     np.testing.assert_allclose(ratio, speed.set_index("method").median_step_ms / uni.median_step_ms.iloc[0])
     assert (out / "speed.png").stat().st_size > 1000
 
+    stream = pd.read_csv(out / "stream.csv")  # a user's BatchNorm ResNet factory on PNG bytes
+    assert set(stream.method) == {"uniform"} and set(stream.stream) == {True, False}
+    assert (stream.values_rows == stream.rows).all() and (stream.peak_rss_mib >= stream.rss_after_load_mib).all()
+    assert (stream.interleaved_step_s > 0).all() and "derived" in (out / "stream.md").read_text()
+    assert "## stream (CPU)" in (out / "BENCHMARKS.md").read_text()
+
     layer = pd.read_csv(out / "layer.csv")
     assert (layer.max_abs_diff_w < 1e-5).all() and (layer.max_abs_diff_grad < 1e-5).all()
     assert (layer.ratio > 1).all()  # the closed form beats the generic conic solver even at n = 64

@@ -44,6 +44,8 @@ CASES = {
     "bads": ["--method", "bads", "--set", "burn_in=2"],
     "bads-net": ["--method", "bads", "--set", "burn_in=2", "--set", "weight_net=true"],
     "multidds": ["--method", "multidds", "--set", "update_every=64", "--set", "dev_batch_size=16"],
+    "multidds-train": ["--method", "multidds", "--set", "update_every=64", "--set", "dev_batch_size=16",
+                       "--set", "reward_from=train"],
     "hostcp": ["--method", "hostcp", "--set", "update_every=2", "--set", "dev_batch_size=25"],
     "hostcp-autograd": ["--method", "hostcp", "--set", "update_every=1", "--set", "meta_grad=autograd",
                         "--set", "selector_input=embedding"],
@@ -82,7 +84,7 @@ def multisource(tmp_path_factory) -> Path:
 
 
 def tables(case: str, multisource: Path) -> list[str]:
-    if case == "multidds":
+    if case.startswith("multidds"):
         return [str(multisource / "train.parquet"), "--dev", str(multisource / "dev.parquet")]
     return [str(DIGITS / "train.parquet"), "--dev", str(DIGITS / "dev.parquet"), "--test", str(DIGITS / "test.parquet")]
 

@@ -102,61 +102,155 @@ def _context(train_ds, dev_ds, seed=0):
     )
 
 
-def test_scorer_update_equals_hand_computation():
+def test_reward_accumulator_matches_weighted_mean_and_its_standard_error():
+    rng = np.random.default_rng(0)
+    acc = multidds.RewardAccumulator(3, 5, torch.device("cpu"))
+    d = torch.tensor(rng.normal(size=5))
+    steps = []  # (source, rows, gradient sum)
+    for _ in range(6):
+        present = torch.tensor([0, 2])
+        counts = torch.tensor([float(rng.integers(1, 5)), float(rng.integers(1, 5))])
+        gsums = torch.tensor(rng.normal(size=(2, 5)))
+        acc.add(present, gsums, counts, d)
+        steps += [(0, counts[0].item(), gsums[0]), (2, counts[1].item(), gsums[1])]
+    r, se = acc.finish("dot")
+    assert np.isnan(r[1].item()) and np.isnan(se[1].item())  # source 1 was never drawn
+    for s in (0, 2):
+        w = np.array([c for src, c, _ in steps if src == s])
+        q = np.array([float(g @ d) / c for src, c, g in steps if src == s])
+        mean = (w * q).sum() / w.sum()
+        var = len(w) / (len(w) - 1) * (w ** 2 * (q - mean) ** 2).sum() / w.sum() ** 2
+        np.testing.assert_allclose(r[s].item(), mean, rtol=1e-10)
+        np.testing.assert_allclose(se[s].item(), np.sqrt(var), rtol=1e-10)
+        gbar = sum(g for src, _, g in steps if src == s) / w.sum()
+        rc, sec = acc.finish("cosine")
+        np.testing.assert_allclose(rc[s].item(), float(gbar @ d) / (gbar.norm() * d.norm()).item(), rtol=1e-6)
+        np.testing.assert_allclose(sec[s].item(), np.sqrt(var) / (gbar.norm() * d.norm()).item(), rtol=1e-6)
+    acc.add(torch.tensor([1]), torch.ones(1, 5, dtype=torch.float64), torch.tensor([2.0]), d)
+    r, se = acc.finish("dot")
+    assert np.isclose(r[1].item(), d.sum().item() / 2) and np.isnan(se[1].item())  # one step: no standard error
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_scorer_update_equals_hand_computation(conditional):
     _, train_ds, dev_ds = make_tables(n=40)
     ctx = _context(train_ds, dev_ds)
-    t = multidds.Trainer(ctx, multidds.Config(scorer_optimizer="sgd", scorer_lr=0.7, scorer_batch=5,
-                                               dev_batch_size=10_000))
-    t.g.copy_(torch.randn(t.g.shape, generator=torch.Generator().manual_seed(1)))
+    t = multidds.Trainer(ctx, multidds.Config(scorer_optimizer="sgd", scorer_lr=0.7, scorer_batch=5, a1=0.25,
+                                               dev_batch_size=10_000, conditional=conditional, reward_from="train"))
+    d = torch.randn(t.acc.gsum.shape[1], generator=torch.Generator().manual_seed(2))
+    gs = torch.randn(3, len(d), generator=torch.Generator().manual_seed(1))
+    t.acc.add(torch.arange(3), gs, torch.tensor([2.0, 1.0, 4.0]), d)
+    t.rewards = torch.tensor([0.5, float("nan"), -1.0], dtype=torch.float64)  # a previous estimate (1: none)
     psi0 = t.psi.detach().clone()
     gen = torch.Generator()
     gen.set_state(ctx.generator.get_state())
     t.update_scorer()
-
-    # by hand: dev gradient of the mean dev loss, cosine rewards, one ascent step on the sampled targets
+    # by hand: interval reward <gsum / rows, d>, blended 0.25 old + 0.75 new, then one ascent step
+    new = (gs @ d).double() / torch.tensor([2.0, 1.0, 4.0], dtype=torch.float64)
+    r = torch.stack([0.25 * 0.5 + 0.75 * new[0], new[1], 0.25 * -1.0 + 0.75 * new[2]]).double()
+    np.testing.assert_allclose(t.rewards.numpy(), r.numpy(), rtol=1e-5)
+    want = psi0.double().clone()
+    if not conditional:  # shared scorer: psi += lr (r - p sum r), the official "base" actor
+        p = torch.softmax(psi0[0].double(), 0)
+        want[0] += 0.7 * (r - p * r.sum())
+    else:
+        keys = torch.multinomial(t.key_prob, 5, replacement=True, generator=gen)
+        for k in keys.tolist():
+            av = t.avail[k]
+            p = torch.softmax(psi0[k].double().masked_fill(~av, float("-inf")), 0)
+            want[k] += 0.7 / 5 * torch.where(av, r - p * r[av].sum(), torch.zeros_like(r))
+    np.testing.assert_allclose(t.psi.detach().double().numpy(), want.numpy(), atol=1e-5)
+    # the next interval's reward direction is the dev gradient at the current model
     model = t.model
     loss = torch.nn.functional.cross_entropy(model(ctx.dev_x), ctx.dev_y)
     gdev = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()))])
-    r = torch.stack([torch.dot(t.g[s], gdev) / (t.g[s].norm() * gdev.norm()) for s in range(3)]).double()
-    np.testing.assert_allclose(t.rewards.numpy(), r.numpy(), rtol=1e-5, atol=1e-6)
-    keys = torch.multinomial(t.key_prob, 5, replacement=True, generator=gen)
-    want = psi0.double().clone()
-    for k in keys.tolist():
-        av = t.avail[k]
-        p = torch.softmax(psi0[k].double().masked_fill(~av, float("-inf")), 0)
-        want[k] += 0.7 / 5 * torch.where(av, r - p * r[av].sum(), torch.zeros_like(r))
-    np.testing.assert_allclose(t.psi.detach().double().numpy(), want.numpy(), atol=1e-6)
+    torch.testing.assert_close(t.d, gdev, rtol=1e-5, atol=1e-7)
+    assert t.acc.stats.abs().sum() == 0  # the interval's sums start again
+
+
+def test_probe_rewards_equal_hand_computation():
+    _, train_ds, dev_ds = make_tables(n=40)
+    ctx = _context(train_ds, dev_ds)
+    t = multidds.Trainer(ctx, multidds.Config(probe_batches=3, probe_size=5, dev_batch_size=10_000))
+    gen = torch.Generator()
+    gen.set_state(ctx.generator.get_state())
+    t.update_scorer()
+    # by hand: dev gradient, then 3 batches of 5 rows per source drawn in source order, q = <grad sum / 5, d>
+    model, params = t.model, list(t.model.parameters())
+    d = torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        torch.nn.functional.cross_entropy(model(ctx.dev_x), ctx.dev_y), params)])
+    src = ctx.source
+    for s in range(3):
+        rows_s = torch.nonzero(src == s).squeeze(1)  # the sampler's order: stable sort by source
+        q = []
+        for _ in range(3):
+            u = torch.rand(5, generator=gen, dtype=torch.float64)
+            rows = rows_s[(u * len(rows_s)).long()]
+            loss = torch.nn.functional.cross_entropy(model(ctx.x[rows]), ctx.y[rows], reduction="sum")
+            q.append(float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]) @ d) / 5)
+        np.testing.assert_allclose(t.rewards[s].item(), np.mean(q), rtol=1e-4)
+        np.testing.assert_allclose(t.reward_se[s].item(), np.std(q, ddof=1) / np.sqrt(3), rtol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["batched", "loop", "split"])
-def test_source_gradient_emas_match_per_source_reference(method):
+def test_source_gradient_sums_match_per_source_reference(method):
     _, train_ds, dev_ds = make_tables(n=40)
     ctx = _context(train_ds, dev_ds)
-    t = multidds.Trainer(ctx, multidds.Config(grad_method=method, a1=0.5, a2=2.0, update_every=10_000))
+    t = multidds.Trainer(ctx, multidds.Config(grad_method=method, update_every=10_000, reward_from="train"))
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     idx = t.sampler.next(24)
     src = ctx.source[idx]
     batch = Batch(step=2, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=src)
-    t.g.fill_(1.0)
     t.step(batch)
-    # reference: one plain backward per source on that source's mean loss, at the pre-step weights
+    d = t.d
+    # reference: one plain backward per source on that source's summed loss, at the pre-step weights
     ref = multidds.Trainer(ctx, multidds.Config())
     ref.model.load_state_dict(before)
     params = list(ref.model.parameters())
+    r, _ = t.acc.finish("dot")
     for s in range(3):
         rows = src == s
         if not rows.any():
-            assert torch.all(t.g[s] == 1.0)  # untouched
+            assert torch.all(t.acc.gsum[s] == 0) and np.isnan(r[s])  # untouched
             continue
-        loss = torch.nn.functional.cross_entropy(ref.model(batch.x[rows]), batch.y[rows])
+        loss = torch.nn.functional.cross_entropy(ref.model(batch.x[rows]), batch.y[rows], reduction="sum")
         g = torch.cat([p.reshape(-1) for p in torch.autograd.grad(loss, params)])
-        torch.testing.assert_close(t.g[s], 0.5 * 1.0 + 2.0 * g, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(t.acc.gsum[s], g, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(r[s].item(), float(g @ d) / rows.sum().item(), rtol=1e-4)
+
+
+def test_values_are_unconfounded_and_source_table_is_written(tmp_path):
+    # target 0 has only the "copy" source: log p(copy | 0) = 0 whatever the scorer, log p + log(#sources) is not
+    tr, _, dev_ds = make_tables(n=60, dev_source=True)
+    keep = ~((tr.label == "0") & (tr.source != "copy"))
+    train_ds = load_table(tr[keep].reset_index(drop=True))
+    run = train(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=60), method_config={"update_every": 64})
+    v = run.values().merge(pd.DataFrame({"example_id": tr[keep].id, "source": tr[keep].source,
+                                         "label": tr[keep].label}))
+    st = run.source_table().set_index("source")
+    assert list(st.columns) == ["prob", "logit", "uniform_prob", "mean_reward", "reward_se", "updates", "rows",
+                                "drawn", "is_target"]
+    np.testing.assert_allclose(st["prob"].sum(), 1.0)
+    np.testing.assert_allclose(st["uniform_prob"], 1 / 3)
+    assert st.loc["copy", "is_target"] and not st.loc["noise", "is_target"]
+    assert st["rows"].to_dict() == tr[keep].source.value_counts().to_dict()
+    assert st["drawn"].sum() == 60 * 32 and (st["updates"] > 20).all()
+    # value = log(prob / uniform prob) of the row's source, the same for every row of a source
+    for s, rows in v.groupby("source"):
+        np.testing.assert_allclose(rows["value"], np.log(st.loc[s, "prob"] * 3), rtol=1e-9)
+    assert st.loc["copy", "prob"] > st.loc["noise", "prob"]
+    # sources/ logs the reward and its standard error at every scorer update
+    s = run.sources()
+    upd = s[s.reward.notna()]
+    assert upd.step.nunique() == 60 * 32 // 64 and upd.reward_se.notna().mean() > 0.8
+    means = upd.groupby("source")["reward"].mean()
+    np.testing.assert_allclose(st["mean_reward"].sort_index(), means.sort_index(), rtol=1e-9)
 
 
 def test_sampler_draws_only_available_cells_with_scorer_probabilities():
     _, train_ds, dev_ds = make_tables(n=60, dev_source=True)
     ctx = _context(train_ds, dev_ds)
-    t = multidds.Trainer(ctx, multidds.Config(init="target", target_mass=0.8))
+    t = multidds.Trainer(ctx, multidds.Config(init="target", target_mass=0.8, conditional=True))
     assert t.target == train_ds.sources.index("copy")
     idx = t.sampler.next(20_000)
     src = ctx.source[idx]

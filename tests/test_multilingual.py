@@ -90,6 +90,32 @@ def test_prepare_splits_hold_out_target_groups(tmp_path):
     assert {"ast", "es", "gl"} == set(tr.source)
 
 
+def test_prepare_with_related_and_unrelated_groups(tmp_path, capsys):
+    import json
+
+    import pyarrow.parquet as pq
+
+    from valuekit.cli.main import main
+
+    assert main(["data", "prepare", "multilingual", "--target", "br", "--related", "cy,ga", "--unrelated", "ja",
+                 "--dev-size", "20", "--test-size", "20", "-o", str(tmp_path / "br")]) == 0
+    tr = pd.read_parquet(tmp_path / "br" / "train.parquet")
+    assert set(tr.source) == {"br", "cy", "ga", "ja"}
+    meta = json.loads(pq.read_schema(tmp_path / "br" / "train.parquet").metadata[b"valuekit.dataset"])
+    assert meta["related"] == ["cy", "ga"] and meta["unrelated"] == ["ja"] and meta["target"] == "br"
+    assert meta["django"]
+    for bad, msg in ((["--related", "cy", "--unrelated", "cy"], "both"), (["--related", "br"], "also listed"),
+                     (["--related", "cy", "--sources", "ga"], "--sources")):
+        assert main(["data", "prepare", "multilingual", "--target", "br", *bad, "-o", str(tmp_path / "x")]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["data", "languages"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    br = [line for line in out if line.startswith("br ")]
+    assert len(br) == 1 and "known relatives: cy,ga,gd" in br[0]
+    sizes = [int(line.split()[1]) for line in out]
+    assert sizes == sorted(sizes, reverse=True) and len(out) > 50
+
+
 def test_cli_and_committed_copy(tmp_path):
     """Rebuilt from the installed Django, the corpus equals the committed copy, within the Django versions the
     `multilingual` extra pins (the copy was built with 5.2.19; other releases change the catalogs)."""
@@ -200,3 +226,29 @@ def test_translation_table_trains_from_the_cli(tmp_path, capsys):
     assert len(steps) == 4 * 8 and steps.label.isna().all() and steps.source.notna().all()
     assert set(run.sources().source) <= set(pd.read_parquet(data / "train.parquet").source)
     assert len(run.values()) == len(pd.read_parquet(data / "train.parquet"))
+
+
+def test_byte_transformer_loss_padding_and_greedy_decoding():
+    from valuekit.models import encode_bytes
+    from valuekit.translation import ByteTransformer, init_transformer_
+
+    m = ByteTransformer(dim=16, heads=2, layers=1, dropout=0.0).double()
+    init_transformer_(m, torch.Generator().manual_seed(0))
+    m.eval()
+    x = encode_bytes(["hola", "una casa grande", "x"], 24).double()
+    y = encode_bytes(["hello", "a big house", "x"], 24)
+    batch = m.per_example_loss(x, y)
+    alone = torch.stack([m.per_example_loss(x[i: i + 1], y[i: i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(batch, alone, rtol=0, atol=1e-10)  # padding of the batch changes nothing
+    logits = m(x[:1, :5], y[:1, :6])
+    torch.testing.assert_close(batch[0], torch.nn.functional.cross_entropy(logits[0], y[0, :6]))
+    # causal: the logits at position t do not depend on later target tokens
+    y2 = y[:1, :6].clone()
+    y2[0, 4] = 77
+    torch.testing.assert_close(m(x[:1, :5], y2)[0, :5], logits[0, :5])
+    out = m.translate(x, max_len=7)
+    assert out.shape[0] == 3 and out.shape[1] <= 7
+    # greedy decoding = argmax of the teacher-forced logits fed with its own output
+    first = m(x[:1], out[:1, :1])[0, 0].argmax()
+    assert first.item() == out[0, 0].item()
+    assert m.src_emb.weight[0].abs().sum() == 0 and m.tgt_emb.weight[0].abs().sum() == 0  # PAD embeddings

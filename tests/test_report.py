@@ -16,7 +16,7 @@ import pytest
 from valuekit.analysis import curves
 from valuekit.cli.main import main
 from valuekit.report import write_report
-from valuekit.runlog import SOURCES_SCHEMA, read_run, steps_schema
+from valuekit.runlog import SOURCES_SCHEMA, SOURCE_TABLE, SOURCE_TABLE_SCHEMA, read_run, steps_schema
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -141,9 +141,15 @@ def test_optional_sections_appear_with_their_data(uniform_run, tmp_path):
     shutil.copytree(uniform_run, run)
     (run / "sources").mkdir(exist_ok=True)
     src = pa.table({"step": pa.array([1, 1, 2, 2], pa.int64()), "source": ["en", "de", "en", "de"],
-                    "prob": [0.5, 0.5, 0.7, 0.3], "count": pa.array([32, 32, 40, 24], pa.int64())},
+                    "prob": [0.5, 0.5, 0.7, 0.3], "count": pa.array([32, 32, 40, 24], pa.int64()),
+                    "reward": [None, None, 0.4, -0.1], "reward_se": [None, None, 0.05, 0.02]},
                    schema=SOURCES_SCHEMA)
     pq.write_table(src, run / "sources" / "part-00000.parquet")
+    table = pd.DataFrame({"source": ["en", "de"], "prob": [0.7, 0.3], "logit": [0.42, -0.42], "uniform_prob": 0.5,
+                          "mean_reward": [0.4, -0.1], "reward_se": [0.05, 0.02], "updates": [1, 1],
+                          "rows": [100, 80], "drawn": [72, 56], "is_target": [True, False]})
+    pq.write_table(pa.Table.from_pandas(table, schema=SOURCE_TABLE_SCHEMA, preserve_index=False),
+                   run / SOURCE_TABLE)
     pd.DataFrame({"fraction": [0.2, 0.5, 0.2, 0.5], "selection": ["value", "value", "random", "random"],
                   "seed": [0, 0, 0, 0], "test_acc": [0.8, 0.9, 0.6, 0.85]}).to_parquet(run / "subset_value.parquet")
     out = write_report(run, tmp_path / "m.html", top_k=3)
@@ -151,6 +157,10 @@ def test_optional_sections_appear_with_their_data(uniform_run, tmp_path):
     text = out.read_text()
     assert "usage" in page.sections and "subsets" in page.sections
     figs = {i.get("id") for i in page.imgs}
+    if importlib.util.find_spec("valuekit.analysis.usage") is not None:
+        assert "fig-source-probs" in figs
+        assert [t for t in page.tables if t.startswith("sources-")] == [f"sources-{read_run(run).name}"]
+        assert "0.4 ± 0.05" in text and "en (target)" in text
     for mod, fig in (("usage", "fig-source-usage"), ("subsets", "fig-subset-value")):
         assert importlib.util.find_spec(f"valuekit.analysis.{mod}") is not None  # shipped: the figure is required
         assert fig in figs, (fig, figs)

@@ -14,12 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from valuekit.analysis.usage import plot_source_usage, source_usage
+from valuekit.analysis.usage import (plot_source_probs, plot_source_rewards, plot_source_usage, source_rewards,
+                                     source_table, source_usage)
 from valuekit.errors import InputError
 from valuekit.runlog import SCHEMA_VERSION, SOURCES_SCHEMA
 
 
-def _run_dir(tmp_path, sources=None, steps=None):
+def _run_dir(tmp_path, sources=None, steps=None, schema=SOURCES_SCHEMA):
     d = tmp_path / "run"
     d.mkdir()
     (d / "run.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION, "method": "multidds"}))
@@ -28,7 +29,8 @@ def _run_dir(tmp_path, sources=None, steps=None):
         # two parts, as a run that flushed twice would leave
         half = len(sources) // 2
         for i, part in enumerate((sources.iloc[:half], sources.iloc[half:])):
-            pq.write_table(pa.Table.from_pandas(part, schema=SOURCES_SCHEMA, preserve_index=False),
+            part = part.reindex(columns=SOURCES_SCHEMA.names) if schema is SOURCES_SCHEMA else part
+            pq.write_table(pa.Table.from_pandas(part, schema=schema, preserve_index=False),
                            d / "sources" / f"part-{i:05d}.parquet")
     if steps is not None:
         (d / "steps").mkdir()
@@ -89,3 +91,69 @@ def test_plot_source_usage_distinct_colours_for_eleven_sources(tmp_path):
     ax = plot_source_usage(frame)
     colours = {tuple(np.round(c.get_facecolor()[0][:3], 4)) for c in ax.collections}
     assert len(colours) == 11
+
+
+REWARDS = pd.DataFrame({
+    "step": [1, 1, 8, 8, 16, 16, 24, 24],
+    "source": ["es", "ja"] * 4,
+    "prob": [0.5, 0.5, 0.6, 0.4, 0.7, 0.3, 0.8, 0.2],
+    "count": [16] * 8,
+    "reward": [None, None, 0.3, -0.1, 0.5, None, 0.1, 0.0],  # step 1: no update yet; ja unseen at 16
+    "reward_se": [None, None, 0.1, 0.2, 0.3, None, 0.2, 0.1],
+})
+
+
+def test_source_rewards_per_update_and_binned(tmp_path):
+    d = _run_dir(tmp_path, REWARDS)
+    r = source_rewards(d)
+    assert r.values.tolist() == [[8, "es", 0.3, 0.1], [8, "ja", -0.1, 0.2], [16, "es", 0.5, 0.3],
+                                 [24, "es", 0.1, 0.2], [24, "ja", 0.0, 0.1]]
+    b = source_rewards(d, max_points=2)  # es: updates (8, 16) | (24); ja: (8) | (24)
+    es = b[b.source == "es"]
+    assert es["step"].tolist() == [16, 24]
+    np.testing.assert_allclose(es["reward"], [0.4, 0.1])
+    np.testing.assert_allclose(es["reward_se"], [np.sqrt(0.1 ** 2 + 0.3 ** 2) / 2, 0.2])
+    assert b[b.source == "ja"]["reward"].tolist() == [-0.1, 0.0]
+
+
+def test_runs_without_reward_columns_read_back(tmp_path):
+    old = SOURCES.copy()  # a sources/ log written before reward and reward_se existed
+    schema = pa.schema([f for f in SOURCES_SCHEMA if f.name not in ("reward", "reward_se")])
+    d = _run_dir(tmp_path, old, schema=schema)
+    assert len(source_rewards(d)) == 0 and list(source_rewards(d).columns) == ["step", "source", "reward", "reward_se"]
+    assert len(source_usage(d)) == 6
+    with pytest.raises(InputError, match="sources.parquet"):
+        source_table(d)
+
+
+def test_usage_curves_plot_the_logged_series(tmp_path):
+    d = _run_dir(tmp_path, REWARDS)
+    ax = plot_source_probs(source_usage(d), highlight=["es"])
+    lines = {ln.get_label(): ln for ln in ax.lines}
+    assert set(lines) == {"es", "ja"}
+    np.testing.assert_allclose(lines["es"].get_xdata(), [1, 8, 16, 24])
+    np.testing.assert_allclose(lines["es"].get_ydata(), [0.5, 0.6, 0.7, 0.8])
+    np.testing.assert_allclose(lines["ja"].get_ydata(), [0.5, 0.4, 0.3, 0.2])
+    assert lines["es"].get_linewidth() > lines["ja"].get_linewidth()  # the highlighted target
+    ax = plot_source_rewards(source_rewards(d))
+    bars = {c.get_label(): c for c in ax.containers}
+    assert set(bars) == {"es", "ja"}
+    line, _, (vlines,) = bars["es"].lines
+    np.testing.assert_allclose(line.get_xdata(), [8, 16, 24])
+    np.testing.assert_allclose(line.get_ydata(), [0.3, 0.5, 0.1])
+    segs = vlines.get_segments()  # one vertical bar per point: reward +- se
+    np.testing.assert_allclose([s[:, 1] for s in segs], [[0.2, 0.4], [0.2, 0.8], [-0.1, 0.3]], atol=1e-12)
+    assert line.get_color() == bars["es"].lines[0].get_color() and ax.get_ylabel().startswith("reward")
+
+
+def test_source_table_reads_sources_parquet(tmp_path):
+    from valuekit.runlog import SOURCE_TABLE, SOURCE_TABLE_SCHEMA
+
+    d = _run_dir(tmp_path, REWARDS)
+    t = pd.DataFrame({"source": ["ja", "es"], "prob": [0.2, 0.8], "logit": [-0.7, 0.7], "uniform_prob": 0.5,
+                      "mean_reward": [-0.05, 0.3], "reward_se": [0.1, 0.12], "updates": [2, 3], "rows": [10, 12],
+                      "drawn": [30, 34], "is_target": [False, True]})
+    pq.write_table(pa.Table.from_pandas(t, schema=SOURCE_TABLE_SCHEMA, preserve_index=False), d / SOURCE_TABLE)
+    out = source_table(d)
+    assert out["source"].tolist() == ["es", "ja"] and out["prob"].tolist() == [0.8, 0.2]
+    assert out.loc[0, "is_target"] and list(out.columns) == SOURCE_TABLE_SCHEMA.names

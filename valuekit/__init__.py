@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_table": ("valuekit.datasets", "load_table"),
     "ValueDataset": ("valuekit.datasets", "ValueDataset"),
-    "train": ("valuekit.trainers.base", "train"),
+    "train": ("valuekit.train_api", "train"),
     "TrainConfig": ("valuekit.trainers.base", "TrainConfig"),
     "read_run": ("valuekit.runlog", "read_run"),
     "score": ("valuekit.export", "score"),

@@ -205,9 +205,11 @@ def step_times(train_data, dev_data, *, methods, model: str, batch_size: int, st
     tmp = tempfile.TemporaryDirectory()
     for m in methods:
         name, overrides = _variant(m)
-        cfg = TrainConfig(method=name, model=model, batch_size=batch_size, steps=reps * steps + warmup, seed=seed,
-                          device=device, progress=False)
-        runners[m] = make_trainer(train_data, dev_data, cfg, overrides)
+        # `model`: a built-in name, or a user's factory / module (train(model=...))
+        model_name, model_obj = (model, None) if isinstance(model, str) else ("mlp", model)
+        cfg = TrainConfig(method=name, model=model_name, batch_size=batch_size, steps=reps * steps + warmup,
+                          seed=seed, device=device, progress=False)
+        runners[m] = make_trainer(train_data, dev_data, cfg, overrides, model=model_obj)
         if breakdown:
             timers[m] = _Sections(runners[m][2].device)
             timers[m].wrap(runners[m][0], SECTIONS.get(name, {}))
@@ -554,6 +556,154 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
     return _write(out, _stem("speed", device), lines, frame)
 
 
+# ---------------------------------------------------------------- stream (a user's ResNet on PNG bytes)
+
+
+def _resnet_block(cin: int, cout: int, stride: int):
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv1(x)))
+            return torch.relu(self.skip(x) + self.bn2(self.conv2(h)))
+
+    return Block()
+
+
+def small_resnet(num_classes: int, input_shape) -> "torch.nn.Module":  # noqa: F821
+    """The kind of model a user brings (given as a factory): conv(16)-BN-ReLU, residual blocks 16 -> 32 (stride 2)
+    -> 64 (stride 2) with BatchNorm, global average pool, linear head."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(input_shape[0], 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        _resnet_block(16, 16, 1), _resnet_block(16, 32, 2), _resnet_block(32, 64, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes),
+    )
+
+
+STREAM_METHODS = ("uniform", "dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads")
+
+
+def _stream_data(folder: Path, quick: bool) -> tuple[Path, str]:
+    """PNG-bytes tables ({bytes, path} layout): full Fashion-MNIST with 60,000 training rows, or digits when quick."""
+    from valuekit.datasets import prepare
+
+    if quick:
+        prepare("digits", folder, image_format="png", seed=0)
+        return folder, "bundled digits as PNG bytes (1,338 training rows, 8x8)"
+    # 70,000 images: 9,900 test, 100 dev (10 a class), 60,000 train
+    prepare("fashion-mnist", folder, image_format="png", test_fraction=9900 / 70000, seed=0)
+    return folder, "Fashion-MNIST as PNG bytes (`valuekit data prepare fashion-mnist --format png`): 60,000 training rows, 28x28"
+
+
+def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
+    """One measured run in this (child) process: load the first `rows` training rows, train `steps` steps of
+    `method` on small_resnet, report load time, the loop's own step times, RSS after loading and peak RSS."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from valuekit.datasets import _arrow_image_type, load_table
+    from valuekit.trainers.base import TrainConfig, train
+
+    torch.set_num_threads(1)
+
+    def rss(key: str = "VmRSS") -> float:
+        # VmHWM (this process's peak) rather than ru_maxrss, which a child inherits from its parent across exec
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+    t0 = time.perf_counter()
+    frame = pq.read_table(Path(data) / "train.parquet").slice(0, rows).to_pandas(types_mapper=_arrow_image_type)
+    tr = load_table(frame, stream=stream, name="train")
+    del frame
+    dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
+    load_s, rss_loaded = time.perf_counter() - t0, rss()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
+                          eval_every=steps, checkpoint_every=steps, log_every=steps)
+        run = train(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
+        t = run.metrics()["step_time"].to_numpy()
+        values = run.values()
+    return {"method": method, "rows": rows, "stream": stream, "load_s": load_s, "rss_after_load_mib": rss_loaded,
+            "peak_rss_mib": rss("VmHWM"),
+            "median_step_s": float(np.median(t[min(2, len(t) - 1):])), "values_rows": int(len(values))}
+
+
+def _stream_measure(data: Path, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
+    code = ("import json, sys\nfrom pathlib import Path\nfrom valuekit.bench import _stream_child\n"
+            f"print(json.dumps(_stream_child({str(data)!r}, {method!r}, {rows}, {steps}, {batch_size}, {stream})))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"stream benchmark child failed ({method}, {rows} rows): {res.stderr.strip()[-400:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = False, methods=None,
+                 batch_size: int = 64) -> Path:
+    """A user's BatchNorm ResNet (a factory) on PNG-bytes images: step time per method (interleaved in one
+    process, streamed rows decoded in each step), and per method and number of rows the peak resident memory
+    of a child process that loads the table and trains a few steps, streamed and (uniform) fully decoded."""
+    from valuekit.datasets import _arrow_image_type, load_table
+
+    methods = list(methods or (("uniform", "dds") if quick else STREAM_METHODS))
+    if "uniform" not in methods:
+        methods = ["uniform", *methods]
+    with tempfile.TemporaryDirectory() as tmp:
+        data, described = _stream_data(Path(tmp) / "data", quick)
+        import pyarrow.parquet as pq
+
+        n_all = pq.read_metadata(data / "train.parquet").num_rows
+        sizes = [300, n_all] if quick else [10_000, 30_000, 60_000]
+        steps, rounds, warmup = (3, 3, 1) if quick else (6, 8, 2)
+        # step time: every method in one process, interleaved, on the largest table, streamed
+        frame = pq.read_table(data / "train.parquet").to_pandas(types_mapper=_arrow_image_type)
+        tr = load_table(frame, stream=True, name="train")
+        dv = load_table(data / "dev.parquet", like=tr, name="dev")
+        del frame
+        times = step_times(tr, dv, methods=methods, model=small_resnet, batch_size=batch_size, steps=rounds,
+                           warmup=warmup, device="cpu")
+        del tr
+        rows = []
+        for n in sizes:
+            for m in ["uniform"] if quick or n not in (sizes[0], sizes[-1]) else methods:
+                rows.append(_stream_measure(data, m, n, steps, batch_size, True))
+            rows.append(_stream_measure(data, "uniform", n, steps, batch_size, False))
+    frame = pd.DataFrame(rows)
+    med = {m: float(np.median(t)) for m, t in times.items()}
+    frame["interleaved_step_s"] = frame.method.map(med)
+    frame["epoch_min_derived"] = np.ceil(frame.rows / batch_size) * frame.interleaved_step_s / 60
+    lines = _header("Stream: a user's BatchNorm ResNet on PNG bytes, time and peak memory vs N", command, device) + [
+        f"Data: {described}. Model: `valuekit.bench.small_resnet`, passed to `train(model=...)` as a user's",
+        f"factory (3 residual blocks with BatchNorm, linear head). Batch {batch_size}; CPU, one thread per process.",
+        "",
+        f"Step time: every method in one process on all {sizes[-1]:,} rows (streamed: each step decodes its 64",
+        f"PNG rows), {rounds} timed rounds after {warmup} warm-up, methods interleaved step by step; median.",
+        "Epoch time is **derived** (ceil(N / batch) x that median step time), not a timed full epoch.",
+        f"Memory: peak resident set (VmHWM) of a child process that loads the first N rows and trains",
+        f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
+        "table is loaded. `streamed`: images kept encoded (`--stream yes`); `decoded`: all pixels in memory.",
+        "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in frame.itertuples():  # step time was measured on streamed rows only
+        step = f"{r.interleaved_step_s:.3f} | {r.epoch_min_derived:.1f}" if r.stream else "- | -"
+        lines.append(f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {step} | "
+                     f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} |")
+    return _write(out, _stem("stream", device), lines, frame)
+
+
 # ---------------------------------------------------------------- layer
 
 
@@ -639,7 +789,8 @@ def synthetic_step_log(run_dir: Path, *, rows: int, n: int = 20000, batch: int =
                    "dev_acc": np.where(ms % 100 == 0, 1 - np.exp(-ms / steps), np.nan),
                    "test_loss": np.full(steps, np.nan), "test_acc": np.full(steps, np.nan),
                    "scorer_loss": np.full(steps, np.nan), "meta_loss": np.full(steps, np.nan),
-                   "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3},
+                   "step_time": np.full(steps, 1e-3), "wall_time": ms * 1e-3,
+                   "cuda_mem_mb": np.full(steps, np.nan)},
                   schema=METRICS_SCHEMA)
     pq.write_table(mt, run_dir / "metrics" / "part-00000.parquet")
     value = np.where(noisy, -1.0, 1.0) + rng.normal(0, 0.5, n)
@@ -804,7 +955,7 @@ def bench_quality(out: Path, **kw) -> Path:
 # ---------------------------------------------------------------- entry
 
 
-KINDS = ("speed", "layer", "quality", "scale")
+KINDS = ("speed", "layer", "quality", "scale", "stream")
 
 
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
@@ -836,6 +987,8 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_layer(out, command=command, device=dev, quick=quick)
     if kind == "scale":
         return bench_scale(out, command=command, device=dev, quick=quick)
+    if kind == "stream":
+        return bench_stream(out, command=command, device=dev, quick=quick, methods=split(methods))
     from valuekit.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]

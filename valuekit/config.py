@@ -39,7 +39,7 @@ class TrainConfig:
     """Settings of the training loop shared by every method."""
 
     method: str = "uniform"
-    model: str = "mlp"  # linear | mlp | cnn | seq2seq (checked against valuekit.models.MODELS)
+    model: str = "mlp"  # linear | mlp | cnn | seq2seq, or a user's model: pkg.mod:factory, torchvision:NAME, timm:NAME
     steps: int = setting(500, ge=1)
     batch_size: int = setting(64, ge=1)
     lr: float = setting(1e-3, gt=0)  # model learning rate
@@ -55,3 +55,11 @@ class TrainConfig:
     eval_batch_size: int = 2048
     log_steps: bool = True  # per-example rows in steps/ (off: metrics and values only, for huge runs)
     progress: bool = True
+    # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.precision)
+    precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
+    # trains; 0 decodes in the training process (valuekit.streaming)
+    data_workers: int = setting(0, ge=0)
+    # image tables: train-time augmentation of each batch (random crop with 4-pixel zero padding and/or
+    # left-right flip; valuekit.images.augment), drawn from its own generator (seed + 1); evaluation is never augmented
+    augment: str = setting("none", choices=("none", "flip", "crop", "crop+flip"))

@@ -71,7 +71,7 @@ class ValueDataset:
         """Hash of what a trainer sees (ids, features, labels, sources); stable across file rewrites."""
         h = hashlib.sha256()
         h.update(np.asarray(self.ids).astype(str).tobytes() if self.ids.dtype == object else self.ids.tobytes())
-        h.update(self.x.numpy().tobytes())
+        h.update(self.x.digest() if hasattr(self.x, "digest") else self.x.numpy().tobytes())
         h.update(self.y.numpy().tobytes())
         h.update(json.dumps(self.classes).encode())
         if self.source is not None:
@@ -115,7 +115,8 @@ def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | 
             raw = table.schema.metadata or {}
             if IMAGE_SHAPE_KEY in raw:
                 meta["image_shape"] = json.loads(raw[IMAGE_SHAPE_KEY])
-            df = table.to_pandas()
+            # encoded image columns stay Arrow-backed (no Python object per row; valuekit.images.packed_column)
+            df = table.to_pandas(types_mapper=_arrow_image_type)
         elif suffix == ".csv":
             df = pd.read_csv(path)
         elif suffix == ".npz":
@@ -130,6 +131,15 @@ def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | 
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(f"{path}: cannot read {name} table ({first})") from None
     return df, meta, str(path)
+
+
+def _arrow_image_type(t):
+    """pd.ArrowDtype for binary columns and {bytes, path} structs, None (pandas' default) otherwise."""
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return pd.ArrowDtype(t)
+    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and {t.field(i).name for i in range(t.num_fields)} <= {"bytes", "path"}:
+        return pd.ArrowDtype(t)
+    return None
 
 
 def _npz_to_frame(path: Path) -> tuple[pd.DataFrame, dict]:
@@ -176,12 +186,20 @@ def load_table(
     source_col: str = "source",
     feature_cols: list[str] | None = None,
     image_shape: tuple[int, ...] | None = None,
+    image_size: tuple[int, int] | None = None,
+    stream: bool | str = "auto",
     like: ValueDataset | None = None,
     name: str = "train",
 ) -> ValueDataset:
     """Load a table and validate it once; `like` aligns a dev/test table to the training table.
 
-    Errors name the file, the column and the offending value.
+    An image column (encoded PNG/JPEG bytes, the Hugging Face `{bytes, path}` struct, or paths relative
+    to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
+    C = 1, any colour image makes every row RGB (C = 3, alpha dropped); `image_size` (H, W) resizes
+    every image, otherwise all must have the same size. `stream` (True / False / "auto": when the
+    decoded pixels would pass STREAM_BYTES) keeps the images encoded in memory and decodes the rows a
+    batch needs (`valuekit.images.ImageRows`); numeric tables are always held in memory. Errors name the file, the column and the
+    offending value (for images: the row's id and the image file).
     """
     import torch
 
@@ -232,7 +250,24 @@ def load_table(
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
-    x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
+    base = Path(path).parent if path else Path.cwd()
+    image_col = _image_column(df, reserved, feature_cols, where)
+    if image_col is not None:
+        want = tuple(like.image_shape) if like is not None and like.image_shape else None
+        if stream not in (True, False, "auto"):
+            raise InputError(f"stream={stream!r}: use True, False or 'auto'")
+        if stream == "auto":
+            stream = _decoded_bytes(df[image_col], image_size, want) > STREAM_BYTES
+        x, decoded_shape = decode_image_column(df[image_col], where=where, col=image_col, ids=ids_np, base=base,
+                                               size=image_size, channels=want[0] if want else None,
+                                               expect_hw=want[1:] if want and image_size is None else None,
+                                               stream=bool(stream))
+        if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
+            raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
+                             f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
+        feature_cols, image_shape = [image_col], decoded_shape
+    else:
+        x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
     # A dev/test table's own image shape (file metadata or option) must agree with the training table's.
     shape = image_shape or meta.get("image_shape") or (like.image_shape if like is not None else None)
     if shape is not None:
@@ -254,8 +289,10 @@ def load_table(
     if "clean_label" in df.columns:
         clean = np.array([code.get(t, -1) for t in _label_text(df["clean_label"])], dtype=np.int64)
 
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.array(x, dtype=np.float32))
     return ValueDataset(
-        ids=ids_np, x=torch.from_numpy(np.array(x, dtype=np.float32)), y=torch.from_numpy(y), classes=classes, source=src,
+        ids=ids_np, x=x, y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
         path=path, file_sha256=_file_sha256(Path(path)) if path else None,
     )
@@ -327,6 +364,94 @@ def _features(df, where, reserved, feature_cols, ids):
         x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)
     _check_finite(x, where, candidates, ids, original=lambda r, c: df[candidates[c]].iloc[r])
     return x, [str(c) for c in candidates], None
+
+
+IMAGE_FORMATS = ("array", "png", "folder")
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hugging Face datasets' Image layout
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def _image_kind(s: pd.Series) -> str | None:
+    """'bytes' (encoded image bytes), 'struct' ({bytes, path} as Hugging Face datasets writes), 'path' (image
+    file names) or None, judged from the column's first non-null value."""
+    if isinstance(s.dtype, pd.ArrowDtype):
+        t = s.dtype.pyarrow_dtype
+        if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t):
+            return "packed" if _arrow_image_type(t) is not None else None
+    if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or not s.notna().any():
+        return None
+    first = s[s.notna()].iloc[0]
+    if isinstance(first, (bytes, bytearray, memoryview)):
+        return "bytes"
+    if isinstance(first, dict) and set(first) & {"bytes", "path"} and set(first) <= {"bytes", "path"}:
+        return "struct"
+    if isinstance(first, str) and first.lower().endswith(IMAGE_SUFFIXES):
+        return "path"
+    return None
+
+
+def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table") -> str | None:
+    """The image column among the feature candidates (it must be the only feature column), or None."""
+    candidates = [c for c in df.columns if c not in reserved] if feature_cols is None else list(feature_cols)
+    found = [c for c in candidates if c in df.columns and _image_kind(df[c]) is not None]
+    if not found:
+        return None
+    if len(candidates) > 1:
+        others = [c for c in candidates if c != found[0]][:5]
+        raise InputError(f"{where}: image column {found[0]!r} must be the only feature column (also found {others}; choose "
+                         f"with --feature-cols)")
+    return found[0]
+
+
+STREAM_BYTES = 1 << 30  # stream="auto": keep images encoded when the decoded pixels would exceed 1 GiB
+
+
+def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: Path,
+                        size: tuple[int, int] | None = None, channels: int | None = None,
+                        expect_hw: tuple[int, int] | None = None, stream: bool = False):
+    """Decode an image column into float32 rows (N, C*H*W) in [0, 1] (or an `ImageRows` that decodes on
+    indexing, when `stream`) and the shape (C, H, W); see `valuekit.images.read_image_column`."""
+    from valuekit.images import packed_column, read_image_column
+
+    kind = _image_kind(values)
+    data = packed_column(pa.array(values.array)) if kind == "packed" else values.tolist()
+    return read_image_column(data, kind, where=where, col=col, ids=ids, base=base,
+                             size=size, channels=channels, expect_hw=expect_hw, stream=stream)
+
+
+def _decoded_bytes(values: pd.Series, size, want) -> int:
+    """Bytes of the decoded float32 pixels, estimated from the first image (its size, or `size`; 3 channels)."""
+    if want is not None:
+        per_row = int(np.prod(want))
+    elif size is not None:
+        per_row = 3 * size[0] * size[1]
+    else:
+        from valuekit.images import _open
+
+        v = values[values.notna()].iloc[0]
+        data = v.get("bytes") if isinstance(v, dict) else v
+        data = data.as_py() if hasattr(data, "as_py") else data
+        if not isinstance(data, (bytes, bytearray)):
+            return 0  # file paths: decide eagerly (the files are small or the user says --stream)
+        w, h = _open(bytes(data)).size
+        per_row = 3 * w * h
+    return 4 * per_row * len(values)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """(C, H, W) or (H, W) floats in [0, 1] (or uint8) -> PNG bytes (grey for C = 1, RGB for C = 3)."""
+    import io
+
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        a = (a.astype(np.float64) * 255.0).round().clip(0, 255).astype(np.uint8)
+    if a.ndim == 3:
+        a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _check_finite(x, where, cols, ids, original=None):
@@ -469,11 +594,15 @@ def prepare(
     max_train: int | None = None,
     seed: int = 0,
     from_dir: str | None = None,
+    image_format: str = "array",
 ) -> dict[str, str]:
     """Write DIR/train.parquet, DIR/dev.parquet (small, clean, class-balanced) and DIR/test.parquet.
 
     Label flips go to train only (with `is_noisy` and `clean_label`); imbalance is applied to train
-    before the flips. Returns the written paths.
+    before the flips. Image sets are written as `image_format`: `array` (a fixed-size list column
+    `pixels`), `png` (a column `image` of PNG bytes in the Hugging Face `{bytes, path}` struct) or
+    `folder` (PNG files under DIR/images/SPLIT/ID.png and a column `image` of paths relative to the
+    table). Returns the written paths.
     """
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (valuekit data list)")
@@ -483,6 +612,8 @@ def prepare(
         raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+    if image_format not in IMAGE_FORMATS:
+        raise InputError(f"--format {image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
     if max_train is not None and max_train < 1:
         raise InputError(f"--max-train {max_train}: must be >= 1")
     loader = DATASETS[name][0]
@@ -524,7 +655,18 @@ def prepare(
         ("test", test_idx, y[test_idx], False),
     ):
         cols = {"id": pa.array(ids[idx]), "label": pa.array(labels[lab].tolist(), pa.string())}
-        if image_shape:
+        if image_shape and image_format != "array":
+            pngs = [encode_png(x[i].reshape(image_shape)) for i in idx]
+            if image_format == "png":
+                cols["image"] = pa.array([{"bytes": b, "path": None} for b in pngs], IMAGE_STRUCT)
+            else:
+                folder = out / "images" / split
+                folder.mkdir(parents=True, exist_ok=True)
+                names = [f"images/{split}/{ids[i]}.png" for i in idx]
+                for name, b in zip(names, pngs):
+                    (out / name).write_bytes(b)
+                cols["image"] = pa.array(names, pa.string())
+        elif image_shape:
             flat = pa.array(x[idx].reshape(-1), pa.float32())
             cols["pixels"] = pa.FixedSizeListArray.from_arrays(flat, x.shape[1])
         else:
@@ -534,7 +676,7 @@ def prepare(
             cols["is_noisy"] = pa.array(lab != y[idx])
             cols["clean_label"] = pa.array(labels[y[idx]].tolist(), pa.string())
         meta = {b"valuekit.dataset": json.dumps({**info, "split": split}).encode()}
-        if image_shape:
+        if image_shape and image_format == "array":
             meta[IMAGE_SHAPE_KEY] = json.dumps(list(image_shape)).encode()
         table = pa.table(cols).replace_schema_metadata(meta)
         path = out / f"{split}.parquet"

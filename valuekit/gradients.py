@@ -22,7 +22,23 @@ in three ways (``DOT_METHODS``):
     Layer-wise dot products from captured layer inputs and output gradients
     of one backward pass (``nn.Linear`` and ``nn.Conv2d`` only).
 
+``"vmap"``
+    ``torch.func.vmap`` over per-example ``grad`` of a batch of one, then an
+    explicit dot with ``v`` (materialises ``B x |θ|``; processed in chunks).  Used
+    automatically by ``"exact"`` when a layer has no forward-mode AD formula.
+
 ``per_example_dots_loop`` is an explicit per-example loop kept as a reference.
+
+Any module works: Linear/Conv, LayerNorm, Embedding, attention, residual blocks are
+per-example already.  **Batch norm in training mode** couples the examples of a batch
+through its batch statistics.  valuekit's choice: a per-example loss ``ℓ_i`` is the
+batch's own forward (the same numbers the model step computed) with the batch mean and
+(biased) variance of every training-mode batch-norm layer *held fixed*: they are measured
+once on the batch at ``θ`` and fed to the layer as running statistics in eval mode.  So
+``∇θ ℓ_i`` holds no term through another example (no leakage), forward values equal the
+training forward, and ``"exact"``, ``"vmap"`` and the loop agree.  Eval-mode batch norm
+uses its running statistics as always.  (Layers with ``track_running_stats=False`` cannot be
+frozen this way and raise ``NotImplementedError``.)
 
 Conventions shared by all functions:
 
@@ -62,7 +78,7 @@ __all__ = [
     "time_dot_methods",
 ]
 
-DOT_METHODS = ("exact", "taylor", "ghost")
+DOT_METHODS = ("exact", "taylor", "ghost", "vmap")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 VectorLike = Mapping[str, Tensor] | Sequence[Tensor]
@@ -152,6 +168,61 @@ def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
         m.training = flag
 
 
+def _train_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+
+
+def _freeze_batchnorm(model: nn.Module, others: dict[str, Tensor], primals: Mapping[str, Tensor], x: Tensor):
+    """Batch statistics of the training-mode batch-norm layers on ``x`` at ``primals``, as running-statistics
+    overrides (added to ``others``); returns the layers, which the caller runs in eval mode (module doc)."""
+    bns = _train_batchnorms(model)
+    if not bns:
+        return []
+    for name, m in bns:
+        if m.running_mean is None:
+            raise NotImplementedError(
+                f"{type(m).__name__} {name!r} has track_running_stats=False: its batch statistics cannot be held "
+                f"fixed for per-example gradients; build it with track_running_stats=True")
+    seen: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name):
+        def record(mod, args):
+            a = args[0].detach().float() if args[0].dtype in (torch.float16, torch.bfloat16) else args[0].detach()
+            dims = [0, *range(2, a.dim())]
+            seen[name] = (a.mean(dims), a.var(dims, unbiased=False))  # what the training forward normalises with
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in bns]
+    try:
+        with torch.no_grad():
+            _call(model, others, primals, x)
+    finally:
+        for h in handles:
+            h.remove()
+    buffers = dict(model.named_buffers())
+    for name, (mean, var) in seen.items():  # in the buffers' dtype (the input may be bf16 under autocast)
+        dtype = buffers[f"{name}.running_mean"].dtype
+        others[f"{name}.running_mean"], others[f"{name}.running_var"] = mean.to(dtype), var.to(dtype)
+    return [m for _, m in bns]
+
+
+class _EvalMode:
+    """Put the given modules in eval mode for the duration of a block."""
+
+    def __init__(self, modules):
+        self.modules = list(modules)
+
+    def __enter__(self):
+        for m in self.modules:
+            m.training = False
+
+    def __exit__(self, *exc):
+        for m in self.modules:
+            m.training = True
+        return False
+
+
 # ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
@@ -189,8 +260,14 @@ def per_example_dots(
     loss_fn: LossFn | None = None,
     params: Mapping[str, Tensor] | None = None,
     eps: float = 1e-3,
+    batch_stats: str = "coupled",
 ) -> Tensor:
     """Return ``r`` of shape ``(B,)`` with ``r_i = ∇θ ℓ(x_i, y_i; θ) · v``.
+
+    ``batch_stats`` matters only for batch-norm layers in training mode: ``"coupled"`` (default) gives
+    the derivative of the i-th term of the batch loss, including its path through the batch statistics
+    (what a meta-gradient of a batch objective needs); ``"fixed"`` holds the statistics fixed (module
+    doc: no other example's term in row i's gradient, the per-example value DDS rewards use).
 
     This is the DDS reward of Wang et al. (ICML 2020), Alg. 1 line 11, with
     ``θ = params`` (default: the module's current parameters) and ``v`` the
@@ -218,13 +295,27 @@ def per_example_dots(
     loss_fn = loss_fn or _default_loss
     primals, others = _split_params(model, params)
     tangents = _resolve_v(v, primals)
-    if method == "exact":
-        return _exact_dots(model, x, y, tangents, loss_fn, primals, others)
     if method == "taylor":
         return _taylor_dots(model, x, y, tangents, loss_fn, primals, others, eps)
+    if method not in DOT_METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {DOT_METHODS}")
     if method == "ghost":
         return _ghost_dots(model, x, y, tangents, loss_fn, primals, others)
-    raise ValueError(f"unknown method {method!r}; expected one of {DOT_METHODS}")
+    if batch_stats not in ("coupled", "fixed"):
+        raise ValueError(f"batch_stats {batch_stats!r}: use 'coupled' or 'fixed'")
+    # full precision even inside a bf16/fp16 autocast step (forward-mode AD does not mix with autocast)
+    with torch.autocast(x.device.type, enabled=False):
+        # batch statistics held fixed (module doc), or left to couple the rows
+        frozen = _freeze_batchnorm(model, others, primals, x) if batch_stats == "fixed" else []
+        with _EvalMode(frozen):
+            if method == "vmap":
+                return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
+            try:
+                return _exact_dots(model, x, y, tangents, loss_fn, primals, others)
+            except (NotImplementedError, RuntimeError) as exc:
+                if "forward" not in str(exc).lower():  # only a missing forward-mode formula falls back
+                    raise
+                return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
 
 
 def per_example_dots_loop(
@@ -237,10 +328,17 @@ def per_example_dots_loop(
     params: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """Reference implementation: loop over examples, ``torch.autograd.grad`` of
-    ``ℓ(x_i, y_i; θ)`` (batch of one) and an explicit dot product with ``v``."""
+    ``ℓ(x_i, y_i; θ)`` (batch of one; training-mode batch norm with the batch's statistics
+    held fixed, module doc) and an explicit dot product with ``v``."""
     loss_fn = loss_fn or _default_loss
     primals, others = _split_params(model, params)
     tangents = _resolve_v(v, primals)
+    frozen = _freeze_batchnorm(model, others, primals, x)
+    with _EvalMode(frozen):
+        return _loop_dots(model, x, y, tangents, loss_fn, primals, others)
+
+
+def _loop_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
     leaves = {n: p.clone().requires_grad_(True) for n, p in primals.items()}
     names = list(leaves)
     dtype = next(iter(primals.values())).dtype
@@ -259,6 +357,24 @@ def per_example_dots_loop(
 # ---------------------------------------------------------------------------
 # methods
 # ---------------------------------------------------------------------------
+def _vmap_dots(model, x, y, tangents, loss_fn, primals, others, chunk: int = 64) -> Tensor:
+    """Per-example gradients by vmap over batches of one, dotted with v (``chunk`` rows at a time)."""
+    names = list(primals)
+
+    def one(p, xi, yi):
+        out = _call(model, others, p, xi.unsqueeze(0))
+        return _check_losses(loss_fn(out, yi.unsqueeze(0)), 1).sum()
+
+    per_row = torch.func.vmap(torch.func.grad(one), in_dims=(None, 0, 0), randomness="different")
+    parts = []
+    for i in range(0, x.shape[0], chunk):
+        with warnings.catch_warnings():  # kernels without a batching rule run in a slower loop: fine
+            warnings.filterwarnings("ignore", message=".*performance drop.*", category=UserWarning)
+            g = per_row(primals, x[i: i + chunk], y[i: i + chunk])
+        parts.append(sum((g[n].reshape(g[n].shape[0], -1) * tangents[n].reshape(1, -1)).sum(1) for n in names))
+    return torch.cat(parts).detach()
+
+
 def _exact_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
     def losses(p):
         out = _call(model, others, p, x)
@@ -395,6 +511,14 @@ def _ghost_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
     return dots
 
 
+def second_order():
+    """Context for code that differentiates twice (meta-gradients through a virtual step): attention runs on
+    PyTorch's math kernel, since the fused scaled-dot-product kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # ---------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------
@@ -472,6 +596,9 @@ class LayerTape:
     def __init__(self, model: nn.Module):
         canon = {id(p): n for n, p in model.named_parameters()}
         self.names: dict[int, tuple[str, str | None]] = {}
+        for mname, mod in model.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):  # its batch statistics couple the rows' gradients
+                raise NotImplementedError(f"layer {mname!r} ({type(mod).__name__}) couples the rows of a batch")
         for mname, mod in model.named_modules():
             own = dict(mod.named_parameters(recurse=False))
             if not own:

@@ -35,7 +35,14 @@ from valuekit.runlog import write_parquet_atomic
 
 DEFAULT_TARGET = "ast"
 DEFAULT_SOURCES = ("es", "gl", "pt", "ca", "it", "fr", "ru", "ja", "de", "fi")
-RELATED = {"ast": ("es", "gl", "pt", "ca", "it", "fr")}  # Romance neighbours of Asturian, for reports
+# Known relatives among Django's catalogs (for reports and `--related` suggestions): Asturian is Romance,
+# Breton Celtic (Brythonic; Welsh is its closest relative, Irish and Scottish Gaelic Goidelic), Bosnian
+# South Slavic (Croatian and Serbian are standard variants of one language, Slovene its neighbour).
+RELATED = {
+    "ast": ("es", "gl", "pt", "ca", "it", "fr"),
+    "br": ("cy", "ga", "gd"),
+    "bs": ("hr", "sr_Latn", "sl"),
+}
 _PLACEHOLDER = re.compile(
     r"%\([^)]*\)[-#0 +]*\d*(?:\.\d+)?[sdifrxXeEgGc]"  # %(name)s, %(count)d
     r"|%[-#0 +]*\d*(?:\.\d+)?[sdifrxXeEgGc]"  # %s, %d, %.2f
@@ -124,18 +131,36 @@ def build_table(
     return frame.reset_index(drop=True)
 
 
+def language_sizes() -> dict[str, int]:
+    """Language code -> number of messages in Django's catalogs (before filtering), largest first."""
+    sizes = {lang: len(read_catalog(lang)) for lang in available_languages()}
+    return dict(sorted(((k, v) for k, v in sizes.items() if v), key=lambda kv: (-kv[1], kv[0])))
+
+
 def prepare_multilingual(
     out_dir,
     *,
     target: str = DEFAULT_TARGET,
     sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
+    related: tuple[str, ...] | list[str] = (),
+    unrelated: tuple[str, ...] | list[str] = (),
     dev_size: int = 60,
     test_size: int = 60,
     max_chars: int = 120,
     seed: int = 0,
 ) -> dict[str, str]:
     """Write DIR/train.parquet (every language, held-out groups removed), DIR/dev.parquet and
-    DIR/test.parquet (target language only, held-out groups). Returns the written paths."""
+    DIR/test.parquet (target language only, held-out groups). Returns the written paths.
+
+    `related` / `unrelated` (when given) replace `sources` by their union and are recorded in the tables'
+    metadata (`valuekit.dataset` JSON: related, unrelated), so reports can tell the groups apart."""
+    if related or unrelated:
+        both = set(related) & set(unrelated)
+        if both:
+            raise InputError(f"language {sorted(both)[0]!r} is in both --related and --unrelated")
+        if target in set(related) | set(unrelated):
+            raise InputError(f"--target {target} is also listed as a source; its own rows are always included")
+        sources = tuple(related) + tuple(unrelated)
     if dev_size < 1 or test_size < 1:
         raise InputError(f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
     table = build_table(target=target, sources=sources, max_chars=max_chars)
@@ -155,6 +180,10 @@ def prepare_multilingual(
     out.mkdir(parents=True, exist_ok=True)
     info = {"dataset": "multilingual", "target": target, "sources": [s for s in sources if s != target],
             "max_chars": max_chars, "seed": seed, "origin": "Django translation catalogs (BSD licence)"}
+    if related or unrelated:
+        import django
+
+        info.update(related=list(related), unrelated=list(unrelated), django=django.__version__)
     written = {}
     for split, frame in splits.items():
         t = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)

@@ -134,8 +134,7 @@ def _kind(t: pa.DataType) -> str:
 REQUIRED = {
     "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "value_std": {"float", "int", "null"},
                "weight": {"float", "int"}, "rank": {"int", "float"}},
-    "steps": {"step": {"int"}, "example_id": {"int", "str"}, "weight": {"float", "null"},
-              "loss": {"float", "null"}},
+    "steps": {"step": {"int"}, "example_id": {"int", "str"}},  # other columns are read where a reader needs them
     "metrics": {"step": {"int"}},
     "sources": {"step": {"int"}, "source": {"str"}, "prob": {"float"}},
 }

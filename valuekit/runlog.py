@@ -3,8 +3,9 @@
     run.json                  config, seed, versions, input hashes, status
     steps/part-NNNNN.parquet  one row per example per step it was seen
     metrics/part-NNNNN.parquet one row per step
-    sources/part-NNNNN.parquet multi-source methods: step, source, prob, count
+    sources/part-NNNNN.parquet multi-source methods: step, source, prob, count, reward, reward_se
     values.parquet            final per-example value
+    sources.parquet           multi-source methods: one row per source (final prob, mean reward, rows)
     checkpoint.pt             enough to resume (loaded with weights_only=True)
 
 Parts are written to a hidden temporary file and renamed, so every visible part is a
@@ -42,6 +43,7 @@ RUN_JSON = "run.json"
 VALUES = "values.parquet"
 CHECKPOINT = "checkpoint.pt"
 SUBSET_VALUE = "subset_value.parquet"  # written by valuekit.retrain.subset_value
+SOURCE_TABLE = "sources.parquet"  # per-source companion of values.parquet (multi-source methods)
 LOCK = ".lock"
 STEPS, METRICS, SOURCES = "steps", "metrics", "sources"
 TABLES = (STEPS, METRICS, SOURCES)
@@ -78,6 +80,7 @@ METRICS_SCHEMA = pa.schema([
     ("meta_loss", pa.float64()),  # lrdi/l2rw/mwnet/hostcp: the dev loss of the meta (look-ahead) step
     ("step_time", pa.float64()),
     ("wall_time", pa.float64()),
+    ("cuda_mem_mb", pa.float64()),  # peak CUDA memory allocated during the step (MiB); null off CUDA
 ])
 
 META_LOSS_METHODS = ("lrdi", "l2rw", "mwnet", "hostcp")  # methods whose meta_loss column is filled
@@ -87,6 +90,23 @@ SOURCES_SCHEMA = pa.schema([
     ("source", pa.string()),
     ("prob", pa.float64()),
     ("count", pa.int64()),
+    # the scorer update's per-source reward and its standard error (null where the step had no update);
+    # runs written before these columns existed read back without them
+    ("reward", pa.float64()),
+    ("reward_se", pa.float64()),
+])
+
+SOURCE_TABLE_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("prob", pa.float64()),  # final scorer probability (as in sources/)
+    ("logit", pa.float64()),  # final scorer logit, centred over sources
+    ("uniform_prob", pa.float64()),  # the probability a uniform scorer gives the source
+    ("mean_reward", pa.float64()),  # mean over scorer updates of the source's reward
+    ("reward_se", pa.float64()),  # standard error of that mean from the per-update standard errors
+    ("updates", pa.int64()),  # scorer updates that observed the source
+    ("rows", pa.int64()),  # training rows of the source
+    ("drawn", pa.int64()),  # rows drawn from the source over the run
+    ("is_target", pa.bool_()),  # the dev set's (target) source
 ])
 
 
@@ -407,6 +427,11 @@ class RunWriter:
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         write_parquet_atomic(table, self.dir / VALUES)
 
+    def write_source_table(self, frame: pd.DataFrame) -> None:
+        schema = SOURCE_TABLE_SCHEMA.with_metadata(_meta("source_table", self.meta["run_id"]))
+        table = pa.Table.from_pandas(frame[SOURCE_TABLE_SCHEMA.names], schema=schema, preserve_index=False)
+        write_parquet_atomic(table, self.dir / SOURCE_TABLE)
+
     def close(self, status: str, **updates) -> None:
         for w in (self.steps, self.metrics, self.sources):
             w.close()
@@ -508,6 +533,12 @@ class Run:
     def sources(self) -> pd.DataFrame | None:
         t = self.table("sources")
         return None if t is None else t.to_pandas().sort_values(["step", "source"], ignore_index=True)
+
+    def source_table(self) -> pd.DataFrame | None:
+        """sources.parquet (one row per source: final prob, logit, mean reward and its standard error,
+        rows), or None for runs of single-source methods and runs that did not finish."""
+        p = self.path / SOURCE_TABLE
+        return pq.read_table(p).to_pandas() if p.exists() else None
 
     def checked_values_path(self) -> Path | None:
         """values.parquet after checking its schema (no data read), or None when the run has none."""
@@ -617,7 +648,7 @@ def open_run(run) -> Run:
 def identity(meta: dict) -> dict:
     """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
     tuples in a fresh config equal the lists read back from run.json)."""
-    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps")}
+    loop = {k: v for k, v in meta["config"].items() if k not in ("steps", "progress", "device", "log_steps", "data_workers")}
     ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],
         "data": {k: (v or {}).get("fingerprint") for k, v in meta["data"].items()},

@@ -2,12 +2,14 @@
 ICML 2020, Algorithm 2 experiments; MultiDDS).
 
 `source_usage` reads a run directory's `sources/` parts (written by multi-source methods at each scorer
-update: step, source, prob, count) and returns each source's share per logged step. Runs without
-`sources/` (e.g. uniform) fall back to the per-row `steps/` log for `by="count"`.
+update: step, source, prob, count, reward, reward_se) and returns each source's share per logged step. Runs
+without `sources/` (e.g. uniform) fall back to the per-row `steps/` log for `by="count"`. `source_rewards`
+returns the per-update reward and its standard error, `source_table` the run's `sources.parquet` (final
+probability, mean reward, rows per source); `plot_source_probs` and `plot_source_rewards` draw the usage
+curves with reward error bars.
 """
 
 from __future__ import annotations
-
 
 import numpy as np
 import pandas as pd
@@ -16,7 +18,6 @@ from valuekit.errors import InputError
 from valuekit.runlog import open_run
 
 BY = ("prob", "count")
-
 
 
 def source_usage(run, *, by: str = "prob") -> pd.DataFrame:
@@ -73,5 +74,101 @@ def plot_source_usage(frame: pd.DataFrame, *, ax=None, title: str | None = None)
     if title:
         ax.set_title(title)
     if len(wide.columns):
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    return ax
+
+
+def source_rewards(run, *, max_points: int | None = None) -> pd.DataFrame:
+    """DataFrame[step, source, reward, reward_se]: every scorer update's reward per source and its standard
+    error (rows where the update observed the source). With `max_points`, the updates of each source are
+    grouped into at most that many consecutive bins: step = the bin's last step, reward = mean, reward_se =
+    sqrt(sum se^2) / n (the standard error of the mean of independent estimates). Empty for runs that logged
+    no reward (fixed scorers, runs written before rewards were logged)."""
+    r = open_run(run)
+    cols = ["step", "source", "reward", "reward_se"]
+    d = r.dataset("sources")
+    if d is None or "reward" not in d.schema.names:
+        return pd.DataFrame({c: pd.Series(dtype="int64" if c == "step" else "float64" if c != "source" else object)
+                             for c in cols})
+    frame = d.to_table(columns=cols).to_pandas().dropna(subset=["reward"])
+    frame = frame.sort_values(["source", "step"], ignore_index=True)
+    if max_points is not None and len(frame):
+        parts = []
+        for src, g in frame.groupby("source", sort=True):
+            b = np.arange(len(g)) * min(max_points, len(g)) // len(g)
+            agg = g.assign(bin=b, se2=g["reward_se"] ** 2).groupby("bin").agg(
+                step=("step", "max"), reward=("reward", "mean"), se2=("se2", "sum"), n=("reward", "size"))
+            parts.append(pd.DataFrame({"step": agg["step"].to_numpy(), "source": src, "reward": agg["reward"].to_numpy(),
+                                       "reward_se": np.sqrt(agg["se2"].to_numpy()) / agg["n"].to_numpy()}))
+        frame = pd.concat(parts, ignore_index=True)
+    frame["step"] = frame["step"].astype("int64")
+    return frame[cols].sort_values(["step", "source"], ignore_index=True)
+
+
+def source_table(run) -> pd.DataFrame:
+    """The run's sources.parquet (one row per source: prob, logit, uniform_prob, mean_reward, reward_se,
+    updates, rows, drawn, is_target), sorted by prob, highest first."""
+    r = open_run(run)
+    t = r.source_table()
+    if t is None:
+        raise InputError(f"{r.path}: no sources.parquet (only finished runs of multi-source methods such as "
+                         "multidds write one)")
+    return t.sort_values("prob", ascending=False, ignore_index=True)
+
+
+def _colors(sources) -> dict:
+    """One colour per source, stable across panels (tab10 up to ten sources, tab20 up to twenty)."""
+    import matplotlib.pyplot as plt
+
+    names = sorted(map(str, sources))
+    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+    return {s: cmap(i % cmap.N) for i, s in enumerate(names)}
+
+
+def plot_source_probs(frame: pd.DataFrame, *, ax=None, title: str | None = None, highlight=()):
+    """One line per source: its scorer probability (frame from `source_usage(run)`: step, source, share) by
+    training step; sources in `highlight` (e.g. the target) drawn thicker. Returns the Axes."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    colors = _colors(frame["source"].unique())
+    for src, g in frame.groupby("source", sort=True):
+        g = g.sort_values("step")
+        ax.plot(g["step"].to_numpy(), g["share"].to_numpy(), color=colors[str(src)], label=str(src),
+                lw=2.5 if src in highlight else 1.2)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("scorer probability")
+    if title:
+        ax.set_title(title)
+    if len(frame):
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    return ax
+
+
+def plot_source_rewards(frame: pd.DataFrame, *, ax=None, title: str | None = None):
+    """Each source's reward by training step with +-1 standard error bars (frame from `source_rewards`).
+    Returns the Axes; one errorbar container per source, in sorted source order."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    colors = _colors(frame["source"].unique())
+    for src, g in frame.groupby("source", sort=True):
+        g = g.sort_values("step")
+        ax.errorbar(g["step"].to_numpy(), g["reward"].to_numpy(), yerr=g["reward_se"].fillna(0).to_numpy(),
+                    color=colors[str(src)], label=str(src), lw=1, marker=".", ms=3, capsize=2, elinewidth=0.8)
+    ax.axhline(0.0, color="0.6", lw=0.8)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("reward (+-1 s.e.)")
+    if title:
+        ax.set_title(title)
+    if len(frame):
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
     return ax

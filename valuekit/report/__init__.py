@@ -284,7 +284,48 @@ def _usage(runs, names) -> _Section | None:
             figures.step_axis(ax)
         fig.tight_layout()
         sec.figure("fig-source-usage", "Source usage over training steps", fig)
+    with _guard(sec, "source probabilities and rewards"):
+        if hasattr(mod, "source_rewards"):
+            _usage_curves(sec, mod, multi)
     return sec
+
+
+def _usage_curves(sec: _Section, mod, multi) -> None:
+    """Per run: the scorer's probability of each source over steps (top) and each source's reward with
+    +-1 standard error bars (bottom), then the run's sources.parquet as a table."""
+    import matplotlib.pyplot as plt
+
+    from valuekit.report import figures
+
+    panels = [(r, n, mod.source_usage(r), mod.source_rewards(r, max_points=25)) for r, n in multi]
+    panels = [p for p in panels if len(p[3])]
+    if not panels:
+        sec.notes.append("no run logged per-source rewards (fixed scorer or an older run): no reward curves")
+        return
+    fig, axes = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 6.0), squeeze=False, sharex="col")
+    for j, (r, n, probs, rewards) in enumerate(panels):
+        table = r.source_table()
+        target = [] if table is None else table.loc[table["is_target"], "source"].tolist()
+        mod.plot_source_probs(probs, ax=axes[0, j], title=n, highlight=target)
+        mod.plot_source_rewards(rewards, ax=axes[1, j])
+        axes[0, j].set_xlabel("")
+        figures.step_axis(axes[1, j])
+    fig.tight_layout()
+    sec.figure("fig-source-probs", "Scorer probability of each source and its reward (+-1 s.e.) over steps", fig,
+               "Top: p(source) of the scorer at each update. Bottom: the reward of each source at the scorer "
+               "updates (binned to at most 25 points; error bars: +-1 standard error).")
+    for r, n, _, _ in panels:
+        t = r.source_table()
+        if t is None:
+            continue
+        t = t.sort_values("prob", ascending=False)
+        rows = [[row.source + (" (target)" if row.is_target else ""), _fmt(row.prob), _fmt(row.uniform_prob),
+                 f"{_fmt(row.mean_reward)} ± {_fmt(row.reward_se)}", _fmt(int(row.rows)), _fmt(int(row.drawn))]
+                for row in t.itertuples()]
+        sec.tables.append({"id": f"sources-{n}", "caption": f"{n}: final scorer probability per source "
+                           "(sources.parquet), against the uniform scorer's, and the mean reward over the updates "
+                           "+- its standard error.", "header": ["source", "prob", "uniform prob", "mean reward",
+                                                                 "rows", "rows drawn"], "rows": rows})
 
 
 def _rewards(runs, names) -> _Section:

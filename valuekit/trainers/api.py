@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from valuekit import distributed as dist_
 from valuekit.config import TrainConfig
-from valuekit.models import build_model
+from valuekit.models import build_model, build_user_model, is_builtin
 
 
 @dataclass
@@ -45,7 +45,8 @@ class StepRecord:
     correct: torch.Tensor | None = None
     scorer_loss: float | None = None  # a learned scorer's own training loss (dds, multidds)
     meta_loss: float | None = None  # the dev loss a meta step minimised (lrdi, hostcp)
-    sources: dict[str, tuple[float, int]] | None = None  # source -> (prob, count), logged to sources/
+    # source -> (prob, count) or (prob, count, reward, reward_se), logged to sources/
+    sources: dict[str, tuple] | None = None
     margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
 
 
@@ -220,6 +221,25 @@ class TrainContext:
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
+    model_factory: Any = None  # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.resolve_factory)
+    scaler: Any = None  # torch.amp.GradScaler under --precision fp16 (valuekit.precision), else None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one row as a user's model receives it: the image shape, or (features,)."""
+        return tuple(self.image_shape) if self.image_shape else (self.x.shape[1],)
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to backpropagate: scaled under fp16 (see `optimizer_step`), unchanged otherwise."""
+        return loss if self.scaler is None else self.scaler.scale(loss)
+
+    def optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        """opt.step(), through the fp16 gradient scaler when there is one (it skips steps with inf/NaN gradients)."""
+        if self.scaler is None:
+            opt.step()
+        else:
+            self.scaler.step(opt)
+            self.scaler.update()
     signals: Any = None  # signals.SignalAccumulator the loop feeds every step; methods may read it in values()
 
     @property
@@ -302,6 +322,11 @@ class TrainContext:
 
     def build_model(self, name: str | None = None, *, out_features: int | None = None) -> torch.nn.Module:
         """The configured model (or `name`) for this data, initialised from the run's generator."""
+        spec = name or self.config.model
+        if not is_builtin(spec):  # a user's model: pkg.mod:factory, torchvision:NAME, a factory or a module
+            model = build_user_model(spec, num_classes=out_features or self.num_classes, input_shape=self.input_shape,
+                                     generator=self.generator, factory=None if name else self.model_factory)
+            return model.to(self.device)
         model = build_model(
             name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
             image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,

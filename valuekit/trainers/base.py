@@ -26,6 +26,10 @@ from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.paths import first_line, unreadable
 from valuekit.models import feature_stats
+from valuekit.models import build_user_model, check_model_spec, feature_stats, is_builtin
+from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
+from valuekit.images import augment
+from valuekit.streaming import RowStream
 from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, prepare_run,  # noqa: F401
                              rank_by_value, read_run, save_checkpoint)
 from valuekit.trainers.api import (Batch, RandomSampler, Sampler, StepRecord, TrainContext, Trainer,  # noqa: F401
@@ -56,11 +60,14 @@ def _to_device(data: ValueDataset, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfig, device: torch.device,
-                  *, rank: int = 0, world_size: int = 1) -> TrainContext:
-    """Move trainer-visible data to the device and seed the run's generator (no run directory involved)."""
+                  *, rank: int = 0, world_size: int = 1, model_factory=None) -> TrainContext:
+    """Move trainer-visible data to the device and seed the run's generator (no run directory involved).
+    Streamed image rows (valuekit.images.ImageRows) stay encoded on the host; the dev set is decoded once."""
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _to_device(view, device)
     dev_x, dev_y = _to_device(dev_data, device)
+    if not isinstance(dev_x, torch.Tensor):  # streamed images: the dev set is small and used whole
+        dev_x = dev_x[:]
     codes = {s: i for i, s in enumerate(view.sources)}
     source = dev_source = None
     if view.source is not None:
@@ -73,19 +80,40 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, model_factory=model_factory, scaler=grad_scaler(device, config.precision),
         signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),
     )
 
 
 def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: TrainConfig,
-                 method_config=None):
+                 method_config=None, *, model=None):
     """(trainer, sampler, ctx) for `config.method` without a run directory: for benchmarks and notebooks.
-    Options go through the same `options.resolve` as `train()`."""
+    Options go through the same `options.resolve` as `train()`; `model` as in `train()`."""
     config, mcfg, spec = resolve(config, method_config)
-    ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device))
+    config, factory = _resolve_model(config, model, train_data)
+    ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device),
+                        model_factory=factory)
     trainer, sampler = spec.build(ctx, mcfg)
     return trainer, sampler, ctx
+
+
+def _resolve_model(config: TrainConfig, model, data: ValueDataset):
+    """(config with the model described as text, factory or None): a user's model is imported/resolved once here
+    and built on two rows to check that it gives one logit per class, before anything is written."""
+    from valuekit.models import check_output, describe_model, resolve_factory
+
+    if model is not None:
+        check_model_spec(model)
+        config = dataclasses.replace(config, model=describe_model(model))
+    spec = config.model if model is None else model
+    if is_builtin(spec):
+        return config, None
+    factory = resolve_factory(spec)
+    shape = tuple(data.image_shape) if data.image_shape else (data.x.shape[1],)
+    probe = build_user_model(spec, num_classes=data.num_classes, input_shape=shape,
+                             generator=torch.Generator().manual_seed(config.seed), factory=factory)
+    check_output(probe, data.x[:2], data.num_classes, config.model)
+    return config, factory
 
 
 def train(
@@ -99,8 +127,12 @@ def train(
     resume: bool = False,
     hooks: list | None = None,
     name: str | None = None,
+    model=None,
 ):
     """Train `config.method` on `train_data`, log to the run directory `out`, return the opened Run.
+
+    `model` (optional) is a user's model: an nn.Module (each build is a deep copy of it), a factory
+    `f(num_classes=, input_shape=)`, or a spec string; it replaces `config.model` (run.json records its name).
 
     `method_config` is a dict of method settings or the method's Config. `hooks` are objects with any of
     `on_step_end(step, batch, record, trainer)` and `on_eval(step, metrics)`; they see everything the loop
@@ -114,6 +146,10 @@ def train(
     that rank's slice of the batch), `on_eval` hooks and evaluation on rank 0 only.
     """
     config, mcfg, spec = resolve(config, method_config)
+    config, factory = _resolve_model(config, model, train_data)
+    if config.precision == "fp16" and not getattr(spec.module, "FP16", False):
+        raise InputError(f"--precision fp16: method {config.method!r} does not use the gradient scaler fp16 needs; "
+                         f"use --precision bf16")
     device, info = _placement(config, spec)
     out = Path(out)
     _check_inputs(config, out, train_data, dev_data, test_data)
@@ -135,7 +171,7 @@ def train(
     started_group = dist_.init(info, device)
     try:
         return _train(view, dev_data, test_data, out=out, config=config, spec=spec, mcfg=mcfg, meta=meta,
-                      resume=resume, hooks=hooks or [], device=device, info=info)
+                      resume=resume, hooks=hooks or [], device=device, info=info, model_factory=factory)
     finally:
         dist_.shutdown(started_group)
 
@@ -162,6 +198,8 @@ def _placement(config: TrainConfig, spec) -> tuple[torch.device, dist_.DistInfo]
 def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_data) -> None:
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
+    if config.augment != "none" and train_data.image_shape is None:
+        raise InputError(f"{train_data.path or 'train'}: --set augment={config.augment} needs an image table")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):
@@ -186,9 +224,10 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
 
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
-           hooks: list, device: torch.device, info: dist_.DistInfo):
+           hooks: list, device: torch.device, info: dist_.DistInfo, model_factory=None):
     lock, state = _prepare(out, meta, resume, info)                                   # prepare
-    ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size)  # build
+    ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size,  # build
+                        model_factory=model_factory)
     trainer, sampler = spec.build(ctx, mcfg)
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
@@ -212,6 +251,8 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
         except BaseException as exc:
             writer.close("failed", steps_done=loop.step, error=f"{type(exc).__name__}: {exc}")
             raise
+        finally:
+            loop.close_stream()
     return loop.finish()                                                              # finalise
 
 
@@ -288,11 +329,20 @@ class _Loop:
         self.elapsed_before, self.t0 = 0.0, time.perf_counter()
         self.stop_agreed = False  # all ranks saw that some rank was asked to stop (torchrun)
         self.last_metrics: dict = {}
+        # streamed images: each batch's rows decoded on the host, the likely next batch by background workers
+        self.stream = None if isinstance(ctx.x, torch.Tensor) else RowStream(ctx.x, ctx.device, ctx.config.data_workers)
+        self.augment_generator = torch.Generator().manual_seed(ctx.config.seed + 1)  # augmentation only
+
+    def close_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
     def restore(self, state: dict) -> None:
         self.trainer.load_state_dict(state["trainer"])
         self.sampler.load_state_dict(state["sampler"])
         self.ctx.generator.set_state(state["generator"])
+        if "augment_generator" in state:
+            self.augment_generator.set_state(state["augment_generator"])
         self.ctx.signals.load_state_dict(state.get("signals", {}))
         self.step = self.done = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
@@ -303,16 +353,26 @@ class _Loop:
     def next_batch(self, step: int) -> tuple[Batch, torch.Tensor]:
         B, world, ctx = self.config.batch_size, self.info.world_size, self.ctx
         # the same global batch on every rank (shared generator), each takes its slice
-        idx_cpu = self.sampler.next(B * world)[self.info.rank * B: (self.info.rank + 1) * B]
-        idx = idx_cpu.to(ctx.device)
+        part = slice(self.info.rank * B, (self.info.rank + 1) * B)
+        idx_cpu = self.sampler.next(B * world)[part]
+        idx = idx_cpu.to(ctx.device, non_blocking=True)
         src = None if ctx.source is None else ctx.source[idx]
-        return Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=src), idx_cpu
+        if self.stream is None:
+            x = ctx.x[idx]
+        else:
+            x = self.stream.get(idx_cpu)
+            self.stream.predict(self.sampler, B * world, part if world > 1 else None)  # decoded while this step runs
+        if self.config.augment != "none":
+            x = augment(x, ctx.image_shape, self.config.augment, self.augment_generator, total=B * world, part=part)
+        return Batch(step=step, idx=idx, x=x, y=ctx.y[idx], source=src), idx_cpu
 
     def run_step(self, stop_requested: bool, bar) -> None:
         self.step = step = self.step + 1
         batch, idx_cpu = self.next_batch(step)
         ts = time.perf_counter()
-        rec = self.trainer.step(batch)
+        reset_peak(self.ctx.device)
+        with autocast(self.ctx.device, self.config.precision):
+            rec = self.trainer.step(batch)
         self.ctx.signals.record(batch, rec)  # per-example in-run signals of every method (signals.py)
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
@@ -322,8 +382,8 @@ class _Loop:
             self.last_metrics = metrics
         if self.info.is_main:
             self.writer.metrics.add(**metrics)
-            for s, (p, c) in (rec.sources or {}).items():
-                self.writer.sources.add(step=step, source=s, prob=p, count=c)
+            for s, vals in (rec.sources or {}).items():
+                self.writer.sources.add(step=step, source=s, **dict(zip(("prob", "count", "reward", "reward_se"), vals)))
         if diverged:
             self.writer.close("failed", steps_done=step, error=f"non-finite {bad} at step {step}", finished_at=_now())
             raise TrainingDiverged(f"step {step}: training {bad} became NaN/inf; stopped. Everything up to this step "
@@ -370,7 +430,8 @@ class _Loop:
         else:
             train_loss = float(np.mean(loss))  # as one process always computed it (float32 mean)
         metrics = {"step": step, "train_loss": train_loss, "step_time": step_time, "wall_time": self.elapsed(),
-                   "scorer_loss": rec.scorer_loss, "meta_loss": rec.meta_loss}
+                   "scorer_loss": rec.scorer_loss, "meta_loss": rec.meta_loss,
+                   "cuda_mem_mb": peak_memory_mb(self.ctx.device)}
         if rec.correct is not None:
             metrics["train_acc"] = correct / n if self.info.enabled else float(rec.correct.float().mean())
         return metrics, bad or "loss", any_bad > 0
@@ -402,6 +463,7 @@ class _Loop:
                 "step": step, "trainer": trainer_state, "sampler": self.sampler.state_dict(),
                 "generator": self.ctx.generator.get_state(), "parts": self.writer.part_counts(),
                 "elapsed": self.elapsed(), "signals": self.ctx.signals.state_dict(),
+                "augment_generator": self.augment_generator.get_state(),
             })
             self.writer.write_meta(steps_done=step)
 
@@ -416,6 +478,8 @@ class _Loop:
         values = self.trainer.values()  # every rank: a method may gather here
         if self.info.is_main:
             self.writer.write_values(finalize_values({**self.ctx.signals.columns(), **values}, self.ids))
+            if hasattr(self.trainer, "source_table"):  # multi-source methods: one row per source
+                self.writer.write_source_table(self.trainer.source_table())
         self.writer.close("completed", steps_done=self.step, duration_s=self.elapsed(), finished_at=_now(),
                           final_metrics=_clean(self.last_metrics))
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns

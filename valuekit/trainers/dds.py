@@ -49,6 +49,7 @@ from valuekit.runlog import CHECKPOINT, load_checkpoint
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.scorers import LabelMLP, label_mlp
+from valuekit.models import last_linear
 from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
@@ -125,7 +126,7 @@ def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
     """The scorer, initialised from the run's generator, with a zero output layer so p starts uniform."""
     if cfg.scorer == "same":
         scorer = SameScorer(ctx.build_model())
-        last = scorer.net.head
+        last = last_linear(scorer.net)[1]  # the classifier head of a built-in or a user's model
     else:
         # zero label read-out: uniform p at step 0, DDS starts as plain training
         return label_mlp(ctx.x.shape[1], ctx.num_classes, cfg.scorer_hidden, mean=ctx.mean, std=ctx.std,
@@ -159,8 +160,8 @@ class Trainer:
         if cfg.reward_method == "fused" and not batchnorm:
             try:
                 self.tape = LayerTape(self.model)
-            except NotImplementedError as exc:
-                raise InputError(f"--set reward_method=fused: {exc}; use reward_method=exact") from None
+            except NotImplementedError:  # layers other than Linear/Conv2d (a user's model): exact dots instead
+                self.tape = None
         self.t = 0  # DDS steps taken (loop steps), for warm-up and update_every
         self.r_mean = torch.zeros((), dtype=torch.float64, device=ctx.device)  # moving baseline
         self.r_var = torch.ones((), dtype=torch.float64, device=ctx.device)
@@ -273,7 +274,8 @@ class Trainer:
                 reward = tape.dots(d, B) * (B / w.to(d[self.names[0]].dtype))
             else:  # fused with an underflowed weight: recompute at theta_{t-1}
                 method = "exact" if cfg.reward_method == "fused" else cfg.reward_method
-                reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev)
+                reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev,
+                                          batch_stats="fixed")  # BatchNorm: no other row in r_i (gradients.py)
             # lines 12-13: psi <- psi + lr (1/B) sum_i r_i grad log p_i  (minimise the negative)
             r = self._normalise(reward)
             # torchrun: this rank's share of the global-batch loss; the shares' gradients are summed below

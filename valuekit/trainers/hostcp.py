@@ -6,7 +6,7 @@ Per mini-batch (the paper's alternating minimisation, one batch at a time):
 
 1. the selection model scores each example, s_i = h(u_i) . E[y_i] + b[y_i], with u_i the input
    features (``selector_input="features"``) or the main model's detached penultimate features
-   (``"embedding"``, ``model.features(x)``);
+   (``"embedding"``: the input of the model's last nn.Linear, or of ``feature_layer``, read with a forward hook);
 2. the convex layer turns the scores into a relaxed subset w in [0, 1]^B with sum(w) = k = fraction*B:
    ``valuekit.selection.SubsetSelection`` (max s.w - lam R(w), exact closed-form backend by default),
    or, with ``representatives=True``, the paper's representativeness program
@@ -62,6 +62,7 @@ from torch.func import functional_call
 from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import LayerTape, per_example_dots
+from valuekit.models import feature_dim, feature_module, features_and_logits
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
@@ -82,7 +83,7 @@ class Config:
     reg: str = setting("quadratic", choices=REGULARISERS)  # regulariser of the subset program: quadratic | entropy
     lam: float = setting(0.5, gt=0)  # its strength (> 0; larger = flatter weights, informative gradients)
     backend: str = setting("exact", choices=BACKENDS)  # exact (closed form) | cvxpylayers (reference, slow)
-    selector_input: str = setting("features", choices=SELECTOR_INPUTS)  # features: MLP over the inputs | embedding: over model.features(x).detach()
+    selector_input: str = setting("features", choices=SELECTOR_INPUTS)  # features: MLP over the inputs | embedding: over the model's detached features (hook)
     selector_hidden: int = setting(64, ge=1)  # hidden width of the selection model
     selector_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the selection model (0 freezes it: uniform weights)
     lookahead_lr: float = setting(0.1, gt=0)  # eta of the virtual SGD step theta' = theta - eta grad L_w
@@ -92,6 +93,8 @@ class Config:
     # ghost | exact: valuekit.gradients.per_example_dots (one extra pass) | autograd: second order (reference)
     meta_grad: str = setting("fused", choices=META_GRADS)
     threshold: float = setting(0.5, gt=0, lt=1)  # w_i > threshold is logged as selected
+    # selector_input=embedding reads the input of this layer (forward hook); "" = the model's last nn.Linear
+    feature_layer: str = ""
     representatives: bool = False  # use the representativeness program (cvxpylayers, slow) instead of SubsetSelection
     rep_alpha: float = setting(1.0, gt=0)  # weight of the representation cost against the scores
     rep_ridge: float = setting(0.1, gt=0)  # ridge term of the representativeness program
@@ -112,8 +115,8 @@ class Trainer:
         if cfg.selector_input == "features":
             width, mean, std = ctx.x.shape[1], ctx.mean, ctx.std
         else:
-            with torch.no_grad():
-                width = self.model.features(ctx.x[:1]).shape[1]
+            self.feature_layer = feature_module(self.model, cfg.feature_layer)
+            width = feature_dim(self.model, self.feature_layer, ctx.x[:2])
             mean = std = None  # penultimate features are already on the model's scale
         self.selector = label_mlp(width, ctx.num_classes, cfg.selector_hidden, mean=mean, std=std,
                                   generator=ctx.generator, device=ctx.device)
@@ -138,8 +141,8 @@ class Trainer:
         if self.dots_method == "fused":
             try:
                 self.tape = LayerTape(self.model)
-            except NotImplementedError as exc:
-                raise InputError(f"--set meta_grad=fused: {exc}; use meta_grad=exact") from None
+            except NotImplementedError:  # layers other than Linear/Conv2d (a user's model): exact dots instead
+                self.tape, self.dots_method = None, "exact"
 
     # -------------------------------------------------------- pieces
 
@@ -147,7 +150,7 @@ class Trainer:
         if self.cfg.selector_input == "features":
             return x
         with torch.no_grad():
-            return self.model.features(x)
+            return features_and_logits(self.model, x, self.feature_layer)[0]
 
     def _weights(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Relaxed subset weights; under torchrun of the whole global batch (rank 0's rows first)."""

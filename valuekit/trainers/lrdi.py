@@ -2,7 +2,7 @@
 
 LRDI (Fan, Xia, Wu et al., "Learning to Reweight with Deep Interactions", AAAI 2021, arXiv 2007.04649):
 a teacher network maps each training example's *student internal state* (the detached hidden
-features `model.features(x)`) plus surface signals (loss, probability of the given label, margin,
+features: the input of the student's last nn.Linear, or of `feature_layer`, read with a forward hook) plus surface signals (loss, probability of the given label, margin,
 training progress, label embedding) to a weight ``w_i = sigmoid(teacher(s_i))`` (optionally divided
 by the batch mean). The teacher is trained by meta-gradients (the paper's Algorithm 1):
 
@@ -57,6 +57,8 @@ from torch.func import functional_call
 
 from valuekit.config import setting
 from valuekit.errors import InputError
+from valuekit.gradients import second_order
+from valuekit.models import feature_dim, feature_module, features_and_logits
 from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
@@ -98,6 +100,9 @@ class Config:
     # passes an example is seen about once per epoch (std undefined), so the default window is the
     # last 3 epochs; std_epochs=1 gives exactly the last epoch.
     std_epochs: int = setting(3, ge=1)
+    # the student's internal state the teacher reads: the input of this layer (a name from the model's
+    # named_modules(), read with a forward hook); "" = the input of the model's last nn.Linear
+    feature_layer: str = ""
     # how the meta-gradient is computed: autograd (second-order: backward through the virtual step kept in the
     # graph, any unroll) | fused (unroll 1 only: dJ/dw_i = -α/B ∇ℓ_i(θ)·∇J(θ') from per-example dot products —
     # from the student's own forward/backward (gradients.LayerTape, as DDS's fused rewards), or one forward-mode
@@ -178,8 +183,10 @@ class Trainer:
         self.model = ctx.build_model()
         self.opt = ctx.make_optimizer(self.model.parameters())
         self.teacher = self.teacher_opt = None
+        self.feature_layer = feature_module(self.model, cfg.feature_layer)
         if cfg.variant != "l2rw":
-            self.teacher = Teacher(cfg.inputs(), feat_dim=self.model.head.in_features, num_classes=ctx.num_classes,
+            feat_dim = feature_dim(self.model, self.feature_layer, ctx.x[:2]) if "features" in cfg.inputs() else 0
+            self.teacher = Teacher(cfg.inputs(), feat_dim=feat_dim, num_classes=ctx.num_classes,
                                    hidden=cfg.teacher_hidden, label_dim=cfg.label_dim,
                                    generator=ctx.generator).to(ctx.device)
             self.teacher_opt = torch.optim.Adam(self.teacher.parameters(), lr=cfg.teacher_lr,
@@ -280,8 +287,7 @@ class Trainer:
         """
         if self.dots_by is not None:
             return self._fused_meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
-        feats = self.model.features(x)
-        logits = self.model.head(feats)
+        feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         signals = student_signals(feats, logits, losses, y, progress)
         if self.teacher is None:
@@ -311,8 +317,7 @@ class Trainer:
         what meta_gradient returns; falls back to the second-order path if a weight underflowed to 0."""
         c, ctx, world = self.cfg, self.ctx, self.ctx.world_size
         with self.tape if self.tape is not None else contextlib.nullcontext():
-            feats = self.model.features(x)
-            logits = self.model.head(feats)
+            feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         signals = student_signals(feats, logits, losses, y, progress)
         names = [n for n, _ in self.model.named_parameters()]
@@ -375,8 +380,7 @@ class Trainer:
 
     def _plain(self, x, y, progress: float) -> dict:
         """Forward and teacher inputs only, for the steps between meta steps."""
-        feats = self.model.features(x)
-        logits = self.model.head(feats)
+        feats, logits = features_and_logits(self.model, x, self.feature_layer)
         losses = per_example_loss(logits, y)
         return {"losses": losses, "logits": logits, "signals": student_signals(feats, logits, losses, y, progress),
                 "dev_loss": None, "grads": None}
@@ -391,8 +395,9 @@ class Trainer:
         else:
             dev_size = self.cfg.dev_batch_size or self.ctx.global_rows(len(batch.y))
             dev_x, dev_y = self.ctx.sample_dev(dev_size)
-            meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
-                                      dev_total=self.ctx.dev_total(dev_size))
+            with second_order():  # double backward through attention (a user's model)
+                meta = self.meta_gradient(batch.x, batch.y, dev_x, dev_y, progress=progress,
+                                          dev_total=self.ctx.dev_total(dev_size))
         losses, dev_loss = meta["losses"], meta["dev_loss"]
         reward = None
         if meta["grads"] is None:
@@ -468,8 +473,7 @@ class Trainer:
     def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int = 2048) -> torch.Tensor:
         """Raw sigmoid teacher weights of rows (x, y), student and teacher in eval mode."""
         def weight(xb, yb):
-            feats = self.model.features(xb)
-            logits = self.model.head(feats)
+            feats, logits = features_and_logits(self.model, xb, self.feature_layer)
             return torch.sigmoid(self.teacher(student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)))
 
         return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)

@@ -7,33 +7,51 @@ of y are the sources having a row for y.
 
 Algorithm 2, as implemented here:
 
-* line 4 (load data with psi): the trainer's own `sampler` draws a target (by its row frequency),
-  then a source S ~ p(S | y) among the available ones, then a row of (y, S) uniformly;
-* lines 6-8: one model step on the batch mean loss; for every source present in the batch its mean
-  gradient updates the moving average g[S] <- a1 * g[S] + a2 * grad_S. The per-source gradients come
-  from ONE batched backward of the per-source loss sums (`torch.autograd.grad(is_grads_batched=True)`,
-  a vmap over one-hot cotangents), or one backward per source present (`grad_method="loop"`: through
-  the shared batch graph; `"split"`: a forward and backward of each source's own rows); never a
-  per-example loop. The training gradient is their sum / batch size, so no extra backward is needed;
-* lines 10-12: every `update_every` training examples, the reward of each source is
-  r(S) = cos(g[S], g_dev) (or the dot product) with g_dev the dev gradient at the current model (the
-  dev set is the target domain: dev rows of the target source when the dev table has sources), and
-  psi takes `scorer_iters` REINFORCE steps  psi <- psi + lr * mean_y sum_{S available for y} r(S)
-  grad_psi log p(S | y; psi) over `scorer_batch` sampled targets.
+* line 4 (load data with psi): the trainer's own `sampler` draws a target uniformly (the paper: "assume a
+  uniform distribution over the target sentence"), then a source S ~ p(S | y) among the sources having a
+  row for y, then a row of (y, S) uniformly. `target_sampling="source"` is the official multiDDS code's
+  language-level sampling instead: S ~ p(S), then a row of S uniformly;
+* lines 6-8: one model step on the batch mean loss (one plain backward);
+* the reward samples (`reward_from="probe"`, default, as the official multiDDS code): at each scorer update,
+  every `update_every` training examples, the dev gradient d at the current model (the target domain: dev rows
+  of the target source when the dev table has sources) and, for every source, `probe_batches` fresh batches of
+  `probe_size` rows drawn uniformly from its rows; each batch's mean row gradient G gives a sample
+  q = <G, d>. The reward of S is the mean of its samples with their standard error (`reward="cosine"` divides
+  both by |mean gradient of S| |d|), so the rare target source gets as many rows as any other;
+* `reward_from="train"` (Algorithm 2 lines 6-8 as written): the per-source gradient sums of every training
+  batch (ONE batched backward of the per-source loss sums, `torch.autograd.grad(is_grads_batched=True)`, or one
+  backward per source present, `grad_method="loop"`, or a forward and backward of each source's own rows,
+  `"split"`; never a per-example loop; the training gradient is their sum / batch size) are dotted with the
+  dev gradient of the previous update, q_t(S) = <G_t(S), d>, and the reward over the interval is the
+  row-weighted mean of the q_t (= <mean row gradient of S, d>, the gradient average g[S]) with its standard
+  error. The dev gradient lags the training gradients by at most `update_every` examples;
+* `a1` blends each update's estimate with the previous one (r <- a1 r_old + (1 - a1) r_new; the official code
+  keeps a0 = 0.05 of the old gradient). `reward_params="encoder"` takes the dot product over the source-side
+  parameters only (embedding and encoder of a translation model). reports/multidds.md measures these choices;
+* lines 10-12: psi takes `scorer_iters` REINFORCE steps  psi <- psi + lr * sum_S r(S) grad_psi log p(S)
+  (the shared scorer, `conditional=False`: one logit per source, as the official multiDDS "base" data actor)
+  or, with `conditional=True`, mean_y sum_{S available for y} r(S) grad_psi log p(S | y) over `scorer_batch`
+  sampled targets. The reward does not depend on y, so a conditional scorer has nothing target-specific to
+  learn from it; it is kept for priors (init=tcs) that differ per target.
 
 `init`: `uniform` (psi = 0), `tcs` (target-conditioned sampling: psi = log q(S), a similarity prior;
 for feature tables the cosine between each source's class-conditional feature means and the dev
 set's, for byte-text tables the character n-gram overlap with the target's text, or an explicit
 `prior="es=0.4,gl=0.3,..."`), `target` (most mass on the target source).
 
-values(): value = log p(S_i | y_i) of each training row under the final scorer; weight = p(S_i | y_i)
-(the loop normalises weights to mean 1).
+values(): value = log(p / p_uniform) for the row's source: log softmax(psi)_S + log(number of sources) for
+the shared scorer, log p(S | y) + log(number of sources available for y) for the conditional one (log p
+alone would rank a row highest whenever its target has a single source), log(2 sigmoid(psi)) for bernoulli;
+weight = exp(value) (the loop normalises weights to mean 1); `scorer_logit` = psi of the row.
+source_table(): one row per source (written to sources.parquet): final prob, centred logit, mean reward
+and its standard error over the scorer updates, rows in the table and rows drawn.
 
 Under torchrun (valuekit.distributed) the sampler draws the global batch on every rank (shared
-generator) and each rank trains on its slice; the per-source gradient sums and row counts are
-all-reduced before the moving averages g[S] are updated (so g[S] is the global batch's mean gradient
-of source S and the model step its mean gradient), usage counts are summed over ranks, and the dev
-gradient and REINFORCE steps on psi are computed identically on every rank. Replicas stay identical.
+generator) and each rank trains on its slice; the model gradient is averaged over ranks; with
+reward_from=train the per-source gradient sums and row counts are all-reduced before they feed the reward
+(so a source's sample is the global batch's mean gradient of that source); usage counts are summed over
+ranks; the probe batches, the dev gradient and the REINFORCE steps on psi are computed identically on every
+rank (same generator, same weights). Replicas stay identical.
 """
 
 from __future__ import annotations
@@ -42,6 +60,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +68,9 @@ from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
+# scorer maths, TCS similarity, reward accumulator and sampler live in source_scoring (re-exported here)
+from valuekit.trainers.source_scoring import (RewardAccumulator, SourceSampler, char_ngram_similarity,  # noqa: F401
+                                              reinforce_loss, source_log_probs)
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
 
@@ -58,7 +80,8 @@ INITS = ("uniform", "tcs", "target")
 
 @dataclass
 class Config:
-    """Algorithm 2 settings (defaults from the paper where it gives them)."""
+    """Algorithm 2 settings. Paper / official multiDDS code where they give one; reward, a1, update_every and
+    scorer_lr chosen by the reward signal-to-noise measurements in reports/multidds.md."""
 
     sampling: str = setting("categorical", choices=SAMPLING)  # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
     init: str = setting("uniform", choices=INITS)  # uniform | tcs (similarity prior) | target (mass on the target source)
@@ -66,21 +89,29 @@ class Config:
     tcs_temperature: float = setting(0.1, gt=0)  # q(S) = softmax(similarity / T) for the computed TCS prior
     target_mass: float = setting(0.9, gt=0, lt=1)  # init=target: p(target source | y) where it is available
     target_source: str = ""  # the dev set's source; "" = the single source of the dev table, if any
-    conditional: bool = True  # psi is a (targets x sources) table; False: one logit vector shared by all targets
-    reward: str = setting("cosine", choices=("cosine", "dot"))  # cosine | dot between g[S] and the dev gradient
-    a1: float = 0.5  # gradient EMA decay, g[S] <- a1 * g[S] + a2 * grad
-    a2: float = 1.0
-    update_every: int = setting(640, ge=1)  # K: training examples between scorer updates
+    conditional: bool = False  # True: psi is a (targets x sources) table; False: one logit vector for all targets
+    target_sampling: str = setting("uniform", choices=("uniform", "source"))  # uniform: y ~ U(targets), S ~ p(S | y) (paper) | source: S ~ p(S) (official)
+    reward_from: str = setting("probe", choices=("probe", "train"))  # probe: fresh batches per source at each update (official multiDDS) | train
+    # (the training batches' per-source gradients between updates, Algorithm 2 lines 6-8)
+    probe_batches: int = setting(2, ge=1)  # reward_from=probe: batches per source per update (>= 2 gives a standard error)
+    probe_size: int = setting(32, ge=1)  # reward_from=probe: rows per probe batch
+    reward: str = setting("dot", choices=("dot", "cosine"))  # dot | cosine between the source's gradient average and the dev gradient
+    reward_params: str = setting("all", choices=("all", "encoder"))  # all | encoder (source-side parameters of a translation model)
+    a1: float = setting(0.05, ge=0, lt=1)  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
+    update_every: int = setting(256, ge=1)  # K: training examples between scorer updates
     scorer_iters: int = setting(1, ge=0)  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
-    scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration
+    scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration (conditional scorer only)
     scorer_lr: float = setting(0.05, ge=0)
     scorer_optimizer: str = setting("adam", choices=("adam", "sgd"))  # adam | sgd (plain gradient ascent, as written in the paper)
-    dev_batch_size: int = setting(256, ge=1)  # dev rows for g_dev (all when the dev set is smaller)
+    dev_batch_size: int = setting(256, ge=1)  # dev rows for the dev gradient (all when the dev set is smaller)
     grad_method: str = setting("auto", choices=("auto", "batched", "loop", "split"))  # batched (one vmapped backward) | loop (one backward per source present)
     # | split (forward + backward per source on its own rows) | auto: split for seq2seq and conv models, else batched
 
     def validate(self) -> None:
         check_fields(self)
+        if self.target_sampling == "source" and (self.conditional or self.sampling != "categorical"):
+            raise InputError(f"multidds setting target_sampling={self.target_sampling!r}: source sampling needs "
+                             "conditional=false and sampling=categorical")
         parse_prior(self.prior)
 
 
@@ -97,83 +128,6 @@ def parse_prior(text: str) -> dict[str, float]:
             raise InputError(f"multidds setting prior: item {item!r} is not source=weight with weight >= 0")
         out[name] = w
     return out
-
-
-# ---------------------------------------------------------------- scorer maths (pure functions, tested by hand)
-
-
-def source_log_probs(psi: torch.Tensor, avail: torch.Tensor, sampling: str) -> torch.Tensor:
-    """log p(S | y) for every (target row of psi, source): masked log-softmax (categorical) or log sigmoid
-    (bernoulli); -inf where the source is not available."""
-    if sampling == "categorical":
-        logp = torch.log_softmax(psi.masked_fill(~avail, float("-inf")), dim=-1)
-    else:
-        logp = F.logsigmoid(psi)
-    return logp.masked_fill(~avail, float("-inf"))
-
-
-def reinforce_loss(psi: torch.Tensor, avail: torch.Tensor, rewards: torch.Tensor, sampling: str) -> torch.Tensor:
-    """Minus the Algorithm 2 objective for the sampled targets' scorer rows `psi` (T, S):
-    -(1/T) sum_t sum_{S available for t} r(S) log p(S | t). Its gradient step is the REINFORCE update."""
-    logp = source_log_probs(psi, avail, sampling)
-    term = torch.where(avail, rewards.unsqueeze(0) * logp, torch.zeros_like(logp))
-    return -term.sum(1).mean()
-
-
-def char_ngram_similarity(texts: dict[str, list[str]], target: list[str], *, n: int = 3) -> dict[str, float]:
-    """TCS similarity: Jaccard overlap between each source's and the target's character n-gram sets
-    (the paper's heuristic prior ranks languages by such lexical similarity)."""
-
-    def grams(rows):
-        out = set()
-        for t in rows:
-            t = f" {t.lower()} "
-            out.update(t[i: i + n] for i in range(max(len(t) - n + 1, 0)))
-        return out
-
-    tg = grams(target)
-    sims = {}
-    for s, rows in texts.items():
-        g = grams(rows)
-        sims[s] = len(g & tg) / max(len(g | tg), 1)
-    return sims
-
-
-# ---------------------------------------------------------------- sampler
-
-
-class SourceSampler:
-    """Draws a target (by its share of rows), then a source from the trainer's p(S | y), then a row.
-
-    bernoulli: each available source of the target is kept with probability sigmoid(psi) and one of the
-    kept ones is taken uniformly (all available ones when none is kept). Stateless: its randomness is the
-    run's generator, whose state the loop checkpoints.
-    """
-
-    def __init__(self, trainer: "Trainer"):
-        self.t = trainer
-
-    def next(self, size: int) -> torch.Tensor:
-        t, g = self.t, self.t.ctx.generator
-        keys = torch.multinomial(t.key_prob, size, replacement=True, generator=g)
-        avail = t.avail[keys]
-        with torch.no_grad():
-            if t.cfg.sampling == "categorical":
-                probs = source_log_probs(t.rows_psi(keys), avail, "categorical").exp()
-            else:
-                keep = (torch.rand(avail.shape, generator=g) < torch.sigmoid(t.rows_psi(keys))) & avail
-                probs = torch.where(keep.any(1, keepdim=True), keep, avail).double()
-        src = torch.multinomial(probs, 1, generator=g).squeeze(1)
-        cell = keys * t.num_sources + src
-        u = torch.rand(size, generator=g, dtype=torch.float64)
-        pick = t.cell_start[cell] + (u * t.cell_count[cell]).long().clamp_max(t.cell_count[cell] - 1)
-        return t.cell_order[pick]
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- trainer
@@ -205,7 +159,11 @@ class Trainer:
         self.cell_count = torch.bincount(cell, minlength=K * S)
         self.cell_start = torch.cumsum(self.cell_count, 0) - self.cell_count
         self.avail = (self.cell_count > 0).view(K, S)
-        self.key_prob = torch.bincount(key, minlength=K).double() / len(key)
+        has = (torch.bincount(key, minlength=K) > 0).double()
+        self.key_prob = has / has.sum()  # targets are drawn uniformly (the paper's TCS assumption)
+        self.src_order = torch.argsort(self.row_src, stable=True)
+        self.src_count = torch.bincount(self.row_src, minlength=S)
+        self.src_start = torch.cumsum(self.src_count, 0) - self.src_count
 
         self.target = self._target_source()
         dev_rows = None
@@ -217,9 +175,14 @@ class Trainer:
         self.scorer_opt = (torch.optim.Adam([self.psi], lr=cfg.scorer_lr) if cfg.scorer_optimizer == "adam"
                            else torch.optim.SGD([self.psi], lr=cfg.scorer_lr))
         nparam = sum(p.numel() for p in self.params)
-        self.g = torch.zeros(S, nparam, device=ctx.device)  # g[S]: per-source gradient EMAs, flattened
-        self.rewards = torch.full((S,), float("nan"))
+        self.acc = RewardAccumulator(S, nparam, ctx.device, self._reward_cols())
+        self.d: torch.Tensor | None = None  # dev gradient at the last scorer update (the reward direction)
+        self.rewards = torch.full((S,), float("nan"), dtype=torch.float64)  # blended reward per source
+        self.reward_se = torch.full((S,), float("nan"), dtype=torch.float64)
+        self.reward_log = torch.zeros(3, S, dtype=torch.float64)  # per source: updates, sum r, sum se^2
         self.usage = torch.zeros(S, dtype=torch.int64)  # rows drawn per source since the last scorer update
+        self.drawn = torch.zeros(S, dtype=torch.int64)  # rows drawn per source over the run
+        self.updated = torch.zeros(S, dtype=torch.bool)
         self.seen = 0
         self.sampler = SourceSampler(self)
 
@@ -236,6 +199,21 @@ class Trainer:
             if len(codes) == 1 and codes[0] >= 0:
                 return int(codes[0])
         return None
+
+    def _reward_cols(self) -> torch.Tensor | None:
+        """Flattened coordinates of the parameters the reward's dot product runs over (None = all)."""
+        if self.cfg.reward_params == "all":
+            return None
+        named = dict((id(p), n) for n, p in self.model.named_parameters())
+        cols, start = [], 0
+        for p in self.params:
+            if named[id(p)].split(".")[0] in ("src_emb", "encoder"):
+                cols.append(torch.arange(start, start + p.numel()))
+            start += p.numel()
+        if not cols:
+            raise InputError("multidds setting reward_params=encoder: the model has no src_emb/encoder parameters "
+                             "(a translation model's source side); use reward_params=all")
+        return torch.cat(cols).to(self.ctx.device)
 
     def rows_psi(self, keys: torch.Tensor) -> torch.Tensor:
         return self.psi[keys] if self.cfg.conditional else self.psi.expand(len(keys), -1)
@@ -323,23 +301,20 @@ class Trainer:
         return [torch.stack(ps) for ps in zip(*per)]
 
     def dev_gradient(self) -> torch.Tensor:
-        """Mean dev-batch gradient at the current model, flattened (g[S_dev] of Algorithm 2)."""
+        """Mean dev-batch gradient at the current model, flattened (g[S_dev] of Algorithm 2); dropout off, so
+        the reward direction carries no dropout noise."""
         dev_x, dev_y = self._dev_data()
         m = len(dev_y)
         if self.cfg.dev_batch_size < m:
             idx = torch.randperm(m, generator=self.ctx.generator)[: self.cfg.dev_batch_size].to(self.ctx.device)
             dev_x, dev_y = dev_x[idx], dev_y[idx]
-        loss = self._losses(dev_x, dev_y).mean()
-        grads = torch.autograd.grad(loss, self.params)
-        return torch.cat([g.reshape(-1) for g in grads])
-
-    def source_rewards(self, g_dev: torch.Tensor) -> torch.Tensor:
-        """r(S) = cos(g[S], g_dev) (0 for a source never seen) or the dot product."""
-        if self.cfg.reward == "dot":
-            r = self.g @ g_dev
-        else:
-            r = F.cosine_similarity(self.g, g_dev.unsqueeze(0), dim=1, eps=1e-12)
-        return r.detach().double().cpu().float()
+        was = self.model.training
+        self.model.eval()
+        with torch.enable_grad():
+            loss = self._losses(dev_x, dev_y).mean()
+            grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
+        self.model.train(was)
+        return torch.cat([g.reshape(-1) for g in grads]).detach()
 
     # ---- Algorithm 2
 
@@ -369,12 +344,15 @@ class Trainer:
         self.model.train()
         src = batch.source
         present = torch.unique(src)
-        if self.cfg.scorer_iters > 0 and self.grad_method == "split":
+        from_train = self.cfg.scorer_iters > 0 and self.cfg.reward_from == "train"
+        if from_train and self.d is None:
+            self.d = self.dev_gradient()  # the first interval's reward direction: the dev gradient at theta_0
+        if from_train and self.grad_method == "split":
             losses, correct, grads = self._split_grads(batch, present)
         else:
             losses, correct = self._forward(batch.x, batch.y)
-            if self.cfg.scorer_iters == 0:
-                return self._fixed_step(batch, losses, correct)
+            if not from_train:
+                return self._plain_step(batch, losses, correct)
             grads = self._source_grads(losses, src, present)
         B = len(losses)
         counts = torch.bincount(src, minlength=self.num_sources)[present].to(losses.dtype)
@@ -385,21 +363,23 @@ class Trainer:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         with torch.no_grad():
-            flat = torch.cat([gs.reshape(len(present), -1) for gs in grads], 1) / counts.unsqueeze(1)
-            self.g[present] = self.cfg.a1 * self.g[present] + self.cfg.a2 * flat
+            gsums = torch.cat([gs.reshape(len(present), -1) for gs in grads], 1)
+            self.acc.add(present, gsums, counts, self.d)
 
         src_cpu = src.cpu()
-        self.usage += self._global_usage(src_cpu)
+        used = self._global_usage(src_cpu)
+        self.usage += used
+        self.drawn += used
         before = self.seen // self.cfg.update_every
         self.seen += B
         scorer_loss, log = None, batch.step == 1
         if self.seen // self.cfg.update_every > before:
             scorer_loss = self.update_scorer()
             log = True
-        sources = self.source_summary() if log else None
+        sources = self.source_summary(with_reward=scorer_loss is not None) if log else None
         if log:
             self.usage.zero_()
-        reward = self.rewards[src_cpu].to(losses.device)
+        reward = self.rewards[src_cpu].float().to(losses.device)
         return StepRecord(loss=losses.detach(), reward=reward, scorer_loss=scorer_loss, sources=sources,
                           correct=correct)
 
@@ -424,48 +404,111 @@ class Trainer:
         self.ctx.all_reduce_([used])
         return used
 
-    def _fixed_step(self, batch: Batch, losses: torch.Tensor, correct) -> StepRecord:
-        """scorer_iters=0: a fixed scorer (init=uniform: uniform over the rows of a parallel table; init=tcs:
-        TCS alone), so no per-source gradients are needed: one plain backward, usage still logged."""
+    def _plain_step(self, batch: Batch, losses: torch.Tensor, correct) -> StepRecord:
+        """One plain backward on the batch: the model step when the rewards come from probe batches, or a
+        fixed scorer (scorer_iters=0; init=uniform: uniform targets and sources; init=tcs: TCS alone)."""
         self.opt.zero_grad(set_to_none=True)
         losses.mean().backward()
         self.ctx.sync_grads_(self.params)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.usage += self._global_usage(batch.source.cpu())
+        used = self._global_usage(batch.source.cpu())
+        self.usage += used
+        self.drawn += used
         before = self.seen // self.cfg.update_every
         self.seen += self.ctx.global_rows(len(losses))
-        sources = None
+        sources, scorer_loss = None, None
+        if self.seen // self.cfg.update_every > before and self.cfg.scorer_iters > 0:
+            scorer_loss = self.update_scorer()
         if batch.step == 1 or self.seen // self.cfg.update_every > before:
-            sources = self.source_summary()
+            sources = self.source_summary(with_reward=scorer_loss is not None)
             self.usage.zero_()
-        return StepRecord(loss=losses.detach(), sources=sources, correct=correct)
+        reward = None if self.cfg.scorer_iters == 0 else self.rewards[batch.source.cpu()].float().to(losses.device)
+        return StepRecord(loss=losses.detach(), reward=reward, scorer_loss=scorer_loss, sources=sources,
+                          correct=correct)
+
+    def probe(self) -> None:
+        """reward_from=probe: the dev gradient at the current model, then `probe_batches` batches of
+        `probe_size` rows drawn uniformly from each source's rows, each batch's gradient sum fed to the reward
+        accumulator (the official multiDDS code takes one such batch per language at each update)."""
+        self.d = self.dev_gradient()
+        g, cfg = self.ctx.generator, self.cfg
+        was = self.model.training
+        self.model.train()
+        for s in range(self.num_sources):
+            n = int(self.src_count[s])
+            if n == 0:
+                continue
+            for _ in range(cfg.probe_batches):
+                u = torch.rand(min(cfg.probe_size, n), generator=g, dtype=torch.float64)
+                rows = self.src_order[self.src_start[s] + (u * n).long().clamp_max(n - 1)].to(self.ctx.device)
+                losses, _ = self._forward(self.ctx.x[rows], self.ctx.y[rows])
+                grads = torch.autograd.grad(losses.sum(), self.params, materialize_grads=True)
+                gsum = torch.cat([x.reshape(-1) for x in grads]).unsqueeze(0)
+                self.acc.add(torch.tensor([s], device=self.ctx.device), gsum,
+                             torch.tensor([float(len(rows))], device=self.ctx.device), self.d)
+        self.model.train(was)
+
+    def interval_rewards(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This interval's per-source reward and standard error (NaN for sources not drawn in it)."""
+        return self.acc.finish(self.cfg.reward)
 
     def update_scorer(self) -> float:
-        """Algorithm 2 lines 10-12: rewards from the gradient EMAs, then E REINFORCE steps on psi."""
-        self.rewards = self.source_rewards(self.dev_gradient())
-        rewards = torch.nan_to_num(self.rewards, nan=0.0)
+        """Algorithm 2 lines 10-12: the rewards (probe batches at the current model, or the training interval's;
+        blended with the previous ones by a1), then E REINFORCE steps on psi, then (reward_from=train) the dev
+        gradient for the next interval."""
+        if self.cfg.reward_from == "probe":
+            self.probe()
+        r, se = self.interval_rewards()
+        self.acc.reset()
+        seen = ~torch.isnan(r)
+        a1 = self.cfg.a1
+        fresh = seen & torch.isnan(self.rewards)
+        old_r, old_se = self.rewards.nan_to_num(0.0), self.reward_se.nan_to_num(0.0)
+        blend_r = torch.where(fresh, r, a1 * old_r + (1 - a1) * r)
+        blend_se = torch.where(fresh, se, torch.sqrt((a1 * old_se) ** 2 + ((1 - a1) * se) ** 2))
+        self.updated = seen  # which sources this update observed (the others keep their reward, logged as NaN)
+        self.rewards = torch.where(seen, blend_r, self.rewards)
+        self.reward_se = torch.where(seen, blend_se, self.reward_se)
+        self.reward_log[0] += seen.double()
+        self.reward_log[1] += torch.where(seen, self.rewards, 0.0)
+        self.reward_log[2] += torch.where(seen, self.reward_se.nan_to_num(0.0) ** 2, 0.0)
+        rewards = torch.nan_to_num(self.rewards, nan=0.0).float()
         last = float("nan")
+        shared = not self.cfg.conditional and self.cfg.sampling == "categorical"
         for _ in range(self.cfg.scorer_iters):
-            keys = torch.multinomial(self.key_prob, self.cfg.scorer_batch, replacement=True,
-                                     generator=self.ctx.generator)
-            loss = reinforce_loss(self.rows_psi(keys), self.avail[keys], rewards, self.cfg.sampling)
+            if shared:  # the official multiDDS "base" actor: -sum_S r(S) log softmax(psi)_S
+                loss = reinforce_loss(self.psi, torch.ones_like(self.psi, dtype=torch.bool), rewards, "categorical")
+            else:
+                keys = torch.multinomial(self.key_prob, self.cfg.scorer_batch, replacement=True,
+                                         generator=self.ctx.generator)
+                loss = reinforce_loss(self.rows_psi(keys), self.avail[keys], rewards, self.cfg.sampling)
             self.scorer_opt.zero_grad(set_to_none=True)
             loss.backward()
             self.scorer_opt.step()
             last = loss.item()
+        if self.cfg.reward_from == "train":
+            self.d = self.dev_gradient()
         return last
 
     @torch.no_grad()
     def mean_probs(self) -> torch.Tensor:
-        """Mean over targets (by their row share) of p(S | y), 0 where S is unavailable."""
+        """The scorer's probability of each source: softmax(psi) for the shared categorical scorer, else the
+        mean over targets (uniform) of p(S | y), 0 where S is unavailable."""
+        if not self.cfg.conditional and self.cfg.sampling == "categorical":
+            return torch.softmax(self.psi[0].double(), 0)
         rows = self.psi if self.cfg.conditional else self.psi.expand(self.num_keys, -1)
         p = source_log_probs(rows, self.avail, self.cfg.sampling).exp()
         return (self.key_prob.unsqueeze(1) * p.double()).sum(0)
 
-    def source_summary(self) -> dict[str, tuple[float, int]]:
+    def source_summary(self, with_reward: bool = False) -> dict[str, tuple]:
+        """source -> (prob, rows drawn since the last log, reward, reward_se) for sources/ (reward NaN when
+        no scorer update happened at this step or it did not observe the source)."""
         probs = self.mean_probs()
-        return {s: (float(probs[i]), int(self.usage[i])) for i, s in enumerate(self.ctx.sources)}
+        nan = float("nan")
+        upd = self.updated if with_reward else torch.zeros(self.num_sources, dtype=torch.bool)
+        return {s: (float(probs[i]), int(self.usage[i]), float(self.rewards[i]) if upd[i] else nan,
+                    float(self.reward_se[i]) if upd[i] else nan) for i, s in enumerate(self.ctx.sources)}
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
@@ -488,8 +531,9 @@ class Trainer:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "psi": self.psi.detach().clone(),
-                "scorer_opt": self.scorer_opt.state_dict(), "g": self.g, "rewards": self.rewards,
-                "usage": self.usage, "seen": self.seen}
+                "scorer_opt": self.scorer_opt.state_dict(), "acc": self.acc.state_dict(), "d": self.d,
+                "rewards": self.rewards, "reward_se": self.reward_se, "reward_log": self.reward_log,
+                "usage": self.usage, "drawn": self.drawn, "seen": self.seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -497,15 +541,57 @@ class Trainer:
         with torch.no_grad():
             self.psi.copy_(state["psi"])
         self.scorer_opt.load_state_dict(state["scorer_opt"])
-        self.g.copy_(state["g"])
+        self.acc.load_state_dict(state["acc"])
+        self.d = None if state["d"] is None else state["d"].to(self.ctx.device)
         self.rewards = state["rewards"].clone()
+        self.reward_se = state["reward_se"].clone()
+        self.reward_log.copy_(state["reward_log"])
         self.usage.copy_(state["usage"])
+        self.drawn.copy_(state["drawn"])
         self.seen = int(state["seen"])
 
     @torch.no_grad()
+    def _log_ratio(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log(p / p_uniform), psi) of every (target row of psi, source): see the module docstring."""
+        cfg = self.cfg
+        if cfg.sampling == "bernoulli":
+            rows = self.psi if cfg.conditional else self.psi.expand(self.num_keys, -1)
+            return F.logsigmoid(rows.double()) + math.log(2.0), rows
+        if not cfg.conditional:
+            return torch.log_softmax(self.psi.double(), 1) + math.log(self.num_sources), self.psi
+        logp = source_log_probs(self.psi.double(), self.avail, "categorical")
+        return logp + torch.log(self.avail.sum(1, keepdim=True).clamp_min(1).double()), self.psi
+
+    @torch.no_grad()
     def values(self) -> dict:
-        """value = log p(S_i | y_i) under the final scorer; weight = p(S_i | y_i)."""
-        rows = self.psi if self.cfg.conditional else self.psi.expand(self.num_keys, -1)
-        logp = source_log_probs(rows, self.avail, self.cfg.sampling)
-        value = logp[self.row_key, self.row_src].double()
-        return {"value": value, "weight": value.exp()}
+        """value = log(p(S_i | y_i) / p_uniform) of each row's source under the final scorer (unconfounded by
+        how many sources translate the target); weight = exp(value); scorer_logit = psi of the row."""
+        ratio, psi = self._log_ratio()
+        key = self.row_key if ratio.shape[0] > 1 else torch.zeros_like(self.row_key)
+        value = ratio[key, self.row_src]
+        return {"value": value, "weight": value.exp(), "scorer_logit": psi[key, self.row_src].double()}
+
+    @torch.no_grad()
+    def source_table(self) -> pd.DataFrame:
+        """One row per source: final prob (as in sources/), centred logit, uniform prob, mean reward over the
+        scorer updates and its standard error (from the per-update standard errors), rows and rows drawn."""
+        S = self.num_sources
+        probs = self.mean_probs()
+        if not self.cfg.conditional:
+            logit = self.psi[0].double()
+        else:  # mean over the targets where the source is available
+            logit = (self.psi.double() * self.avail).sum(0) / self.avail.sum(0).clamp_min(1)
+        logit = logit - logit.mean()
+        saved = self.psi.detach().clone()
+        self.psi.zero_()
+        uniform = self.mean_probs()  # what a uniform scorer (psi = 0) gives
+        self.psi.copy_(saved)
+        n, rsum, se2 = self.reward_log
+        mean_r = torch.where(n > 0, rsum / n.clamp_min(1), torch.nan)
+        se = torch.where(n > 0, se2.sqrt() / n.clamp_min(1), torch.nan)
+        return pd.DataFrame({
+            "source": list(self.ctx.sources), "prob": probs.numpy(), "logit": logit.detach().numpy(),
+            "uniform_prob": uniform.numpy(), "mean_reward": mean_r.numpy(), "reward_se": se.numpy(),
+            "updates": n.long().numpy(), "rows": self.src_count.numpy(), "drawn": self.drawn.numpy(),
+            "is_target": [i == self.target for i in range(S)],
+        })

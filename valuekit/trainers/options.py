@@ -17,7 +17,7 @@ from valuekit.config import METHODS, TrainConfig, available_methods
 from valuekit.errors import InputError
 
 # loop settings that have their own command-line flag (the others are given with --set)
-FLAGS = ("method", "model", "steps", "batch_size", "lr", "seed", "device")
+FLAGS = ("method", "model", "steps", "batch_size", "lr", "seed", "device", "precision")
 
 
 def load_method(name: str):
@@ -138,10 +138,9 @@ def check(cfg) -> None:
 
 
 def check_loop(cfg: TrainConfig) -> None:
-    from valuekit.models import MODELS
+    from valuekit.models import check_model_spec
 
-    if cfg.model not in MODELS:
-        raise InputError(f"--model {cfg.model!r}: choose from {', '.join(MODELS)}")
+    check_model_spec(cfg.model)  # a built-in name or the form of a user's model (imported later, once)
     check_fields(cfg, loop=True)
 
 

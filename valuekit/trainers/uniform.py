@@ -17,6 +17,7 @@ from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_l
 from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
+FP16 = True  # the model step goes through ctx.scale / ctx.optimizer_step (valuekit.precision)
 
 
 @dataclass
@@ -37,9 +38,9 @@ class Trainer:
         logits = self.model(batch.x)
         losses = per_example_loss(logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
+        self.ctx.scale(losses.mean()).backward()
         self.ctx.sync_grads_(self.model.parameters())  # torchrun: gradient of the global batch's mean loss
-        self.opt.step()
+        self.ctx.optimizer_step(self.opt)
         # every rank accumulates the whole global batch, so the replicas (and checkpoints) stay identical
         idx, seen = self.ctx.gather(batch.idx), self.ctx.gather(losses.detach().double())
         self.loss_sum.index_add_(0, idx, seen)

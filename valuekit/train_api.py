@@ -1,0 +1,63 @@
+"""`valuekit.train`: the one-call Python entry point.
+
+    run = valuekit.train("train.parquet", dev="dev.parquet", model=my_module, method="dds",
+                         steps=500, device="auto", out="runs/dds")
+
+Tables may be paths, DataFrames or ValueDatasets; `model` an nn.Module, a factory
+`f(num_classes=, input_shape=)`, a built-in name or a `pkg.mod:factory` / `torchvision:NAME` spec.
+Other keyword settings are the loop's (TrainConfig fields: batch_size, lr, seed, ...) or the method's
+(its Config fields, e.g. scorer_lr for dds). The older form
+`train(train_ds, dev_ds, test_ds, out=..., config=TrainConfig(...), method_config={...})` works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from valuekit.config import TrainConfig
+from valuekit.errors import InputError
+
+
+def _table(source, name: str, like=None, table_kw: dict | None = None):
+    from valuekit.datasets import ValueDataset, load_table
+
+    if source is None or isinstance(source, ValueDataset):
+        return source
+    kw = dict(table_kw or {})
+    if like is not None:
+        kw.pop("feature_cols", None), kw.pop("image_shape", None)
+    return load_table(source, name=name, like=like, **kw)
+
+
+def train(train, dev=None, test=None, *, out, model=None, method: str | None = None, steps: int | None = None,
+          device: str | None = None, config: TrainConfig | None = None, method_config: dict | None = None,
+          resume: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
+          **settings):
+    """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
+    return the opened Run (valuekit.runlog.Run). `table_kw` goes to `load_table` (id_col, label_col, ...)."""
+    from valuekit.trainers.base import load_method, train as train_loop
+
+    if dev is None:
+        raise InputError("valuekit.train: a trusted dev table is required (dev=...)")
+    config = config or TrainConfig()
+    loop_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in (("method", method), ("steps", steps), ("device", device)) if v is not None}
+    if isinstance(model, str):
+        given["model"], model = model, None
+    config = dataclasses.replace(config, **given, **{k: v for k, v in settings.items() if k in loop_fields})
+    module, _ = load_method(config.method)
+    method_fields = {f.name for f in dataclasses.fields(module.Config)}
+    extra = {k: v for k, v in settings.items() if k not in loop_fields}
+    unknown = sorted(set(extra) - method_fields)
+    if unknown:
+        raise InputError(f"valuekit.train: unknown setting {unknown[0]!r} (loop settings: {', '.join(sorted(loop_fields))}; "
+                         f"{config.method} settings: {', '.join(sorted(method_fields)) or '(none)'})")
+    if dataclasses.is_dataclass(method_config):  # a method Config instance (the older form)
+        method_config = dataclasses.replace(method_config, **extra) if extra else method_config
+    else:
+        method_config = {**(method_config or {}), **extra}
+    train_ds = _table(train, "train", table_kw=table_kw)
+    dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
+    test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
+    return train_loop(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
+                      hooks=hooks, name=name, model=model)
