@@ -353,3 +353,5 @@ def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
         w_end = hook.trainer.weight_net(hook.trainer.ctx.x, hook.trainer.ctx.y).double().cpu().numpy()
     assert np.all((w_end > 0) & (w_end < 1))
     assert np.isfinite(cold.values()["value"]).all()
+    values = cold.values().set_index("example_id")["posterior_mean"].reindex(data.ids).to_numpy()
+    assert np.isfinite(values).all() and np.abs(values - w_end).max() < 0.2  # the mean tracks the moving net
