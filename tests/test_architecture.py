@@ -305,12 +305,6 @@ def test_run_says_what_its_acc_columns_hold(tmp_path):
         assert runlog.Run(tmp_path, meta).acc_metric == expected
 
 
-# Over the limits after the speed branch landed (2026-11-30 11:55 UTC), not yet split: they may shrink, not grow,
-# and nothing else may cross a limit. Remove an entry once its module/function is split.
-KNOWN_OVER = {"valuekit/bench.py": 865, "valuekit/bench.py:bench_speed": 168, "valuekit/runlog.py": 680,
-              "valuekit/selection.py": 657}
-
-
 def test_no_function_over_100_lines_and_no_module_over_600():
     """The size limits of issue 19, measured as scripts/sizes.py measures them (lines incl. docstrings)."""
     over = {}
@@ -321,5 +315,4 @@ def test_no_function_over_100_lines_and_no_module_over_600():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100:
                 over[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
-    grown = {k: v for k, v in over.items() if v > KNOWN_OVER.get(k, 0)}
-    assert grown == {}
+    assert over == {}

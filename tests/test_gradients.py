@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from valuekit.bench_layer import time_dot_methods
 from valuekit.gradients import (
     DOT_METHODS,
     flatten,
     mean_gradient,
     per_example_dots,
     per_example_dots_loop,
-    time_dot_methods,
     trainable_names,
 )
 

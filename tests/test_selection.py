@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from valuekit.bench_layer import benchmark_layer
 from valuekit.selection import (
     DEFAULT_SOLVER_ARGS,
     SubsetSelection,
-    benchmark_layer,
     select_subset,
 )
 

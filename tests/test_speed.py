@@ -139,7 +139,9 @@ def test_lrdi_fused_meta_gradient_is_exact_with_batchnorm():
 
 
 def test_step_times_breakdown_and_layer_under_load():
-    from valuekit.bench import _bench_tables, layer_under_load, step_times
+    from valuekit.bench import _bench_tables
+    from valuekit.bench_layer import layer_under_load
+    from valuekit.bench_speed import step_times
 
     tr, dv = _bench_tables()
     times, parts = step_times(tr, dv, methods=["uniform", "lrdi", "dds"], model="mlp", batch_size=32, steps=4,

@@ -58,8 +58,6 @@ Conventions shared by all functions:
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -75,7 +73,6 @@ __all__ = [
     "mean_gradient",
     "trainable_names",
     "flatten",
-    "time_dot_methods",
 ]
 
 DOT_METHODS = ("exact", "taylor", "ghost", "vmap")
@@ -517,65 +514,6 @@ def second_order():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
-
-
-# ---------------------------------------------------------------------------
-# timing
-# ---------------------------------------------------------------------------
-def time_dot_methods(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    *,
-    reps: int = 20,
-    loss_fn: LossFn | None = None,
-    v: VectorLike | None = None,
-    warmup: int = 2,
-) -> dict[str, float]:
-    """Median wall-clock seconds per call of each ``DOT_METHODS`` entry and of a
-    plain ``forward + mean-loss backward`` (key ``"forward_backward"``).
-
-    ``v`` defaults to the mean gradient on ``(x, y)``.  A method that raises
-    ``NotImplementedError`` (ghost on unsupported layers) is reported as ``nan``.
-    ``.grad`` fields and mode flags are restored afterwards.
-    """
-    loss_fn = loss_fn or _default_loss
-    if v is None:
-        v = mean_gradient(model, x, y, loss_fn=loss_fn)
-
-    def timeit(fn) -> float:
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts)
-
-    result: dict[str, float] = {}
-    for m in DOT_METHODS:
-        try:
-            per_example_dots(model, x, y, v, method=m, loss_fn=loss_fn)
-        except NotImplementedError:
-            result[m] = float("nan")
-            continue
-        result[m] = timeit(lambda m=m: per_example_dots(model, x, y, v, method=m, loss_fn=loss_fn))
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    saved = [p.grad for p in params]
-
-    def fwd_bwd():
-        for p in params:
-            p.grad = None
-        loss_fn(model(x), y).mean().backward()
-
-    try:
-        result["forward_backward"] = timeit(fwd_bwd)
-    finally:
-        for p, g in zip(params, saved):
-            p.grad = g
-    return result
 
 
 class LayerTape:

@@ -15,7 +15,8 @@ stored in each file's metadata.
 This module is the one owner of the run directory: the file names above are spelled only
 here (RUN_JSON, VALUES, CHECKPOINT, ...), and preparing/locking a directory, checkpoint
 save/load, atomic writes (`write_atomic`, also used for reports, audits and exports) and
-opening a run (`open_run`) live here. It imports torch only inside the checkpoint functions.
+opening a run (`open_run`) live here; the part writers live in `valuekit.partwriter` (re-exported
+here). It imports torch only inside the checkpoint functions.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from valuekit.errors import RunDirError
+from valuekit.partwriter import AsyncPartWriter, PartWriter  # noqa: F401 - re-exported; RunWriter's logs
 from valuekit.paths import (REQUIRED, check_columns, check_training_state, make_run_dir, remove_if_empty,
                             take_over_stale, unreadable)
 
@@ -226,146 +228,6 @@ def mean_one(weight) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- writing
-
-
-class PartWriter:
-    """Buffers rows of one table and writes them as closed numbered parts."""
-
-    def __init__(self, folder: Path, schema: pa.Schema, table: str, run_id: str, start_part: int = 0):
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.schema = schema.with_metadata(_meta(table, run_id))
-        self.buffer: list[pa.RecordBatch] = []
-        self.next_part = start_part
-
-    def add(self, **columns) -> None:
-        """Append rows; each column is an array, a scalar (repeated) or None (nulls)."""
-        n = max((np.size(v) for v in columns.values() if v is not None and np.ndim(v) > 0), default=1)
-        arrays = []
-        for f in self.schema:
-            v = columns.get(f.name)
-            if v is None:
-                arrays.append(pa.nulls(n, f.type))
-            else:
-                v = np.broadcast_to(np.asarray(v), (n,))
-                arrays.append(pa.array(v.tolist() if v.dtype == object else v, f.type))
-        self.buffer.append(pa.RecordBatch.from_arrays(arrays, schema=self.schema))
-
-    def flush(self) -> None:
-        if not self.buffer:
-            return
-        table = pa.Table.from_batches(self.buffer, schema=self.schema)
-        write_parquet_atomic(table, self.folder / f"part-{self.next_part:05d}.parquet")
-        self.next_part += 1
-        self.buffer = []
-
-
-class AsyncPartWriter:
-    """PartWriter's interface (`add`, `flush`, `next_part`) with the work moved off the training loop.
-
-    `add` only keeps the step's column arrays (no Arrow conversion per step); `flush` hands the buffered
-    steps to one background thread, which concatenates each column over all of them, builds one Arrow
-    table and writes the part (hidden temporary file + rename, as PartWriter).  Part numbers are assigned
-    at `flush` time, so they are the same as PartWriter's; `sync()` waits until every flushed part is on
-    disk (RunWriter.part_counts and close call it, so a checkpoint never names a part that is not written).
-    An error in the thread is raised again in the caller at the next add/flush/sync.
-    """
-
-    def __init__(self, folder: Path, schema: pa.Schema, table: str, run_id: str, start_part: int = 0,
-                 *, max_pending: int = 2):
-        import queue
-        import threading
-
-        self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        self.schema = schema.with_metadata(_meta(table, run_id))
-        self.buffer: list[dict] = []
-        self.next_part = start_part
-        self.error: BaseException | None = None
-        self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)  # bounded: memory stays flat if disk is slow
-        self.thread = threading.Thread(target=self._work, name=f"valuekit-{table}-writer", daemon=True)
-        self.thread.start()
-
-    def _raise(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise RuntimeError(f"writing {self.folder} failed: {error}") from error
-
-    def add(self, **columns) -> None:
-        """Append rows; each column is an array, a scalar (repeated) or None (nulls). The arrays are kept
-        as they are (the caller must not modify them afterwards)."""
-        self._raise()
-        self.buffer.append(columns)
-
-    def flush(self) -> None:
-        self._raise()
-        if not self.buffer:
-            return
-        if not self.thread.is_alive():  # closed: write here
-            self.close()
-            return
-        self.jobs.put((self.buffer, self.folder / f"part-{self.next_part:05d}.parquet"))
-        self.next_part += 1
-        self.buffer = []
-
-    def sync(self) -> None:
-        """Wait until every flushed part is written."""
-        self.jobs.join()
-        self._raise()
-
-    def close(self) -> None:
-        """Write what is buffered and stop the thread (a later flush writes in the caller's thread)."""
-        if not self.thread.is_alive():
-            if self.buffer:
-                write_parquet_atomic(self._table(self.buffer), self.folder / f"part-{self.next_part:05d}.parquet")
-                self.next_part += 1
-                self.buffer = []
-            self._raise()
-            return
-        self.flush()
-        self.sync()
-        self.jobs.put(None)
-        self.thread.join()
-
-    def _work(self) -> None:
-        while True:
-            job = self.jobs.get()
-            try:
-                if job is None:
-                    return
-                if self.error is None:  # after a failure, later parts are dropped (the error is reported)
-                    rows, path = job
-                    write_parquet_atomic(self._table(rows), path)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                self.error = exc
-            finally:
-                self.jobs.task_done()
-
-    def _table(self, rows: list[dict]) -> pa.Table:
-        sizes = [max((np.size(v) for v in r.values() if v is not None and np.ndim(v) > 0), default=1) for r in rows]
-        total = int(sum(sizes))
-        arrays = []
-        for f in self.schema:
-            parts = [r.get(f.name) for r in rows]
-            if all(v is None for v in parts):
-                arrays.append(pa.nulls(total, f.type))
-                continue
-            if any(v is None for v in parts):  # some steps have the column, some not: mask the missing rows
-                mask = np.concatenate([np.full(n, v is None) for v, n in zip(parts, sizes)])
-                filler = next(v for v in parts if v is not None)
-                dtype = np.asarray(filler).dtype
-                parts = [np.zeros(n, dtype=dtype) if v is None else v for v, n in zip(parts, sizes)]
-            else:
-                mask = None
-            col = np.concatenate([np.broadcast_to(np.asarray(v), (n,)) for v, n in zip(parts, sizes)])
-            if col.dtype == object:
-                values = col.tolist()
-                if mask is not None:
-                    values = [None if m else v for v, m in zip(values, mask)]
-                arrays.append(pa.array(values, f.type))
-            else:
-                arrays.append(pa.array(col, f.type, mask=mask))
-        return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
 class RunWriter:

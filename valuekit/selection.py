@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
-import time
 import warnings
 from typing import Any
 
@@ -58,7 +56,6 @@ from torch import nn
 __all__ = [
     "SubsetSelection",
     "select_subset",
-    "benchmark_layer",
     "REGULARISERS",
     "BACKENDS",
     "DEFAULT_SOLVER_ARGS",
@@ -570,88 +567,3 @@ class SubsetSelection(nn.Module):
     def extra_repr(self) -> str:
         budget = f"k={self._k!r}" if self._k is not None else f"fraction={self._fraction!r}"
         return f"{budget}, reg={self._reg!r}, lam={self._lam!r}, backend={self._backend!r}"
-
-
-# ---------------------------------------------------------------------------
-# benchmark
-# ---------------------------------------------------------------------------
-def benchmark_layer(
-    ns=(64, 256, 1024),
-    batches=(1, 32),
-    reps: int = 3,
-    device: str = "cpu",
-    *,
-    reg: str = "quadratic",
-    lam: float = 0.5,
-    fraction: float = 0.25,
-    max_seconds: float = 60.0,
-    seed: int = 0,
-) -> list[dict]:
-    """Time forward+backward of the cvxpylayers and exact backends; compare their results.
-
-    For each (n, batch): float64 scores ~ N(0, 1) on ``device``, ``k = fraction * n``,
-    a random upstream gradient; the time of ``w = layer(s); w.backward(g)`` is the
-    median over ``reps`` runs (the cvxpy problem is built/canonicalised before timing;
-    the exact backend gets one untimed warm-up run).  If one cvxpylayers run takes
-    longer than ``max_seconds`` it is not repeated, and the configurations with both a
-    larger-or-equal n and batch are skipped (``skipped`` says why).
-
-    Returns one dict per configuration: ``n``, ``batch``, ``reg``, ``device``,
-    ``exact_s``, ``cvxpylayers_s`` (seconds, median), ``ratio``
-    (cvxpylayers_s / exact_s), ``max_abs_diff_w``, ``max_abs_diff_grad``,
-    ``cvxpylayers_reps``, ``skipped`` (None or a reason).
-    """
-    dev = torch.device(device)
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def run(layer, s, g):
-        sync()
-        t0 = time.perf_counter()
-        x = s.detach().clone().requires_grad_(True)
-        w = layer(x)
-        w.backward(g)
-        sync()
-        return time.perf_counter() - t0, w.detach(), x.grad.detach()
-
-    rows: list[dict] = []
-    too_slow: list[tuple[int, int]] = []
-    gen = torch.Generator().manual_seed(seed)
-    for n in ns:
-        exact = SubsetSelection(fraction=fraction, reg=reg, lam=lam, backend="exact")
-        ref = SubsetSelection(fraction=fraction, reg=reg, lam=lam, backend="cvxpylayers")
-        for batch in batches:
-            row: dict[str, Any] = {"n": n, "batch": batch, "reg": reg, "device": str(dev)}
-            s = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dev)
-            g = torch.randn(batch, n, generator=gen, dtype=torch.float64).to(dev)
-            run(exact, s, g)  # warm-up
-            ex = [run(exact, s, g) for _ in range(reps)]
-            row["exact_s"] = statistics.median(t for t, _, _ in ex)
-            _, w_ex, g_ex = ex[-1]
-            slower_than = [c for c in too_slow if n >= c[0] and batch >= c[1]]
-            if slower_than:
-                row.update(cvxpylayers_s=None, ratio=None, max_abs_diff_w=None, max_abs_diff_grad=None,
-                           cvxpylayers_reps=0,
-                           skipped=f"not run: (n={slower_than[0][0]}, batch={slower_than[0][1]}) already took "
-                                   f"over {max_seconds:g} s")
-                rows.append(row)
-                continue
-            ref.cvxpy_layer(n)  # build + canonicalise outside the timing
-            times = []
-            for _ in range(reps):
-                t, w_ref, g_ref = run(ref, s, g)
-                times.append(t)
-                if t > max_seconds:
-                    too_slow.append((n, batch))
-                    break
-            row["cvxpylayers_s"] = statistics.median(times)
-            row["ratio"] = row["cvxpylayers_s"] / row["exact_s"]
-            row["max_abs_diff_w"] = (w_ref - w_ex).abs().max().item()
-            row["max_abs_diff_grad"] = (g_ref - g_ex).abs().max().item()
-            row["cvxpylayers_reps"] = len(times)
-            row["skipped"] = (f"one cvxpylayers run took {times[-1]:.1f} s > {max_seconds:g} s; not repeated"
-                              if times[-1] > max_seconds else None)
-            rows.append(row)
-    return rows
