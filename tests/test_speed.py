@@ -79,34 +79,6 @@ def test_run_writer_part_counts_wait_for_disk(tmp_path):
     rw.close("completed")
 
 
-def test_layer_tape_batchnorm_dots_sum_to_the_batch_gradient():
-    """With BatchNorm the tape's per-row terms still sum to the batch gradient's dot product with v (exact),
-    and with BatchNorm in eval mode (rows independent) each equals the row's own gradient dot v."""
-    from valuekit.gradients import LayerTape
-
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(3 * 16, 4), nn.BatchNorm1d(4)).double()
-    x = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 4, (6,), generator=g)
-    names = [n for n, _ in model.named_parameters()]
-    v = {n: torch.randn(p.shape, generator=g, dtype=torch.float64) for n, p in model.named_parameters()}
-    for train in (True, False):
-        model.train(train)
-        tape = LayerTape(model)
-        with tape:
-            losses = nn.functional.cross_entropy(model(x), y, reduction="none")
-        grads = torch.autograd.grad(losses.sum(), list(model.parameters()), retain_graph=True)
-        dots = tape.dots(v, 6)
-        total = sum((gr * v[n]).sum() for gr, n in zip(grads, names))
-        torch.testing.assert_close(dots.sum(), total, rtol=1e-10, atol=1e-12)
-        if not train:
-            for i in range(6):
-                gi = torch.autograd.grad(losses[i], list(model.parameters()), retain_graph=True)
-                torch.testing.assert_close(dots[i], sum((gr * v[n]).sum() for gr, n in zip(gi, names)),
-                                           rtol=1e-10, atol=1e-12)
-
-
 def test_resnet_model_shapes():
     from valuekit.models import build_model
 

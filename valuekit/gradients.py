@@ -525,10 +525,9 @@ class LayerTape:
     The backward must be of a *sum* of per-row terms; `dots` then returns d(that sum)/d(row term) times
     grad l_i . v, i.e. each row's loss weight times its dot product. Use as a context manager around the pass.
 
-    BatchNorm layers are recorded too (their output is linear in (weight, bias)); in training mode the rows
-    interact through the batch statistics, and the per-row terms are then each row's share of the batch
-    gradient's dot product (they still sum to it exactly), not grad l_i . v: methods that need the latter
-    use forward-mode dots for such models (dds, hostcp, lrdi do).
+    A model with BatchNorm is refused (NotImplementedError): its batch statistics couple the rows, so a split of
+    the batch gradient into rows would not be grad l_i . v; dds, hostcp and lrdi use forward-mode dots for such
+    models (`per_example_dots`).
     """
 
     def __init__(self, model: nn.Module):
