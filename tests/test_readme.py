@@ -102,7 +102,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     assert Path("out/audit.summary.json").exists()
     html = Path("out/report.html").read_text()
     assert "mnist-uniform" in html and "mnist-dds" in html and "<img" in html
-    assert Path("runs/ast-tcs-dds/values.parquet").exists()
+    sources = pd.read_parquet("runs/br-dds/sources.parquet")  # the Tour's multi-source run: one row per language
+    assert set(sources.source) == {"cy", "ga", "gd", "ja", "fi", "tr", "hu", "br"}
+    assert sources.prob.sum() == pytest.approx(1.0, abs=1e-6)
+    assert "br-dds" in Path("out/br.html").read_text()
     assert pd.read_parquet("out/digits-weighted.parquet").shape[0] == len(pd.read_parquet(
         "data/digits-noisy20/train.parquet"))
 

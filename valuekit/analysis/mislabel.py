@@ -456,7 +456,9 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
                 skipped.append("cleanlab: no numeric features in the training table")
             else:
                 frame["cleanlab_label_quality"] = get_label_quality_scores(table["y"], probs)
-                frame["cleanlab_is_label_issue"] = find_label_issues(table["y"], probs)
+                # one process: cleanlab's default worker pool forks, and a fork of a process with live threads (torch,
+                # tqdm's monitor, a part writer) can deadlock in the child
+                frame["cleanlab_is_label_issue"] = find_label_issues(table["y"], probs, n_jobs=1)
 
     cols = ["id", "given_label", "predicted_label", *value_cols, *[f"weight_{n}" for n in names],
             "label_score", "is_label_issue", "rank"]
