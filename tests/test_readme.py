@@ -102,7 +102,10 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     assert Path("out/audit.summary.json").exists()
     html = Path("out/report.html").read_text()
     assert "mnist-uniform" in html and "mnist-dds" in html and "<img" in html
-    assert Path("runs/ast-tcs-dds/values.parquet").exists()
+    assert Path("runs/br-dds/values.parquet").exists()  # the Tour's multi-source run on a prepared target
+    sources = pd.read_parquet("runs/br-dds/sources.parquet")
+    assert set(sources.source) == {"br", "cy", "ga", "gd", "ja", "fi", "tr", "hu"} and sources.is_target.sum() == 1
+    assert "fig-source-usage" in Path("out/br.html").read_text()  # (a shortened run may hold no reward yet)
     assert pd.read_parquet("out/digits-weighted.parquet").shape[0] == len(pd.read_parquet(
         "data/digits-noisy20/train.parquet"))
 
