@@ -17,7 +17,7 @@ import pytest
 from valuekit.analysis.usage import (plot_source_probs, plot_source_rewards, plot_source_usage, source_rewards,
                                      source_table, source_usage)
 from valuekit.errors import InputError
-from valuekit.runlog import SCHEMA_VERSION, SOURCES_SCHEMA
+from valuekit.runlog import SCHEMA_VERSION, SOURCES_SCHEMA, steps_schema
 
 
 def _run_dir(tmp_path, sources=None, steps=None, schema=SOURCES_SCHEMA):
@@ -34,7 +34,9 @@ def _run_dir(tmp_path, sources=None, steps=None, schema=SOURCES_SCHEMA):
                            d / "sources" / f"part-{i:05d}.parquet")
     if steps is not None:
         (d / "steps").mkdir()
-        pq.write_table(pa.Table.from_pandas(steps, preserve_index=False), d / "steps" / "part-00000.parquet")
+        schema = steps_schema("int64")  # every column of a real step log (readers check them)
+        pq.write_table(pa.Table.from_pandas(steps.reindex(columns=schema.names), schema=schema, preserve_index=False),
+                       d / "steps" / "part-00000.parquet")
     return d
 
 
