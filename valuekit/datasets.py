@@ -505,12 +505,7 @@ def load_text_pairs(
             raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
     if max_len < 2:
         raise InputError(f"max_len {max_len}: must be >= 2")
-    ids = df[id_col]
-    dup = ids[ids.duplicated()]
-    if ids.isna().any() or len(dup):
-        raise InputError(f"{where}: column {id_col!r} has a null or duplicate id ({dup.iloc[0] if len(dup) else None!r})")
-    ids_np = ids.to_numpy()
-    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    ids_np = _ids(df[id_col], where, id_col)
     for col in (src_col, tgt_col):
         bad = df[col].isna() | (df[col].astype(str).str.len() == 0)
         if bad.any():

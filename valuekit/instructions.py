@@ -113,19 +113,10 @@ def _random_texts(lengths, alphabet: np.ndarray, probs: np.ndarray, rng: np.rand
 
 def build_instructions(*, tasks=DEFAULT_TASKS, junk_task: str | None = DEFAULT_JUNK, max_chars: int = 80) -> pd.DataFrame:
     """All rows before splitting and corruption: group (English string id), lang, prompt, response."""
-    from valuekit.multilingual import available_languages, read_catalog, strip_placeholders
+    from valuekit.multilingual import catalog_pairs
 
     langs = list(dict.fromkeys([*tasks, *([junk_task] if junk_task else [])]))
-    known = set(available_languages())
-    missing = [lang for lang in langs if lang not in known]
-    if missing:
-        raise InputError(f"language {missing[0]!r} has no Django catalog here; available: {', '.join(sorted(known))}")
-    rows = []
-    for lang in langs:
-        for msgid, text in read_catalog(lang).items():
-            src, tgt = strip_placeholders(text), strip_placeholders(msgid)
-            if src and tgt and len(src) <= max_chars and len(tgt) <= max_chars:
-                rows.append((lang, src, tgt))
+    rows = catalog_pairs(langs, max_chars=max_chars)
     frame = pd.DataFrame(rows, columns=["lang", "src", "response"]).drop_duplicates(["response", "lang"])
     english = sorted(frame["response"].unique())
     frame["group"] = frame["response"].map({t: i for i, t in enumerate(english)}).astype("int64")
@@ -309,7 +300,7 @@ def load_instructions(
     (IGNORE on the prompt and padding), L = max_len for every table. `classes` names the
     vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
     """
-    from valuekit.datasets import EVAL_COLUMNS, ValueDataset, _file_sha256  # noqa: F401
+    from valuekit.datasets import EVAL_COLUMNS, ValueDataset, _file_sha256, _ids  # noqa: F401
 
     tokenizer = tokenizer or ByteTokenizer()
     df, path = read_instructions(source, name=name)
@@ -321,12 +312,7 @@ def load_instructions(
             raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
     if max_len < 2:
         raise InputError(f"--max-len {max_len}: must be >= 2")
-    ids = df[id_col]
-    dup = ids[ids.duplicated()]
-    if ids.isna().any() or len(dup):
-        raise InputError(f"{where}: column {id_col!r} has a null or duplicate id ({dup.iloc[0] if len(dup) else None!r})")
-    ids_np = ids.to_numpy()
-    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    ids_np = _ids(df[id_col], where, id_col)
     for col in (prompt_col, response_col):
         text = df[col]
         bad = text.isna() | (text.astype(str).str.strip().str.len() == 0) if col == response_col else text.isna()

@@ -101,14 +101,9 @@ def read_catalog(lang: str) -> dict[str, str]:
     return out
 
 
-def build_table(
-    *,
-    target: str = DEFAULT_TARGET,
-    sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
-    max_chars: int = 120,
-) -> pd.DataFrame:
-    """The multi-way table (all languages, all groups) before splitting; see the module docstring."""
-    langs = [target] + [s for s in sources if s != target]
+def catalog_pairs(langs, *, max_chars: int) -> list[tuple[str, str, str]]:
+    """(language, translated text, English text) of every catalog entry of `langs`, placeholders stripped,
+    both sides non-empty and at most `max_chars` long; a language without a Django catalog is an InputError."""
     known = set(available_languages())
     missing = [lang for lang in langs if lang not in known]
     if missing:
@@ -119,6 +114,18 @@ def build_table(
             src, tgt = strip_placeholders(text), strip_placeholders(msgid)
             if src and tgt and len(src) <= max_chars and len(tgt) <= max_chars:
                 rows.append((lang, src, tgt))
+    return rows
+
+
+def build_table(
+    *,
+    target: str = DEFAULT_TARGET,
+    sources: tuple[str, ...] | list[str] = DEFAULT_SOURCES,
+    max_chars: int = 120,
+) -> pd.DataFrame:
+    """The multi-way table (all languages, all groups) before splitting; see the module docstring."""
+    langs = [target] + [s for s in sources if s != target]
+    rows = catalog_pairs(langs, max_chars=max_chars)
     frame = pd.DataFrame(rows, columns=["source", "src_text", "tgt_text"])
     # one group per English string; a stripped English string reached from several msgids keeps one row per language
     frame = frame.drop_duplicates(["tgt_text", "source"], keep="first")
