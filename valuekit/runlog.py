@@ -404,7 +404,7 @@ class Run:
 
     def checked_values_path(self) -> Path | None:
         """values.parquet after checking its schema (no data read), or None when the run has none."""
-        p = self.path / "values.parquet"
+        p = self.values_path
         if not p.exists():
             return None
         try:
