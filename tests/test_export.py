@@ -258,6 +258,21 @@ def test_option_errors(scored, tmp_path):
     assert not out.exists()
 
 
+def test_check_selection_bounds_are_inclusive_where_documented():
+    """The edges of each range (mutation run, reports/tests.md): top-k 1 and drop-fraction 0 are allowed,
+    top-k 0 is not; with no rule and no --subset-only the check passes and reports no rule."""
+    assert export.check_selection() is False
+    assert export.check_selection(top_k=1) is True
+    assert export.check_selection(drop_fraction=0.0) is True
+    assert export.check_selection(keep_fraction=1.0) is True
+    with pytest.raises(InputError, match=r"^--top-k 0: must be >= 1$"):
+        export.check_selection(top_k=0)
+    with pytest.raises(InputError, match=r"^--keep-fraction 0: must be in \(0, 1\]$"):
+        export.check_selection(keep_fraction=0)
+    with pytest.raises(InputError, match=r"^--drop-fraction 1: must be in \[0, 1\)$"):
+        export.check_selection(drop_fraction=1)
+
+
 # ---------------------------------------------------------------- matching by id
 
 
