@@ -258,6 +258,25 @@ def test_option_errors(scored, tmp_path):
     assert not out.exists()
 
 
+def test_defaults_keep_every_row_quietly(scored, tmp_path, capsys):
+    """Called with no option, the public functions keep all rows, add no `selected` column, take batch_rows >= 1
+    only, and print no progress bar (progress=False)."""
+    got = export.score(scored["table"].to_pandas(), scored["run"])
+    assert len(got) == N and "selected" not in got.columns
+    summary = export.write_scored(scored["path"], scored["run"], tmp_path / "all.parquet")
+    assert summary.rows_in == summary.rows_out == N and summary.selected is None and pq.read_table(tmp_path / "all.parquet").num_rows == N
+    assert capsys.readouterr().err == ""
+    with pytest.raises(InputError, match=r"^--batch-rows 0: must be an integer >= 1$"):
+        export.score(scored["path"], scored["run"], batch_rows=0)
+
+
+def test_frame_ids_with_missing_values_are_null_ids(scored):
+    """pandas marks a missing text id with NaN: it is reported as a null id, not as a type error."""
+    df = pd.DataFrame({"id": ["a", np.nan, "c"], "x": [1.0, 2.0, 3.0]})
+    with pytest.raises(InputError, match=r"^<DataFrame>: column 'id' has a null id at row 1$"):
+        valuekit.score(df, scored["run"])
+
+
 def test_check_selection_bounds_are_inclusive_where_documented():
     """The edges of each range (mutation run, reports/tests.md): top-k 1 and drop-fraction 0 are allowed,
     top-k 0 is not; with no rule and no --subset-only the check passes and reports no rule."""
@@ -427,8 +446,12 @@ def test_csv_streams_and_adopts_types_of_later_blocks(tmp_path, monkeypatch):
     fixes, real_fix = [], export._CsvSource._fix
     monkeypatch.setattr(export._CsvSource, "_fix", lambda self, exc: fixes.append(str(exc)) or real_fix(self, exc))
     small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    aborts, real_abort = [], tablestream._FileSink.abort
+    monkeypatch.setattr(tablestream._FileSink, "abort", lambda self: aborts.append(self.tmp) or real_abort(self))
     valuekit.score(inp, run, out=small, batch_rows=50)
     assert len(fixes) >= 2 and any("'late'" in f or "#1" in f for f in fixes)  # it restarted with read_csv's types
+    assert len(aborts) == len(fixes)  # every restart closed and removed the partial output first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "run", "small.parquet"]
     valuekit.score(inp, run, out=big, batch_rows=10**6)
     original = pacsv.read_csv(inp)
     for out in (small, big):
