@@ -469,11 +469,20 @@ def test_unconverged_rows_warn(monkeypatch):
 
 
 def test_solve_keeps_callers_thread_count():
+    import valuekit.selection as sel
+
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
         s = torch.randn(3, 50, dtype=DT, requires_grad=True)
-        select_subset(s, 5.0).sum().backward()
+        seen = []
+        real = sel._solve_threshold
+        sel._solve_threshold = lambda *a, **kw: seen.append(torch.get_num_threads()) or real(*a, **kw)
+        try:
+            select_subset(s, 5.0).sum().backward()
+        finally:
+            sel._solve_threshold = real
+        assert seen == [1, 1]  # the solve itself ran on one thread (both stages)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
