@@ -16,6 +16,9 @@ valuekit), then for every mutant writes the mutated module into the copy and for
 only. Bytecode caching is off, so the child always compiles the file as it is on disk. The per-mutant time
 limit is `--factor` x the clean run's time + `--slack` seconds.
 
+`--rerun OLD.json` re-runs only OLD's survivors and timeouts (after tests were added) and writes every row of
+OLD with the new verdict in `after`.
+
 Outcomes: killed (tests fail), survived (tests pass), timeout (over the limit; re-run once with 3x the limit,
 and reported, not counted as killed, when it still does not finish). With --wide, survivors are re-run
 against the target's wider test selection (every test file that exercises the module) and the second verdict
@@ -186,7 +189,9 @@ def main() -> int:
     ap.add_argument("--factor", type=float, default=3.0, help="time limit = factor x clean time + slack")
     ap.add_argument("--slack", type=float, default=20.0)
     ap.add_argument("--wide", action="store_true", help="re-run survivors on the wider test selection")
-    ap.add_argument("--mutants", default=None, help="only these 'target:line:col:desc' keys (a re-run)")
+    ap.add_argument("--rerun", type=Path, default=None,
+                    help="a previous result JSON: re-run its survivors and timeouts (same sample), and write all of "
+                         "its rows with the new verdict as `after` (killed ones keep theirs)")
     ap.add_argument("--out", type=Path, default=Path("mutation.json"))
     args = ap.parse_args()
     copy_dir = args.copy.resolve()
@@ -203,7 +208,8 @@ def main() -> int:
     for cache in copy_dir.rglob("__pycache__"):
         for pyc in cache.glob("*.pyc"):
             pyc.unlink()
-    only = set(args.mutants.split(";")) if args.mutants else None
+    previous = json.loads(args.rerun.read_text()) if args.rerun else None
+    only = {r["key"] for r in previous if r["outcome"] != "killed"} if previous else None
     log = Path(f"/tmp/mutate-{os.getpid()}.log")
     results: list[dict] = []
     for name, (rel, functions, fast, wide) in TARGETS.items():
@@ -215,7 +221,8 @@ def main() -> int:
         candidates = sites(tree, functions)
         step = max(1.0, len(candidates) / args.budget)
         chosen = [candidates[int(k * step)] for k in range(min(args.budget, len(candidates)))]
-        chosen = [c for c in chosen if only is None or f"{name}:{c[0]}:{c[1]}:{c[3]}" in only]
+        if only is not None:
+            chosen = [c for c in candidates if f"{name}:{c[0]}:{c[1]}:{c[3]}" in only]
         if not chosen:
             continue
         clean, clean_s = run_tests(copy_dir, fast, 3600, log)
@@ -240,10 +247,16 @@ def main() -> int:
             results.append(row)
             print(f"  {row.get('wide', outcome):9s} {rel}:{line}:{col} {desc} ({secs:.0f}s)", flush=True)
             args.out.write_text(json.dumps(results, indent=1) + "\n")
+    if previous:
+        after = {r["key"]: r["outcome"] for r in results}
+        results = [{**r, "after": after.get(r["key"], r["outcome"])} for r in previous]
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
     for name in TARGETS:
         rs = [r for r in results if r["target"] == name]
         if rs:
             print(f"{name}: fast tests: {_summary(rs, 'outcome')}", flush=True)
+            if previous:
+                print(f"{name}: after the new tests: {_summary(rs, 'after')}", flush=True)
             if args.wide:
                 print(f"{name}: with wider tests: {_summary([{**r, 'wide': r.get('wide', r['outcome'])} for r in rs], 'wide')}",
                       flush=True)
