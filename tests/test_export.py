@@ -443,16 +443,30 @@ def test_csv_streams_and_adopts_types_of_later_blocks(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", np.arange(n), rng.normal(size=n))
     with pacsv.open_csv(inp, read_options=pacsv.ReadOptions(block_size=1 << 14)) as r:
         assert r.schema.field("late").type == pa.null()  # what the first block alone would say
-    fixes, real_fix = [], export._CsvSource._fix
-    monkeypatch.setattr(export._CsvSource, "_fix", lambda self, exc: fixes.append(str(exc)) or real_fix(self, exc))
+    fixes, states, real_fix = [], [], export._CsvSource._fix
+
+    def spy_fix(self, exc):
+        fixes.append(str(exc))
+        real_fix(self, exc)
+        states.append((dict(self.column_types), self.block_size))
+
+    monkeypatch.setattr(export._CsvSource, "_fix", spy_fix)
     small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
     aborts, real_abort = [], tablestream._FileSink.abort
     monkeypatch.setattr(tablestream._FileSink, "abort", lambda self: aborts.append(self.tmp) or real_abort(self))
+    batches, real_extend = [], export._extend
+    monkeypatch.setattr(export, "_extend", lambda batch, *a: batches.append(batch.num_rows) or real_extend(batch, *a))
     valuekit.score(inp, run, out=small, batch_rows=50)
     assert len(fixes) >= 2 and any("'late'" in f or "#1" in f for f in fixes)  # it restarted with read_csv's types
+    # a conversion error fixes the column's type (as read_csv types it) and keeps the block size
+    assert states[-1][0]["late"] == pa.float64() and states[-1][0]["ints"] == pa.float64()
+    assert {b for _, b in states} == {tablestream._CSV_MIN_BLOCK}
     assert len(aborts) == len(fixes)  # every restart closed and removed the partial output first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "run", "small.parquet"]
+    assert len(batches) > 10 and max(batches) < 1500  # 50 rows x ~17 bytes -> blocks of the 16 KiB minimum
+    batches.clear()
     valuekit.score(inp, run, out=big, batch_rows=10**6)
+    assert batches == [n]  # 10**6 rows x ~17 bytes is over the file's size: one block
     original = pacsv.read_csv(inp)
     for out in (small, big):
         got = pq.read_table(out)
@@ -573,3 +587,25 @@ def test_temporaries_of_killed_exports_are_removed(tmp_path):
         p.write_bytes(b"partial")
     _remove_stale_temporaries(out)
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def _long_row_csv(path, width):
+    rows = ["id,text"] + [f"{i},r{i}" for i in range(300)]
+    rows[151] = "150," + "x" * width
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_csv_row_longer_than_a_block_doubles_the_block_up_to_its_limit(tmp_path, monkeypatch):
+    """A row that straddles blocks makes the stream restart with twice the block, up to 16 x _CSV_MAX_BLOCK;
+    past that the export stops with pyarrow's message (limits made small here so the rows stay small)."""
+    monkeypatch.setattr(tablestream, "_CSV_MAX_BLOCK", 1 << 12)  # blocks start at 4 KiB, limit 64 KiB
+    run = make_run(tmp_path / "run", np.arange(300), np.linspace(0, 1, 300))
+    inp = _long_row_csv(tmp_path / "in.csv", 40_000)  # needs a 64 KiB block: four doublings
+    valuekit.score(inp, run, out=tmp_path / "o.parquet", batch_rows=10)
+    got = pq.read_table(tmp_path / "o.parquet")
+    assert got.select(["id", "text"]).equals(pacsv.read_csv(inp))
+    too_long = _long_row_csv(tmp_path / "long.csv", 140_000)  # needs 128 KiB: over the limit
+    with pytest.raises(InputError, match=r"long\.csv: cannot read table \(straddling object straddles two block"):
+        valuekit.score(too_long, run, out=tmp_path / "p.parquet", batch_rows=10)
+    assert not (tmp_path / "p.parquet").exists()
