@@ -400,6 +400,12 @@ def test_bad_lam_reg_backend_scores_rejected():
         select_subset(torch.tensor(1.0), 1)
 
 
+def test_fraction_below_one_item_is_a_valid_budget():
+    """fraction * n may be under 1 (0 < k < n is the only bound): 0.1 of 5 items selects 0.5 of an item."""
+    w = SubsetSelection(fraction=0.1)(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0], dtype=DT))
+    assert w.sum().item() == pytest.approx(0.5, abs=1e-12) and int(w.argmax()) == 4
+
+
 def test_one_element_tensor_k_and_lam_are_numbers():
     """A 0-d (or one-element) tensor k / lam is read as its number; a longer tensor is refused by shape."""
     s = torch.tensor([0.3, -1.0, 2.0, 0.5], dtype=DT)

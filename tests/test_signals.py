@@ -42,6 +42,24 @@ def test_margins_match_an_explicit_loop():
     np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-15)
 
 
+def test_sequence_margins_are_the_mean_over_scored_tokens():
+    """Token targets (N, V, L) / (N, L): per row, the mean over tokens with a target (not -100) of the
+    assigned-token logit minus the largest other logit; a row with no scored token gets 0."""
+    g = torch.Generator().manual_seed(1)
+    n, v, length = 4, 5, 6
+    logits = torch.randn(n, v, length, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n, length), generator=g)
+    y[0, :2] = -100
+    y[2, 3:] = -100
+    y[3] = -100
+    want = []
+    for i in range(n):
+        toks = [logits[i, y[i, t], t] - max(logits[i, c, t] for c in range(v) if c != y[i, t])
+                for t in range(length) if y[i, t] != -100]
+        want.append(torch.stack(toks).mean() if toks else torch.tensor(0.0, dtype=torch.float64))
+    np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-14)
+
+
 @pytest.mark.parametrize("method", ["dds", "l2rw", "uniform"])
 def test_columns_equal_explicit_means_over_the_step_log(tables, tmp_path, method):
     hook = Margins()
