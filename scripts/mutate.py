@@ -10,7 +10,9 @@ a dropped `not` or unary minus, True/False, the integer constants 0 <-> 1 and th
 Docstrings and annotations are never touched. When a target has more sites than --budget an evenly spaced
 sample of --budget of them is taken (deterministic: the same commit gives the same list).
 
-Speed: the parent process imports the heavy third-party modules once (torch, pandas, pyarrow, ...; never
+Speed: the clean run records, with a line tracer, which tests execute each line of the target file; a mutant
+then runs only the tests that execute its line (all the target's tests when none does, e.g. a default argument
+evaluated at import). The parent process imports the heavy third-party modules once (torch, pandas, pyarrow, ...; never
 valuekit), then for every mutant writes the mutated module into the copy and forks a child that runs
 `pytest -x -q -p no:cacheprovider` on the target's test files in-process, so each mutant pays for its tests
 only. Bytecode caching is off, so the child always compiles the file as it is on disk. The per-mutant time
@@ -136,8 +138,33 @@ def _drop_unary(tree: ast.AST, target: ast.AST) -> ast.AST:
     return ast.fix_missing_locations(Drop().visit(tree))
 
 
-def run_tests(copy_dir: Path, tests: list[str], timeout: float, log: Path) -> tuple[str, float]:
-    """Fork; the child runs pytest in-process on the copy (valuekit imported fresh from disk)."""
+class _LineCover:
+    """pytest plugin for the clean run: which tests execute each line of one file (sys.settrace, main thread)."""
+
+    def __init__(self, path: Path):
+        self.path, self.current, self.hits = str(path), None, {}
+
+    def _local(self, frame, event, arg):
+        if event == "line" and self.current is not None:
+            self.hits.setdefault(frame.f_lineno, set()).add(self.current)
+        return self._local
+
+    def _global(self, frame, event, arg):
+        return self._local if frame.f_code.co_filename == self.path else None
+
+    def pytest_runtest_protocol(self, item, nextitem):
+        self.current = item.nodeid
+        sys.settrace(self._global)
+
+    def pytest_runtest_logfinish(self, nodeid, location):
+        sys.settrace(None)
+        self.current = None
+
+
+def run_tests(copy_dir: Path, tests: list[str], timeout: float, log: Path, cover: Path | None = None,
+              cover_out: Path | None = None) -> tuple[str, float]:
+    """Fork; the child runs pytest in-process on the copy (valuekit imported fresh from disk). With `cover`, the
+    child also writes {line: [test ids]} of that file to `cover_out`."""
     t0 = time.time()
     pid = os.fork()
     if pid == 0:  # child
@@ -149,7 +176,11 @@ def run_tests(copy_dir: Path, tests: list[str], timeout: float, log: Path) -> tu
             sys.path.insert(0, str(copy_dir))
             import pytest
 
-            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", f"--basetemp=/tmp/mutate-bt-{os.getppid()}", *tests])
+            plugins = [_LineCover(cover)] if cover else []
+            rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", f"--basetemp=/tmp/mutate-bt-{os.getppid()}",
+                              *tests], plugins=plugins)
+            if cover:
+                cover_out.write_text(json.dumps({str(k): sorted(v) for k, v in plugins[0].hits.items()}))
         except BaseException:  # noqa: BLE001 - any crash of the child is a failing test run
             rc = 99
         os._exit(int(rc))
@@ -193,6 +224,7 @@ def main() -> int:
                     help="a previous result JSON: re-run its survivors and timeouts (same sample), and write all of "
                          "its rows with the new verdict as `after` (killed ones keep theirs)")
     ap.add_argument("--out", type=Path, default=Path("mutation.json"))
+    ap.add_argument("--resume", action="store_true", help="keep the mutants already in --out and run the others")
     args = ap.parse_args()
     copy_dir = args.copy.resolve()
     if (copy_dir / ".git").exists() or Path.cwd().resolve() == copy_dir:
@@ -211,7 +243,8 @@ def main() -> int:
     previous = json.loads(args.rerun.read_text()) if args.rerun else None
     only = {r["key"] for r in previous if r["outcome"] != "killed"} if previous else None
     log = Path(f"/tmp/mutate-{os.getpid()}.log")
-    results: list[dict] = []
+    results: list[dict] = json.loads(args.out.read_text()) if args.resume and args.out.exists() else []
+    done = {r["key"] for r in results}
     for name, (rel, functions, fast, wide) in TARGETS.items():
         if args.only and name not in args.only.split(","):
             continue
@@ -225,20 +258,31 @@ def main() -> int:
             chosen = [c for c in candidates if f"{name}:{c[0]}:{c[1]}:{c[3]}" in only]
         if not chosen:
             continue
-        clean, clean_s = run_tests(copy_dir, fast, 3600, log)
+        # run order: golden-ratio interleaving, so that a run stopped early has still spread over the whole file
+        chosen = [c for _, c in sorted(((i * 0.6180339887) % 1.0, c) for i, c in enumerate(chosen))]
+        chosen = [c for c in chosen if f"{name}:{c[0]}:{c[1]}:{c[3]}" not in done]
+        if not chosen:
+            continue
+        cover_out = Path(f"/tmp/mutate-cover-{os.getpid()}.json")
+        clean, clean_s = run_tests(copy_dir, fast, 3600, log, cover=f, cover_out=cover_out)
         if clean != "survived":
             sys.exit(f"{name}: the clean tests fail ({log})")
+        covering = {int(k): v for k, v in json.loads(cover_out.read_text()).items()}
         limit = args.factor * clean_s + args.slack
         print(f"{name}: {len(candidates)} sites, {len(chosen)} mutants, clean {clean_s:.1f}s, limit {limit:.0f}s",
               flush=True)
         for line, col, index, desc in chosen:
             try:
                 _apply(f, ast.unparse(mutate(tree, index)) + "\n")
-                outcome, secs = run_tests(copy_dir, fast, limit, log)
+                # only the tests that run the mutated line; all of the target's tests when none does (a line run
+                # at import time, e.g. a default argument)
+                tests = covering.get(line) or fast
+                outcome, secs = run_tests(copy_dir, tests, limit, log)
                 if outcome == "timeout":
-                    outcome, secs = run_tests(copy_dir, fast, 3 * limit, log)
+                    outcome, secs = run_tests(copy_dir, tests, 3 * limit, log)
                 row = {"target": name, "file": rel, "line": line, "col": col, "mutant": desc, "outcome": outcome,
-                       "seconds": round(secs, 1), "key": f"{name}:{line}:{col}:{desc}"}
+                       "seconds": round(secs, 1), "key": f"{name}:{line}:{col}:{desc}",
+                       "tests": len(tests) if tests is not fast else "all"}
                 if args.wide and wide:
                     row["wide"] = outcome if outcome != "survived" else run_tests(copy_dir, fast + wide,
                                                                                   args.factor * 4 * limit, log)[0]
