@@ -171,6 +171,50 @@ def test_two_means_split_on_bimodal_input():
     assert m.fraction_split([3.0, 1.0, 2.0, 0.0], 0.5).tolist() == [False, True, False, True]
 
 
+def test_two_means_split_is_the_exact_optimum_on_unclustered_data():
+    """On data with no clear gap (where a wrong cost still picks a plausible split) the split is the brute-force
+    minimum of the within-cluster sum of squares, for several sizes."""
+    rng = np.random.default_rng(3)
+    for n in (5, 17, 60):
+        for _ in range(5):
+            x = rng.gamma(2.0, size=n)
+            s = np.sort(x)
+            cost = [((s[:k] - s[:k].mean()) ** 2).sum() + ((s[k:] - s[k:].mean()) ** 2).sum() for k in range(1, n)]
+            assert m.two_means_split(x).sum() == 1 + int(np.argmin(cost))
+
+
+def test_small_cases_of_scores_and_metrics():
+    """Edges: a run whose 1st and 99th percentiles coincide falls back to min/max; percentile ranks are
+    (rank - 1) / (n - 1); one positive is enough for an AUROC; the discovery curve by hand."""
+    np.testing.assert_array_equal(m.run_score(np.r_[np.zeros(199), 4.0]), np.r_[np.zeros(199), 1.0])
+    np.testing.assert_allclose(m.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
+    assert m.roc_auc([True, False, False], [0.9, 0.1, 0.5]) == 1.0
+    assert m.roc_auc([False, True, True], [0.9, 0.1, 0.5]) == 0.0
+    curve = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False, True, False, False])
+    assert curve.inspected.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curve.found.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0] and curve.random.tolist() == curve.inspected.tolist()
+    assert curve.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_cv_folds_are_stratified_when_every_class_fills_them(monkeypatch):
+    """StratifiedKFold when the smallest class has at least `folds` rows (exactly 5 here), KFold below that."""
+    import sklearn.model_selection as ms
+
+    used = []
+    for name in ("KFold", "StratifiedKFold"):
+        real = getattr(ms, name)
+        monkeypatch.setattr(ms, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(25, 2))
+    y = np.r_[np.zeros(20, int), np.ones(5, int)]
+    probs = m.cv_pred_probs(x, y, 2, model="linear", folds=5)
+    assert used == ["StratifiedKFold"] and probs.shape == (25, 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    m.cv_pred_probs(x[1:], y[1:], 2, model="linear", folds=5)
+    m.cv_pred_probs(x[:-1], y[:-1], 2, model="linear", folds=5)
+    assert used == ["StratifiedKFold", "StratifiedKFold", "KFold"]
+
+
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.random(300) < 0.25

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -609,3 +610,47 @@ def test_csv_row_longer_than_a_block_doubles_the_block_up_to_its_limit(tmp_path,
     with pytest.raises(InputError, match=r"long\.csv: cannot read table \(straddling object straddles two block"):
         valuekit.score(too_long, run, out=tmp_path / "p.parquet", batch_rows=10)
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_row_groups_close_exactly_at_their_row_and_byte_limits(tmp_path, monkeypatch):
+    """A row group is written as soon as the gathered batches reach _ROW_GROUP_ROWS rows or _ROW_GROUP_BYTES
+    bytes (>=, counted afresh after every flush): numeric batches of 5 rows make groups of exactly 20 rows."""
+    n = 60
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": np.arange(n), "x": np.linspace(0, 1, n)}), inp)
+    run = make_run(tmp_path / "run", np.arange(n), np.linspace(1, 0, n))
+    sizes, real_write = [], tablestream._FileSink.write
+    monkeypatch.setattr(tablestream._FileSink, "write", lambda self, b: sizes.append(b.nbytes) or real_write(self, b))
+
+    def groups(out):
+        meta = pq.ParquetFile(out).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 20)
+    valuekit.score(inp, run, out=tmp_path / "rows.parquet", batch_rows=5)
+    assert groups(tmp_path / "rows.parquet") == [20, 20, 20]
+    per_batch = sizes[0]
+    assert set(sizes) == {per_batch}  # every 5-row batch has the same size
+    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 10**6)
+    for limit in (4 * per_batch, 3 * per_batch + 1):  # reached exactly by 4 batches / just missed by 3
+        monkeypatch.setattr(tablestream, "_ROW_GROUP_BYTES", limit)
+        valuekit.score(inp, run, out=tmp_path / f"b{limit}.parquet", batch_rows=5)
+        assert groups(tmp_path / f"b{limit}.parquet") == [20, 20, 20], limit
+
+
+def test_dataframe_to_csv_writes_no_index_column(tmp_path):
+    """A DataFrame scored into a CSV: its columns and the added ones, no pandas index column."""
+    df = pd.DataFrame({"id": [5, 6, 7], "x": [0.5, 1.5, 2.5]}, index=[10, 11, 12])
+    run = make_run(tmp_path / "run", [5, 6, 7], [0.2, 0.9, 0.4])
+    valuekit.score(df, run, out=tmp_path / "o.csv")
+    got = pd.read_csv(tmp_path / "o.csv")
+    assert list(got.columns) == ["id", "x", "weight", "value", "value_std", "rank"]
+    assert got.id.tolist() == [5, 6, 7] and got["rank"].tolist() == [3, 1, 2]
+
+
+def test_unknown_table_suffix_is_named(tmp_path):
+    run = make_run(tmp_path / "run", [1, 2], [0.1, 0.2])
+    for name, shown in (("t.txt", "'.txt'"), ("table", "'(no extension)'")):
+        (tmp_path / name).write_text("id\n1\n2\n")
+        with pytest.raises(InputError, match=rf"{name}: score reads \.parquet or \.csv tables, not {re.escape(shown)}$"):
+            valuekit.score(tmp_path / name, run)

@@ -132,3 +132,34 @@ def test_class_percentile_and_rank_average():
     np.testing.assert_allclose(rank_average([v, w], lab), [0.5, 0.5, 0.5, 1.0, np.nan, 0.25, 0.5], equal_nan=True)
     z = class_standardise(np.array([1.0, 3.0, 5.0, 5.0]), np.array([0, 0, 1, 1]))
     np.testing.assert_allclose(z, [-1.0, 1.0, 0.0, 0.0])
+    z = class_standardise(np.array([0.0, 4.0, np.nan, 8.0, 7.0]), np.array([0, 0, 0, 0, 1]))
+    sd = np.std([0.0, 4.0, 8.0])
+    np.testing.assert_allclose(z, [-4 / sd, 0.0, np.nan, 4 / sd, 0.0], equal_nan=True)
+
+
+def test_in_run_value_uses_the_signals_only_for_class_labels():
+    """Signals and 1-D labels: the rank average of -mean_loss and aum; a bare context (no signals) or sequence
+    labels: the learned quantity passed as the fallback."""
+    from types import SimpleNamespace
+
+    from valuekit.trainers.signals import in_run_value
+
+    acc = SignalAccumulator(4)
+    acc.update(torch.arange(4), loss=torch.tensor([0.1, 0.9, 0.5, 0.3]), margin=torch.tensor([2.0, -1.0, 0.5, 1.0]))
+    y = torch.tensor([0, 0, 1, 1])
+    fallback = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    want = rank_average([-np.array([0.1, 0.9, 0.5, 0.3]), np.array([2.0, -1.0, 0.5, 1.0])], y.numpy())
+    np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc, y=y), fallback), want)
+    np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=None, y=y), fallback), fallback.numpy())
+    tokens = torch.zeros(4, 3, dtype=torch.long)
+    np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=acc, y=tokens), fallback), fallback.numpy())
+
+
+def test_token_level_losses_count_once_per_row():
+    """A (rows, tokens) loss is averaged over its tokens into one loss per row before it is summed."""
+    acc = SignalAccumulator(3)
+    acc.update(torch.tensor([0, 2]), loss=torch.tensor([[1.0, 3.0, 5.0], [0.0, 0.0, 6.0]]))
+    acc.update(torch.tensor([0]), loss=torch.tensor([[7.0, 7.0, 7.0]]))
+    cols = acc.columns()
+    np.testing.assert_allclose(cols["mean_loss"], [5.0, np.nan, 2.0], equal_nan=True)
+    np.testing.assert_array_equal(cols["times_seen"], [2.0, 0.0, 1.0])
