@@ -212,6 +212,26 @@ def test_noise_every_k_adds_theta_noise_on_every_kth_step_only():
     assert 0.8 * sd < diff.std().item() < 1.2 * sd
 
 
+def test_values_summarise_the_samples_of_each_row():
+    """burn_in 0: every visit adds the row's new w as a sample. posterior_mean = the mean of its samples (the
+    current w for rows never sampled), value_std = their std with ddof 1 (NaN under two samples), samples = count."""
+    ctx, cfg, tr = _float64_trainer(burn_in=0)
+    tr.samples = tr.samples.float()  # the reservoir's own dtype (this test does not read it)
+    drawn = {i: [] for i in range(ctx.n)}
+    for step, rows in enumerate([range(6), range(3), [0]], 1):
+        tr.step(_batch(ctx, list(rows), step=step))
+        for i in rows:
+            drawn[i].append(float(torch.sigmoid(tr.u[i].double())))
+    v = tr.values()
+    current = torch.sigmoid(tr.u.double()).numpy()
+    mean = [np.mean(drawn[i]) if drawn[i] else current[i] for i in range(ctx.n)]
+    std = [np.std(drawn[i], ddof=1) if len(drawn[i]) > 1 else np.nan for i in range(ctx.n)]
+    np.testing.assert_allclose(np.asarray(v["posterior_mean"]), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(np.asarray(v["samples"]), [3, 2, 2, 1, 1, 1] + [0] * (ctx.n - 6))
+    assert np.std(drawn[0], ddof=1) > 1e-6  # the samples differ, so the ddof matters
+
+
 def test_config_validation():
     for bad in ({"beta": 1.0}, {"lr_w": 0.0}, {"temperature": -1.0}, {"reservoir": 0}, {"ci": 1.5}, {"burn_in": -1}):
         with pytest.raises(InputError, match=next(iter(bad))):
