@@ -626,9 +626,10 @@ def test_row_groups_close_exactly_at_their_row_and_byte_limits(tmp_path, monkeyp
         meta = pq.ParquetFile(out).metadata
         return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
 
-    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 20)
-    valuekit.score(inp, run, out=tmp_path / "rows.parquet", batch_rows=5)
-    assert groups(tmp_path / "rows.parquet") == [20, 20, 20]
+    for limit in (20, 16):  # reached exactly by 4 batches / just missed by 3
+        monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", limit)
+        valuekit.score(inp, run, out=tmp_path / f"r{limit}.parquet", batch_rows=5)
+        assert groups(tmp_path / f"r{limit}.parquet") == [20, 20, 20], limit
     per_batch = sizes[0]
     assert set(sizes) == {per_batch}  # every 5-row batch has the same size
     monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 10**6)
