@@ -285,6 +285,13 @@ def test_errors_name_the_problem(tmp_path):
     (tmp_path / "unfinished" / "run.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
     with pytest.raises(RunDirError, match="values.parquet"):
         m.audit(tmp_path / "unfinished")
+    df = make_table(tmp_path)
+    run = make_run(tmp_path, "ok", clear_values())
+    for col in ("id", "label"):
+        holes = df.astype({col: object})
+        holes.loc[[2, 5], col] = None
+        with pytest.raises(InputError, match=rf"^<data DataFrame>: column '{col}' has a null value at row 2$"):
+            m.audit(run, holes, predict=False)
 
 
 # ---------------------------------------------------------------- CLI
