@@ -232,6 +232,27 @@ def test_values_summarise_the_samples_of_each_row():
     assert np.std(drawn[0], ddof=1) > 1e-6  # the samples differ, so the ddof matters
 
 
+def test_per_source_values_summarise_each_sources_samples():
+    """per_source, burn_in 0: one sample of every source's w_t per step; a row's value is its source's mean,
+    value_std their std with ddof 1, samples the count."""
+    import dataclasses
+
+    ctx = dataclasses.replace(_context(), source=torch.arange(12) % 3, sources=["a", "b", "c"])
+    tr = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=0, temperature=1.0))
+    drawn = []
+    for step, rows in enumerate([range(12), range(6), range(12)], 1):
+        rows = torch.tensor(list(rows))
+        tr.step(Batch(step=step, idx=rows, x=ctx.x[rows], y=ctx.y[rows], source=ctx.source[rows]))
+        drawn.append(torch.sigmoid(tr.task_u.double()).numpy().copy())
+    drawn = np.array(drawn)  # (steps, sources)
+    assert drawn.std(0, ddof=1).min() > 1e-6
+    v = tr.values()
+    src = ctx.source.numpy()
+    np.testing.assert_allclose(np.asarray(v["value"]), drawn.mean(0)[src], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), drawn.std(0, ddof=1)[src], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(v["samples"]), np.full(12, 3.0))
+
+
 def test_config_validation():
     for bad in ({"beta": 1.0}, {"lr_w": 0.0}, {"temperature": -1.0}, {"reservoir": 0}, {"ci": 1.5}, {"burn_in": -1}):
         with pytest.raises(InputError, match=next(iter(bad))):
