@@ -11,8 +11,8 @@ Docstrings and annotations are never touched. When a target has more sites than 
 sample of --budget of them is taken (deterministic: the same commit gives the same list).
 
 Speed: the clean run records, with a line tracer, which tests execute each line of the target file; a mutant
-then runs only the tests that execute its line (all the target's tests when none does, e.g. a default argument
-evaluated at import). The parent process imports the heavy third-party modules once (torch, pandas, pyarrow, ...; never
+then runs only the tests that execute its line (all the target's tests when none does, and for default arguments
+and decorators, which run when the module is imported). The parent process imports the heavy third-party modules once (torch, pandas, pyarrow, ...; never
 valuekit), then for every mutant writes the mutated module into the copy and forks a child that runs
 `pytest -x -q -p no:cacheprovider` on the target's test files in-process, so each mutant pays for its tests
 only. Bytecode caching is off, so the child always compiles the file as it is on disk. The per-mutant time
@@ -111,6 +111,17 @@ def sites(tree: ast.AST, functions) -> list[tuple[int, int, int, str]]:
         if id(node) in inside and id(node) not in skip and (desc := _describe(node)):
             out.append((node.lineno, node.col_offset, i, desc))
     return sorted(out)
+
+
+def import_time(tree: ast.AST) -> set[int]:
+    """Indices (ast.walk order) of nodes evaluated when the module is imported, not when a test calls the function:
+    default arguments and decorators. Their line's coverage says only which test imported the module first."""
+    ids: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for part in [node.args, *node.decorator_list]:
+                ids.update(id(n) for n in ast.walk(part))
+    return {i for i, node in enumerate(ast.walk(tree)) if id(node) in ids}
 
 
 def mutate(tree: ast.AST, index: int) -> ast.AST:
@@ -268,15 +279,16 @@ def main() -> int:
         if clean != "survived":
             sys.exit(f"{name}: the clean tests fail ({log})")
         covering = {int(k): v for k, v in json.loads(cover_out.read_text()).items()}
+        eager = import_time(tree)
         limit = args.factor * clean_s + args.slack
         print(f"{name}: {len(candidates)} sites, {len(chosen)} mutants, clean {clean_s:.1f}s, limit {limit:.0f}s",
               flush=True)
         for line, col, index, desc in chosen:
             try:
                 _apply(f, ast.unparse(mutate(tree, index)) + "\n")
-                # only the tests that run the mutated line; all of the target's tests when none does (a line run
-                # at import time, e.g. a default argument)
-                tests = covering.get(line) or fast
+                # only the tests that run the mutated line; all of the target's tests for a default argument or
+                # decorator (run at import) and for a line no test runs
+                tests = fast if index in eager else (covering.get(line) or fast)
                 outcome, secs = run_tests(copy_dir, tests, limit, log)
                 if outcome == "timeout":
                     outcome, secs = run_tests(copy_dir, tests, 3 * limit, log)
