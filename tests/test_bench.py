@@ -48,6 +48,10 @@ def test_bench_all_quick(tmp_path, capsys):
     assert det.auroc.between(0.8, 1).all()
     md = (out / "quality.md").read_text()
     assert "## Acceptance" in md and ("**PASS**" in md or "**FAIL**" in md)
+    row = next(line for line in md.splitlines() if line.startswith("| digits | noise40 | dds | ") and line.count("|") == 8)
+    cells = [c.strip() for c in row.split("|")[4:7]]  # last step, own best-dev evaluation, uniform-ES
+    assert cells == [f"{q.loc['dds', 'test_acc']:.3f}", f"{q.loc['dds', 'test_acc_es']:.3f}",
+                     f"{q.loc['uniform', 'test_acc_es']:.3f}"]
 
     scale = pd.read_csv(out / "scale.csv")
     assert len(scale) == 3 and (scale.seconds > 0).all()

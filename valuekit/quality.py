@@ -411,11 +411,12 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
          .agg(acc=("test_acc", "mean"), sd=("test_acc", "std"), es=("test_acc_es", "mean"),
               ess=("median_ess", "median")).reset_index())
     lines += ["", "## Test accuracy vs early-stopped uniform, and batch-weight ESS", "",
-              "| dataset | setting | method | test accuracy (last step) | uniform-ES | median ESS of batch weights |",
-              "| --- | --- | --- | --- | --- | --- |"]
+              "| dataset | setting | method | test accuracy (last step) | same run at its best dev evaluation | "
+              "uniform-ES | median ESS of batch weights |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in s.itertuples(index=False):
         es = s[(s.dataset == r.dataset) & (s.setting == r.setting) & (s.method == "uniform")].es
-        lines.append(f"| {r.dataset} | {r.setting} | {r.method} | {_pm(r.acc, r.sd)} | "
+        lines.append(f"| {r.dataset} | {r.setting} | {r.method} | {_pm(r.acc, r.sd)} | {_pm(r.es, np.nan)} | "
                      f"{_pm(float(es.iloc[0]) if len(es) else np.nan, np.nan)} | {_pm(r.ess, np.nan, 2)} |")
     if len(det):
         s = (det.groupby(["dataset", "setting", "detector"], sort=False)
