@@ -190,10 +190,27 @@ def test_small_cases_of_scores_and_metrics():
     np.testing.assert_allclose(m.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
     assert m.roc_auc([True, False, False], [0.9, 0.1, 0.5]) == 1.0
     assert m.roc_auc([False, True, True], [0.9, 0.1, 0.5]) == 0.0
+    two = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [True, True, False, False])
+    assert two.found.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0] and two.optimal.tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
+    none = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False] * 4)
+    assert none.found.tolist() == [0.0] * 5 and none.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert m.two_means_split([0.0, 5.0]).tolist() == [True, False]
+    assert m.two_means_split([0.0, 0.0, 5.0]).tolist() == [True, True, False]
     curve = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False, True, False, False])
     assert curve.inspected.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert curve.found.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0] and curve.random.tolist() == curve.inspected.tolist()
     assert curve.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_training_features_follow_the_runs_feature_cols(tmp_path):
+    """x holds the run's feature_cols (an extra numeric column in the table is left out); without them in the
+    table, every numeric non-reserved column."""
+    df = make_table(tmp_path)
+    run = m.open_runs([make_run(tmp_path, "a", clear_values())])[0]
+    got = m.training_table(run, df.assign(extra=7.0))
+    np.testing.assert_array_equal(got["x"], df[["f0", "f1"]].to_numpy(np.float32))
+    other = m.training_table(run, df.rename(columns={"f1": "g1"}).assign(extra=7.0))
+    assert other["x"].shape == (N, 3)
 
 
 def test_cv_folds_are_stratified_when_every_class_fills_them(monkeypatch):
@@ -279,7 +296,7 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="missing.parquet.*--data"):
         m.audit(run)
     other = make_run(tmp_path, "other", clear_values(), ids=np.arange(N))
-    with pytest.raises(InputError, match="no value for training id"):
+    with pytest.raises(InputError, match=rf"has no value for training id 100 \({N} ids missing\)"):
         m.audit(other)
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "run.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))

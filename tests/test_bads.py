@@ -230,6 +230,12 @@ def test_values_summarise_the_samples_of_each_row():
     np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-9, equal_nan=True)
     np.testing.assert_array_equal(np.asarray(v["samples"]), [3, 2, 2, 1, 1, 1] + [0] * (ctx.n - 6))
     assert np.std(drawn[0], ddof=1) > 1e-6  # the samples differ, so the ddof matters
+    # ci_low / ci_high: the (1 - ci) / 2 and 1 - (1 - ci) / 2 quantiles of the row's reservoir samples
+    lo, hi = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
+    for i in range(ctx.n):
+        want = np.quantile(drawn[i], [lo, hi]) if drawn[i] else [np.nan, np.nan]
+        np.testing.assert_allclose([float(v["ci_low"][i]), float(v["ci_high"][i])], want, rtol=1e-5,
+                                   equal_nan=True)
 
 
 def test_per_source_values_summarise_each_sources_samples():
@@ -251,6 +257,12 @@ def test_per_source_values_summarise_each_sources_samples():
     np.testing.assert_allclose(np.asarray(v["value"]), drawn.mean(0)[src], rtol=1e-6)
     np.testing.assert_allclose(np.asarray(v["value_std"]), drawn.std(0, ddof=1)[src], rtol=1e-4)
     np.testing.assert_array_equal(np.asarray(v["samples"]), np.full(12, 3.0))
+    # before burn-in ends no source has a sample: value = its current w_t, value_std NaN
+    early = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=10, temperature=1.0))
+    early.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
+    e = early.values()
+    np.testing.assert_allclose(np.asarray(e["value"]), torch.sigmoid(early.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(e["value_std"])).all() and (np.asarray(e["samples"]) == 0).all()
 
 
 def test_config_validation():
