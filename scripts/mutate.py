@@ -18,8 +18,8 @@ valuekit), then for every mutant writes the mutated module into the copy and for
 only. Bytecode caching is off, so the child always compiles the file as it is on disk. The per-mutant time
 limit is `--factor` x the clean run's time + `--slack` seconds.
 
-`--rerun OLD.json` re-runs only OLD's survivors and timeouts (after tests were added) and writes every row of
-OLD with the new verdict in `after`.
+`--rerun OLD.json` re-runs only OLD's survivors and timeouts (its `after` verdict when it has one) after tests
+were added, and writes every row of OLD with the newest verdict in `after` (`outcome` stays the first run's).
 
 Outcomes: killed (tests fail), survived (tests pass), timeout (over the limit; re-run once with 3x the limit,
 and reported, not counted as killed, when it still does not finish). With --wide, survivors are re-run
@@ -252,7 +252,7 @@ def main() -> int:
         for pyc in cache.glob("*.pyc"):
             pyc.unlink()
     previous = json.loads(args.rerun.read_text()) if args.rerun else None
-    only = {r["key"] for r in previous if r["outcome"] != "killed"} if previous else None
+    only = {r["key"] for r in previous if r.get("after", r["outcome"]) != "killed"} if previous else None
     log = Path(f"/tmp/mutate-{os.getpid()}.log")
     results: list[dict] = json.loads(args.out.read_text()) if args.resume and args.out.exists() else []
     done = {r["key"] for r in results}
@@ -305,7 +305,7 @@ def main() -> int:
             args.out.write_text(json.dumps(results, indent=1) + "\n")
     if previous:
         after = {r["key"]: r["outcome"] for r in results}
-        results = [{**r, "after": after.get(r["key"], r["outcome"])} for r in previous]
+        results = [{**r, "after": after.get(r["key"], r.get("after", r["outcome"]))} for r in previous]
         args.out.write_text(json.dumps(results, indent=1) + "\n")
     for name in TARGETS:
         rs = [r for r in results if r["target"] == name]

@@ -271,6 +271,19 @@ def test_defaults_keep_every_row_quietly(scored, tmp_path, capsys):
         export.score(scored["path"], scored["run"], batch_rows=0)
 
 
+def test_progress_bar_only_when_asked(scored, tmp_path, monkeypatch):
+    """progress defaults to False in score() and write_scored(): the bar is disabled outright (not left to tqdm's
+    terminal check); progress=True leaves it to tqdm (disable=None: shown on a terminal)."""
+    import tqdm.auto
+
+    seen, real = [], tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: seen.append(k["disable"]) or real(*a, **k))
+    export.score(scored["path"], scored["run"])
+    export.write_scored(scored["path"], scored["run"], tmp_path / "a.parquet")
+    export.score(scored["path"], scored["run"], progress=True)
+    assert seen == [True, True, None]
+
+
 def test_frame_ids_with_missing_values_are_null_ids(scored):
     """pandas marks a missing text id with NaN: it is reported as a null id, not as a type error."""
     df = pd.DataFrame({"id": ["a", np.nan, "c"], "x": [1.0, 2.0, 3.0]})
