@@ -132,9 +132,9 @@ def test_class_percentile_and_rank_average():
     np.testing.assert_allclose(rank_average([v, w], lab), [0.5, 0.5, 0.5, 1.0, np.nan, 0.25, 0.5], equal_nan=True)
     z = class_standardise(np.array([1.0, 3.0, 5.0, 5.0]), np.array([0, 0, 1, 1]))
     np.testing.assert_allclose(z, [-1.0, 1.0, 0.0, 0.0])
-    z = class_standardise(np.array([0.0, 4.0, np.nan, 8.0, 7.0]), np.array([0, 0, 0, 0, 1]))
+    z = class_standardise(np.array([0.0, 4.0, np.nan, 8.0, 1.0, 3.0, 7.0]), np.array([0, 0, 0, 0, 1, 1, 2]))
     sd = np.std([0.0, 4.0, 8.0])
-    np.testing.assert_allclose(z, [-4 / sd, 0.0, np.nan, 4 / sd, 0.0], equal_nan=True)
+    np.testing.assert_allclose(z, [-4 / sd, 0.0, np.nan, 4 / sd, -1.0, 1.0, 0.0], equal_nan=True)
 
 
 def test_in_run_value_uses_the_signals_only_for_class_labels():
