@@ -38,8 +38,11 @@ class Margins:
 def test_margins_match_an_explicit_loop():
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    logits[[1, 2, 4, 6], y[[1, 2, 4, 6]]] += 4.0  # these rows' assigned logit is the largest: positive margins
     want = [logits[i, y[i]] - max(logits[i, c] for c in range(4) if c != y[i]) for i in range(7)]
-    np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-15)
+    got = margins(logits, y).numpy()
+    assert (got > 0).sum() >= 4 and (got < 0).sum() >= 2
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), rtol=0, atol=1e-15)
 
 
 def test_sequence_margins_are_the_mean_over_scored_tokens():
