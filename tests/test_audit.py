@@ -188,6 +188,9 @@ def test_small_cases_of_scores_and_metrics():
     (rank - 1) / (n - 1); one positive is enough for an AUROC; the discovery curve by hand."""
     np.testing.assert_array_equal(m.run_score(np.r_[np.zeros(199), 4.0]), np.r_[np.zeros(199), 1.0])
     np.testing.assert_allclose(m.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
+    assert np.isnan(m.spearman([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]))  # one side constant: undefined
+    assert np.isnan(m.spearman([5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]))
+    assert m.spearman([1.0, 2.0, 3.0, np.nan], [3.0, 2.0, 1.0, 0.0]) == pytest.approx(-1.0)
     assert m.roc_auc([True, False, False], [0.9, 0.1, 0.5]) == 1.0
     assert m.roc_auc([False, True, True], [0.9, 0.1, 0.5]) == 0.0
     two = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [True, True, False, False])
