@@ -263,6 +263,11 @@ def test_per_source_values_summarise_each_sources_samples():
     e = early.values()
     np.testing.assert_allclose(np.asarray(e["value"]), torch.sigmoid(early.task_u.double()).numpy()[src], rtol=1e-12)
     assert np.isnan(np.asarray(e["value_std"])).all() and (np.asarray(e["samples"]) == 0).all()
+    one = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=0, temperature=1.0))
+    one.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
+    o = one.values()  # one sample: its value, no spread yet (NaN, not 0)
+    np.testing.assert_allclose(np.asarray(o["value"]), torch.sigmoid(one.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(o["value_std"])).all() and (np.asarray(o["samples"]) == 1).all()
 
 
 def test_config_validation():
