@@ -163,6 +163,9 @@ def test_cvxpylayers_backend_dtype_shape_nograd():
     assert 5 in layer._layers and len(layer._layers) == 1  # program cached per n
     layer(s32.unsqueeze(0).repeat(2, 1))
     assert len(layer._layers) == 1
+    empty = torch.zeros(0, 5, dtype=torch.float64, requires_grad=True)  # an empty batch never reaches cvxpy
+    w0 = layer(empty)
+    assert w0.shape == (0, 5) and w0.requires_grad and len(layer._layers) == 1
     assert layer.solver_args == DEFAULT_SOLVER_ARGS["quadratic"]
 
 
