@@ -1,6 +1,8 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
 (uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
-see valuekit.suites); writes markdown, CSV and PNG.
+see valuekit.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
+source languages and instruction-LM data selection, see valuekit.suites_text; --datasets names their targets,
+--methods their variants, --runs-dir keeps their runs and resumes); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
 """
@@ -12,10 +14,12 @@ from valuekit.cli.common import add_threads_option
 
 def add_parser(sub):
     from valuekit.suites import SUITES
+    from valuekit.suites_text import NAMES as TEXT_SUITES
 
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
                        description=__doc__)
-    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "all", *SUITES],
+    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "all", *SUITES,
+                                                *TEXT_SUITES],
                    help="which benchmarks to run (all = the first four; the others are study suites)")
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -24,10 +28,12 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=None, help="quality, suites: training steps per run (default 1500)")
     p.add_argument("--datasets", default=None, help="quality, suites: comma-separated data sets (default digits,"
                    "mnist5k, fashion-mnist when installed; a suite's own list)")
-    p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
+    p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all); "
+                   "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
                    "(default noise20,noise40)")
-    p.add_argument("--runs-dir", default=None, help="quality: keep every run directory (and partial results) here")
+    p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
+                   "results) here; text suites skip the runs already recorded there")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -38,6 +44,7 @@ def _check(args) -> None:
     from valuekit.datasets import DATASETS
     from valuekit.errors import InputError
     from valuekit.paths import check_output
+    from valuekit.suites_text import NAMES as TEXT_NAMES, registry
     from valuekit.trainers.base import resolve_device
 
     check_output(args.out, kind="dir")
@@ -52,7 +59,13 @@ def _check(args) -> None:
     bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
     if bad:
         raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
-    for key, known in (("datasets", list(DATASETS)), ("methods", available_methods())):
+    known_data, known_methods = list(DATASETS), list(available_methods())
+    text = [registry()[k] for k in args.kind if k in TEXT_NAMES]
+    if text:  # a text suite names its own targets / variants; mixed with other kinds, either kind's names pass
+        plain = any(k not in TEXT_NAMES for k in args.kind)
+        known_data = [*(known_data if plain else []), *[d for s in text for d in s.data]]
+        known_methods = [*(known_methods if plain else []), *[a for s in text for a in s.arms]]
+    for key, known in (("datasets", known_data), ("methods", known_methods)):
         unknown = [t for t in items[key] if t not in known]
         if unknown:
             raise InputError(f"--{key}: unknown {key[:-1]} {unknown[0]!r}; choose from {', '.join(known)}")
