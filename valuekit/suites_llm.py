@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.suites_text import Records, TextSuite, md_table, mean_sd, work_folder
+from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table, mean_sd, work_folder
 
 MAX_LEN = 128
 BATCH = 16
@@ -56,7 +56,8 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
     table, model, tr, dv = data
     method, settings = ARMS[arm]
     t0 = time.perf_counter()
-    run = train(tr, dv, out=out, config=_config(method, model, steps, seed, device), method_config=settings)
+    run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device),
+                          method_config=settings))
     seconds = time.perf_counter() - t0
     scored = score_instructions(table, out)
     tasks = task_table(scored).set_index("task")
@@ -87,8 +88,8 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
-        run = train(load_instructions(sub, max_len=MAX_LEN), dv, out=folder / f"ft-{name}-s{seed}",
-                    config=_config("uniform", model, steps, seed, device))
+        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / f"ft-{name}-s{seed}-{steps}"),
+                              config=_config("uniform", model, steps, seed, device)))
         rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "rows": int(mask.sum()),
                  "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss")})
 

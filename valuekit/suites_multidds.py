@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.suites_text import Records, TextSuite, md_table, mean_sd, work_folder
+from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table, mean_sd, work_folder
 
 UNRELATED = ("ja", "fi", "tr", "hu")
 TARGETS = {"ast": (("es", "gl", "pt"), UNRELATED), "br": (("cy", "ga", "gd"), UNRELATED),
@@ -73,7 +73,7 @@ def _target_run(data, out: Path, target: str, seed: int, variant: str, steps: in
 
     settings = _settings(variant, out.parent / f"{target}-dds-s{seed}")
     t0, c0 = time.perf_counter(), time.process_time()
-    run = train(*data, out=out, config=_config(steps, seed, device), method_config=settings)
+    run = completed(train(*data, out=fresh(out), config=_config(steps, seed, device), method_config=settings))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     fm, st = run.meta["final_metrics"], run.source_table()
     return {"target": target, "seed": seed, "variant": variant, "steps": steps, "cpu_s": cpu, "wall_s": wall,
@@ -304,8 +304,8 @@ def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
                         data = data or _load(prepare_target(target, folder / "data" / target))
                         run_dir = folder / f"{target}-arm{i}-s{seed}-{steps}"
                         c0 = time.process_time()
-                        train(*data[:2], out=run_dir, config=_config(steps, seed, device, log_steps=False),
-                              method_config={**SIGNAL_ARMS[arm], **FROZEN})
+                        completed(train(*data[:2], out=fresh(run_dir), config=_config(steps, seed, device,
+                                        log_steps=False), method_config={**SIGNAL_ARMS[arm], **FROZEN}))
                         rec.add({"target": target, "seed": seed, "arm": arm, "steps": steps,
                                  "cpu_s": time.process_time() - c0, "run": str(run_dir)})
                     r = rec.get(target=target, seed=seed, arm=arm, steps=steps)

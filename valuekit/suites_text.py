@@ -10,6 +10,7 @@ second call with the same folder skips the runs already recorded (a long grid ca
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +70,20 @@ class Records:
         self.rows.append(row)
         with open(self.path, "a") as f:  # one line per run: a crash loses at most the run in progress
             f.write(json.dumps(row) + "\n")
+
+
+def fresh(run_dir: Path) -> Path:
+    """`run_dir` emptied: a folder left by a run that was stopped before it was recorded is trained again."""
+    if Path(run_dir).exists():
+        shutil.rmtree(run_dir)
+    return Path(run_dir)
+
+
+def completed(run):
+    """The run, or RuntimeError when it stopped early (an interrupted run must not be recorded as finished)."""
+    if run.meta.get("status") != "completed":
+        raise RuntimeError(f"{run.path}: run ended {run.meta.get('status')!r}; not recorded")
+    return run
 
 
 def mean_sd(values, digits: int = 3) -> str:
