@@ -467,3 +467,31 @@ def test_solve_keeps_callers_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
+
+
+def test_sorted_quadratic_threshold_equals_the_iterative_solve(monkeypatch):
+    """The one-sort quadratic solve (the default path) gives the iterative solver's weights, ties and
+    large offsets included; when it cannot meet sum(w) = k it hands over to the iterative solve."""
+    import valuekit.selection as sel
+
+    g = torch.Generator().manual_seed(5)
+    cases = []
+    for n, k in [(5, 2.5), (64, 32.0), (257, 0.7), (1024, 256.0), (9, 8.999)]:
+        for lam in (1e-3, 0.5, 20.0):
+            for off in (0.0, 1e4):
+                s = torch.randn(6, n, generator=g, dtype=DT) * 3 + off
+                s[0, : n // 2] = s[0, 0]  # ties
+                cases.append((s, k, lam))
+    fast = [sel._quadratic_fast(s, k, lam) for s, k, lam in cases]
+    assert all(w is not None for w in fast)  # float64: the fast path is taken every time
+    monkeypatch.setattr(sel, "_quadratic_fast", lambda *a: None)
+    for w, (s, k, lam) in zip(fast, cases):
+        ref = select_subset(s, k, lam=lam)
+        assert (w - ref).abs().max().item() < 1e-9, (s.shape, k, lam)
+        assert (w.sum(-1) - k).abs().max().item() < 1e-9
+    monkeypatch.undo()
+    # float32, scores of magnitude 100 against lam 1e-3: the sort cannot resolve tau, the iterative solve does
+    s = (torch.randn(4, 7, generator=g, dtype=DT) * 3 + 100).float()
+    assert sel._quadratic_fast(s, 1e-3, 1e-3) is None
+    w = select_subset(s, 1e-3, lam=1e-3)
+    assert (w.double() - select_subset(s.double(), 1e-3, lam=1e-3)).abs().max().item() < 1e-6
