@@ -33,6 +33,7 @@ def _tiny_target(target, folder):
 def tiny(monkeypatch):
     monkeypatch.setattr(sm, "TARGETS", {"ast": (("es", "gl"), ("ja", "fi"))})
     monkeypatch.setattr(sm, "prepare_target", _tiny_target)
+    monkeypatch.setattr(sm, "LOOP", {**sm.LOOP, "hidden": 32})  # a narrow GRU keeps the test fast
 
 
 def test_multidds_targets_quick_runs_every_variant_and_resumes(tmp_path, tiny, monkeypatch):
@@ -88,6 +89,8 @@ def test_multidds_signal_quick_freezes_the_scorer(tmp_path, tiny):
 
 def test_multidds_model_quick_reports_chrf_at_three_points(tmp_path, monkeypatch):
     monkeypatch.setattr(sm, "MODEL_ARMS", {"gru-h128-lr3e-3": ("gru", 3e-3), "tf-d128-lr1e-3": ("tf", 1e-3)})
+    _tiny_target("ast", tmp_path / "data")
+    monkeypatch.setattr(sm, "MODEL_DATA", tmp_path / "data")
     md = sm.run_model(tmp_path, command="valuekit bench multidds-model --quick", quick=True, steps=90)
     frame = pd.read_csv(tmp_path / "suite-multidds-model.csv")
     assert len(frame) == 2 * 3 and frame.step.tolist() == [2, 4, 6] * 2

@@ -341,6 +341,7 @@ def _signal_markdown(frame: pd.DataFrame, out: Path, command: str, device: str, 
 
 # ---------------------------------------------------------------- model (GRU vs Transformer)
 
+MODEL_DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual"  # bundled, target ast
 MODEL_ARMS = {"gru-h128-lr3e-3": ("gru", 3e-3), "tf-d128-lr1e-3": ("tf", 1e-3), "tf-d128-lr3e-3": ("tf", 3e-3)}
 
 
@@ -399,9 +400,8 @@ def run_model(out: Path, *, command: str, device: str = "cpu", quick: bool = Fal
     if quick:
         seeds, steps = seeds[:1], max(6, steps // 15)
     torch.set_num_threads(1)
-    data = Path(__file__).resolve().parents[1] / "data" / "multilingual"
-    tr = load_text_pairs(data / "train.parquet", max_len=MAX_LEN)
-    dev = load_text_pairs(data / "dev.parquet", max_len=MAX_LEN, name="dev")
+    tr = load_text_pairs(MODEL_DATA / "train.parquet", max_len=MAX_LEN)
+    dev = load_text_pairs(MODEL_DATA / "dev.parquet", max_len=MAX_LEN, name="dev")
     evals = sorted({max(1, steps * k // 3) for k in (1, 2, 3)})
     rows = [{"model": arm, "seed": seed, **r} for arm in arms for seed in seeds
             for r in _model_curve(*MODEL_ARMS[arm], tr, dev, steps=steps, evals=set(evals), seed=seed)]

@@ -58,18 +58,23 @@ class Records:
 
     def __init__(self, folder: Path, key: tuple[str, ...]):
         self.path, self.key = Path(folder) / RECORDS, key
-        self.rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        self.rows = self._read()
+
+    def _read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
     def has(self, **key) -> bool:
+        """Re-reads the file: another process sharing the folder may have recorded the run meanwhile."""
+        self.rows = self._read()
         return any(all(r.get(k) == key[k] for k in self.key) for r in self.rows)
 
     def get(self, **key) -> dict | None:
         return next((r for r in self.rows if all(r.get(k) == key[k] for k in self.key)), None)
 
     def add(self, row: dict) -> None:
-        self.rows.append(row)
         with open(self.path, "a") as f:  # one line per run: a crash loses at most the run in progress
             f.write(json.dumps(row) + "\n")
+        self.rows = self._read()
 
 
 def fresh(run_dir: Path) -> Path:
