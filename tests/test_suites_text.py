@@ -54,6 +54,8 @@ def test_multidds_targets_quick_runs_every_variant_and_resumes(tmp_path, tiny, m
     lo, hi = min(by["dds"][1:3]), max(by["dds"][3:])
     assert ("1 of 1" if lo > hi else "0 of 1") == row.split("|")[4].strip()
     assert (tmp_path / "out" / "suite-multidds-targets-usage-ast.png").exists()
+    train = pd.read_parquet(tmp_path / "runs" / "multidds-targets" / "data" / "ast" / "train.parquet")
+    assert f"| ast | Asturian, Romance | es, gl | {len(train):,} ({(train.source == 'ast').sum()}) |" in text
     # a second call with the same --runs-dir trains nothing: every run is recorded
     monkeypatch.setattr(sm, "_target_run", lambda *a, **k: pytest.fail("re-trained a recorded run"))
     again = sm.run_targets(tmp_path / "out2", command="x", quick=True, steps=100, runs_dir=tmp_path / "runs")

@@ -26,6 +26,7 @@ from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table,
 UNRELATED = ("ja", "fi", "tr", "hu")
 TARGETS = {"ast": (("es", "gl", "pt"), UNRELATED), "br": (("cy", "ga", "gd"), UNRELATED),
            "bs": (("hr", "sr_Latn", "sl"), UNRELATED)}
+FAMILY = {"ast": "Asturian, Romance", "br": "Breton, Celtic (Brythonic)", "bs": "Bosnian, South Slavic"}
 VARIANTS = ("dds", "uniform", "retrained", "tcs+dds")
 LOOP = {"model": "seq2seq", "batch_size": 32, "lr": 3e-3}  # measured in reports/multidds.md section 2
 MAX_LEN = 64
@@ -109,13 +110,28 @@ def run_targets(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         rows = [r for r in rec.rows if r["target"] in targets and r["seed"] in seeds and r["variant"] in variants
                 and r["steps"] == steps]
         frame = pd.DataFrame(rows)
-        lines = _targets_markdown(frame, command, device, steps)
+        lines = _targets_markdown(frame, command, device, steps, _data_table(folder, targets))
         figs = _usage_figures(frame, out)
         lines += [f"![{t} usage]({f})" for t, f in figs.items()]
         from valuekit.bench import _write
 
         flat = frame.drop(columns=["prob", "uniform_prob", "drawn_share", "mean_reward", "reward_se", "settings"])
         return _write(out, "suite-multidds-targets", lines, flat.assign(**_source_columns(frame)))
+
+
+def _data_table(folder: Path, targets) -> list[str]:
+    """Rows of each prepared target (train: every language with the held-out sentences removed)."""
+    rows = []
+    for t in targets:
+        path = folder / "data" / t / "train.parquet"
+        if path.exists():
+            tr = pd.read_parquet(path, columns=["group", "source"])
+            rows.append([t, FAMILY.get(t, ""), ", ".join(TARGETS[t][0]), f"{len(tr):,} ({int((tr.source == t).sum())})",
+                         f"{tr.group.nunique():,}"])
+    return (["### Data", "", "`valuekit data prepare multilingual --target T --related ... --unrelated ...` (data "
+             "split seed 0); dev and test: 60 held-out target sentences each, never seen in training in any language.",
+             ""] + md_table(["target", "language", "related", "training rows (target's own)", "English sentences"],
+                            rows) + [""]) if rows else []
 
 
 def _source_columns(frame: pd.DataFrame) -> dict:
@@ -136,13 +152,13 @@ def criteria(r, target: str) -> dict:
             "target_ok": r["prob"][target] >= r["uniform_prob"][target]}
 
 
-def _targets_markdown(frame: pd.DataFrame, command: str, device: str, steps: int) -> list[str]:
+def _targets_markdown(frame: pd.DataFrame, command: str, device: str, steps: int, data: list[str]) -> list[str]:
     from valuekit.bench import _header
 
     lines = _header("DDS over sources on real low-resource targets", command, device) + [
         f"Per target: byte GRU seq2seq (hidden 128), batch 32, Adam lr 3e-3, {steps} steps, multidds defaults; "
         "`uniform` = scorer fixed at psi = 0; `retrained` = a fresh model with the dds run's final p(S) fixed; "
-        "`tcs+dds` = init=tcs. chrF x 100 on 60 held-out target sentences. CPU s = process time of the run.", ""]
+        "`tcs+dds` = init=tcs. chrF x 100 on 60 held-out target sentences. CPU s = process time of the run.", ""] + data
     summary = []
     for target, g in frame.groupby("target", sort=False):
         related, unrelated = TARGETS[target]
