@@ -34,6 +34,8 @@ def add_parser(sub):
                    "(default noise20,noise40)")
     p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
                    "results) here; text suites skip the runs already recorded there")
+    p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
+                   "the runs recorded there, train nothing")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -59,6 +61,8 @@ def _check(args) -> None:
     bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
     if bad:
         raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
+    if args.report_only and (not args.runs_dir or any(k not in TEXT_NAMES for k in args.kind)):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) with --runs-dir")
     known_data, known_methods = list(DATASETS), list(available_methods())
     text = [registry()[k] for k in args.kind if k in TEXT_NAMES]
     if text:  # a text suite names its own targets / variants; mixed with other kinds, either kind's names pass
@@ -84,13 +88,14 @@ def run(args) -> int:
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}
-    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out,
+    flags = {"report_only": args.report_only}
+    argv = [*args.kind, *(["--quick"] if args.quick else []), *(["--report-only"] if args.report_only else []), "--device", args.device, "-o", args.out,
             *(["--threads", str(args.threads)] if args.threads is not None else [])]
     for key, value in options.items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     for kind in kinds:
-        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options)
+        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options, **flags)
         print(f"{kind}: {md}")
     print(f"index: {write_index(Path(args.out))}")
     return 0

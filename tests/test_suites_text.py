@@ -61,6 +61,10 @@ def test_multidds_targets_quick_runs_every_variant_and_resumes(tmp_path, tiny, m
     again = sm.run_targets(tmp_path / "out2", command="x", quick=True, steps=100, runs_dir=tmp_path / "runs")
     assert pd.read_csv(tmp_path / "out2" / "suite-multidds-targets.csv").dev_chrf.tolist() == frame.dev_chrf.tolist()
     assert again.exists()
+    # report_only: a larger grid (seed 1 never ran) gives the tables of the recorded runs and trains nothing
+    sm.run_targets(tmp_path / "out3", command="x", seeds=(0, 1), steps=10, runs_dir=tmp_path / "runs", report_only=True)
+    only = pd.read_csv(tmp_path / "out3" / "suite-multidds-targets.csv")
+    assert set(only.seed) == {0} and only.dev_chrf.tolist() == frame.dev_chrf.tolist()
 
 
 def test_signal_blend_and_statistics(tiny):
@@ -142,7 +146,10 @@ def test_bench_cli_lists_and_checks_the_text_suites(tmp_path, monkeypatch):
     (kw,) = calls
     assert kw["datasets"] == ("br",) and kw["methods"] == ("dds",) and kw["seeds"] == (0, 2) and kw["steps"] == 40
     assert kw["command"].startswith("valuekit bench multidds-targets --device cpu")
-    for bad, msg in ((["--datasets", "digits"], "unknown dataset 'digits'"), (["--methods", "bads"], "unknown method")):
-        args = parser.parse_args(["bench", "multidds-targets", *bad, "-o", str(tmp_path)])
+    for kind, bad, msg in (("multidds-targets", ["--datasets", "digits"], "unknown dataset 'digits'"),
+                           ("multidds-targets", ["--methods", "bads"], "unknown method"),
+                           ("multidds-targets", ["--report-only"], "with --runs-dir"),
+                           ("dds", ["--report-only", "--runs-dir", str(tmp_path)], "only for the text suites")):
+        args = parser.parse_args(["bench", kind, *bad, "-o", str(tmp_path)])
         with pytest.raises(InputError, match=msg):
             cli_bench._check(args)

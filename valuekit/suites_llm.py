@@ -142,7 +142,7 @@ def _prepare(folder: Path):
 
 
 def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
-            datasets=None, methods=None, runs_dir=None) -> Path:
+            datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """Value runs for every (seed, arm), subset runs when bads ran, timing and padding; tables in OUT."""
     seeds, steps = list(seeds or (0, 1, 2)), steps or 300
     arms = [a for a in ARMS if not methods or a in methods]
@@ -150,13 +150,13 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
     if quick:
         seeds, steps, timing_steps = seeds[:1], max(8, steps // 15), 8
     with work_folder(runs_dir, "llm") as folder:
-        rec = Records(folder, ("kind", "arm", "seed", "steps"))
-        data = _prepare(folder)
+        rec = Records(folder, ("kind", "arm", "seed", "steps"), report_only=report_only)
+        data = None if report_only else _prepare(folder)
         for seed in seeds:
             for arm in arms:
                 if not rec.has(kind="value", arm=arm, seed=seed, steps=steps):
                     rec.add(_value_run(arm, data, folder / f"{arm}-s{seed}-{steps}", seed, steps, device))
-            if "bads" in arms:
+            if "bads" in arms and not report_only:
                 _subset_runs(data, folder, seed, steps, device, rec)
         if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps):
             rec.add({**_timing(data, timing_steps, device, arms), "arm": None, "seed": None})
@@ -165,7 +165,8 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
         rows = [r for r in rec.rows if r["kind"] in ("timing", "padding")
                 or (r["seed"] in seeds and r["steps"] == steps and r["arm"] in (*arms, *SUBSETS))]
         rows = [r for r in rows if r["kind"] != "timing" or r["steps"] == timing_steps]
-        return _markdown(pd.DataFrame(rows), out, command, device, steps, len(data[0]))
+        n_rows = len(data[0]) if data else len(pd.read_parquet(folder / "data" / "train.parquet", columns=["id"]))
+        return _markdown(pd.DataFrame(rows), out, command, device, steps, n_rows)
 
 
 def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: int, n_rows: int) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from valuekit.errors import InputError
 from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table, mean_sd, work_folder
 
 UNRELATED = ("ja", "fi", "tr", "hu")
@@ -87,7 +88,7 @@ def _target_run(data, out: Path, target: str, seed: int, variant: str, steps: in
 
 
 def run_targets(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
-                datasets=None, methods=None, runs_dir=None) -> Path:
+                datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """multidds-targets: every (variant, seed, target), dds first (retrained reads the dds run)."""
     targets, seeds = list(datasets or TARGETS), list(seeds or (0, 1, 2))
     variants, steps = [v for v in VARIANTS if not methods or v in methods], steps or 300
@@ -96,7 +97,7 @@ def run_targets(out: Path, *, command: str, device: str = "cpu", quick: bool = F
     if "retrained" in variants and "dds" not in variants:
         variants = ["dds", *variants]
     with work_folder(runs_dir, "multidds-targets") as folder:
-        rec = Records(folder, ("target", "seed", "variant", "steps"))
+        rec = Records(folder, ("target", "seed", "variant", "steps"), report_only=report_only)
         data = {}
         for variant in variants:
             for seed in seeds:
@@ -301,7 +302,7 @@ def blend(wide: pd.DataFrame, se: pd.DataFrame, a1: float) -> tuple[pd.DataFrame
 
 
 def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
-               datasets=None, methods=None, runs_dir=None) -> Path:
+               datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """multidds-signal: one frozen-scorer run per (target, arm, seed); statistics per a1."""
     from valuekit.trainers.base import train
 
@@ -311,7 +312,7 @@ def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
         targets, seeds, steps, arms = targets[:1], seeds[:1], max(16, steps // 10), arms[:2]
     rows = []
     with work_folder(runs_dir, "multidds-signal") as folder:
-        rec = Records(folder, ("target", "seed", "arm", "steps"))
+        rec = Records(folder, ("target", "seed", "arm", "steps"), report_only=report_only)
         for target in targets:
             data = None
             for seed in seeds:
@@ -325,6 +326,8 @@ def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
                         rec.add({"target": target, "seed": seed, "arm": arm, "steps": steps,
                                  "cpu_s": time.process_time() - c0, "run": str(run_dir)})
                     r = rec.get(target=target, seed=seed, arm=arm, steps=steps)
+                    if r is None:  # report_only: not recorded
+                        continue
                     wide, se = _pivot(r["run"])
                     for a1 in A1S:
                         rows.append({"target": target, "seed": seed, "arm": arm, "a1": a1, "cpu_s": r["cpu_s"],
@@ -404,13 +407,15 @@ def _model_curve(kind: str, lr: float, tr, dev, *, steps: int, evals, seed: int)
 
 
 def run_model(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
-              datasets=None, methods=None, runs_dir=None) -> Path:
-    """multidds-model on the bundled data/multilingual (target ast)."""
+              datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
+    """multidds-model on the bundled data/multilingual (target ast); no run directories (a plain loop)."""
     import torch
 
     from valuekit.bench import _header, _write
     from valuekit.datasets import load_text_pairs
 
+    if report_only:
+        raise InputError("--report-only: multidds-model keeps no records (it trains in one short loop); leave it out")
     seeds, steps = list(seeds or (0,)), steps or 450
     arms = [a for a in MODEL_ARMS if not methods or a in methods]
     if quick:

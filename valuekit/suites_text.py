@@ -1,10 +1,12 @@
 """Shared parts of the text study suites (`valuekit bench multidds-* / llm`): a registry of suite runners,
 resumable per-run records and mean ± std cells.
 
-A text suite is a function `run(out, *, command, device, quick, seeds, steps, datasets, methods, runs_dir)`
+A text suite is a function `run(out, *, command, device, quick, seeds, steps, datasets, methods, runs_dir,
+report_only)`
 that trains through `valuekit.train`, appends one JSON record per finished run and writes OUT/suite-NAME.md
 (with its command line) and .csv. With `runs_dir` the run directories and the records are kept there, and a
-second call with the same folder skips the runs already recorded (a long grid can be stopped and resumed).
+second call with the same folder skips the runs already recorded (a long grid can be stopped and resumed, or split
+over processes); `report_only` writes the tables from the recorded runs of the grid and trains nothing.
 """
 
 from __future__ import annotations
@@ -56,17 +58,18 @@ def work_folder(runs_dir, name: str):
 class Records:
     """Append-only JSON lines of finished runs, keyed by a tuple of fields (resume skips recorded keys)."""
 
-    def __init__(self, folder: Path, key: tuple[str, ...]):
-        self.path, self.key = Path(folder) / RECORDS, key
+    def __init__(self, folder: Path, key: tuple[str, ...], *, report_only: bool = False):
+        self.path, self.key, self.report_only = Path(folder) / RECORDS, key, report_only
         self.rows = self._read()
 
     def _read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
 
     def has(self, **key) -> bool:
-        """Re-reads the file: another process sharing the folder may have recorded the run meanwhile."""
+        """Re-reads the file: another process sharing the folder may have recorded the run meanwhile.
+        With report_only every run counts as recorded: nothing trains, the tables show what the file holds."""
         self.rows = self._read()
-        return any(all(r.get(k) == key[k] for k in self.key) for r in self.rows)
+        return self.report_only or any(all(r.get(k) == key[k] for k in self.key) for r in self.rows)
 
     def get(self, **key) -> dict | None:
         return next((r for r in self.rows if all(r.get(k) == key[k] for k in self.key)), None)
