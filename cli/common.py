@@ -25,7 +25,10 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     lm.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt)")
     lm.add_argument("--response-col", default="response", help="response column, the only scored text (default: response)")
     lm.add_argument("--tokenizer", default=None, metavar="DIR",
-                    help="local Hugging Face tokenizer folder (default: the built-in byte-level tokenizer)")
+                    help="local Hugging Face tokenizer folder (default: the built-in byte-level tokenizer); on a "
+                         "text classification table it turns --text-col into token ids for your text model")
+    lm.add_argument("--text-col", default=None, metavar="NAME",
+                    help="text classification tables: the string column --tokenizer tokenizes (default: text)")
     lm.add_argument("--max-len", type=int, default=256, help="tokens per example, prompt cut first (default: 256)")
 
 
@@ -101,6 +104,14 @@ def load_tables(args, table_path):
     if text:
         return _load_text_pairs(args, table_path)
     kw = table_kwargs(args)
+    if getattr(args, "tokenizer", None):  # a text classification table: token ids of the text column
+        from valuekit.instructions import get_tokenizer
+
+        if args.max_len < 1:
+            raise InputError(f"--max-len {args.max_len}: must be >= 1")
+        kw.update(tokenizer=get_tokenizer(args.tokenizer), text_col=args.text_col or "text", max_len=args.max_len)
+    elif getattr(args, "text_col", None):
+        raise InputError(f"--text-col {args.text_col}: needs --tokenizer DIR (the tokenizer that turns it into ids)")
     train = load_table(table_path, name="train", **kw)
     kw.pop("feature_cols"), kw.pop("image_shape")
     dev = load_table(args.dev, name="dev", like=train, **kw)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,12 +63,27 @@ def _launch(args) -> int:
         raise InputError("--nproc: already running under torchrun; leave --nproc out (torchrun sets the processes)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
            "-m", "valuekit.cli", *_argv(args)]
-    proc = subprocess.Popen(cmd)
-    while True:
-        try:
-            return proc.wait()
-        except KeyboardInterrupt:  # the workers got the signal too and stop at a step boundary; wait for them
-            continue
+    # torchrun gets its own session, so a signal meant for this command (Ctrl-C in a terminal, SIGTERM from a
+    # scheduler to this pid or to its group) reaches it exactly once, forwarded here; torchrun passes it to every
+    # rank, and the ranks agree on one step to stop at and checkpoint (a second signal would stop them at once)
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if got and code != 0:  # stopped by a signal: the exit status of an interrupted one-process run
+        print("valuekit: interrupted; every rank stopped at the same step with a checkpoint (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    return code
 
 
 def run(args) -> int:
@@ -82,10 +98,20 @@ def run(args) -> int:
         del data, dev, test
         import torch
 
+        from valuekit.trainers.base import resolve_device
+
+        if cfg.device.startswith("cuda:"):  # what every rank would refuse (trainers.base._placement), said once
+            raise InputError(f"--device {cfg.device}: with --nproc each process uses cuda:LOCAL_RANK; "
+                             f"use --device auto or cuda")
+        resolve_device(cfg.device)  # --device cuda on a machine without CUDA: one line, before any process starts
         gpus = torch.cuda.device_count() if cfg.device in ("auto", "cuda") else 0
         if gpus and args.nproc > gpus:
             raise InputError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s), one process each; "
                              f"use --nproc {gpus} or --device cpu")
+        if args.resume:  # another world size is refused here, before any process starts
+            from valuekit.runlog import check_world_size, read_run
+
+            check_world_size(args.out, read_run(args.out).meta.get("world_size", 1), args.nproc)
         return _launch(args)
     run_ = train(data, dev, test, out=Path(args.out), config=cfg, method_config=method_cfg, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -48,6 +48,10 @@ def test_bench_all_quick(tmp_path, capsys):
     assert det.auroc.between(0.8, 1).all()
     md = (out / "quality.md").read_text()
     assert "## Acceptance" in md and ("**PASS**" in md or "**FAIL**" in md)
+    row = next(line for line in md.splitlines() if line.startswith("| digits | noise40 | dds | ") and line.count("|") == 8)
+    cells = [c.strip() for c in row.split("|")[4:7]]  # last step, own best-dev evaluation, uniform-ES
+    assert cells == [f"{q.loc['dds', 'test_acc']:.3f}", f"{q.loc['dds', 'test_acc_es']:.3f}",
+                     f"{q.loc['uniform', 'test_acc_es']:.3f}"]
 
     scale = pd.read_csv(out / "scale.csv")
     assert len(scale) == 3 and (scale.seconds > 0).all()
@@ -76,13 +80,15 @@ def test_quality_helpers_exact():
     assert early_stopped_acc(m) == 0.8  # first best dev accuracy
     rows = pd.DataFrame({"dataset": "d", "setting": "noise40", "seed": [0, 1], "method": "dds", "auroc": [0.9, 0.9],
                          "auroc_loss": [0.95, 0.95], "acc_top50": 0.9, "acc_random50": 0.8, "min_share_top50": 0.7,
-                         "test_acc": 0.85, "test_acc_es": np.nan, "median_ess": 0.5})
+                         "test_acc": 0.85, "test_acc_es": [0.87, 0.89], "median_ess": 0.5})
     uni = rows.assign(method="uniform", test_acc_es=0.86)
     det = pd.DataFrame({"dataset": "d", "setting": "noise40", "seed": 0,
                         "detector": ["valuekit audit label_score", "pyDVL data-oob"], "f1_at_k": [0.9, 0.85]})
     got = {c.split(",")[0][:20]: ok for c, ok, _ in criteria(pd.concat([uni, rows]), det)}
     assert got == {"AUROC(value) >= AURO": False, "top 50 % by value be": True, "audit label_score be": True,
                    "every reweighting me": False}
+    evidence = criteria(pd.concat([uni, rows]), det)[-1][2]
+    assert evidence.startswith("fails: d/dds 0.850 vs 0.860") and evidence.endswith("same way reach: d/dds 0.880)")
 
 
 def test_quality_bad_settings_exit_2_one_line(tmp_path, capsys):

@@ -226,6 +226,9 @@ def load_table(
     stream: bool | str = "auto",
     like: ValueDataset | None = None,
     name: str = "train",
+    tokenizer=None,
+    text_col: str = "text",
+    max_len: int = 256,
 ) -> ValueDataset:
     """Load a table and validate it once; `like` aligns a dev/test table to the training table.
 
@@ -235,7 +238,7 @@ def load_table(
     every image, otherwise all must have the same size. `stream` (True / False / "auto": when the
     decoded pixels would pass STREAM_BYTES) keeps the images encoded in memory and decodes the rows a
     batch needs (`valuekit.images.ImageRows`); numeric tables are always held in memory. Errors name the file, the column and the
-    offending value (for images: the row's id and the image file).
+    offending value (for images: the row's id and the image file). With a `tokenizer`, see `_tokenize_text`.
     """
     import torch
 
@@ -257,6 +260,9 @@ def load_table(
             raise InputError(f"{where}: column {source_col!r} has a null source at id {_show(ids_np[row])}")
         src = df[source_col].astype(str).to_numpy(dtype=object)
 
+    if tokenizer is not None:  # a text classification table: the text column becomes token-id lists
+        df = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
+        feature_cols = feature_cols or [text_col]
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
@@ -306,6 +312,20 @@ def load_table(
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
         path=path, file_sha256=_file_sha256(Path(path)) if path else None,
     )
+
+
+def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, like, where: str, ids) -> pd.DataFrame:
+    """The table with the string column `text_col` replaced by each row's token ids, cut to `max_len` and padded
+    to the longest training row (dev/test: to the training width), the one feature of a user's text model."""
+    from valuekit.instructions import token_id_rows
+
+    if text_col not in df.columns:
+        raise InputError(f"{where}: missing text column {text_col!r} for --tokenizer (choose it with --text-col; "
+                         f"columns: {list(df.columns)[:12]})")
+    width = like.x.shape[1] if like is not None else None
+    rows = token_id_rows(df[text_col].to_numpy(dtype=object), tokenizer, max_len=max_len, width=width, where=where,
+                         col=text_col, ids=ids)
+    return df.assign(**{text_col: pd.Series(rows, index=df.index)})
 
 
 def _class_sort_key(text: str):
@@ -368,7 +388,8 @@ def _features(df, where, reserved, feature_cols, ids):
             example = df[c].dropna().iloc[0] if df[c].notna().any() else None
             raise InputError(
                 f"{where}: column {c!r} is not numeric (e.g. {example!r}); declare features with --feature-cols "
-                f"or drop it"
+                f"or drop it" + ("; a text column: tokenize it with --tokenizer DIR (--text-col NAME)"
+                                 if isinstance(example, str) else "")
             )
     with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
         x = df[candidates].to_numpy(dtype=np.float32, na_value=np.nan)

@@ -241,6 +241,7 @@ class HFTokenizer:
             raise InputError(f"--tokenizer {path}: does not load as a tokenizer ({first[:200]})") from None
         self.path = str(path)
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
         self.vocab_size = len(self.tok)
 
     def encode(self, text: str) -> list[int]:
@@ -252,6 +253,25 @@ class HFTokenizer:
 
 def get_tokenizer(path: str | None):
     return ByteTokenizer() if path is None else HFTokenizer(path)
+
+
+def token_id_rows(texts, tokenizer, *, max_len: int, width: int | None = None, where: str, col: str,
+                  ids) -> np.ndarray:
+    """A text classifier's inputs: each row's token ids (no special tokens), cut to `max_len`, padded with the
+    tokenizer's pad id (0 when it has none) to `width` (default: the longest row), so the user's model can
+    mask padding as `ids != pad`. A missing text stops with its row's id."""
+    rows = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InputError(f"{where}: column {col!r} has a missing text at id {ids[i]}")
+        rows.append(tokenizer.encode(text)[:max_len])
+    width = width or max(1, max(len(r) for r in rows))
+    padded = np.full((len(rows), width), getattr(tokenizer, "pad_id", 0), dtype=np.int64)
+    out = np.empty(len(rows), dtype=object)  # one array per row: a list column (numpy would make it 2-D)
+    for i, r in enumerate(rows):
+        padded[i, : min(len(r), width)] = r[:width]
+        out[i] = padded[i]
+    return out
 
 
 def tokenize(prompts, responses, tokenizer, max_len: int):

@@ -519,6 +519,13 @@ def identity(meta: dict) -> dict:
     return json.loads(json.dumps(ident, default=str))
 
 
+def check_world_size(out, made_with: int, now: int) -> None:
+    """A run continues only with the processes it was made with (the global batch and steps/rank-R depend on it)."""
+    if made_with != now:
+        raise RunDirError(f"{out}: --resume with {now} process(es), but the run was made with {made_with} "
+                          f"(world size); resume with {made_with} process(es)")
+
+
 def prepare_run(out: Path, meta: dict, resume: bool):
     """(lock, checkpoint state or None) for a fresh or resumed run directory; one process (rank 0) only.
     A resumed run takes run_id and started_at from the original; a fresh one gets a run_id."""
@@ -532,6 +539,7 @@ def prepare_run(out: Path, meta: dict, resume: bool):
         if resume:
             old = read_run(out)
             if identity(old.meta) != identity(meta):
+                check_world_size(out, old.meta.get("world_size", 1), meta.get("world_size", 1))
                 diff = [k for k in identity(meta) if identity(meta)[k] != identity(old.meta)[k]]
                 raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
             state = load_checkpoint(out, training=True)

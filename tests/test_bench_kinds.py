@@ -1,0 +1,82 @@
+"""README "Benchmarks": `valuekit bench KIND` runs that one benchmark only, and --seeds / --steps / --datasets /
+--methods / --settings reach the runs it makes (the written tables hold exactly the requested grid)."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from contextlib import redirect_stderr, redirect_stdout
+
+import numpy as np
+import pandas as pd
+
+from valuekit import suites
+from valuekit.cli.main import main
+
+
+def cli(argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_bench_quality_runs_exactly_the_requested_grid(tmp_path):
+    out, runs = tmp_path / "reports", tmp_path / "runs"
+    code, printed, err = cli(["bench", "quality", "--quick", "--device", "cpu", "-o", out, "--seeds", "3,5",
+                              "--steps", "12", "--datasets", "wine", "--methods", "uniform,l2rw",
+                              "--settings", "noise20", "--runs-dir", runs])
+    assert code == 0, err
+    # one kind: its files and the index, nothing of the other benchmarks
+    assert sorted(p.name for p in out.iterdir()) == ["BENCHMARKS.md", "quality.csv", "quality.md",
+                                                     "quality_detectors.csv"]
+    assert printed.splitlines()[-2:] == [f"quality: {out / 'quality.md'}", f"index: {out / 'BENCHMARKS.md'}"]
+    q = pd.read_csv(out / "quality.csv")
+    grid = sorted(itertools.product(["wine"], ["noise20"], [3, 5], ["uniform", "l2rw"]))
+    assert sorted(q[["dataset", "setting", "seed", "method"]].itertuples(index=False, name=None)) == grid
+    for _, row in q.iterrows():  # every run of the grid was made with the requested steps and seed
+        meta = json.loads((runs / f"wine-noise20-{row.seed}" / row.method / "run.json").read_text())
+        assert meta["steps_done"] == 12 and meta["seed"] == row.seed and meta["method"] == row.method
+        assert meta["data"]["train"]["n_rows"] == 178 - 30 - round(0.2 * 178)  # wine minus dev (10/class) and test
+    uni = q[q.method == "uniform"]
+    np.testing.assert_allclose(uni.auroc, uni.auroc_loss)  # uniform's value is -mean_loss
+    assert q[["auroc", "auroc_loss", "test_acc"]].stack().between(0, 1).all()
+    md = (out / "quality.md").read_text()
+    assert (f"Command: `valuekit bench quality --quick --device cpu -o {out} --seeds 3,5 --steps 12 --datasets wine "
+            f"--methods uniform,l2rw --settings noise20 --runs-dir {runs}`") in md
+    assert "mean ± std over seeds [3, 5]" in md and "MLP, 12 steps of batch 64" in md
+    index = (out / "BENCHMARKS.md").read_text()
+    assert "## quality (CPU)" in index and "## speed" not in index and "## layer" not in index
+
+
+def test_bench_speed_times_only_the_requested_methods(tmp_path):
+    out = tmp_path / "reports"
+    code, printed, err = cli(["bench", "speed", "--quick", "--device", "cpu", "--methods", "l2rw", "-o", out])
+    assert code == 0, err
+    speed = pd.read_csv(out / "speed.csv")
+    assert list(speed.method) == ["uniform", "l2rw"] and set(speed.model) == {"mlp"}  # uniform: the baseline
+    np.testing.assert_allclose(speed.set_index("method").ratio_vs_uniform,
+                               speed.set_index("method").median_step_ms / speed.median_step_ms.iloc[0])
+    assert (speed.median_step_ms > 0).all()
+    assert not (out / "quality.md").exists() and not (out / "layer.md").exists()
+    assert f"Command: `valuekit bench speed --quick --device cpu -o {out} --methods l2rw`" in (out / "speed.md").read_text()
+    assert printed.splitlines()[0] == f"speed: {out / 'speed.md'}"
+
+
+def test_bench_suite_options_reach_the_suite_runs(tmp_path, monkeypatch):
+    """--seeds / --steps / --datasets replace a study suite's own grid (here a two-arm suite on digits)."""
+    tiny = suites.Suite("tiny", "Tiny", ("digits",), ("noise20",),
+                        (suites.Arm("uniform", "uniform"), suites.Arm("dds k=2", "dds", {"update_every": 2})),
+                        seeds=(0, 1, 2), steps=200, batch_size=16)
+    monkeypatch.setitem(suites.SUITES, "tiny", tiny)
+    out = tmp_path / "reports"
+    code, _, err = cli(["bench", "tiny", "--device", "cpu", "-o", out, "--seeds", "4,9", "--steps", "11",
+                        "--datasets", "wine"])
+    assert code == 0, err
+    frame = pd.read_csv(out / "suite-tiny.csv")
+    grid = sorted(itertools.product(["wine"], ["noise20"], ["uniform", "dds k=2"], [4, 9]))
+    assert sorted(frame[["dataset", "setting", "arm", "seed"]].itertuples(index=False, name=None)) == grid
+    md = (out / "suite-tiny.md").read_text()
+    assert f"Command: `valuekit bench tiny --device cpu -o {out} --seeds 4,9 --steps 11 --datasets wine`" in md
+    assert "data ['wine']" in md and "seeds [4, 9]" in md and "11 steps" in md
