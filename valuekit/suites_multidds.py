@@ -361,7 +361,10 @@ def _signal_markdown(frame: pd.DataFrame, out: Path, command: str, device: str, 
 # ---------------------------------------------------------------- model (GRU vs Transformer)
 
 MODEL_DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual"  # bundled, target ast
-MODEL_ARMS = {"gru-h128-lr3e-3": ("gru", 3e-3), "tf-d128-lr1e-3": ("tf", 1e-3), "tf-d128-lr3e-3": ("tf", 3e-3)}
+# label -> (model, lr, share of --steps): a Transformer step costs about 3.6 GRU steps of CPU (reports/multidds.md
+# section 2), so it gets a third of the steps and both arms end at about the same CPU seconds
+MODEL_ARMS = {"gru-h128-lr3e-3": ("gru", 3e-3, 1.0), "tf-d128-lr1e-3": ("tf", 1e-3, 1 / 3),
+              "tf-d128-lr3e-3": ("tf", 3e-3, 1 / 3)}
 
 
 def _make_model(kind: str, g):
@@ -423,14 +426,20 @@ def run_model(out: Path, *, command: str, device: str = "cpu", quick: bool = Fal
     torch.set_num_threads(1)
     tr = load_text_pairs(MODEL_DATA / "train.parquet", max_len=MAX_LEN)
     dev = load_text_pairs(MODEL_DATA / "dev.parquet", max_len=MAX_LEN, name="dev")
-    evals = sorted({max(1, steps * k // 3) for k in (1, 2, 3)})
-    rows = [{"model": arm, "seed": seed, **r} for arm in arms for seed in seeds
-            for r in _model_curve(*MODEL_ARMS[arm], tr, dev, steps=steps, evals=set(evals), seed=seed)]
+    rows = []
+    for arm in arms:
+        kind, lr, share = MODEL_ARMS[arm]
+        n = max(3, round(steps * share))
+        evals = {max(1, n * k // 3) for k in (1, 2, 3)}
+        rows += [{"model": arm, "seed": seed, **r} for seed in seeds
+                 for r in _model_curve(kind, lr, tr, dev, steps=n, evals=evals, seed=seed)]
     frame = pd.DataFrame(rows)
     lines = _header("Translation model for multidds: byte GRU vs byte Transformer", command, device) + [
         f"data/multilingual (target ast, {len(tr.y):,} training rows, {len(dev.y)} dev sentences), uniform rows, "
         "batch 32, Adam, gradient norm clipped to 1, one thread. CPU s = process time of the training steps "
-        "(evaluation excluded). GRU: hidden 128; Transformer: pre-LN, 2+2 layers, width 128, 4 heads.", ""]
+        "(evaluation excluded). GRU: hidden 128; Transformer: pre-LN, 2+2 layers, width 128, 4 heads. Each arm runs "
+        f"its share of {steps} steps ({', '.join(f'{a}: {MODEL_ARMS[a][2]:.2g}' for a in arms)}) so that the arms end "
+        "at similar CPU seconds; dev chrF at a third, two thirds and all of its steps.", ""]
     g = frame.groupby(["model", "step"], sort=False)
     lines += md_table(["model", "steps", "seeds", "CPU s", "dev chrF", "dev loss"],
                       [[m, s, len(sub), mean_sd(sub.cpu_s, 1), mean_sd(sub.dev_chrf, 2), mean_sd(sub.dev_loss)]
