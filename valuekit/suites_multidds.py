@@ -351,9 +351,15 @@ def _signal_markdown(frame: pd.DataFrame, out: Path, command: str, device: str, 
             "order_of_mean_ok", "target_mean_rank", "cpu_s"]
     g = frame.groupby(["target", "arm", "a1"], sort=False)
     rows = []
+    def cell(sub, c):
+        if sub[c].dtype == bool:
+            return f"{int(sub[c].sum())} of {len(sub)}"
+        if len(sub) > 1:
+            return mean_sd(sub[c], 2)
+        return str(int(sub[c].iloc[0])) if c in ("updates", "target_mean_rank") else f"{sub[c].iloc[0]:.2f}"
+
     for key, sub in g:
-        rows.append([*key, len(sub), *[mean_sd(sub[c], 2) if sub[c].dtype != bool else
-                                       f"{int(sub[c].sum())} of {len(sub)}" for c in cols]])
+        rows.append([*key, len(sub), *[cell(sub, c) for c in cols]])
     lines += md_table(["target", "arm", "a1", "seeds", *cols], rows)
     return _write(out, "suite-multidds-signal", lines, frame)
 
