@@ -171,6 +171,70 @@ def test_two_means_split_on_bimodal_input():
     assert m.fraction_split([3.0, 1.0, 2.0, 0.0], 0.5).tolist() == [False, True, False, True]
 
 
+def test_two_means_split_is_the_exact_optimum_on_unclustered_data():
+    """On data with no clear gap (where a wrong cost still picks a plausible split) the split is the brute-force
+    minimum of the within-cluster sum of squares, for several sizes."""
+    rng = np.random.default_rng(3)
+    for n in (5, 17, 60):
+        for _ in range(5):
+            x = rng.gamma(2.0, size=n)
+            s = np.sort(x)
+            cost = [((s[:k] - s[:k].mean()) ** 2).sum() + ((s[k:] - s[k:].mean()) ** 2).sum() for k in range(1, n)]
+            assert m.two_means_split(x).sum() == 1 + int(np.argmin(cost))
+
+
+def test_small_cases_of_scores_and_metrics():
+    """Edges: a run whose 1st and 99th percentiles coincide falls back to min/max; percentile ranks are
+    (rank - 1) / (n - 1); one positive is enough for an AUROC; the discovery curve by hand."""
+    np.testing.assert_array_equal(m.run_score(np.r_[np.zeros(199), 4.0]), np.r_[np.zeros(199), 1.0])
+    np.testing.assert_allclose(m.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
+    assert np.isnan(m.spearman([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]))  # one side constant: undefined
+    assert np.isnan(m.spearman([5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]))
+    assert m.spearman([1.0, 2.0, 3.0, np.nan], [3.0, 2.0, 1.0, 0.0]) == pytest.approx(-1.0)
+    assert m.roc_auc([True, False, False], [0.9, 0.1, 0.5]) == 1.0
+    assert m.roc_auc([False, True, True], [0.9, 0.1, 0.5]) == 0.0
+    two = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [True, True, False, False])
+    assert two.found.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0] and two.optimal.tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
+    none = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False] * 4)
+    assert none.found.tolist() == [0.0] * 5 and none.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+    assert m.two_means_split([0.0, 5.0]).tolist() == [True, False]
+    assert m.two_means_split([0.0, 0.0, 5.0]).tolist() == [True, True, False]
+    curve = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False, True, False, False])
+    assert curve.inspected.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert curve.found.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0] and curve.random.tolist() == curve.inspected.tolist()
+    assert curve.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
+
+
+def test_training_features_follow_the_runs_feature_cols(tmp_path):
+    """x holds the run's feature_cols (an extra numeric column in the table is left out); without them in the
+    table, every numeric non-reserved column."""
+    df = make_table(tmp_path)
+    run = m.open_runs([make_run(tmp_path, "a", clear_values())])[0]
+    got = m.training_table(run, df.assign(extra=7.0))
+    np.testing.assert_array_equal(got["x"], df[["f0", "f1"]].to_numpy(np.float32))
+    other = m.training_table(run, df.rename(columns={"f1": "g1"}).assign(extra=7.0))
+    assert other["x"].shape == (N, 3)
+
+
+def test_cv_folds_are_stratified_when_every_class_fills_them(monkeypatch):
+    """StratifiedKFold when the smallest class has at least `folds` rows (exactly 5 here), KFold below that."""
+    import sklearn.model_selection as ms
+
+    used = []
+    for name in ("KFold", "StratifiedKFold"):
+        real = getattr(ms, name)
+        monkeypatch.setattr(ms, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(25, 2))
+    y = np.r_[np.zeros(20, int), np.ones(5, int)]
+    probs = m.cv_pred_probs(x, y, 2, model="linear", folds=5)
+    assert used == ["StratifiedKFold"] and probs.shape == (25, 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0)
+    m.cv_pred_probs(x[1:], y[1:], 2, model="linear", folds=5)
+    m.cv_pred_probs(x[:-1], y[:-1], 2, model="linear", folds=5)
+    assert used == ["StratifiedKFold", "StratifiedKFold", "KFold"]
+
+
 def test_metrics_match_sklearn():
     rng = np.random.default_rng(0)
     y = rng.random(300) < 0.25
@@ -235,12 +299,19 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(InputError, match="missing.parquet.*--data"):
         m.audit(run)
     other = make_run(tmp_path, "other", clear_values(), ids=np.arange(N))
-    with pytest.raises(InputError, match="no value for training id"):
+    with pytest.raises(InputError, match=rf"has no value for training id 100 \({N} ids missing\)"):
         m.audit(other)
     (tmp_path / "unfinished").mkdir()
     (tmp_path / "unfinished" / "run.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION}))
     with pytest.raises(RunDirError, match="values.parquet"):
         m.audit(tmp_path / "unfinished")
+    df = make_table(tmp_path)
+    run = make_run(tmp_path, "ok", clear_values())
+    for col in ("id", "label"):
+        holes = df.astype({col: object})
+        holes.loc[[2, 5], col] = None
+        with pytest.raises(InputError, match=rf"^<data DataFrame>: column '{col}' has a null value at row 2$"):
+            m.audit(run, holes, predict=False)
 
 
 # ---------------------------------------------------------------- CLI

@@ -212,6 +212,64 @@ def test_noise_every_k_adds_theta_noise_on_every_kth_step_only():
     assert 0.8 * sd < diff.std().item() < 1.2 * sd
 
 
+def test_values_summarise_the_samples_of_each_row():
+    """burn_in 0: every visit adds the row's new w as a sample. posterior_mean = the mean of its samples (the
+    current w for rows never sampled), value_std = their std with ddof 1 (NaN under two samples), samples = count."""
+    ctx, cfg, tr = _float64_trainer(burn_in=0)
+    tr.samples = tr.samples.float()  # the reservoir's own dtype (this test does not read it)
+    drawn = {i: [] for i in range(ctx.n)}
+    for step, rows in enumerate([range(6), range(3), [0]], 1):
+        tr.step(_batch(ctx, list(rows), step=step))
+        for i in rows:
+            drawn[i].append(float(torch.sigmoid(tr.u[i].double())))
+    v = tr.values()
+    current = torch.sigmoid(tr.u.double()).numpy()
+    mean = [np.mean(drawn[i]) if drawn[i] else current[i] for i in range(ctx.n)]
+    std = [np.std(drawn[i], ddof=1) if len(drawn[i]) > 1 else np.nan for i in range(ctx.n)]
+    np.testing.assert_allclose(np.asarray(v["posterior_mean"]), mean, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-9, equal_nan=True)
+    np.testing.assert_array_equal(np.asarray(v["samples"]), [3, 2, 2, 1, 1, 1] + [0] * (ctx.n - 6))
+    assert np.std(drawn[0], ddof=1) > 1e-6  # the samples differ, so the ddof matters
+    # ci_low / ci_high: the (1 - ci) / 2 and 1 - (1 - ci) / 2 quantiles of the row's reservoir samples
+    lo, hi = (1 - cfg.ci) / 2, 1 - (1 - cfg.ci) / 2
+    for i in range(ctx.n):
+        want = np.quantile(drawn[i], [lo, hi]) if drawn[i] else [np.nan, np.nan]
+        np.testing.assert_allclose([float(v["ci_low"][i]), float(v["ci_high"][i])], want, rtol=1e-5,
+                                   equal_nan=True)
+
+
+def test_per_source_values_summarise_each_sources_samples():
+    """per_source, burn_in 0: one sample of every source's w_t per step; a row's value is its source's mean,
+    value_std their std with ddof 1, samples the count."""
+    import dataclasses
+
+    ctx = dataclasses.replace(_context(), source=torch.arange(12) % 3, sources=["a", "b", "c"])
+    tr = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=0, temperature=1.0))
+    drawn = []
+    for step, rows in enumerate([range(12), range(6), range(12)], 1):
+        rows = torch.tensor(list(rows))
+        tr.step(Batch(step=step, idx=rows, x=ctx.x[rows], y=ctx.y[rows], source=ctx.source[rows]))
+        drawn.append(torch.sigmoid(tr.task_u.double()).numpy().copy())
+    drawn = np.array(drawn)  # (steps, sources)
+    assert drawn.std(0, ddof=1).min() > 1e-6
+    v = tr.values()
+    src = ctx.source.numpy()
+    np.testing.assert_allclose(np.asarray(v["value"]), drawn.mean(0)[src], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), drawn.std(0, ddof=1)[src], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(v["samples"]), np.full(12, 3.0))
+    # before burn-in ends no source has a sample: value = its current w_t, value_std NaN
+    early = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=10, temperature=1.0))
+    early.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
+    e = early.values()
+    np.testing.assert_allclose(np.asarray(e["value"]), torch.sigmoid(early.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(e["value_std"])).all() and (np.asarray(e["samples"]) == 0).all()
+    one = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=0, temperature=1.0))
+    one.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
+    o = one.values()  # one sample: its value, no spread yet (NaN, not 0)
+    np.testing.assert_allclose(np.asarray(o["value"]), torch.sigmoid(one.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(o["value_std"])).all() and (np.asarray(o["samples"]) == 1).all()
+
+
 def test_config_validation():
     for bad in ({"beta": 1.0}, {"lr_w": 0.0}, {"temperature": -1.0}, {"reservoir": 0}, {"ci": 1.5}, {"burn_in": -1}):
         with pytest.raises(InputError, match=next(iter(bad))):

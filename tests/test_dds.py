@@ -208,6 +208,16 @@ def test_short_run_logs_rewards_and_weights(digits, tmp_path):
     w = np.exp(v["scorer_logit"] - v["scorer_logit"].max())
     assert np.allclose(v["weight"], w / w.sum() * len(v), rtol=1e-9)
     assert np.array_equal(v["label"].to_numpy(), digits[0].y.numpy())
+    # value = within-class rank average of -mean_loss and aum (signals.in_run_value), scorer_logit_z = the logit
+    # standardised within each class
+    from valuekit.trainers.signals import class_standardise, rank_average
+    labels = digits[0].y.numpy()
+    np.testing.assert_allclose(v["value"].to_numpy(), rank_average([-v["mean_loss"].to_numpy(), v["aum"].to_numpy()],
+                                                                   labels), rtol=1e-12)
+    z = v["scorer_logit_z"].to_numpy()
+    np.testing.assert_allclose(z, class_standardise(v["scorer_logit"].to_numpy(), labels), rtol=1e-9, atol=1e-12)
+    for c in np.unique(labels):
+        assert z[labels == c].mean() == pytest.approx(0.0, abs=1e-9) and z[labels == c].std() == pytest.approx(1.0)
     ck = torch.load(run.path / "checkpoint.pt", weights_only=True)
     assert "scorer" in ck["trainer"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -258,6 +259,53 @@ def test_option_errors(scored, tmp_path):
     assert not out.exists()
 
 
+def test_defaults_keep_every_row_quietly(scored, tmp_path, capsys):
+    """Called with no option, the public functions keep all rows, add no `selected` column, take batch_rows >= 1
+    only, and print no progress bar (progress=False)."""
+    got = export.score(scored["table"].to_pandas(), scored["run"])
+    assert len(got) == N and "selected" not in got.columns
+    summary = export.write_scored(scored["path"], scored["run"], tmp_path / "all.parquet")
+    assert summary.rows_in == summary.rows_out == N and summary.selected is None and pq.read_table(tmp_path / "all.parquet").num_rows == N
+    assert capsys.readouterr().err == ""
+    with pytest.raises(InputError, match=r"^--batch-rows 0: must be an integer >= 1$"):
+        export.score(scored["path"], scored["run"], batch_rows=0)
+
+
+def test_progress_bar_only_when_asked(scored, tmp_path, monkeypatch):
+    """progress defaults to False in score() and write_scored(): the bar is disabled outright (not left to tqdm's
+    terminal check); progress=True leaves it to tqdm (disable=None: shown on a terminal)."""
+    import tqdm.auto
+
+    seen, real = [], tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: seen.append(k["disable"]) or real(*a, **k))
+    export.score(scored["path"], scored["run"])
+    export.write_scored(scored["path"], scored["run"], tmp_path / "a.parquet")
+    export.score(scored["path"], scored["run"], progress=True)
+    assert seen == [True, True, None]
+
+
+def test_frame_ids_with_missing_values_are_null_ids(scored):
+    """pandas marks a missing text id with NaN: it is reported as a null id, not as a type error."""
+    df = pd.DataFrame({"id": ["a", np.nan, "c"], "x": [1.0, 2.0, 3.0]})
+    with pytest.raises(InputError, match=r"^<DataFrame>: column 'id' has a null id at row 1$"):
+        valuekit.score(df, scored["run"])
+
+
+def test_check_selection_bounds_are_inclusive_where_documented():
+    """The edges of each range (mutation run, reports/tests.md): top-k 1 and drop-fraction 0 are allowed,
+    top-k 0 is not; with no rule and no --subset-only the check passes and reports no rule."""
+    assert export.check_selection() is False
+    assert export.check_selection(top_k=1) is True
+    assert export.check_selection(drop_fraction=0.0) is True
+    assert export.check_selection(keep_fraction=1.0) is True
+    with pytest.raises(InputError, match=r"^--top-k 0: must be >= 1$"):
+        export.check_selection(top_k=0)
+    with pytest.raises(InputError, match=r"^--keep-fraction 0: must be in \(0, 1\]$"):
+        export.check_selection(keep_fraction=0)
+    with pytest.raises(InputError, match=r"^--drop-fraction 1: must be in \[0, 1\)$"):
+        export.check_selection(drop_fraction=1)
+
+
 # ---------------------------------------------------------------- matching by id
 
 
@@ -409,12 +457,30 @@ def test_csv_streams_and_adopts_types_of_later_blocks(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run", np.arange(n), rng.normal(size=n))
     with pacsv.open_csv(inp, read_options=pacsv.ReadOptions(block_size=1 << 14)) as r:
         assert r.schema.field("late").type == pa.null()  # what the first block alone would say
-    fixes, real_fix = [], export._CsvSource._fix
-    monkeypatch.setattr(export._CsvSource, "_fix", lambda self, exc: fixes.append(str(exc)) or real_fix(self, exc))
+    fixes, states, real_fix = [], [], export._CsvSource._fix
+
+    def spy_fix(self, exc):
+        fixes.append(str(exc))
+        real_fix(self, exc)
+        states.append((dict(self.column_types), self.block_size))
+
+    monkeypatch.setattr(export._CsvSource, "_fix", spy_fix)
     small, big = tmp_path / "small.parquet", tmp_path / "big.parquet"
+    aborts, real_abort = [], tablestream._FileSink.abort
+    monkeypatch.setattr(tablestream._FileSink, "abort", lambda self: aborts.append(self.tmp) or real_abort(self))
+    batches, real_extend = [], export._extend
+    monkeypatch.setattr(export, "_extend", lambda batch, *a: batches.append(batch.num_rows) or real_extend(batch, *a))
     valuekit.score(inp, run, out=small, batch_rows=50)
     assert len(fixes) >= 2 and any("'late'" in f or "#1" in f for f in fixes)  # it restarted with read_csv's types
+    # a conversion error fixes the column's type (as read_csv types it) and keeps the block size
+    assert states[-1][0]["late"] == pa.float64() and states[-1][0]["ints"] == pa.float64()
+    assert {b for _, b in states} == {tablestream._CSV_MIN_BLOCK}
+    assert len(aborts) == len(fixes)  # every restart closed and removed the partial output first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "run", "small.parquet"]
+    assert len(batches) > 10 and max(batches) < 1500  # 50 rows x ~17 bytes -> blocks of the 16 KiB minimum
+    batches.clear()
     valuekit.score(inp, run, out=big, batch_rows=10**6)
+    assert batches == [n]  # 10**6 rows x ~17 bytes is over the file's size: one block
     original = pacsv.read_csv(inp)
     for out in (small, big):
         got = pq.read_table(out)
@@ -535,3 +601,70 @@ def test_temporaries_of_killed_exports_are_removed(tmp_path):
         p.write_bytes(b"partial")
     _remove_stale_temporaries(out)
     assert not stale.exists() and live.exists() and other.exists()
+
+
+def _long_row_csv(path, width):
+    rows = ["id,text"] + [f"{i},r{i}" for i in range(300)]
+    rows[151] = "150," + "x" * width
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_csv_row_longer_than_a_block_doubles_the_block_up_to_its_limit(tmp_path, monkeypatch):
+    """A row that straddles blocks makes the stream restart with twice the block, up to 16 x _CSV_MAX_BLOCK;
+    past that the export stops with pyarrow's message (limits made small here so the rows stay small)."""
+    monkeypatch.setattr(tablestream, "_CSV_MAX_BLOCK", 1 << 12)  # blocks start at 4 KiB, limit 64 KiB
+    run = make_run(tmp_path / "run", np.arange(300), np.linspace(0, 1, 300))
+    inp = _long_row_csv(tmp_path / "in.csv", 40_000)  # needs a 64 KiB block: four doublings
+    valuekit.score(inp, run, out=tmp_path / "o.parquet", batch_rows=10)
+    got = pq.read_table(tmp_path / "o.parquet")
+    assert got.select(["id", "text"]).equals(pacsv.read_csv(inp))
+    too_long = _long_row_csv(tmp_path / "long.csv", 140_000)  # needs 128 KiB: over the limit
+    with pytest.raises(InputError, match=r"long\.csv: cannot read table \(straddling object straddles two block"):
+        valuekit.score(too_long, run, out=tmp_path / "p.parquet", batch_rows=10)
+    assert not (tmp_path / "p.parquet").exists()
+
+
+def test_row_groups_close_exactly_at_their_row_and_byte_limits(tmp_path, monkeypatch):
+    """A row group is written as soon as the gathered batches reach _ROW_GROUP_ROWS rows or _ROW_GROUP_BYTES
+    bytes (>=, counted afresh after every flush): numeric batches of 5 rows make groups of exactly 20 rows."""
+    n = 60
+    inp = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": np.arange(n), "x": np.linspace(0, 1, n)}), inp)
+    run = make_run(tmp_path / "run", np.arange(n), np.linspace(1, 0, n))
+    sizes, real_write = [], tablestream._FileSink.write
+    monkeypatch.setattr(tablestream._FileSink, "write", lambda self, b: sizes.append(b.nbytes) or real_write(self, b))
+
+    def groups(out):
+        meta = pq.ParquetFile(out).metadata
+        return [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+
+    for limit in (20, 16):  # reached exactly by 4 batches / just missed by 3
+        monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", limit)
+        valuekit.score(inp, run, out=tmp_path / f"r{limit}.parquet", batch_rows=5)
+        assert groups(tmp_path / f"r{limit}.parquet") == [20, 20, 20], limit
+    per_batch = sizes[0]
+    assert set(sizes) == {per_batch}  # every 5-row batch has the same size
+    monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 10**6)
+    for limit in (4 * per_batch, 3 * per_batch + 1):  # reached exactly by 4 batches / just missed by 3
+        monkeypatch.setattr(tablestream, "_ROW_GROUP_BYTES", limit)
+        valuekit.score(inp, run, out=tmp_path / f"b{limit}.parquet", batch_rows=5)
+        assert groups(tmp_path / f"b{limit}.parquet") == [20, 20, 20], limit
+
+
+def test_dataframe_to_csv_writes_no_index_column(tmp_path):
+    """A DataFrame scored into a CSV: its columns and the added ones, no pandas index column."""
+    df = pd.DataFrame({"id": [5, 6, 7], "x": [0.5, 1.5, 2.5]}, index=[10, 11, 12])
+    run = make_run(tmp_path / "run", [5, 6, 7], [0.2, 0.9, 0.4])
+    valuekit.score(df, run, out=tmp_path / "o.csv")
+    got = pd.read_csv(tmp_path / "o.csv")
+    assert list(got.columns) == ["id", "x", "weight", "value", "value_std", "rank"]
+    assert got.id.tolist() == [5, 6, 7] and got["rank"].tolist() == [3, 1, 2]
+
+
+def test_unknown_table_suffix_is_named(tmp_path):
+    run = make_run(tmp_path / "run", [1, 2], [0.1, 0.2])
+    for name, shown in (("t.txt", "'.txt'"), ("table", "'(no extension)'")):
+        (tmp_path / name).write_text("id\n1\n2\n")
+        with pytest.raises(InputError, match=rf"{name}: score reads \.parquet or \.csv tables, not {re.escape(shown)}$"):
+            valuekit.score(tmp_path / name, run)

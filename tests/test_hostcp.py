@@ -154,6 +154,28 @@ def test_short_run_logs_weight_and_selected(digits, tmp_path):
     assert v["score"].notna().all()
 
 
+def test_values_average_over_repeated_visits():
+    """Rows seen several times: selection_weight = mean of their logged w, value_std = its std (ddof 0),
+    selected_rate = share of visits with w > threshold, weight = that mean (0 when never seen)."""
+    ctx = make_ctx(n=12)
+    tr = float64_trainer(ctx, fraction=0.5, lam=1.0, threshold=0.45)
+    rows = [torch.arange(12), torch.arange(6), torch.arange(12), torch.arange(3)]
+    logged = {i: [] for i in range(12)}
+    for step, idx in enumerate(rows, 1):
+        rec = tr.step(Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx]))
+        for i, w in zip(idx.tolist(), rec.weight.double().tolist()):
+            logged[i].append(w)
+    v = tr.values()
+    means = np.array([np.mean(logged[i]) for i in range(12)])
+    assert len({len(logged[i]) for i in range(12)}) == 3  # 4, 3, 2 visits
+    assert sum(np.std(logged[i]) > 1e-3 for i in range(12)) >= 4  # w changes between visits
+    np.testing.assert_allclose(np.asarray(v["selection_weight"]), means, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(v["weight"]), means, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), [np.std(logged[i]) for i in range(12)], rtol=1e-7,
+                               atol=1e-9)
+    np.testing.assert_allclose(np.asarray(v["selected_rate"]), [np.mean(np.array(logged[i]) > 0.45) for i in range(12)])
+
+
 def test_resume_equals_uninterrupted(digits, tmp_path):
     full = run_hostcp(digits, tmp_path / "full", steps=12)
     run_hostcp(digits, tmp_path / "part", steps=8)

@@ -177,3 +177,32 @@ def test_device_choice(monkeypatch):
     for name in ("cuda", "cuda:0"):
         with pytest.raises(InputError, match=f"--device {name}: no CUDA device is available"):
             resolve_device(name)
+
+
+def test_uniform_values_are_minus_mean_loss_and_its_std_over_visits():
+    """uniform.values(): value = -(mean loss over the row's visits), value_std = their std (ddof 0), NaN for rows
+    never sampled; checked against the losses each step reported."""
+    import torch
+
+    from valuekit.trainers import uniform
+    from valuekit.trainers.base import Batch, TrainContext
+
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    x, y = torch.randn(n, 3, generator=g), torch.arange(n) % 2
+    ctx = TrainContext(config=TrainConfig(model="mlp", hidden=4, lr=0.5, progress=False), device=torch.device("cpu"),
+                       generator=g, x=x, y=y, ids=np.arange(n), num_classes=2, classes=["a", "b"], dev_x=x, dev_y=y,
+                       mean=torch.zeros(3), std=torch.ones(3))
+    tr = uniform.Trainer(ctx, UniformConfig())
+    losses = {i: [] for i in range(n)}
+    for step, rows in enumerate([range(6), range(3), range(6)], 1):
+        idx = torch.tensor(list(rows))
+        rec = tr.step(Batch(step=step, idx=idx, x=x[idx], y=y[idx]))
+        for i, loss in zip(idx.tolist(), rec.loss.double().tolist()):
+            losses[i].append(loss)
+    v = tr.values()
+    assert np.std(losses[0]) > 1e-3  # the model moved: the losses differ between visits
+    want = [-np.mean(losses[i]) if losses[i] else np.nan for i in range(n)]
+    std = [np.std(losses[i]) if losses[i] else np.nan for i in range(n)]
+    np.testing.assert_allclose(np.asarray(v["value"]), want, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-7, equal_nan=True)

@@ -168,6 +168,22 @@ def test_l2rw_weights_rewards_and_real_step_equal_hand_computation():
                                rtol=1e-9, atol=1e-12)
 
 
+def test_l2rw_values_without_signals_are_the_mean_logged_weight():
+    """A bare TrainContext (no signal accumulator): value falls back to the row's mean logged weight, NaN for rows
+    never sampled; weight is that mean with 0 for them."""
+    tr = tiny_trainer(Config(variant="l2rw", dev_batch_size=100), seed=3)
+    ctx = tr.ctx
+    assert ctx.signals is None
+    rows = torch.arange(6)
+    w1 = tr.step(Batch(step=1, idx=rows, x=ctx.x[rows], y=ctx.y[rows])).weight.double()
+    w2 = tr.step(Batch(step=2, idx=rows[:3], x=ctx.x[:3], y=ctx.y[:3])).weight.double()
+    v = tr.values()
+    mean = torch.cat([(w1[:3] + w2) / 2, w1[3:]]).numpy()
+    np.testing.assert_allclose(np.asarray(v["value"])[:6], mean, rtol=1e-12)
+    assert np.isnan(np.asarray(v["value"])[6:]).all()
+    np.testing.assert_allclose(np.asarray(v["weight"]), np.r_[mean, np.zeros(4)], rtol=1e-12)
+
+
 def test_l2rw_unroll_changes_only_the_scale_of_the_meta_gradient():
     """At ε = 0 every virtual step stays at θ0, so K steps multiply dJ/dε by Σ_k Σ_j μ^j."""
     g = {}

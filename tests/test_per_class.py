@@ -74,6 +74,21 @@ def test_write_reports_starved_classes(table, tmp_path):
     assert shares.loc["b", "share_ratio"] == pytest.approx((2 / 5) / (4 / 10))
 
 
+def test_class_shares_frame_is_sorted_with_ties_in_label_order():
+    """Rows by share_ratio; equal ratios in sorted label order (not order of appearance); a fresh 0..n-1 index."""
+    labels = np.array(["z", "z", "m", "m", "a", "a"])
+    frame = export.class_shares(np.array([True, True, True, False, False, False]), labels)
+    assert frame.label.tolist() == ["a", "m", "z"] and frame.index.tolist() == [0, 1, 2]
+    assert frame.rows.tolist() == [2, 2, 2] and frame.kept.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(frame.share_ratio, [0.0, (1 / 3) / (2 / 6), (2 / 3) / (2 / 6)])
+    moved = export.class_shares(np.array([False, False, True, False, True, True]), labels)  # sorting reorders
+    assert moved.label.tolist() == ["z", "m", "a"] and moved.index.tolist() == [0, 1, 2]
+    ties = export.class_shares(np.ones(4, dtype=bool), np.array(["b", "b", "a", "a"]))
+    assert ties.label.tolist() == ["a", "b"] and ties.share_ratio.tolist() == [1.0, 1.0]
+    starved = export.starved_classes(np.array([True, True, True, False, False, False]), labels)
+    assert starved.label.tolist() == ["a"] and starved.index.tolist() == [0]
+
+
 def test_cli_per_class_and_errors(table, tmp_path, capsys):
     from valuekit.cli.main import main
 

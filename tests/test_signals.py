@@ -38,8 +38,29 @@ class Margins:
 def test_margins_match_an_explicit_loop():
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 0, 1, 2])
+    logits[[1, 2, 4, 6], y[[1, 2, 4, 6]]] += 4.0  # these rows' assigned logit is the largest: positive margins
     want = [logits[i, y[i]] - max(logits[i, c] for c in range(4) if c != y[i]) for i in range(7)]
-    np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-15)
+    got = margins(logits, y).numpy()
+    assert (got > 0).sum() >= 4 and (got < 0).sum() >= 2
+    np.testing.assert_allclose(got, torch.stack(want).numpy(), rtol=0, atol=1e-15)
+
+
+def test_sequence_margins_are_the_mean_over_scored_tokens():
+    """Token targets (N, V, L) / (N, L): per row, the mean over tokens with a target (not -100) of the
+    assigned-token logit minus the largest other logit; a row with no scored token gets 0."""
+    g = torch.Generator().manual_seed(1)
+    n, v, length = 4, 5, 6
+    logits = torch.randn(n, v, length, generator=g, dtype=torch.float64)
+    y = torch.randint(0, v, (n, length), generator=g)
+    y[0, :2] = -100
+    y[2, 3:] = -100
+    y[3] = -100
+    want = []
+    for i in range(n):
+        toks = [logits[i, y[i, t], t] - max(logits[i, c, t] for c in range(v) if c != y[i, t])
+                for t in range(length) if y[i, t] != -100]
+        want.append(torch.stack(toks).mean() if toks else torch.tensor(0.0, dtype=torch.float64))
+    np.testing.assert_allclose(margins(logits, y).numpy(), torch.stack(want).numpy(), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("method", ["dds", "l2rw", "uniform"])
@@ -114,3 +135,34 @@ def test_class_percentile_and_rank_average():
     np.testing.assert_allclose(rank_average([v, w], lab), [0.5, 0.5, 0.5, 1.0, np.nan, 0.25, 0.5], equal_nan=True)
     z = class_standardise(np.array([1.0, 3.0, 5.0, 5.0]), np.array([0, 0, 1, 1]))
     np.testing.assert_allclose(z, [-1.0, 1.0, 0.0, 0.0])
+    z = class_standardise(np.array([0.0, 4.0, np.nan, 8.0, 1.0, 3.0, 7.0]), np.array([0, 0, 0, 0, 1, 1, 2]))
+    sd = np.std([0.0, 4.0, 8.0])
+    np.testing.assert_allclose(z, [-4 / sd, 0.0, np.nan, 4 / sd, -1.0, 1.0, 0.0], equal_nan=True)
+
+
+def test_in_run_value_uses_the_signals_only_for_class_labels():
+    """Signals and 1-D labels: the rank average of -mean_loss and aum; a bare context (no signals) or sequence
+    labels: the learned quantity passed as the fallback."""
+    from types import SimpleNamespace
+
+    from valuekit.trainers.signals import in_run_value
+
+    acc = SignalAccumulator(4)
+    acc.update(torch.arange(4), loss=torch.tensor([0.1, 0.9, 0.5, 0.3]), margin=torch.tensor([2.0, -1.0, 0.5, 1.0]))
+    y = torch.tensor([0, 0, 1, 1])
+    fallback = torch.tensor([9.0, 8.0, 7.0, 6.0])
+    want = rank_average([-np.array([0.1, 0.9, 0.5, 0.3]), np.array([2.0, -1.0, 0.5, 1.0])], y.numpy())
+    np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc, y=y), fallback), want)
+    np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=None, y=y), fallback), fallback.numpy())
+    tokens = torch.zeros(4, 3, dtype=torch.long)
+    np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=acc, y=tokens), fallback), fallback.numpy())
+
+
+def test_token_level_losses_count_once_per_row():
+    """A (rows, tokens) loss is averaged over its tokens into one loss per row before it is summed."""
+    acc = SignalAccumulator(3)
+    acc.update(torch.tensor([0, 2]), loss=torch.tensor([[1.0, 3.0, 5.0], [0.0, 0.0, 6.0]]))
+    acc.update(torch.tensor([0]), loss=torch.tensor([[7.0, 7.0, 7.0]]))
+    cols = acc.columns()
+    np.testing.assert_allclose(cols["mean_loss"], [5.0, np.nan, 2.0], equal_nan=True)
+    np.testing.assert_array_equal(cols["times_seen"], [2.0, 0.0, 1.0])

@@ -328,7 +328,7 @@ def _aligned(run, column_ids: np.ndarray, index: pd.Index, name: str) -> pd.Data
     vals = vals.set_index(vals["example_id"].to_numpy(dtype=column_ids.dtype))
     missing = index.difference(vals.index)
     if len(missing) and not partial:  # a partial run has simply not seen every row yet
-        raise InputError(f"{run.values_path}: has no value for training id {missing[0]!r} "
+        raise InputError(f"{run.values_path}: has no value for training id {_plain(missing[0])!r} "
                          f"({len(missing)} ids missing); was the run trained on this table? ({name})")
     return vals.reindex(index)
 
