@@ -1,6 +1,8 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
 (uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
-see valuekit.suites); writes markdown, CSV and PNG.
+see valuekit.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
+source languages and instruction-LM data selection, see valuekit.suites_text; --datasets names their targets,
+--methods their variants, --runs-dir keeps their runs and resumes); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
 """
@@ -12,10 +14,12 @@ from valuekit.cli.common import add_threads_option
 
 def add_parser(sub):
     from valuekit.suites import SUITES
+    from valuekit.suites_text import NAMES as TEXT_SUITES
 
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
                        description=__doc__)
-    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "all", *SUITES],
+    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "all", *SUITES,
+                                                *TEXT_SUITES],
                    help="which benchmarks to run (all = the first four; the others are study suites)")
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -24,10 +28,14 @@ def add_parser(sub):
     p.add_argument("--steps", type=int, default=None, help="quality, suites: training steps per run (default 1500)")
     p.add_argument("--datasets", default=None, help="quality, suites: comma-separated data sets (default digits,"
                    "mnist5k, fashion-mnist when installed; a suite's own list)")
-    p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all)")
+    p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all); "
+                   "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
                    "(default noise20,noise40)")
-    p.add_argument("--runs-dir", default=None, help="quality: keep every run directory (and partial results) here")
+    p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
+                   "results) here; text suites skip the runs already recorded there")
+    p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
+                   "the runs recorded there, train nothing")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -38,6 +46,7 @@ def _check(args) -> None:
     from valuekit.datasets import DATASETS
     from valuekit.errors import InputError
     from valuekit.paths import check_output
+    from valuekit.suites_text import NAMES as TEXT_NAMES, registry
     from valuekit.trainers.base import resolve_device
 
     check_output(args.out, kind="dir")
@@ -52,7 +61,15 @@ def _check(args) -> None:
     bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
     if bad:
         raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
-    for key, known in (("datasets", list(DATASETS)), ("methods", available_methods())):
+    if args.report_only and (not args.runs_dir or any(k not in TEXT_NAMES for k in args.kind)):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) with --runs-dir")
+    known_data, known_methods = list(DATASETS), list(available_methods())
+    text = [registry()[k] for k in args.kind if k in TEXT_NAMES]
+    if text:  # a text suite names its own targets / variants; mixed with other kinds, either kind's names pass
+        plain = any(k not in TEXT_NAMES for k in args.kind)
+        known_data = [*(known_data if plain else []), *[d for s in text for d in s.data]]
+        known_methods = [*(known_methods if plain else []), *[a for s in text for a in s.arms]]
+    for key, known in (("datasets", known_data), ("methods", known_methods)):
         unknown = [t for t in items[key] if t not in known]
         if unknown:
             raise InputError(f"--{key}: unknown {key[:-1]} {unknown[0]!r}; choose from {', '.join(known)}")
@@ -71,13 +88,14 @@ def run(args) -> int:
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}
-    argv = [*args.kind, *(["--quick"] if args.quick else []), "--device", args.device, "-o", args.out,
+    flags = {"report_only": args.report_only}
+    argv = [*args.kind, *(["--quick"] if args.quick else []), *(["--report-only"] if args.report_only else []), "--device", args.device, "-o", args.out,
             *(["--threads", str(args.threads)] if args.threads is not None else [])]
     for key, value in options.items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]
     for kind in kinds:
-        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options)
+        md = run_bench(kind, Path(args.out), device=args.device, quick=args.quick, argv=argv, **options, **flags)
         print(f"{kind}: {md}")
     print(f"index: {write_index(Path(args.out))}")
     return 0

@@ -449,14 +449,16 @@ KINDS = ("speed", "layer", "quality", "scale", "stream")
 
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
               seeds: str | None = None, steps: int | None = None, datasets: str | None = None,
-              methods: str | None = None, settings: str | None = None, runs_dir: str | None = None) -> Path:
+              methods: str | None = None, settings: str | None = None, runs_dir: str | None = None,
+              report_only: bool = False) -> Path:
     """Run one benchmark or study suite (valuekit.suites) and return the markdown file it wrote (list options
     are comma-separated strings)."""
     from valuekit.suites import SUITES, run_suite
+    from valuekit.suites_text import NAMES as TEXT_SUITES
     from valuekit.trainers.base import resolve_device
 
-    if kind not in KINDS and kind not in SUITES:
-        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join([*KINDS, *SUITES])}")
+    if kind not in KINDS and kind not in SUITES and kind not in TEXT_SUITES:
+        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join([*KINDS, *SUITES, *TEXT_SUITES])}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
     out = Path(out)
@@ -467,6 +469,14 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         seed_list = tuple(int(s) for s in split(seeds)) if seeds else None
     except ValueError:
         raise InputError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
+    if report_only and (kind not in TEXT_SUITES or not runs_dir):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) with --runs-dir")
+    if kind in TEXT_SUITES:
+        from valuekit.suites_text import registry
+
+        return registry()[kind].run(out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
+                                    datasets=split(datasets), methods=split(methods), runs_dir=runs_dir,
+                                    report_only=report_only)
     if kind in SUITES:
         return run_suite(kind, out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
                          datasets=split(datasets))

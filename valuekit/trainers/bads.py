@@ -252,7 +252,7 @@ class Trainer:
         zeros = lambda: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
         self.count, self.mean, self.m2 = zeros(), zeros(), zeros()
         self.samples = torch.full((n, cfg.reservoir), float("nan"), dtype=torch.float32, device=dev)
-        self.steps_done = 0
+        self.steps_taken = 0
 
     # ------------------------------------------------------------ the log posterior's gradient
 
@@ -273,7 +273,7 @@ class Trainer:
         if self.weight_net is None:
             return self.wsum / self.n
         window = self.window.clone()
-        window[self.steps_done % self.cfg.s_avg] = self._batch_mean(w_batch)
+        window[self.steps_taken % self.cfg.s_avg] = self._batch_mean(w_batch)
         return window.nanmean()
 
     def drift(self, batch: Batch, dev_x: torch.Tensor, dev_y: torch.Tensor, *, dev_total: int | None = None):
@@ -327,7 +327,7 @@ class Trainer:
         with torch.no_grad():
             step_t = cfg.lr_theta / self.n
             k = cfg.noise_every
-            diffuse = T > 0 and (self.steps_done + 1) % k == 0
+            diffuse = T > 0 and (self.steps_taken + 1) % k == 0
             if cfg.precondition:
                 # pSGLD: G = 1 / (eps + sqrt(V)), V = running mean of (g / N)^2; drift lr G g / N, noise var 2 lr T G / N
                 sq = [(g / self.n).square() for g in g_theta]
@@ -375,7 +375,7 @@ class Trainer:
                 torch._foreach_add_(phi, g_u, alpha=step_w)
                 if diffuse:
                     torch._foreach_add_(phi, _noise(phi, math.sqrt(2 * k * step_w * T), gen))
-                self.window[self.steps_done % cfg.s_avg] = self._batch_mean(w)
+                self.window[self.steps_taken % cfg.s_avg] = self._batch_mean(w)
                 if not ctx.distributed:
                     keep = _first_occurrence(batch.idx)
                     rows = batch.idx[keep]
@@ -385,8 +385,8 @@ class Trainer:
                     keep = _first_occurrence(idx_all)
                     rows, w_new = idx_all[keep], w_all[keep]
                 self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
-            self.steps_done += 1
-            if self.steps_done > cfg.burn_in:
+            self.steps_taken += 1
+            if self.steps_taken > cfg.burn_in:
                 if self.task_u is not None:
                     self._collect_tasks()
                 else:
@@ -426,7 +426,7 @@ class Trainer:
 
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "u": self.u, "wsum": self.wsum, "count": self.count,
-                 "mean": self.mean, "m2": self.m2, "samples": self.samples, "steps_done": self.steps_done}
+                 "mean": self.mean, "m2": self.m2, "samples": self.samples, "steps_done": self.steps_taken}
         if self.weight_net is not None:
             state["weight_net"] = self.weight_net.state_dict()
             state["window"] = self.window
@@ -442,7 +442,7 @@ class Trainer:
         for k in ("u", "count", "mean", "m2", "samples"):
             getattr(self, k).copy_(state[k])
         self.wsum = state["wsum"].to(self.wsum)
-        self.steps_done = int(state["steps_done"])
+        self.steps_taken = int(state["steps_done"])  # checkpoint key kept: older runs resume
         if self.weight_net is not None:
             self.weight_net.load_state_dict(state["weight_net"])
             self.window.copy_(state["window"])

@@ -162,7 +162,7 @@ class Trainer:
                 self.tape = LayerTape(self.model)
             except NotImplementedError:  # layers other than Linear/Conv2d (a user's model): exact dots instead
                 self.tape = None
-        self.t = 0  # DDS steps taken (loop steps), for warm-up and update_every
+        self.steps_taken = 0  # DDS steps taken (loop steps), for warm-up and update_every
         self.r_mean = torch.zeros((), dtype=torch.float64, device=ctx.device)  # moving baseline
         self.r_var = torch.ones((), dtype=torch.float64, device=ctx.device)
         self.r_seen = 0
@@ -232,16 +232,16 @@ class Trainer:
 
     def step(self, batch: Batch) -> StepRecord:
         ctx, cfg = self.ctx, self.cfg
-        self.t += 1
+        self.steps_taken += 1
         x, y = batch.x, batch.y
         B = len(y)
         self.model.train()
         self.scorer.train()
-        update = cfg.scorer_lr > 0 and self.t % cfg.update_every == 0
+        update = cfg.scorer_lr > 0 and self.steps_taken % cfg.update_every == 0
         with torch.set_grad_enabled(update):
             s = self.scorer(x, y)
             log_p = self._log_softmax(s)  # line 6: p over the (global) batch
-        if self.t <= cfg.scorer_warmup:
+        if self.steps_taken <= cfg.scorer_warmup:
             w = torch.ones(B, dtype=log_p.dtype, device=log_p.device)
         else:
             w = ctx.global_rows(B) * log_p.detach().exp()  # (global B) * p_i, so uniform p is plain training
@@ -304,7 +304,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "opt": self.opt.state_dict(),
             "scorer": self.scorer.state_dict(), "scorer_opt": self.scorer_opt.state_dict(),
-            "t": self.t, "r_mean": self.r_mean, "r_var": self.r_var, "r_seen": self.r_seen,
+            "t": self.steps_taken, "r_mean": self.r_mean, "r_var": self.r_var, "r_seen": self.r_seen,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -312,7 +312,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.scorer.load_state_dict(state["scorer"])
         self.scorer_opt.load_state_dict(state["scorer_opt"])
-        self.t, self.r_seen = int(state["t"]), int(state["r_seen"])
+        self.steps_taken, self.r_seen = int(state["t"]), int(state["r_seen"])  # checkpoint key kept: older runs resume
         self.r_mean = state["r_mean"].to(self.ctx.device)
         self.r_var = state["r_var"].to(self.ctx.device)
 

@@ -131,7 +131,7 @@ class Trainer:
             self.layer = SubsetSelection(fraction=cfg.fraction, reg=cfg.reg, lam=cfg.lam, backend=cfg.backend)
         z = lambda: torch.zeros(ctx.n, dtype=torch.float64, device=ctx.device)  # noqa: E731
         self.w_sum, self.w_sq, self.count, self.sel_count = z(), z(), z(), z()
-        self.t = 0
+        self.steps_taken = 0
         self.tape = None
         # BatchNorm in training mode makes a row's loss depend on the other rows: the tape's split of the batch
         # gradient into rows is then not grad l_i, so the dots come from one forward-mode pass instead ("exact")
@@ -212,8 +212,8 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         x, y = batch.x, batch.y
         self.model.train()
-        update = cfg.selector_lr > 0 and self.t % cfg.update_every == 0
-        self.t += 1
+        update = cfg.selector_lr > 0 and self.steps_taken % cfg.update_every == 0
+        self.steps_taken += 1
         u = self._selector_input(x)
         with torch.set_grad_enabled(update):
             w_all = self._weights(u, y)
@@ -272,7 +272,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "selector": self.selector.state_dict(), "selector_opt": self.selector_opt.state_dict(),
                  "w_sum": self.w_sum, "w_sq": self.w_sq, "count": self.count, "sel_count": self.sel_count,
-                 "t": self.t}
+                 "t": self.steps_taken}
         if self.cfg.representatives:
             state["memory"] = self.layer.state_dict_memory()
         return state
@@ -284,7 +284,7 @@ class Trainer:
         self.selector_opt.load_state_dict(state["selector_opt"])
         for key in ("w_sum", "w_sq", "count", "sel_count"):
             getattr(self, key).copy_(state[key])
-        self.t = int(state["t"])
+        self.steps_taken = int(state["t"])  # checkpoint key kept: older runs resume
         if self.cfg.representatives:
             self.layer.load_state_dict_memory(state["memory"])
 

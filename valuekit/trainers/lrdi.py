@@ -211,7 +211,7 @@ class Trainer:
         self.ring_w = torch.zeros((self.window, b), dtype=torch.float64, device=dev)
         zeros = lambda: torch.zeros(n, dtype=torch.float64, device=dev)  # noqa: E731
         self.w_sum, self.w_count, self.r_sum = zeros(), zeros(), zeros()
-        self.last_step = 0
+        self.steps_taken = 0
 
     # ------------------------------------------------------------ pieces
 
@@ -444,7 +444,7 @@ class Trainer:
         self.ring_idx[slot].fill_(-1)
         self.ring_idx[slot, : len(wd)] = idx
         self.ring_w[slot, : len(wd)] = wd
-        self.last_step = batch.step
+        self.steps_taken = batch.step
         return StepRecord(loss=losses.detach(), weight=w, reward=None if reward is None else reward.detach(),
                           correct=correct, meta_loss=None if dev_loss is None else float(dev_loss), margin=margin)
 
@@ -453,7 +453,7 @@ class Trainer:
     def state_dict(self) -> dict:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "ring_idx": self.ring_idx,
                  "ring_w": self.ring_w, "w_sum": self.w_sum, "w_count": self.w_count, "r_sum": self.r_sum,
-                 "last_step": self.last_step}
+                 "last_step": self.steps_taken}
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
             state["teacher_opt"] = self.teacher_opt.state_dict()
@@ -467,7 +467,7 @@ class Trainer:
             self.teacher_opt.load_state_dict(state["teacher_opt"])
         for k in ("ring_idx", "ring_w", "w_sum", "w_count", "r_sum"):
             getattr(self, k).copy_(state[k])
-        self.last_step = int(state["last_step"])
+        self.steps_taken = int(state["last_step"])  # checkpoint key kept: older runs resume
 
     @torch.no_grad()
     def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int = 2048) -> torch.Tensor:
@@ -503,7 +503,7 @@ class Trainer:
             out["value"] = in_run_value(self.ctx, mean_w)
             out["weight"] = torch.nan_to_num(mean_w, nan=0.0)
         else:
-            v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.last_step)).double()
+            v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.steps_taken)).double()
             if self.cfg.normalize:
                 v = v / v.mean()
             out["teacher_weight"] = v

@@ -183,7 +183,7 @@ class Trainer:
         self.usage = torch.zeros(S, dtype=torch.int64)  # rows drawn per source since the last scorer update
         self.drawn = torch.zeros(S, dtype=torch.int64)  # rows drawn per source over the run
         self.updated = torch.zeros(S, dtype=torch.bool)
-        self.seen = 0
+        self.rows_seen = 0
         self.sampler = SourceSampler(self)
 
     # ---- set-up helpers
@@ -370,10 +370,10 @@ class Trainer:
         used = self._global_usage(src_cpu)
         self.usage += used
         self.drawn += used
-        before = self.seen // self.cfg.update_every
-        self.seen += B
+        before = self.rows_seen // self.cfg.update_every
+        self.rows_seen += B
         scorer_loss, log = None, batch.step == 1
-        if self.seen // self.cfg.update_every > before:
+        if self.rows_seen // self.cfg.update_every > before:
             scorer_loss = self.update_scorer()
             log = True
         sources = self.source_summary(with_reward=scorer_loss is not None) if log else None
@@ -415,12 +415,12 @@ class Trainer:
         used = self._global_usage(batch.source.cpu())
         self.usage += used
         self.drawn += used
-        before = self.seen // self.cfg.update_every
-        self.seen += self.ctx.global_rows(len(losses))
+        before = self.rows_seen // self.cfg.update_every
+        self.rows_seen += self.ctx.global_rows(len(losses))
         sources, scorer_loss = None, None
-        if self.seen // self.cfg.update_every > before and self.cfg.scorer_iters > 0:
+        if self.rows_seen // self.cfg.update_every > before and self.cfg.scorer_iters > 0:
             scorer_loss = self.update_scorer()
-        if batch.step == 1 or self.seen // self.cfg.update_every > before:
+        if batch.step == 1 or self.rows_seen // self.cfg.update_every > before:
             sources = self.source_summary(with_reward=scorer_loss is not None)
             self.usage.zero_()
         reward = None if self.cfg.scorer_iters == 0 else self.rewards[batch.source.cpu()].float().to(losses.device)
@@ -533,7 +533,7 @@ class Trainer:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "psi": self.psi.detach().clone(),
                 "scorer_opt": self.scorer_opt.state_dict(), "acc": self.acc.state_dict(), "d": self.d,
                 "rewards": self.rewards, "reward_se": self.reward_se, "reward_log": self.reward_log,
-                "usage": self.usage, "drawn": self.drawn, "seen": self.seen}
+                "usage": self.usage, "drawn": self.drawn, "seen": self.rows_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -548,7 +548,7 @@ class Trainer:
         self.reward_log.copy_(state["reward_log"])
         self.usage.copy_(state["usage"])
         self.drawn.copy_(state["drawn"])
-        self.seen = int(state["seen"])
+        self.rows_seen = int(state["seen"])  # checkpoint key kept: older runs resume
 
     @torch.no_grad()
     def _log_ratio(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,211 @@
+"""`valuekit bench llm` (issue 21): data selection for causal-LM fine-tuning on the prepared instruction set.
+
+Data: `valuekit data prepare instructions` (Django catalogs: one "Translate from X to English" task per
+language, a junk task with random responses, 10 % junk rows in the real tasks, flagged `is_noisy` and never
+shown to a method). Model: a 2-layer GPT-2 built from a config with random weights (`hf-config:`), byte-level
+tokenizer. Per seed:
+* value runs: uniform (value = minus the mean training loss, the small-loss baseline), BADS per example and
+  BADS per task (`per_source=true`); AUROC of low value against junk rows, the junk task's rank by mean value;
+* subset runs: uniform fine-tuning on the top half by the per-example BADS value (global and per task) and on
+  a random half, dev loss at the end;
+and once: the step time of each method, interleaved in one process, and the share of padded positions in a
+batch with and without length buckets.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table, mean_sd, work_folder
+
+MAX_LEN = 128
+BATCH = 16
+DATA = {"noise": 0.1, "max_per_task": 200, "dev_size": 100, "test_size": 100}  # prepare_instructions options
+GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+BADS = {"precondition": True, "lr_theta": 1e-3, "rho_theta": 1.0, "rho_w": 100.0, "temperature": 0.01,
+        "burn_in": 100}  # how these were set: reports/llm.md "Set-up"
+ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("bads", {**BADS, "per_source": True})}
+SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
+
+
+def gpt_config(folder: Path) -> str:
+    from transformers import GPT2Config
+
+    GPT2Config(**GPT, vocab_size=259, n_positions=MAX_LEN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+               bos_token_id=1, eos_token_id=2).save_pretrained(folder)
+    return f"hf-config:{folder}"
+
+
+def _config(method: str, model: str, steps: int, seed: int, device: str):
+    from valuekit.config import TrainConfig
+
+    return TrainConfig(method=method, model=model, steps=steps, batch_size=BATCH, lr=3e-3, seed=seed,
+                       device=device, eval_every=max(steps // 4, 1), log_every=100, checkpoint_every=10**9,
+                       progress=False, eval_batch_size=128)
+
+
+def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) -> dict:
+    from valuekit.analysis.mislabel import detection_metrics
+    from valuekit.instructions import score_instructions, task_table
+    from valuekit.trainers.base import train
+
+    table, model, tr, dv = data
+    method, settings = ARMS[arm]
+    t0 = time.perf_counter()
+    run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device),
+                          method_config=settings))
+    seconds = time.perf_counter() - t0
+    scored = score_instructions(table, out)
+    tasks = task_table(scored).set_index("task")
+    noisy, value, real = scored.is_noisy.to_numpy(bool), scored.value.to_numpy(), (scored.task != "junk").to_numpy()
+    return {"kind": "value", "arm": arm, "seed": seed, "steps": steps, "seconds": seconds,
+            "dev_loss": run.meta["final_metrics"].get("dev_loss"),
+            "auroc_all_junk": detection_metrics(value, noisy)["auroc"],
+            "auroc_junk_in_real_tasks": detection_metrics(value[real], noisy[real])["auroc"],
+            "junk_task_rank": int(tasks.loc["junk", "rank"]), "n_tasks": len(tasks),
+            "lowest_task": str(tasks["mean_value"].idxmin()), "run": str(out)}
+
+
+def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Records) -> None:
+    """Uniform fine-tuning on half the rows, chosen from the per-example BADS run of the same seed or at random."""
+    from valuekit.instructions import load_instructions, score_instructions
+    from valuekit.trainers.base import train
+
+    table, model, tr, dv = data
+    bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps)["run"]
+    rng = np.random.default_rng(100 + seed)
+    random_half = np.zeros(len(table), bool)
+    random_half[rng.choice(len(table), len(table) // 2, replace=False)] = True
+    keep = {"bads-per-task-top50": lambda: score_instructions(table, bads, keep_fraction=0.5, per_task=True).selected,
+            "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
+            "random50": lambda: random_half}
+    for name in SUBSETS:
+        if rec.has(kind="subset", arm=name, seed=seed, steps=steps):
+            continue
+        mask = np.asarray(keep[name](), bool)
+        sub = table[mask].reset_index(drop=True)
+        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / f"ft-{name}-s{seed}-{steps}"),
+                              config=_config("uniform", model, steps, seed, device)))
+        rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "rows": int(mask.sum()),
+                 "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss")})
+
+
+def _timing(data, steps: int, device: str, arms) -> dict:
+    """Median step time per arm, steps interleaved in one process (after 5 warm-up steps)."""
+    from valuekit.trainers.base import Batch, make_trainer
+
+    table, model, tr, dv = data
+    trainers = {a: make_trainer(tr, dv, _config(ARMS[a][0], model, steps, 0, device), ARMS[a][1]) for a in arms}
+    times = {a: [] for a in trainers}
+    for step in range(1, steps + 1):
+        for a, (trainer, sampler, ctx) in trainers.items():
+            idx = sampler.next(BATCH)
+            b = Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
+            t = time.perf_counter()
+            trainer.step(b)
+            times[a].append(time.perf_counter() - t)
+    warm = min(5, steps - 1)
+    return {"kind": "timing", "steps": steps, **{f"step_s_{a}": float(np.median(v[warm:])) for a, v in times.items()}}
+
+
+def _padding(tr, seed: int = 0, batches: int = 2000) -> dict:
+    """Share of padded token positions in a batch: every row padded to MAX_LEN, random batches trimmed to their
+    longest row, and length buckets (valuekit.lm.LengthBucketSampler, what LM runs use)."""
+    import torch
+
+    from valuekit.lm import LengthBucketSampler, token_lengths
+
+    lengths = token_lengths(tr.x)
+    row = {"kind": "padding", "no_trim": 1 - lengths.float().mean().item() / MAX_LEN}
+    for name, sampler in (("random_trimmed", None), ("length_buckets", LengthBucketSampler(
+            lengths, torch.Generator().manual_seed(seed)))):
+        g = torch.Generator().manual_seed(seed)
+        shares = []
+        for _ in range(batches):
+            i = torch.randperm(len(lengths), generator=g)[:BATCH] if sampler is None else sampler.next(BATCH)
+            shares.append(1 - lengths[i].sum().item() / (BATCH * lengths[i].max().item()))
+        row[name] = float(np.mean(shares))
+    return row
+
+
+def _prepare(folder: Path):
+    from valuekit.instructions import load_instructions, prepare_instructions
+
+    paths = prepare_instructions(folder / "data", **DATA, seed=0)
+    table = pd.read_parquet(paths["train"])
+    return (table, gpt_config(folder / "gpt2-tiny"), load_instructions(table, max_len=MAX_LEN),
+            load_instructions(paths["dev"], max_len=MAX_LEN, name="dev"))
+
+
+def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
+            datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
+    """Value runs for every (seed, arm), subset runs when bads ran, timing and padding; tables in OUT."""
+    seeds, steps = list(seeds or (0, 1, 2)), steps or 300
+    arms = [a for a in ARMS if not methods or a in methods]
+    timing_steps = 40
+    if quick:
+        seeds, steps, timing_steps = seeds[:1], max(8, steps // 15), 8
+    with work_folder(runs_dir, "llm") as folder:
+        rec = Records(folder, ("kind", "arm", "seed", "steps"), report_only=report_only)
+        data = None if report_only else _prepare(folder)
+        for seed in seeds:
+            for arm in arms:
+                if not rec.has(kind="value", arm=arm, seed=seed, steps=steps):
+                    rec.add(_value_run(arm, data, folder / f"{arm}-s{seed}-{steps}", seed, steps, device))
+            if "bads" in arms and not report_only:
+                _subset_runs(data, folder, seed, steps, device, rec)
+        if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps):
+            rec.add({**_timing(data, timing_steps, device, arms), "arm": None, "seed": None})
+        if not rec.has(kind="padding", arm=None, seed=None, steps=None):
+            rec.add({**_padding(data[2]), "arm": None, "seed": None, "steps": None})
+        rows = [r for r in rec.rows if r["kind"] in ("timing", "padding")
+                or (r["seed"] in seeds and r["steps"] == steps and r["arm"] in (*arms, *SUBSETS))]
+        rows = [r for r in rows if r["kind"] != "timing" or r["steps"] == timing_steps]
+        n_rows = len(data[0]) if data else len(pd.read_parquet(folder / "data" / "train.parquet", columns=["id"]))
+        return _markdown(pd.DataFrame(rows), out, command, device, steps, n_rows)
+
+
+def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: int, n_rows: int) -> Path:
+    from valuekit.bench import _header, _write
+
+    lines = _header("Language-model data selection on the prepared instruction set", command, device) + [
+        f"Data: `valuekit data prepare instructions` with {DATA} ({n_rows:,} training rows). Model: `hf-config:` "
+        f"GPT-2 {GPT}, {MAX_LEN} positions, random weights from the seed; byte tokenizer, --max-len {MAX_LEN}, "
+        f"batch {BATCH}, {steps} steps, Adam lr 3e-3; BADS settings {BADS}. AUROC ranks low value as junk.", ""]
+    val = frame[frame.kind == "value"].sort_values(["arm", "seed"])
+    lines += md_table(["method", "seed", "dev loss", "AUROC junk rows (all)", "AUROC junk rows in real tasks",
+                       "junk task rank (1 = best)", "lowest-valued task"],
+                      [[r.arm, int(r.seed), f"{r.dev_loss:.3f}", f"{r.auroc_all_junk:.3f}", f"{r.auroc_junk_in_real_tasks:.3f}",
+                        f"{int(r.junk_task_rank)} of {int(r.n_tasks)}", r.lowest_task] for r in val.itertuples()]) + [""]
+    lines += md_table(["method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest"],
+                      [[a, len(g), mean_sd(g.dev_loss), mean_sd(g.auroc_all_junk), mean_sd(g.auroc_junk_in_real_tasks),
+                        f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}"]
+                       for a, g in val.groupby("arm", sort=False)]) + [""]
+    sub = frame[frame.kind == "subset"]
+    if len(sub):
+        rand = sub[sub.arm == "random50"].set_index("seed").dev_loss
+        lines += ["Uniform fine-tuning on half the rows (from the per-example BADS run of the same seed, or random):", ""]
+        lines += md_table(["subset", "seeds", "rows", "junk rows kept", "dev loss per seed", "mean ± sd",
+                           "lower than random50"],
+                          [[a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
+                            "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss),
+                            f"{int(sum(r.dev_loss < rand.get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"]
+                           for a, g in sub.sort_values("seed").groupby("arm", sort=False)]) + [""]
+    for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
+        base = r.get("step_s_uniform", np.nan)
+        parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
+                 if a.startswith("step_s_") and np.isfinite(v)]
+        lines += [f"Step time (median, {int(r['steps'])} interleaved steps, first 5 dropped): " + ", ".join(parts) + ".", ""]
+    for r in frame[frame.kind == "padding"].tail(1).to_dict("records"):
+        lines += [f"Padded share of a batch of {BATCH}: {r['no_trim']:.3f} padded to --max-len, "
+                  f"{r['random_trimmed']:.3f} random batches trimmed to their longest row, {r['length_buckets']:.3f} "
+                  "with length buckets.", ""]
+    return _write(out, "suite-llm", lines, frame.drop(columns=["run"], errors="ignore"))
+
+
+SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task", run_llm, ("instructions",),
+                    tuple(ARMS)),)
