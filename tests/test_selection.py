@@ -542,3 +542,16 @@ def test_sorted_quadratic_threshold_equals_the_iterative_solve(monkeypatch):
     assert sel._quadratic_fast(s, 1e-3, 1e-3) is None
     w = select_subset(s, 1e-3, lam=1e-3)
     assert (w.double() - select_subset(s.double(), 1e-3, lam=1e-3)).abs().max().item() < 1e-6
+
+
+def test_large_quadratic_inputs_take_the_iterative_solve(monkeypatch):
+    """Beyond _SORT_MAX scores the two sorts cost more than the fixed-step solve (reports/speed.md): not used."""
+    import valuekit.selection as sel
+
+    calls = []
+    real = sel._quadratic_fast
+    monkeypatch.setattr(sel, "_quadratic_fast", lambda *a: calls.append(a[0].numel()) or real(*a))
+    s = torch.randn(32, 1024, generator=torch.Generator().manual_seed(2), dtype=DT)
+    w = select_subset(s, 256.0, lam=0.5)
+    select_subset(s[:16], 256.0, lam=0.5)
+    assert calls == [16 * 1024] and (w.sum(-1) - 256.0).abs().max().item() < 1e-9

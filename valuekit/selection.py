@@ -25,9 +25,9 @@ Two backends:
 * ``"exact"`` -- closed form.  The KKT conditions give
   ``w_i = clip((s_i - tau) / (2 lam), 0, 1)`` (quadratic) or
   ``w_i = sigmoid((s_i - tau) / lam)`` (entropy) with one scalar threshold ``tau``
-  per row chosen so that ``sum(w) = k``.  Quadratic: ``tau`` from one sort of the
-  breakpoints (:func:`_sorted_threshold`) and one Newton step on the free set.
-  Entropy (and any quadratic row that misses ``sum(w) = k`` to rounding): a fixed
+  per row chosen so that ``sum(w) = k``.  Quadratic, up to ``_SORT_MAX`` scores: ``tau``
+  by sorting the breakpoints (:func:`_sorted_threshold`), one Newton step on the free set.
+  Entropy, larger inputs, and any row that misses ``sum(w) = k`` to rounding: a fixed
   number of batched, safeguarded Newton/bisection steps inside an order-statistic
   bracket, no host synchronisation inside the loop, convergence tested once at the
   end (bounded fallback + RuntimeWarning), then a re-centred second solve.  On CPU
@@ -95,6 +95,7 @@ _MAX_ITER = 100  # Newton/bisection steps at most for the threshold (the fallbac
 # steps run without host synchronisation before convergence is tested once; chosen by measurement
 # (test_fixed_steps_suffice): from the order-statistic bracket of _bracket, typical rows need 2-5
 _FIXED_ITERS = {"quadratic": 6, "entropy": 8}
+_SORT_MAX = 16384  # the quadratic one-sort solve up to this many scores; the two sorts cost more beyond (measured)
 _NUMPY_COPY_WARNING = r"__array__ implementation doesn't accept a copy keyword"
 
 
@@ -285,7 +286,7 @@ def _solve_threshold(
 
 
 def _sorted_threshold(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
-    """Quadratic case: the exact tau with sum_i clip((s_i - tau) / c, 0, 1) = k, c = 2 lam, by one sort.
+    """Quadratic case: the exact tau with sum_i clip((s_i - tau) / c, 0, 1) = k, c = 2 lam, by sorting.
 
     c f(p) = G(p) - G(p + c) with G(p) = sum_i max(s_i - p, 0) = S_j - j p (j = #{s_i > p}, S_j the sum of
     the j largest scores): piecewise linear, so f is evaluated at its 2n breakpoints {s_i, s_i - c} and
@@ -293,10 +294,11 @@ def _sorted_threshold(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
     """
     c, n = 2.0 * lam, s.shape[-1]
     v = s.sort(-1).values
-    pts = torch.cat([v, v - c], -1).sort(-1).values
+    pts, order = torch.cat([v, v - c], -1).sort(-1)
     top = torch.cat([torch.zeros_like(v[..., :1]), v.flip(-1).cumsum(-1)], -1)  # top[:, j] = S_j
-    j1 = n - torch.searchsorted(v, pts, right=True)
-    j2 = n - torch.searchsorted(v, pts + c, right=True)
+    from_v = order < n  # #{s_i > p}, #{s_i - c > p} from the merged order (a tie adds s_i - p = 0 either way)
+    j1 = n - from_v.cumsum(-1)
+    j2 = n - (~from_v).cumsum(-1)
     f = (top.gather(-1, j1) - j1 * pts - top.gather(-1, j2) + j2 * (pts + c)) / c
     i = ((f >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)  # f is non-increasing along pts
     p0, p1, f0, f1 = pts.gather(-1, i), pts.gather(-1, i + 1), f.gather(-1, i), f.gather(-1, i + 1)
@@ -347,11 +349,9 @@ def _select_vjp(w: torch.Tensor, g: torch.Tensor, lam: float, reg: str) -> torch
 class _one_cpu_thread:
     """Run a CPU solve on one intra-op thread, restoring the caller's count after.
 
-    The solve is a few hundred small kernels on (batch, n) tensors (n=1024, batch 32: ~32k elements
-    each).  With several OpenMP threads every reduction is a parallel region whose threads wait for each
-    other; on a loaded machine a thread is often descheduled and each region then costs a time slice:
-    190 ms instead of 2.7 ms per forward+backward was measured (reports/speed.md, layer under load).
-    One thread is never slower at these sizes, so the layer takes it whatever the process's setting.
+    The solve is many small kernels on (batch, n) tensors.  With several OpenMP threads every reduction is a
+    parallel region whose threads wait for each other; on a loaded machine each region then costs a time slice
+    (190 ms instead of 2.7 ms per forward+backward, reports/speed.md).  One thread is never slower here.
     """
 
     def __init__(self, tensor: torch.Tensor):
@@ -375,7 +375,7 @@ class _SelectSubset(torch.autograd.Function):
         # the rounding error of one subtraction, relative to |x|) and solve for the small correction
         # from 0, which makes w and sum(w) accurate to the dtype's precision even when |tau| >> lam.
         with _one_cpu_thread(s):
-            w = _quadratic_fast(s, k, lam) if reg == "quadratic" and s.shape[0] else None
+            w = _quadratic_fast(s, k, lam) if reg == "quadratic" and 0 < s.numel() <= _SORT_MAX else None
             if w is None:
                 tau = _solve_threshold(s, k, lam, reg, check=False)
                 x = s - tau.unsqueeze(-1)
