@@ -153,3 +153,28 @@ def test_bench_cli_lists_and_checks_the_text_suites(tmp_path, monkeypatch):
         args = parser.parse_args(["bench", kind, *bad, "-o", str(tmp_path)])
         with pytest.raises(InputError, match=msg):
             cli_bench._check(args)
+
+
+def test_fresh_never_removes_a_run_another_process_is_training(tmp_path):
+    """A run folder left by a stopped process is emptied; one whose lock a live process holds is refused."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from valuekit.runlog import RunDirError
+    from valuekit.suites_text import fresh
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / ".lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # this (live) process
+    (busy / "run.json").write_text("{}")
+    with pytest.raises(RunDirError, match="in use by another valuekit process"):
+        fresh(busy)
+    assert (busy / "run.json").exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / ".lock").write_text(f"{socket.gethostname()}:{int(dead.stdout)}")
+    (stale / "run.json").write_text("{}")
+    assert fresh(stale) == stale and not stale.exists()
