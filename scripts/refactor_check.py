@@ -1,4 +1,4 @@
-"""Same numbers before and after a refactor (reports/refactor_check.md): train every method with two source trees.
+"""Same numbers before and after a refactor (docs/refactor_check.md): train every method with two source trees.
 
     git archive OLD | tar -x -C /tmp/a;  git archive NEW | tar -x -C /tmp/b
     python scripts/refactor_check.py /tmp/a /tmp/b [--methods uniform,dds,...] [--out /tmp/cmp]

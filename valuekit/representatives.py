@@ -31,7 +31,7 @@ their union, nearest first, capped at ``max_old``, padded with unusable slots (c
 that the program has a fixed size per batch size B and is built (canonicalised) once per B.
 
 Cost: the program has B^2 + B*max_old + B variables and B^2 coupling constraints.  Measured on a
-shared 2-core CPU (max_old = 16, default solver args; reports/hostcp.md): inside HOST-CP on digits
+shared 2-core CPU (max_old = 16, default solver args; docs/history/hostcp.md): inside HOST-CP on digits
 ~40 ms per step at B = 16 and ~140 ms at B = 32 (the exact layer: ~3 ms), plus ~1-2 s to build the
 program once per B; alone with random 10-d features ~0.8 s at B = 32 and ~3 s at B = 64 per
 forward+backward.  Tens to thousands of times slower than the closed-form

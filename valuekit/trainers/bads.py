@@ -28,7 +28,7 @@ Consequence: the w_i gradient is -rho_theta * l_i(theta) - rho_w * (mean(w) - be
 the meta-informed model keeps getting wrong lose weight, and the sparsity prior sets how much
 weight is kept in total (beta = target mean weight, rho_w = how hard it pulls). The meta set acts
 on w only through theta. This is a loss signal, not a class-balancing one: under class imbalance
-the rare classes' higher loss lowers their weight (measured in reports/bads.md).
+the rare classes' higher loss lowers their weight (measured in docs/history/bads.md).
 
 Update (Langevin, Welling & Teh 2011, the paper's SGLD step), with temperature T (T = 1: the
 posterior above; T < 1: a "cold" posterior pi^(1/T); T = 0: plain gradient ascent)::

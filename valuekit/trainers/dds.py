@@ -63,7 +63,7 @@ REWARD_METHODS = (*DOT_METHODS, "fused")
 @dataclass
 class Config:
     """DDS settings. Defaults were tuned on digits with 20%/40% label flips and with imbalance 10 (MLP, batch 64,
-    Adam 1e-3, 600-800 steps, 1-2 seeds); the reasons are in reports/dds.md."""
+    Adam 1e-3, 600-800 steps, 1-2 seeds); the reasons are in docs/history/dds.md."""
 
     scorer: str = setting("mlp", choices=SCORERS)  # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
     scorer_hidden: int = setting(64, ge=1)  # hidden width of the mlp scorer
@@ -81,7 +81,7 @@ class Config:
     ess_floor: float = setting(0.3, ge=0, le=1)
     ess_weight: float = setting(10.0, ge=0)
     # weight of an entropy bonus on p (not in Algorithm 1). It caps legitimate reweighting (rare-class boost 1.4-1.6x
-    # vs 3.8x with the ESS floor under 10x imbalance, reports/dds.md), so the default is 0; the ESS floor replaces it.
+    # vs 3.8x with the ESS floor under 10x imbalance, docs/history/dds.md), so the default is 0; the ESS floor replaces it.
     # The paper's update is entropy_weight=0, ess_floor=0, reward_norm=none.
     entropy_weight: float = setting(0.0, ge=0)
     reward_momentum: float = setting(0.9, ge=0, lt=1)  # moving-average momentum of the baseline / std

@@ -33,7 +33,7 @@ was selected over the run"; NaN if never sampled), ``value_std`` its std, ``weig
 (normalised by the loop), ``selected_rate`` = fraction of its visits with w_i > threshold, ``score`` =
 the final selector's score s_i (eval mode, no layer).  Low value flags likely mislabelled examples.
 
-Cost (reports/hostcp.md, 2-core CPU, digits MLP): a uniform step ~0.9 ms; HOST-CP ~2.0 ms per step
+Cost (docs/history/hostcp.md, 2-core CPU, digits MLP): a uniform step ~0.9 ms; HOST-CP ~2.0 ms per step
 on average with ``update_every=4`` (selector step ~3.2 ms, other steps ~1.4 ms).  ``representatives=True``
 solves a cvxpylayers QP with B^2 + B*rep_max_old + B variables every step: ~40 ms per step at B = 16,
 ~140 ms at B = 32, plus ~1-2 s to build the program per batch size; use it on small runs only.
@@ -77,7 +77,7 @@ META_GRADS = ("fused", "ghost", "exact", "autograd")
 
 @dataclass
 class Config:
-    """HOST-CP settings (defaults: data/digits-noisy20, MLP, batch 64, Adam 1e-3; see reports/hostcp.md)."""
+    """HOST-CP settings (defaults: data/digits-noisy20, MLP, batch 64, Adam 1e-3; see docs/history/hostcp.md)."""
 
     fraction: float = setting(0.5, gt=0, lt=1)  # k = fraction * batch size: the selection budget per mini-batch
     reg: str = setting("quadratic", choices=REGULARISERS)  # regulariser of the subset program: quadratic | entropy

@@ -111,7 +111,7 @@ class Config:
     meta_grad: str = setting("auto", choices=("auto", "autograd", "fused"))
     # lrdi/mwnet: effective-sample-size floor of the batch weights, ESS = (sum w)^2 / (B sum w^2): when the teacher's
     # weights fall under it they are shrunk towards their batch mean until ESS = floor (0 = off). With the
-    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (reports/lrdi.md).
+    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (docs/history/lrdi.md).
     ess_floor: float = setting(0.3, ge=0, lt=1)
 
     def validate(self) -> None:
@@ -157,7 +157,7 @@ class Teacher(nn.Module):
 
     def forward(self, signals: dict[str, torch.Tensor]) -> torch.Tensor:
         # the hidden state is standardised per row (LayerNorm without learned scale): its norm grows ~10x over
-        # training, which otherwise drives the teacher's weights to collapse (reports/lrdi.md)
+        # training, which otherwise drives the teacher's weights to collapse (docs/history/lrdi.md)
         parts = [self.label(signals["label"]) if s == "label" else
                  F.layer_norm(signals[s], signals[s].shape[1:]) if s == "features" else signals[s]
                  for s in self.inputs]
