@@ -85,7 +85,9 @@ def test_resume_with_another_world_size_is_refused_and_changes_nothing(pair):
     proc = torchrun([*args, "--batch-size", B, "--out", one])
     assert proc.returncode != 0
     lines = errors(proc.stderr)
-    assert len(lines) == 2 and len(set(lines)) == 1, proc.stderr[-2000:]
+    # every rank that got to print says the same line; once rank 0 has exited with it, torchrun may SIGTERM rank 1
+    # before rank 1 prints (seen on a loaded CI run), so one line is allowed too
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1, proc.stderr[-2000:]
     assert "--resume with 2 process(es), but the run was made with 1 (world size)" in lines[0]
     assert snapshot(one) == before and not (one / ".lock").exists()
     # a 2-process run resumed by one process
