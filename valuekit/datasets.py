@@ -178,6 +178,15 @@ def _where(path, name):
     return path if path else f"<{name} DataFrame>"
 
 
+def _require_rows_and_columns(df: pd.DataFrame, where: str, columns) -> None:
+    """InputError unless the text table `df` has rows and every one of `columns`."""
+    if len(df) == 0:
+        raise InputError(f"{where}: table is empty")
+    for col in columns:
+        if col not in df.columns:
+            raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+
+
 def _ids(ids: pd.Series, where: str, id_col: str) -> np.ndarray:
     """The id column as int64 (integer ids) or str objects; null and duplicate ids are errors."""
     if ids.isna().any():
@@ -519,11 +528,7 @@ def load_text_pairs(
 
     df, _, path = read_any(source, name=name)
     where = _where(path, name)
-    if len(df) == 0:
-        raise InputError(f"{where}: table is empty")
-    for col in (id_col, src_col, tgt_col):
-        if col not in df.columns:
-            raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+    _require_rows_and_columns(df, where, (id_col, src_col, tgt_col))
     if max_len < 2:
         raise InputError(f"max_len {max_len}: must be >= 2")
     ids_np = _ids(df[id_col], where, id_col)

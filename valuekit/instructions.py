@@ -320,16 +320,13 @@ def load_instructions(
     (IGNORE on the prompt and padding), L = max_len for every table. `classes` names the
     vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
     """
-    from valuekit.datasets import EVAL_COLUMNS, ValueDataset, _file_sha256, _ids  # noqa: F401
+    from valuekit.datasets import (EVAL_COLUMNS, ValueDataset, _file_sha256, _ids,  # noqa: F401
+                                   _require_rows_and_columns)
 
     tokenizer = tokenizer or ByteTokenizer()
     df, path = read_instructions(source, name=name)
     where = f"{path or 'DataFrame'} ({name} table)"
-    if len(df) == 0:
-        raise InputError(f"{where}: table is empty")
-    for col in (id_col, prompt_col, response_col):
-        if col not in df.columns:
-            raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
+    _require_rows_and_columns(df, where, (id_col, prompt_col, response_col))
     if max_len < 2:
         raise InputError(f"--max-len {max_len}: must be >= 2")
     ids_np = _ids(df[id_col], where, id_col)

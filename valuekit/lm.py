@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from valuekit.errors import InputError
+from valuekit.trainers.api import draw_from_passes
 
 LM_PREFIXES = ("hf:", "hf-config:")
 BUILTIN = "causal-lm"
@@ -204,15 +205,7 @@ class LengthBucketSampler:
         return torch.cat([batches[j] for j in pick])
 
     def next(self, size: int) -> torch.Tensor:
-        out = []
-        while size > 0:
-            if self.perm is None or self.cursor >= len(self.perm):
-                self.perm, self.cursor = self._new_pass(size), 0
-            take = self.perm[self.cursor: self.cursor + size]
-            self.cursor += len(take)
-            size -= len(take)
-            out.append(take)
-        return torch.cat(out)
+        return draw_from_passes(self, size, lambda: self._new_pass(size))
 
     def state_dict(self) -> dict:
         return {"perm": torch.empty(0, dtype=torch.int64) if self.perm is None else self.perm.clone(),

@@ -50,9 +50,8 @@ def _shares(frame: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["step", "source"], ignore_index=True)
 
 
-def plot_source_usage(frame: pd.DataFrame, *, ax=None, title: str | None = None):
-    """Stacked area plot of each source's share by training step (the paper's language-usage figure);
-    returns the Axes."""
+def _axes(ax):
+    """(ax or a new 6 x 3.5 in Axes, pyplot) on the non-interactive backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -60,6 +59,24 @@ def plot_source_usage(frame: pd.DataFrame, *, ax=None, title: str | None = None)
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
+    return ax, plt
+
+
+def _finish(ax, ylabel: str, title: str | None, *, legend: bool):
+    """The labels, title and outside legend every source-usage panel shares; returns the Axes."""
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if legend:
+        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
+    return ax
+
+
+def plot_source_usage(frame: pd.DataFrame, *, ax=None, title: str | None = None):
+    """Stacked area plot of each source's share by training step (the paper's language-usage figure);
+    returns the Axes."""
+    ax, plt = _axes(ax)
     wide = frame.pivot_table(index="step", columns="source", values="share", aggfunc="mean").fillna(0.0)
     if len(wide):
         n = len(wide.columns)
@@ -69,13 +86,7 @@ def plot_source_usage(frame: pd.DataFrame, *, ax=None, title: str | None = None)
                      colors=colors)
         ax.set_xlim(wide.index.min(), wide.index.max())
     ax.set_ylim(0, 1)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("share")
-    if title:
-        ax.set_title(title)
-    if len(wide.columns):
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
-    return ax
+    return _finish(ax, "share", title, legend=len(wide.columns) > 0)
 
 
 def source_rewards(run, *, max_points: int | None = None) -> pd.DataFrame:
@@ -128,47 +139,23 @@ def _colors(sources) -> dict:
 def plot_source_probs(frame: pd.DataFrame, *, ax=None, title: str | None = None, highlight=()):
     """One line per source: its scorer probability (frame from `source_usage(run)`: step, source, share) by
     training step; sources in `highlight` (e.g. the target) drawn thicker. Returns the Axes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
+    ax = _axes(ax)[0]
     colors = _colors(frame["source"].unique())
     for src, g in frame.groupby("source", sort=True):
         g = g.sort_values("step")
         ax.plot(g["step"].to_numpy(), g["share"].to_numpy(), color=colors[str(src)], label=str(src),
                 lw=2.5 if src in highlight else 1.2)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("scorer probability")
-    if title:
-        ax.set_title(title)
-    if len(frame):
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
-    return ax
+    return _finish(ax, "scorer probability", title, legend=len(frame) > 0)
 
 
 def plot_source_rewards(frame: pd.DataFrame, *, ax=None, title: str | None = None):
     """Each source's reward by training step with +-1 standard error bars (frame from `source_rewards`).
     Returns the Axes; one errorbar container per source, in sorted source order."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 3.5))
+    ax = _axes(ax)[0]
     colors = _colors(frame["source"].unique())
     for src, g in frame.groupby("source", sort=True):
         g = g.sort_values("step")
         ax.errorbar(g["step"].to_numpy(), g["reward"].to_numpy(), yerr=g["reward_se"].fillna(0).to_numpy(),
                     color=colors[str(src)], label=str(src), lw=1, marker=".", ms=3, capsize=2, elinewidth=0.8)
     ax.axhline(0.0, color="0.6", lw=0.8)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("reward (+-1 s.e.)")
-    if title:
-        ax.set_title(title)
-    if len(frame):
-        ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize="small", frameon=False)
-    return ax
+    return _finish(ax, "reward (+-1 s.e.)", title, legend=len(frame) > 0)

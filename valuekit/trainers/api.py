@@ -141,6 +141,20 @@ def check_method(name: str, module, overrides: dict) -> Method:
                   evaluates=callable(getattr(trainer_cls, "evaluate", None)))
 
 
+def draw_from_passes(sampler, size: int, new_pass) -> torch.Tensor:
+    """`size` row indices read from `sampler.perm` at `sampler.cursor`; when a pass runs out (or none was drawn
+    yet, perm None) `new_pass()` gives the next one, so a batch may straddle two passes."""
+    out = []
+    while size > 0:
+        if sampler.perm is None or sampler.cursor >= len(sampler.perm):
+            sampler.perm, sampler.cursor = new_pass(), 0
+        take = sampler.perm[sampler.cursor: sampler.cursor + size]
+        sampler.cursor += len(take)
+        size -= len(take)
+        out.append(take)
+    return torch.cat(out)
+
+
 class RandomSampler:
     """Endless shuffled passes over the rows; a batch may straddle two passes."""
 
@@ -150,15 +164,7 @@ class RandomSampler:
         self.cursor = 0
 
     def next(self, size: int) -> torch.Tensor:
-        out = []
-        while size > 0:
-            if self.cursor >= self.n:
-                self.perm, self.cursor = torch.randperm(self.n, generator=self.g), 0
-            take = self.perm[self.cursor: self.cursor + size]
-            self.cursor += len(take)
-            size -= len(take)
-            out.append(take)
-        return torch.cat(out)
+        return draw_from_passes(self, size, lambda: torch.randperm(self.n, generator=self.g))
 
     def state_dict(self) -> dict:
         return {"perm": self.perm.clone(), "cursor": self.cursor}
