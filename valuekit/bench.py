@@ -444,7 +444,7 @@ def bench_quality(out: Path, **kw) -> Path:
 # ---------------------------------------------------------------- entry
 
 
-KINDS = ("speed", "layer", "quality", "scale", "stream")
+KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch")
 
 
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
@@ -492,6 +492,10 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_scale(out, command=command, device=dev, quick=quick)
     if kind == "stream":
         return bench_stream(out, command=command, device=dev, quick=quick, methods=split(methods))
+    if kind == "epoch":
+        from valuekit.bench_epoch import bench_epoch
+
+        return bench_epoch(out, command=command, device=dev, quick=quick, methods=split(methods))
     from valuekit.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]

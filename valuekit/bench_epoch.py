@@ -1,0 +1,122 @@
+"""`valuekit bench epoch`: one timed training epoch per method and table size, a user's ResNet on PNG bytes.
+
+Each (method, N) is a child process (one thread) that loads the first N rows of the Fashion-MNIST PNG-bytes table
+streamed (images stay encoded; each step decodes its batch), trains exactly ceil(N / batch) steps (one pass) with
+the full loop (run directory, step log, one dev evaluation and checkpoint at the end, values of every row), and
+reports the epoch's wall time, steps/s and its peak resident memory. Finished measurements are appended to
+OUT/epoch.jsonl and skipped by the next call, so the methods can be split over processes (`--methods`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from valuekit.bench import STREAM_METHODS, _header, _stem, _stream_data, _write, small_resnet
+
+SIZES = (10_000, 30_000, 60_000)
+RECORDS = "epoch.jsonl"
+
+
+def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
+    """One timed epoch in this (child) process; see the module docstring."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from valuekit.datasets import _arrow_image_type, load_table
+    from valuekit.trainers.base import TrainConfig, train
+
+    torch.set_num_threads(1)
+
+    def rss(key: str) -> float:
+        with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss is inherited over exec)
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+    frame = pq.read_table(Path(data) / "train.parquet").slice(0, rows).to_pandas(types_mapper=_arrow_image_type)
+    tr = load_table(frame, stream=True, name="train")
+    del frame
+    dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
+    steps = math.ceil(rows / batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
+                          eval_every=steps, checkpoint_every=steps)
+        t0 = time.perf_counter()
+        run = train(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
+        wall = time.perf_counter() - t0
+        step_s = run.metrics()["step_time"].to_numpy()
+        values = run.values()
+    return {"method": method, "rows": rows, "batch_size": batch_size, "steps": steps, "epoch_s": wall,
+            "steps_s_sum": float(step_s.sum()), "median_step_s": float(np.median(step_s)),
+            "steps_per_s": steps / float(step_s.sum()), "peak_rss_mib": rss("VmHWM"),
+            "values_rows": int(len(values)), "rows_valued": int(values["value"].notna().sum())}
+
+
+def _measure(data: Path, method: str, rows: int, batch_size: int) -> dict:
+    code = ("import json\nfrom valuekit.bench_epoch import epoch_child\n"
+            f"print(json.dumps(epoch_child({str(data)!r}, {method!r}, {rows}, {batch_size})))\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if res.returncode != 0:
+        raise RuntimeError(f"epoch benchmark child failed ({method}, {rows} rows): {res.stderr.strip()[-400:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _load_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = False, methods=None,
+                batch_size: int = 64) -> Path:
+    """Timed epochs (module docstring); writes epoch.md / epoch.csv from every record in OUT/epoch.jsonl."""
+    methods = list(methods or (("uniform", "dds") if quick else STREAM_METHODS))
+    out.mkdir(parents=True, exist_ok=True)
+    records_path = out / RECORDS
+    with tempfile.TemporaryDirectory() as tmp:
+        data, described = _stream_data(Path(tmp) / "data", quick)
+        sizes = (300, 1338) if quick else SIZES
+        for n in sizes:
+            for m in methods:
+                done = {(r["method"], r["rows"], r["batch_size"]) for r in _load_records(records_path)}
+                if (m, n, batch_size) in done:
+                    continue
+                rec = {**_measure(data, m, n, batch_size), "load_before": round(os.getloadavg()[0], 1),
+                       "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                with open(records_path, "a") as f:  # one short line per append: processes may share the file
+                    f.write(json.dumps(rec) + "\n")
+    frame = pd.DataFrame([r for r in _load_records(records_path) if r["rows"] in sizes])
+    frame = frame.drop_duplicates(["method", "rows", "batch_size"], keep="last")
+    order = {m: i for i, m in enumerate(STREAM_METHODS)}
+    frame = frame.sort_values(["rows", "method"], key=lambda c: c.map(order).fillna(len(order)) if c.name == "method"
+                              else c)
+    uni = frame[frame.method == "uniform"].set_index("rows").epoch_s
+    frame["ratio_vs_uniform"] = frame.epoch_s / frame.rows.map(uni)
+    lines = _header("Epoch: one timed epoch per method and N, a user's BatchNorm ResNet on PNG bytes", command,
+                    device) + [
+        f"Data: {described}. Model: `valuekit.bench.small_resnet` as a user's factory (BatchNorm residual",
+        f"blocks, linear head); batch {batch_size}; rows streamed (PNG decoded in each step); one thread per process.",
+        "",
+        "Each row is one child process that trains exactly ceil(N / batch) steps (one pass over the first N rows)",
+        "with the full loop: run directory, per-step log, one dev evaluation and checkpoint at the end, and the",
+        "values of every row (streamed scoring). `epoch` = wall time of that `train()` call (timed, not derived);",
+        "`steps/s` = steps / the sum of the loop's step times; peak RSS = the child's VmHWM. Measurements are",
+        f"appended to `{RECORDS}` (date and 1-minute load average before each) and a later call skips them.",
+        "",
+        "| method | N | steps | epoch (min) | ratio vs uniform | steps/s | median step (s) | peak RSS (MiB) | rows valued | load before |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in frame.itertuples():
+        lines.append(f"| {r.method} | {r.rows:,} | {r.steps} | {r.epoch_s / 60:.2f} | {r.ratio_vs_uniform:.2f}x | "
+                     f"{r.steps_per_s:.2f} | {r.median_step_s:.3f} | {r.peak_rss_mib:.0f} | {r.rows_valued:,} | "
+                     f"{r.load_before} |")
+    return _write(out, _stem("epoch", device), lines, frame)
