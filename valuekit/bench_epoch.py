@@ -85,7 +85,7 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
     with tempfile.TemporaryDirectory() as tmp:
         data, described = _stream_data(Path(tmp) / "data", quick)
         sizes = (300, 1338) if quick else SIZES
-        for n in sizes:
+        for n in sorted(sizes, key=lambda k: -k if k == max(sizes) else k):  # the full table first
             for m in methods:
                 done = {(r["method"], r["rows"], r["batch_size"]) for r in _load_records(records_path)}
                 if (m, n, batch_size) in done:
