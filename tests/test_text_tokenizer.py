@@ -98,6 +98,10 @@ def test_text_table_with_tokenizer_trains_a_users_text_model(text_tables, tmp_pa
         assert code == 0, err
         run = read_run(out)
         assert run.meta["config"]["model"] == "usermodels:text" and run.meta["feature_cols"] == ["text"]
+        recorded = run.meta["data"]["train"]["text"]  # which tokenizer made the ids, for whoever reads the run
+        assert recorded == {"tokenizer": {"kind": "huggingface", "path": str(t["tok"]), "vocab_size": len(vocab)},
+                            "text_col": "text", "max_len": 12}
+        assert run.meta["data"]["dev"]["text"] == recorded
         values = run.values()
         assert sorted(values.example_id) == list(range(64)) and values.value.notna().all(), method
         assert sorted(values["rank"]) == list(range(1, 65))
@@ -128,3 +132,35 @@ def test_bad_tokenizer_folder_or_text_column_one_line_exit_2_nothing_written(tex
     code, _, err = cli(base)
     assert code == 2 and "column 'text' is not numeric" in err and "--tokenizer DIR" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_python_api_tokenizer_folder_or_object_same_run(text_tables, tmp_path, monkeypatch):
+    """valuekit.train(..., tokenizer=DIR | object with encode) tokenizes every table as --tokenizer does."""
+    import valuekit
+    from valuekit.datasets import load_table
+    from valuekit.errors import InputError
+    from valuekit.instructions import get_tokenizer
+
+    monkeypatch.syspath_prepend(str(HERE))
+    t = text_tables
+    kw = dict(model="usermodels:text", steps=4, batch_size=16, device="cpu", progress=False, max_len=12)
+    a = valuekit.train(t["train"], dev=t["dev"], tokenizer=t["tok"], out=tmp_path / "a", **kw)
+    b = valuekit.train(pd.read_parquet(t["train"]), dev=t["dev"], tokenizer=get_tokenizer(str(t["tok"])),
+                       out=tmp_path / "b", **kw)
+    np.testing.assert_allclose(a.values().value, b.values().value)  # same ids, same seed: the same run
+    assert a.meta["data"]["train"]["text"]["tokenizer"]["path"] == str(t["tok"]) and a.meta["data"]["train"]["text"]["max_len"] == 12
+
+    class Words:  # any object with encode(text) -> ids
+        def encode(self, text):
+            return [len(w) for w in text.split()]
+
+    c = valuekit.train(t["train"], dev=t["dev"], tokenizer=Words(), out=tmp_path / "c", **kw)
+    assert c.meta["data"]["train"]["text"]["tokenizer"] == {"kind": "Words"} and c.values().value.notna().all()
+    with pytest.raises(InputError, match="neither a folder nor has encode"):
+        valuekit.train(t["train"], dev=t["dev"], tokenizer=3, out=tmp_path / "d", **kw)
+    assert not (tmp_path / "d").exists()
+    train = load_table(t["train"], tokenizer=get_tokenizer(str(t["tok"])), text_col="text", max_len=12)
+    with pytest.raises(InputError, match="column 'text' was tokenized; give this table the same tokenizer"):
+        load_table(t["dev"], like=train, name="dev")
+    with pytest.raises(InputError, match="tokenized with .*'max_len': 8.*the training table with .*'max_len': 12"):
+        load_table(t["dev"], like=train, name="dev", tokenizer=get_tokenizer(str(t["tok"])), max_len=8)

@@ -43,6 +43,7 @@ class ValueDataset:
     path: str | None = None
     file_sha256: str | None = None
     group: np.ndarray | None = None  # text-pair tables: int64 target-sentence id per row (load_text_pairs)
+    text: dict | None = None  # a tokenized text column: the tokenizer's describe(), text_col, max_len (run.json)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -64,7 +65,7 @@ class ValueDataset:
         return ValueDataset(
             ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,
             image_shape=self.image_shape, feature_cols=self.feature_cols, name=self.name,
-            path=self.path, file_sha256=self.file_sha256, group=self.group,
+            path=self.path, file_sha256=self.file_sha256, group=self.group, text=self.text,
         )
 
     def fingerprint(self) -> str:
@@ -83,7 +84,7 @@ class ValueDataset:
     def describe(self) -> dict:
         return {
             "name": self.name, "path": self.path, "file_sha256": self.file_sha256,
-            "n_rows": len(self), "fingerprint": self.fingerprint(),
+            "n_rows": len(self), "fingerprint": self.fingerprint(), **({"text": self.text} if self.text else {}),
         }
 
 
@@ -272,6 +273,14 @@ def load_table(
     if tokenizer is not None:  # a text classification table: the text column becomes token-id lists
         df = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
         feature_cols = feature_cols or [text_col]
+        describe = getattr(tokenizer, "describe", None)
+        text = {"tokenizer": describe() if callable(describe) else {"kind": type(tokenizer).__name__},
+                "text_col": text_col, "max_len": int(max_len)}
+    elif like is not None and like.text is not None:
+        raise InputError(f"{where}: the training table's column {like.text['text_col']!r} was tokenized; "
+                         f"give this table the same tokenizer")
+    else:
+        text = None
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
@@ -308,6 +317,8 @@ def load_table(
             raise InputError(f"{where}: {x.shape[1]} feature values per row, the training table has {like.x.shape[1]}")
         if shape != like.image_shape:
             raise InputError(f"{where}: image shape {shape} differs from the training table's {like.image_shape}")
+        if text is not None and text != like.text:
+            raise InputError(f"{where}: tokenized with {text}, the training table with {like.text}")
 
     is_noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
     clean = None
@@ -319,7 +330,7 @@ def load_table(
     return ValueDataset(
         ids=ids_np, x=x, y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
-        path=path, file_sha256=_file_sha256(Path(path)) if path else None,
+        path=path, file_sha256=_file_sha256(Path(path)) if path else None, text=text,
     )
 
 

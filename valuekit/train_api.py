@@ -13,6 +13,7 @@ Other keyword settings are the loop's (TrainConfig fields: batch_size, lr, seed,
 from __future__ import annotations
 
 import dataclasses
+from os import PathLike
 
 from valuekit.config import TrainConfig
 from valuekit.errors import InputError
@@ -32,9 +33,11 @@ def _table(source, name: str, like=None, table_kw: dict | None = None):
 def train(train, dev=None, test=None, *, out, model=None, method: str | None = None, steps: int | None = None,
           device: str | None = None, config: TrainConfig | None = None, method_config: dict | None = None,
           resume: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
-          **settings):
+          tokenizer=None, text_col: str = "text", max_len: int = 256, **settings):
     """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
-    return the opened Run (valuekit.runlog.Run). `table_kw` goes to `load_table` (id_col, label_col, ...)."""
+    return the opened Run (valuekit.runlog.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
+    `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
+    `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it."""
     from valuekit.trainers.base import load_method, train as train_loop
 
     if dev is None:
@@ -56,6 +59,16 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
         method_config = dataclasses.replace(method_config, **extra) if extra else method_config
     else:
         method_config = {**(method_config or {}), **extra}
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, PathLike)):
+            from valuekit.instructions import get_tokenizer
+
+            tokenizer = get_tokenizer(str(tokenizer))
+        elif not callable(getattr(tokenizer, "encode", None)):
+            raise InputError(f"valuekit.train: tokenizer={tokenizer!r} is neither a folder nor has encode(text)")
+        if max_len < 1:
+            raise InputError(f"valuekit.train: max_len={max_len}: must be >= 1")
+        table_kw = {**(table_kw or {}), "tokenizer": tokenizer, "text_col": text_col, "max_len": max_len}
     train_ds = _table(train, "train", table_kw=table_kw)
     dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
