@@ -24,7 +24,7 @@ _ROWS = None  # the ImageRows of a worker process (set once by the pool initiali
 
 
 def _init_worker(rows) -> None:
-    global _ROWS  # decoding uses numpy and PIL only (no torch ops after the fork)
+    global _ROWS  # decoding uses numpy and PIL only
     _ROWS = rows
 
 
@@ -43,7 +43,10 @@ class RowStream:
         self.rows, self.device, self.workers = rows.to("cpu"), torch.device(device), int(workers)
         self.pool = None
         if self.workers > 0:
-            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context("spawn")
+            # not "fork": the run's writer threads are running by now, and forking a process with threads
+            # can leave the child holding a lock no thread will release; the forkserver forks from a clean
+            # single-threaded server (the encoded rows are pickled to each worker once)
+            ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
             self.pool = ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(self.rows,))
         self.pending: tuple[np.ndarray, list] | None = None
