@@ -84,13 +84,12 @@ class _Sections:
         return out
 
 
-def _log_like_loop(writer, view, step: int, idx_cpu, rec, log_every: int = 50) -> None:
+def _log_like_loop(writer, view, step: int, idx_cpu, rec, log_every: int = 200) -> None:
     """The per-step logging work of the training loop (trainers/base.py) for one StepRecord."""
     idx_np = idx_cpu.numpy()
     loss_np = rec.loss.detach().float().cpu().numpy()
     weight_np = None if rec.weight is None else rec.weight.detach().float().cpu().numpy()
-    writer.steps.add(step=step, example_id=view.ids[idx_np], label=view.y.numpy()[idx_np].astype(np.int32),
-                     source=None if view.source is None else view.source[idx_np], weight=weight_np,
+    writer.steps.add(step=step, rows=idx_np, weight=weight_np,
                      reward=None if rec.reward is None else rec.reward.detach().float().cpu().numpy(),
                      loss=loss_np, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy())
     bool(np.isfinite(loss_np).all())
@@ -140,7 +139,9 @@ def step_times(train_data, dev_data, *, methods, model: str, batch_size: int, st
         if breakdown:
             timers[m] = _Sections(runners[m][2].device)
             timers[m].wrap(runners[m][0], SECTIONS.get(name, {}))
-            writers[m] = RunWriter(Path(tmp.name) / m, meta={"method": m}, id_type=train_data.id_type)
+            writers[m] = RunWriter(Path(tmp.name) / m, meta={"method": m}, id_type=train_data.id_type,
+                                   rows={"example_id": train_data.ids, "label": train_data.y.numpy().astype(np.int32),
+                                         "source": train_data.source})
     times = {m: np.zeros((reps, steps)) for m in methods}
     parts = {m: {k: np.zeros((reps, steps)) for k in ("meta", "reward", "logging")} for m in methods}
     order = list(methods)

@@ -270,17 +270,9 @@ def load_table(
             raise InputError(f"{where}: column {source_col!r} has a null source at id {_show(ids_np[row])}")
         src = df[source_col].astype(str).to_numpy(dtype=object)
 
-    if tokenizer is not None:  # a text classification table: the text column becomes token-id lists
-        df = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
-        feature_cols = feature_cols or [text_col]
-        describe = getattr(tokenizer, "describe", None)
-        text = {"tokenizer": describe() if callable(describe) else {"kind": type(tokenizer).__name__},
-                "text_col": text_col, "max_len": int(max_len)}
-    elif like is not None and like.text is not None:
-        raise InputError(f"{where}: the training table's column {like.text['text_col']!r} was tokenized; "
-                         f"give this table the same tokenizer")
-    else:
-        text = None
+    # a text classification table (with a tokenizer): the text column becomes token-id lists
+    df, text = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
+    feature_cols = feature_cols or ([text_col] if text else None)
     reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
@@ -317,8 +309,6 @@ def load_table(
             raise InputError(f"{where}: {x.shape[1]} feature values per row, the training table has {like.x.shape[1]}")
         if shape != like.image_shape:
             raise InputError(f"{where}: image shape {shape} differs from the training table's {like.image_shape}")
-        if text is not None and text != like.text:
-            raise InputError(f"{where}: tokenized with {text}, the training table with {like.text}")
 
     is_noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
     clean = None
@@ -334,9 +324,17 @@ def load_table(
     )
 
 
-def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, like, where: str, ids) -> pd.DataFrame:
+def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, like, where: str,
+                   ids) -> tuple[pd.DataFrame, dict]:
     """The table with the string column `text_col` replaced by each row's token ids, cut to `max_len` and padded
-    to the longest training row (dev/test: to the training width), the one feature of a user's text model."""
+    to the longest training row (dev/test: to the training width), the one feature of a user's text model;
+    and what run.json records of it (the tokenizer's describe(), text_col, max_len). Without a tokenizer: the
+    table as it is and None. A dev/test table (`like`) must be tokenized as the training table was."""
+    if tokenizer is None:
+        if like is not None and like.text is not None:
+            raise InputError(f"{where}: the training table's column {like.text['text_col']!r} was tokenized; "
+                             f"give this table the same tokenizer")
+        return df, None
     from valuekit.instructions import token_id_rows
 
     if text_col not in df.columns:
@@ -345,7 +343,12 @@ def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, 
     width = like.x.shape[1] if like is not None else None
     rows = token_id_rows(df[text_col].to_numpy(dtype=object), tokenizer, max_len=max_len, width=width, where=where,
                          col=text_col, ids=ids)
-    return df.assign(**{text_col: pd.Series(rows, index=df.index)})
+    describe = getattr(tokenizer, "describe", None)
+    text = {"tokenizer": describe() if callable(describe) else {"kind": type(tokenizer).__name__},
+            "text_col": text_col, "max_len": int(max_len)}
+    if like is not None and text != like.text:
+        raise InputError(f"{where}: tokenized with {text}, the training table with {like.text}")
+    return df.assign(**{text_col: pd.Series(rows, index=df.index)}), text
 
 
 def _class_sort_key(text: str):

@@ -26,6 +26,11 @@ def _write_part(table: pa.Table, path: Path) -> None:
     write_parquet_atomic(table, path)
 
 
+def _scalar(v) -> bool:
+    """None or one value (a metrics cell), without np.ndim's cost on the writer thread."""
+    return v is None or isinstance(v, (int, float, bool, str, np.generic)) or (isinstance(v, np.ndarray) and v.ndim == 0)
+
+
 class PartWriter:
     """Buffers rows of one table and writes them as closed numbered parts."""
 
@@ -70,10 +75,14 @@ class AsyncPartWriter:
     """
 
     def __init__(self, folder: Path, schema: pa.Schema, table: str, run_id: str, start_part: int = 0,
-                 *, max_pending: int = 2):
+                 *, max_pending: int = 2, lookups: dict[str, pa.Array] | None = None):
+        """`lookups` {column: Arrow array over the table's rows}: a step may give `rows` (int64 row numbers)
+        instead of those columns, and the writer thread fills them in with one `take` per part, so the loop
+        does no per-step indexing or string handling."""
         import queue
         import threading
 
+        self.lookups = dict(lookups or {})
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.schema = _with_meta(schema, table, run_id)
@@ -140,13 +149,26 @@ class AsyncPartWriter:
                 self.jobs.task_done()
 
     def _table(self, rows: list[dict]) -> pa.Table:
-        sizes = [max((np.size(v) for v in r.values() if v is not None and np.ndim(v) > 0), default=1) for r in rows]
+        sizes = [max((np.size(v) for v in r.values() if not _scalar(v)), default=1) for r in rows]
         total = int(sum(sizes))
+        taken = {}
+        if self.lookups and all("rows" in r for r in rows):
+            index = pa.array(np.concatenate([np.asarray(r["rows"], dtype=np.int64) for r in rows]))
+            taken = {name: arr.take(index) for name, arr in self.lookups.items()}
         arrays = []
         for f in self.schema:
+            if f.name in taken:
+                arrays.append(taken[f.name])
+                continue
             parts = [r.get(f.name) for r in rows]
+            if total == len(rows) and all(_scalar(v) for v in parts):  # one scalar (or None) per step: metrics
+                arrays.append(pa.array([v.item() if isinstance(v, np.generic) else v for v in parts], f.type))
+                continue
             if all(v is None for v in parts):
                 arrays.append(pa.nulls(total, f.type))
+                continue
+            if all(_scalar(v) and v is not None for v in parts):  # one value per step (the step number)
+                arrays.append(pa.array(np.repeat(np.asarray(parts), sizes), f.type))
                 continue
             if any(v is None for v in parts):  # some steps have the column, some not: mask the missing rows
                 mask = np.concatenate([np.full(n, v is None) for v, n in zip(parts, sizes)])
@@ -155,7 +177,8 @@ class AsyncPartWriter:
                 parts = [np.zeros(n, dtype=dtype) if v is None else v for v, n in zip(parts, sizes)]
             else:
                 mask = None
-            col = np.concatenate([np.broadcast_to(np.asarray(v), (n,)) for v, n in zip(parts, sizes)])
+            col = np.concatenate([v if isinstance(v, np.ndarray) and v.ndim == 1 and len(v) == n
+                                  else np.broadcast_to(np.asarray(v), (n,)) for v, n in zip(parts, sizes)])
             if col.dtype == object:
                 values = col.tolist()
                 if mask is not None:

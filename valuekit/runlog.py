@@ -234,9 +234,12 @@ class RunWriter:
     """Creates or reopens a run directory, holds its lock, writes parts, values and run.json."""
 
     def __init__(self, run_dir, *, meta: dict, id_type: str, lock: Path | None = None,
-                 resume_parts: dict[str, int] | None = None, rank: int = 0, world_size: int = 1):
+                 resume_parts: dict[str, int] | None = None, rank: int = 0, world_size: int = 1,
+                 rows: dict | None = None):
         """Under torchrun (world_size > 1) every rank makes one: each writes steps/rank-R/part-*.parquet, and
-        only rank 0 holds the lock and writes run.json, metrics/, sources/ and values.parquet."""
+        only rank 0 holds the lock and writes run.json, metrics/, sources/ and values.parquet. `rows`
+        {"example_id": ids, "label": int32 labels or None, "source": str sources or None}, one entry per
+        training row: then a step's log gives `rows=` (row numbers) and the writer thread fills these in."""
         self.dir = Path(run_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.main = rank == 0
@@ -257,7 +260,11 @@ class RunWriter:
                     if int(p.stem.split("-")[1]) >= parts.get(name, 0):
                         p.unlink()
         # the three logs are written by background threads (AsyncPartWriter): the loop only hands over arrays
-        self.steps = AsyncPartWriter(folders["steps"], steps_schema(id_type), "steps", run_id, parts.get("steps", 0))
+        schema = steps_schema(id_type)
+        lookups = {k: pa.array(v.tolist() if v.dtype == object else v, schema.field(k).type)
+                   for k, v in (rows or {}).items() if v is not None}
+        self.steps = AsyncPartWriter(folders["steps"], schema, "steps", run_id, parts.get("steps", 0),
+                                     lookups=lookups)
         self.metrics = AsyncPartWriter(self.dir / "metrics", METRICS_SCHEMA, "metrics", run_id,
                                        parts.get("metrics", 0))
         self.sources = AsyncPartWriter(self.dir / "sources", SOURCES_SCHEMA, "sources", run_id,

@@ -237,8 +237,10 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
     trainer, sampler = spec.build(ctx, mcfg)
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
+    labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock, rank=info.rank, world_size=info.world_size,
-                       resume_parts=state["parts"] if state else ({} if resume else None))
+                       resume_parts=state["parts"] if state else ({} if resume else None),
+                       rows={"example_id": view.ids, "label": labels, "source": view.source})
     test_xy = _to_device(test_data, device) if test_data is not None and info.is_main else None
     loop = _Loop(view, ctx, trainer, sampler, writer, spec=spec, out=out, hooks=hooks, info=info, test_xy=test_xy)
     if state:
@@ -329,8 +331,6 @@ class _Loop:
         self.ctx, self.trainer, self.sampler, self.writer, self.spec = ctx, trainer, sampler, writer, spec
         self.config, self.out, self.hooks, self.info, self.test_xy = ctx.config, out, hooks, info, test_xy
         self.ids = view.ids
-        self.labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
-        self.sources = view.source
         self.step = self.done = 0  # last step started / last step fully logged
         self.elapsed_before, self.t0 = 0.0, time.perf_counter()
         self.stop_agreed = False  # all ranks saw that some rank was asked to stop (torchrun)
@@ -415,9 +415,8 @@ class _Loop:
         weight = None if rec.weight is None else rec.weight.detach().float().cpu().numpy()
         rows = idx_cpu.numpy()
         if self.config.log_steps:
-            self.writer.steps.add(
-                step=step, example_id=self.ids[rows], label=None if self.labels is None else self.labels[rows],
-                source=None if self.sources is None else self.sources[rows], weight=weight,
+            self.writer.steps.add(  # example_id, label and source are looked up from `rows` by the writer thread
+                step=step, rows=rows, weight=weight,
                 reward=None if rec.reward is None else rec.reward.detach().float().cpu().numpy(),
                 loss=loss, selected=None if rec.selected is None else rec.selected.detach().cpu().numpy(),
             )
