@@ -413,3 +413,37 @@ def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
     assert np.isfinite(cold.values()["value"]).all()
     values = cold.values().set_index("example_id")["posterior_mean"].reindex(data.ids).to_numpy()
     assert np.isfinite(values).all() and np.abs(values - w_end).max() < 0.2  # the mean tracks the moving net
+
+
+def test_batchnorm_model_train_losses_do_not_depend_on_the_dev_rows():
+    """With BatchNorm the train and dev rows go through the model separately: a train row's loss in the drift is
+    the loss of the train batch alone (batch statistics of train rows only), whatever dev rows were drawn."""
+    from torch import nn
+
+    from valuekit.trainers.base import make_trainer
+
+    def bn_mlp(num_classes, input_shape):
+        return nn.Sequential(nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes))
+
+    tr_df, dev_df, _ = _noisy_blobs(n=40)
+    tr = load_table(tr_df)
+    dev = load_table(dev_df, like=tr, name="dev")
+    trainer, sampler, ctx = make_trainer(tr, dev, TrainConfig(method="bads", batch_size=8, device="cpu"),
+                                         {"dev_batch_size": 6}, model=bn_mlp)
+    assert not trainer.joint_forward
+    rows = torch.arange(8)
+    batch = Batch(step=1, idx=rows, x=ctx.x[rows], y=ctx.y[rows])
+    alone = per_example_loss_of(trainer.model, batch)
+    for dev_rows in (torch.arange(6), torch.arange(6, 12)):
+        losses = trainer.drift(batch, ctx.dev_x[dev_rows], ctx.dev_y[dev_rows])[3]
+        torch.testing.assert_close(losses, alone)
+    plain, *_ = make_trainer(tr, dev, TrainConfig(method="bads", batch_size=8, device="cpu"))
+    assert plain.joint_forward  # no BatchNorm: one forward of train + dev rows (the same numbers)
+
+
+def per_example_loss_of(model, batch):
+    import copy
+
+    twin = copy.deepcopy(model).train()  # its own running statistics: the trainer's stay as they are
+    with torch.no_grad():
+        return F.cross_entropy(twin(batch.x), batch.y, reduction="none")

@@ -390,3 +390,32 @@ def test_sequence_margin_is_mean_scored_token_margin():
                 col = logits[i, :, t]
                 ref.append((col[y[i, t]] - torch.cat([col[: y[i, t]], col[y[i, t] + 1:]]).max()).item())
         assert got[i].item() == pytest.approx(np.mean(ref))
+
+
+def test_lm_dev_batches_are_length_windows_and_draw_every_row_equally(tables):
+    """Causal-LM dev batches: consecutive rows of the length-sorted dev set (short rows together) from a uniform
+    start; each row lies in exactly `size` of the M windows (probability size / M: M / size x the batch sum is
+    unbiased)."""
+    from valuekit.lm import token_lengths
+    from valuekit.trainers.base import TrainConfig, build_context
+
+    tr, dv = load_instructions(tables[0], max_len=32), load_instructions(tables[1], max_len=32, name="dev")
+    ctx = build_context(tr, dv, TrainConfig(model="causal-lm", device="cpu"), torch.device("cpu"))
+    lengths = token_lengths(ctx.dev_x)
+    m, size = len(ctx.dev_y), 3
+    assert torch.equal(lengths[ctx.dev_order], lengths.sort(stable=True).values)
+    window = lambda start: ctx.dev_order[(start + torch.arange(size)) % m]  # noqa: E731
+    starts = []
+    for _ in range(20):
+        twin = torch.Generator()
+        twin.set_state(ctx.generator.get_state())
+        start = int(torch.randint(m, (1,), generator=twin))
+        x, y = ctx.sample_dev(size)
+        assert torch.equal(x, ctx.dev_x[window(start)]) and torch.equal(y, ctx.dev_y[window(start)])
+        starts.append(start)
+    assert len(set(starts)) > 5
+    counts = torch.bincount(torch.cat([window(s) for s in range(m)]), minlength=m)
+    assert torch.equal(counts, torch.full((m,), size))
+    assert int(token_lengths(ctx.dev_x[window(0)]).max()) == int(lengths.sort().values[size - 1])
+    plain = build_context(tr, dv, TrainConfig(model="mlp", device="cpu"), torch.device("cpu"))
+    assert plain.dev_order is None  # other tables: a uniform random subset as before

@@ -245,6 +245,7 @@ class TrainContext:
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
     model_factory: Any = None  # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.resolve_factory)
     scaler: Any = None  # torch.amp.GradScaler under --precision fp16 (valuekit.precision), else None
+    dev_order: torch.Tensor | None = None  # causal-LM tables: dev rows by token length (CPU), for sample_dev
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -365,10 +366,17 @@ class TrainContext:
 
     def sample_dev(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A uniform dev mini-batch (without replacement when size <= dev size). Under torchrun every rank draws
-        the same global batch of `size` rows and returns its own contiguous slice (`dev_total(size)` rows in all)."""
+        the same global batch of `size` rows and returns its own contiguous slice (`dev_total(size)` rows in all).
+        Causal-LM tables: `size` consecutive rows (cyclically) of the dev set sorted by length from a uniform
+        start, so a batch is trimmed to similar lengths; every dev row is still drawn with probability size / M,
+        so M / size times the batch's loss sum stays an unbiased estimate of the dev set's."""
         m = len(self.dev_y)
         if size >= m:
             x, y = self.dev_x, self.dev_y
+        elif self.dev_order is not None:
+            start = int(torch.randint(m, (1,), generator=self.generator))
+            idx = self.dev_order[(start + torch.arange(size)) % m].to(self.device)
+            x, y = self.dev_x[idx], self.dev_y[idx]
         else:
             idx = torch.randperm(m, generator=self.generator)[:size].to(self.device)
             x, y = self.dev_x[idx], self.dev_y[idx]

@@ -253,6 +253,13 @@ class Trainer:
         self.count, self.mean, self.m2 = zeros(), zeros(), zeros()
         self.samples = torch.full((n, cfg.reservoir), float("nan"), dtype=torch.float32, device=dev)
         self.steps_taken = 0
+        # one forward of train + dev rows together saves a call on small models; not with BatchNorm (the dev rows
+        # would enter the train rows' batch statistics) nor for causal LMs (the batch is trimmed to its longest
+        # row, so random-length dev rows would pad the length-bucketed train rows)
+        from valuekit.lm import is_lm
+
+        self.joint_forward = not is_lm(ctx.config.model) and not any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
 
     # ------------------------------------------------------------ the log posterior's gradient
 
@@ -288,8 +295,11 @@ class Trainer:
         # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
         b_all, bm_all = self.ctx.global_rows(b), (dev_total or self.ctx.global_rows(bm)) if self.ctx.distributed else bm
         w = self._weights(batch)
-        logits_all = self.model(torch.cat([batch.x, dev_x]))
-        logits, dev_logits = logits_all[:b], logits_all[b:]
+        if self.joint_forward:
+            logits_all = self.model(torch.cat([batch.x, dev_x]))
+            logits, dev_logits = logits_all[:b], logits_all[b:]
+        else:
+            logits, dev_logits = self.model(batch.x), self.model(dev_x)
         losses = per_example_loss(logits, batch.y)
         dev_losses = per_example_loss(dev_logits, dev_y)
         # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.

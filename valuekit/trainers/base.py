@@ -75,12 +75,16 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         if dev_data.source is not None:
             dev_source = torch.tensor([codes.get(s, -1) for s in dev_data.source], device=device)
     mean, std = feature_stats(view.x, view.image_shape)
+    from valuekit.lm import is_lm, token_lengths
+
+    dev_order = torch.argsort(token_lengths(dev_x.cpu()), stable=True) if is_lm(config.model) else None
     return TrainContext(
         config=config, device=device, generator=generator, x=x, y=y, ids=view.ids, num_classes=view.num_classes,
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
         rank=rank, world_size=world_size, model_factory=model_factory, scaler=grad_scaler(device, config.precision),
+        dev_order=dev_order,
         signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),
     )
 
