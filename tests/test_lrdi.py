@@ -391,6 +391,33 @@ def test_fused_meta_gradient_equals_second_order(variant, normalize):
         torch.testing.assert_close(_flat(f["student_grads"]), _flat(a["student_grads"]), rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.parametrize("variant", ["lrdi", "mwnet", "l2rw"])
+def test_fused_meta_gradient_with_batchnorm_equals_second_order(variant):
+    """With BatchNorm (rows coupled through the batch statistics) the fused meta-gradient takes its dots from one
+    forward-mode pass; it equals the second-order autograd meta-gradient (l2rw skips the unused first backward)."""
+    from torch import nn
+
+    def bn_mlp(num_classes, input_shape):
+        return nn.Sequential(nn.Linear(input_shape[0], 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, num_classes))
+
+    out = {}
+    for mode in ("fused", "autograd"):
+        ctx = tiny_ctx(model="python:bn_mlp")
+        ctx.model_factory = bn_mlp
+        tr = Trainer(ctx, Config(variant=variant, meta_grad=mode, virtual_lr=0.4, teacher_hidden=3, label_dim=2))
+        tr.model.double()
+        if tr.teacher is not None:
+            tr.teacher.double()
+        assert (tr.dots_by == "jvp") == (mode == "fused")
+        out[mode] = tr.meta_gradient(ctx.x, ctx.y, ctx.dev_x, ctx.dev_y, progress=0.3)
+    f, a = out["fused"], out["autograd"]
+    gf = f["grads"] if variant == "l2rw" else _flat(f["grads"])
+    ga = a["grads"] if variant == "l2rw" else _flat(a["grads"])
+    assert ga.abs().max() > 1e-4
+    torch.testing.assert_close(gf, ga, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(f["dev_loss"], a["dev_loss"], rtol=1e-12, atol=0)
+
+
 def test_meta_grad_option_validation():
     with pytest.raises(InputError, match="meta_grad=fused needs unroll 1"):
         Config(meta_grad="fused", unroll=2).validate()

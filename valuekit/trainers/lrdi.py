@@ -334,7 +334,9 @@ class Trainer:
                 self.tape.records = []
                 return self._second_order(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
             total = (row_w * losses).mean()
-        first = list(torch.autograd.grad(total, params, retain_graph=True))
+        # l2rw: θ' = θ, so this gradient only feeds the tape; with forward-mode dots it is not needed at all
+        need_first = self.teacher is not None or self.tape is not None
+        first = list(torch.autograd.grad(total, params, retain_graph=True)) if need_first else []
         if self.teacher is None:
             theta = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
         else:
