@@ -157,16 +157,28 @@ def test_prepare_instructions_cli(tmp_path, capsys):
 # ---------------------------------------------------------------- training and export
 
 
-@pytest.mark.parametrize("method", ["uniform", "bads"])
+LM_EXTRA = {"uniform": [], "bads": ["--set", "burn_in=0"], "dds": ["--set", "scorer_warmup=0", "--set", "update_every=1"],
+            "multidds": ["--set", "update_every=2"]}
+
+
+@pytest.mark.parametrize("method", list(LM_EXTRA))
 def test_train_causal_lm(tables, tmp_path, method):
     train, dev = tables
     out = tmp_path / f"run-{method}"
     rc = main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", method, "--steps", "6",
                "--batch-size", "8", "--max-len", "32", "--device", "cpu", "--out", str(out),
-               "--set", "hidden=32", "--set", "eval_every=3", *(["--set", "burn_in=0"] if method == "bads" else [])])
+               "--set", "hidden=32", "--set", "eval_every=3", *LM_EXTRA[method]])
     assert rc == 0
     vals = pd.read_parquet(out / "values.parquet")
     assert len(vals) == 36 and vals["value"].notna().any()
+    if method == "dds":  # the token-bag scorer learnt something from the rewards: the rows' logits differ
+        assert vals.scorer_logit.std() > 0 and np.isfinite(vals.value).all() and "label" not in vals
+        st = pd.concat(pd.read_parquet(p) for p in sorted((out / "steps").glob("part-*.parquet")))
+        assert st.reward.notna().all() and st.reward.abs().max() > 0
+    if method == "multidds":  # per-task usage: one probability per task and step, summing to 1
+        src = pd.concat(pd.read_parquet(p) for p in (out / "sources").glob("part-*.parquet"))
+        assert set(src.source) == {"copy", "upper", "junk"}
+        np.testing.assert_allclose(src.groupby("step").prob.sum(), 1.0, rtol=1e-6)
     steps = pd.concat(pd.read_parquet(p) for p in sorted((out / "steps").glob("part-*.parquet")))
     assert set(steps.source) <= {"copy", "upper", "junk"} and steps.label.isna().all()
     meta = json.loads((out / "run.json").read_text())
@@ -200,6 +212,10 @@ def test_bad_instruction_input_exit_2(tables, tmp_path, capsys):
     err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm",
                                   "--tokenizer", str(tmp_path / "tok")])
     assert "--tokenizer" in err
+    for method in ("lrdi", "l2rw", "mwnet", "hostcp"):  # their teacher / selector needs class labels
+        err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", method])
+        assert err == (f"valuekit: error: --method {method}: not available for causal-LM instruction tables; use "
+                       f"uniform, bads, dds, multidds"), err
     err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'nope'}"])
     # without the optional transformers package the model form is refused before its folder is read
     import importlib.util
@@ -419,3 +435,18 @@ def test_lm_dev_batches_are_length_windows_and_draw_every_row_equally(tables):
     assert int(token_lengths(ctx.dev_x[window(0)]).max()) == int(lengths.sort().values[size - 1])
     plain = build_context(tr, dv, TrainConfig(model="mlp", device="cpu"), torch.device("cpu"))
     assert plain.dev_order is None  # other tables: a uniform random subset as before
+
+
+def test_per_example_dots_of_a_causal_lm_match_a_per_example_loop(tables):
+    """DDS's rewards on instruction rows: forward-mode dots through attention (math kernel) equal the explicit
+    per-example loop, with the mean response-token NLL as each row's loss."""
+    from valuekit.gradients import per_example_dots, per_example_dots_loop
+
+    data = load_instructions(tables[0], max_len=32)
+    model = build_lm("causal-lm", vocab=259, max_len=32, hidden=32, generator=torch.Generator().manual_seed(0)).double()
+    g = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    x, y = data.x[:6], data.y[:6]
+    loop = per_example_dots_loop(model, x, y, v, loss_fn=per_example_loss)
+    assert loop.abs().max() > 1e-3
+    torch.testing.assert_close(per_example_dots(model, x, y, v), loop, rtol=1e-9, atol=1e-10)

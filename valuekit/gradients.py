@@ -85,7 +85,12 @@ VectorLike = Mapping[str, Tensor] | Sequence[Tensor]
 # helpers
 # ---------------------------------------------------------------------------
 def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
-    return F.cross_entropy(logits, y, reduction="none")
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, y, reduction="none")
+    # sequence targets (N, V, L) / (N, L): the mean token NLL over the targets that are not -100 (a causal LM's
+    # response tokens), as the training loop's per-example loss
+    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)
+    return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -301,7 +306,8 @@ def per_example_dots(
     if batch_stats not in ("coupled", "fixed"):
         raise ValueError(f"batch_stats {batch_stats!r}: use 'coupled' or 'fixed'")
     # full precision even inside a bf16/fp16 autocast step (forward-mode AD does not mix with autocast)
-    with torch.autocast(x.device.type, enabled=False):
+    # ... and attention on the math kernel: the fused scaled-dot-product kernels have no forward-mode formula
+    with torch.autocast(x.device.type, enabled=False), second_order():
         # batch statistics held fixed (module doc), or left to couple the rows
         frozen = _freeze_batchnorm(model, others, primals, x) if batch_stats == "fixed" else []
         with _EvalMode(frozen):
@@ -509,8 +515,9 @@ def _ghost_dots(model, x, y, tangents, loss_fn, primals, others) -> Tensor:
 
 
 def second_order():
-    """Context for code that differentiates twice (meta-gradients through a virtual step): attention runs on
-    PyTorch's math kernel, since the fused scaled-dot-product kernels have no double backward."""
+    """Context for code that differentiates twice (meta-gradients through a virtual step) or in forward mode:
+    attention runs on PyTorch's math kernel, since the fused scaled-dot-product kernels have neither a double
+    backward nor a forward-mode formula."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])

@@ -199,6 +199,9 @@ def _placement(config: TrainConfig, spec) -> tuple[torch.device, dist_.DistInfo]
     return device, info
 
 
+LM_METHODS = ("uniform", "bads", "dds", "multidds")  # the methods that train a causal LM on instruction rows
+
+
 def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_data) -> None:
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
@@ -210,6 +213,9 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
         if train_data.y.dim() != 2:
             raise InputError(f"--model {config.model}: needs an instruction table (prompt, response columns)")
         check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1])
+        if config.method not in LM_METHODS:  # their teacher / selector reads a class label and class probabilities
+            raise InputError(f"--method {config.method}: not available for causal-LM instruction tables; use "
+                             f"{', '.join(LM_METHODS)}")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):

@@ -48,7 +48,7 @@ from valuekit.gradients import DOT_METHODS, LayerTape, per_example_dots
 from valuekit.runlog import CHECKPOINT, load_checkpoint
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
-from valuekit.trainers.scorers import LabelMLP, label_mlp
+from valuekit.trainers.scorers import LabelMLP, label_mlp, token_bag_scorer
 from valuekit.models import last_linear
 from valuekit.trainers.signals import margins
 
@@ -124,6 +124,13 @@ class SameScorer(nn.Module):
 
 def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
     """The scorer, initialised from the run's generator, with a zero output layer so p starts uniform."""
+    from valuekit.lm import is_lm
+
+    if is_lm(ctx.config.model):  # instruction rows: token ids in, no class label to read out
+        if cfg.scorer == "same":
+            raise InputError("--set scorer=same: not for causal-LM instruction tables (the model predicts tokens, "
+                             "not a score); use the default scorer (a token-bag MLP)")
+        return token_bag_scorer(ctx.num_classes, cfg.scorer_hidden, generator=ctx.generator, device=ctx.device)
     if cfg.scorer == "same":
         scorer = SameScorer(ctx.build_model())
         last = last_linear(scorer.net)[1]  # the classifier head of a built-in or a user's model
@@ -326,12 +333,14 @@ class Trainer:
         scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, README);
         scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
         standardised within class; weight = softmax of the logits over the whole training set x N; label = the
-        class code (lets `valuekit.analysis.balance` work from values.parquet alone)."""
+        class code (lets `valuekit.analysis.balance` work from values.parquet alone). Sequence targets (translation
+        pairs, causal-LM instruction rows): value = the scorer logit, no label."""
         from valuekit.trainers.signals import class_standardise, in_run_value
 
         s = self.scores().double()
-        out = {"scorer_logit": s, "weight": torch.softmax(s, 0) * self.ctx.n, "label": self.ctx.y.double()}
+        out = {"scorer_logit": s, "weight": torch.softmax(s, 0) * self.ctx.n}
         if self.ctx.y.dim() == 1:
+            out["label"] = self.ctx.y.double()
             out["value"] = in_run_value(self.ctx, s)
             out["scorer_logit_z"] = class_standardise(s.cpu().numpy(), self.ctx.y.cpu().numpy())
         else:

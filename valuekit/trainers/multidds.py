@@ -66,6 +66,7 @@ import torch.nn.functional as F
 
 from valuekit.config import setting
 from valuekit.errors import InputError
+from valuekit.lm import is_lm
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 # scorer maths, TCS similarity, reward accumulator and sampler live in source_scoring (re-exported here)
@@ -146,12 +147,14 @@ class Trainer:
         # Convolutions too: the vmapped backward costs ~2.8x a uniform step on the resnet-style model at batch
         # 128 against ~1.5x for sub-batches (reports/speed.md); for all-Linear models the two cost the same.
         # (With BatchNorm, sub-batches normalise with their own statistics.)
-        seq = getattr(self.model, "is_seq2seq", False)
+        lm = is_lm(ctx.config.model)  # causal-LM instruction tables: (N, L) token targets
+        seq = getattr(self.model, "is_seq2seq", False) or lm
         conv = any(isinstance(m, torch.nn.Conv2d) for m in self.model.modules())
         self.grad_method = cfg.grad_method if cfg.grad_method != "auto" else ("split" if seq or conv else "batched")
 
         group = getattr(ctx, "group", None)  # translation tables: the English sentence is the target
-        key = (group if group is not None else ctx.y).cpu().long()
+        # the target a source is drawn for: the class, the English sentence, or one for all (instruction rows)
+        key = (group if group is not None else torch.zeros(ctx.n, dtype=torch.long) if lm else ctx.y).cpu().long()
         self.row_key, self.row_src = key, ctx.source.cpu().long()
         self.num_keys = K = int(key.max()) + 1
         cell = key * S + self.row_src

@@ -61,3 +61,37 @@ def label_mlp(in_features: int, num_classes: int, hidden: int, *, mean=None, std
         net.label.weight.zero_()
         net.label_bias.weight.zero_()
     return net.to(device)
+
+
+class TokenBagScorer(nn.Module):
+    """DDS's scorer for causal-LM instruction rows: s(x) = MLP(bag(x)), bag(x) = the row's token-id frequencies
+    hashed into `buckets` bins (padding ignored; prompt and response, which x holds both of). y is not read: the
+    response is already in x. The read-out starts at zero (uniform p at step 0)."""
+
+    def __init__(self, buckets: int, hidden: int):
+        super().__init__()
+        self.buckets = buckets
+        self.net = nn.Sequential(nn.Linear(buckets, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def bag(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        real = ids >= 0  # PAD_INPUT after each row's end is negative
+        counts = torch.zeros(len(x), self.buckets, device=x.device).scatter_add_(
+            1, ids.clamp_min(0) % self.buckets, real.float())
+        return counts / real.sum(1, keepdim=True).clamp_min(1)
+
+    def forward(self, x, y=None):
+        return self.net(self.bag(x)).squeeze(1)
+
+
+def token_bag_scorer(vocab: int, hidden: int, *, generator: torch.Generator, device, buckets: int = 512) -> TokenBagScorer:
+    """A TokenBagScorer with min(vocab, buckets) bins, initialised from `generator`, zero read-out."""
+    net = TokenBagScorer(min(vocab, buckets), hidden)
+    first, last = net.net[0], net.net[2]
+    nn.init.kaiming_uniform_(first.weight, a=math.sqrt(5), generator=generator)
+    nn.init.uniform_(first.bias, -1 / math.sqrt(first.weight.shape[1]), 1 / math.sqrt(first.weight.shape[1]),
+                     generator=generator)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+    return net.to(device)
