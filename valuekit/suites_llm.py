@@ -28,7 +28,8 @@ DATA = {"noise": 0.1, "max_per_task": 200, "dev_size": 100, "test_size": 100}  #
 GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 BADS = {"precondition": True, "lr_theta": 1e-3, "rho_theta": 1.0, "rho_w": 100.0, "temperature": 0.01,
         "burn_in": 100}  # how these were set: reports/llm.md "Set-up"
-ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("bads", {**BADS, "per_source": True})}
+ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("bads", {**BADS, "per_source": True}),
+        "dds": ("dds", {}), "multidds": ("multidds", {})}  # DDS / multi-source DDS at their defaults
 SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
 
 
@@ -207,5 +208,5 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     return _write(out, "suite-llm", lines, frame.drop(columns=["run"], errors="ignore"))
 
 
-SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task", run_llm, ("instructions",),
+SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, ("instructions",),
                     tuple(ARMS)),)
