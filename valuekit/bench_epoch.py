@@ -101,8 +101,8 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                               else c)
     uni = frame[frame.method == "uniform"].set_index("rows").epoch_s
     frame["ratio_vs_uniform"] = frame.epoch_s / frame.rows.map(uni)
-    lines = _header("Epoch: one timed epoch per method and N, a user's BatchNorm ResNet on PNG bytes", command,
-                    device) + [
+    lines = _header("Epoch: time per epoch and peak memory vs N (one timed epoch per method, a user's BatchNorm "
+                    "ResNet on PNG bytes)", command, device) + [
         f"Data: {described}. Model: `valuekit.bench.small_resnet` as a user's factory (BatchNorm residual",
         f"blocks, linear head); batch {batch_size}; rows streamed (PNG decoded in each step); one thread per process.",
         "",
