@@ -30,6 +30,15 @@ def test_bench_all_quick(tmp_path, capsys):
     assert (stream.interleaved_step_s > 0).all() and "derived" in (out / "stream.md").read_text()
     assert "## stream (CPU)" in (out / "BENCHMARKS.md").read_text()
 
+    epoch = pd.read_csv(out / "epoch.csv")  # timed epochs: every row valued, ceil(N / 64) steps each
+    assert sorted(set(zip(epoch.method, epoch.rows))) == [("dds", 300), ("dds", 1338), ("uniform", 300), ("uniform", 1338)]
+    assert (epoch.steps == np.ceil(epoch.rows / 64)).all() and (epoch.rows_valued == epoch.rows).all()
+    assert (epoch.epoch_s > 0).all() and (epoch.peak_rss_mib > 0).all()
+    np.testing.assert_allclose(epoch[epoch.method == "uniform"].ratio_vs_uniform, 1.0)
+    np.testing.assert_allclose(epoch.steps_per_s, epoch.steps / epoch.steps_s_sum)
+    assert len((out / "epoch.jsonl").read_text().splitlines()) == 4
+    assert "time per epoch and peak memory vs N" in (out / "BENCHMARKS.md").read_text()
+
     layer = pd.read_csv(out / "layer.csv")
     assert (layer.max_abs_diff_w < 1e-5).all() and (layer.max_abs_diff_grad < 1e-5).all()
     assert (layer.ratio > 1).all()  # the closed form beats the generic conic solver even at n = 64

@@ -80,3 +80,32 @@ def test_bench_suite_options_reach_the_suite_runs(tmp_path, monkeypatch):
     md = (out / "suite-tiny.md").read_text()
     assert f"Command: `valuekit bench tiny --device cpu -o {out} --seeds 4,9 --steps 11 --datasets wine`" in md
     assert "data ['wine']" in md and "seeds [4, 9]" in md and "11 steps" in md
+
+
+def test_bench_epoch_measures_the_full_table_first_and_skips_recorded_measurements(tmp_path, monkeypatch):
+    """`valuekit bench epoch` appends each (method, N) to OUT/epoch.jsonl and a later call only measures the
+    missing ones, so the methods can be split over processes; the table is made from every record."""
+    from valuekit import bench_epoch
+
+    calls = []
+
+    def fake(data, method, rows, batch_size):
+        calls.append((method, rows))
+        steps = -(-rows // batch_size)
+        t = {"uniform": 1.0, "dds": 1.5}[method] * steps
+        return {"method": method, "rows": rows, "batch_size": batch_size, "steps": steps, "epoch_s": t,
+                "steps_s_sum": t, "median_step_s": 1.0, "steps_per_s": steps / t, "peak_rss_mib": 100.0 + rows / 100,
+                "values_rows": rows, "rows_valued": rows}
+
+    monkeypatch.setattr(bench_epoch, "_measure", fake)
+    monkeypatch.setattr(bench_epoch, "_stream_data", lambda folder, quick: (folder, "stub"))
+    bench_epoch.bench_epoch(tmp_path, command="c", quick=True, methods=["uniform"])
+    assert calls == [("uniform", 1338), ("uniform", 300)]  # the full table first
+    bench_epoch.bench_epoch(tmp_path, command="c", quick=True, methods=["uniform", "dds"])
+    assert calls[2:] == [("dds", 1338), ("dds", 300)]
+    bench_epoch.bench_epoch(tmp_path, command="c", quick=True, methods=["uniform", "dds"])
+    assert len(calls) == 4
+    frame = pd.read_csv(tmp_path / "epoch.csv")
+    assert list(frame.method) == ["uniform", "dds", "uniform", "dds"] and list(frame.rows) == [300, 300, 1338, 1338]
+    np.testing.assert_allclose(frame.ratio_vs_uniform, [1.0, 1.5, 1.0, 1.5])
+    assert "| dds | 1,338 | 21 | 0.53 | 1.50x |" in (tmp_path / "epoch.md").read_text()
