@@ -50,7 +50,7 @@ def test_uniform_run_directory_contents(tables, tmp_path):
 
     values = run.values()
     assert list(values.columns) == ["example_id", "value", "value_std", "weight", "rank", "mean_loss", "aum",
-                                    "mean_weight", "mean_reward", "times_seen"]
+                                    "mean_weight", "mean_reward", "times_seen", "last_loss"]
     assert len(values) == len(tr) and values.weight.mean() == pytest.approx(1.0)
     assert sorted(values["rank"]) == list(range(1, len(tr) + 1))
     # value is minus the mean logged loss of each example seen; never-seen rows are NaN and rank last

@@ -73,6 +73,9 @@ def test_columns_equal_explicit_means_over_the_step_log(tables, tmp_path, method
     g = steps.groupby("example_id")
     np.testing.assert_allclose(vals.loc[g.loss.mean().index, "mean_loss"], g.loss.mean(), rtol=1e-6)
     np.testing.assert_array_equal(vals.loc[g.size().index, "times_seen"], g.size())
+    last = steps.sort_values("step").groupby("example_id").loss.last()  # the loss at the row's latest step
+    np.testing.assert_allclose(vals.loc[last.index, "last_loss"], last, rtol=1e-6)
+    assert vals.drop(last.index).last_loss.isna().all()
     ids = _load(tables)[0].ids
     m = pd.DataFrame(hook.rows, columns=["row", "margin"]).groupby("row").margin.mean()
     np.testing.assert_allclose(vals.loc[ids[m.index], "aum"], m.to_numpy(), rtol=1e-12)

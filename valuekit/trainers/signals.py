@@ -12,7 +12,9 @@ named columns of values.parquet:
 * ``mean_weight`` — mean weight the method gave the row (NaN for methods that never weight);
 * ``mean_reward`` — mean reward over the steps that computed one (DDS's gradient alignment with the
   dev gradient, L2RW's negated meta-gradient; NaN otherwise);
-* ``times_seen``  — how many steps saw the row.
+* ``times_seen``  — how many steps saw the row;
+* ``last_loss``   — the training loss at the row's most recent step (late in a run it tells rows the model
+  has learnt from rows it has not; early losses, which every row shares, weigh nothing in it).
 
 Rows never seen get NaN (times_seen 0). The sums are float64 and part of the checkpoint, so a
 resumed run gives the same columns as an uninterrupted one. Under torchrun every rank adds the whole
@@ -28,8 +30,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-COLUMNS = ("mean_loss", "aum", "mean_weight", "mean_reward", "times_seen")
-_SUMS = ("count", "loss", "margin", "margin_n", "weight", "weight_n", "reward", "reward_n")
+COLUMNS = ("mean_loss", "aum", "mean_weight", "mean_reward", "times_seen", "last_loss")
+_SUMS = ("count", "loss", "margin", "margin_n", "weight", "weight_n", "reward", "reward_n", "last_loss")
 
 
 def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -69,6 +71,7 @@ class SignalAccumulator:
         if loss.dim() > 1:  # token-level losses: one number per example
             loss = loss.reshape(len(loss), -1).mean(1)
         self._add("loss", idx, loss)
+        self.sums["last_loss"].index_copy_(0, idx, self.gather(loss.detach().reshape(-1).to(torch.float64)))
         self._add("margin", idx, margin)
         self._add("weight", idx, weight)
         self._add("reward", idx, reward)
@@ -96,7 +99,7 @@ class SignalAccumulator:
 
         return {"mean_loss": mean(s["loss"], s["count"]), "aum": mean(s["margin"], s["margin_n"]),
                 "mean_weight": mean(s["weight"], s["weight_n"]), "mean_reward": mean(s["reward"], s["reward_n"]),
-                "times_seen": s["count"].copy()}
+                "times_seen": s["count"].copy(), "last_loss": np.where(s["count"] > 0, s["last_loss"], np.nan)}
 
 
 # ---------------------------------------------------------------- class-aware combinations (numpy)
