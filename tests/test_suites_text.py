@@ -116,6 +116,8 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     assert sorted(val.arm) == sorted(suites_llm.ARMS) and set(val.steps) == {8}
     assert val.auroc_all_junk.between(0, 1).all() and (val.n_tasks == 7).all()
     assert val.junk_task_rank.between(1, 7).all() and (val.dev_loss > 0).all()
+    uni = val[val.arm == "uniform"].iloc[0]  # uniform's value is -mean_loss: the same AUROC
+    assert val.auroc_last_loss.between(0, 1).all() and uni.auroc_all_junk == pytest.approx(uni.auroc_mean_loss)
     n = 6 * 12 + 12  # six real tasks and the junk task, 12 rows each
     assert list(sub.arm) == list(suites_llm.SUBSETS) and (sub.rows == n // 2).all()
     assert (sub.junk_rows_kept <= sub.rows).all()

@@ -63,9 +63,12 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
     scored = score_instructions(table, out)
     tasks = task_table(scored).set_index("task")
     noisy, value, real = scored.is_noisy.to_numpy(bool), scored.value.to_numpy(), (scored.task != "junk").to_numpy()
+    signals = run.values().set_index("example_id").loc[scored["id"]]  # the run's own loss signals, same rows
+    loss_auroc = {f"auroc_{c}": detection_metrics(-signals[c].to_numpy(), noisy)["auroc"]
+                  for c in ("mean_loss", "last_loss") if c in signals}
     return {"kind": "value", "arm": arm, "seed": seed, "steps": steps, "seconds": seconds,
             "dev_loss": run.meta["final_metrics"].get("dev_loss"),
-            "auroc_all_junk": detection_metrics(value, noisy)["auroc"],
+            "auroc_all_junk": detection_metrics(value, noisy)["auroc"], **loss_auroc,
             "auroc_junk_in_real_tasks": detection_metrics(value[real], noisy[real])["auroc"],
             "junk_task_rank": int(tasks.loc["junk", "rank"]), "n_tasks": len(tasks),
             "lowest_task": str(tasks["mean_value"].idxmin()), "run": str(out)}
@@ -182,10 +185,15 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
                        "junk task rank (1 = best)", "lowest-valued task"],
                       [[r.arm, int(r.seed), f"{r.dev_loss:.3f}", f"{r.auroc_all_junk:.3f}", f"{r.auroc_junk_in_real_tasks:.3f}",
                         f"{int(r.junk_task_rank)} of {int(r.n_tasks)}", r.lowest_task] for r in val.itertuples()]) + [""]
-    lines += md_table(["method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest"],
+    lines += md_table(["method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest",
+                       "AUROC -mean_loss (all)", "AUROC -last_loss (all)"],
                       [[a, len(g), mean_sd(g.dev_loss), mean_sd(g.auroc_all_junk), mean_sd(g.auroc_junk_in_real_tasks),
-                        f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}"]
-                       for a, g in val.groupby("arm", sort=False)]) + [""]
+                        f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}",
+                        *[mean_sd(g[c]) if c in g and g[c].notna().all() else "-"
+                          for c in ("auroc_mean_loss", "auroc_last_loss")]]
+                       for a, g in val.groupby("arm", sort=False)]) + [
+        "", "AUROC ranks a low value as junk; the last two columns rank the same run's own -mean_loss and -last_loss "
+        "(the loss at each row's latest step) the same way.", ""]
     sub = frame[frame.kind == "subset"]
     if len(sub):
         rand = sub[sub.arm == "random50"].set_index("seed").dev_loss
