@@ -419,7 +419,7 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                                        reps=reps, device=device, memory=memory)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     frame = pd.DataFrame(rows)
-    log = logging_overhead(steps=200 if quick else 600, repeats=1 if quick else 3, device=device,
+    log = logging_overhead(steps=200 if quick else 2000, repeats=1 if quick else 5, device=device,
                            sync_writer=not quick)
     layer = layer_under_load(reps=3 if quick else 9, default_threads=torch_default) if device == "cpu" else []
     threads = [] if quick or device != "cpu" else thread_table(*tables.get(8, _bench_tables(data_dir)),
