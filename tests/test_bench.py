@@ -37,7 +37,7 @@ def test_bench_all_quick(tmp_path, capsys):
     np.testing.assert_allclose(epoch[epoch.method == "uniform"].ratio_vs_uniform, 1.0)
     np.testing.assert_allclose(epoch.steps_per_s, epoch.steps / epoch.steps_s_sum)
     assert len((out / "epoch.jsonl").read_text().splitlines()) == 4
-    assert "time per epoch and peak memory vs N" in (out / "BENCHMARKS.md").read_text()
+    assert "Time per epoch and peak memory vs N" in (out / "BENCHMARKS.md").read_text()
 
     layer = pd.read_csv(out / "layer.csv")
     assert (layer.max_abs_diff_w < 1e-5).all() and (layer.max_abs_diff_grad < 1e-5).all()

@@ -111,7 +111,7 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "values of every row (streamed scoring). `epoch` = wall time of that `train()` call (timed, not derived);",
         "`steps/s` = steps / the sum of the loop's step times; peak RSS = the child's VmHWM. Measurements are",
         f"appended to `{RECORDS}` (date and 1-minute load average before each) and a later call skips them.",
-        "",
+        "", "Time per epoch and peak memory vs N:", "",
         "| method | N | steps | epoch (min) | ratio vs uniform | steps/s | median step (s) | peak RSS (MiB) | rows valued | load before |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
