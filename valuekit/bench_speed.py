@@ -369,13 +369,16 @@ def _speed_notes() -> list[str]:
             "  all-Linear models the vmapped backward stays. Same math without BatchNorm; with BatchNorm each source's",
             "  rows are normalised with their own statistics. `multidds[grad_method=batched]` times the old path.",
             "- Step log: the three logs are written by a background thread (`runlog.AsyncPartWriter`), one Arrow",
-            "  conversion per part instead of per step; same files and part numbers (test_speed.py).",
+            "  conversion per part instead of per step; same files and part numbers (test_speed.py). The loop hands",
+            "  over each step's row numbers; the thread looks up example_id / label / source with one Arrow take",
+            "  per part, and a part is closed every 200 steps (`log_every`, was 50).",
             "- Subset layer: fixed number of vectorised Newton/bisection steps inside an order-statistic bracket, one",
             "  convergence test per solve (bounded fallback + RuntimeWarning), solved on one CPU thread.",
             "- Threads: `--threads N` / `VALUEKIT_THREADS`; default 1 thread for linear/mlp/cnn, idle cores otherwise.",
             "- Unchanged amortisations (already opt-out defaults before this work): dds and hostcp update their",
             "  scorer/selector every 4th step (`update_every`), bads evaluates the dev likelihood every step (its",
-            "  cost is the dev rows' forward/backward, (B + B_dev) / B by the algorithm).",
+            "  cost is the dev rows' forward/backward, (B + B_dev) / B by the algorithm; with BatchNorm, and on",
+            "  causal-LM tables, train and dev rows go through the model in two forwards, not one).",
             "- Not measured: CUDA (no GPU in this session; `valuekit bench speed --device cuda` writes speed-gpu.md)."]
 
 
