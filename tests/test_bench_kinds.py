@@ -109,3 +109,16 @@ def test_bench_epoch_measures_the_full_table_first_and_skips_recorded_measuremen
     assert list(frame.method) == ["uniform", "dds", "uniform", "dds"] and list(frame.rows) == [300, 300, 1338, 1338]
     np.testing.assert_allclose(frame.ratio_vs_uniform, [1.0, 1.5, 1.0, 1.5])
     assert "| dds | 1,338 | 21 | 0.53 | 1.50x |" in (tmp_path / "epoch.md").read_text()
+
+
+def test_stream_and_epoch_children_load_tables_that_own_their_image_bytes(tmp_path):
+    """The memory-vs-N children must hold N rows' encoded images, not the whole file's (a plain Arrow slice shares
+    the file's buffers: at N = 10 % of the file the table would still hold every row's bytes)."""
+    from valuekit.bench import first_rows
+    from valuekit.datasets import _arrow_image_type, load_table, prepare
+
+    prepare("digits", tmp_path / "d", image_format="png", seed=0)
+    path = tmp_path / "d" / "train.parquet"
+    whole = load_table(path, stream=True).x.buf.nbytes
+    part = load_table(first_rows(path, 100).to_pandas(types_mapper=_arrow_image_type), stream=True)
+    assert len(part.ids) == 100 and part.x.offsets[-1] == part.x.buf.nbytes < whole / 5

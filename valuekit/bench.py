@@ -143,7 +143,6 @@ def _stream_data(folder: Path, quick: bool) -> tuple[Path, str]:
 def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
     """One measured run in this (child) process: load the first `rows` training rows, train `steps` steps of
     `method` on small_resnet, report load time, the loop's own step times, RSS after loading and peak RSS."""
-    import pyarrow.parquet as pq
     import torch
 
     from valuekit.datasets import _arrow_image_type, load_table
@@ -157,7 +156,7 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 
     t0 = time.perf_counter()
-    frame = pq.read_table(Path(data) / "train.parquet").slice(0, rows).to_pandas(types_mapper=_arrow_image_type)
+    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
     tr = load_table(frame, stream=stream, name="train")
     del frame
     dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
@@ -171,6 +170,15 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
     return {"method": method, "rows": rows, "stream": stream, "load_s": load_s, "rss_after_load_mib": rss_loaded,
             "peak_rss_mib": rss("VmHWM"),
             "median_step_s": float(np.median(t[min(2, len(t) - 1):])), "values_rows": int(len(values))}
+
+
+def first_rows(path: Path, rows: int):
+    """The first `rows` rows of a Parquet file as an Arrow table that owns its buffers (a plain slice would share
+    the whole file's buffers, and a streamed image table would then hold every row's bytes at any N)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).take(pa.array(np.arange(rows)))
 
 
 def _stream_measure(data: Path, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:

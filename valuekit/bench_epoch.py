@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench import STREAM_METHODS, _header, _stem, _stream_data, _write, small_resnet
+from valuekit.bench import STREAM_METHODS, _header, _stem, _stream_data, _write, first_rows, small_resnet
 
 SIZES = (10_000, 30_000, 60_000)
 RECORDS = "epoch.jsonl"
@@ -29,7 +29,6 @@ RECORDS = "epoch.jsonl"
 
 def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
     """One timed epoch in this (child) process; see the module docstring."""
-    import pyarrow.parquet as pq
     import torch
 
     from valuekit.datasets import _arrow_image_type, load_table
@@ -41,7 +40,7 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
         with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss is inherited over exec)
             return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
 
-    frame = pq.read_table(Path(data) / "train.parquet").slice(0, rows).to_pandas(types_mapper=_arrow_image_type)
+    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
     tr = load_table(frame, stream=True, name="train")
     del frame
     dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
