@@ -143,24 +143,11 @@ def _stream_data(folder: Path, quick: bool) -> tuple[Path, str]:
 def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
     """One measured run in this (child) process: load the first `rows` training rows, train `steps` steps of
     `method` on small_resnet, report load time, the loop's own step times, RSS after loading and peak RSS."""
-    import torch
-
-    from valuekit.datasets import _arrow_image_type, load_table
     from valuekit.trainers.base import TrainConfig, train
 
-    torch.set_num_threads(1)
-
-    def rss(key: str = "VmRSS") -> float:
-        # VmHWM (this process's peak) rather than ru_maxrss, which a child inherits from its parent across exec
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
-
     t0 = time.perf_counter()
-    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
-    tr = load_table(frame, stream=stream, name="train")
-    del frame
-    dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
-    load_s, rss_loaded = time.perf_counter() - t0, rss()
+    tr, dv = child_tables(data, rows, stream=stream)
+    load_s, rss_loaded = time.perf_counter() - t0, status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
                           eval_every=steps, checkpoint_every=steps, log_every=steps)
@@ -168,8 +155,27 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
         t = run.metrics()["step_time"].to_numpy()
         values = run.values()
     return {"method": method, "rows": rows, "stream": stream, "load_s": load_s, "rss_after_load_mib": rss_loaded,
-            "peak_rss_mib": rss("VmHWM"),
+            "peak_rss_mib": status_mib("VmHWM"),
             "median_step_s": float(np.median(t[min(2, len(t) - 1):])), "values_rows": int(len(values))}
+
+
+def status_mib(key: str) -> float:
+    """This process's /proc/self/status field in MiB (VmHWM: its own peak, where ru_maxrss is inherited over exec)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
+
+
+def child_tables(data, rows: int, *, stream: bool):
+    """(train, dev) of a benchmark child on one thread: the first `rows` rows of DATA/train.parquet and the dev set."""
+    import torch
+
+    from valuekit.datasets import _arrow_image_type, load_table
+
+    torch.set_num_threads(1)
+    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
+    tr = load_table(frame, stream=stream, name="train")
+    del frame
+    return tr, load_table(Path(data) / "dev.parquet", like=tr, name="dev")
 
 
 def first_rows(path: Path, rows: int):
@@ -181,14 +187,19 @@ def first_rows(path: Path, rows: int):
     return pq.read_table(path).take(pa.array(np.arange(rows)))
 
 
-def _stream_measure(data: Path, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
-    code = ("import json, sys\nfrom pathlib import Path\nfrom valuekit.bench import _stream_child\n"
-            f"print(json.dumps(_stream_child({str(data)!r}, {method!r}, {rows}, {steps}, {batch_size}, {stream})))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+def run_child(module: str, func: str, args: tuple, what: str) -> dict:
+    """`module.func(*args)` in a fresh one-thread Python process; its JSON result (RuntimeError naming `what`)."""
+    code = f"import json\nfrom {module} import {func}\nprint(json.dumps({func}(*{args!r})))\n"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     if res.returncode != 0:
-        raise RuntimeError(f"stream benchmark child failed ({method}, {rows} rows): {res.stderr.strip()[-400:]}")
+        raise RuntimeError(f"benchmark child failed ({what}): {res.stderr.strip()[-400:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _stream_measure(data: Path, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
+    return run_child("valuekit.bench", "_stream_child", (str(data), method, rows, steps, batch_size, stream),
+                     f"stream, {method}, {rows} rows")
 
 
 def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = False, methods=None,

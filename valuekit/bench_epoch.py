@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench import STREAM_METHODS, _header, _stem, _stream_data, _write, first_rows, small_resnet
+from valuekit.bench import (STREAM_METHODS, _header, _stem, _stream_data, _write, child_tables, run_child,
+                            small_resnet, status_mib)
 
 SIZES = (10_000, 30_000, 60_000)
 RECORDS = "epoch.jsonl"
@@ -29,21 +28,9 @@ RECORDS = "epoch.jsonl"
 
 def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
     """One timed epoch in this (child) process; see the module docstring."""
-    import torch
-
-    from valuekit.datasets import _arrow_image_type, load_table
     from valuekit.trainers.base import TrainConfig, train
 
-    torch.set_num_threads(1)
-
-    def rss(key: str) -> float:
-        with open("/proc/self/status") as f:  # VmHWM: this process's own peak (ru_maxrss is inherited over exec)
-            return next(int(line.split()[1]) / 1024 for line in f if line.startswith(key + ":"))
-
-    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
-    tr = load_table(frame, stream=True, name="train")
-    del frame
-    dv = load_table(Path(data) / "dev.parquet", like=tr, name="dev")
+    tr, dv = child_tables(data, rows, stream=True)
     steps = math.ceil(rows / batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
@@ -55,18 +42,13 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
         values = run.values()
     return {"method": method, "rows": rows, "batch_size": batch_size, "steps": steps, "epoch_s": wall,
             "steps_s_sum": float(step_s.sum()), "median_step_s": float(np.median(step_s)),
-            "steps_per_s": steps / float(step_s.sum()), "peak_rss_mib": rss("VmHWM"),
+            "steps_per_s": steps / float(step_s.sum()), "peak_rss_mib": status_mib("VmHWM"),
             "values_rows": int(len(values)), "rows_valued": int(values["value"].notna().sum())}
 
 
 def _measure(data: Path, method: str, rows: int, batch_size: int) -> dict:
-    code = ("import json\nfrom valuekit.bench_epoch import epoch_child\n"
-            f"print(json.dumps(epoch_child({str(data)!r}, {method!r}, {rows}, {batch_size})))\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if res.returncode != 0:
-        raise RuntimeError(f"epoch benchmark child failed ({method}, {rows} rows): {res.stderr.strip()[-400:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    return run_child("valuekit.bench_epoch", "epoch_child", (str(data), method, rows, batch_size),
+                     f"epoch, {method}, {rows} rows")
 
 
 def _load_records(path: Path) -> list[dict]:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from valuekit.bench import _header, _stem, _write, markdown_table
-from valuekit.gradients import DOT_METHODS, LossFn, VectorLike, _default_loss, mean_gradient, per_example_dots
+from valuekit.gradients import DOT_METHODS, LossFn, VectorLike, mean_gradient, per_example_dots, per_example_loss
 from valuekit.selection import SubsetSelection
 
 
@@ -244,7 +244,7 @@ def time_dot_methods(
     ``NotImplementedError`` (ghost on unsupported layers) is reported as ``nan``.
     ``.grad`` fields and mode flags are restored afterwards.
     """
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or per_example_loss
     if v is None:
         v = mean_gradient(model, x, y, loss_fn=loss_fn)
 

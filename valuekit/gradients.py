@@ -84,13 +84,13 @@ VectorLike = Mapping[str, Tensor] | Sequence[Tensor]
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
-def _default_loss(logits: Tensor, y: Tensor) -> Tensor:
+def per_example_loss(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy per example (the loop's, via trainers.api); logits (N, V, L): mean NLL of the targets != -100."""
     if logits.dim() == 2:
         return F.cross_entropy(logits, y, reduction="none")
-    # sequence targets (N, V, L) / (N, L): the mean token NLL over the targets that are not -100 (a causal LM's
-    # response tokens), as the training loop's per-example loss
-    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)
+    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)  # (N, L), 0 where ignored
     return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
+
 
 
 def trainable_names(model: nn.Module) -> list[str]:
@@ -240,7 +240,7 @@ def mean_gradient(
     name -> tensor dict over the trainable parameters (the DDS vector ``v`` when
     called on a dev batch).  Uses the model's current train/eval mode; ``.grad``
     fields are not touched."""
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or per_example_loss
     primals, others = _split_params(model, params)
 
     def mean_loss(p):
@@ -294,7 +294,7 @@ def per_example_dots(
     including its dependence through the batch statistics (so it differs from
     the batch-of-one loop), and ``"ghost"`` raises ``NotImplementedError``.
     """
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or per_example_loss
     primals, others = _split_params(model, params)
     tangents = _resolve_v(v, primals)
     if method == "taylor":
@@ -333,7 +333,7 @@ def per_example_dots_loop(
     """Reference implementation: loop over examples, ``torch.autograd.grad`` of
     ``ℓ(x_i, y_i; θ)`` (batch of one; training-mode batch norm with the batch's statistics
     held fixed, module doc) and an explicit dot product with ``v``."""
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or per_example_loss
     primals, others = _split_params(model, params)
     tangents = _resolve_v(v, primals)
     frozen = _freeze_batchnorm(model, others, primals, x)

@@ -483,6 +483,11 @@ def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     return found[-1]
 
 
+def has_batchnorm(model) -> bool:
+    """Whether any submodule is a batch-norm layer (its batch statistics couple the rows of a batch)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def feature_module(model: nn.Module, layer: str = "") -> nn.Module:
     """The module whose *input* is the model's feature vector: `layer` by name (from named_modules; a
     name without the `net.` prefix of a wrapped user model is accepted), or the last nn.Linear."""

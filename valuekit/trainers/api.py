@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from valuekit import distributed as dist_
 from valuekit.config import TrainConfig
+from valuekit.gradients import per_example_loss  # noqa: F401  (the loop's per-example loss, re-exported)
 from valuekit.models import build_model, build_user_model, is_builtin
 
 
@@ -173,13 +174,6 @@ class RandomSampler:
         self.perm, self.cursor = state["perm"], int(state["cursor"])
 
 
-def per_example_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per example. Sequence targets (logits (N, V, L), y (N, L), e.g. valuekit.lm): the mean
-    token NLL over the positions whose target is not -100 (for instruction tables: the response tokens)."""
-    if logits.dim() == 2:
-        return F.cross_entropy(logits, y, reduction="none")
-    tok = F.cross_entropy(logits, y, reduction="none", ignore_index=-100)  # (N, L), 0 where ignored
-    return tok.sum(1) / (y != -100).sum(1).clamp_min(1)
 
 
 class eval_mode:

@@ -257,9 +257,9 @@ class Trainer:
         # would enter the train rows' batch statistics) nor for causal LMs (the batch is trimmed to its longest
         # row, so random-length dev rows would pad the length-bucketed train rows)
         from valuekit.lm import is_lm
+        from valuekit.models import has_batchnorm
 
-        self.joint_forward = not is_lm(ctx.config.model) and not any(
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self.joint_forward = not is_lm(ctx.config.model) and not has_batchnorm(self.model)
 
     # ------------------------------------------------------------ the log posterior's gradient
 

@@ -49,7 +49,7 @@ from valuekit.runlog import CHECKPOINT, load_checkpoint
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.scorers import LabelMLP, label_mlp, token_bag_scorer
-from valuekit.models import last_linear
+from valuekit.models import has_batchnorm, last_linear
 from valuekit.trainers.signals import margins
 
 DISTRIBUTED = True  # synchronised under torchrun (valuekit.distributed)
@@ -163,7 +163,7 @@ class Trainer:
         self.tape = None
         # BatchNorm in training mode: a row's loss depends on the other rows, and the tape's split of the batch
         # gradient into rows is not grad l_i; the step then takes the forward-mode ("exact") dots instead
-        batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        batchnorm = has_batchnorm(self.model)
         if cfg.reward_method == "fused" and not batchnorm:
             try:
                 self.tape = LayerTape(self.model)

@@ -62,7 +62,7 @@ from torch.func import functional_call
 from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import LayerTape, per_example_dots
-from valuekit.models import feature_dim, feature_module, features_and_logits
+from valuekit.models import feature_dim, feature_module, features_and_logits, has_batchnorm
 from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
@@ -136,7 +136,7 @@ class Trainer:
         # BatchNorm in training mode makes a row's loss depend on the other rows: the tape's split of the batch
         # gradient into rows is then not grad l_i, so the dots come from one forward-mode pass instead ("exact")
         self.dots_method = cfg.meta_grad
-        if cfg.meta_grad == "fused" and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+        if cfg.meta_grad == "fused" and has_batchnorm(self.model):
             self.dots_method = "exact"
         if self.dots_method == "fused":
             try:

@@ -58,7 +58,7 @@ from torch.func import functional_call
 from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import second_order
-from valuekit.models import feature_dim, feature_module, features_and_logits
+from valuekit.models import feature_dim, feature_module, features_and_logits, has_batchnorm
 from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
@@ -197,7 +197,7 @@ class Trainer:
         # double backward)
         self.tape, self.dots_by = None, None
         if cfg.meta_grad != "autograd" and cfg.unroll == 1:
-            if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            if has_batchnorm(self.model):
                 self.dots_by = "jvp"
             else:
                 try:
