@@ -203,6 +203,13 @@ def test_score_rows_chunks_in_eval_mode_and_restores_each_modules_mode():
     assert net.training and net[1].training and not net[2].training
 
 
+def test_score_rows_fills_one_tensor_with_multi_column_results_in_row_order():
+    ctx = _ctx()
+    out = ctx.score_rows(lambda x, y: torch.stack([x.sum(1), y.double()], 1), chunk=2)
+    torch.testing.assert_close(out, torch.stack([ctx.x.sum(1), ctx.y.double()], 1))
+    assert out.shape == (len(ctx.y), 2)
+
+
 # ---------------------------------------------------------------- ARCHITECTURE.md
 
 

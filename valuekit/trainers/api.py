@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from valuekit import distributed as dist_
 from valuekit.config import TrainConfig
 from valuekit.gradients import per_example_loss  # noqa: F401  (the loop's per-example loss, re-exported)
+from valuekit.memory import trim_heap
 from valuekit.models import build_model, build_user_model, is_builtin
 
 
@@ -388,8 +389,18 @@ class TrainContext:
         x = self.x if x is None else x
         y = self.y if y is None else y
         chunk = chunk or self.config.eval_batch_size
+        out = None
         with eval_mode(*modules):
-            return torch.cat([fn(x[i: i + chunk], y[i: i + chunk]) for i in range(0, len(y), chunk)])
+            # one preallocated result, and the heap trimmed after each chunk: otherwise the chunks' freed
+            # activations fragment the heap and resident memory grows with the number of rows (valuekit.memory)
+            for i in range(0, len(y), chunk):
+                part = fn(x[i: i + chunk], y[i: i + chunk])
+                if out is None:
+                    out = part.new_empty((len(y), *part.shape[1:]))
+                out[i: i + len(part)] = part
+                del part
+                trim_heap()
+        return out
 
 
 __all__ = ["Batch", "StepRecord", "Sampler", "Trainer", "Method", "check_method", "RandomSampler",
