@@ -19,7 +19,8 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", default=None,
                    help="H,W: resize every image of an encoded image column (PNG/JPEG bytes or paths) to this size")
     g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
-                   help="encoded image columns: keep the images encoded and decode each batch's rows (yes), decode "
+                   help="encoded image columns: keep the images encoded (a Parquet file's in a temporary file in "
+                        "$TMPDIR) and decode each batch's rows (yes), decode "
                         "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto)")
     lm = p.add_argument_group("instruction tables (causal-LM fine-tuning; --model causal-lm, hf-config:DIR or hf:DIR)")
     lm.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt)")

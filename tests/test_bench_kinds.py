@@ -111,14 +111,20 @@ def test_bench_epoch_measures_the_full_table_first_and_skips_recorded_measuremen
     assert "| dds | 1,338 | 21 | 0.53 | 1.50x |" in (tmp_path / "epoch.md").read_text()
 
 
-def test_stream_and_epoch_children_load_tables_that_own_their_image_bytes(tmp_path):
-    """The memory-vs-N children must hold N rows' encoded images, not the whole file's (a plain Arrow slice shares
-    the file's buffers: at N = 10 % of the file the table would still hold every row's bytes)."""
-    from valuekit.bench import first_rows
-    from valuekit.datasets import _arrow_image_type, load_table, prepare
+def test_stream_and_epoch_children_load_a_file_of_exactly_n_rows_streamed_from_disk(tmp_path):
+    """The memory-vs-N children must hold N rows, not the whole file's (a plain Arrow slice shares the file's
+    buffers), and their streamed images are read from a temporary file, not held in memory."""
+    import pyarrow.parquet as pq
+
+    from valuekit.bench import child_tables, rows_file
+    from valuekit.datasets import load_table, prepare
 
     prepare("digits", tmp_path / "d", image_format="png", seed=0)
-    path = tmp_path / "d" / "train.parquet"
-    whole = load_table(path, stream=True).x.buf.nbytes
-    part = load_table(first_rows(path, 100).to_pandas(types_mapper=_arrow_image_type), stream=True)
-    assert len(part.ids) == 100 and part.x.offsets[-1] == part.x.buf.nbytes < whole / 5
+    whole = load_table(tmp_path / "d" / "train.parquet", stream=True).x.store.size
+    path = rows_file(tmp_path / "d", 100)
+    meta = pq.read_metadata(path)
+    assert meta.num_rows == 100 and meta.row_group(0).num_rows == 100
+    tr, dv = child_tables(tmp_path / "d", 100, stream=True)
+    assert len(tr.ids) == 100 and tr.x.buf is None and tr.x.offsets[-1] == tr.x.store.size < whole / 5
+    assert list(tr.ids) == pq.read_table(tmp_path / "d" / "train.parquet").column("id").to_pylist()[:100]
+    assert dv.image_shape == tr.image_shape

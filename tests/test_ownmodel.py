@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -428,6 +429,68 @@ def test_data_prepare_png_and_folder_layouts_decode_to_the_array_layout(tmp_path
 # ---------------------------------------------------------------- streamed images
 
 
+def _spill_table(tmp_path, rows=23, colour_from=None, broken=None):
+    """A Parquet file of PNG bytes in row groups of 4 (grey; RGB from row `colour_from`; row `broken` not a PNG)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from valuekit.datasets import encode_png
+
+    rng = np.random.default_rng(0)
+    imgs = [rng.integers(0, 256, (3, 6, 5) if colour_from is not None and i >= colour_from else (6, 5), dtype=np.uint8)
+            for i in range(rows)]
+    data = [b"not a png" if i == broken else encode_png(im) for i, im in enumerate(imgs)]
+    path = tmp_path / "spill.parquet"
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "label": ["a", "b"] * (rows // 2) + ["a"] * (rows % 2),
+                             "image": pa.array(data, pa.binary())}), path, row_group_size=4)
+    return path, imgs
+
+
+def test_spilled_image_rows_equal_the_decoded_rows_across_batches_and_in_a_worker_copy(tmp_path):
+    import gc
+    import pickle
+
+    from valuekit.datasets import load_table
+    from valuekit.images import spill_image_column
+
+    path, imgs = _spill_table(tmp_path, colour_from=9)  # rows 9.. are colour: the whole column becomes RGB
+    eager = load_table(path, stream=False)
+    rows, shape = spill_image_column(path, col="image", where="t", ids=np.arange(23), base=tmp_path, batch_rows=3)
+    assert shape == eager.image_shape == (3, 6, 5) and rows.shape == eager.x.shape
+    assert torch.equal(rows[torch.arange(23)], eager.x) and torch.equal(rows[10], eager.x[10])
+    assert rows.store.size == sum(len(rows.encoded(i)) for i in range(23)) and rows.buf is None
+    worker = pickle.loads(pickle.dumps(rows))  # what a decoding worker receives: the file's name, not its bytes
+    assert len(pickle.dumps(rows)) < rows.store.size and torch.equal(worker[[0, 22]], eager.x[[0, 22]])
+    spill = Path(rows.store.path)
+    del worker
+    gc.collect()
+    assert spill.is_file()  # a worker's copy never deletes the file
+    del rows
+    gc.collect()
+    assert not spill.exists()
+
+
+def test_a_broken_image_in_a_later_batch_names_its_own_row(tmp_path):
+    from valuekit.datasets import load_table
+
+    path, _ = _spill_table(tmp_path, broken=14)
+    with pytest.raises(InputError, match=r"column 'image' at id 'r14': image bytes cannot be decoded"):
+        load_table(path, stream=True)
+
+
+def test_a_dataframe_streams_from_its_own_buffer_and_auto_reads_small_files_eagerly(tmp_path):
+    import pyarrow.parquet as pq
+
+    from valuekit.datasets import _arrow_image_type, load_table
+
+    path, _ = _spill_table(tmp_path)
+    frame = pq.read_table(path).to_pandas(types_mapper=_arrow_image_type)
+    from_frame = load_table(frame, stream=True)
+    assert from_frame.x.store is None and from_frame.x.buf is not None
+    auto = load_table(path)  # 23 small images: far below STREAM_BYTES, decoded up front
+    assert isinstance(auto.x, torch.Tensor) and torch.equal(auto.x, from_frame.x[torch.arange(23)])
+
+
 def test_streamed_images_give_the_same_run_as_decoded_ones(tmp_path):
     from valuekit.datasets import load_table
     from valuekit.images import ImageRows
@@ -440,7 +503,8 @@ def test_streamed_images_give_the_same_run_as_decoded_ones(tmp_path):
     idx = torch.tensor([5, 0, 47, 5])
     assert torch.equal(lazy.x[idx], eager.x[idx]) and torch.equal(lazy.x[3:9], eager.x[3:9])
     assert torch.equal(lazy.x[7], eager.x[7]) and torch.equal(lazy.x[np.array([2, 1])], eager.x[[2, 1]])
-    assert lazy.x.buf.nbytes < eager.x.numel() * 4  # encoded bytes, not pixels
+    # a Parquet file's encoded bytes go to a temporary file, not into memory
+    assert lazy.x.buf is None and 0 < lazy.x.store.size < eager.x.numel() * 4
     runs = {}
     for mode in (False, True):
         for method in ("uniform", "dds", "lrdi"):

@@ -166,25 +166,28 @@ def status_mib(key: str) -> float:
 
 
 def child_tables(data, rows: int, *, stream: bool):
-    """(train, dev) of a benchmark child on one thread: the first `rows` rows of DATA/train.parquet and the dev set."""
+    """(train, dev) of a benchmark child on one thread: DATA/train-{rows}.parquet (`rows_file`, written by the
+    parent) loaded as a user's file is, and the dev set."""
     import torch
 
-    from valuekit.datasets import _arrow_image_type, load_table
+    from valuekit.datasets import load_table
 
     torch.set_num_threads(1)
-    frame = first_rows(Path(data) / "train.parquet", rows).to_pandas(types_mapper=_arrow_image_type)
-    tr = load_table(frame, stream=stream, name="train")
-    del frame
+    tr = load_table(Path(data) / f"train-{rows}.parquet", stream=stream, name="train")
     return tr, load_table(Path(data) / "dev.parquet", like=tr, name="dev")
 
 
-def first_rows(path: Path, rows: int):
-    """The first `rows` rows of a Parquet file as an Arrow table that owns its buffers (a plain slice would share
-    the whole file's buffers, and a streamed image table would then hold every row's bytes at any N)."""
+def rows_file(data: Path, rows: int) -> Path:
+    """DATA/train-{rows}.parquet: the first `rows` rows of DATA/train.parquet in row groups of 4,096 (written once).
+    A child reads its own file of exactly N rows, so its memory is that of N rows, not of the whole file's."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return pq.read_table(path).take(pa.array(np.arange(rows)))
+    path = Path(data) / f"train-{rows}.parquet"
+    if not path.exists():
+        table = pq.read_table(Path(data) / "train.parquet").take(pa.array(np.arange(rows)))
+        pq.write_table(table, path, row_group_size=4096)
+    return path
 
 
 def run_child(module: str, func: str, args: tuple, what: str) -> dict:
@@ -198,6 +201,7 @@ def run_child(module: str, func: str, args: tuple, what: str) -> dict:
 
 
 def _stream_measure(data: Path, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
+    rows_file(data, rows)
     return run_child("valuekit.bench", "_stream_child", (str(data), method, rows, steps, batch_size, stream),
                      f"stream, {method}, {rows} rows")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench import (STREAM_METHODS, _header, _stem, _stream_data, _write, child_tables, run_child,
+from valuekit.bench import (STREAM_METHODS, _header, _stem, _stream_data, _write, child_tables, rows_file, run_child,
                             small_resnet, status_mib)
 
 SIZES = (10_000, 30_000, 60_000)
@@ -47,6 +47,7 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
 
 
 def _measure(data: Path, method: str, rows: int, batch_size: int) -> dict:
+    rows_file(data, rows)
     return run_child("valuekit.bench_epoch", "epoch_child", (str(data), method, rows, batch_size),
                      f"epoch, {method}, {rows} rows")
 

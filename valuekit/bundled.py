@@ -236,6 +236,7 @@ def prepare(
             meta[IMAGE_SHAPE_KEY] = json.dumps(list(image_shape)).encode()
         table = pa.table(cols).replace_schema_metadata(meta)
         path = out / f"{split}.parquet"
-        write_parquet_atomic(table, path)
+        # row groups of 4,096 rows: a streamed load reads the images a row group at a time (images.spill_image_column)
+        write_parquet_atomic(table, path, row_group_size=4096)
         written[split] = str(path)
     return written

@@ -99,8 +99,10 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | None]:
-    """Read a path or DataFrame into (DataFrame, metadata, path). Raises InputError naming the file."""
+def read_any(source, *, name: str = "table", defer_images: bool = False) -> tuple[pd.DataFrame, dict, str | None]:
+    """Read a path or DataFrame into (DataFrame, metadata, path). Raises InputError naming the file.
+    `defer_images`: a Parquet file's encoded-image columns (binary, {bytes, path}) are not read; their names
+    are metadata["deferred_images"] (read later a batch at a time, `valuekit.images.spill_image_column`)."""
     if isinstance(source, pd.DataFrame):
         return source, dict(source.attrs), None
     path = Path(source)
@@ -112,7 +114,11 @@ def read_any(source, *, name: str = "table") -> tuple[pd.DataFrame, dict, str | 
     meta: dict = {}
     try:
         if suffix in (".parquet", ".pq"):
-            table = pq.read_table(path)
+            schema = pq.read_schema(path)
+            deferred = [f.name for f in schema if _arrow_image_type(f.type) is not None] if defer_images else []
+            table = pq.read_table(path, columns=[c for c in schema.names if c not in deferred] if deferred else None)
+            if deferred:
+                meta["deferred_images"] = deferred
             raw = table.schema.metadata or {}
             if IMAGE_SHAPE_KEY in raw:
                 meta["image_shape"] = json.loads(raw[IMAGE_SHAPE_KEY])
@@ -246,13 +252,17 @@ def load_table(
     to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
     C = 1, any colour image makes every row RGB (C = 3, alpha dropped); `image_size` (H, W) resizes
     every image, otherwise all must have the same size. `stream` (True / False / "auto": when the
-    decoded pixels would pass STREAM_BYTES) keeps the images encoded in memory and decodes the rows a
-    batch needs (`valuekit.images.ImageRows`); numeric tables are always held in memory. Errors name the file, the column and the
+    decoded pixels would pass STREAM_BYTES) keeps the images encoded and decodes the rows a batch needs
+    (`valuekit.images.ImageRows`): a Parquet file's bytes in a temporary file, read a row group at a time
+    (`spill_image_column`), a DataFrame's in its own buffer; numeric tables are always held in memory. Errors name the file, the column and the
     offending value (for images: the row's id and the image file). With a `tokenizer`, see `_tokenize_text`.
     """
     import torch
 
-    df, meta, path = read_any(source, name=name)
+    if stream not in (True, False, "auto"):
+        raise InputError(f"stream={stream!r}: use True, False or 'auto'")
+    df, meta, path = read_any(source, name=name, defer_images=stream is not False)
+    deferred = meta.get("deferred_images", [])
     where = _where(path, name)
     if len(df) == 0:
         raise InputError(f"{where}: table is empty")
@@ -277,17 +287,22 @@ def load_table(
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
     base = Path(path).parent if path else Path.cwd()
-    image_col = _image_column(df, reserved, feature_cols, where)
+    image_col = _image_column(df, reserved, feature_cols, where, deferred=deferred)
     if image_col is not None:
         want = tuple(like.image_shape) if like is not None and like.image_shape else None
-        if stream not in (True, False, "auto"):
-            raise InputError(f"stream={stream!r}: use True, False or 'auto'")
-        if stream == "auto":
-            stream = _decoded_bytes(df[image_col], image_size, want) > STREAM_BYTES
-        x, decoded_shape = decode_image_column(df[image_col], where=where, col=image_col, ids=ids_np, base=base,
-                                               size=image_size, channels=want[0] if want else None,
-                                               expect_hw=want[1:] if want and image_size is None else None,
-                                               stream=bool(stream))
+        how = dict(where=where, col=image_col, ids=ids_np, base=base, size=image_size, channels=want[0] if want else None,
+                   expect_hw=want[1:] if want and image_size is None else None)
+        if image_col in deferred and stream == "auto":
+            stream = _decoded_bytes(_first_rows(path, image_col), image_size, want, rows=len(df)) > STREAM_BYTES
+        if image_col in deferred and stream:  # read a batch at a time, the bytes kept in a temporary file
+            from valuekit.images import spill_image_column
+
+            x, decoded_shape = spill_image_column(path, **how)
+        else:
+            values = _read_column(path, image_col) if image_col in deferred else df[image_col]
+            if stream == "auto":
+                stream = _decoded_bytes(values, image_size, want) > STREAM_BYTES
+            x, decoded_shape = decode_image_column(values, stream=bool(stream), **how)
         if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
             raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
                              f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
@@ -444,10 +459,12 @@ def _image_kind(s: pd.Series) -> str | None:
     return None
 
 
-def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table") -> str | None:
-    """The image column among the feature candidates (it must be the only feature column), or None."""
-    candidates = [c for c in df.columns if c not in reserved] if feature_cols is None else list(feature_cols)
-    found = [c for c in candidates if c in df.columns and _image_kind(df[c]) is not None]
+def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table", *, deferred=()) -> str | None:
+    """The image column among the feature candidates (it must be the only feature column), or None.
+    `deferred`: image columns of the file that `df` does not hold (`read_any(defer_images=True)`)."""
+    columns = [*df.columns, *deferred]
+    candidates = [c for c in columns if c not in reserved] if feature_cols is None else list(feature_cols)
+    found = [c for c in candidates if c in deferred or (c in df.columns and _image_kind(df[c]) is not None)]
     if not found:
         return None
     if len(candidates) > 1:
@@ -473,8 +490,21 @@ def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: P
                              size=size, channels=channels, expect_hw=expect_hw, stream=stream)
 
 
-def _decoded_bytes(values: pd.Series, size, want) -> int:
-    """Bytes of the decoded float32 pixels, estimated from the first image (its size, or `size`; 3 channels)."""
+def _read_column(path, col: str) -> pd.Series:
+    """One column of a Parquet file, Arrow-backed as `read_any` reads image columns."""
+    table = pq.read_table(path, columns=[col])
+    return table.to_pandas(types_mapper=_arrow_image_type)[col]
+
+
+def _first_rows(path, col: str, rows: int = 64) -> pd.Series:
+    """The first `rows` values of one column of a Parquet file, read without the rest of the column."""
+    batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows, columns=[col]))
+    return pa.Table.from_batches([batch]).to_pandas(types_mapper=_arrow_image_type)[col]
+
+
+def _decoded_bytes(values: pd.Series, size, want, *, rows: int | None = None) -> int:
+    """Bytes of the decoded float32 pixels of `rows` rows (default len(values)), estimated from the first image
+    (its size, or `size`; 3 channels)."""
     if want is not None:
         per_row = int(np.prod(want))
     elif size is not None:
@@ -482,14 +512,17 @@ def _decoded_bytes(values: pd.Series, size, want) -> int:
     else:
         from valuekit.images import _open
 
-        v = values[values.notna()].iloc[0]
+        present = values[values.notna()]
+        if present.empty:
+            return 0  # no image among these rows: decide eagerly (validation names the empty rows)
+        v = present.iloc[0]
         data = v.get("bytes") if isinstance(v, dict) else v
         data = data.as_py() if hasattr(data, "as_py") else data
         if not isinstance(data, (bytes, bytearray)):
             return 0  # file paths: decide eagerly (the files are small or the user says --stream)
         w, h = _open(bytes(data)).size
         per_row = 3 * w * h
-    return 4 * per_row * len(values)
+    return 4 * per_row * (len(values) if rows is None else rows)
 
 
 def encode_png(image: np.ndarray) -> bytes:

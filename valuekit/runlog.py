@@ -157,8 +157,8 @@ def commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    write_atomic(path, lambda tmp: pq.write_table(table, tmp))
+def write_parquet_atomic(table: pa.Table, path: Path, *, row_group_size: int | None = None) -> None:
+    write_atomic(path, lambda tmp: pq.write_table(table, tmp, row_group_size=row_group_size))
 
 
 def write_json_atomic(obj: dict, path: Path) -> None:
