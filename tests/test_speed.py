@@ -65,6 +65,27 @@ def test_async_part_writer_sync_and_errors(tmp_path):
     w.close()
 
 
+def test_writer_thread_cpu_time_is_counted_per_part(tmp_path):
+    w = AsyncPartWriter(tmp_path / "w", steps_schema("int64"), "steps", "run")
+    assert w.busy_s == 0.0
+    for step in range(1, 4):
+        w.add(**_rows(step, 2000))
+        w.flush()
+    w.close()
+    assert 0.0 < w.busy_s < 5.0
+
+
+def test_step_log_overhead_is_the_fastest_runs_ratio_with_the_logs_own_cpu_time():
+    from valuekit.bench import logging_overhead
+
+    out = logging_overhead(steps=30, repeats=2)
+    log, nolog = out["runs_s"]["log"], out["runs_s"]["nolog"]
+    assert len(log) == len(nolog) == 2
+    assert out["overhead"] == pytest.approx(min(log) / min(nolog) - 1, abs=1e-9)
+    assert out["overhead_median"] == pytest.approx(np.median(log) / np.median(nolog) - 1, abs=1e-9)
+    assert 0.0 < out["log_cpu_share"] < 0.5  # the loop's add calls plus the writer thread, over the run's wall time
+
+
 def test_run_writer_part_counts_wait_for_disk(tmp_path):
     from valuekit.runlog import RunWriter
 

@@ -8,6 +8,7 @@ keeps the step's arrays and writes each part from a background thread. Both writ
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +91,7 @@ class AsyncPartWriter:
         self.next_part = start_part
         self.error: BaseException | None = None
         self.jobs: queue.Queue = queue.Queue(maxsize=max_pending)  # bounded: memory stays flat if disk is slow
+        self.busy_s = 0.0  # CPU seconds the writer thread spent building and writing parts (time.thread_time)
         self.thread = threading.Thread(target=self._work, name=f"valuekit-{table}-writer", daemon=True)
         self.thread.start()
 
@@ -142,7 +144,9 @@ class AsyncPartWriter:
                     return
                 if self.error is None:  # after a failure, later parts are dropped (the error is reported)
                     rows, path = job
+                    t0 = time.thread_time()
                     _write_part(self._table(rows), path)
+                    self.busy_s += time.thread_time() - t0
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self.error = exc
             finally:
