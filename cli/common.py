@@ -50,6 +50,10 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"],
                    help="fp32, or bf16/fp16 autocast for each step (fp16 with a gradient scaler; uniform only) "
                         f"(default: {d.precision})")
+    g.add_argument("--lora", type=int, default=d.lora, metavar="R",
+                   help="causal LMs (hf:DIR, hf-config:DIR): train LoRA adapters of rank R on the frozen model; every "
+                        "method's gradients are then the adapters' (needs peft: pip install 'valuekit[lora]'; default: "
+                        "0, full fine-tuning)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
     add_threads_option(g)
@@ -157,7 +161,7 @@ def train_config(args) -> tuple[TrainConfig, object]:
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device,
-                      precision=getattr(args, "precision", TrainConfig.precision))
+                      precision=getattr(args, "precision", TrainConfig.precision), lora=getattr(args, "lora", 0))
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
     apply_cli_threads(args, model=cfg.model, device=cfg.device)
     return cfg, method_cfg

@@ -450,3 +450,75 @@ def test_per_example_dots_of_a_causal_lm_match_a_per_example_loop(tables):
     loop = per_example_dots_loop(model, x, y, v, loss_fn=per_example_loss)
     assert loop.abs().max() > 1e-3
     torch.testing.assert_close(per_example_dots(model, x, y, v), loop, rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------- LoRA adapters
+
+needs_peft = pytest.mark.skipif(not (_has("transformers") and _has("peft")), reason="needs transformers and peft")
+
+
+def _gpt(tmp_path, vocab=259, positions=64):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=positions).save_pretrained(tmp_path / "gpt")
+    return f"hf-config:{tmp_path / 'gpt'}"
+
+
+@needs_peft
+def test_lora_adapters_start_at_the_base_model_and_are_the_only_trainable_weights(tables, tmp_path):
+    from valuekit.gradients import per_example_dots, per_example_dots_loop, trainable_names
+
+    name = _gpt(tmp_path)
+    data = load_instructions(tables[0], max_len=32)
+    base = build_lm(name, vocab=259, max_len=32, generator=torch.Generator().manual_seed(0)).double().eval()
+    lora = build_lm(name, vocab=259, max_len=32, generator=torch.Generator().manual_seed(0), lora=4).double().eval()
+    torch.testing.assert_close(lora(data.x[:4]), base(data.x[:4]))  # B = 0: the adapters add nothing yet
+    names = trainable_names(lora)
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    again = build_lm(name, vocab=259, max_len=32, generator=torch.Generator().manual_seed(0), lora=4)
+    a = [p for n, p in again.named_parameters() if "lora_A" in n][0]
+    assert torch.equal(a.double(), [p for n, p in lora.named_parameters() if "lora_A" in n][0])  # drawn from the seed
+    # the per-example rewards are dot products of the adapters' gradients, exact against a per-example loop
+    g = torch.Generator().manual_seed(1)
+    v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in lora.named_parameters() if p.requires_grad}
+    loop = per_example_dots_loop(lora, data.x[:5], data.y[:5], v, loss_fn=per_example_loss)
+    assert loop.abs().max() > 1e-6
+    torch.testing.assert_close(per_example_dots(lora, data.x[:5], data.y[:5], v), loop, rtol=1e-9, atol=1e-12)
+
+
+@needs_peft
+@pytest.mark.parametrize("method,settings", [("dds", dict(scorer_warmup=0, update_every=1)),
+                                             ("bads", dict(burn_in=0)), ("multidds", dict(update_every=2))])
+def test_lora_steps_move_only_the_adapters(tables, tmp_path, method, settings):
+    from valuekit.config import TrainConfig
+    from valuekit.trainers.base import Batch, make_trainer
+
+    train, dev = tables
+    tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
+    cfg = TrainConfig(method=method, model=_gpt(tmp_path), batch_size=8, device="cpu", progress=False, lora=4)
+    trainer, sampler, ctx = make_trainer(tr, dv, cfg, settings)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for step in range(1, 4):
+        idx = sampler.next(8)
+        trainer.step(Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx]))
+    after = trainer.model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("lora_B" in k for k in moved) and all("lora_" in k for k in moved)  # the base weights never change
+
+
+@needs_peft
+def test_lora_from_the_command_line(tables, tmp_path):
+    train, dev = tables
+    out = tmp_path / "run"
+    rc = main(["train", str(train), "--dev", str(dev), "--model", _gpt(tmp_path), "--method", "dds", "--steps", "4",
+               "--batch-size", "8", "--max-len", "32", "--device", "cpu", "--out", str(out), "--lora", "4",
+               *LM_EXTRA["dds"]])
+    assert rc == 0 and len(pd.read_parquet(out / "values.parquet")) == 36
+    assert json.loads((out / "run.json").read_text())["config"]["lora"] == 4
+
+
+@needs_peft
+def test_lora_on_the_builtin_lm_or_a_classifier_exits_2(tables, tmp_path, capsys):
+    train, dev = tables
+    err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--lora", "4"])
+    assert "--lora 4" in err and "hf-config" in err

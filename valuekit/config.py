@@ -57,6 +57,10 @@ class TrainConfig:
     progress: bool = True
     # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.precision)
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
+    # causal LMs (hf:DIR, hf-config:DIR): LoRA adapters of this rank on the model's attention/MLP projections
+    # (peft, `pip install 'valuekit[lora]'`); the base weights are frozen, so every method's gradients, rewards and
+    # dot products are the adapters'. 0: full fine-tuning (valuekit.lm.add_lora)
+    lora: int = setting(0, ge=0)
     # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
     # trains; 0 decodes in the training process (valuekit.streaming)
     data_workers: int = setting(0, ge=0)

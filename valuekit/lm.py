@@ -129,10 +129,15 @@ def _first(exc: Exception) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
-def check_lm(name: str, *, vocab: int, max_len: int) -> None:
-    """Validate an LM name against the data before anything is written (InputError, one line)."""
+def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
+    """Validate an LM name (and LoRA rank) against the data before anything is written (InputError, one line)."""
     if name == BUILTIN:
+        if lora:
+            raise InputError(f"--lora {lora}: LoRA adapters need a transformers model (--model hf:DIR or "
+                             f"hf-config:DIR), not the built-in {BUILTIN}")
         return
+    if lora:
+        _peft(lora)
     kind, _, path = name.partition(":")
     _, config = _hf_config(path, name)
     v = getattr(config, "vocab_size", None)
@@ -154,8 +159,9 @@ def check_lm(name: str, *, vocab: int, max_len: int) -> None:
 
 
 def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
-             generator: torch.Generator | None = None) -> nn.Module:
-    """The causal LM `name` for a vocabulary of `vocab` ids and sequences of `max_len` tokens."""
+             generator: torch.Generator | None = None, lora: int = 0) -> nn.Module:
+    """The causal LM `name` for a vocabulary of `vocab` ids and sequences of `max_len` tokens (LoRA adapters of
+    rank `lora` when > 0, `add_lora`)."""
     if name == BUILTIN:
         model = CausalLM(vocab, max_len, d=hidden, heads=4 if hidden % 4 == 0 else 1)
         if generator is not None:
@@ -179,7 +185,48 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
         if missing:
             raise InputError(f"--model {name}: the weights have no causal-LM head ({missing[0]} missing)")
     inner.float()
+    if lora:
+        inner = add_lora(inner, lora, generator=generator)
     return HFCausalLM(inner)
+
+
+def _peft(rank: int):
+    try:
+        import peft
+    except ImportError:
+        raise InputError(f"--lora {rank}: needs the optional 'peft' package (pip install 'valuekit[lora]')") from None
+    return peft
+
+
+def add_lora(model: nn.Module, rank: int, *, generator: torch.Generator | None = None, alpha: float | None = None,
+             targets: list[str] | None = None) -> nn.Module:
+    """`model` with LoRA adapters (Hu et al. 2021, h = W x + (alpha / r) B A x) on its attention/MLP projections
+    (peft's per-architecture default modules, else every Linear/Conv1D outside the output layer), base weights
+    frozen. alpha defaults to 2 r; no adapter dropout (the per-example rewards would be random otherwise).
+    A is drawn from `generator` (peft's Kaiming-uniform range; never torch's global RNG), B = 0, so the adapted
+    model starts equal to `model`."""
+    peft = _peft(rank)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if targets is None:
+        mapping = getattr(peft.utils.constants, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", {})
+        targets = mapping.get(model_type)
+    if not targets:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and m is not head})
+    conv1d = any(type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(targets),
+                             bias="none", fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight transposed
+    adapted = peft.get_peft_model(model, config)
+    for name, p in adapted.named_parameters():
+        if "lora_A" in name:
+            bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform_(a=sqrt(5)) as peft, from our generator
+            with torch.no_grad():
+                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound if generator is not None else p)
+        elif "lora_B" in name:
+            with torch.no_grad():
+                p.zero_()
+    return adapted
 
 
 class LengthBucketSampler:

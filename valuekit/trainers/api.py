@@ -348,7 +348,7 @@ class TrainContext:
         model = build_model(
             name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
             image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,
-            generator=self.generator,
+            generator=self.generator, lora=self.config.lora if name is None else 0,
         )
         return model.to(self.device)
 

@@ -221,6 +221,8 @@ class Trainer:
     def __init__(self, ctx: TrainContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
         self.model = ctx.build_model()
+        # theta = the trainable parameters (with LoRA adapters, --lora, the frozen base weights are not sampled)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         n, dev = ctx.n, ctx.device
         self.n, self.m = n, len(ctx.dev_y)
         logit = math.log(cfg.init_weight / (1 - cfg.init_weight))
@@ -234,7 +236,7 @@ class Trainer:
             self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
         # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
         # (used only for the final values of rows never summarised).
-        self.rms = [torch.zeros_like(p) for p in self.model.parameters()] if cfg.precondition else None
+        self.rms = [torch.zeros_like(p) for p in self.params] if cfg.precondition else None
         self.task_u = None
         if cfg.per_source:
             if ctx.source is None or not ctx.sources:
@@ -290,7 +292,7 @@ class Trainer:
         the weight-variable grad is d/du for the tensor form (batch rows; includes the sigmoid's
         log-Jacobian) or a list over the weight net's parameters.
         """
-        cfg, params = self.cfg, [p for p in self.model.parameters()]
+        cfg, params = self.cfg, self.params
         b, bm = len(batch.y), len(dev_y)
         # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
         b_all, bm_all = self.ctx.global_rows(b), (dev_total or self.ctx.global_rows(bm)) if self.ctx.distributed else bm
@@ -332,7 +334,7 @@ class Trainer:
         dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
         g_theta, g_u, w, losses, dw, logits = self.drift(batch, dev_x, dev_y,
                                                          dev_total=ctx.dev_total(cfg.dev_batch_size))
-        params = list(self.model.parameters())
+        params = self.params
         T = cfg.temperature
         with torch.no_grad():
             step_t = cfg.lr_theta / self.n

@@ -212,10 +212,13 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
     if is_lm(config.model):
         if train_data.y.dim() != 2:
             raise InputError(f"--model {config.model}: needs an instruction table (prompt, response columns)")
-        check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1])
+        check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1], lora=config.lora)
         if config.method not in LM_METHODS:  # their teacher / selector reads a class label and class probabilities
             raise InputError(f"--method {config.method}: not available for causal-LM instruction tables; use "
                              f"{', '.join(LM_METHODS)}")
+    elif config.lora:
+        raise InputError(f"--lora {config.lora}: LoRA adapters are for causal LMs (--model hf:DIR or hf-config:DIR), "
+                         f"not --model {config.model}")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):

@@ -151,8 +151,10 @@ class Trainer:
     def __init__(self, ctx: TrainContext, cfg: Config):
         self.ctx, self.cfg = ctx, cfg
         self.model = ctx.build_model()
-        self.opt = ctx.make_optimizer(self.model.parameters())
-        self.names = [n for n, _ in self.model.named_parameters()]
+        # the trainable parameters only: with LoRA adapters (--lora) the frozen base weights are not theta
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = ctx.make_optimizer(self.params)
         self.scorer = build_scorer(ctx, cfg)
         if cfg.init_scorer:
             self._load_scorer(Path(cfg.init_scorer))
@@ -254,7 +256,7 @@ class Trainer:
             w = ctx.global_rows(B) * log_p.detach().exp()  # (global B) * p_i, so uniform p is plain training
 
         # lines 6-7: model step on sum_i p_i l_i, keeping theta_{t-1} for the reward
-        theta_prev = {n: p.detach().clone() for n, p in self.model.named_parameters()} if update else None
+        theta_prev = {n: p.detach().clone() for n, p in zip(self.names, self.params)} if update else None
         tape = self.tape if update else None
         with tape or contextlib.nullcontext():
             logits = self.model(x)
@@ -273,7 +275,7 @@ class Trainer:
             # torchrun: each rank's share of the global dev mean, summed over ranks below
             dev_obj = ctx.mean_share(dev_losses, ctx.dev_total(dev_size))
             # plain autograd on the module: same numbers as gradients.mean_gradient, less torch.func overhead
-            d = dict(zip(self.names, torch.autograd.grad(dev_obj, list(self.model.parameters()))))
+            d = dict(zip(self.names, torch.autograd.grad(dev_obj, self.params)))
             ctx.all_reduce_(d.values())
             # line 11: r_i = grad l_i(theta_{t-1}) . d_theta
             if tape is not None and bool((w > 1e-30).all()):
