@@ -128,3 +128,16 @@ def test_stream_and_epoch_children_load_a_file_of_exactly_n_rows_streamed_from_d
     assert len(tr.ids) == 100 and tr.x.buf is None and tr.x.offsets[-1] == tr.x.store.size < whole / 5
     assert list(tr.ids) == pq.read_table(tmp_path / "d" / "train.parquet").column("id").to_pylist()[:100]
     assert dv.image_shape == tr.image_shape
+
+def test_per_row_state_counts_row_sized_arrays_once():
+    import types
+
+    import torch
+
+    from valuekit.bench import per_row_state_bytes
+
+    w = torch.zeros(10, dtype=torch.float64)
+    a = types.SimpleNamespace(w=w, same=w, counts=np.zeros(10, np.int64), model=torch.zeros(7, 3),
+                              buffers=[torch.zeros(10, 4, dtype=torch.float32)], rows=types.SimpleNamespace())
+    b = types.SimpleNamespace(x=types.SimpleNamespace(offsets=np.zeros(11, np.int64), shape=(10, 5)), scalar=3)
+    assert per_row_state_bytes([a, b], 10) == 80 + 80 + 160 + 88

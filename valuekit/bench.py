@@ -154,9 +154,43 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
         run = train(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
         t = run.metrics()["step_time"].to_numpy()
         values = run.values()
+    peak = status_mib("VmHWM")
+    from valuekit.trainers.base import make_trainer
+
+    trainer, _, ctx = make_trainer(tr, dv, cfg, model=small_resnet)  # a fresh one: its per-row state at this N
     return {"method": method, "rows": rows, "stream": stream, "load_s": load_s, "rss_after_load_mib": rss_loaded,
-            "peak_rss_mib": status_mib("VmHWM"),
+            "peak_rss_mib": peak, "per_row_state_mib": per_row_state_bytes([trainer, ctx.signals, ctx], rows) / 2**20,
             "median_step_s": float(np.median(t[min(2, len(t) - 1):])), "values_rows": int(len(values))}
+
+
+def per_row_state_bytes(objects, rows: int) -> int:
+    """Bytes of the per-row statistics held by `objects`: every tensor or array among their attributes (and in
+    lists/dicts of them) whose first dimension is the number of rows (or rows + 1: offsets), each counted once;
+    the loaded table's own ids/labels/offsets are the context's."""
+    import torch
+
+    seen, total = set(), 0
+
+    def add(v):
+        nonlocal total
+        if isinstance(v, (list, tuple)):
+            for u in v:
+                add(u)
+        elif isinstance(v, dict):
+            for u in v.values():
+                add(u)
+        elif isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim >= 1 and v.shape[0] in (rows, rows + 1):
+            key = v.data_ptr() if isinstance(v, torch.Tensor) else v.__array_interface__["data"][0]
+            if key not in seen:
+                seen.add(key)
+                total += v.nbytes if isinstance(v, np.ndarray) else v.element_size() * v.nelement()
+        elif hasattr(v, "offsets") and hasattr(v, "shape"):  # streamed rows: their offsets (the bytes are on disk)
+            add(v.offsets)
+
+    for obj in objects:
+        for v in vars(obj).values():
+            add(v)
+    return total
 
 
 def status_mib(key: str) -> float:
@@ -251,14 +285,18 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         "Epoch time is **derived** (ceil(N / batch) x that median step time), not a timed full epoch.",
         f"Memory: peak resident set (VmHWM) of a child process that loads the first N rows and trains",
         f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
-        "table is loaded. `streamed`: images kept encoded (`--stream yes`); `decoded`: all pixels in memory.",
-        "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "table is loaded. `streamed`: images kept encoded (`--stream yes`: a Parquet file's bytes in a temporary",
+        "file, read per batch); `decoded`: all pixels in memory. `per-row state`: the bytes of the method's per-row",
+        "statistics and the table's per-row arrays (ids, labels, offsets; `valuekit.bench.per_row_state_bytes`),",
+        "the memory that may grow with N.",
+        "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | "
+        "peak RSS (MiB) | per-row state (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in frame.itertuples():  # step time was measured on streamed rows only
         step = f"{r.interleaved_step_s:.3f} | {r.epoch_min_derived:.1f}" if r.stream else "- | -"
         lines.append(f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {step} | "
-                     f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} |")
+                     f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} | {r.per_row_state_mib:.1f} |")
     return _write(out, _stem("stream", device), lines, frame)
 
 # ---------------------------------------------------------------- scale
