@@ -116,7 +116,7 @@ def test_stream_and_epoch_children_load_a_file_of_exactly_n_rows_streamed_from_d
     buffers), and their streamed images are read from a temporary file, not held in memory."""
     import pyarrow.parquet as pq
 
-    from valuekit.bench import child_tables, rows_file
+    from valuekit.bench_stream import child_tables, rows_file
     from valuekit.datasets import load_table, prepare
 
     prepare("digits", tmp_path / "d", image_format="png", seed=0)
@@ -134,7 +134,7 @@ def test_per_row_state_counts_row_sized_arrays_once():
 
     import torch
 
-    from valuekit.bench import per_row_state_bytes
+    from valuekit.bench_stream import per_row_state_bytes
 
     w = torch.zeros(10, dtype=torch.float64)
     a = types.SimpleNamespace(w=w, same=w, counts=np.zeros(10, np.int64), model=torch.zeros(7, 3),

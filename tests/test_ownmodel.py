@@ -441,8 +441,9 @@ def _spill_table(tmp_path, rows=23, colour_from=None, broken=None):
             for i in range(rows)]
     data = [b"not a png" if i == broken else encode_png(im) for i, im in enumerate(imgs)]
     path = tmp_path / "spill.parquet"
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "label": ["a", "b"] * (rows // 2) + ["a"] * (rows % 2),
-                             "image": pa.array(data, pa.binary())}), path, row_group_size=4)
+    labels = ["a", "b"] * (rows // 2) + ["a"] * (rows % 2)
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "label": labels, "image": pa.array(data, pa.binary())}),
+                   path, row_group_size=4)
     return path, imgs
 
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench import (STREAM_METHODS, _header, _stem, _stream_data, _write, child_tables, rows_file, run_child,
-                            small_resnet, status_mib)
+from valuekit.bench import _header, _stem, _write, small_resnet
+from valuekit.bench_stream import STREAM_METHODS, _stream_data, child_tables, rows_file, run_child, status_mib
 
 SIZES = (10_000, 30_000, 60_000)
 RECORDS = "epoch.jsonl"

@@ -101,8 +101,7 @@ def _file_sha256(path: Path) -> str:
 
 def read_any(source, *, name: str = "table", defer_images: bool = False) -> tuple[pd.DataFrame, dict, str | None]:
     """Read a path or DataFrame into (DataFrame, metadata, path). Raises InputError naming the file.
-    `defer_images`: a Parquet file's encoded-image columns (binary, {bytes, path}) are not read; their names
-    are metadata["deferred_images"] (read later a batch at a time, `valuekit.images.spill_image_column`)."""
+    `defer_images`: a Parquet file's encoded-image columns are not read; their names: metadata["deferred_images"]."""
     if isinstance(source, pd.DataFrame):
         return source, dict(source.attrs), None
     path = Path(source)
@@ -254,8 +253,9 @@ def load_table(
     every image, otherwise all must have the same size. `stream` (True / False / "auto": when the
     decoded pixels would pass STREAM_BYTES) keeps the images encoded and decodes the rows a batch needs
     (`valuekit.images.ImageRows`): a Parquet file's bytes in a temporary file, read a row group at a time
-    (`spill_image_column`), a DataFrame's in its own buffer; numeric tables are always held in memory. Errors name the file, the column and the
-    offending value (for images: the row's id and the image file). With a `tokenizer`, see `_tokenize_text`.
+    (`spill_image_column`), a DataFrame's in its own buffer; numeric tables are always held in memory.
+    Errors name the file, the column and the offending value (for images: the row's id and the image file).
+    With a `tokenizer`, see `_tokenize_text`.
     """
     import torch
 
@@ -290,19 +290,9 @@ def load_table(
     image_col = _image_column(df, reserved, feature_cols, where, deferred=deferred)
     if image_col is not None:
         want = tuple(like.image_shape) if like is not None and like.image_shape else None
-        how = dict(where=where, col=image_col, ids=ids_np, base=base, size=image_size, channels=want[0] if want else None,
-                   expect_hw=want[1:] if want and image_size is None else None)
-        if image_col in deferred and stream == "auto":
-            stream = _decoded_bytes(_first_rows(path, image_col), image_size, want, rows=len(df)) > STREAM_BYTES
-        if image_col in deferred and stream:  # read a batch at a time, the bytes kept in a temporary file
-            from valuekit.images import spill_image_column
-
-            x, decoded_shape = spill_image_column(path, **how)
-        else:
-            values = _read_column(path, image_col) if image_col in deferred else df[image_col]
-            if stream == "auto":
-                stream = _decoded_bytes(values, image_size, want) > STREAM_BYTES
-            x, decoded_shape = decode_image_column(values, stream=bool(stream), **how)
+        how = dict(where=where, col=image_col, ids=ids_np, base=base, size=image_size,
+                   channels=want[0] if want else None, expect_hw=want[1:] if want and image_size is None else None)
+        x, decoded_shape = _image_rows(df, path, stream, deferred=image_col in deferred, want=want, **how)
         if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
             raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
                              f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
@@ -490,16 +480,26 @@ def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: P
                              size=size, channels=channels, expect_hw=expect_hw, stream=stream)
 
 
-def _read_column(path, col: str) -> pd.Series:
-    """One column of a Parquet file, Arrow-backed as `read_any` reads image columns."""
-    table = pq.read_table(path, columns=[col])
+def _image_rows(df: pd.DataFrame, path, stream, *, deferred: bool, want, **how):
+    """(rows, (C, H, W)) of column how["col"]: spilled a row group at a time if deferred and streamed, else decoded."""
+    col, size = how["col"], how["size"]
+    if deferred and stream == "auto":
+        stream = _decoded_bytes(_parquet_column(path, col, rows=64), size, want, rows=len(df)) > STREAM_BYTES
+    if deferred and stream:
+        from valuekit.images import spill_image_column
+
+        return spill_image_column(path, **how)
+    values = _parquet_column(path, col) if deferred else df[col]
+    if stream == "auto":
+        stream = _decoded_bytes(values, size, want) > STREAM_BYTES
+    return decode_image_column(values, stream=bool(stream), **how)
+
+
+def _parquet_column(path, col: str, rows: int | None = None) -> pd.Series:
+    """Column `col` of a Parquet file (its first `rows` values only, when given), Arrow-backed as `read_any`."""
+    table = pq.read_table(path, columns=[col]) if rows is None else \
+        pa.Table.from_batches([next(pq.ParquetFile(path).iter_batches(batch_size=rows, columns=[col]))])
     return table.to_pandas(types_mapper=_arrow_image_type)[col]
-
-
-def _first_rows(path, col: str, rows: int = 64) -> pd.Series:
-    """The first `rows` values of one column of a Parquet file, read without the rest of the column."""
-    batch = next(pq.ParquetFile(path).iter_batches(batch_size=rows, columns=[col]))
-    return pa.Table.from_batches([batch]).to_pandas(types_mapper=_arrow_image_type)[col]
 
 
 def _decoded_bytes(values: pd.Series, size, want, *, rows: int | None = None) -> int:

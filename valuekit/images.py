@@ -4,10 +4,11 @@ named relative to the table, decoded with PIL into (C, H, W) float32 in [0, 1].
 `read_image_column` validates every row once (a missing file or an image that does not decode stops
 with an InputError naming the row's id and the file) and returns either the decoded rows (N, C*H*W) or,
 when streaming, an `ImageRows`: the encoded bytes packed in one buffer, decoded only when rows are
-indexed. `spill_image_column` does the same for a Parquet column one batch at a time and keeps the
-encoded bytes in a temporary file (`SpillFile`), so resident memory does not grow with the rows. `ImageRows` behaves like the read-only (N, C*H*W) float32 tensor it stands for wherever
-valuekit indexes training rows (`x[idx]`, `x[i:j]`, `x.shape`, `len(x)`, `x.to(device)`), so
-trainers need no change and resident memory holds the encoded bytes, not the pixels.
+indexed. `spill_image_column` does the same for a Parquet column one row group at a time and keeps
+the encoded bytes in a temporary file (`SpillFile`), so resident memory does not grow with the rows.
+`ImageRows` behaves like the read-only (N, C*H*W) float32 tensor it stands for wherever valuekit
+indexes training rows (`x[idx]`, `x[i:j]`, `x.shape`, `len(x)`, `x.to(device)`), so trainers need
+no change and memory holds the encoded bytes (or, spilled, only their offsets), not the pixels.
 """
 
 from __future__ import annotations
