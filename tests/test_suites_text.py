@@ -113,7 +113,7 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     md = suites_llm.run_llm(tmp_path, command="valuekit bench llm --quick", quick=True, steps=120)
     frame = pd.read_csv(tmp_path / "suite-llm.csv")
     val, sub = frame[frame.kind == "value"], frame[frame.kind == "subset"]
-    assert sorted(val.arm) == sorted(suites_llm.ARMS) and set(val.steps) == {8}
+    assert sorted(val.arm) == sorted(suites_llm.DEFAULT_ARMS) and set(val.steps) == {8}
     assert val.auroc_all_junk.between(0, 1).all() and (val.n_tasks == 7).all()
     assert val.junk_task_rank.between(1, 7).all() and (val.dev_loss > 0).all()
     uni = val[val.arm == "uniform"].iloc[0]  # uniform's value is -mean_loss: the same AUROC
@@ -127,6 +127,25 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     assert 0 <= pad.length_buckets <= pad.random_trimmed <= pad.no_trim < 1
     text = md.read_text()
     assert "Command: `valuekit bench llm --quick`" in text and "| uniform | 0 |" in text
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("transformers", "django", "peft")),
+                    reason="needs transformers, django and peft (valuekit[lora,multilingual])")
+def test_llm_lora_arms_start_from_the_uniform_runs_model(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setattr(suites_llm, "DATA", {"noise": 0.1, "max_per_task": 12, "dev_size": 8, "test_size": 8})
+    suites_llm.run_llm(tmp_path, command="c", quick=True, steps=120, methods=("bads-lora",), runs_dir=tmp_path / "runs")
+    frame = pd.read_csv(tmp_path / "suite-llm.csv")
+    val = frame[frame.kind == "value"]
+    assert sorted(val.arm) == ["bads-lora", "uniform"] and val.auroc_all_junk.between(0, 1).all()
+    runs = tmp_path / "runs" / "llm"
+    base = runs / "base-s0-8"
+    assert (base / "config.json").exists() and any(base.glob("*.safetensors"))
+    meta = json.loads((runs / "bads-lora-s0-8" / "run.json").read_text())
+    assert meta["config"]["lora"] == suites_llm.LORA and meta["config"]["model"] == f"hf:{base}"
+    assert frame[frame.kind == "timing"].iloc[0]["step_s_bads-lora"] > 0
+    assert "LoRA arms" in (tmp_path / "suite-llm.md").read_text()
 
 
 def test_bench_cli_lists_and_checks_the_text_suites(tmp_path, monkeypatch):

@@ -29,7 +29,11 @@ GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 BADS = {"precondition": True, "lr_theta": 1e-3, "rho_theta": 1.0, "rho_w": 100.0, "temperature": 0.01,
         "burn_in": 100}  # how these were set: reports/llm.md "Set-up"
 ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("bads", {**BADS, "per_source": True}),
-        "dds": ("dds", {}), "multidds": ("multidds", {})}  # DDS / multi-source DDS at their defaults
+        "dds": ("dds", {}), "multidds": ("multidds", {}),  # DDS / multi-source DDS at their defaults
+        # LoRA adapters of rank LORA on the model the seed's uniform run left (saved as an hf: folder, `_base_model`)
+        "uniform-lora": ("uniform", {}), "bads-lora": ("bads", BADS), "dds-lora": ("dds", {})}
+DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
+LORA = 8
 SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
 
 
@@ -41,12 +45,25 @@ def gpt_config(folder: Path) -> str:
     return f"hf-config:{folder}"
 
 
-def _config(method: str, model: str, steps: int, seed: int, device: str):
+def _config(method: str, model: str, steps: int, seed: int, device: str, lora: int = 0):
     from valuekit.config import TrainConfig
 
     return TrainConfig(method=method, model=model, steps=steps, batch_size=BATCH, lr=3e-3, seed=seed,
                        device=device, eval_every=max(steps // 4, 1), log_every=100, checkpoint_every=10**9,
-                       progress=False, eval_batch_size=128)
+                       progress=False, eval_batch_size=128, lora=lora)
+
+
+def _base_model(gpt: str, uniform_run: Path, folder: Path) -> str:
+    """hf:FOLDER holding the model at the end of a uniform run (its checkpoint), for the LoRA arms."""
+    import torch
+
+    from valuekit.lm import build_lm
+
+    if not (folder / "config.json").exists():
+        model = build_lm(gpt, vocab=259, max_len=MAX_LEN)
+        model.load_state_dict(torch.load(uniform_run / "checkpoint.pt", weights_only=True)["trainer"]["model"])
+        model.inner.save_pretrained(folder)
+    return f"hf:{folder}"
 
 
 def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) -> dict:
@@ -56,8 +73,11 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
 
     table, model, tr, dv = data
     method, settings = ARMS[arm]
+    lora = LORA if arm.endswith("-lora") else 0
+    if lora:
+        model = _base_model(model, out.parent / f"uniform-s{seed}-{steps}", out.parent / f"base-s{seed}-{steps}")
     t0 = time.perf_counter()
-    run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device),
+    run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device, lora),
                           method_config=settings))
     seconds = time.perf_counter() - t0
     scored = score_instructions(table, out)
@@ -103,7 +123,8 @@ def _timing(data, steps: int, device: str, arms) -> dict:
     from valuekit.trainers.base import Batch, make_trainer
 
     table, model, tr, dv = data
-    trainers = {a: make_trainer(tr, dv, _config(ARMS[a][0], model, steps, 0, device), ARMS[a][1]) for a in arms}
+    trainers = {a: make_trainer(tr, dv, _config(ARMS[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0),
+                                ARMS[a][1]) for a in arms}  # (LoRA arms time the adapters on the random-weight model)
     times = {a: [] for a in trainers}
     for step in range(1, steps + 1):
         for a, (trainer, sampler, ctx) in trainers.items():
@@ -149,7 +170,9 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
             datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """Value runs for every (seed, arm), subset runs when bads ran, timing and padding; tables in OUT."""
     seeds, steps = list(seeds or (0, 1, 2)), steps or 300
-    arms = [a for a in ARMS if not methods or a in methods]
+    arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS)]
+    if any(a.endswith("-lora") for a in arms) and "uniform" not in arms:
+        arms = ["uniform", *arms]  # the LoRA arms start from the uniform run's model
     timing_steps = 40
     if quick:
         seeds, steps, timing_steps = seeds[:1], max(8, steps // 15), 8
@@ -179,7 +202,11 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     lines = _header("Language-model data selection on the prepared instruction set", command, device) + [
         f"Data: `valuekit data prepare instructions` with {DATA} ({n_rows:,} training rows). Model: `hf-config:` "
         f"GPT-2 {GPT}, {MAX_LEN} positions, random weights from the seed; byte tokenizer, --max-len {MAX_LEN}, "
-        f"batch {BATCH}, {steps} steps, Adam lr 3e-3; BADS settings {BADS}. AUROC ranks low value as junk.", ""]
+        f"batch {BATCH}, {steps} steps, Adam lr 3e-3; BADS settings {BADS}. AUROC ranks low value as junk."]
+    if frame.arm.astype(str).str.endswith("-lora").any():
+        lines += [f"LoRA arms (`*-lora`): `--lora {LORA}` (alpha {2 * LORA}, peft's GPT-2 default module `c_attn`) on the "
+                  f"model the same seed's uniform run ended with (saved as an `hf:` folder), {steps} more steps."]
+    lines += [""]
     val = frame[frame.kind == "value"].sort_values(["arm", "seed"])
     lines += md_table(["method", "seed", "dev loss", "AUROC junk rows (all)", "AUROC junk rows in real tasks",
                        "junk task rank (1 = best)", "lowest-valued task"],
