@@ -181,7 +181,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
         "table is loaded. `streamed`: images kept encoded (`--stream yes`: a Parquet file's bytes in a temporary",
         "file, read per batch); `decoded`: all pixels in memory. `per-row state`: the bytes of the method's per-row",
-        "statistics and the table's per-row arrays (ids, labels, offsets; `valuekit.bench.per_row_state_bytes`),",
+        "statistics and the table's per-row arrays (ids, labels, offsets; `valuekit.bench_stream.per_row_state_bytes`),",
         "the memory that may grow with N.",
         "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | "
         "peak RSS (MiB) | per-row state (MiB) |",
