@@ -81,6 +81,18 @@ def test_same_seed_same_values_other_seed_differs(tables, tmp_path):
     assert not np.allclose(a.value.fillna(0), c.value.fillna(0))
 
 
+def test_the_loop_returns_freed_heap_every_few_seconds_without_changing_the_run(tables, tmp_path, monkeypatch):
+    import valuekit.trainers.base as base
+
+    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    calls = []
+    monkeypatch.setattr(base, "TRIM_SECONDS", -1.0)  # every step
+    monkeypatch.setattr(base, "trim_heap", lambda: calls.append(1) or True)
+    b = train(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
+    assert len(calls) == 30
+    pd.testing.assert_frame_equal(a, b)
+
+
 def test_resume_after_interrupt_equals_uninterrupted(tables, tmp_path):
     full = train(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
 
