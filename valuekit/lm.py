@@ -218,13 +218,12 @@ def add_lora(model: nn.Module, rank: int, *, generator: torch.Generator | None =
     config = peft.LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=list(targets),
                              bias="none", fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight transposed
     adapted = peft.get_peft_model(model, config)
-    for name, p in adapted.named_parameters():
-        if "lora_A" in name:
-            bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform_(a=sqrt(5)) as peft, from our generator
-            with torch.no_grad():
-                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound if generator is not None else p)
-        elif "lora_B" in name:
-            with torch.no_grad():
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_A" in name and generator is not None:
+                bound = 1.0 / math.sqrt(p.shape[1])  # kaiming_uniform_(a=sqrt(5)) as peft, from our generator
+                p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
+            elif "lora_B" in name:
                 p.zero_()
     return adapted
 
