@@ -141,3 +141,18 @@ def test_per_row_state_counts_row_sized_arrays_once():
                               buffers=[torch.zeros(10, 4, dtype=torch.float32)], rows=types.SimpleNamespace())
     b = types.SimpleNamespace(x=types.SimpleNamespace(offsets=np.zeros(11, np.int64), shape=(10, 5)), scalar=3)
     assert per_row_state_bytes([a, b], 10) == 80 + 80 + 160 + 88
+
+
+def test_same_steps_trains_the_small_table_for_the_large_tables_epoch(tmp_path, monkeypatch):
+    import json
+
+    from valuekit import bench_epoch
+
+    calls = []
+    monkeypatch.setattr(bench_epoch, "_stream_data", lambda folder, quick: (folder, "stub"))
+    monkeypatch.setattr(bench_epoch, "_measure", lambda data, m, rows, batch, steps=None: calls.append((m, rows, steps))
+                        or {"method": m, "rows": rows, "steps": steps, "peak_rss_mib": 1.0})
+    path = bench_epoch.same_steps(tmp_path, methods=["uniform", "bads"], rows=1000, like=6000, batch_size=64)
+    assert calls == [("uniform", 1000, 94), ("bads", 1000, 94)]
+    recs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["like_rows"] for r in recs] == [6000, 6000] and recs[1]["method"] == "bads"

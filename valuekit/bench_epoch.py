@@ -26,12 +26,13 @@ SIZES = (10_000, 30_000, 60_000)
 RECORDS = "epoch.jsonl"
 
 
-def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
-    """One timed epoch in this (child) process; see the module docstring."""
+def epoch_child(data: str, method: str, rows: int, batch_size: int, steps: int | None = None) -> dict:
+    """One timed epoch in this (child) process; see the module docstring. `steps`: train that many steps instead
+    (several passes over a small table: memory at the same number of steps as a larger table's epoch)."""
     from valuekit.trainers.base import TrainConfig, train
 
     tr, dv = child_tables(data, rows, stream=True)
-    steps = math.ceil(rows / batch_size)
+    steps = steps or math.ceil(rows / batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
                           eval_every=steps, checkpoint_every=steps)
@@ -46,10 +47,27 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int) -> dict:
             "values_rows": int(len(values)), "rows_valued": int(values["value"].notna().sum())}
 
 
-def _measure(data: Path, method: str, rows: int, batch_size: int) -> dict:
+def _measure(data: Path, method: str, rows: int, batch_size: int, steps: int | None = None) -> dict:
     rows_file(data, rows)
-    return run_child("valuekit.bench_epoch", "epoch_child", (str(data), method, rows, batch_size),
+    return run_child("valuekit.bench_epoch", "epoch_child", (str(data), method, rows, batch_size, steps),
                      f"epoch, {method}, {rows} rows")
+
+
+def same_steps(out: Path, *, methods, rows: int = 10_000, like: int = 60_000, batch_size: int = 64) -> Path:
+    """OUT/same-steps.jsonl: each method trained on the first `rows` rows for as many steps as one epoch of `like`
+    rows takes, in a child process as `bench epoch`'s: its peak RSS against the epoch of `like` rows separates
+    growth with the number of rows from growth with the number of steps."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "same-steps.jsonl"
+    with tempfile.TemporaryDirectory() as tmp:
+        data, _ = _stream_data(Path(tmp) / "data", False)
+        for m in methods:
+            rec = {**_measure(data, m, rows, batch_size, math.ceil(like / batch_size)), "like_rows": like,
+                   "load_before": round(os.getloadavg()[0], 1),
+                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+            with open(path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    return path
 
 
 def _load_records(path: Path) -> list[dict]:
