@@ -212,9 +212,14 @@ def test_noise_every_k_adds_theta_noise_on_every_kth_step_only():
     assert 0.8 * sd < diff.std().item() < 1.2 * sd
 
 
-def test_values_summarise_the_samples_of_each_row():
+@pytest.mark.parametrize("chunk", [4096, 4])
+def test_values_summarise_the_samples_of_each_row(chunk, monkeypatch):
     """burn_in 0: every visit adds the row's new w as a sample. posterior_mean = the mean of its samples (the
-    current w for rows never sampled), value_std = their std with ddof 1 (NaN under two samples), samples = count."""
+    current w for rows never sampled), value_std = their std with ddof 1 (NaN under two samples), samples = count.
+    The quantiles are the same when taken a few rows at a time (chunk 4)."""
+    import valuekit.trainers.bads as bads_mod
+
+    monkeypatch.setattr(bads_mod, "QUANTILE_ROWS", chunk)
     ctx, cfg, tr = _float64_trainer(burn_in=0)
     tr.samples = tr.samples.float()  # the reservoir's own dtype (this test does not read it)
     drawn = {i: [] for i in range(ctx.n)}
