@@ -58,10 +58,11 @@ def _base_model(gpt: str, uniform_run: Path, folder: Path) -> str:
     import torch
 
     from valuekit.lm import build_lm
+    from valuekit.runlog import CHECKPOINT
 
     if not (folder / "config.json").exists():
         model = build_lm(gpt, vocab=259, max_len=MAX_LEN)
-        model.load_state_dict(torch.load(uniform_run / "checkpoint.pt", weights_only=True)["trainer"]["model"])
+        model.load_state_dict(torch.load(uniform_run / CHECKPOINT, weights_only=True)["trainer"]["model"])
         model.inner.save_pretrained(folder)
     return f"hf:{folder}"
 
