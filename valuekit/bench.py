@@ -225,7 +225,8 @@ class _MeteredPartWriter:
 
     def __call__(self, *args, **kwargs):
         w = self.base(*args, **kwargs)
-        if args[2] == "steps":  # (folder, schema, table, ...): only the per-example step log is metered
+        table = kwargs["table"] if "table" in kwargs else args[2]  # AsyncPartWriter(folder, schema, table, ...)
+        if table == "steps":  # only the per-example step log is metered
             add, meter = w.add, self
 
             def timed_add(**columns):

@@ -62,12 +62,16 @@ def same_steps(out: Path, *, methods, rows: int = 10_000, like: int = 60_000, ba
     with tempfile.TemporaryDirectory() as tmp:
         data, _ = _stream_data(Path(tmp) / "data", False)
         for m in methods:
-            rec = {**_measure(data, m, rows, batch_size, math.ceil(like / batch_size)), "like_rows": like,
-                   "load_before": round(os.getloadavg()[0], 1),
-                   "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-            with open(path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            _append(path, {**_measure(data, m, rows, batch_size, math.ceil(like / batch_size)), "like_rows": like})
     return path
+
+
+def _append(path: Path, rec: dict) -> None:
+    """`rec` with the load before it and the time, as one JSON line (one short append: processes may share the file)."""
+    rec = {**rec, "load_before": round(os.getloadavg()[0], 1),
+           "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    with open(path, "a") as f:
+        f.write(json.dumps(rec) + "\n")
 
 
 def _load_records(path: Path) -> list[dict]:
@@ -90,10 +94,7 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                 done = {(r["method"], r["rows"], r["batch_size"]) for r in _load_records(records_path)}
                 if (m, n, batch_size) in done:
                     continue
-                rec = {**_measure(data, m, n, batch_size), "load_before": round(os.getloadavg()[0], 1),
-                       "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-                with open(records_path, "a") as f:  # one short line per append: processes may share the file
-                    f.write(json.dumps(rec) + "\n")
+                _append(records_path, _measure(data, m, n, batch_size))
     frame = pd.DataFrame([r for r in _load_records(records_path) if r["rows"] in sizes])
     frame = frame.drop_duplicates(["method", "rows", "batch_size"], keep="last")
     order = {m: i for i, m in enumerate(STREAM_METHODS)}
