@@ -21,7 +21,9 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
                    help="encoded image columns: keep the images encoded (a Parquet file's in a temporary file in "
                         "$TMPDIR) and decode each batch's rows (yes), decode "
-                        "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto)")
+                        "everything up front (no), or stream when the decoded pixels would pass 1 GiB (auto); "
+                        "instruction tables: their token ids in a temporary file (yes), in memory (no), or in a "
+                        "file past 64 MiB of them (auto)")
     lm = p.add_argument_group("instruction tables (causal-LM fine-tuning; --model causal-lm, hf-config:DIR or hf:DIR)")
     lm.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt)")
     lm.add_argument("--response-col", default="response", help="response column, the only scored text (default: response)")
@@ -236,7 +238,8 @@ def _load_instructions(args, table_path):
     if source_col == "source" and "source" not in _columns(table_path):
         source_col = "task"  # instruction tables name their source column `task`
     kw = {"tokenizer": tok, "id_col": args.id_col, "prompt_col": args.prompt_col, "response_col": args.response_col,
-          "source_col": source_col, "max_len": args.max_len}
+          "source_col": source_col, "max_len": args.max_len,
+          "stream": {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")}
     train = load_instructions(table_path, name="train", **kw)
     dev = load_instructions(args.dev, name="dev", **kw)
     test = load_instructions(args.test, name="test", **kw) if args.test else None

@@ -130,6 +130,8 @@ def broken_table(draw, faults=TABLE_FAULTS):
         elif fault in ("nan_feature", "inf_feature", "huge_feature"):
             value = {"nan_feature": np.nan, "inf_feature": draw(st.sampled_from([np.inf, -np.inf])),
                      "huge_feature": draw(st.sampled_from([1e39, -1e300, 3.5e38]))}[fault]
+            if not pd.api.types.is_float_dtype(df["f0"]):  # after a text fault (pandas' str dtype refuses a float)
+                df["f0"] = df["f0"].astype(object)
             df.loc[draw(rows), "f0"] = value
         elif fault == "text_feature":
             df["f0"] = draw(st.lists(st.text(string.ascii_letters, min_size=1, max_size=4), min_size=n, max_size=n))

@@ -72,8 +72,11 @@ class ValueDataset:
         """Hash of what a trainer sees (ids, features, labels, sources); stable across file rewrites."""
         h = hashlib.sha256()
         h.update(np.asarray(self.ids).astype(str).tobytes() if self.ids.dtype == object else self.ids.tobytes())
-        h.update(self.x.digest() if hasattr(self.x, "digest") else self.x.numpy().tobytes())
-        h.update(self.y.numpy().tobytes())
+        for part in (self.x, self.y):  # packed token rows hash as their dense form, a block at a time
+            if hasattr(part, "feed"):
+                part.feed(h)
+            else:
+                h.update(part.digest() if hasattr(part, "digest") else part.numpy().tobytes())
         h.update(json.dumps(self.classes).encode())
         if self.source is not None:
             h.update("\x00".join(self.source.tolist()).encode())
@@ -201,9 +204,7 @@ def _ids(ids: pd.Series, where: str, id_col: str) -> np.ndarray:
     if len(dup):
         raise InputError(f"{where}: column {id_col!r} has duplicate id {_show(dup.iloc[0])} ({len(dup)} duplicates)")
     ids_np = ids.to_numpy()
-    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
-
-    return ids_np
+    return ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
 
 
 def _labels(labels: pd.Series, where: str, label_col: str, ids_np: np.ndarray, like):

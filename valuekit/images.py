@@ -329,8 +329,8 @@ class SpillFile:
     kernel's page cache, not in the process's resident memory. Deleted when the object that created it is
     garbage-collected (copies made by pickling, e.g. for decoding workers, only read)."""
 
-    def __init__(self, directory: str | None = None):
-        fd, self.path = tempfile.mkstemp(prefix="valuekit-images-", suffix=".bin", dir=directory)
+    def __init__(self, directory: str | None = None, *, prefix: str = "valuekit-images-"):
+        fd, self.path = tempfile.mkstemp(prefix=prefix, suffix=".bin", dir=directory)
         self._file = os.fdopen(fd, "w+b")
         self.size = 0
         self._finalizer = weakref.finalize(self, _close_and_remove, self._file, self.path)

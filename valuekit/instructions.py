@@ -29,8 +29,9 @@ import pyarrow as pa
 
 from valuekit.errors import InputError
 
-IGNORE = -100  # target positions that carry no loss (prompt, padding)
-PAD_INPUT = -1  # input positions after the sequence's end
+from valuekit.token_rows import IGNORE, PAD_INPUT, TokenPacker, TokenRows, pack_sequences  # noqa: F401 (re-exported)
+
+CHUNK_ROWS = 4096  # rows tokenised at a time: the Python token lists of a whole table would dwarf its packed ids
 INSTRUCTION_SUFFIXES = (".parquet", ".pq", ".csv", ".jsonl")
 DEFAULT_TASKS = ("es", "fr", "de", "ru", "ja", "fi")
 DEFAULT_JUNK = "pt"
@@ -276,31 +277,52 @@ def token_id_rows(texts, tokenizer, *, max_len: int, width: int | None = None, w
 
 def tokenize(prompts, responses, tokenizer, max_len: int):
     """(x float32 (N, L) input ids with PAD_INPUT after the end, y int64 (N, L) targets with IGNORE
-    outside the response, truncated flags). The prompt is cut from the left when prompt + response do not
-    fit in max_len + 1 tokens; a response longer than that is cut from the right (then no EOS)."""
+    outside the response, truncated flags) as dense tensors, L = max_len (valuekit.token_rows.pack_sequences
+    says how rows are cut). Tables keep the packed form; this is the dense view of a few rows."""
     import torch
 
-    seqs, starts, cut = [], [], []
-    for p, r in zip(prompts, responses):
-        head = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(p)
-        tail = tokenizer.encode(r) + ([tokenizer.eos_id] if tokenizer.eos_id is not None else [])
-        room = max_len + 1
-        trimmed = len(head) + len(tail) > room
-        tail = tail[: room - 1]
-        head = head[max(0, len(head) - (room - len(tail))):] if len(head) + len(tail) > room else head
-        if not head:  # the model needs one input token before the first scored one
-            head, tail = tail[:1], tail[1:]
-        seqs.append(head + tail)
-        starts.append(len(head))
-        cut.append(trimmed)
-    L = max_len  # one width for every table (train and dev rows share batches); adapters trim per batch
-    x = torch.full((len(seqs), L), PAD_INPUT, dtype=torch.float32)
-    y = torch.full((len(seqs), L), IGNORE, dtype=torch.int64)
-    for i, (s, h) in enumerate(zip(seqs, starts)):
-        t = torch.tensor(s, dtype=torch.int64)
-        x[i, : len(s) - 1] = t[:-1].float()
-        y[i, h - 1: len(s) - 1] = t[h:]
-    return x, y, np.array(cut)
+    flat, lengths, starts, cut = pack_sequences(prompts, responses, tokenizer, max_len)
+    x, y = TokenRows.x_and_y(flat, lengths, starts, max_len)
+    return torch.from_numpy(x.numpy()), torch.from_numpy(y.numpy()), cut
+
+
+def _open_instructions(source, *, name: str):
+    """(DataFrame or None, pyarrow ParquetFile or None, path): a Parquet file is read column by column and row
+    group by row group; CSV, JSONL and DataFrames are read whole (pandas)."""
+    if isinstance(source, (str, Path)) and Path(source).suffix.lower() in (".parquet", ".pq") and Path(source).exists():
+        import pyarrow.parquet as pq
+
+        try:
+            return None, pq.ParquetFile(source), str(source)
+        except Exception as exc:  # not a Parquet file: one line naming it
+            raise InputError(f"{source}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    df, path = read_instructions(source, name=name)
+    return df, None, path
+
+
+def _text_chunks(df, pf, columns):
+    """(first row, DataFrame of `columns`) for every CHUNK_ROWS rows, in table order."""
+    if pf is None:
+        for i in range(0, len(df), CHUNK_ROWS):
+            yield i, df[columns].iloc[i: i + CHUNK_ROWS]
+        return
+    start = 0
+    for g in range(pf.num_row_groups):
+        group = pf.read_row_group(g, columns=columns)
+        for i in range(0, group.num_rows, CHUNK_ROWS):
+            yield start + i, group.slice(i, CHUNK_ROWS).to_pandas()
+        start += group.num_rows
+        del group
+
+
+def _check_texts(piece: pd.DataFrame, first: int, ids_np, where: str, prompt_col: str, response_col: str) -> None:
+    for col in (prompt_col, response_col):
+        text = piece[col]
+        bad = text.isna() | (text.astype(str).str.strip().str.len() == 0) if col == response_col else text.isna()
+        if bad.any():
+            what = "an empty response" if col == response_col else "a missing prompt"
+            at = ids_np[first + int(np.flatnonzero(bad.to_numpy())[0])]
+            raise InputError(f"{where}: column {col!r} has {what} at id {at.item() if hasattr(at, 'item') else at!r}")
 
 
 def load_instructions(
@@ -313,35 +335,44 @@ def load_instructions(
     source_col: str = "task",
     max_len: int = 256,
     name: str = "train",
+    stream="auto",
 ):
     """Read + validate an instruction table and tokenise it into a ValueDataset for causal-LM training.
 
     x: (N, L) float32 input token ids (PAD_INPUT after the end), y: (N, L) int64 next-token targets
-    (IGNORE on the prompt and padding), L = max_len for every table. `classes` names the
-    vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
+    (IGNORE on the prompt and padding), L = max_len for every table, both packed (valuekit.token_rows.TokenRows:
+    4 bytes a token, rows built when indexed); `stream=True` keeps the tokens in a temporary file instead
+    ("auto": past 64 MiB of them). A Parquet table is tokenised row group by row group.
+    `classes` names the vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
     """
-    from valuekit.datasets import (EVAL_COLUMNS, ValueDataset, _file_sha256, _ids,  # noqa: F401
-                                   _require_rows_and_columns)
+    from valuekit.datasets import ValueDataset, _file_sha256, _ids
+    from valuekit.memory import trim_heap
 
     tokenizer = tokenizer or ByteTokenizer()
-    df, path = read_instructions(source, name=name)
+    df, pf, path = _open_instructions(source, name=name)
     where = f"{path or 'DataFrame'} ({name} table)"
-    _require_rows_and_columns(df, where, (id_col, prompt_col, response_col))
+    columns = list(pf.schema_arrow.names) if pf is not None else list(df.columns)
+    if (pf.metadata.num_rows if pf is not None else len(df)) == 0:
+        raise InputError(f"{where}: table is empty")
+    for col in (id_col, prompt_col, response_col):
+        if col not in columns:
+            raise InputError(f"{where}: missing column {col!r} (columns: {columns[:12]})")
     if max_len < 2:
         raise InputError(f"--max-len {max_len}: must be >= 2")
-    ids_np = _ids(df[id_col], where, id_col)
-    for col in (prompt_col, response_col):
-        text = df[col]
-        bad = text.isna() | (text.astype(str).str.strip().str.len() == 0) if col == response_col else text.isna()
-        if bad.any():
-            what = "an empty response" if col == response_col else "a missing prompt"
-            at = ids_np[int(np.flatnonzero(bad.to_numpy())[0])]
-            raise InputError(f"{where}: column {col!r} has {what} at id {at.item() if hasattr(at, 'item') else at!r}")
-    x, y, _ = tokenize(df[prompt_col].astype(str).tolist(), df[response_col].astype(str).tolist(), tokenizer, max_len)
-    if int(y.max()) >= tokenizer.vocab_size:
-        raise InputError(f"{where}: token id {int(y.max())} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
-    src = df[source_col].astype(str).to_numpy(dtype=object) if source_col in df.columns else None
-    noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
+    small = list(dict.fromkeys(c for c in (id_col, source_col, "is_noisy") if c in columns))
+    meta = pf.read(columns=small).to_pandas() if pf is not None else df[small]
+    ids_np = _ids(meta[id_col], where, id_col)
+    packer = TokenPacker(stream=stream)  # one chunk at a time: the Python token lists never exceed CHUNK_ROWS rows
+    for first, piece in _text_chunks(df, pf, [prompt_col, response_col]):
+        _check_texts(piece, first, ids_np, where, prompt_col, response_col)
+        packer.add(*pack_sequences(piece[prompt_col].astype(str).tolist(), piece[response_col].astype(str).tolist(),
+                                   tokenizer, max_len)[:3])
+        trim_heap()  # the chunk's Python strings and token lists are freed; give their pages back
+    if packer.max_token >= tokenizer.vocab_size:
+        raise InputError(f"{where}: token id {packer.max_token} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
+    x, y = packer.finish(max_len)
+    src = meta[source_col].astype(str).to_numpy(dtype=object) if source_col in meta.columns else None
+    noisy = meta["is_noisy"].to_numpy().astype(bool) if "is_noisy" in meta.columns else None
     return ValueDataset(
         ids=ids_np, x=x, y=y, classes=[str(i) for i in range(tokenizer.vocab_size)], source=src, is_noisy=noisy,
         feature_cols=[prompt_col, response_col], name=name, path=path,

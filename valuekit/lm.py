@@ -264,4 +264,6 @@ class LengthBucketSampler:
 
 def token_lengths(x: torch.Tensor) -> torch.Tensor:
     """Tokens per row of an instruction table's x (positions before PAD_INPUT)."""
+    if hasattr(x, "lengths"):  # packed rows (valuekit.token_rows.TokenRows) know them without building x
+        return x.lengths()
     return (x >= 0).sum(1)

@@ -244,5 +244,13 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     return _write(out, "suite-llm", lines, frame.drop(columns=["run"], errors="ignore"))
 
 
+def _run_llm_memory(out: Path, **kw) -> Path:
+    from valuekit.bench_llm_memory import run_llm_memory  # it imports this module's settings
+
+    return run_llm_memory(out, **kw)
+
+
 SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, ("instructions",),
-                    tuple(ARMS)),)
+                    tuple(ARMS)),
+          TextSuite("llm-memory", "LM runs: peak memory against the number of instruction rows (10k / 50k)",
+                    _run_llm_memory, ("instructions",), ("uniform", "bads", "dds")))

@@ -40,7 +40,7 @@ def registry() -> dict[str, TextSuite]:
     return {s.name: s for s in (*suites_multidds.SUITES, *suites_llm.SUITES)}
 
 
-NAMES = ("multidds-targets", "multidds-signal", "multidds-model", "llm")
+NAMES = ("multidds-targets", "multidds-signal", "multidds-model", "llm", "llm-memory")
 
 
 @contextmanager

@@ -67,8 +67,10 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
     generator = torch.Generator().manual_seed(config.seed)
     x, y = _to_device(view, device)
     dev_x, dev_y = _to_device(dev_data, device)
-    if not isinstance(dev_x, torch.Tensor):  # streamed images: the dev set is small and used whole
+    if not isinstance(dev_x, torch.Tensor):  # streamed images, packed tokens: the dev set is small and used whole
         dev_x = dev_x[:]
+    if not isinstance(dev_y, torch.Tensor):
+        dev_y = dev_y[:]
     codes = {s: i for i, s in enumerate(view.sources)}
     source = dev_source = None
     if view.source is not None:
@@ -351,7 +353,7 @@ class _Loop:
         self.stop_agreed = False  # all ranks saw that some rank was asked to stop (torchrun)
         self.last_metrics: dict = {}
         # streamed images: each batch's rows decoded on the host, the likely next batch by background workers
-        self.stream = None if isinstance(ctx.x, torch.Tensor) else RowStream(ctx.x, ctx.device, ctx.config.data_workers)
+        self.stream = RowStream(ctx.x, ctx.device, ctx.config.data_workers) if hasattr(ctx.x, "encoded") else None
         self.augment_generator = torch.Generator().manual_seed(ctx.config.seed + 1)  # augmentation only
 
     def close_stream(self) -> None:
