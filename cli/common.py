@@ -56,6 +56,9 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
                    help="causal LMs (hf:DIR, hf-config:DIR): train LoRA adapters of rank R on the frozen model; every "
                         "method's gradients are then the adapters' (needs peft: pip install 'valuekit[lora]'; default: "
                         "0, full fine-tuning)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="causal LMs: recompute each block's activations in the backward instead of keeping them "
+                        "(less memory, one more forward per step; same values)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="method or loop setting, typed by its default (repeatable), e.g. --set scorer_lr=0.01")
     add_threads_option(g)
@@ -163,7 +166,8 @@ def train_config(args) -> tuple[TrainConfig, object]:
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device,
-                      precision=getattr(args, "precision", TrainConfig.precision), lora=getattr(args, "lora", 0))
+                      precision=getattr(args, "precision", TrainConfig.precision), lora=getattr(args, "lora", 0),
+                      gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)
     apply_cli_threads(args, model=cfg.model, device=cfg.device)
     return cfg, method_cfg

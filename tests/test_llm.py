@@ -522,3 +522,67 @@ def test_lora_on_the_builtin_lm_or_a_classifier_exits_2(tables, tmp_path, capsys
     train, dev = tables
     err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--lora", "4"])
     assert "--lora 4" in err and "hf-config" in err
+
+
+@pytest.mark.parametrize("method", ["uniform", "bads", "dds", "multidds"])
+@pytest.mark.parametrize("model", ["causal-lm", "hf-config"])
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, tmp_path, monkeypatch, method, model):
+    from valuekit.config import TrainConfig
+    from valuekit.trainers.base import train
+
+    if model == "hf-config":
+        if not _has("transformers"):
+            pytest.skip("needs transformers")
+        from transformers import GPT2Config
+        # a part of the block: transformers checkpoints GPT2Block.forward itself, so that is not patched
+        from transformers.models.gpt2.modeling_gpt2 import GPT2Attention as block
+
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=48, resid_pdrop=0, embd_pdrop=0,
+                   attn_pdrop=0).save_pretrained(tmp_path / "gpt")
+        model = f"hf-config:{tmp_path / 'gpt'}"
+    else:
+        from valuekit.lm import Block as block
+    calls = []
+    forward = block.forward
+    monkeypatch.setattr(block, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
+    tr, dv = (load_instructions(p, max_len=48, name=n) for p, n in zip(tables, ("train", "dev")))
+    values, counts = {}, {}
+    for on in (False, True):
+        cfg = TrainConfig(method=method, model=model, steps=4, batch_size=8, seed=0, device="cpu", progress=False,
+                          eval_every=4, checkpoint_every=4, hidden=32, gradient_checkpointing=on)
+        calls.clear()
+        values[on] = train(tr, dv, out=tmp_path / f"run-{on}", config=cfg).values()
+        counts[on] = len(calls)
+    pd.testing.assert_frame_equal(values[False], values[True], rtol=1e-5, atol=1e-7)
+    assert counts[True] > counts[False]  # blocks ran again in the backward of the training steps
+
+
+def test_gradient_checkpointing_is_for_causal_lms(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("train", "dev"):
+        pd.DataFrame({"id": np.arange(20), "f0": rng.normal(size=20), "f1": rng.normal(size=20),
+                      "label": np.arange(20) % 2}).to_parquet(tmp_path / f"{name}.parquet")
+    rc = main(["train", str(tmp_path / "train.parquet"), "--dev", str(tmp_path / "dev.parquet"), "--model", "mlp",
+               "--steps", "2", "--gradient-checkpointing", "--device", "cpu", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "--gradient-checkpointing: for causal LMs" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@needs_hf
+def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(tmp_path):
+    pytest.importorskip("peft")
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=259, n_positions=32, resid_pdrop=0, embd_pdrop=0,
+               attn_pdrop=0).save_pretrained(tmp_path)
+    x, y, _ = tokenize(["abc", "hello there"], ["xy", "zzz"], ByteTokenizer(), 32)
+    grads = {}
+    for on in (False, True):
+        model = build_lm(f"hf-config:{tmp_path}", vocab=259, max_len=32, generator=torch.Generator().manual_seed(0),
+                         lora=4, checkpointing=on).train()
+        per_example_loss(model(x), y).sum().backward()
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and any("lora_B" in n for n in grads[True])
+    for n in grads[True]:
+        torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-8)
+    assert any(g.abs().sum() > 0 for n, g in grads[True].items() if "lora_B" in n)

@@ -61,6 +61,10 @@ class TrainConfig:
     # (peft, `pip install 'valuekit[lora]'`); the base weights are frozen, so every method's gradients, rewards and
     # dot products are the adapters'. 0: full fine-tuning (valuekit.lm.add_lora)
     lora: int = setting(0, ge=0)
+    # causal LMs: keep only each Transformer block's input and recompute its activations in the backward
+    # (non-reentrant torch.utils.checkpoint; transformers' gradient_checkpointing_enable for hf models): less
+    # activation memory for one more block forward per step, the same gradients and values
+    gradient_checkpointing: bool = False
     # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
     # trains; 0 decodes in the training process (valuekit.streaming)
     data_workers: int = setting(0, ge=0)

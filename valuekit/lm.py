@@ -13,11 +13,13 @@ batch's longest row and pads the logits back with zeros (positions whose target 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from valuekit.errors import InputError
 from valuekit.trainers.api import draw_from_passes
@@ -69,12 +71,14 @@ class CausalLM(nn.Module):
         self.pos = nn.Embedding(max_len, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
+        self.checkpointing = False  # build_lm(checkpointing=True): blocks recomputed in the backward
 
     def forward(self, x):
         ids, full = _trim(x)
         h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for b in self.blocks:
-            h = b(h)
+            h = checkpoint(b, h, use_reentrant=False) if recompute else b(h)
         return _layout(self.ln(h) @ self.tok.weight.T, full)
 
 
@@ -89,6 +93,21 @@ class HFCausalLM(nn.Module):
         ids, full = _trim(x)
         # right padding under a causal mask: real positions never attend to the padding, so no mask is needed
         return _layout(self.inner(input_ids=ids, use_cache=False).logits, full)
+
+
+@contextmanager
+def without_checkpointing(model: nn.Module):
+    """Gradient checkpointing (build_lm(checkpointing=True)) switched off inside: torch.func transforms cannot
+    run a checkpointed block. A model without it is left as it is."""
+    saved = [(m, a, getattr(m, a)) for m in model.modules() for a in ("checkpointing", "gradient_checkpointing")
+             if isinstance(getattr(m, a, None), bool) and getattr(m, a)]
+    for m, a, _ in saved:
+        setattr(m, a, False)
+    try:
+        yield model
+    finally:
+        for m, a, v in saved:
+            setattr(m, a, v)
 
 
 def _init_(model: nn.Module, generator: torch.Generator, std: float = 0.02) -> None:
@@ -159,13 +178,14 @@ def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
 
 
 def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
-             generator: torch.Generator | None = None, lora: int = 0) -> nn.Module:
+             generator: torch.Generator | None = None, lora: int = 0, checkpointing: bool = False) -> nn.Module:
     """The causal LM `name` for a vocabulary of `vocab` ids and sequences of `max_len` tokens (LoRA adapters of
-    rank `lora` when > 0, `add_lora`)."""
+    rank `lora` when > 0, `add_lora`; gradient checkpointing of its blocks in training when `checkpointing`)."""
     if name == BUILTIN:
         model = CausalLM(vocab, max_len, d=hidden, heads=4 if hidden % 4 == 0 else 1)
         if generator is not None:
             _init_(model, generator)
+        model.checkpointing = checkpointing
         return model
     kind, _, path = name.partition(":")
     transformers, config = _hf_config(path, name)
@@ -185,6 +205,16 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
         if missing:
             raise InputError(f"--model {name}: the weights have no causal-LM head ({missing[0]} missing)")
     inner.float()
+    if checkpointing:
+        kw = {"use_reentrant": False}
+        if hasattr(inner, "activation_checkpointing_enable"):  # the name since transformers 5
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        # a non-reentrant checkpoint needs no input that requires grad, and the embedding hook that makes one
+        # breaks torch.func transforms (DDS's per-example dots)
+        if hasattr(inner, "disable_input_require_grads"):
+            inner.disable_input_require_grads()
     if lora:
         inner = add_lora(inner, lora, generator=generator)
     return HFCausalLM(inner)

@@ -104,14 +104,16 @@ def build_model(
     std: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     lora: int = 0,
+    checkpointing: bool = False,
 ) -> Classifier:
     """Build `linear`, `mlp` (two hidden ReLU layers), `cnn` (two 3x3 convs, needs image_shape) or `resnet`
     (a small residual CNN with BatchNorm, `resnet_body`; needs image_shape); causal LMs (valuekit.lm) by name, with
-    LoRA adapters of rank `lora` when > 0."""
+    LoRA adapters of rank `lora` when > 0 and gradient checkpointing when `checkpointing`."""
     from valuekit.lm import build_lm, is_lm
 
     if is_lm(name):  # causal LMs for instruction tables: in_features is the sequence length
-        return build_lm(name, vocab=num_classes, max_len=in_features, hidden=hidden, generator=generator, lora=lora)
+        return build_lm(name, vocab=num_classes, max_len=in_features, hidden=hidden, generator=generator, lora=lora,
+                        checkpointing=checkpointing)
     mean = torch.zeros(in_features) if mean is None else mean
     std = torch.ones(in_features) if std is None else std
     norm = Standardize(mean, std)

@@ -349,6 +349,7 @@ class TrainContext:
             name or self.config.model, in_features=self.x.shape[1], num_classes=out_features or self.num_classes,
             image_shape=self.image_shape, hidden=self.config.hidden, mean=self.mean, std=self.std,
             generator=self.generator, lora=self.config.lora if name is None else 0,
+            checkpointing=self.config.gradient_checkpointing and name is None,
         )
         return model.to(self.device)
 

@@ -222,6 +222,8 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
     elif config.lora:
         raise InputError(f"--lora {config.lora}: LoRA adapters are for causal LMs (--model hf:DIR or hf-config:DIR), "
                          f"not --model {config.model}")
+    elif config.gradient_checkpointing:
+        raise InputError(f"--gradient-checkpointing: for causal LMs (causal-lm, hf:DIR, hf-config:DIR), not --model {config.model}")
     if config.model == "cnn" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):

@@ -45,6 +45,7 @@ from torch import nn
 from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import DOT_METHODS, LayerTape, per_example_dots
+from valuekit.lm import without_checkpointing
 from valuekit.runlog import CHECKPOINT, load_checkpoint
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
@@ -283,8 +284,9 @@ class Trainer:
                 reward = tape.dots(d, B) * (B / w.to(d[self.names[0]].dtype))
             else:  # fused with an underflowed weight: recompute at theta_{t-1}
                 method = "exact" if cfg.reward_method == "fused" else cfg.reward_method
-                reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev,
-                                          batch_stats="fixed")  # BatchNorm: no other row in r_i (gradients.py)
+                with without_checkpointing(self.model):  # torch.func cannot run a checkpointed block
+                    reward = per_example_dots(self.model, x, y, d, method=method, params=theta_prev,
+                                              batch_stats="fixed")  # BatchNorm: no other row in r_i (gradients.py)
             # lines 12-13: psi <- psi + lr (1/B) sum_i r_i grad log p_i  (minimise the negative)
             r = self._normalise(reward)
             # torchrun: this rank's share of the global-batch loss; the shares' gradients are summed below
