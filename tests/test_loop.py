@@ -218,3 +218,24 @@ def test_uniform_values_are_minus_mean_loss_and_its_std_over_visits():
     std = [np.std(losses[i]) if losses[i] else np.nan for i in range(n)]
     np.testing.assert_allclose(np.asarray(v["value"]), want, rtol=1e-6, equal_nan=True)
     np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-7, equal_nan=True)
+
+
+def test_the_mmap_threshold_is_fixed_only_when_asked(monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    from valuekit import memory
+
+    for value in (None, "default"):
+        monkeypatch.delenv("VALUEKIT_MALLOC", raising=False)
+        if value:
+            monkeypatch.setenv("VALUEKIT_MALLOC", value)
+        memory.fix_mmap_threshold.cache_clear()
+        assert memory.fix_mmap_threshold() is False, value
+    memory.fix_mmap_threshold.cache_clear()
+    # "steady" changes this process's allocator: asked in a child process
+    code = "from valuekit.memory import fix_mmap_threshold as f, _malloc_trim as t; print(f(), t() is not None)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "VALUEKIT_MALLOC": "steady"}).stdout.split()
+    assert out[0] == out[1]  # set wherever the C library is glibc

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
+from valuekit.memory import fix_mmap_threshold
 from valuekit.bundled import DATASETS, FASHION_CLASSES, FASHION_DIR, flip_labels, long_tail, prepare  # noqa: F401
 
 EVAL_COLUMNS = ("is_noisy", "clean_label")
@@ -259,7 +260,7 @@ def load_table(
     With a `tokenizer`, see `_tokenize_text`.
     """
     import torch
-
+    fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady: before the table's arrays (valuekit.memory)
     if stream not in (True, False, "auto"):
         raise InputError(f"stream={stream!r}: use True, False or 'auto'")
     df, meta, path = read_any(source, name=name, defer_images=stream is not False)
@@ -270,7 +271,6 @@ def load_table(
     for col, opt in ((id_col, "--id-col"), (label_col, "--label-col")):
         if col not in df.columns:
             raise InputError(f"{where}: missing column {col!r} (choose another with {opt}; columns: {list(df.columns)[:12]})")
-
     ids_np = _ids(df[id_col], where, id_col)
     classes, code, y = _labels(df[label_col], where, label_col, ids_np, like)
 

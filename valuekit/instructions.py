@@ -346,8 +346,9 @@ def load_instructions(
     `classes` names the vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
     """
     from valuekit.datasets import ValueDataset, _file_sha256, _ids
-    from valuekit.memory import trim_heap
+    from valuekit.memory import fix_mmap_threshold, trim_heap
 
+    fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady: before the table's arrays (valuekit.memory)
     tokenizer = tokenizer or ByteTokenizer()
     df, pf, path = _open_instructions(source, name=name)
     where = f"{path or 'DataFrame'} ({name} table)"

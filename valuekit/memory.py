@@ -35,3 +35,27 @@ def trim_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+#: with $VALUEKIT_MALLOC=steady, allocations of at least this many bytes get their own mapping, returned whole to
+#: the system when freed. glibc's default threshold instead rises to the size of the largest mapped block the
+#: process has freed (up to 32 MiB), which made a run's peak depend on what it had freed before: BADS on a causal
+#: LM peaked +50 MiB higher at 50k rows than at 10k by default, +1 / +13 with 4 MiB fixed (reports/llm-memory.md).
+#: Not the default: every buffer above it then costs fresh pages, and a ResNet step on a CPU took ~10 % longer
+MMAP_THRESHOLD = 4 << 20
+M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+
+
+@functools.cache
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """With $VALUEKIT_MALLOC=steady, fix glibc's mmap threshold at `nbytes` (mallopt M_MMAP_THRESHOLD; once per
+    process; the loaders and the training loop call this before allocating). True when set."""
+    import os
+
+    if os.environ.get("VALUEKIT_MALLOC", "") != "steady":
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))

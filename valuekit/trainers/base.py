@@ -25,11 +25,10 @@ from valuekit.config import METHODS, TrainConfig, available_methods  # noqa: F40
 from valuekit.datasets import ValueDataset
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
 from valuekit.paths import first_line, unreadable
-from valuekit.models import feature_stats
 from valuekit.models import build_user_model, check_model_spec, feature_stats, is_builtin
 from valuekit.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.images import augment
-from valuekit.memory import TRIM_SECONDS, trim_heap
+from valuekit.memory import TRIM_SECONDS, fix_mmap_threshold, trim_heap
 from valuekit.streaming import RowStream
 from valuekit.runlog import (CHECKPOINT, RunWriter, load_checkpoint, mean_one, prepare_run,  # noqa: F401
                              rank_by_value, read_run, save_checkpoint)
@@ -152,6 +151,7 @@ def train(
     every rank writes its own steps/rank-R/part-*.parquet. `on_step_end` hooks run on every rank (with
     that rank's slice of the batch), `on_eval` hooks and evaluation on rank 0 only.
     """
+    fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady (valuekit.memory)
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data)
     if config.precision == "fp16" and not getattr(spec.module, "FP16", False):
