@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from valuekit.errors import InputError
+from valuekit.rowviews import row_index, to_device
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 WIDE_GREY = ("I", "I;16", "F")
@@ -129,19 +130,6 @@ class ImageRows:
             out[k] = self.row(i)
         return out
 
-    def _index(self, key) -> np.ndarray:
-        import torch
-
-        n = len(self)
-        if isinstance(key, slice):
-            return np.arange(n)[key]
-        if isinstance(key, torch.Tensor):
-            key = key.detach().cpu().numpy()
-        key = np.asarray(key)
-        if key.dtype == bool:
-            return np.flatnonzero(key)
-        return np.where(key < 0, key + n, key)
-
     def __getitem__(self, key):
         import torch
 
@@ -149,10 +137,7 @@ class ImageRows:
             return torch.from_numpy(self.row(int(key) % len(self))).to(self.device)
         if isinstance(key, torch.Tensor) and key.dim() == 0:
             return self[int(key)]
-        x = torch.from_numpy(self.rows(self._index(key)))
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True)
-        return x
+        return to_device(self.rows(row_index(key, len(self))), self.device)
 
     def numpy(self) -> np.ndarray:
         """Every row decoded (N, C*H*W): as much memory as the eager path."""

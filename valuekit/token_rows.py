@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from valuekit.rowviews import row_index, to_device
+
 IGNORE = -100  # target positions that carry no loss (prompt, padding)
 PAD_INPUT = -1  # input positions after the sequence's end
 HASH_ROWS = 4096  # rows materialised at a time when a table is hashed
@@ -120,28 +122,12 @@ class TokenRows:
                 out[k, h - 1: len(seq) - 1] = seq[h:]
         return out
 
-    def _index(self, key) -> np.ndarray:
-        import torch
-
-        n = len(self)
-        if isinstance(key, slice):
-            return np.arange(n)[key]
-        if isinstance(key, torch.Tensor):
-            key = key.detach().cpu().numpy()
-        key = np.asarray(key)
-        if key.dtype == bool:
-            return np.flatnonzero(key)
-        return np.where(key < 0, key + n, key)
-
     def __getitem__(self, key):
         import torch
 
         if isinstance(key, (int, np.integer)) or (isinstance(key, torch.Tensor) and key.dim() == 0):
             return torch.from_numpy(self.rows([int(key) % len(self)])[0]).to(self.device)
-        out = torch.from_numpy(self.rows(self._index(key)))
-        if self.device.type == "cuda":
-            return out.pin_memory().to(self.device, non_blocking=True)
-        return out
+        return to_device(self.rows(row_index(key, len(self))), self.device)
 
     def numpy(self) -> np.ndarray:
         """Every row dense (N, width): as much memory as the unpacked table."""
