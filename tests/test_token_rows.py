@@ -165,3 +165,25 @@ def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
         runs[stream] = train(tr, dv, out=tmp_path / f"run-{stream}", config=cfg).values()
     pd.testing.assert_frame_equal(runs[False], runs[True])
     assert len(runs[True]) == 40 and runs[True]["value"].notna().all()
+
+
+def test_llm_memory_bench_child_measures_each_layout(tmp_path):
+    from valuekit.bench_llm_memory import instruction_rows_file, llm_memory_child
+    from valuekit.suites_llm import MAX_LEN
+
+    prompts, responses = _texts(7, seed=7)
+    base = pd.DataFrame({"id": np.arange(7) + 100, "prompt": prompts, "response": responses,
+                         "task": ["a", "b"] * 3 + ["a"]})
+    base.to_parquet(tmp_path / "train.parquet")
+    base.iloc[:4].to_parquet(tmp_path / "dev.parquet")
+    path = instruction_rows_file(tmp_path, 30)
+    table = pd.read_parquet(path)
+    assert table["id"].tolist() == list(range(30)) and table["prompt"].tolist() == [prompts[i % 7] for i in range(30)]
+    assert pq.ParquetFile(path).metadata.num_rows == 30
+    got = {layout: llm_memory_child(str(tmp_path), "causal-lm", "uniform", 30, 2, layout)
+           for layout in ("streamed", "packed", "dense")}
+    assert all(r["values_rows"] == 30 and r["peak_rss_mib"] >= r["rss_after_load_mib"] > 0 for r in got.values())
+    tokens = sum(len(p.encode()) + len(r.encode()) + 2 for p, r in zip(table.prompt, table.response))  # BOS, EOS
+    assert got["streamed"]["table_mib"] * 2**20 == 8 * 31 + 4 * 30
+    assert got["packed"]["table_mib"] * 2**20 == 8 * 31 + 4 * 30 + 4 * tokens
+    assert got["dense"]["table_mib"] * 2**20 == 30 * MAX_LEN * (4 + 8)
