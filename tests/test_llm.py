@@ -586,3 +586,23 @@ def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(
     for n in grads[True]:
         torch.testing.assert_close(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-8)
     assert any(g.abs().sum() > 0 for n, g in grads[True].items() if "lora_B" in n)
+
+
+def test_stream_yes_on_an_instruction_table_gives_the_in_memory_run(tables, tmp_path, monkeypatch):
+    import valuekit.instructions as instructions
+
+    train, dev = tables
+    vals, asked = {}, []
+    load = instructions.load_instructions
+    monkeypatch.setattr(instructions, "load_instructions", lambda *a, **kw: asked.append(kw["stream"]) or load(*a, **kw))
+    for stream in ("yes", "no"):
+        out = tmp_path / f"run-{stream}"
+        assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "bads", "--steps", "5",
+                     "--batch-size", "8", "--max-len", "32", "--device", "cpu", "--out", str(out), "--stream", stream,
+                     "--gradient-checkpointing", "--set", "hidden=32", "--set", "burn_in=0"]) == 0
+        vals[stream] = pd.read_parquet(out / "values.parquet")
+        meta = json.loads((out / "run.json").read_text())
+        assert meta["config"]["gradient_checkpointing"] is True
+    pd.testing.assert_frame_equal(vals["yes"], vals["no"])
+    assert len(vals["yes"]) == 36 and vals["yes"]["value"].notna().all()
+    assert asked == [True, True, False, False]  # train and dev tables, each run
