@@ -424,3 +424,20 @@ def test_meta_grad_option_validation():
     with pytest.raises(InputError, match="meta_grad"):
         Config(meta_grad="x").validate()
     assert tiny_trainer(Config(unroll=2)).dots_by is None  # auto: second order for unroll > 1
+
+
+def test_final_teacher_weights_are_scored_in_eval_batch_size_chunks(monkeypatch):
+    tr = tiny_trainer(Config(), eval_batch_size=3)
+    chunks = []
+    score_rows = tr.ctx.score_rows
+    monkeypatch.setattr(tr.ctx, "score_rows", lambda fn, *m, **kw: chunks.append(kw["chunk"]) or score_rows(fn, *m, **kw))
+    a = tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=0.5)
+    b = tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=0.5, chunk=10)
+    assert chunks == [None, 10] and a.shape == (10,)
+    torch.testing.assert_close(a, b)  # rows do not interact in eval mode: the chunking changes nothing
+    sizes = []
+    monkeypatch.setattr(tr.ctx, "score_rows", score_rows)
+    inner = tr.model.forward
+    monkeypatch.setattr(tr.model, "forward", lambda x: sizes.append(len(x)) or inner(x))
+    tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=0.5)
+    assert sizes == [3, 3, 3, 1]  # eval_batch_size rows at a time

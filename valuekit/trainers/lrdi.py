@@ -472,8 +472,9 @@ class Trainer:
         self.steps_taken = int(state["last_step"])  # checkpoint key kept: older runs resume
 
     @torch.no_grad()
-    def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int = 2048) -> torch.Tensor:
-        """Raw sigmoid teacher weights of rows (x, y), student and teacher in eval mode."""
+    def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int | None = None) -> torch.Tensor:
+        """Raw sigmoid teacher weights of rows (x, y), student and teacher in eval mode, `chunk` rows at a time
+        (default: the loop's eval_batch_size, which bounds the end-of-run peak memory on a large model)."""
         def weight(xb, yb):
             feats, logits = features_and_logits(self.model, xb, self.feature_layer)
             return torch.sigmoid(self.teacher(student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)))
