@@ -525,14 +525,15 @@ def test_lora_on_the_builtin_lm_or_a_classifier_exits_2(tables, tmp_path, capsys
 
 
 @pytest.mark.parametrize("method", ["uniform", "bads", "dds", "multidds"])
-@pytest.mark.parametrize("model", ["causal-lm", "hf-config"])
+@pytest.mark.parametrize("model", ["causal-lm", "hf-config", "hf-config-lora"])
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, tmp_path, monkeypatch, method, model):
     from valuekit.config import TrainConfig
     from valuekit.trainers.base import train
 
-    if model == "hf-config":
-        if not _has("transformers"):
-            pytest.skip("needs transformers")
+    lora = 4 if model.endswith("-lora") else 0
+    if model.startswith("hf-config"):
+        if not _has("transformers") or (lora and not _has("peft")):
+            pytest.skip("needs transformers (and peft for LoRA)")
         from transformers import GPT2Config
         # a part of the block: transformers checkpoints GPT2Block.forward itself, so that is not patched
         from transformers.models.gpt2.modeling_gpt2 import GPT2Attention as block
@@ -549,7 +550,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, t
     values, counts = {}, {}
     for on in (False, True):
         cfg = TrainConfig(method=method, model=model, steps=4, batch_size=8, seed=0, device="cpu", progress=False,
-                          eval_every=4, checkpoint_every=4, hidden=32, gradient_checkpointing=on)
+                          eval_every=4, checkpoint_every=4, hidden=32, gradient_checkpointing=on, lora=lora)
         calls.clear()
         values[on] = train(tr, dv, out=tmp_path / f"run-{on}", config=cfg).values()
         counts[on] = len(calls)

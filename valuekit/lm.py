@@ -211,13 +211,22 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
         else:
             inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
-        # a non-reentrant checkpoint needs no input that requires grad, and the embedding hook that makes one
-        # breaks torch.func transforms (DDS's per-example dots)
-        if hasattr(inner, "disable_input_require_grads"):
-            inner.disable_input_require_grads()
     if lora:
         inner = add_lora(inner, lora, generator=generator)
+    if checkpointing:
+        _drop_input_grad_hooks(inner)
     return HFCausalLM(inner)
+
+
+def _drop_input_grad_hooks(model: nn.Module) -> None:
+    """Remove the forward hooks that make the input embeddings' output require grad. transformers adds one when
+    checkpointing is enabled and peft adds another for adapters (losing the first one's handle, so
+    `disable_input_require_grads` cannot remove both); a non-reentrant checkpoint does not need them, and they
+    break torch.func transforms (DDS's per-example dots)."""
+    emb = model.get_input_embeddings()
+    for key, hook in list(emb._forward_hooks.items()):
+        if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+            del emb._forward_hooks[key]
 
 
 def _peft(rank: int):
