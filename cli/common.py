@@ -70,6 +70,11 @@ def add_threads_option(p) -> None:
                         "linear/mlp/cnn, torch's default for larger ones; see valuekit.threads)")
 
 
+def stream_option(args):
+    """--stream yes / no / auto as the loaders' True / False / "auto"."""
+    return {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")
+
+
 def table_kwargs(args) -> dict:
     shape = None
     if args.image_shape:
@@ -88,7 +93,7 @@ def table_kwargs(args) -> dict:
     cols = [c for c in args.feature_cols.split(",") if c] if args.feature_cols else None
     return {"id_col": args.id_col, "label_col": args.label_col, "source_col": args.source_col,
             "feature_cols": cols, "image_shape": shape, "image_size": size,
-            "stream": {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")}
+            "stream": stream_option(args)}
 
 
 TEXT_PAIR_COLUMNS = ("src_text", "tgt_text")
@@ -243,7 +248,7 @@ def _load_instructions(args, table_path):
         source_col = "task"  # instruction tables name their source column `task`
     kw = {"tokenizer": tok, "id_col": args.id_col, "prompt_col": args.prompt_col, "response_col": args.response_col,
           "source_col": source_col, "max_len": args.max_len,
-          "stream": {"yes": True, "no": False}.get(getattr(args, "stream", "auto"), "auto")}
+          "stream": stream_option(args)}
     train = load_instructions(table_path, name="train", **kw)
     dev = load_instructions(args.dev, name="dev", **kw)
     test = load_instructions(args.test, name="test", **kw) if args.test else None

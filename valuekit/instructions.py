@@ -65,8 +65,12 @@ def read_instructions(source, *, name: str = "train") -> tuple[pd.DataFrame, str
     except InputError:
         raise
     except Exception as exc:  # pyarrow / pandas parse errors: one line naming the file
-        raise InputError(f"{path}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+        raise _cannot_read(path, name, exc) from None
     return df, str(path)
+
+
+def _cannot_read(path, name: str, exc: Exception) -> InputError:
+    return InputError(f"{path}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
 
 
 def write_instructions(frame: pd.DataFrame, path, *, meta: dict | None = None) -> str:
@@ -295,7 +299,7 @@ def _open_instructions(source, *, name: str):
         try:
             return None, pq.ParquetFile(source), str(source)
         except Exception as exc:  # not a Parquet file: one line naming it
-            raise InputError(f"{source}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+            raise _cannot_read(source, name, exc) from None
     df, path = read_instructions(source, name=name)
     return df, None, path
 

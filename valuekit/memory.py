@@ -20,12 +20,16 @@ TRIM_SECONDS = 2.0
 
 
 @functools.cache
-def _malloc_trim():
+def _glibc(name: str):
+    """The C library's function `name`, or None where it has none (not glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
         return None
+
+
+def _malloc_trim():
+    return _glibc("malloc_trim")
 
 
 def trim_heap() -> bool:
@@ -54,8 +58,5 @@ def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
 
     if os.environ.get("VALUEKIT_MALLOC", "") != "steady":
         return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
