@@ -141,6 +141,9 @@ def test_per_row_state_counts_row_sized_arrays_once():
                               buffers=[torch.zeros(10, 4, dtype=torch.float32)], rows=types.SimpleNamespace())
     b = types.SimpleNamespace(x=types.SimpleNamespace(offsets=np.zeros(11, np.int64), shape=(10, 5)), scalar=3)
     assert per_row_state_bytes([a, b], 10) == 80 + 80 + 160 + 88
+    # a ring of the last epochs' batches (LRDI's weights: window x batch) grows with the rows too
+    ring = types.SimpleNamespace(window=4, ring_w=torch.zeros(4, 8, dtype=torch.float64), other=torch.zeros(3, 8))
+    assert per_row_state_bytes([ring], 10) == 4 * 8 * 8
 
 
 def test_same_steps_trains_the_small_table_for_the_large_tables_epoch(tmp_path, monkeypatch):

@@ -59,13 +59,14 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
 
 def per_row_state_bytes(objects, rows: int) -> int:
     """Bytes of the per-row statistics held by `objects`: every tensor or array among their attributes (and in
-    lists/dicts of them) whose first dimension is the number of rows (or rows + 1: offsets), each counted once;
-    the loaded table's own ids/labels/offsets are the context's."""
+    lists/dicts of them) whose first dimension is the number of rows (or rows + 1: offsets), or an object's
+    `window` (a ring of the last epochs' batches, e.g. LRDI's weights: its size is proportional to the rows),
+    each counted once; the loaded table's own ids/labels/offsets are the context's."""
     import torch
 
     seen, total = set(), 0
 
-    def add(v):
+    def add(v, window=None):
         nonlocal total
         if isinstance(v, (list, tuple)):
             for u in v:
@@ -73,7 +74,7 @@ def per_row_state_bytes(objects, rows: int) -> int:
         elif isinstance(v, dict):
             for u in v.values():
                 add(u)
-        elif isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim >= 1 and v.shape[0] in (rows, rows + 1):
+        elif isinstance(v, (torch.Tensor, np.ndarray)) and v.ndim >= 1 and v.shape[0] in (rows, rows + 1, window):
             key = v.data_ptr() if isinstance(v, torch.Tensor) else v.__array_interface__["data"][0]
             if key not in seen:
                 seen.add(key)
@@ -82,8 +83,9 @@ def per_row_state_bytes(objects, rows: int) -> int:
             add(v.offsets)
 
     for obj in objects:
+        window = getattr(obj, "window", None)
         for v in vars(obj).values():
-            add(v)
+            add(v, window if isinstance(window, int) else None)
     return total
 
 
