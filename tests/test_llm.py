@@ -607,3 +607,30 @@ def test_stream_yes_on_an_instruction_table_gives_the_in_memory_run(tables, tmp_
     pd.testing.assert_frame_equal(vals["yes"], vals["no"])
     assert len(vals["yes"]) == 36 and vals["yes"]["value"].notna().all()
     assert asked == [True, True, False, False]  # train and dev tables, each run
+
+
+def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tmp_path, monkeypatch):
+    """Causal-LM rows ask valuekit.memory for a fixed glibc mmap threshold (flat peak memory in the number of rows,
+    reports/llm-memory.md) when they are loaded and trained; a classifier's table and run do not."""
+    from valuekit import datasets, memory
+    from valuekit.trainers import base
+    from valuekit.trainers.base import TrainConfig, train
+
+    asked = []
+    record = lambda *, causal_lm=False: asked.append(causal_lm) or False  # noqa: E731
+    monkeypatch.setattr(memory, "fix_mmap_threshold", record)
+    monkeypatch.setattr(base, "fix_mmap_threshold", record)
+    monkeypatch.setattr(datasets, "fix_mmap_threshold", record)
+    tr, dv = load_instructions(tables[0], max_len=32), load_instructions(tables[1], max_len=32, name="dev")
+    assert asked == [True, True]
+    train(tr, dv, out=tmp_path / "lm", config=TrainConfig(model="causal-lm", steps=1, batch_size=4, device="cpu",
+                                                          progress=False))
+    assert asked == [True, True, True]
+    from pathlib import Path
+
+    from valuekit.datasets import load_table
+
+    digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
+    train(load_table(digits / "train.parquet"), load_table(digits / "dev.parquet"), out=tmp_path / "mlp",
+          config=TrainConfig(model="mlp", steps=1, batch_size=4, device="cpu", progress=False))
+    assert asked == [True, True, True, False, False, False]

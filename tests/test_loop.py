@@ -220,22 +220,35 @@ def test_uniform_values_are_minus_mean_loss_and_its_std_over_visits():
     np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-7, equal_nan=True)
 
 
-def test_the_mmap_threshold_is_fixed_only_when_asked(monkeypatch):
+def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypatch):
     import os
     import subprocess
     import sys
 
     from valuekit import memory
+    from valuekit.errors import InputError
 
-    for value in (None, "default"):
+    for value in (None, "", "auto", "default"):
         monkeypatch.delenv("VALUEKIT_MALLOC", raising=False)
-        if value:
+        if value is not None:
             monkeypatch.setenv("VALUEKIT_MALLOC", value)
         memory.fix_mmap_threshold.cache_clear()
-        assert memory.fix_mmap_threshold() is False, value
+        assert memory.fix_mmap_threshold() is False, value  # other tables: glibc's own threshold
     memory.fix_mmap_threshold.cache_clear()
-    # "steady" changes this process's allocator: asked in a child process
-    code = "from valuekit.memory import fix_mmap_threshold as f, _malloc_trim as t; print(f(), t() is not None)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "VALUEKIT_MALLOC": "steady"}).stdout.split()
-    assert out[0] == out[1]  # set wherever the C library is glibc
+    assert memory.fix_mmap_threshold(causal_lm=True) is False  # "default" wins over a causal LM
+    monkeypatch.setenv("VALUEKIT_MALLOC", "stedy")
+    memory.fix_mmap_threshold.cache_clear()
+    with pytest.raises(InputError, match=r"VALUEKIT_MALLOC='stedy': choose from auto, steady, default"):
+        memory.fix_mmap_threshold()
+    memory.fix_mmap_threshold.cache_clear()
+    # a fixed threshold changes this process's allocator: asked in child processes
+    code = ("import sys; from valuekit.memory import fix_mmap_threshold as f, _malloc_trim as t; "
+            "print(f(causal_lm=sys.argv[1] == 'lm'), t() is not None)")
+    env = {k: v for k, v in os.environ.items() if k != "VALUEKIT_MALLOC"}
+    for extra, kind in (({"VALUEKIT_MALLOC": "steady"}, "table"), ({}, "lm"), ({"VALUEKIT_MALLOC": "auto"}, "lm")):
+        out = subprocess.run([sys.executable, "-c", code, kind], capture_output=True, text=True, check=True,
+                             env={**env, **extra}).stdout.split()
+        assert out[0] == out[1], (extra, kind)  # set wherever the C library is glibc
+    out = subprocess.run([sys.executable, "-c", code, "table"], capture_output=True, text=True, check=True,
+                         env=env).stdout.split()
+    assert out[0] == "False"

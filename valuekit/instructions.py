@@ -352,7 +352,7 @@ def load_instructions(
     from valuekit.datasets import ValueDataset, _file_sha256, _ids
     from valuekit.memory import fix_mmap_threshold, trim_heap
 
-    fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady: before the table's arrays (valuekit.memory)
+    fix_mmap_threshold(causal_lm=True)  # before the table's arrays: flat peak memory in N (valuekit.memory)
     tokenizer = tokenizer or ByteTokenizer()
     df, pf, path = _open_instructions(source, name=name)
     where = f"{path or 'DataFrame'} ({name} table)"

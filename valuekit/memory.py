@@ -41,22 +41,30 @@ def trim_heap() -> bool:
     return True
 
 
-#: with $VALUEKIT_MALLOC=steady, allocations of at least this many bytes get their own mapping, returned whole to
-#: the system when freed. glibc's default threshold instead rises to the size of the largest mapped block the
-#: process has freed (up to 32 MiB), which made a run's peak depend on what it had freed before: BADS on a causal
-#: LM peaked +50 MiB higher at 50k rows than at 10k by default, +1 / +13 with 4 MiB fixed (reports/llm-memory.md).
-#: Not the default: every buffer above it then costs fresh pages, and a ResNet step on a CPU took ~10 % longer
+#: with a fixed threshold, allocations of at least this many bytes get their own mapping, returned whole to the
+#: system when freed. glibc's default threshold instead rises to the size of the largest mapped block the process
+#: has freed (up to 32 MiB), which made a run's peak depend on what it had freed before: BADS on a causal LM peaked
+#: +66 to +82 MiB higher at 50k rows than at 10k by default, +6 / +25 with 4 MiB fixed (reports/llm-memory.md).
+#: Not fixed for other tables: every buffer above it then costs fresh pages, and a ResNet step on a CPU took ~10 %
+#: longer; a causal-LM step's buffers stayed below it (same step time, measured in the same comparison).
 MMAP_THRESHOLD = 4 << 20
 M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+MALLOC_MODES = ("auto", "steady", "default")  # $VALUEKIT_MALLOC
 
 
 @functools.cache
-def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
-    """With $VALUEKIT_MALLOC=steady, fix glibc's mmap threshold at `nbytes` (mallopt M_MMAP_THRESHOLD; once per
-    process; the loaders and the training loop call this before allocating). True when set."""
+def fix_mmap_threshold(*, causal_lm: bool = False, nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Fix glibc's mmap threshold at `nbytes` (mallopt M_MMAP_THRESHOLD; the loaders and the training loop call
+    this before allocating) when $VALUEKIT_MALLOC is "steady", or "auto" (the default) and `causal_lm` (instruction
+    rows for a causal LM); never with "default". Once set it holds for the process. True when set here."""
     import os
 
-    if os.environ.get("VALUEKIT_MALLOC", "") != "steady":
+    from valuekit.errors import InputError
+
+    mode = os.environ.get("VALUEKIT_MALLOC", "") or "auto"
+    if mode not in MALLOC_MODES:
+        raise InputError(f"$VALUEKIT_MALLOC={mode!r}: choose from {', '.join(MALLOC_MODES)}")
+    if mode == "default" or (mode == "auto" and not causal_lm):
         return False
     mallopt = _glibc("mallopt")
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))

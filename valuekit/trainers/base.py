@@ -151,9 +151,11 @@ def train(
     every rank writes its own steps/rank-R/part-*.parquet. `on_step_end` hooks run on every rank (with
     that rank's slice of the batch), `on_eval` hooks and evaluation on rank 0 only.
     """
-    fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady (valuekit.memory)
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data)
+    from valuekit.lm import is_lm
+
+    fix_mmap_threshold(causal_lm=is_lm(config.model))  # $VALUEKIT_MALLOC (valuekit.memory)
     if config.precision == "fp16" and not getattr(spec.module, "FP16", False):
         raise InputError(f"--precision fp16: method {config.method!r} does not use the gradient scaler fp16 needs; "
                          f"use --precision bf16")
