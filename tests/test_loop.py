@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,3 +253,20 @@ def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypa
     out = subprocess.run([sys.executable, "-c", code, "table"], capture_output=True, text=True, check=True,
                          env=env).stdout.split()
     assert out[0] == "False"
+
+
+def test_a_bad_malloc_setting_stops_the_command_line_with_one_line(tmp_path, monkeypatch, capsys):
+    from valuekit import memory
+    from valuekit.cli.main import main
+
+    digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
+    monkeypatch.setenv("VALUEKIT_MALLOC", "stedy")
+    memory.fix_mmap_threshold.cache_clear()
+    try:
+        rc = main(["train", str(digits / "train.parquet"), "--dev", str(digits / "dev.parquet"), "--steps", "2",
+                   "--device", "cpu", "--out", str(tmp_path / "run")])
+    finally:
+        memory.fix_mmap_threshold.cache_clear()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["valuekit: error: $VALUEKIT_MALLOC='stedy': choose from auto, steady, default"]
+    assert not (tmp_path / "run").exists()
