@@ -51,9 +51,9 @@ def _float64_trainer(**overrides):
     return ctx, cfg, tr
 
 
-def _log_post(model, theta, u, ctx, cfg, rows, dev_rows):
+def _log_post(model, theta, u, ctx, cfg, rows, dev_rows, meta_scale=1.0):
     """log pi as stated in the bads docstring, with the train/meta sums estimated on `rows`/`dev_rows`
-    (scaled by N/B and M/B'), plus the log-Jacobian of w = sigmoid(u) over all N rows."""
+    (scaled by N/B and meta_scale * M/B'), plus the log-Jacobian of w = sigmoid(u) over all N rows."""
     n, m = ctx.n, len(ctx.dev_y)
     w = torch.sigmoid(u)
     names = [k for k, _ in model.named_parameters()]
@@ -66,15 +66,15 @@ def _log_post(model, theta, u, ctx, cfg, rows, dev_rows):
     log_prior_theta = -0.5 * cfg.prior_precision * sum((t * t).sum() for t in theta)
     log_prior_w = -(cfg.rho_w * n / 2) * (w.mean() - cfg.beta) ** 2
     train_term = -cfg.rho_theta * (n / len(rows)) * (w[rows] * lt).sum()
-    meta_term = -(m / len(dev_rows)) * lm.sum()
+    meta_term = -meta_scale * (m / len(dev_rows)) * lm.sum()
     jacobian = torch.log(w * (1 - w)).sum()
     return log_prior_theta + log_prior_w + train_term + meta_term + jacobian
 
 
-def _grads(tr, ctx, cfg, rows, dev_rows):
+def _grads(tr, ctx, cfg, rows, dev_rows, meta_scale=1.0):
     theta = [p.detach().clone().requires_grad_(True) for p in tr.model.parameters()]
     u = tr.u.detach().clone().requires_grad_(True)
-    lp = _log_post(tr.model, theta, u, ctx, cfg, rows, dev_rows)
+    lp = _log_post(tr.model, theta, u, ctx, cfg, rows, dev_rows, meta_scale)
     g = torch.autograd.grad(lp, theta + [u])
     return g[:-1], g[-1]
 
@@ -160,6 +160,22 @@ def test_noise_off_step_is_explicit_gradient_ascent():
     expect[rows] += cfg.lr_w * ref_u[rows]
     torch.testing.assert_close(tr.u, expect, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tr.wsum, torch.sigmoid(tr.u).sum())  # running sum stays exact
+
+
+def test_dev_every_k_puts_the_meta_term_times_k_on_every_kth_step_only():
+    """dev_every=3 at T = 0: steps 1 and 4 ascend log pi with the meta term scaled by 3, steps 2 and 3 without it
+    (so over k steps the meta term's expected drift is unchanged), and no dev batch is drawn on the others."""
+    ctx, cfg, tr = _float64_trainer(dev_every=3, dev_batch_size=4, temperature=0.0, lr_theta=0.07, lr_w=0.3)
+    rows = torch.tensor([2, 6, 8])
+    for step, scale in ((1, 3.0), (2, 0.0), (3, 0.0), (4, 3.0)):
+        twin = torch.Generator().set_state(ctx.generator.get_state())
+        dev_rows = torch.randperm(len(ctx.dev_y), generator=twin)[:4]  # the rows sample_dev(4) will draw
+        ref, _ = _grads(tr, ctx, cfg, rows, dev_rows, meta_scale=scale)
+        theta0, before = [p.detach().clone() for p in tr.model.parameters()], ctx.generator.get_state()
+        tr.step(_batch(ctx, rows, step))
+        assert torch.equal(ctx.generator.get_state(), twin.get_state() if scale else before)  # T = 0: no other draw
+        for p, p0, g in zip(tr.model.parameters(), theta0, ref):
+            torch.testing.assert_close(p.detach(), p0 + (cfg.lr_theta / ctx.n) * g, rtol=1e-12, atol=1e-12)
 
 
 def test_only_batch_weights_move_and_all_of_them_do():

@@ -126,7 +126,28 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     pad = frame[frame.kind == "padding"].iloc[0]
     assert 0 <= pad.length_buckets <= pad.random_trimmed <= pad.no_trim < 1
     text = md.read_text()
-    assert "Command: `valuekit bench llm --quick`" in text and "| uniform | 0 |" in text
+    assert "Command: `valuekit bench llm --quick`" in text and "| instructions | uniform | 0 |" in text
+    assert (val.dataset == "instructions").all() and (sub.dataset == "instructions").all()
+    bads = val[val.arm == "bads"].iloc[0]
+    assert 0 <= bads.auroc_posterior_mean <= 1 and timing.mean_step_s_bads > 0
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("transformers", "django")),
+                    reason="needs transformers and django (valuekit[llm,multilingual])")
+def test_llm_suite_runs_each_named_instruction_set(tmp_path, monkeypatch):
+    """--datasets instructions-swap: its own prepared table (swapped responses), its own runs, named in the tables."""
+    monkeypatch.setattr(suites_llm, "DATA", {"noise": 0.1, "max_per_task": 12, "dev_size": 8, "test_size": 8})
+    md = suites_llm.run_llm(tmp_path, command="c", quick=True, steps=120, methods=("uniform",),
+                            datasets=("instructions-swap",), runs_dir=tmp_path / "runs")
+    frame = pd.read_csv(tmp_path / "suite-llm.csv")
+    val = frame[frame.kind == "value"]
+    assert list(val.dataset) == ["instructions-swap"] and list(val.arm) == ["uniform"]
+    runs = tmp_path / "runs" / "llm"
+    assert (runs / "uniform-instructions-swap-s0-8" / "values.parquet").exists()
+    table = pd.read_parquet(runs / "data-instructions-swap" / "train.parquet")
+    english = set(table[~table.is_noisy].response)
+    assert table[table.is_noisy].response.isin(english).mean() > 0.5  # junk = other messages' English strings
+    assert "| instructions-swap | uniform | 0 |" in md.read_text()
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("transformers", "django", "peft")),

@@ -7,9 +7,11 @@ per-task setting), and the evaluation-only `is_noisy` (never given to a method).
 (valuekit.multilingual): one task per source language X, prompt "Translate from <X> to English: <text>",
 response the English message. Evaluation corruptions: a *junk task* (rows of one more language whose
 responses are replaced by random text) and a fraction of junk rows mixed into the real tasks; every
-corrupted row has is_noisy = True. Random text is drawn character by character from the character
-frequencies of all English responses, with the original response's length, so junk rows are not
-longer, shorter or made of different characters than real ones -- only unpredictable.
+corrupted row has is_noisy = True. Random text (`noise_kind="random"`) is drawn character by character from
+the character frequencies of all English responses, with the original response's length, so junk rows are
+not longer, shorter or made of different characters than real ones -- only unpredictable.
+`noise_kind="swap"` instead gives a junk row the English response of another message (a mismatched pair:
+fluent English that does not translate the prompt).
 
 Tokenisation (`load_instructions`): sequence = [BOS] prompt response [EOS]; the model reads
 x = sequence[:-1] and is scored on y = sequence[1:], where every target that is still part of the
@@ -39,7 +41,9 @@ LANGUAGE_NAMES = {
     "es": "Spanish", "fr": "French", "de": "German", "ru": "Russian", "ja": "Japanese", "fi": "Finnish",
     "pt": "Portuguese", "it": "Italian", "nl": "Dutch", "pl": "Polish", "tr": "Turkish", "ar": "Arabic",
     "ko": "Korean", "zh_Hans": "Chinese", "ca": "Catalan", "gl": "Galician", "ast": "Asturian",
+    "cs": "Czech", "hu": "Hungarian", "sv": "Swedish", "uk": "Ukrainian", "el": "Greek",
 }
+NOISE_KINDS = ("random", "swap")
 
 
 # ---------------------------------------------------------------- reading and writing tables
@@ -116,6 +120,18 @@ def _random_texts(lengths, alphabet: np.ndarray, probs: np.ndarray, rng: np.rand
     return out
 
 
+def _swapped(train: pd.DataFrame, rows: np.ndarray, rng: np.random.Generator) -> list[str]:
+    """For each of `rows`, the response of a random train row of another message (group)."""
+    groups, responses = train.group.to_numpy(), train.response.to_numpy()
+    donors = rng.integers(len(train), size=len(rows))
+    for _ in range(100):  # redraw donors of the same message; one message cannot fill a whole table
+        same = groups[donors] == groups[rows]
+        if not same.any():
+            break
+        donors[same] = rng.integers(len(train), size=int(same.sum()))
+    return responses[donors].tolist()
+
+
 def build_instructions(*, tasks=DEFAULT_TASKS, junk_task: str | None = DEFAULT_JUNK, max_chars: int = 80) -> pd.DataFrame:
     """All rows before splitting and corruption: group (English string id), lang, prompt, response."""
     from valuekit.multilingual import catalog_pairs
@@ -141,13 +157,15 @@ def prepare_instructions(
     max_chars: int = 80,
     fmt: str = "parquet",
     seed: int = 0,
+    noise_kind: str = "random",
 ) -> dict[str, str]:
     """Write DIR/{train,dev,test}.<fmt>; see the module docstring.
 
     dev/test hold `dev_size`/`test_size` English strings (groups), each as one clean row of a real task
     (the task drawn at random); those groups are removed from training for every language. train holds
     the rest, at most `max_per_task` rows per task; then a `noise` fraction of the real tasks' train rows
-    get random responses, and the `junk_task` language (if any) is added as task "junk", all random.
+    get junk responses, and the `junk_task` language (if any) is added as task "junk", all junk (random text
+    or, with noise_kind="swap", another message's English response).
     """
     tasks = tuple(tasks)
     if not tasks:
@@ -162,6 +180,8 @@ def prepare_instructions(
         raise InputError(f"--max-per-task {max_per_task}: must be >= 1")
     if fmt not in ("parquet", "jsonl", "csv"):
         raise InputError(f"--format {fmt!r}: use parquet, jsonl or csv")
+    if noise_kind not in NOISE_KINDS:
+        raise InputError(f"--noise-kind {noise_kind!r}: use " + " or ".join(NOISE_KINDS))
     frame = build_instructions(tasks=tasks, junk_task=junk_task, max_chars=max_chars)
     rng = np.random.default_rng(seed)
     real = frame[frame.lang.isin(tasks)]
@@ -186,16 +206,19 @@ def prepare_instructions(
     real_rows = np.flatnonzero(~train.is_noisy.to_numpy())
     flip = rng.choice(real_rows, size=int(round(noise * len(real_rows))), replace=False)
     train.loc[flip, "is_noisy"] = True
-    # random text with the English responses' character frequencies and each row's own length
-    chars, counts = np.unique(np.array(list("".join(frame.response))), return_counts=True)
     noisy = np.flatnonzero(train.is_noisy.to_numpy())
-    train.loc[noisy, "response"] = _random_texts(train.response.str.len().to_numpy()[noisy], chars,
-                                                 counts / counts.sum(), rng)
+    if noise_kind == "swap":
+        train.loc[noisy, "response"] = _swapped(train, noisy, rng)
+    else:  # random text with the English responses' character frequencies and each row's own length
+        chars, counts = np.unique(np.array(list("".join(frame.response))), return_counts=True)
+        train.loc[noisy, "response"] = _random_texts(train.response.str.len().to_numpy()[noisy], chars,
+                                                     counts / counts.sum(), rng)
     cols = ["id", "prompt", "response", "task", "is_noisy"]
     splits = {"train": train, "dev": one_per_group(dev_g), "test": one_per_group(test_g)}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"dataset": "instructions", "tasks": list(tasks), "junk_task": junk_task, "noise": noise, "seed": seed,
+            "noise_kind": noise_kind,
             "max_chars": max_chars, "max_per_task": max_per_task,
             "origin": "Django translation catalogs (BSD licence)"}
     written, start = {}, 0

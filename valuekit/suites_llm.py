@@ -25,9 +25,15 @@ from valuekit.suites_text import Records, TextSuite, completed, fresh, md_table,
 MAX_LEN = 128
 BATCH = 16
 DATA = {"noise": 0.1, "max_per_task": 200, "dev_size": 100, "test_size": 100}  # prepare_instructions options
+# the instruction sets (`--datasets`): the default one, six other languages with another junk language, and the
+# default languages with swapped responses (fluent English of another message) as the junk
+DATASETS = {"instructions": {}, "instructions-langs": {"tasks": ("it", "nl", "pl", "tr", "ko", "uk"), "junk_task": "hu"},
+            "instructions-swap": {"noise_kind": "swap"}}
 GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
+# how these were set: reports/llm.md "Set-up"; dev_batch_size 8 / dev_every 4 (2 dev rows a step on average, the
+# same meta-term expectation) bring the mean step to ~1.1x uniform's (measured in reports/llm.md)
 BADS = {"precondition": True, "lr_theta": 1e-3, "rho_theta": 1.0, "rho_w": 100.0, "temperature": 0.01,
-        "burn_in": 100}  # how these were set: reports/llm.md "Set-up"
+        "burn_in": 100, "dev_batch_size": 8, "dev_every": 4}
 ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("bads", {**BADS, "per_source": True}),
         "dds": ("dds", {}), "multidds": ("multidds", {}),  # DDS / multi-source DDS at their defaults
         # LoRA adapters of rank LORA on the model the seed's uniform run left (saved as an hf: folder, `_base_model`)
@@ -72,11 +78,12 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
     from valuekit.instructions import score_instructions, task_table
     from valuekit.trainers.base import train
 
-    table, model, tr, dv = data
+    table, model, tr, dv, _ = data
     method, settings = ARMS[arm]
     lora = LORA if arm.endswith("-lora") else 0
     if lora:
-        model = _base_model(model, out.parent / f"uniform-s{seed}-{steps}", out.parent / f"base-s{seed}-{steps}")
+        model = _base_model(model, out.parent / _run_name("uniform", data[4], seed, steps),
+                            out.parent / _run_name("base", data[4], seed, steps))
     t0 = time.perf_counter()
     run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device, lora),
                           method_config=settings))
@@ -87,7 +94,9 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
     signals = run.values().set_index("example_id").loc[scored["id"]]  # the run's own loss signals, same rows
     loss_auroc = {f"auroc_{c}": detection_metrics(-signals[c].to_numpy(), noisy)["auroc"]
                   for c in ("mean_loss", "last_loss") if c in signals}
-    return {"kind": "value", "arm": arm, "seed": seed, "steps": steps, "seconds": seconds,
+    if "posterior_mean" in signals:  # BADS's learned quantity, whatever `value` is
+        loss_auroc["auroc_posterior_mean"] = detection_metrics(signals["posterior_mean"].to_numpy(), noisy)["auroc"]
+    return {"kind": "value", "arm": arm, "seed": seed, "steps": steps, "seconds": seconds, "dataset": data[4],
             "dev_loss": run.meta["final_metrics"].get("dev_loss"),
             "auroc_all_junk": detection_metrics(value, noisy)["auroc"], **loss_auroc,
             "auroc_junk_in_real_tasks": detection_metrics(value[real], noisy[real])["auroc"],
@@ -100,8 +109,8 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
     from valuekit.instructions import load_instructions, score_instructions
     from valuekit.trainers.base import train
 
-    table, model, tr, dv = data
-    bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps)["run"]
+    table, model, tr, dv, dataset = data
+    bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps, dataset=dataset)["run"]
     rng = np.random.default_rng(100 + seed)
     random_half = np.zeros(len(table), bool)
     random_half[rng.choice(len(table), len(table) // 2, replace=False)] = True
@@ -109,13 +118,13 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
             "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
             "random50": lambda: random_half}
     for name in SUBSETS:
-        if rec.has(kind="subset", arm=name, seed=seed, steps=steps):
+        if rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset):
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
-        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / f"ft-{name}-s{seed}-{steps}"),
+        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
                               config=_config("uniform", model, steps, seed, device)))
-        rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "rows": int(mask.sum()),
+        rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "dataset": dataset, "rows": int(mask.sum()),
                  "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss")})
 
 
@@ -123,7 +132,7 @@ def _timing(data, steps: int, device: str, arms) -> dict:
     """Median step time per arm, steps interleaved in one process (after 5 warm-up steps)."""
     from valuekit.trainers.base import Batch, make_trainer
 
-    table, model, tr, dv = data
+    table, model, tr, dv, _ = data
     trainers = {a: make_trainer(tr, dv, _config(ARMS[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0),
                                 ARMS[a][1]) for a in arms}  # (LoRA arms time the adapters on the random-weight model)
     times = {a: [] for a in trainers}
@@ -135,7 +144,9 @@ def _timing(data, steps: int, device: str, arms) -> dict:
             trainer.step(b)
             times[a].append(time.perf_counter() - t)
     warm = min(5, steps - 1)
-    return {"kind": "timing", "steps": steps, **{f"step_s_{a}": float(np.median(v[warm:])) for a, v in times.items()}}
+    # the mean is what a run pays when steps differ in cost (BADS with dev_every > 1 runs its dev rows on some steps)
+    return {"kind": "timing", "steps": steps, **{f"step_s_{a}": float(np.median(v[warm:])) for a, v in times.items()},
+            **{f"mean_step_s_{a}": float(np.mean(v[warm:])) for a, v in times.items()}}
 
 
 def _padding(tr, seed: int = 0, batches: int = 2000) -> dict:
@@ -158,13 +169,21 @@ def _padding(tr, seed: int = 0, batches: int = 2000) -> dict:
     return row
 
 
-def _prepare(folder: Path):
+def _run_name(arm: str, dataset: str, seed: int, steps: int) -> str:
+    return f"{arm}-s{seed}-{steps}" if dataset == "instructions" else f"{arm}-{dataset}-s{seed}-{steps}"
+
+
+def _data_folder(folder: Path, dataset: str) -> Path:
+    return folder / ("data" if dataset == "instructions" else f"data-{dataset}")
+
+
+def _prepare(folder: Path, dataset: str = "instructions"):
     from valuekit.instructions import load_instructions, prepare_instructions
 
-    paths = prepare_instructions(folder / "data", **DATA, seed=0)
+    paths = prepare_instructions(_data_folder(folder, dataset), **DATA, **DATASETS[dataset], seed=0)
     table = pd.read_parquet(paths["train"])
     return (table, gpt_config(folder / "gpt2-tiny"), load_instructions(table, max_len=MAX_LEN),
-            load_instructions(paths["dev"], max_len=MAX_LEN, name="dev"))
+            load_instructions(paths["dev"], max_len=MAX_LEN, name="dev"), dataset)
 
 
 def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
@@ -177,66 +196,78 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
     timing_steps = 40
     if quick:
         seeds, steps, timing_steps = seeds[:1], max(8, steps // 15), 8
+    datasets = list(datasets or ("instructions",))
     with work_folder(runs_dir, "llm") as folder:
-        rec = Records(folder, ("kind", "arm", "seed", "steps"), report_only=report_only)
-        data = None if report_only else _prepare(folder)
-        for seed in seeds:
-            for arm in arms:
-                if not rec.has(kind="value", arm=arm, seed=seed, steps=steps):
-                    rec.add(_value_run(arm, data, folder / f"{arm}-s{seed}-{steps}", seed, steps, device))
-            if "bads" in arms and not report_only:
-                _subset_runs(data, folder, seed, steps, device, rec)
-        if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps):
-            rec.add({**_timing(data, timing_steps, device, arms), "arm": None, "seed": None})
-        if not rec.has(kind="padding", arm=None, seed=None, steps=None):
-            rec.add({**_padding(data[2]), "arm": None, "seed": None, "steps": None})
+        rec = Records(folder, ("kind", "arm", "seed", "steps", "dataset"), report_only=report_only)
+        for dataset in datasets:
+            data = None if report_only else _prepare(folder, dataset)
+            for seed in seeds:
+                for arm in arms:
+                    if not rec.has(kind="value", arm=arm, seed=seed, steps=steps, dataset=dataset):
+                        rec.add(_value_run(arm, data, folder / _run_name(arm, dataset, seed, steps), seed, steps, device))
+                if "bads" in arms and not report_only:
+                    _subset_runs(data, folder, seed, steps, device, rec)
+        data = None if report_only else _prepare(folder, datasets[0])
+        if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps, dataset=None):
+            rec.add({**_timing(data, timing_steps, device, arms), "arm": None, "seed": None, "dataset": None})
+        if not rec.has(kind="padding", arm=None, seed=None, steps=None, dataset=None):
+            rec.add({**_padding(data[2]), "arm": None, "seed": None, "steps": None, "dataset": None})
         rows = [r for r in rec.rows if r["kind"] in ("timing", "padding")
-                or (r["seed"] in seeds and r["steps"] == steps and r["arm"] in (*arms, *SUBSETS))]
+                or (r["seed"] in seeds and r["steps"] == steps and r["arm"] in (*arms, *SUBSETS)
+                    and r.get("dataset") in datasets)]
         rows = [r for r in rows if r["kind"] != "timing" or r["steps"] == timing_steps]
-        n_rows = len(data[0]) if data else len(pd.read_parquet(folder / "data" / "train.parquet", columns=["id"]))
+        n_rows = {d: len(pd.read_parquet(_data_folder(folder, d) / "train.parquet", columns=["id"])) for d in datasets}
         return _markdown(pd.DataFrame(rows), out, command, device, steps, n_rows)
 
 
-def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: int, n_rows: int) -> Path:
+def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: int, n_rows: dict) -> Path:
     from valuekit.bench import _header, _write
 
-    lines = _header("Language-model data selection on the prepared instruction set", command, device) + [
-        f"Data: `valuekit data prepare instructions` with {DATA} ({n_rows:,} training rows). Model: `hf-config:` "
+    sets = "; ".join(f"{d}: {DATASETS[d] or 'the defaults'} ({n:,} training rows)" for d, n in n_rows.items())
+    lines = _header("Language-model data selection on the prepared instruction sets", command, device) + [
+        f"Data: `valuekit data prepare instructions` with {DATA}, per set: {sets}. Model: `hf-config:` "
         f"GPT-2 {GPT}, {MAX_LEN} positions, random weights from the seed; byte tokenizer, --max-len {MAX_LEN}, "
         f"batch {BATCH}, {steps} steps, Adam lr 3e-3; BADS settings {BADS}. AUROC ranks low value as junk."]
     if frame.arm.astype(str).str.endswith("-lora").any():
         lines += [f"LoRA arms (`*-lora`): `--lora {LORA}` (alpha {2 * LORA}, peft's GPT-2 default module `c_attn`) on the "
                   f"model the same seed's uniform run ended with (saved as an `hf:` folder), {steps} more steps."]
     lines += [""]
-    val = frame[frame.kind == "value"].sort_values(["arm", "seed"])
-    lines += md_table(["method", "seed", "dev loss", "AUROC junk rows (all)", "AUROC junk rows in real tasks",
+    val = frame[frame.kind == "value"].sort_values(["dataset", "arm", "seed"])
+    lines += md_table(["data set", "method", "seed", "dev loss", "AUROC junk rows (all)", "AUROC junk rows in real tasks",
                        "junk task rank (1 = best)", "lowest-valued task"],
-                      [[r.arm, int(r.seed), f"{r.dev_loss:.3f}", f"{r.auroc_all_junk:.3f}", f"{r.auroc_junk_in_real_tasks:.3f}",
-                        f"{int(r.junk_task_rank)} of {int(r.n_tasks)}", r.lowest_task] for r in val.itertuples()]) + [""]
-    lines += md_table(["method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest",
-                       "AUROC -mean_loss (all)", "AUROC -last_loss (all)"],
-                      [[a, len(g), mean_sd(g.dev_loss), mean_sd(g.auroc_all_junk), mean_sd(g.auroc_junk_in_real_tasks),
+                      [[r.dataset, r.arm, int(r.seed), f"{r.dev_loss:.3f}", f"{r.auroc_all_junk:.3f}",
+                        f"{r.auroc_junk_in_real_tasks:.3f}", f"{int(r.junk_task_rank)} of {int(r.n_tasks)}", r.lowest_task]
+                       for r in val.itertuples()]) + [""]
+    extra = ("auroc_posterior_mean", "auroc_mean_loss", "auroc_last_loss")
+    lines += md_table(["data set", "method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest",
+                       "AUROC posterior mean (all)", "AUROC -mean_loss (all)", "AUROC -last_loss (all)"],
+                      [[d, a, len(g), mean_sd(g.dev_loss), mean_sd(g.auroc_all_junk), mean_sd(g.auroc_junk_in_real_tasks),
                         f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}",
-                        *[mean_sd(g[c]) if c in g and g[c].notna().all() else "-"
-                          for c in ("auroc_mean_loss", "auroc_last_loss")]]
-                       for a, g in val.groupby("arm", sort=False)]) + [
-        "", "AUROC ranks a low value as junk; the last two columns rank the same run's own -mean_loss and -last_loss "
-        "(the loss at each row's latest step) the same way.", ""]
+                        *[mean_sd(g[c]) if c in g and g[c].notna().all() else "-" for c in extra]]
+                       for (d, a), g in val.groupby(["dataset", "arm"], sort=False)]) + [
+        "", "AUROC ranks a low value as junk; the last three columns rank the same run's BADS posterior mean of w, "
+        "-mean_loss and -last_loss (the loss at each row's latest step) the same way.", ""]
     sub = frame[frame.kind == "subset"]
     if len(sub):
-        rand = sub[sub.arm == "random50"].set_index("seed").dev_loss
         lines += ["Uniform fine-tuning on half the rows (from the per-example BADS run of the same seed, or random):", ""]
-        lines += md_table(["subset", "seeds", "rows", "junk rows kept", "dev loss per seed", "mean ± sd",
-                           "lower than random50"],
-                          [[a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
-                            "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss),
-                            f"{int(sum(r.dev_loss < rand.get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"]
-                           for a, g in sub.sort_values("seed").groupby("arm", sort=False)]) + [""]
+        body = []
+        for (d, a), g in sub.sort_values("seed").groupby(["dataset", "arm"], sort=False):
+            rand = sub[(sub.arm == "random50") & (sub.dataset == d)].set_index("seed").dev_loss
+            body.append([d, a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
+                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss),
+                         f"{int(sum(r.dev_loss < rand.get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"])
+        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "dev loss per seed", "mean ± sd",
+                           "lower than random50"], body) + [""]
     for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
         base = r.get("step_s_uniform", np.nan)
         parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
                  if a.startswith("step_s_") and np.isfinite(v)]
         lines += [f"Step time (median, {int(r['steps'])} interleaved steps, first 5 dropped): " + ", ".join(parts) + ".", ""]
+        mbase = r.get("mean_step_s_uniform", np.nan)
+        parts = [f"{a[12:]} {v:.3f} s ({v / mbase:.2f}x uniform)" for a, v in r.items()
+                 if a.startswith("mean_step_s_") and np.isfinite(v)]
+        if parts:  # what a run pays: BADS with dev_every > 1 runs its dev rows on every k-th step only
+            lines += ["Step time (mean of the same steps): " + ", ".join(parts) + ".", ""]
     for r in frame[frame.kind == "padding"].tail(1).to_dict("records"):
         lines += [f"Padded share of a batch of {BATCH}: {r['no_trim']:.3f} padded to --max-len, "
                   f"{r['random_trimmed']:.3f} random batches trimmed to their longest row, {r['length_buckets']:.3f} "
@@ -250,7 +281,7 @@ def _run_llm_memory(out: Path, **kw) -> Path:
     return run_llm_memory(out, **kw)
 
 
-SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, ("instructions",),
+SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, tuple(DATASETS),
                     tuple(ARMS)),
           TextSuite("llm-memory", "LM runs: peak memory against the number of instruction rows (10k / 50k)",
                     _run_llm_memory, ("instructions",), ("uniform", "bads", "dds")))

@@ -124,6 +124,10 @@ class Config:
     beta:       sparsity level: the prior's target mean weight [beta].
     prior_precision: precision of the Gaussian prior on theta (and phi); 0 = flat.
     dev_batch_size: meta (dev) rows per step [B']; the meta term is scaled by M/B'.
+    dev_every:  k; the meta term is estimated on every k-th step only, scaled by k M/B' (and left out of the
+                other steps): still an unbiased estimate of the meta likelihood's gradient over the k steps, so
+                the chain targets the same posterior with a noisier drift, at 1/k of the dev rows' forward and
+                backward cost (which is most of BADS's cost over an SGD step when B' is close to B).
     init_weight: every w_i starts here (weight_net: the net's output bias starts at its logit).
     burn_in:    steps before samples of w are collected.
     reservoir:  S, samples kept per row (ring buffer of the latest S) for the credible interval.
@@ -155,6 +159,7 @@ class Config:
     beta: float = setting(0.6, gt=0, lt=1)
     prior_precision: float = setting(1.0, ge=0)
     dev_batch_size: int = setting(16, ge=1)
+    dev_every: int = setting(1, ge=1)
     init_weight: float = setting(0.6, gt=0, lt=1)
     burn_in: int = setting(200, ge=0)
     reservoir: int = setting(32, ge=1)
@@ -286,27 +291,33 @@ class Trainer:
         window[self.steps_taken % self.cfg.s_avg] = self._batch_mean(w_batch)
         return window.nanmean()
 
-    def drift(self, batch: Batch, dev_x: torch.Tensor, dev_y: torch.Tensor, *, dev_total: int | None = None):
-        """Gradients of the mini-batch estimate of log pi at the current state.
+    def drift(self, batch: Batch, dev_x: torch.Tensor | None, dev_y: torch.Tensor | None, *,
+              dev_total: int | None = None):
+        """Gradients of the mini-batch estimate of log pi at the current state (dev_x None: without the meta term;
+        with one, the meta term is scaled by dev_every: see Config).
 
         Returns (theta grads list, weight-variable grad, w, per-example losses, dlogpi/dw, logits):
         the weight-variable grad is d/du for the tensor form (batch rows; includes the sigmoid's
         log-Jacobian) or a list over the weight net's parameters.
         """
         cfg, params = self.cfg, self.params
-        b, bm = len(batch.y), len(dev_y)
-        # torchrun: the N/|B| and M/|B'| scalings use the global batches (this rank's share of each sum)
-        b_all, bm_all = self.ctx.global_rows(b), (dev_total or self.ctx.global_rows(bm)) if self.ctx.distributed else bm
+        b = len(batch.y)
+        b_all = self.ctx.global_rows(b) if self.ctx.distributed else b
         w = self._weights(batch)
-        if self.joint_forward:
+        if dev_x is None:  # a step without the meta term (dev_every > 1)
+            logits, dev_logits = self.model(batch.x), None
+        elif self.joint_forward:
             logits_all = self.model(torch.cat([batch.x, dev_x]))
             logits, dev_logits = logits_all[:b], logits_all[b:]
         else:
             logits, dev_logits = self.model(batch.x), self.model(dev_x)
         losses = per_example_loss(logits, batch.y)
-        dev_losses = per_example_loss(dev_logits, dev_y)
         # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.
-        log_lik = -(cfg.rho_theta * self.n / b_all) * (w.detach() * losses).sum() - (self.m / bm_all) * dev_losses.sum()
+        log_lik = -(cfg.rho_theta * self.n / b_all) * (w.detach() * losses).sum()
+        if dev_logits is not None:
+            # torchrun: the M/|B'| scaling uses the global dev batch (this rank's share of the sum)
+            bm_all = (dev_total or self.ctx.global_rows(len(dev_y))) if self.ctx.distributed else len(dev_y)
+            log_lik = log_lik - (cfg.dev_every * self.m / bm_all) * per_example_loss(dev_logits, dev_y).sum()
         g_theta = list(torch.autograd.grad(log_lik, params))
         self.ctx.all_reduce_(g_theta)  # torchrun: sum of the ranks' shares, before the prior (added once)
         if cfg.prior_precision > 0:
@@ -332,7 +343,9 @@ class Trainer:
         cfg, gen = self.cfg, self.ctx.generator
         self.model.train()
         ctx = self.ctx
-        dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
+        dev_x = dev_y = None
+        if self.steps_taken % cfg.dev_every == 0:
+            dev_x, dev_y = ctx.sample_dev(cfg.dev_batch_size)
         g_theta, g_u, w, losses, dw, logits = self.drift(batch, dev_x, dev_y,
                                                          dev_total=ctx.dev_total(cfg.dev_batch_size))
         params = self.params
