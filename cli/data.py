@@ -56,7 +56,7 @@ def add_parser(sub):
     pp.add_argument("--junk-task", default="pt",
                     help="instructions: language added as task 'junk' with random responses ('none': no junk task)")
     pp.add_argument("--max-per-task", type=int, default=None, help="instructions: at most this many train rows per task")
-    pp.add_argument("--noise-kind", default="random", help="instructions: what a junk row's response is: random (text "
+    pp.add_argument("--junk-kind", default="random", help="instructions: what a junk row's response is: random (text "
                     "with English letter frequencies, default) or swap (the English response of another message)")
     pp.set_defaults(func=run_prepare)
 
@@ -129,7 +129,7 @@ def run_prepare(args) -> int:
         paths = prepare_instructions(args.out, tasks=tasks, junk_task=junk, noise=args.noise,
                                      dev_size=args.dev_size or 100, test_size=args.test_size,
                                      max_per_task=args.max_per_task, fmt=args.format or "parquet", seed=args.seed,
-                                     noise_kind=args.noise_kind)
+                                     junk_kind=args.junk_kind)
         for split, path in paths.items():
             print(f"{split:5s} {path}")
         return 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import scipy.stats
 import pandas as pd
 import pytest
 import torch
 
 from valuekit.cli.main import main
+from valuekit.errors import InputError
 from valuekit.instructions import (IGNORE, PAD_INPUT, ByteTokenizer, load_instructions, prepare_instructions,
                                    read_instructions, tokenize, write_instructions)
 from valuekit.lm import CausalLM, build_lm
@@ -145,6 +147,23 @@ def test_prepare_instructions(tmp_path):
     assert pd.read_json(again["train"], lines=True).equals(train)  # seeded, and the JSONL holds the same rows
 
 
+def test_prepare_instructions_swap_gives_junk_rows_another_messages_english(tmp_path):
+    from valuekit.instructions import build_instructions
+
+    kw = dict(tasks=("es", "de"), junk_task="fr", noise=0.2, dev_size=30, test_size=30, max_per_task=100, seed=1)
+    swap = pd.read_parquet(prepare_instructions(tmp_path / "swap", junk_kind="swap", **kw)["train"])
+    rand = pd.read_parquet(prepare_instructions(tmp_path / "rand", **kw)["train"])
+    assert swap.is_noisy.equals(rand.is_noisy) and swap[~swap.is_noisy].equals(rand[~rand.is_noisy])
+    frame = build_instructions(tasks=("es", "de"), junk_task="fr")
+    truth = dict(zip(frame.prompt, frame.response))
+    junk = swap[swap.is_noisy]
+    assert junk.response.isin(set(frame.response)).all()  # fluent English from the catalogs
+    assert (junk.response != junk.prompt.map(truth)).all()  # ... that does not translate the prompt
+    assert (rand[rand.is_noisy].response != junk.response).all()
+    with pytest.raises(InputError, match="--junk-kind"):
+        prepare_instructions(tmp_path / "bad", junk_kind="shuffle", **kw)
+
+
 def test_prepare_instructions_cli(tmp_path, capsys):
     pytest.importorskip("django", reason="needs django")
     rc = main(["data", "prepare", "instructions", "-o", str(tmp_path), "--tasks", "es", "--junk-task", "none",
@@ -152,6 +171,10 @@ def test_prepare_instructions_cli(tmp_path, capsys):
     assert rc == 0
     train = pd.read_csv(tmp_path / "train.csv")
     assert set(train.task) == {"es"} and not train.is_noisy.any()
+    capsys.readouterr()
+    rc = main(["data", "prepare", "instructions", "-o", str(tmp_path / "never"), "--junk-kind", "shuffle"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "--junk-kind 'shuffle'" in err and not (tmp_path / "never").exists()
 
 
 # ---------------------------------------------------------------- training and export
@@ -171,8 +194,14 @@ def test_train_causal_lm(tables, tmp_path, method):
     assert rc == 0
     vals = pd.read_parquet(out / "values.parquet")
     assert len(vals) == 36 and vals["value"].notna().any()
+    if method in ("bads", "dds"):  # value = percentile rank of -last_loss (signals.in_run_value), by hand
+        seen = vals.last_loss.notna().to_numpy()
+        rank = (scipy.stats.rankdata(-vals.last_loss[seen]) - 1) / (seen.sum() - 1)
+        np.testing.assert_allclose(vals.value[seen], rank, rtol=1e-12)
+        assert vals.value[~seen].isna().all()
+        assert {"bads": "posterior_mean", "dds": "scorer_logit"}[method] in vals  # the learned quantity, kept
     if method == "dds":  # the token-bag scorer learnt something from the rewards: the rows' logits differ
-        assert vals.scorer_logit.std() > 0 and np.isfinite(vals.value).all() and "label" not in vals
+        assert vals.scorer_logit.std() > 0 and "label" not in vals
         st = pd.concat(pd.read_parquet(p) for p in sorted((out / "steps").glob("part-*.parquet")))
         assert st.reward.notna().all() and st.reward.abs().max() > 0
     if method == "multidds":  # per-task usage: one probability per task and step, summing to 1

@@ -7,10 +7,10 @@ per-task setting), and the evaluation-only `is_noisy` (never given to a method).
 (valuekit.multilingual): one task per source language X, prompt "Translate from <X> to English: <text>",
 response the English message. Evaluation corruptions: a *junk task* (rows of one more language whose
 responses are replaced by random text) and a fraction of junk rows mixed into the real tasks; every
-corrupted row has is_noisy = True. Random text (`noise_kind="random"`) is drawn character by character from
+corrupted row has is_noisy = True. Random text (`junk_kind="random"`) is drawn character by character from
 the character frequencies of all English responses, with the original response's length, so junk rows are
 not longer, shorter or made of different characters than real ones -- only unpredictable.
-`noise_kind="swap"` instead gives a junk row the English response of another message (a mismatched pair:
+`junk_kind="swap"` instead gives a junk row the English response of another message (a mismatched pair:
 fluent English that does not translate the prompt).
 
 Tokenisation (`load_instructions`): sequence = [BOS] prompt response [EOS]; the model reads
@@ -43,7 +43,7 @@ LANGUAGE_NAMES = {
     "ko": "Korean", "zh_Hans": "Chinese", "ca": "Catalan", "gl": "Galician", "ast": "Asturian",
     "cs": "Czech", "hu": "Hungarian", "sv": "Swedish", "uk": "Ukrainian", "el": "Greek",
 }
-NOISE_KINDS = ("random", "swap")
+JUNK_KINDS = ("random", "swap")
 
 
 # ---------------------------------------------------------------- reading and writing tables
@@ -157,7 +157,7 @@ def prepare_instructions(
     max_chars: int = 80,
     fmt: str = "parquet",
     seed: int = 0,
-    noise_kind: str = "random",
+    junk_kind: str = "random",
 ) -> dict[str, str]:
     """Write DIR/{train,dev,test}.<fmt>; see the module docstring.
 
@@ -165,7 +165,7 @@ def prepare_instructions(
     (the task drawn at random); those groups are removed from training for every language. train holds
     the rest, at most `max_per_task` rows per task; then a `noise` fraction of the real tasks' train rows
     get junk responses, and the `junk_task` language (if any) is added as task "junk", all junk (random text
-    or, with noise_kind="swap", another message's English response).
+    or, with junk_kind="swap", another message's English response).
     """
     tasks = tuple(tasks)
     if not tasks:
@@ -180,8 +180,8 @@ def prepare_instructions(
         raise InputError(f"--max-per-task {max_per_task}: must be >= 1")
     if fmt not in ("parquet", "jsonl", "csv"):
         raise InputError(f"--format {fmt!r}: use parquet, jsonl or csv")
-    if noise_kind not in NOISE_KINDS:
-        raise InputError(f"--noise-kind {noise_kind!r}: use " + " or ".join(NOISE_KINDS))
+    if junk_kind not in JUNK_KINDS:
+        raise InputError(f"--junk-kind {junk_kind!r}: use " + " or ".join(JUNK_KINDS))
     frame = build_instructions(tasks=tasks, junk_task=junk_task, max_chars=max_chars)
     rng = np.random.default_rng(seed)
     real = frame[frame.lang.isin(tasks)]
@@ -207,7 +207,7 @@ def prepare_instructions(
     flip = rng.choice(real_rows, size=int(round(noise * len(real_rows))), replace=False)
     train.loc[flip, "is_noisy"] = True
     noisy = np.flatnonzero(train.is_noisy.to_numpy())
-    if noise_kind == "swap":
+    if junk_kind == "swap":
         train.loc[noisy, "response"] = _swapped(train, noisy, rng)
     else:  # random text with the English responses' character frequencies and each row's own length
         chars, counts = np.unique(np.array(list("".join(frame.response))), return_counts=True)
@@ -218,7 +218,7 @@ def prepare_instructions(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"dataset": "instructions", "tasks": list(tasks), "junk_task": junk_task, "noise": noise, "seed": seed,
-            "noise_kind": noise_kind,
+            "junk_kind": junk_kind,
             "max_chars": max_chars, "max_per_task": max_per_task,
             "origin": "Django translation catalogs (BSD licence)"}
     written, start = {}, 0

@@ -28,7 +28,7 @@ DATA = {"noise": 0.1, "max_per_task": 200, "dev_size": 100, "test_size": 100}  #
 # the instruction sets (`--datasets`): the default one, six other languages with another junk language, and the
 # default languages with swapped responses (fluent English of another message) as the junk
 DATASETS = {"instructions": {}, "instructions-langs": {"tasks": ("it", "nl", "pl", "tr", "ko", "uk"), "junk_task": "hu"},
-            "instructions-swap": {"noise_kind": "swap"}}
+            "instructions-swap": {"junk_kind": "swap"}}
 GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 # how these were set: reports/llm.md "Set-up"; dev_batch_size 8 / dev_every 4 (2 dev rows a step on average, the
 # same meta-term expectation) bring the mean step to ~1.1x uniform's (measured in reports/llm.md)

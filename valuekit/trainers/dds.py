@@ -337,8 +337,8 @@ class Trainer:
         scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, README);
         scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
         standardised within class; weight = softmax of the logits over the whole training set x N; label = the
-        class code (lets `valuekit.analysis.balance` work from values.parquet alone). Sequence targets (translation
-        pairs, causal-LM instruction rows): value = the scorer logit, no label."""
+        class code (lets `valuekit.analysis.balance` work from values.parquet alone). Sequence targets have no label;
+        value = the percentile rank of -last_loss on causal-LM instruction rows, the scorer logit on translation pairs."""
         from valuekit.trainers.signals import class_standardise, in_run_value
 
         s = self.scores().double()
@@ -348,5 +348,5 @@ class Trainer:
             out["value"] = in_run_value(self.ctx, s)
             out["scorer_logit_z"] = class_standardise(s.cpu().numpy(), self.ctx.y.cpu().numpy())
         else:
-            out["value"] = s
+            out["value"] = in_run_value(self.ctx, s)
         return out

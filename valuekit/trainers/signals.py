@@ -155,8 +155,9 @@ def rank_average(columns, labels) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-VALUE_DOC = ("the mean of the within-class percentile ranks of -mean_loss and aum of the run (signals.in_run_value); "
-             "chosen by measurement over the learned quantity and its combinations, reports/quality.md")
+VALUE_DOC = ("the mean of the within-class percentile ranks of -mean_loss and aum of the run (signals.in_run_value; "
+             "causal-LM tables: the percentile rank of -last_loss); chosen by measurement over the learned quantity "
+             "and its combinations, reports/quality.md and reports/llm.md")
 
 
 def in_run_value(ctx, fallback) -> np.ndarray:
@@ -167,9 +168,17 @@ def in_run_value(ctx, fallback) -> np.ndarray:
     every method's learned quantity (DDS scorer logit, reward or weight, LRDI/MW-Net teacher weight, HOST-CP
     selection weight, BADS posterior mean) ranked mislabelled rows worse than the same run's loss and margin,
     and adding it to them lowered the AUROC; within-class ranks keep every class at its share in a top-k.
-    `fallback` (the learned quantity) is returned for a bare TrainContext without signals or for sequence labels.
+    Causal-LM tables (sequence labels, `--model causal-lm / hf: / hf-config:`): the percentile rank of -last_loss,
+    the response loss at the row's latest step (no classes to rank within; chosen by measurement on three
+    instruction sets x 3 seeds, reports/llm.md: it ranked junk rows above -mean_loss, aum and BADS's posterior
+    mean in every set). `fallback` (the learned quantity) is returned for a bare TrainContext without signals
+    and for other sequence labels (translation pairs).
     """
-    if ctx.signals is None or ctx.y.dim() != 1:
+    from valuekit.lm import is_lm
+
+    if ctx.signals is None or (ctx.y.dim() != 1 and not is_lm(ctx.config.model)):
         return fallback.detach().double().cpu().numpy() if isinstance(fallback, torch.Tensor) else np.asarray(fallback)
     cols = ctx.signals.columns()
+    if ctx.y.dim() != 1:
+        return class_percentile(-cols["last_loss"], np.zeros(len(cols["last_loss"]), dtype=np.int64))
     return rank_average([-cols["mean_loss"], cols["aum"]], ctx.y.detach().cpu().numpy())
