@@ -1,5 +1,5 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
-(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, multidds: data x setting x method x seeds,
+(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x method x seeds,
 see valuekit.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
 source languages and instruction-LM data selection, see valuekit.suites_text; --datasets names their targets,
 --methods their variants, --runs-dir keeps their runs and resumes); writes markdown, CSV and PNG.

@@ -41,7 +41,7 @@ def _context(n=12, m=6, d=3, c=3, model="mlp", seed=0, dtype=torch.float32):
 def _float64_trainer(**overrides):
     """Trainer on a tiny float64 problem with weights spread out (not all at init_weight)."""
     ctx = _context(dtype=DT)
-    cfg = bads.Config(**{"dev_batch_size": 100, "prior_precision": 0.3, "rho_w": 2.0, "beta": 0.4, **overrides})
+    cfg = bads.Config(**{"dev_batch_size": 100, "dev_every": 1, "prior_precision": 0.3, "rho_w": 2.0, "beta": 0.4, **overrides})
     tr = bads.Trainer(ctx, cfg)
     tr.model.double()
     g = torch.Generator().manual_seed(5)
@@ -115,7 +115,7 @@ def test_weight_net_drift_is_chain_rule_of_the_batch_estimate():
     """weight_net: d/dphi of (N/B) sum_B [-rho_theta w_i l_i - rho_w (wbar - beta) w_i] - prior_precision/2 |phi|^2,
     with wbar the window estimate (held fixed), by autograd through the net."""
     ctx = _context(dtype=DT)
-    cfg = bads.Config(weight_net=True, prior_precision=0.3, rho_w=2.0, beta=0.4, s_avg=3, dev_batch_size=100)
+    cfg = bads.Config(weight_net=True, prior_precision=0.3, rho_w=2.0, beta=0.4, s_avg=3, dev_batch_size=100, dev_every=1)
     tr = bads.Trainer(ctx, cfg)
     tr.model.double()
     tr.weight_net.double()

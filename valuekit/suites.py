@@ -82,6 +82,9 @@ SUITES = {s.name: s for s in (
     Suite("bads", "BADS (SGLD over weights): label flips and class imbalance", ("digits", "mnist5k"),
           ("noise20", "noise40", "imbalance10"),
           (_U, Arm("bads", "bads"), Arm("bads weight_net", "bads", {"weight_net": True}))),
+    Suite("bads-dev-every", "BADS: the meta (dev) term on every step (the paper) or on every 4th / 8th step, scaled by 4 / 8",
+          ("digits", "mnist5k", "fashion-mnist"), ("noise20", "noise40", "imbalance10"),
+          (_U, *(Arm(f"bads dev_every={k}", "bads", {"dev_every": k}) for k in (1, 4, 8)))),
     Suite("multidds", "DDS over sources: four sources with 0/20/40/60 % flips, target = the clean one", ("digits",),
           ("sources4",), (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"}))),
 )}
