@@ -220,3 +220,30 @@ def test_fresh_never_removes_a_run_another_process_is_training(tmp_path):
     (stale / ".lock").write_text(f"{socket.gethostname()}:{int(dead.stdout)}")
     (stale / "run.json").write_text("{}")
     assert fresh(stale) == stale and not stale.exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers (valuekit[llm])")
+def test_llm_suite_model_config_is_never_seen_half_written(tmp_path):
+    """Processes sharing --runs-dir rewrite the GPT-2 config while others read it: every read parses (the old
+    in-place save_pretrained failed ~600 of 2000 such reads), and no temporary folder is left behind."""
+    import json
+    import threading
+
+    folder = tmp_path / "gpt2-tiny"
+    suites_llm.gpt_config(folder)
+    bad = []
+
+    def reader():
+        for _ in range(2000):
+            try:
+                json.loads((folder / "config.json").read_text())
+            except ValueError as exc:
+                bad.append(exc)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=lambda: [suites_llm.gpt_config(folder) for _ in range(100)])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad and sorted(p.name for p in tmp_path.iterdir()) == ["gpt2-tiny"]
+    assert json.loads((folder / "config.json").read_text())["n_layer"] == suites_llm.GPT["n_layer"]

@@ -115,7 +115,7 @@ def _variant(spec: str) -> tuple[str, dict]:
 
 #: earlier settings timed next to the defaults, so that the speed table shows before -> after in one run
 BEFORE = {"lrdi": "lrdi[meta_grad=autograd]", "l2rw": "l2rw[meta_grad=autograd]", "mwnet": "mwnet[meta_grad=autograd]",
-          "multidds": "multidds[grad_method=batched]"}
+          "multidds": "multidds[grad_method=batched]", "bads": "bads[dev_every=1]"}
 
 
 def step_times(train_data, dev_data, *, methods, model: str, batch_size: int, steps: int, warmup: int,
@@ -243,7 +243,7 @@ def _speed_rows(tables: dict, *, models, methods, data_dir, quick: bool, reps: i
             steps, warmup = 12, 3
         else:
             steps, warmup = (RESNET_STEPS, 2) if side != 8 else (TOY_STEPS, 5)
-        before = [] if quick else [BEFORE[m] for m in methods if m in BEFORE and (side == 8 or m in ("lrdi", "multidds"))]
+        before = [] if quick else [BEFORE[m] for m in methods if m in BEFORE and (side == 8 or m in ("lrdi", "multidds", "bads"))]
         times, parts = step_times(tr, dv, methods=["uniform", *methods, *before], model=model, batch_size=batch_size,
                                   steps=steps, warmup=warmup, device=device, reps=reps, breakdown=True)
         rep_med = {m: np.median(t, axis=1) for m, t in times.items()}  # (reps,)

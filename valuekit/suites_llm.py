@@ -44,10 +44,19 @@ SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
 
 
 def gpt_config(folder: Path) -> str:
+    """hf-config:FOLDER of the suite's GPT-2. Each file is replaced atomically: processes sharing --runs-dir write it
+    while others read it to build their models (a reader once got a half-written config.json)."""
+    import os
+    import tempfile
+
     from transformers import GPT2Config
 
-    GPT2Config(**GPT, vocab_size=259, n_positions=MAX_LEN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-               bos_token_id=1, eos_token_id=2).save_pretrained(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gpt2-") as tmp:
+        GPT2Config(**GPT, vocab_size=259, n_positions=MAX_LEN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                   bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, folder / f.name)
     return f"hf-config:{folder}"
 
 
@@ -193,7 +202,7 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
     arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS)]
     if any(a.endswith("-lora") for a in arms) and "uniform" not in arms:
         arms = ["uniform", *arms]  # the LoRA arms start from the uniform run's model
-    timing_steps = 40
+    timing_steps = 120  # 115 timed steps: ~29 cycles of BADS's dev_every=4, so the mean step is what a run pays
     if quick:
         seeds, steps, timing_steps = seeds[:1], max(8, steps // 15), 8
     datasets = list(datasets or ("instructions",))
