@@ -121,6 +121,8 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     n = 6 * 12 + 12  # six real tasks and the junk task, 12 rows each
     assert list(sub.arm) == list(suites_llm.SUBSETS) and (sub.rows == n // 2).all()
     assert (sub.junk_rows_kept <= sub.rows).all()
+    # early-stopped: the lowest of each fine-tuning run's dev evaluations, never above its final one
+    assert (sub.best_dev_loss <= sub.dev_loss + 1e-12).all() and (sub.best_dev_loss > 0).all()
     timing = frame[frame.kind == "timing"].iloc[0]
     assert timing.step_s_uniform > 0 and timing.step_s_bads > 0
     pad = frame[frame.kind == "padding"].iloc[0]

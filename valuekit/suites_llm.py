@@ -134,7 +134,14 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
         run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
                               config=_config("uniform", model, steps, seed, device)))
         rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "dataset": dataset, "rows": int(mask.sum()),
-                 "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss")})
+                 "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss"),
+                 "best_dev_loss": best_dev_loss(run)})
+
+
+def best_dev_loss(run) -> float:
+    """The lowest of a run's dev evaluations (every steps/4): the fine-tuned model early-stopped on dev."""
+    dev = run.metrics()["dev_loss"].dropna()
+    return float(dev.min()) if len(dev) else float("nan")
 
 
 def _timing(data, steps: int, device: str, arms) -> dict:
@@ -260,13 +267,18 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     if len(sub):
         lines += ["Uniform fine-tuning on half the rows (from the per-example BADS run of the same seed, or random):", ""]
         body = []
+        if "best_dev_loss" not in sub:
+            sub = sub.assign(best_dev_loss=np.nan)
         for (d, a), g in sub.sort_values("seed").groupby(["dataset", "arm"], sort=False):
-            rand = sub[(sub.arm == "random50") & (sub.dataset == d)].set_index("seed").dev_loss
+            rand = sub[(sub.arm == "random50") & (sub.dataset == d)].set_index("seed")
+            lower = {c: f"{int(sum(getattr(r, c) < rand[c].get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"
+                     for c in ("dev_loss", "best_dev_loss")}
             body.append([d, a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
-                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss),
-                         f"{int(sum(r.dev_loss < rand.get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"])
-        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "dev loss per seed", "mean ± sd",
-                           "lower than random50"], body) + [""]
+                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss), lower["dev_loss"],
+                         "/".join(f"{v:.3f}" for v in g.best_dev_loss), lower["best_dev_loss"]])
+        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "final dev loss per seed", "mean ± sd",
+                           "lower than random50", "best dev loss per seed (early-stopped)", "lower than random50 (best)"],
+                          body) + [""]
     for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
         base = r.get("step_s_uniform", np.nan)
         parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
