@@ -132,6 +132,8 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     assert (val.dataset == "instructions").all() and (sub.dataset == "instructions").all()
     bads = val[val.arm == "bads"].iloc[0]
     assert 0 <= bads.auroc_posterior_mean <= 1 and timing.mean_step_s_bads > 0
+    assert timing["mean_step_s_bads-dev-every-step"] > 0  # the settings before dev_every, timed alongside
+    assert "bads-dev-every-step" not in set(val.arm)
 
 
 @pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("transformers", "django")),

@@ -38,6 +38,8 @@ ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("b
         "dds": ("dds", {}), "multidds": ("multidds", {}),  # DDS / multi-source DDS at their defaults
         # LoRA adapters of rank LORA on the model the seed's uniform run left (saved as an hf: folder, `_base_model`)
         "uniform-lora": ("uniform", {}), "bads-lora": ("bads", BADS), "dds-lora": ("dds", {})}
+# timed next to the default BADS arm (not a value run): the settings before dev_every, a dev batch of 16 every step
+ARMS["bads-dev-every-step"] = ("bads", {**BADS, "dev_batch_size": 16, "dev_every": 1})
 DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
 LORA = 8
 SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
@@ -206,7 +208,7 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
             datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """Value runs for every (seed, arm), subset runs when bads ran, timing and padding; tables in OUT."""
     seeds, steps = list(seeds or (0, 1, 2)), steps or 300
-    arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS)]
+    arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS) and a != "bads-dev-every-step"]
     if any(a.endswith("-lora") for a in arms) and "uniform" not in arms:
         arms = ["uniform", *arms]  # the LoRA arms start from the uniform run's model
     timing_steps = 120  # 115 timed steps: ~29 cycles of BADS's dev_every=4, so the mean step is what a run pays
@@ -225,7 +227,8 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
                     _subset_runs(data, folder, seed, steps, device, rec)
         data = None if report_only else _prepare(folder, datasets[0])
         if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps, dataset=None):
-            rec.add({**_timing(data, timing_steps, device, arms), "arm": None, "seed": None, "dataset": None})
+            timed = [*arms, *(["bads-dev-every-step"] if "bads" in arms else [])]
+            rec.add({**_timing(data, timing_steps, device, timed), "arm": None, "seed": None, "dataset": None})
         if not rec.has(kind="padding", arm=None, seed=None, steps=None, dataset=None):
             rec.add({**_padding(data[2]), "arm": None, "seed": None, "steps": None, "dataset": None})
         rows = [r for r in rec.rows if r["kind"] in ("timing", "padding")
@@ -303,6 +306,6 @@ def _run_llm_memory(out: Path, **kw) -> Path:
 
 
 SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, tuple(DATASETS),
-                    tuple(ARMS)),
+                    tuple(a for a in ARMS if a != "bads-dev-every-step")),
           TextSuite("llm-memory", "LM runs: peak memory against the number of instruction rows (10k / 50k)",
                     _run_llm_memory, ("instructions",), ("uniform", "bads", "dds")))
