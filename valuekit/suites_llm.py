@@ -48,17 +48,18 @@ SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
 def gpt_config(folder: Path) -> str:
     """hf-config:FOLDER of the suite's GPT-2. Each file is replaced atomically: processes sharing --runs-dir write it
     while others read it to build their models (a reader once got a half-written config.json)."""
-    import os
     import tempfile
 
     from transformers import GPT2Config
+
+    from valuekit.runlog import commit
 
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gpt2-") as tmp:
         GPT2Config(**GPT, vocab_size=259, n_positions=MAX_LEN, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                    bos_token_id=1, eos_token_id=2).save_pretrained(tmp)
         for f in Path(tmp).iterdir():
-            os.replace(f, folder / f.name)
+            commit(f, folder / f.name)
     return f"hf-config:{folder}"
 
 
