@@ -145,7 +145,8 @@ def test_class_percentile_and_rank_average():
 
 def test_in_run_value_uses_the_signals_only_for_class_labels():
     """Signals and 1-D labels: the rank average of -mean_loss and aum; a bare context (no signals) or sequence
-    labels: the learned quantity passed as the fallback."""
+    labels of a non-LM model (translation pairs): the learned quantity passed as the fallback; a causal LM's
+    sequence labels: the percentile rank of -last_loss."""
     from types import SimpleNamespace
 
     from valuekit.trainers.signals import in_run_value
@@ -158,7 +159,12 @@ def test_in_run_value_uses_the_signals_only_for_class_labels():
     np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc, y=y), fallback), want)
     np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=None, y=y), fallback), fallback.numpy())
     tokens = torch.zeros(4, 3, dtype=torch.long)
-    np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=acc, y=tokens), fallback), fallback.numpy())
+    seq2seq = SimpleNamespace(signals=acc, y=tokens, config=SimpleNamespace(model="translation"))
+    np.testing.assert_array_equal(in_run_value(seq2seq, fallback), fallback.numpy())
+    acc.update(torch.tensor([1, 2]), loss=torch.tensor([0.2, 0.7]))  # last losses 0.1, 0.2, 0.7, 0.3 (row 1 improved)
+    for model in ("causal-lm", "hf-config:/some/dir", "hf:/some/dir"):
+        lm = SimpleNamespace(signals=acc, y=tokens, config=SimpleNamespace(model=model))
+        np.testing.assert_allclose(in_run_value(lm, fallback), [1.0, 2 / 3, 0.0, 1 / 3])
 
 
 def test_token_level_losses_count_once_per_row():
