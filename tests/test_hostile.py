@@ -462,3 +462,20 @@ def test_train_prints_progress_lines_when_not_a_terminal(tables, tmp_path):
     lines = [x for x in err.splitlines() if x.startswith("uniform: step ")]
     assert len(lines) == 10 and "nan" not in err
     assert "dev_acc=" not in lines[3] and "dev_acc=" in lines[-1]
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv"])
+def test_interrupt_while_the_output_file_opens_leaves_no_temporary(tmp_path, monkeypatch, suffix):
+    """The window the SIGTERM test sometimes hit on a loaded machine: the temporary file exists but the writer was
+    not returned yet, so `score` had no sink to abort. The sink removes its own file then."""
+    from valuekit import tablestream
+
+    def opened_then_interrupted(path, schema, *a, **k):
+        Path(path).write_bytes(b"PAR1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tablestream.pq, "ParquetWriter", opened_then_interrupted)
+    monkeypatch.setattr(tablestream.pacsv, "CSVWriter", opened_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tablestream._FileSink(tmp_path / f"out{suffix}", pa.schema([("a", pa.int64())]))
+    assert list(tmp_path.iterdir()) == []

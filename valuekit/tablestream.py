@@ -236,7 +236,11 @@ class _FileSink:
         self.schema = schema
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = self.pending_bytes = 0
-        self.writer = pacsv.CSVWriter(self.tmp, schema) if self.csv else pq.ParquetWriter(self.tmp, schema)
+        try:
+            self.writer = pacsv.CSVWriter(self.tmp, schema) if self.csv else pq.ParquetWriter(self.tmp, schema)
+        except BaseException:  # e.g. SIGTERM right after the file was created: the caller has no sink to abort
+            self.tmp.unlink(missing_ok=True)
+            raise
 
     def write(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
