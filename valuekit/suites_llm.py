@@ -38,8 +38,8 @@ ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("b
         "dds": ("dds", {}), "multidds": ("multidds", {}),  # DDS / multi-source DDS at their defaults
         # LoRA adapters of rank LORA on the model the seed's uniform run left (saved as an hf: folder, `_base_model`)
         "uniform-lora": ("uniform", {}), "bads-lora": ("bads", BADS), "dds-lora": ("dds", {})}
-# timed next to the default BADS arm (not a value run): the settings before dev_every, a dev batch of 16 every step
-ARMS["bads-dev-every-step"] = ("bads", {**BADS, "dev_batch_size": 16, "dev_every": 1})
+# timed next to the BADS arm, never a value run: the settings before dev_every, a dev batch of 16 every step
+TIMED_ONLY = {"bads-dev-every-step": ("bads", {**BADS, "dev_batch_size": 16, "dev_every": 1})}
 DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
 LORA = 8
 SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
@@ -152,8 +152,9 @@ def _timing(data, steps: int, device: str, arms) -> dict:
     from valuekit.trainers.base import Batch, make_trainer
 
     table, model, tr, dv, _ = data
-    trainers = {a: make_trainer(tr, dv, _config(ARMS[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0),
-                                ARMS[a][1]) for a in arms}  # (LoRA arms time the adapters on the random-weight model)
+    spec = {**ARMS, **TIMED_ONLY}
+    trainers = {a: make_trainer(tr, dv, _config(spec[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0),
+                                spec[a][1]) for a in arms}  # (LoRA arms time the adapters on the random-weight model)
     times = {a: [] for a in trainers}
     for step in range(1, steps + 1):
         for a, (trainer, sampler, ctx) in trainers.items():
@@ -209,7 +210,7 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
             datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """Value runs for every (seed, arm), subset runs when bads ran, timing and padding; tables in OUT."""
     seeds, steps = list(seeds or (0, 1, 2)), steps or 300
-    arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS) and a != "bads-dev-every-step"]
+    arms = [a for a in ARMS if (a in methods if methods else a in DEFAULT_ARMS)]
     if any(a.endswith("-lora") for a in arms) and "uniform" not in arms:
         arms = ["uniform", *arms]  # the LoRA arms start from the uniform run's model
     timing_steps = 120  # 115 timed steps: ~29 cycles of BADS's dev_every=4, so the mean step is what a run pays
@@ -218,20 +219,21 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
     datasets = list(datasets or ("instructions",))
     with work_folder(runs_dir, "llm") as folder:
         rec = Records(folder, ("kind", "arm", "seed", "steps", "dataset"), report_only=report_only)
+        first = None  # the first set's data: timing and padding use it
         for dataset in datasets:
             data = None if report_only else _prepare(folder, dataset)
+            first = first or data
             for seed in seeds:
                 for arm in arms:
                     if not rec.has(kind="value", arm=arm, seed=seed, steps=steps, dataset=dataset):
                         rec.add(_value_run(arm, data, folder / _run_name(arm, dataset, seed, steps), seed, steps, device))
                 if "bads" in arms and not report_only:
                     _subset_runs(data, folder, seed, steps, device, rec)
-        data = None if report_only else _prepare(folder, datasets[0])
         if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps, dataset=None):
-            timed = [*arms, *(["bads-dev-every-step"] if "bads" in arms else [])]
-            rec.add({**_timing(data, timing_steps, device, timed), "arm": None, "seed": None, "dataset": None})
+            timed = [*arms, *(TIMED_ONLY if "bads" in arms else ())]
+            rec.add({**_timing(first, timing_steps, device, timed), "arm": None, "seed": None, "dataset": None})
         if not rec.has(kind="padding", arm=None, seed=None, steps=None, dataset=None):
-            rec.add({**_padding(data[2]), "arm": None, "seed": None, "steps": None, "dataset": None})
+            rec.add({**_padding(first[2]), "arm": None, "seed": None, "steps": None, "dataset": None})
         rows = [r for r in rec.rows if r["kind"] in ("timing", "padding")
                 or (r["seed"] in seeds and r["steps"] == steps and r["arm"] in (*arms, *SUBSETS)
                     and r.get("dataset") in datasets)]
@@ -307,6 +309,6 @@ def _run_llm_memory(out: Path, **kw) -> Path:
 
 
 SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, tuple(DATASETS),
-                    tuple(a for a in ARMS if a != "bads-dev-every-step")),
+                    tuple(ARMS)),
           TextSuite("llm-memory", "LM runs: peak memory against the number of instruction rows (10k / 50k)",
                     _run_llm_memory, ("instructions",), ("uniform", "bads", "dds")))
