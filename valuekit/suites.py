@@ -85,6 +85,9 @@ SUITES = {s.name: s for s in (
     Suite("bads-dev-every", "BADS: the meta (dev) term on every step (the paper) or on every 4th / 8th step, scaled by 4 / 8",
           ("digits", "mnist5k", "fashion-mnist"), ("noise20", "noise40", "imbalance10"),
           (_U, *(Arm(f"bads dev_every={k}", "bads", {"dev_every": k}) for k in (1, 4, 8)))),
+    Suite("lrdi-meta-every", "LRDI / Meta-Weight-Net: the teacher's meta step on every step (the papers) or every 4th",
+          ("digits", "mnist5k", "fashion-mnist"), ("noise20", "noise40", "imbalance10"),
+          (_U, *(Arm(f"{v} meta_every={k}", v, {"meta_every": k}) for v in ("lrdi", "mwnet") for k in (1, 4)))),
     Suite("multidds", "DDS over sources: four sources with 0/20/40/60 % flips, target = the clean one", ("digits",),
           ("sources4",), (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"}))),
 )}
