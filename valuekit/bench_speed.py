@@ -114,7 +114,7 @@ def _variant(spec: str) -> tuple[str, dict]:
 
 
 #: earlier settings timed next to the defaults, so that the speed table shows before -> after in one run
-BEFORE = {"lrdi": "lrdi[meta_grad=autograd]", "l2rw": "l2rw[meta_grad=autograd]", "mwnet": "mwnet[meta_grad=autograd]",
+BEFORE = {"lrdi": "lrdi[meta_grad=autograd]", "l2rw": "l2rw[meta_grad=autograd]", "mwnet": "mwnet[meta_every=1]",
           "multidds": "multidds[grad_method=batched]", "bads": "bads[dev_every=1]"}
 
 

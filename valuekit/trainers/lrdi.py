@@ -95,6 +95,8 @@ class Config:
     dev_batch_size: int = setting(0, ge=0)  # dev rows per meta step; 0 = the loop's batch size (as L2RW/MW-Net); at most all
     # lrdi/mwnet: meta step (teacher update) every this many steps; the steps between use the current
     # teacher's weights at about the cost of a uniform step. l2rw needs its meta-gradient every step.
+    # The `mwnet` method sets 4 (valuekit.config.METHODS: same accuracy and AUROC as 1 on 27 runs, while LRDI lost
+    # 0.6-1.2 test-accuracy points at 4: reports/suite-lrdi-meta-every.md); 1 = the papers' every step.
     meta_every: int = setting(1, ge=1)
     # value_std window: the issue asks for the std over the last epoch's weights, but with shuffled
     # passes an example is seen about once per epoch (std undefined), so the default window is the
