@@ -6,8 +6,9 @@ shown to a method). Model: a 2-layer GPT-2 built from a config with random weigh
 tokenizer. Per seed:
 * value runs: uniform (value = minus the mean training loss, the small-loss baseline), BADS per example and
   BADS per task (`per_source=true`); AUROC of low value against junk rows, the junk task's rank by mean value;
-* subset runs: uniform fine-tuning on the top half by the per-example BADS value (global and per task) and on
-  a random half, dev loss at the end;
+* subset runs: uniform fine-tuning on the top half by the per-example BADS value (global and per task), on the
+  top half by the per-task BADS run's task weights (whole tasks) and on a random half, dev loss at the end and
+  early-stopped;
 and once: the step time of each method, interleaved in one process, and the share of padded positions in a
 batch with and without length buckets.
 """
@@ -42,7 +43,9 @@ ARMS = {"uniform": ("uniform", {}), "bads": ("bads", BADS), "bads-per-task": ("b
 TIMED_ONLY = {"bads-dev-every-step": ("bads", {**BADS, "dev_batch_size": 16, "dev_every": 1})}
 DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
 LORA = 8
-SUBSETS = ("bads-per-task-top50", "bads-top50", "random50")
+# halves: the top half of every task by BADS's per-example value; the top half overall by it; the top half by the
+# per-task BADS run's task weights (whole tasks, highest weight first; the last task cut in row order); random
+SUBSETS = ("bads-per-task-top50", "bads-top50", "bads-task-weights-top50", "random50")
 
 
 def gpt_config(folder: Path) -> str:
@@ -117,20 +120,23 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
 
 
 def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Records) -> None:
-    """Uniform fine-tuning on half the rows, chosen from the per-example BADS run of the same seed or at random."""
+    """Uniform fine-tuning on half the rows, chosen from the same seed's BADS runs (per example, per task) or at random."""
     from valuekit.instructions import load_instructions, score_instructions
     from valuekit.trainers.base import train
 
     table, model, tr, dv, dataset = data
     bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps, dataset=dataset)["run"]
+    per_task = rec.get(kind="value", arm="bads-per-task", seed=seed, steps=steps, dataset=dataset)
     rng = np.random.default_rng(100 + seed)
     random_half = np.zeros(len(table), bool)
     random_half[rng.choice(len(table), len(table) // 2, replace=False)] = True
     keep = {"bads-per-task-top50": lambda: score_instructions(table, bads, keep_fraction=0.5, per_task=True).selected,
             "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
+            "bads-task-weights-top50": lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected,
             "random50": lambda: random_half}
     for name in SUBSETS:
-        if rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset):
+        if rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset) or (
+                name == "bads-task-weights-top50" and per_task is None):
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
@@ -271,7 +277,7 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
         "-mean_loss and -last_loss (the loss at each row's latest step) the same way.", ""]
     sub = frame[frame.kind == "subset"]
     if len(sub):
-        lines += ["Uniform fine-tuning on half the rows (from the per-example BADS run of the same seed, or random):", ""]
+        lines += ["Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, or random):", ""]
         body = []
         if "best_dev_loss" not in sub:
             sub = sub.assign(best_dev_loss=np.nan)
