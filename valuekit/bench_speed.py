@@ -386,10 +386,11 @@ def _speed_notes() -> list[str]:
             "- Subset layer: fixed number of vectorised Newton/bisection steps inside an order-statistic bracket, one",
             "  convergence test per solve (bounded fallback + RuntimeWarning), solved on one CPU thread.",
             "- Threads: `--threads N` / `VALUEKIT_THREADS`; default 1 thread for linear/mlp/cnn, idle cores otherwise.",
-            "- Unchanged amortisations (already opt-out defaults before this work): dds and hostcp update their",
-            "  scorer/selector every 4th step (`update_every`), bads evaluates the dev likelihood every step (its",
-            "  cost is the dev rows' forward/backward, (B + B_dev) / B by the algorithm; with BatchNorm, and on",
-            "  causal-LM tables, train and dev rows go through the model in two forwards, not one).",
+            "- Amortisations (opt-out defaults): dds and hostcp update their scorer/selector every 4th step",
+            "  (`update_every`); bads adds the dev likelihood every 8th step, scaled by 8 (`dev_every`; with BatchNorm,",
+            "  and on causal-LM tables, train and dev rows go through the model in two forwards, not one); mwnet's",
+            "  teacher takes its meta step every 4th step (`meta_every`); each measured against every step in",
+            "  reports/suite-bads-dev-every.md and reports/suite-lrdi-meta-every.md. lrdi and l2rw run every step.",
             "- Not measured: CUDA (no GPU in this session; `valuekit bench speed --device cuda` writes speed-gpu.md)."]
 
 
