@@ -128,8 +128,10 @@ def test_resume_refuses_other_data_or_method(tables, tmp_path):
     other = load_table(pd.read_parquet(tables["train"]).iloc[:-1])
     with pytest.raises(RunDirError, match="--resume with different data"):
         train(other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True)
-    with pytest.raises(RunDirError, match="--resume with different config"):
+    with pytest.raises(RunDirError, match="--resume with different config") as err:
         train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
+    lr = _cfg(steps=10).lr  # the message names the setting and both values
+    assert f"config (lr: the run has {lr!r}, this call 0.5)" in str(err.value)
     with pytest.raises(RunDirError, match="already holds a run"):
         train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20))
 

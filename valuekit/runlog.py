@@ -526,6 +526,15 @@ def identity(meta: dict) -> dict:
     return json.loads(json.dumps(ident, default=str))
 
 
+def _difference(key: str, old, new) -> str:
+    """`key`, and for settings the fields that differ with both values (a default may have changed since the run
+    was made: the user then sees what to pass to match it)."""
+    if key not in ("config", "method_config") or not (isinstance(old, dict) and isinstance(new, dict)):
+        return key
+    fields = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
+    return f"{key} ({'; '.join(f'{f}: the run has {old.get(f)!r}, this call {new.get(f)!r}' for f in fields)})"
+
+
 def check_world_size(out, made_with: int, now: int) -> None:
     """A run continues only with the processes it was made with (the global batch and steps/rank-R depend on it)."""
     if made_with != now:
@@ -547,7 +556,8 @@ def prepare_run(out: Path, meta: dict, resume: bool):
             old = read_run(out)
             if identity(old.meta) != identity(meta):
                 check_world_size(out, old.meta.get("world_size", 1), meta.get("world_size", 1))
-                diff = [k for k in identity(meta) if identity(meta)[k] != identity(old.meta)[k]]
+                new_id, old_id = identity(meta), identity(old.meta)
+                diff = [_difference(k, old_id[k], new_id[k]) for k in new_id if new_id[k] != old_id[k]]
                 raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
             state = load_checkpoint(out, training=True)
             meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
