@@ -137,11 +137,11 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
     random_half[rng.choice(len(table), len(table) // 2, replace=False)] = True
     keep = {"bads-per-task-top50": lambda: score_instructions(table, bads, keep_fraction=0.5, per_task=True).selected,
             "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
-            "bads-task-weights-top50": lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected,
             "random50": lambda: random_half}
+    if per_task is not None:  # the task-weight half needs that seed's per-task run
+        keep["bads-task-weights-top50"] = lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected
     for name in SUBSETS:
-        if rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset) or (
-                name == "bads-task-weights-top50" and per_task is None):
+        if name not in keep or rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset):
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
