@@ -247,6 +247,16 @@ def test_values_are_unconfounded_and_source_table_is_written(tmp_path):
     np.testing.assert_allclose(st["mean_reward"].sort_index(), means.sort_index(), rtol=1e-9)
 
 
+def test_default_scorer_update_every_1024_training_examples(tmp_path):
+    # the default interval (reports/suite-multidds-update-every.md): batch 32 -> an update on steps 32 and 64
+    _, train_ds, dev_ds = make_tables()
+    run = train(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=70))
+    s = run.sources()
+    assert sorted(s[s.reward.notna()].step.unique()) == [32, 64]
+    m = run.metrics()
+    assert m[m.scorer_loss.notna()].step.tolist() == [32, 64]
+
+
 def test_sampler_draws_only_available_cells_with_scorer_probabilities():
     _, train_ds, dev_ds = make_tables(n=60, dev_source=True)
     ctx = _context(train_ds, dev_ds)

@@ -115,7 +115,7 @@ def _variant(spec: str) -> tuple[str, dict]:
 
 #: earlier settings timed next to the defaults, so that the speed table shows before -> after in one run
 BEFORE = {"lrdi": "lrdi[meta_grad=autograd]", "l2rw": "l2rw[meta_grad=autograd]", "mwnet": "mwnet[meta_every=1]",
-          "multidds": "multidds[grad_method=batched]", "bads": "bads[dev_every=1]"}
+          "multidds": "multidds[update_every=256]", "bads": "bads[dev_every=1]"}
 
 
 def step_times(train_data, dev_data, *, methods, model: str, batch_size: int, steps: int, warmup: int,
@@ -378,7 +378,8 @@ def _speed_notes() -> list[str]:
             "  rows `lrdi[meta_grad=autograd]` etc. time the old path in the same run.",
             "- multidds: per-source gradients by sub-batch (`grad_method=split`) for conv models (`auto`); for",
             "  all-Linear models the vmapped backward stays. Same math without BatchNorm; with BatchNorm each source's",
-            "  rows are normalised with their own statistics. `multidds[grad_method=batched]` times the old path.",
+            "  rows are normalised with their own statistics (`reward_from=train`; the default probe path draws its",
+            "  own batches per source).",
             "- Step log: the three logs are written by a background thread (`runlog.AsyncPartWriter`), one Arrow",
             "  conversion per part instead of per step; same files and part numbers (test_speed.py). The loop hands",
             "  over each step's row numbers; the thread looks up example_id / label / source with one Arrow take",
@@ -389,8 +390,10 @@ def _speed_notes() -> list[str]:
             "- Amortisations (opt-out defaults): dds and hostcp update their scorer/selector every 4th step",
             "  (`update_every`); bads adds the dev likelihood every 8th step, scaled by 8 (`dev_every`; with BatchNorm,",
             "  and on causal-LM tables, train and dev rows go through the model in two forwards, not one); mwnet's",
-            "  teacher takes its meta step every 4th step (`meta_every`); each measured against every step in",
-            "  reports/suite-bads-dev-every.md and reports/suite-lrdi-meta-every.md. lrdi and l2rw run every step.",
+            "  teacher takes its meta step every 4th step (`meta_every`); multidds updates its scorer (dev gradient",
+            "  and probe batches) every 1024 training examples (`update_every`, was 256: `multidds[update_every=256]`);",
+            "  each measured against the earlier setting in reports/suite-bads-dev-every.md,",
+            "  reports/suite-lrdi-meta-every.md and reports/suite-multidds-update-every.md. lrdi and l2rw run every step.",
             "- Not measured: CUDA (no GPU in this session; `valuekit bench speed --device cuda` writes speed-gpu.md)."]
 
 

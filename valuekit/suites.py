@@ -90,6 +90,9 @@ SUITES = {s.name: s for s in (
           (_U, *(Arm(f"{v} meta_every={k}", v, {"meta_every": k}) for v in ("lrdi", "mwnet") for k in (1, 4)))),
     Suite("multidds", "DDS over sources: four sources with 0/20/40/60 % flips, target = the clean one", ("digits",),
           ("sources4",), (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"}))),
+    Suite("multidds-update-every", "DDS over sources: the scorer updated every 256, 512 or 1024 training examples",
+          ("digits", "mnist5k", "fashion-mnist"), ("sources4",),
+          (_U, *(Arm(f"multidds update_every={k}", "multidds", {"update_every": k}) for k in (256, 512, 1024)))),
 )}
 
 
