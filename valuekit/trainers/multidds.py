@@ -81,9 +81,8 @@ INITS = ("uniform", "tcs", "target")
 
 @dataclass
 class Config:
-    """Algorithm 2 settings. Paper / official multiDDS code where they give one; reward, a1 and scorer_lr chosen
-    by the reward signal-to-noise measurements in reports/multidds.md, update_every by
-    reports/suite-multidds-update-every.md."""
+    """Algorithm 2 settings. Paper / official multiDDS code where they give one; reward, a1, scorer_lr by the reward
+    signal-to-noise measurements in reports/multidds.md; update_every by reports/suite-multidds-update-every.md."""
 
     sampling: str = setting("categorical", choices=SAMPLING)  # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
     init: str = setting("uniform", choices=INITS)  # uniform | tcs (similarity prior) | target (mass on the target source)
@@ -100,10 +99,7 @@ class Config:
     reward: str = setting("dot", choices=("dot", "cosine"))  # dot | cosine between the source's gradient average and the dev gradient
     reward_params: str = setting("all", choices=("all", "encoder"))  # all | encoder (source-side parameters of a translation model)
     a1: float = setting(0.05, ge=0, lt=1)  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
-    # K: training examples between scorer updates. 1024 since 2026-12-01 (256 before): test accuracy +0.009 +- 0.021
-    # over 9 paired runs on three image sets (reports/suite-multidds-update-every.md), and a ResNet run pays the
-    # update (dev gradient + probes, ~2.6 plain steps at batch 128) every 8th step instead of every 2nd
-    update_every: int = setting(1024, ge=1)
+    update_every: int = setting(1024, ge=1)  # K: training examples between scorer updates (256 until 2026-12-01)
     scorer_iters: int = setting(1, ge=0)  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
     scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration (conditional scorer only)
     scorer_lr: float = setting(0.05, ge=0)
