@@ -544,6 +544,35 @@ def test_sorted_quadratic_threshold_equals_the_iterative_solve(monkeypatch):
     assert (w.double() - select_subset(s.double(), 1e-3, lam=1e-3)).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_numpy_sorted_threshold_equals_the_torch_one(dtype):
+    """The CPU path (numpy) and the device path (torch) of the one-sort solve give the same weights and hand
+    over to the iterative solve on the same inputs."""
+    from valuekit.quadratic_threshold import _quadratic_fast_numpy, _quadratic_fast_torch
+
+    g = torch.Generator().manual_seed(11)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for n, k in [(5, 2.5), (64, 32.0), (257, 0.7), (9, 8.999)]:
+        for lam in (1e-3, 0.5, 20.0):
+            s = (torch.randn(3, n, generator=g, dtype=torch.float64) * 3).to(dtype)
+            s[0, : n // 2] = s[0, 0]  # ties
+            a, b = _quadratic_fast_numpy(s.numpy(), k, lam), _quadratic_fast_torch(s, k, lam)
+            assert (a is None) == (b is None), (n, k, lam)
+            if a is not None:
+                assert a.dtype == s.numpy().dtype
+                assert np.abs(a - b.numpy()).max() < tol * max(1.0, k), (n, k, lam)
+    big = (torch.randn(4, 7, generator=g, dtype=torch.float64) * 3 + 100).float()
+    assert _quadratic_fast_numpy(big.numpy(), 1e-3, 1e-3) is None and _quadratic_fast_torch(big, 1e-3, 1e-3) is None
+
+
+def test_selection_without_a_graph_equals_the_differentiable_one():
+    s = torch.randn(4, 64, generator=torch.Generator().manual_seed(3), dtype=DT, requires_grad=True)
+    w = select_subset(s, 16.0, lam=0.5)
+    with torch.no_grad():
+        w0 = select_subset(s, 16.0, lam=0.5)
+    assert w.requires_grad and not w0.requires_grad and torch.equal(w.detach(), w0)
+
+
 def test_large_quadratic_inputs_take_the_iterative_solve(monkeypatch):
     """Beyond _SORT_MAX scores the two sorts cost more than the fixed-step solve (reports/speed.md): not used."""
     import valuekit.selection as sel

@@ -26,7 +26,7 @@ Two backends:
   ``w_i = clip((s_i - tau) / (2 lam), 0, 1)`` (quadratic) or
   ``w_i = sigmoid((s_i - tau) / lam)`` (entropy) with one scalar threshold ``tau``
   per row chosen so that ``sum(w) = k``.  Quadratic, up to ``_SORT_MAX`` scores: ``tau``
-  by sorting the breakpoints (:func:`_sorted_threshold`), one Newton step on the free set.
+  by sorting the breakpoints (`valuekit.quadratic_threshold`; numpy on the CPU), one Newton step on the free set.
   Entropy, larger inputs, and any row that misses ``sum(w) = k`` to rounding: a fixed
   number of batched, safeguarded Newton/bisection steps inside an order-statistic
   bracket, no host synchronisation inside the loop, convergence tested once at the
@@ -49,6 +49,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from valuekit.quadratic_threshold import _quadratic_fast
 
 __all__ = [
     "SubsetSelection",
@@ -285,40 +287,6 @@ def _solve_threshold(
     return torch.where(ok, newton, tau)
 
 
-def _sorted_threshold(s: torch.Tensor, k: float, lam: float) -> torch.Tensor:
-    """Quadratic case: the exact tau with sum_i clip((s_i - tau) / c, 0, 1) = k, c = 2 lam, by sorting.
-
-    c f(p) = G(p) - G(p + c) with G(p) = sum_i max(s_i - p, 0) = S_j - j p (j = #{s_i > p}, S_j the sum of
-    the j largest scores): piecewise linear, so f is evaluated at its 2n breakpoints {s_i, s_i - c} and
-    interpolated where it crosses k (~20 kernels; the iterative solve took ~250: 8 ms at n = 64).
-    """
-    c, n = 2.0 * lam, s.shape[-1]
-    v = s.sort(-1).values
-    pts, order = torch.cat([v, v - c], -1).sort(-1)
-    top = torch.cat([torch.zeros_like(v[..., :1]), v.flip(-1).cumsum(-1)], -1)  # top[:, j] = S_j
-    from_v = order < n  # #{s_i > p}, #{s_i - c > p} from the merged order (a tie adds s_i - p = 0 either way)
-    j1 = n - from_v.cumsum(-1)
-    j2 = n - (~from_v).cumsum(-1)
-    f = (top.gather(-1, j1) - j1 * pts - top.gather(-1, j2) + j2 * (pts + c)) / c
-    i = ((f >= k).sum(-1, keepdim=True) - 1).clamp(0, 2 * n - 2)  # f is non-increasing along pts
-    p0, p1, f0, f1 = pts.gather(-1, i), pts.gather(-1, i + 1), f.gather(-1, i), f.gather(-1, i + 1)
-    step = torch.where(f0 > f1, (f0 - k) / torch.where(f0 > f1, f0 - f1, torch.ones_like(f0)), torch.zeros_like(f0))
-    return (p0 + step.clamp(0, 1) * (p1 - p0)).squeeze(-1)
-
-
-def _quadratic_fast(s: torch.Tensor, k: float, lam: float) -> torch.Tensor | None:
-    """Weights from the sorted threshold, re-centred and polished by one Newton step on the free set
-    (exact once the active set is right); None when a row misses sum(w) = k (then the iterative solve runs)."""
-    c = 2.0 * lam
-    x = s - _sorted_threshold(s, k, lam).unsqueeze(-1)
-    free = (x > 0) & (x < c)
-    nf = free.sum(-1, keepdim=True)
-    excess = (x / c).clamp(0.0, 1.0).sum(-1, keepdim=True) - k
-    w = ((x - torch.where(nf > 0, c * excess / nf.clamp(min=1), torch.zeros_like(excess))) / c).clamp(0.0, 1.0)
-    tol = 2.0 * s.shape[-1] * torch.finfo(s.dtype).eps * max(1.0, k) ** 0.5
-    return w if bool(((w.sum(-1) - k).abs() <= tol).all()) else None
-
-
 def _weights(s: torch.Tensor, tau: torch.Tensor, lam: float, reg: str) -> torch.Tensor:
     z = s - tau.unsqueeze(-1)
     if reg == "quadratic":
@@ -366,21 +334,27 @@ class _one_cpu_thread:
             torch.set_num_threads(self.threads)
 
 
+def _solve(s: torch.Tensor, k: float, lam: float, reg: str) -> torch.Tensor:
+    """The weights of every row of a 2-D s (no graph)."""
+    # Iterative path in two stages: tau1 on the raw scores, then re-centre (x = s - tau1 has only
+    # the rounding error of one subtraction, relative to |x|) and solve for the small correction
+    # from 0, which makes w and sum(w) accurate to the dtype's precision even when |tau| >> lam.
+    with _one_cpu_thread(s):
+        w = _quadratic_fast(s, k, lam) if reg == "quadratic" and 0 < s.numel() <= _SORT_MAX else None
+        if w is None:
+            tau = _solve_threshold(s, k, lam, reg, check=False)
+            x = s - tau.unsqueeze(-1)
+            tau = _solve_threshold(x, k, lam, reg, tau0=torch.zeros_like(tau))
+            w = _weights(x, tau, lam, reg)
+    return w
+
+
 class _SelectSubset(torch.autograd.Function):
     """w = argmax s.w - lam R(w) s.t. 0<=w<=1, sum w = k, rows of a 2-D s; analytic backward."""
 
     @staticmethod
     def forward(ctx, s, k, lam, reg):
-        # Iterative path in two stages: tau1 on the raw scores, then re-centre (x = s - tau1 has only
-        # the rounding error of one subtraction, relative to |x|) and solve for the small correction
-        # from 0, which makes w and sum(w) accurate to the dtype's precision even when |tau| >> lam.
-        with _one_cpu_thread(s):
-            w = _quadratic_fast(s, k, lam) if reg == "quadratic" and 0 < s.numel() <= _SORT_MAX else None
-            if w is None:
-                tau = _solve_threshold(s, k, lam, reg, check=False)
-                x = s - tau.unsqueeze(-1)
-                tau = _solve_threshold(x, k, lam, reg, tau0=torch.zeros_like(tau))
-                w = _weights(x, tau, lam, reg)
+        w = _solve(s, k, lam, reg)
         ctx.lam, ctx.reg = lam, reg
         ctx.save_for_backward(w)
         return w
@@ -438,7 +412,11 @@ def _select_exact(s: torch.Tensor, k: float, lam: float, reg: str) -> torch.Tens
     """select_subset without validation (k, lam already floats, 0 < k < n)."""
     shape, dtype = s.shape, s.dtype
     x = s if dtype in (torch.float32, torch.float64) else s.float()
-    w = _SelectSubset.apply(x.reshape(-1, shape[-1]), k, lam, reg)
+    rows = x.reshape(-1, shape[-1])
+    if torch.is_grad_enabled() and rows.requires_grad:
+        w = _SelectSubset.apply(rows, k, lam, reg)
+    else:  # no graph wanted (HOST-CP's steps without a selector update): skip the autograd.Function's cost
+        w = _solve(rows, k, lam, reg)
     return w.reshape(shape).to(dtype)
 
 
