@@ -83,6 +83,11 @@ def test_step_log_overhead_is_the_fastest_runs_ratio_with_the_logs_own_cpu_time(
     assert len(log) == len(nolog) == 2
     assert out["overhead"] == pytest.approx(min(log) / min(nolog) - 1, abs=1e-9)
     assert out["overhead_median"] == pytest.approx(np.median(log) / np.median(nolog) - 1, abs=1e-9)
+    # each repeat's two runs ran back to back: the median of their ratios
+    assert out["overhead_paired"] == pytest.approx(np.median([a / b for a, b in zip(log, nolog)]) - 1, abs=1e-9)
+    c_log, c_nolog = out["cpu_s"]["log"], out["cpu_s"]["nolog"]
+    assert out["cpu_overhead_paired"] == pytest.approx(np.median([a / b for a, b in zip(c_log, c_nolog)]) - 1, abs=1e-9)
+    assert all(0 < c < 60 for c in c_log + c_nolog)
     assert 0.0 < out["log_cpu_share"] < 0.5  # the loop's add calls plus the writer thread, over the run's wall time
 
 

@@ -244,10 +244,12 @@ class _MeteredPartWriter:
 
 def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writer: bool = False) -> dict:
     """Wall time of a uniform run with and without the per-example step log (interleaved repeats): the fastest
-    run of each kind (`overhead`: the runs least disturbed by other load on a shared machine) and the medians
-    (`overhead_median`); plus the step log's own CPU time in the logged runs (`log_cpu_share`: the loop's
-    `add` calls and the writer thread, over the run's wall time). `sync_writer` also times the old synchronous
-    part writer (`with_sync_log_s`)."""
+    run of each kind (`overhead`: the runs least disturbed by other load on a shared machine), the medians
+    (`overhead_median`) and the median of each repeat's own ratio (`overhead_paired`: the two runs of a repeat
+    run back to back, so slow drifts of the machine's load cancel); the same paired median of the process's CPU
+    time (`cpu_overhead_paired`); plus the step log's own CPU time in the logged runs (`log_cpu_share`: the
+    loop's `add` calls and the writer thread, over the run's wall time). `sync_writer` also times the old
+    synchronous part writer (`with_sync_log_s`)."""
     import valuekit.runlog as runlog
     from valuekit.datasets import load_table
     from valuekit.trainers.base import TrainConfig, train
@@ -256,6 +258,7 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
     dv = load_table(BUNDLED / "dev.parquet", like=tr, name="dev")
     kinds = ("log", "nolog", "synclog") if sync_writer else ("log", "nolog")
     times = {k: [] for k in kinds}
+    cpu = {k: [] for k in kinds}
     shares = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(repeats):
@@ -265,9 +268,10 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
                 saved, meter = runlog.AsyncPartWriter, _MeteredPartWriter()
                 runlog.AsyncPartWriter = _SyncPartWriter if kind == "synclog" else meter
                 try:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     train(tr, dv, out=Path(tmp) / f"r{r}-{kind}", config=cfg)
                     times[kind].append(time.perf_counter() - t0)
+                    cpu[kind].append(time.process_time() - c0)
                 finally:
                     runlog.AsyncPartWriter = saved
                 if kind == "log":
@@ -278,6 +282,9 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
            "log_cpu_share": float(np.median(shares)), "repeats": repeats,
            "runs_s": times, "all": {k: [round(t, 3) for t in v] for k, v in times.items()}}
     out["overhead_median"] = out["with_log_median_s"] / out["without_log_median_s"] - 1.0
+    out["overhead_paired"] = float(np.median(np.divide(times["log"], times["nolog"]))) - 1.0
+    out["cpu_overhead_paired"] = float(np.median(np.divide(cpu["log"], cpu["nolog"]))) - 1.0
+    out["cpu_s"] = cpu
     if sync_writer:
         out["with_sync_log_s"] = float(np.min(times["synclog"]))
         out["sync_overhead"] = out["with_sync_log_s"] / off - 1.0

@@ -318,8 +318,10 @@ def _speed_tables(rows: list[dict], breakdown_rows: list[dict], log: dict) -> li
                      f"{b['logging_pct_of_step']:.1f} % |")
     lines += ["", "### Per-example step log", "",
               f"Whole uniform runs (`valuekit.trainers.base.train`, mlp, batch 64, {log['steps']} steps, "
-              f"{log['repeats']} interleaved repeats): fastest run with the step log {log['with_log_s']:.2f} s, "
-              f"without {log['without_log_s']:.2f} s: **{100 * log['overhead']:.1f} %** (medians "
+              f"{log['repeats']} interleaved repeats): the median of each repeat's logged / unlogged wall time "
+              f"(the two runs back to back) **{100 * log['overhead_paired']:.1f} %**, of their process CPU time "
+              f"{100 * log['cpu_overhead_paired']:.1f} %; fastest run with the step log {log['with_log_s']:.2f} s, "
+              f"without {log['without_log_s']:.2f} s: {100 * log['overhead']:.1f} % (medians "
               f"{log['with_log_median_s']:.2f} / {log['without_log_median_s']:.2f} s: "
               f"{100 * log['overhead_median']:.1f} %)"
               + (f"; with the old synchronous writer {log['with_sync_log_s']:.2f} s ({100 * log['sync_overhead']:.1f} %)"
@@ -337,12 +339,14 @@ def _speed_checks(frame: pd.DataFrame, log: dict, layer: list[dict]) -> list[dic
         if len(hit):
             r = hit.iloc[0]
             checks.append({"target": f"{model} {m} <= {limit}x uniform", "measured": f"{r.ratio_vs_uniform:.2f}x "
-                           f"(reps {r.ratio_min:.2f}-{r.ratio_max:.2f})",
+                           f"(reps {r.ratio_min:.2f}-{r.ratio_max:.2f}; mean step {r.mean_ratio_vs_uniform:.2f}x)",
                            "result": "pass" if r.ratio_vs_uniform <= limit else "FAIL"})
     checks.append({"target": "per-example step log <= 3 % of a uniform run (mlp)",
-                   "measured": f"{100 * log['overhead']:.1f} % (fastest of {log['repeats']} runs; median "
-                               f"{100 * log['overhead_median']:.1f} %; own CPU {100 * log['log_cpu_share']:.1f} %)",
-                   "result": "pass" if log["overhead"] <= 0.03 else "FAIL"})
+                   "measured": f"{100 * log['overhead_paired']:.1f} % (median of {log['repeats']} back-to-back pairs; "
+                               f"fastest runs {100 * log['overhead']:.1f} %, medians {100 * log['overhead_median']:.1f} %, "
+                               f"process CPU time {100 * log['cpu_overhead_paired']:.1f} %; own CPU "
+                               f"{100 * log['log_cpu_share']:.1f} %)",
+                   "result": "pass" if log["overhead_paired"] <= 0.03 else "FAIL"})
     if layer:
         loaded = [r for r in layer if r["setting"].startswith("loaded, default")][0]
         checks.append({"target": "subset layer n=1024 batch 32 under load, default threads <= 2x its 1-thread time",
@@ -437,7 +441,7 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                                        reps=reps, device=device, memory=memory)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     frame = pd.DataFrame(rows)
-    log = logging_overhead(steps=200 if quick else 2000, repeats=1 if quick else 9, device=device,
+    log = logging_overhead(steps=200 if quick else 2000, repeats=1 if quick else 15, device=device,
                            sync_writer=not quick)
     layer = layer_under_load(reps=3 if quick else 9, default_threads=torch_default) if device == "cpu" else []
     threads = [] if quick or device != "cpu" else thread_table(*tables.get(8, _bench_tables(data_dir)),
