@@ -220,3 +220,16 @@ def test_representatives_option_with_partial_batch(tmp_path):
 def test_bad_config_rejected(bad):
     with pytest.raises(InputError, match=next(iter(bad))):
         hostcp.Config(**bad).validate()
+
+
+def test_selector_forward_equals_its_layers_composed():
+    from valuekit.trainers.scorers import label_mlp
+
+    g = torch.Generator().manual_seed(0)
+    net = label_mlp(12, 5, 8, mean=torch.randn(12, generator=g), std=torch.rand(12, generator=g) + 0.5, generator=g,
+                    device="cpu")
+    torch.nn.init.normal_(net.label.weight, generator=g)
+    torch.nn.init.normal_(net.label_bias.weight, generator=g)
+    x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
+    ref = (net.body(x) * net.label(y)).sum(-1) + net.label_bias(y).squeeze(-1)
+    assert torch.equal(net(x, y), ref) and ref.std() > 0

@@ -227,7 +227,8 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         ((w.detach() * losses).sum() / k).backward()
         # torchrun: each rank's loss is its share of sum_i w_i l_i / k over the global batch
-        ctx.all_reduce_([p.grad for p in self.model.parameters() if p.grad is not None])
+        if ctx.distributed:
+            ctx.all_reduce_([p.grad for p in self.model.parameters() if p.grad is not None])
 
         reward, meta_loss = None, None
         if update:

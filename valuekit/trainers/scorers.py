@@ -11,6 +11,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from valuekit.models import Standardize
 
@@ -29,7 +30,11 @@ class LabelMLP(nn.Module):
         self._register_load_state_dict_pre_hook(_old_selector_keys)
 
     def forward(self, x, y):
-        return (self.body(x) * self.label(y)).sum(-1) + self.label_bias(y).squeeze(-1)
+        # the layers' functions, not their modules: seven module calls cost ~50 us a step, a third of this forward
+        # on a small batch (HOST-CP and DDS score every batch); same parameters, same numbers
+        std, lin1, lin2 = self.body[0], self.body[1], self.body[3]
+        h = F.relu(F.linear(F.relu(F.linear((x - std.mean) / std.std, lin1.weight, lin1.bias)), lin2.weight, lin2.bias))
+        return (h * F.embedding(y, self.label.weight)).sum(-1) + F.embedding(y, self.label_bias.weight).squeeze(-1)
 
 
 def _old_selector_keys(state, prefix, *args):
