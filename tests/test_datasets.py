@@ -59,6 +59,15 @@ def test_feature_cols_option_and_custom_column_names():
     assert d.feature_cols == ["f0", "f2"] and d.x.shape == (10, 2)
 
 
+def test_source_column_holds_one_string_object_per_distinct_source(tmp_path):
+    # a million-row table's source column costs a pointer a row, not a str object a row (valuekit.memory)
+    df = blobs(12).assign(source=[f"s{i % 3}" for i in range(12)])
+    df.to_parquet(tmp_path / "t.parquet")
+    d = load_table(tmp_path / "t.parquet")
+    assert d.source.dtype == object and list(d.source) == list(df.source)
+    assert len({id(v) for v in d.source}) == 3
+
+
 @pytest.mark.parametrize("mutate, message", [
     (lambda df: df.drop(columns="label"), "missing column 'label'"),
     (lambda df: df.drop(columns="id"), "missing column 'id'"),

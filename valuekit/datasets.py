@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuekit.errors import InputError
-from valuekit.memory import fix_mmap_threshold
+from valuekit.memory import fix_mmap_threshold, shared_strings
 from valuekit.bundled import DATASETS, FASHION_CLASSES, FASHION_DIR, flip_labels, long_tail, prepare  # noqa: F401
 
 EVAL_COLUMNS = ("is_noisy", "clean_label")
@@ -279,7 +279,7 @@ def load_table(
         if df[source_col].isna().any():
             row = int(np.flatnonzero(df[source_col].isna())[0])
             raise InputError(f"{where}: column {source_col!r} has a null source at id {_show(ids_np[row])}")
-        src = df[source_col].astype(str).to_numpy(dtype=object)
+        src = shared_strings(df[source_col])
 
     # a text classification table (with a tokenizer): the text column becomes token-id lists
     df, text = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
@@ -584,7 +584,7 @@ def load_text_pairs(
         bad = df[col].isna() | (df[col].astype(str).str.len() == 0)
         if bad.any():
             raise InputError(f"{where}: column {col!r} has an empty text at id {ids_np[int(np.flatnonzero(bad)[0])]!r}")
-    src = df[source_col].astype(str).to_numpy(dtype=object) if source_col in df.columns else None
+    src = shared_strings(df[source_col]) if source_col in df.columns else None
     group = None
     if group_col in df.columns:
         if df[group_col].dtype.kind not in "iu":

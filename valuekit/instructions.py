@@ -373,7 +373,7 @@ def load_instructions(
     `classes` names the vocabulary (`num_classes` = vocabulary size), `source` the task column when present.
     """
     from valuekit.datasets import ValueDataset, _file_sha256, _ids
-    from valuekit.memory import fix_mmap_threshold, trim_heap
+    from valuekit.memory import fix_mmap_threshold, shared_strings, trim_heap
 
     fix_mmap_threshold(causal_lm=True)  # before the table's arrays: flat peak memory in N (valuekit.memory)
     tokenizer = tokenizer or ByteTokenizer()
@@ -399,7 +399,7 @@ def load_instructions(
     if packer.max_token >= tokenizer.vocab_size:
         raise InputError(f"{where}: token id {packer.max_token} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
     x, y = packer.finish(max_len)
-    src = meta[source_col].astype(str).to_numpy(dtype=object) if source_col in meta.columns else None
+    src = shared_strings(meta[source_col]) if source_col in meta.columns else None
     noisy = meta["is_noisy"].to_numpy().astype(bool) if "is_noisy" in meta.columns else None
     return ValueDataset(
         ids=ids_np, x=x, y=y, classes=[str(i) for i in range(tokenizer.vocab_size)], source=src, is_noisy=noisy,

@@ -68,3 +68,14 @@ def fix_mmap_threshold(*, causal_lm: bool = False, nbytes: int = MMAP_THRESHOLD)
         return False
     mallopt = _glibc("mallopt")
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def shared_strings(values) -> "np.ndarray":
+    """A column as an object array of str in which equal values are one Python object: a task or source column
+    costs a pointer a row (pandas' Arrow strings give every row its own str object, ~60 bytes: 57 MiB a million
+    rows). Values as `Series.astype(str)` writes them."""
+    import numpy as np
+    import pandas as pd
+
+    codes, uniques = pd.factorize(pd.Series(values).astype(str), use_na_sentinel=False)
+    return np.asarray(list(uniques), dtype=object)[codes]
