@@ -92,7 +92,10 @@ SUITES = {s.name: s for s in (
           ("sources4",), (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"}))),
     Suite("multidds-update-every", "DDS over sources: the scorer updated every 256, 512 or 1024 training examples",
           ("digits", "mnist5k", "fashion-mnist"), ("sources4",),
-          (_U, *(Arm(f"multidds update_every={k}", "multidds", {"update_every": k}) for k in (256, 512, 1024)))),
+          (_U, *(Arm(f"multidds update_every={k}", "multidds", {"update_every": k}) for k in (256, 512, 1024)),
+           Arm("uniform cnn", "uniform", loop={"model": "cnn"}),
+           *(Arm(f"multidds update_every={k} cnn", "multidds", {"update_every": k}, loop={"model": "cnn"})
+             for k in (256, 1024)))),
 )}
 
 
