@@ -553,7 +553,11 @@ class SubsetSelection(nn.Module):
         return layer
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        s = _check_scores(s, "SubsetSelection")
+        return self.solve(_check_scores(s, "SubsetSelection"))
+
+    def solve(self, s: torch.Tensor) -> torch.Tensor:
+        """`forward` without the check of the scores, for a caller that made them (HOST-CP's selector): the
+        check is a host sync every call."""
         n = s.shape[-1]
         k = self.budget(n)
         if self._backend == "exact":

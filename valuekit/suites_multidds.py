@@ -61,23 +61,23 @@ def _config(steps: int, seed: int, device: str, **kw):
 
 def _settings(variant: str, dds_run: Path) -> dict:
     if variant == "uniform":
-        return {**UPDATE, "scorer_iters": 0}
+        return {"scorer_iters": 0}
     if variant == "tcs+dds":
-        return {**UPDATE, "init": "tcs"}
+        return {"init": "tcs"}
     if variant == "retrained":
         from valuekit.runlog import read_run
 
         t = read_run(dds_run).source_table()
         prior = ",".join(f"{s}={p:.6g}" for s, p in zip(t.source, t.prob))
-        return {**UPDATE, "init": "tcs", "scorer_iters": 0, "prior": prior}
-    return dict(UPDATE)
+        return {"init": "tcs", "scorer_iters": 0, "prior": prior}
+    return {}
 
 
 def _target_run(data, out: Path, target: str, seed: int, variant: str, steps: int, device: str) -> dict:
     """Train one variant; its record (chrF x 100, per-source final prob / drawn share / reward)."""
     from valuekit.trainers.base import train
 
-    settings = _settings(variant, out.parent / f"{target}-dds-s{seed}")
+    settings = {**UPDATE, **_settings(variant, out.parent / f"{target}-dds-s{seed}")}
     t0, c0 = time.perf_counter(), time.process_time()
     run = completed(train(*data, out=fresh(out), config=_config(steps, seed, device), method_config=settings))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0

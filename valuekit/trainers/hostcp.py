@@ -63,7 +63,7 @@ from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.gradients import LayerTape, per_example_dots
 from valuekit.models import feature_dim, feature_module, features_and_logits, has_batchnorm
-from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection, _select_exact
+from valuekit.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.trainers.api import Batch, StepRecord, TrainContext, per_example_loss
 from valuekit.trainers.options import check_fields
 from valuekit.trainers.scorers import LabelMLP, label_mlp
@@ -158,9 +158,7 @@ class Trainer:
         if self.cfg.representatives:
             feats = u if self.cfg.selector_input == "embedding" else (u - self.ctx.mean) / self.ctx.std
             return self.layer(s, self.ctx.gather(feats.detach()))[0]
-        if self.cfg.backend == "exact":  # the selector's own scores: no validation pass (a host sync every step)
-            return _select_exact(s, self.layer.budget(s.shape[-1]), self.cfg.lam, self.cfg.reg)
-        return self.layer(s)
+        return self.layer.solve(s)  # the selector's own scores: no validation pass (a host sync every step)
 
     def _global(self, s: torch.Tensor) -> torch.Tensor:
         """Every rank's scores in global-batch order, differentiable in this rank's (zeros elsewhere, summed)."""
