@@ -27,6 +27,9 @@ def add_parser(sub):
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
     sel.add_argument("--per-task", action="store_true",
                      help="instruction tables: --keep-fraction within each task (the --source-col, default task)")
+    sel.add_argument("--rank-by", default="value", metavar="COLUMN",
+                     help="rank and select by this numeric column of the run's values.parquet instead of value "
+                          "(e.g. mean_reward: DDS's gradient alignment with the dev set)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
     add_train_options(p, dev_required=False)
@@ -77,6 +80,7 @@ def run(args) -> int:
         task_col = "task" if args.source_col == "source" else args.source_col
         path, tasks = export_instructions(args.table, run_dir, out, id_col=args.id_col, task_col=task_col,
                                           keep_fraction=args.keep_fraction, per_task=args.per_task,
+                                          rank_by=args.rank_by,
                                           subset_only=args.subset_only)
         print(f"scored instruction table: {path}")
         if tasks is not None:
@@ -87,7 +91,7 @@ def run(args) -> int:
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
                            subset_only=args.subset_only, batch_rows=batch_rows, progress=True,
-                           per_class=args.per_class, label_col=args.label_col)
+                           per_class=args.per_class, label_col=args.label_col, rank_by=args.rank_by)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
     for c in summary.starved or []:

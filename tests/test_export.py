@@ -22,8 +22,9 @@ from valuekit.runlog import RunWriter, read_run
 N = 60
 
 
-def make_run(path, ids, value, *, weight=None, value_std=None):
-    """A finished run directory holding only values.parquet, written with the runlog schema."""
+def make_run(path, ids, value, *, weight=None, value_std=None, extra=None):
+    """A finished run directory holding only values.parquet, written with the runlog schema (plus `extra`
+    columns, as the methods add: name -> array)."""
     ids = np.asarray(ids)
     id_type = "int64" if ids.dtype.kind in "iu" else "string"
     n = len(ids)
@@ -38,6 +39,7 @@ def make_run(path, ids, value, *, weight=None, value_std=None):
         "value_std": np.full(n, np.nan) if value_std is None else np.asarray(value_std, dtype=np.float64),
         "weight": np.ones(n) if weight is None else np.asarray(weight, dtype=np.float64),
         "rank": rank,
+        **(extra or {}),
     }))
     w.close("finished")
     return path
@@ -239,6 +241,27 @@ def test_selection_rules_select_exact_counts_by_value(scored, tmp_path):
         pd.testing.assert_frame_equal(sub.to_pandas(), full.filter(full.column("selected")).to_pandas())
     # drop_fraction 0.2 drops 12 rows; the 7 never-valued (NaN) rows rank last, so they are among them.
     assert np.isnan(value).sum() == 7 and not set(np.flatnonzero(np.isnan(value))) & set(by_value[:48])
+
+
+def test_rank_by_another_values_column_ranks_and_selects_by_it(tmp_path):
+    """--rank-by: rank and selection follow the named column of values.parquet, value stays the method's."""
+    t = csv_frame()
+    ids = t["id"].to_numpy()
+    value, weight, _ = values_for(ids)
+    reward = np.random.default_rng(5).normal(size=N)
+    reward[::6] = np.nan  # rows that never got a reward rank last
+    run = make_run(tmp_path / "run", ids, value, weight=weight, extra={"mean_reward": reward})
+    got = valuekit.score(t, run, keep_fraction=0.25, rank_by="mean_reward")
+    np.testing.assert_array_equal(got["value"].to_numpy(), value)
+    np.testing.assert_array_equal(got["rank"].to_numpy(), expected_rank(reward))
+    assert set(np.flatnonzero(got.selected)) == set(np.argsort(expected_rank(reward))[:15])
+    by_class = valuekit.score(t, run, keep_fraction=0.5, rank_by="mean_reward", per_class=True)
+    for _, part in by_class.groupby("label"):
+        kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
+        assert np.nanmin(kept) >= np.nanmax(dropped) or np.isnan(dropped).all()
+    with pytest.raises(InputError, match=r"--rank-by nope: .*values.parquet has no such column \(numeric columns: "
+                                         r"value, value_std, weight, rank, mean_reward\)"):
+        valuekit.score(t, run, keep_fraction=0.5, rank_by="nope")
 
 
 def test_option_errors(scored, tmp_path):

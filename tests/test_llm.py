@@ -370,6 +370,35 @@ def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
     assert len(kept) == 9 and set(kept.id) == set(got.sort_values("value").id.iloc[-9:])
 
 
+def test_score_per_task_half_by_dds_reward(tables, tmp_path, capsys):
+    """--rank-by mean_reward --per-task: every task keeps its top half by DDS's mean reward (rows without one
+    last); value stays DDS's value; an unknown column stops with exit 2, one line, nothing written."""
+    train, dev = tables
+    run = tmp_path / "run"
+    assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "dds", "--steps", "6",
+                 "--batch-size", "12", "--max-len", "32", "--device", "cpu", "--out", str(run), "--set", "hidden=32",
+                 *LM_EXTRA["dds"]]) == 0
+    vals = pd.read_parquet(run / "values.parquet").set_index("example_id")
+    assert vals.mean_reward.notna().sum() >= 30 and vals.mean_reward.nunique() >= 30  # 6 reward batches of 12 rows
+    out = tmp_path / "half.parquet"
+    assert main(["score", str(train), "--run", str(run), "-o", str(out), "--keep-fraction", "0.5", "--per-task",
+                 "--rank-by", "mean_reward"]) == 0
+    got = pd.read_parquet(out)
+    assert np.allclose(got.value, vals.loc[got.id, "value"])
+    reward = vals.loc[got.id, "mean_reward"].to_numpy()
+    for task, part in got.groupby("task"):
+        assert part.selected.sum() == 6
+        kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
+        assert not np.isnan(kept).any() or np.isnan(dropped).all()  # a row without a reward only after all with one
+        assert np.nanmin(kept) >= np.nanmax(dropped, initial=-np.inf)
+    capsys.readouterr()
+    bad = tmp_path / "bad.parquet"
+    assert main(["score", str(train), "--run", str(run), "-o", str(bad), "--keep-fraction", "0.5", "--per-task",
+                 "--rank-by", "mean_rewrd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rank-by mean_rewrd" in err[0] and "mean_reward" in err[0] and not bad.exists()
+
+
 def test_bads_preconditioned_theta_step_matches_psgld(tables):
     """precondition=True, T=0: theta moves by lr * G * g / N with G = 1 / (sqrt((1-decay) (g/N)^2) + eps)."""
     from valuekit.config import TrainConfig

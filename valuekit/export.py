@@ -3,7 +3,8 @@
 The output is the input table, every column, type and row order kept, plus `weight`
 (normalised to mean 1 over all input rows), `value`, `value_std`, `rank` (1 = most valuable;
 rows the run never valued, value NaN, rank last) and, when a selection rule is given,
-`selected`. Rows are matched to the run's `values.parquet` by id.
+`selected`. Rows are matched to the run's `values.parquet` by id. `rank_by` ranks and selects by
+another numeric column of `values.parquet` (e.g. DDS's `mean_reward`) instead of `value`.
 
 Files larger than memory work because the export makes two passes: pass 1 reads only the id
 column and computes weight, rank and selection over the whole table with numpy; pass 2 streams
@@ -82,6 +83,19 @@ def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weig
         raise InputError("--subset-only needs a selection rule "
                          "(--keep-fraction, --top-k, --drop-fraction or --min-weight)")
     return bool(rules)
+
+
+def check_rank_by(run, rank_by: str) -> None:
+    """`rank_by` must name a numeric column of the run's values.parquet other than the id."""
+    path = run.checked_values_path()
+    if rank_by == "value" or path is None:  # a run without values.parquet fails later with its own message
+        return
+    schema = pq.read_schema(path)
+    numeric = [f.name for f in schema if f.name != "example_id"
+               and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
+    if rank_by not in numeric:
+        what = "is not numeric" if rank_by in schema.names else "has no such column"
+        raise InputError(f"--rank-by {rank_by}: {path} {what} (numeric columns: {', '.join(numeric)})")
 
 
 def _normalise_ids(ids: pa.Array, where: str, id_col: str) -> pa.Array:
@@ -189,8 +203,9 @@ def _values_column(values_path: Path, name: str) -> pa.ChunkedArray:
 
 
 def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight,
-          labels=None) -> _Plan:
-    """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection over all rows."""
+          labels=None, rank_by: str = "value") -> _Plan:
+    """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection (by the
+    `rank_by` column) over all rows."""
     values_path = run.checked_values_path() or run.values_path
     if not values_path.exists():
         raise InputError(f"{run.path}: run has no values.parquet (status {run.meta.get('status')!r}); "
@@ -229,6 +244,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
         return a if pos is None else a[pos]
 
     value, value_std, weight = gather("value"), gather("value_std"), gather("weight")
+    key = value if rank_by == "value" else gather(rank_by)
     del pos
     bad = ~np.isfinite(weight) | (weight < 0)
     if bad.any():
@@ -236,7 +252,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
         raise InputError(f"{values_path}: column 'weight' has value {weight[row]!r} (table row {row}); "
                          "weights must be finite and >= 0")
     weight = mean_one(weight)
-    rank = rank_by_value(value)
+    rank = rank_by_value(key)
     selected = None
     if min_weight is not None:
         selected = weight >= min_weight
@@ -248,7 +264,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
         else:
             k = n - int(math.floor(drop_fraction * n + 0.5))
         if labels is not None:  # --per-class: the same rule inside every class
-            selected = select_per_class(value, labels, keep_fraction=keep_fraction, top_k=top_k,
+            selected = select_per_class(key, labels, keep_fraction=keep_fraction, top_k=top_k,
                                         drop_fraction=drop_fraction)
         else:
             selected = rank <= k
@@ -333,11 +349,12 @@ def _check_out(out, source, run) -> Path:
 
 
 def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows,
-             per_class=False):
+             per_class=False, rank_by="value"):
     has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only, per_class)
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
     run = read_run(run_dir)
+    check_rank_by(run, rank_by)
     csv_out = out is not None and Path(out).suffix.lower() == ".csv"
     source = _open_source(table, for_csv_out=csv_out, frame_out=out is None)
     if out is not None:
@@ -359,18 +376,20 @@ def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction
 def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: float | None = None,
                  top_k: int | None = None, drop_fraction: float | None = None, min_weight: float | None = None,
                  subset_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS,
-                 progress: bool = False, per_class: bool = False, label_col: str = "label") -> ScoreSummary:
+                 progress: bool = False, per_class: bool = False, label_col: str = "label",
+                 rank_by: str = "value") -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
 
     Memory holds the id column and five numbers per row, plus one batch of `batch_rows` rows.
     """
     run, source, out, _ = _prepare(table, run_dir, out=out, id_col=id_col, keep_fraction=keep_fraction,
                                    top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                   subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
+                                   subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
+                                   rank_by=rank_by)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
                      top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                     labels=_labels_of(source, label_col) if per_class else None)
+                     labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
         pa.default_memory_pool().release_unused()  # hand pass 1's Arrow buffers back before streaming
         n = len(plan.weight)
         if isinstance(source, _CsvSource):
@@ -401,6 +420,7 @@ def score(
     progress: bool = False,
     per_class: bool = False,
     label_col: str = "label",
+    rank_by: str = "value",
 ) -> pd.DataFrame | Path:
     """Join a run's values onto `table` by id; return a DataFrame, or stream into `out` and return its path.
 
@@ -410,21 +430,23 @@ def score(
     (top fraction by value), `top_k`, `drop_fraction` (drop the lowest fraction) or `min_weight`,
     a boolean `selected`; `subset_only=True` keeps just the selected rows. `per_class=True` applies
     the keep/top-k/drop rule inside every class of the table's `label_col` (`class_quotas`), so no
-    class is starved. A DataFrame input comes
-    back as a DataFrame with its own dtypes and index.
+    class is starved. `rank_by` ranks and selects by another numeric column of the run's values.parquet
+    (e.g. `mean_reward`; `value` stays the method's value). A DataFrame input comes back as a DataFrame
+    with its own dtypes and index.
     """
     if out is not None:
         return write_scored(table, run_dir, out, id_col=id_col, keep_fraction=keep_fraction, top_k=top_k,
                             drop_fraction=drop_fraction, min_weight=min_weight, subset_only=subset_only,
                             batch_rows=batch_rows, progress=progress, per_class=per_class,
-                            label_col=label_col).path
+                            label_col=label_col, rank_by=rank_by).path
     run, source, _, _ = _prepare(table, run_dir, out=None, id_col=id_col, keep_fraction=keep_fraction,
                                  top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                 subset_only=subset_only, batch_rows=batch_rows, per_class=per_class)
+                                 subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
+                                 rank_by=rank_by)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
                      top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                     labels=_labels_of(source, label_col) if per_class else None)
+                     labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
         if isinstance(source, _FrameSource):
             return _frame_result(table, plan, subset_only)
         if isinstance(source, _CsvSource):

@@ -421,10 +421,12 @@ def task_table(scored: pd.DataFrame, *, task_col: str = "task") -> pd.DataFrame:
 
 
 def score_instructions(table, run_dir, *, id_col: str = "id", task_col: str = "task",
-                       keep_fraction: float | None = None, per_task: bool = False) -> pd.DataFrame:
+                       keep_fraction: float | None = None, per_task: bool = False,
+                       rank_by: str = "value") -> pd.DataFrame:
     """The instruction table with every column kept plus the run's weight (mean 1), value, value_std, rank
-    and, with keep_fraction, `selected`: the top fraction by value overall, or within each task
-    (`per_task=True`: every task keeps round(fraction x its rows), at least one)."""
+    and, with keep_fraction, `selected`: the top fraction by rank overall, or within each task
+    (`per_task=True`: every task keeps round(fraction x its rows), at least one). `rank` orders by value, or
+    by the run's `rank_by` column (e.g. DDS's `mean_reward`)."""
     from valuekit.export import score
 
     df, path = read_instructions(table, name="table")
@@ -434,9 +436,9 @@ def score_instructions(table, run_dir, *, id_col: str = "id", task_col: str = "t
         raise InputError(f"{path or 'table'}: --per-task needs a {task_col!r} column (choose it with --source-col)")
     if per_task and keep_fraction is None:
         raise InputError("--per-task needs --keep-fraction")
-    res = score(df, run_dir, id_col=id_col, keep_fraction=None if per_task else keep_fraction)
+    res = score(df, run_dir, id_col=id_col, keep_fraction=None if per_task else keep_fraction, rank_by=rank_by)
     if per_task:
-        order = res.groupby(task_col)["value"].rank(ascending=False, method="first", na_option="bottom")
+        order = res.groupby(task_col)["rank"].rank(method="first")
         size = res.groupby(task_col)[task_col].transform("size")
         res["selected"] = order <= np.maximum(1, np.floor(keep_fraction * size + 0.5))
     return res

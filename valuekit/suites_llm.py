@@ -49,8 +49,9 @@ TIMED_ONLY = {"bads-dev-every-step": ("bads", {**BADS, "dev_batch_size": 16, "de
 DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
 LORA = 8
 # halves: the top half of every task by BADS's per-example value; the top half overall by it; the top half by the
-# per-task BADS run's task weights (whole tasks, highest weight first; the last task cut in row order); random
-SUBSETS = ("bads-per-task-top50", "bads-top50", "bads-task-weights-top50", "random50")
+# per-task BADS run's task weights (whole tasks, highest weight first; the last task cut in row order); the top half
+# of every task by DDS's mean reward (`valuekit score --per-task --rank-by mean_reward`); random
+SUBSETS = ("bads-per-task-top50", "bads-top50", "bads-task-weights-top50", "dds-reward-per-task-top50", "random50")
 
 
 def gpt_config(folder: Path) -> str:
@@ -125,7 +126,8 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
 
 
 def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Records) -> None:
-    """Uniform fine-tuning on half the rows, chosen from the same seed's BADS runs (per example, per task) or at random."""
+    """Uniform fine-tuning on half the rows, chosen from the same seed's BADS runs (per example, per task), its DDS
+    run (mean reward, per task) or at random."""
     from valuekit.instructions import load_instructions, score_instructions
     from valuekit.trainers.base import train
 
@@ -140,6 +142,10 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
             "random50": lambda: random_half}
     if per_task is not None:  # the task-weight half needs that seed's per-task run
         keep["bads-task-weights-top50"] = lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected
+    dds = rec.get(kind="value", arm="dds", seed=seed, steps=steps, dataset=dataset)
+    if dds is not None:
+        keep["dds-reward-per-task-top50"] = lambda: score_instructions(table, dds["run"], keep_fraction=0.5, per_task=True,
+                                                                       rank_by="mean_reward").selected
     for name in SUBSETS:
         if name not in keep or rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset):
             continue
@@ -282,7 +288,8 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
         "-mean_loss and -last_loss (the loss at each row's latest step) the same way.", ""]
     sub = frame[frame.kind == "subset"]
     if len(sub):
-        lines += ["Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, or random):", ""]
+        lines += ["Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, its DDS run's "
+                  "mean reward, or random):", ""]
         body = []
         if "best_dev_loss" not in sub:
             sub = sub.assign(best_dev_loss=np.nan)
