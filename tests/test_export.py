@@ -17,7 +17,7 @@ import pytest
 import valuekit
 from valuekit import export, tablestream
 from valuekit.errors import InputError
-from valuekit.runlog import RunWriter, read_run
+from valuekit.runlog import rank_by_value, RunWriter, read_run
 
 N = 60
 
@@ -596,6 +596,15 @@ def test_cli_scores_a_trained_run(tables, tmp_path, capsys):
     # Never-seen rows (value NaN: 2 steps of 16 rows see at most 32 of 90) rank last.
     unseen = got["value"].isna()
     assert unseen.any() and got.loc[unseen, "rank"].min() > got.loc[~unseen, "rank"].max()
+    # --rank-by: the top fifth by the run's aum column instead (same value column)
+    by_aum = tmp_path / "aum.csv"
+    assert main(["score", str(tables["train"]), "--run", str(run.path), "-o", str(by_aum), "--keep-fraction", "0.2",
+                 "--rank-by", "aum"]) == 0
+    got_aum = pd.read_csv(by_aum)
+    np.testing.assert_array_equal(got_aum["value"].to_numpy(), vals["value"].to_numpy())
+    np.testing.assert_array_equal(got_aum["rank"].to_numpy(), rank_by_value(vals["aum"].to_numpy()))
+    assert (got_aum["selected"] == (got_aum["rank"] <= 18)).all() and got_aum["selected"].sum() == 18
+    assert not np.array_equal(got_aum["rank"].to_numpy(), got["rank"].to_numpy())
 
     # --method trains then exports in one command; a bad id prints one line and exits 2.
     out2 = tmp_path / "one.parquet"
