@@ -50,8 +50,10 @@ DEFAULT_ARMS = ("uniform", "bads", "bads-per-task", "dds", "multidds")
 LORA = 8
 # halves: the top half of every task by BADS's per-example value; the top half overall by it; the top half by the
 # per-task BADS run's task weights (whole tasks, highest weight first; the last task cut in row order); the top half
-# of every task by DDS's mean reward (`valuekit score --per-task --rank-by mean_reward`); random
-SUBSETS = ("bads-per-task-top50", "bads-top50", "bads-task-weights-top50", "dds-reward-per-task-top50", "random50")
+# of every task by DDS's mean reward (`valuekit score --per-task --rank-by mean_reward`); random, and a second random
+# draw (how often one random half beats another: the noise the other comparisons sit in)
+SUBSETS = ("bads-per-task-top50", "bads-top50", "bads-task-weights-top50", "dds-reward-per-task-top50", "random50",
+           "random50-b")
 
 
 def gpt_config(folder: Path) -> str:
@@ -134,12 +136,13 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
     table, model, tr, dv, dataset = data
     bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps, dataset=dataset)["run"]
     per_task = rec.get(kind="value", arm="bads-per-task", seed=seed, steps=steps, dataset=dataset)
-    rng = np.random.default_rng(100 + seed)
-    random_half = np.zeros(len(table), bool)
-    random_half[rng.choice(len(table), len(table) // 2, replace=False)] = True
+    random_half = {}
+    for name, offset in (("random50", 100), ("random50-b", 200)):
+        random_half[name] = np.zeros(len(table), bool)
+        random_half[name][np.random.default_rng(offset + seed).choice(len(table), len(table) // 2, replace=False)] = True
     keep = {"bads-per-task-top50": lambda: score_instructions(table, bads, keep_fraction=0.5, per_task=True).selected,
             "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
-            "random50": lambda: random_half}
+            "random50": lambda: random_half["random50"], "random50-b": lambda: random_half["random50-b"]}
     if per_task is not None:  # the task-weight half needs that seed's per-task run
         keep["bads-task-weights-top50"] = lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected
     dds = rec.get(kind="value", arm="dds", seed=seed, steps=steps, dataset=dataset)
@@ -293,16 +296,21 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
         body = []
         if "best_dev_loss" not in sub:
             sub = sub.assign(best_dev_loss=np.nan)
-        for (d, a), g in sub.sort_values("seed").groupby(["dataset", "arm"], sort=False):
-            rand = sub[(sub.arm == "random50") & (sub.dataset == d)].set_index("seed")
-            lower = {c: f"{int(sum(getattr(r, c) < rand[c].get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"
-                     for c in ("dev_loss", "best_dev_loss")}
+        order = {name: i for i, name in enumerate(SUBSETS)}  # rows: data set, then the halves in SUBSETS' order
+        sub = sub.assign(_o=sub.arm.map(order)).sort_values(["dataset", "_o", "seed"], kind="stable")
+        for (d, a), g in sub.groupby(["dataset", "arm"], sort=False):
+            rand = {arm: sub[(sub.arm == arm) & (sub.dataset == d)].set_index("seed") for arm in ("random50", "random50-b")}
+            lower = {(c, arm): f"{int(sum(getattr(r, c) < rand[arm][c].get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"
+                     for c in ("dev_loss", "best_dev_loss") for arm in rand}
             body.append([d, a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
-                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss), lower["dev_loss"],
-                         "/".join(f"{v:.3f}" for v in g.best_dev_loss), lower["best_dev_loss"]])
+                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss), lower["dev_loss", "random50"],
+                         "/".join(f"{v:.3f}" for v in g.best_dev_loss), lower["best_dev_loss", "random50"],
+                         lower["best_dev_loss", "random50-b"]])
         lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "final dev loss per seed", "mean ± sd",
-                           "lower than random50", "best dev loss per seed (early-stopped)", "lower than random50 (best)"],
-                          body) + [""]
+                           "lower than random50", "best dev loss per seed (early-stopped)", "lower than random50 (best)",
+                           "lower than random50-b (best)"], body) + [
+            "", "random50-b is a second random half (another draw): how often it beats random50 is the noise these "
+            "comparisons sit in.", ""]
     for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
         base = r.get("step_s_uniform", np.nan)
         parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
