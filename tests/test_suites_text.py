@@ -106,6 +106,15 @@ def test_multidds_model_quick_reports_chrf_at_three_points(tmp_path, monkeypatch
     assert "| tf-d128-lr1e-3 | 3 | 1 |" in md.read_text()
 
 
+def test_early_stopped_test_loss_is_the_test_loss_at_the_lowest_dev_loss():
+    class Run:
+        def metrics(self):
+            return pd.DataFrame({"step": [1, 2, 3, 4, 5], "dev_loss": [3.0, np.nan, 2.5, 2.7, 2.6],
+                                 "test_loss": [3.1, np.nan, 2.9, 2.4, 2.2]})
+
+    assert suites_llm.early_stopped_test_loss(Run()) == 2.9 and suites_llm.best_dev_loss(Run()) == 2.5
+
+
 @pytest.mark.skipif(not (importlib.util.find_spec("transformers") and importlib.util.find_spec("django")),
                     reason="needs transformers and django (valuekit[llm,multilingual])")
 def test_llm_quick_tables(tmp_path, monkeypatch):
@@ -123,6 +132,8 @@ def test_llm_quick_tables(tmp_path, monkeypatch):
     assert (sub.junk_rows_kept <= sub.rows).all()
     # early-stopped: the lowest of each fine-tuning run's dev evaluations, never above its final one
     assert (sub.best_dev_loss <= sub.dev_loss + 1e-12).all() and (sub.best_dev_loss > 0).all()
+    assert np.isfinite(sub.early_test_loss).all() and (sub.test_loss > 0).all()  # the held-out test strings
+    assert "test loss at the best dev step per seed" in md.read_text()
     timing = frame[frame.kind == "timing"].iloc[0]
     assert timing.step_s_uniform > 0 and timing.step_s_bads > 0
     pad = frame[frame.kind == "padding"].iloc[0]

@@ -129,11 +129,14 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
 
 def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Records) -> None:
     """Uniform fine-tuning on half the rows, chosen from the same seed's BADS runs (per example, per task), its DDS
-    run (mean reward, per task) or at random."""
+    run (mean reward, per task) or at random; dev and held-out test loss at every evaluation."""
     from valuekit.instructions import load_instructions, score_instructions
     from valuekit.trainers.base import train
 
     table, model, tr, dv, dataset = data
+    # the test strings are held out of training and of the dev set the methods learn from: the honest check of a half
+    # chosen with the dev set's help (DDS's rewards, BADS's dev term)
+    te = load_instructions(_data_folder(folder, dataset) / "test.parquet", max_len=MAX_LEN, name="test")
     bads = rec.get(kind="value", arm="bads", seed=seed, steps=steps, dataset=dataset)["run"]
     per_task = rec.get(kind="value", arm="bads-per-task", seed=seed, steps=steps, dataset=dataset)
     random_half = {}
@@ -154,17 +157,26 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
-        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
+        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, te,
+                              out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
                               config=_config("uniform", model, steps, seed, device)))
         rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "dataset": dataset, "rows": int(mask.sum()),
                  "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss"),
-                 "best_dev_loss": best_dev_loss(run)})
+                 "best_dev_loss": best_dev_loss(run), "test_loss": run.meta["final_metrics"].get("test_loss"),
+                 "early_test_loss": early_stopped_test_loss(run)})
 
 
 def best_dev_loss(run) -> float:
     """The lowest of a run's dev evaluations (every steps/4): the fine-tuned model early-stopped on dev."""
     dev = run.metrics()["dev_loss"].dropna()
     return float(dev.min()) if len(dev) else float("nan")
+
+
+def early_stopped_test_loss(run) -> float:
+    """The test loss at the evaluation with the lowest dev loss (early stopping on dev, judged on test)."""
+    m = run.metrics()
+    m = m[m["dev_loss"].notna() & m["test_loss"].notna()] if "test_loss" in m else m.iloc[:0]
+    return float(m["test_loss"].loc[m["dev_loss"].idxmin()]) if len(m) else float("nan")
 
 
 def _timing(data, steps: int, device: str, arms) -> dict:
@@ -294,23 +306,27 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
         lines += ["Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, its DDS run's "
                   "mean reward, or random):", ""]
         body = []
-        if "best_dev_loss" not in sub:
-            sub = sub.assign(best_dev_loss=np.nan)
+        for c in ("best_dev_loss", "early_test_loss"):
+            if c not in sub:
+                sub = sub.assign(**{c: np.nan})
         order = {name: i for i, name in enumerate(SUBSETS)}  # rows: data set, then the halves in SUBSETS' order
         sub = sub.assign(_o=sub.arm.map(order)).sort_values(["dataset", "_o", "seed"], kind="stable")
         for (d, a), g in sub.groupby(["dataset", "arm"], sort=False):
             rand = {arm: sub[(sub.arm == arm) & (sub.dataset == d)].set_index("seed") for arm in ("random50", "random50-b")}
-            lower = {(c, arm): f"{int(sum(getattr(r, c) < rand[arm][c].get(r.seed, np.nan) for r in g.itertuples()))} of {len(g)}"
-                     for c in ("dev_loss", "best_dev_loss") for arm in rand}
+            lower = {(c, arm): int(sum(getattr(r, c) < rand[arm][c].get(r.seed, np.nan) for r in g.itertuples()))
+                     for c in ("dev_loss", "best_dev_loss", "early_test_loss") for arm in rand}
+            both = lambda c: f"{lower[c, 'random50']} / {lower[c, 'random50-b']} of {len(g)}"  # noqa: E731
             body.append([d, a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
-                         "/".join(f"{v:.3f}" for v in g.dev_loss), mean_sd(g.dev_loss), lower["dev_loss", "random50"],
-                         "/".join(f"{v:.3f}" for v in g.best_dev_loss), lower["best_dev_loss", "random50"],
-                         lower["best_dev_loss", "random50-b"]])
-        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "final dev loss per seed", "mean ± sd",
-                           "lower than random50", "best dev loss per seed (early-stopped)", "lower than random50 (best)",
-                           "lower than random50-b (best)"], body) + [
+                         "/".join(f"{v:.3f}" for v in g.dev_loss), f"{lower['dev_loss', 'random50']} of {len(g)}",
+                         "/".join(f"{v:.3f}" for v in g.best_dev_loss), both("best_dev_loss"),
+                         "/".join(f"{v:.3f}" for v in g.early_test_loss), both("early_test_loss")])
+        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "final dev loss per seed",
+                           "lower than random50", "best dev loss per seed (early-stopped)",
+                           "lower than random50 / random50-b (best dev)", "test loss at the best dev step per seed",
+                           "lower than random50 / random50-b (test)"], body) + [
             "", "random50-b is a second random half (another draw): how often it beats random50 is the noise these "
-            "comparisons sit in.", ""]
+            "comparisons sit in. The test strings are in neither the training nor the dev set; every method that chose a "
+            "half saw the dev set (DDS's rewards, BADS's dev term), so the test column is the unbiased comparison.", ""]
     for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
         base = r.get("step_s_uniform", np.nan)
         parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
