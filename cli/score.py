@@ -86,6 +86,7 @@ def run(args) -> int:
         if tasks is not None:
             print(f"per-task table: {Path(path).with_name(Path(path).stem + '.tasks.csv')}")
             print(tasks.to_string(index=False))
+        _warn_unranked(run_dir, args.rank_by)
         return 0
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
@@ -94,10 +95,26 @@ def run(args) -> int:
                            per_class=args.per_class, label_col=args.label_col, rank_by=args.rank_by)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
+    _warn_unranked(run_dir, args.rank_by)
     for c in summary.starved or []:
         print(f"warning: class {c['label']!r} keeps {c['kept']} of {c['rows']} rows, {c['share_ratio']:.2f}x its share "
               f"(under half); --per-class keeps every class at its share")
     return 0
+
+
+def _warn_unranked(run_dir, column: str) -> None:
+    """Rows without a value in the --rank-by column rank last, in row order: say how many, so a run too short to
+    give most rows a reward (DDS computes them every update_every-th step, after scorer_warmup) is noticed."""
+    import sys
+
+    from valuekit.export import missing_in_column
+
+    if column == "value":  # never-valued rows are the documented NaN-last case, no warning
+        return
+    missing, n = missing_in_column(run_dir, column)
+    if missing:
+        print(f"warning: --rank-by {column}: {missing:,} of {n:,} rows of the run have none (for mean_reward: never in "
+              "a reward batch); they rank last, in row order", file=sys.stderr)
 
 
 def _instruction_export(args, out: Path) -> bool:

@@ -375,23 +375,27 @@ def test_score_per_task_half_by_dds_reward(tables, tmp_path, capsys):
     last); value stays DDS's value; an unknown column stops with exit 2, one line, nothing written."""
     train, dev = tables
     run = tmp_path / "run"
-    assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "dds", "--steps", "6",
+    assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "dds", "--steps", "2",
                  "--batch-size", "12", "--max-len", "32", "--device", "cpu", "--out", str(run), "--set", "hidden=32",
                  *LM_EXTRA["dds"]]) == 0
     vals = pd.read_parquet(run / "values.parquet").set_index("example_id")
-    assert vals.mean_reward.notna().sum() >= 30 and vals.mean_reward.nunique() >= 30  # 6 reward batches of 12 rows
+    assert vals.mean_reward.notna().sum() == 24 and vals.mean_reward.nunique() == 24  # 2 reward batches of 12 rows
     out = tmp_path / "half.parquet"
     assert main(["score", str(train), "--run", str(run), "-o", str(out), "--keep-fraction", "0.5", "--per-task",
                  "--rank-by", "mean_reward"]) == 0
     got = pd.read_parquet(out)
-    assert np.allclose(got.value, vals.loc[got.id, "value"])
+    assert np.allclose(got.value, vals.loc[got.id, "value"], equal_nan=True)  # unseen rows: NaN value
     reward = vals.loc[got.id, "mean_reward"].to_numpy()
     for task, part in got.groupby("task"):
         assert part.selected.sum() == 6
         kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
         assert not np.isnan(kept).any() or np.isnan(dropped).all()  # a row without a reward only after all with one
         assert np.nanmin(kept) >= np.nanmax(dropped, initial=-np.inf)
-    capsys.readouterr()
+    missing = int(vals.mean_reward.isna().sum())
+    assert missing == 12  # the rows never in a reward batch
+    warn = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: --rank-by")]
+    assert (warn == [f"warning: --rank-by mean_reward: {missing} of {len(vals)} rows of the run have none (for "
+                     "mean_reward: never in a reward batch); they rank last, in row order"]) if missing else not warn
     bad = tmp_path / "bad.parquet"
     assert main(["score", str(train), "--run", str(run), "-o", str(bad), "--keep-fraction", "0.5", "--per-task",
                  "--rank-by", "mean_rewrd"]) == 2

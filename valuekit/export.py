@@ -98,6 +98,15 @@ def check_rank_by(run, rank_by: str) -> None:
         raise InputError(f"--rank-by {rank_by}: {path} {what} (numeric columns: {', '.join(numeric)})")
 
 
+def missing_in_column(run_dir, column: str) -> tuple[int, int]:
+    """(rows of the run's values.parquet whose `column` is NaN or null, all rows): rows `--rank-by` puts last."""
+    path = read_run(run_dir).checked_values_path()
+    if path is None:
+        return 0, 0
+    col = _values_column(path, column).to_numpy().astype(np.float64, copy=False)
+    return int(np.isnan(col).sum()), len(col)
+
+
 def _normalise_ids(ids: pa.Array, where: str, id_col: str) -> pa.Array:
     if pa.types.is_dictionary(ids.type):
         ids = ids.dictionary_decode()
