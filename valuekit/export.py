@@ -86,12 +86,12 @@ def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weig
 
 
 def check_rank_by(run, rank_by: str) -> None:
-    """`rank_by` must name a numeric column of the run's values.parquet other than the id."""
+    """`rank_by` must name a numeric column of the run's values.parquet other than the id and `rank` (ascending)."""
     path = run.checked_values_path()
     if rank_by == "value" or path is None:  # a run without values.parquet fails later with its own message
         return
     schema = pq.read_schema(path)
-    numeric = [f.name for f in schema if f.name != "example_id"
+    numeric = [f.name for f in schema if f.name not in ("example_id", "rank")
                and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
     if rank_by not in numeric:
         what = "is not numeric" if rank_by in schema.names else "has no such column"
