@@ -260,7 +260,7 @@ def test_rank_by_another_values_column_ranks_and_selects_by_it(tmp_path):
         kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
         assert np.nanmin(kept) >= np.nanmax(dropped) or np.isnan(dropped).all()
     with pytest.raises(InputError, match=r"--rank-by nope: .*values.parquet has no such column \(numeric columns: "
-                                         r"value, value_std, weight, rank, mean_reward\)"):
+                                         r"value, value_std, weight, mean_reward\)"):
         valuekit.score(t, run, keep_fraction=0.5, rank_by="nope")
 
 
