@@ -7,8 +7,9 @@ tokenizer. Per seed:
 * value runs: uniform (value = minus the mean training loss, the small-loss baseline), BADS per example and
   BADS per task (`per_source=true`); AUROC of low value against junk rows, the junk task's rank by mean value;
 * subset runs: uniform fine-tuning on the top half by the per-example BADS value (global and per task), on the
-  top half by the per-task BADS run's task weights (whole tasks) and on a random half, dev loss at the end and
-  early-stopped;
+  top half by the per-task BADS run's task weights (whole tasks), on the top half of every task by DDS's mean
+  reward and on two random halves; dev loss at the end and early-stopped, and the held-out test loss at the
+  early-stopping step (the halves were chosen with the dev set's help);
 and once: the step time of each method, interleaved in one process, and the share of padded positions in a
 batch with and without length buckets.
 """
