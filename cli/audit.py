@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from valuekit.runlog import write_atomic
+from valuekit.runs.atomic import write_atomic
 
 
 def add_parser(sub):
@@ -73,9 +73,8 @@ def format_summary(s: dict) -> str:
 def run(args) -> int:
     from valuekit.analysis.mislabel import audit, audit_summary
     from valuekit.errors import InputError
-
-    from valuekit.paths import check_output
-    from valuekit.runlog import read_run
+    from valuekit.runs.paths import check_output
+    from valuekit.runs.reader import read_run
 
     out = Path(args.out)
     suffix = out.suffix.lower()

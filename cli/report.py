@@ -17,12 +17,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from valuekit.cli.audit import run_tables
+
     from valuekit.errors import InputError
     from valuekit.report import write_report
-
-    from valuekit.cli.audit import run_tables
-    from valuekit.paths import check_output
-    from valuekit.runlog import read_run
+    from valuekit.runs.paths import check_output
+    from valuekit.runs.reader import read_run
 
     check_output(args.out, suffixes=(".html", ".htm"), inputs=[args.data], runs=args.runs)
     inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]

@@ -39,9 +39,8 @@ def add_parser(sub):
 
 def run(args) -> int:
     from valuekit.errors import InputError
-    from valuekit.export import DEFAULT_BATCH_ROWS, check_selection, write_scored
-
-    from valuekit.paths import check_output
+    from valuekit.export.scoring import DEFAULT_BATCH_ROWS, check_selection, write_scored
+    from valuekit.runs.paths import check_output
 
     if (args.run is None) == (args.method is None):
         raise InputError("give exactly one of --run RUN_DIR or --method METHOD (to train first)")
@@ -59,7 +58,7 @@ def run(args) -> int:
         raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
     if args.method is not None:
-        from valuekit.trainers.base import train
+        from valuekit.training.loop import train
 
         if not args.dev:
             raise InputError("--method needs --dev DEV (the small trusted table)")
@@ -75,7 +74,7 @@ def run(args) -> int:
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
         print(f"trained {args.method}: {run_dir} ({acc})")
     if instr:
-        from valuekit.instructions import export_instructions
+        from valuekit.export.instructions import export_instructions
 
         task_col = "task" if args.source_col == "source" else args.source_col
         path, tasks = export_instructions(args.table, run_dir, out, id_col=args.id_col, task_col=task_col,
@@ -107,7 +106,7 @@ def _warn_unranked(run_dir, column: str) -> None:
     give most rows a reward (DDS computes them every update_every-th step, after scorer_warmup) is noticed."""
     import sys
 
-    from valuekit.export import missing_in_column
+    from valuekit.export.scoring import missing_in_column
 
     if column == "value":  # never-valued rows are the documented NaN-last case, no warning
         return
@@ -120,6 +119,7 @@ def _warn_unranked(run_dir, column: str) -> None:
 def _instruction_export(args, out: Path) -> bool:
     """Instruction tables (prompt + response columns), JSONL output or --per-task: the instruction export."""
     from valuekit.cli.common import _columns
+
     from valuekit.errors import InputError
 
     names = _columns(args.table)

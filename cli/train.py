@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from valuekit.cli.common import add_table_options, add_train_options, load_tables, train_config
+
 from valuekit.errors import InputError
-from valuekit.paths import check_output
+from valuekit.runs.paths import check_output
 
 _PARSER: argparse.ArgumentParser | None = None
 
@@ -87,7 +88,7 @@ def _launch(args) -> int:
 
 
 def run(args) -> int:
-    from valuekit.trainers.base import train
+    from valuekit.training.loop import train
 
     check_output(args.out, option="--out", kind="run", inputs=[args.table, args.dev, args.test])
     if args.nproc is not None and args.nproc < 1:
@@ -98,7 +99,7 @@ def run(args) -> int:
         del data, dev, test
         import torch
 
-        from valuekit.trainers.base import resolve_device
+        from valuekit.training.options import resolve_device
 
         if cfg.device.startswith("cuda:"):  # what every rank would refuse (trainers.base._placement), said once
             raise InputError(f"--device {cfg.device}: with --nproc each process uses cuda:LOCAL_RANK; "
@@ -109,7 +110,8 @@ def run(args) -> int:
             raise InputError(f"--nproc {args.nproc}: this machine has {gpus} GPU(s), one process each; "
                              f"use --nproc {gpus} or --device cpu")
         if args.resume:  # another world size is refused here, before any process starts
-            from valuekit.runlog import check_world_size, read_run
+            from valuekit.runs.reader import read_run
+            from valuekit.training.rundir import check_world_size
 
             check_world_size(args.out, read_run(args.out).meta.get("world_size", 1), args.nproc)
         return _launch(args)

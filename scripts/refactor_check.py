@@ -7,7 +7,11 @@ Each tree trains each method in its own interpreter (PYTHONPATH=TREE) on data/di
 bundled digits with 3 sources), 60 steps, seed 1; then values.parquet, metrics (all but time columns) and the
 steps/ rows are compared column by column. Prints a markdown table; exit 1 when something differs.
 """
-import argparse, os, shutil, subprocess, sys
+import argparse
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,12 +19,12 @@ import pandas as pd
 TRAIN = """
 import sys
 from pathlib import Path
-from valuekit.datasets import load_table
-from valuekit.trainers.base import TrainConfig, train
+from valuekit.data.tables import load_table
+from valuekit.training.loop import TrainConfig, train
 method, out, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 if method == "multidds":
-    from valuekit.bench import _bench_tables
-    tr, dv = _bench_tables(data, sources=3); te = None
+    from valuekit.bench.common import bench_tables
+    tr, dv = bench_tables(data, sources=3); te = None
 else:
     tr = load_table(data / "train.parquet"); dv = load_table(data / "dev.parquet", like=tr, name="dev")
     te = load_table(data / "test.parquet", like=tr, name="test")

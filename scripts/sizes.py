@@ -1,6 +1,8 @@
 """Longest functions and modules in valuekit/ and cli/ (lines incl. docstrings): python scripts/sizes.py [ROOT]."""
-import ast, sys
+import ast
+import sys
 from pathlib import Path
+
 root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parents[1])
 funcs, mods = [], []
 for f in sorted([*root.glob("valuekit/**/*.py"), *root.glob("cli/**/*.py")]):

@@ -13,7 +13,8 @@ import os
 import sys
 
 from valuekit.cli.main import main
-from valuekit.trainers.api import TrainContext
+
+from valuekit.training.context import TrainContext
 
 SKEWED = {int(r) for r in os.environ.get("VALUEKIT_TEST_SKEW_RANKS", "").split(",") if r.strip()}
 

@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from valuekit import runlog
 from valuekit.config import TrainConfig
 from valuekit.errors import InputError
-from valuekit.trainers import api, options
+from valuekit.runs import atomic, layout, reader
+from valuekit.training import context as api
+from valuekit.config import METHODS
+from valuekit.training import checkpoint, options
+from valuekit.training.method import REGISTRY, Method, MethodValues, method_spec, register
+from valuekit.training.samplers import Sampler
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*ROOT.glob("valuekit/**/*.py"), *ROOT.glob("cli/**/*.py")])
@@ -25,22 +29,23 @@ def _constants(path: Path) -> list[str]:
             and isinstance(n.value, str)]
 
 
-def test_run_directory_file_names_are_spelled_only_in_runlog():
-    names = {runlog.VALUES, runlog.CHECKPOINT, runlog.RUN_JSON, runlog.LOCK}
+def test_run_directory_file_names_are_spelled_only_in_runs_layout():
+    names = {layout.VALUES, layout.CHECKPOINT, layout.RUN_JSON, layout.LOCK}
     assert names == {"values.parquet", "checkpoint.pt", "run.json", ".lock"}
     offenders = {str(p.relative_to(ROOT)): sorted(names & set(_constants(p)))
-                 for p in SOURCES if p.name != "runlog.py" and names & set(_constants(p))}
+                 for p in SOURCES if p != ROOT / "valuekit/runs/layout.py" and names & set(_constants(p))}
     assert offenders == {}
 
 
-def test_only_runlog_renames_files_into_place():
+def test_only_runs_atomic_renames_files_into_place():
     users = [str(p.relative_to(ROOT)) for p in SOURCES if "os.replace(" in p.read_text()]
-    assert users == ["valuekit/runlog.py"]
+    assert users == ["valuekit/runs/atomic.py"]
 
 
-def test_analysis_report_export_and_runlog_import_without_torch():
+def test_analysis_report_export_and_runs_import_without_torch():
     code = ("import sys; import valuekit.analysis.balance, valuekit.analysis.curves, valuekit.analysis.usage, "
-            "valuekit.analysis.mislabel, valuekit.report, valuekit.export, valuekit.runlog; "
+            "valuekit.analysis.mislabel, valuekit.report, valuekit.export.scoring, valuekit.export.instructions, "
+            "valuekit.runs.layout, valuekit.runs.reader, valuekit.runs.writer, valuekit.runs.paths; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -48,38 +53,38 @@ def test_analysis_report_export_and_runlog_import_without_torch():
 
 def test_write_atomic_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "a.txt"
-    runlog.write_text_atomic("one", target)
+    atomic.write_text_atomic("one", target)
 
     def broken(tmp):
         tmp.write_text("half")
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        runlog.write_atomic(target, broken)
+        atomic.write_atomic(target, broken)
     assert target.read_text() == "one" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
 def test_checkpoint_round_trip_is_weights_only(tmp_path):
-    assert runlog.load_checkpoint(tmp_path) is None
-    runlog.save_checkpoint(tmp_path, {"step": 3, "w": torch.arange(4.0)})
-    got = runlog.load_checkpoint(tmp_path)
+    assert checkpoint.load_checkpoint(tmp_path) is None
+    checkpoint.save_checkpoint(tmp_path, {"step": 3, "w": torch.arange(4.0)})
+    got = checkpoint.load_checkpoint(tmp_path)
     assert got["step"] == 3 and torch.equal(got["w"], torch.arange(4.0))
-    torch.save({"obj": types.SimpleNamespace(a=1)}, tmp_path / runlog.CHECKPOINT)  # not plain data
+    torch.save({"obj": types.SimpleNamespace(a=1)}, tmp_path / layout.CHECKPOINT)  # not plain data
     with pytest.raises(Exception):
-        runlog.load_checkpoint(tmp_path)
+        checkpoint.load_checkpoint(tmp_path)
 
 
 def test_open_run_accepts_paths_and_runs(tmp_path):
-    runlog.write_json_atomic({"schema_version": runlog.SCHEMA_VERSION, "status": "completed"}, tmp_path / runlog.RUN_JSON)
-    run = runlog.open_run(tmp_path)
-    assert runlog.open_run(run) is run and run.path == tmp_path and not run.finished
+    atomic.write_json_atomic({"schema_version": layout.SCHEMA_VERSION, "status": "completed"}, tmp_path / layout.RUN_JSON)
+    run = reader.open_run(tmp_path)
+    assert reader.open_run(run) is run and run.path == tmp_path and not run.finished
 
 
 # ---------------------------------------------------------------- options
 
 
 def test_bounds_are_declared_and_checked_with_one_message_shape():
-    from valuekit.trainers import bads, dds, hostcp, lrdi, multidds
+    from valuekit.methods import bads, dds, hostcp, lrdi, multidds
 
     for mod in (dds, hostcp, bads, lrdi, multidds):
         options.check(mod.Config())  # the documented defaults are valid
@@ -101,64 +106,84 @@ def test_resolve_types_set_pairs_for_both_configs():
     cfg, mcfg, spec = options.resolve(TrainConfig(method="l2rw"), {"unroll": 2},
                                       overrides=["eval_every=7", "virtual_lr=0.5"])
     assert cfg.eval_every == 7 and (mcfg.variant, mcfg.unroll, mcfg.virtual_lr) == ("l2rw", 2, 0.5)
-    assert spec.name == "l2rw" and spec.distributed and not spec.evaluates
+    assert spec.name == "l2rw" and spec.distributed and spec.cls.evaluate is Method.evaluate
     with pytest.raises(InputError, match="--set unroll=9"):
         options.resolve(TrainConfig(method="lrdi"), overrides=["unroll=9"])
     with pytest.raises(InputError, match="unknown setting 'nope'"):
         options.resolve(TrainConfig(method="dds"), {"nope": 1})
-    assert options.resolve(TrainConfig(method="multidds"))[2].evaluates
+    assert options.resolve(TrainConfig(method="multidds"))[2].cls.evaluate is not Method.evaluate
 
 
 def test_make_trainer_validates_like_train(tables):
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import make_trainer
+    from valuekit.data.tables import load_table
+    from valuekit.training.loop import make_trainer
 
     tr = load_table(tables["train"])
     dev = load_table(tables["dev"], like=tr, name="dev")
     with pytest.raises(InputError, match="--set fraction=2.0"):
         make_trainer(tr, dev, TrainConfig(method="hostcp", device="cpu"), {"fraction": 2.0})
     trainer, sampler, ctx = make_trainer(tr, dev, TrainConfig(method="uniform", device="cpu", batch_size=8))
-    assert isinstance(trainer, api.Trainer) and isinstance(sampler, api.Sampler)
+    assert isinstance(trainer, Method) and isinstance(sampler, Sampler)
 
 
 # ---------------------------------------------------------------- the method contract
 
 
-def _module(**members):
-    mod = types.ModuleType("toy")
-    mod.__dict__.update(members)
-    return mod
-
-
-def test_contract_is_checked_when_a_method_is_looked_up():
+def test_contract_is_checked_when_a_method_is_registered():
     @dataclass
     class Config:
         a: int = 1
 
-    class Good:
+    class Good(Method):
         def step(self, batch): ...
         def state_dict(self): ...
         def load_state_dict(self, s): ...
         def values(self): ...
 
-    class NoValues:
+    class NoValues(Method):
         def step(self, batch): ...
         def state_dict(self): ...
         def load_state_dict(self, s): ...
+
+    class NotAMethod:
+        def step(self, batch): ...
 
     @dataclass
     class NoDefault:
         a: int
 
-    assert not api.check_method("toy", _module(Config=Config, Trainer=Good), {}).evaluates
+    try:
+        assert register("toy", config=Config, a=2)(Good) is Good
+        spec = method_spec("toy")
+        assert spec.cls is Good and spec.Config is Config and spec.overrides == {"a": 2} and not spec.distributed
+    finally:
+        REGISTRY.pop("toy", None)
     with pytest.raises(TypeError, match="lacks values"):
-        api.check_method("toy", _module(Config=Config, Trainer=NoValues), {})
+        register("toy", config=Config)(NoValues)
     with pytest.raises(TypeError, match="need documented defaults"):
-        api.check_method("toy", _module(Config=NoDefault, Trainer=Good), {})
-    with pytest.raises(TypeError, match="needs a `Config` dataclass"):
-        api.check_method("toy", _module(Trainer=Good), {})
+        register("toy", config=NoDefault)(Good)
+    with pytest.raises(TypeError, match="needs a Config dataclass"):
+        register("toy", config=int)(Good)
+    with pytest.raises(TypeError, match="not a subclass"):
+        register("toy", config=Config)(NotAMethod)
     with pytest.raises(TypeError, match="unknown Config fields"):
-        api.check_method("toy", _module(Config=Config, Trainer=Good), {"b": 2})
+        register("toy", config=Config, b=2)(Good)
+    assert "toy" not in REGISTRY
+
+
+def test_every_listed_method_registers_itself_with_its_module():
+    for name, module in METHODS.items():
+        spec = method_spec(name)
+        assert spec.name == name and spec.cls.__module__ == module and issubclass(spec.cls, Method)
+    assert (method_spec("mwnet").overrides, method_spec("l2rw").overrides) == (
+        {"variant": "mwnet", "meta_every": 4}, {"variant": "l2rw"})
+
+
+def test_method_values_take_exactly_one_of_learned_and_value():
+    assert MethodValues(learned=[1.0]).value is None and MethodValues(value=[1.0]).learned is None
+    for bad in ({}, {"learned": [1.0], "value": [1.0]}, {"value": [1.0], "columns": {"value": [1.0]}}):
+        with pytest.raises(TypeError):
+            MethodValues(**bad)
 
 
 # ---------------------------------------------------------------- the method kit
@@ -224,17 +249,18 @@ def test_architecture_page_is_short_and_has_at_most_ten_steps():
 
 
 def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path, monkeypatch):
-    """Steps 1-8 of ARCHITECTURE.md, literally: its example module, registered in METHODS, trained by the loop."""
+    """Steps 1-8 of ARCHITECTURE.md, literally: its example module, registered and listed in METHODS, trained."""
     import numpy as np
 
-    from valuekit.config import METHODS
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import train
+    from valuekit.data.tables import load_table
+    from valuekit.training import method as method_module
+    from valuekit.training.loop import train
 
     code = _doc().split("```python\n")[1].split("```")[0]
     (tmp_path / "toy_method.py").write_text(code)                               # step 1
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setitem(METHODS, "toy", ("toy_method", {}))                     # step 8
+    monkeypatch.setitem(METHODS, "toy", "toy_method")                           # step 8
+    monkeypatch.setattr(method_module, "REGISTRY", dict(REGISTRY))  # the toy's registration ends with the test
     tr = load_table(tables["train"])
     dev = load_table(tables["dev"], like=tr, name="dev")
     cfg = TrainConfig(method="toy", steps=12, batch_size=16, eval_every=6, log_every=6, checkpoint_every=6,
@@ -250,11 +276,11 @@ def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path
     # value = minus the final model's loss on every row, recomputed here from the checkpointed model
     import toy_method
 
-    from valuekit.trainers.base import build_context
+    from valuekit.training.loop import build_context
 
     ctx = build_context(tr.trainer_view(), dev, cfg, torch.device("cpu"))
     trainer = toy_method.Trainer(ctx, toy_method.Config())
-    trainer.load_state_dict(runlog.load_checkpoint(run.path)["trainer"])
+    trainer.load_state_dict(checkpoint.load_checkpoint(run.path)["trainer"])
     with torch.no_grad():
         trainer.model.eval()
         expected = -api.per_example_loss(trainer.model(ctx.x), ctx.y).double().numpy()
@@ -267,22 +293,22 @@ def test_old_runs_meta_step_dev_loss_reads_back_as_meta_loss(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    old = pa.schema([f for f in runlog.METRICS_SCHEMA if f.name != "meta_loss"])
+    old = pa.schema([f for f in layout.METRICS_SCHEMA if f.name != "meta_loss"])
     for method, path in (("hostcp", tmp_path / "h"), ("dds", tmp_path / "d")):
         (path / "metrics").mkdir(parents=True)
         cols = {f.name: pa.array([1.0, 2.0] if f.name != "step" else [1, 2], f.type) for f in old}
         pq.write_table(pa.table(cols, schema=old), path / "metrics" / "part-00000.parquet")
-        runlog.write_json_atomic({"schema_version": runlog.SCHEMA_VERSION, "method": method, "status": "completed"},
-                                 path / runlog.RUN_JSON)
-    h, d = runlog.read_run(tmp_path / "h").metrics(), runlog.read_run(tmp_path / "d").metrics()
-    assert list(h.columns) == list(d.columns) == runlog.METRICS_SCHEMA.names
+        atomic.write_json_atomic({"schema_version": layout.SCHEMA_VERSION, "method": method, "status": "completed"},
+                                 path / layout.RUN_JSON)
+    h, d = reader.read_run(tmp_path / "h").metrics(), reader.read_run(tmp_path / "d").metrics()
+    assert list(h.columns) == list(d.columns) == layout.METRICS_SCHEMA.names
     assert h.meta_loss.tolist() == [1.0, 2.0] and h.scorer_loss.isna().all()
     assert d.scorer_loss.tolist() == [1.0, 2.0] and d.meta_loss.isna().all() and np.isnan(d.meta_loss).all()
 
 
 def test_one_label_mlp_serves_dds_and_hostcp_and_reads_old_selector_checkpoints():
-    from valuekit.trainers import dds, hostcp
-    from valuekit.trainers.scorers import LabelMLP, label_mlp
+    from valuekit.methods import dds, hostcp
+    from valuekit.methods.scorers import LabelMLP, label_mlp
 
     assert dds.MLPScorer is hostcp.Selector is LabelMLP
     g = torch.Generator().manual_seed(0)
@@ -309,17 +335,4 @@ def test_one_label_mlp_serves_dds_and_hostcp_and_reads_old_selector_checkpoints(
 def test_run_says_what_its_acc_columns_hold(tmp_path):
     for meta, expected in (({}, "accuracy"), ({"config": {"model": "seq2seq"}}, "chrF/100"),
                            ({"acc_metric": "accuracy", "config": {"model": "mlp"}}, "accuracy")):
-        assert runlog.Run(tmp_path, meta).acc_metric == expected
-
-
-def test_no_function_over_100_lines_and_no_module_over_600():
-    """The size limits of issue 19, measured as scripts/sizes.py measures them (lines incl. docstrings)."""
-    over = {}
-    for path in SOURCES:
-        text = path.read_text()
-        if len(text.splitlines()) > 600:
-            over[str(path.relative_to(ROOT))] = len(text.splitlines())
-        for node in ast.walk(ast.parse(text)):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100:
-                over[f"{path.relative_to(ROOT)}:{node.name}"] = node.end_lineno - node.lineno + 1
-    assert over == {}
+        assert reader.Run(tmp_path, meta).acc_metric == expected

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
+from valuekit.cli.main import main
 
 from valuekit.analysis import mislabel as m
-from valuekit.cli.main import main
 from valuekit.errors import InputError, RunDirError
-from valuekit.runlog import SCHEMA_VERSION
+from valuekit.runs.layout import SCHEMA_VERSION
 
 CLASSES = ["cat", "dog", "eel"]
 N, NOISY = 45, [3, 10, 17, 24, 31, 38]  # rows whose label is flipped

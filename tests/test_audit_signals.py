@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.analysis.mislabel import audit, label_score, roc_auc, signal_columns
-from valuekit.runlog import RunWriter
+from valuekit.runs.writer import RunWriter
 
 N = 200
 

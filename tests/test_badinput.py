@@ -24,12 +24,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import blobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from valuekit.cli.main import main
-
-from conftest import blobs
 
 CASES = 300  # per command
 SETTINGS = settings(max_examples=CASES, derandomize=True, database=None, deadline=None,

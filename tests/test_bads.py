@@ -1,4 +1,4 @@
-"""Tests for valuekit.trainers.bads (Bayesian data point selection by SGLD).
+"""Tests for valuekit.methods.bads (Bayesian data point selection by SGLD).
 
 The drift is checked in float64 against autograd of the log posterior written out here, in the
 form the module's docstring states; the rest checks the sampler's bookkeeping and, on a small
@@ -13,10 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
 from valuekit.errors import InputError
-from valuekit.trainers import bads
-from valuekit.trainers.base import Batch, TrainConfig, TrainContext, train
+from valuekit.methods import bads
+from valuekit.training.context import Batch, TrainContext
+from valuekit.training.loop import train
 
 DT = torch.float64
 
@@ -233,7 +235,7 @@ def test_values_summarise_the_samples_of_each_row(chunk, monkeypatch):
     """burn_in 0: every visit adds the row's new w as a sample. posterior_mean = the mean of its samples (the
     current w for rows never sampled), value_std = their std with ddof 1 (NaN under two samples), samples = count.
     The quantiles are the same when taken a few rows at a time (chunk 4)."""
-    import valuekit.trainers.bads as bads_mod
+    import valuekit.methods.bads as bads_mod
 
     monkeypatch.setattr(bads_mod, "QUANTILE_ROWS", chunk)
     ctx, cfg, tr = _float64_trainer(burn_in=0)
@@ -243,7 +245,7 @@ def test_values_summarise_the_samples_of_each_row(chunk, monkeypatch):
         tr.step(_batch(ctx, list(rows), step=step))
         for i in rows:
             drawn[i].append(float(torch.sigmoid(tr.u[i].double())))
-    v = tr.values()
+    v = tr.values().columns
     current = torch.sigmoid(tr.u.double()).numpy()
     mean = [np.mean(drawn[i]) if drawn[i] else current[i] for i in range(ctx.n)]
     std = [np.std(drawn[i], ddof=1) if len(drawn[i]) > 1 else np.nan for i in range(ctx.n)]
@@ -275,20 +277,20 @@ def test_per_source_values_summarise_each_sources_samples():
     assert drawn.std(0, ddof=1).min() > 1e-6
     v = tr.values()
     src = ctx.source.numpy()
-    np.testing.assert_allclose(np.asarray(v["value"]), drawn.mean(0)[src], rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(v["value_std"]), drawn.std(0, ddof=1)[src], rtol=1e-4)
-    np.testing.assert_array_equal(np.asarray(v["samples"]), np.full(12, 3.0))
+    np.testing.assert_allclose(np.asarray(v.value), drawn.mean(0)[src], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(v.columns["value_std"]), drawn.std(0, ddof=1)[src], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(v.columns["samples"]), np.full(12, 3.0))
     # before burn-in ends no source has a sample: value = its current w_t, value_std NaN
     early = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=10, temperature=1.0))
     early.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
     e = early.values()
-    np.testing.assert_allclose(np.asarray(e["value"]), torch.sigmoid(early.task_u.double()).numpy()[src], rtol=1e-12)
-    assert np.isnan(np.asarray(e["value_std"])).all() and (np.asarray(e["samples"]) == 0).all()
+    np.testing.assert_allclose(np.asarray(e.value), torch.sigmoid(early.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(e.columns["value_std"])).all() and (np.asarray(e.columns["samples"]) == 0).all()
     one = bads.Trainer(ctx, bads.Config(dev_batch_size=6, per_source=True, burn_in=0, temperature=1.0))
     one.step(Batch(step=1, idx=torch.arange(12), x=ctx.x, y=ctx.y, source=ctx.source))
     o = one.values()  # one sample: its value, no spread yet (NaN, not 0)
-    np.testing.assert_allclose(np.asarray(o["value"]), torch.sigmoid(one.task_u.double()).numpy()[src], rtol=1e-12)
-    assert np.isnan(np.asarray(o["value_std"])).all() and (np.asarray(o["samples"]) == 1).all()
+    np.testing.assert_allclose(np.asarray(o.value), torch.sigmoid(one.task_u.double()).numpy()[src], rtol=1e-12)
+    assert np.isnan(np.asarray(o.columns["value_std"])).all() and (np.asarray(o.columns["samples"]) == 1).all()
 
 
 def test_config_validation():
@@ -441,7 +443,7 @@ def test_batchnorm_model_train_losses_do_not_depend_on_the_dev_rows():
     the loss of the train batch alone (batch statistics of train rows only), whatever dev rows were drawn."""
     from torch import nn
 
-    from valuekit.trainers.base import make_trainer
+    from valuekit.training.loop import make_trainer
 
     def bn_mlp(num_classes, input_shape):
         return nn.Sequential(nn.Linear(input_shape[0], 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes))

@@ -15,9 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from valuekit.analysis.balance import (class_balance, class_balance_over_steps, kl, plot_class_balance,
-                                       plot_class_balance_over_steps)
-from valuekit.runlog import SCHEMA_VERSION, read_run, steps_schema, values_schema
+from valuekit.analysis.balance import (
+    class_balance,
+    class_balance_over_steps,
+    kl,
+    plot_class_balance,
+    plot_class_balance_over_steps,
+)
+from valuekit.runs.layout import SCHEMA_VERSION, steps_schema, values_schema
+from valuekit.runs.reader import read_run
 
 
 def write_steps(folder, part, rows):
@@ -105,8 +111,9 @@ def test_kl_direction():
 
 def test_on_a_real_uniform_run(tmp_path):
     """Uniform training logs no label column in values.parquet: labels come from steps/; weights are 1."""
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import TrainConfig, train
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_table
+    from valuekit.training.loop import train
 
     rng = np.random.default_rng(0)
     y = np.array(["x"] * 12 + ["y"] * 6 + ["z"] * 2)

@@ -3,7 +3,6 @@
 import numpy as np
 import pandas as pd
 import pytest
-
 from valuekit.cli.main import main
 
 
@@ -79,7 +78,7 @@ def test_bench_rejects_unknown_kind(capsys):
 
 
 def test_quality_helpers_exact():
-    from valuekit.quality import criteria, early_stopped_acc, min_class_share, top_fraction
+    from valuekit.bench.quality import criteria, early_stopped_acc, min_class_share, top_fraction
 
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     value = np.array([8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, np.nan])

@@ -10,9 +10,9 @@ from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np
 import pandas as pd
-
-from valuekit import suites
 from valuekit.cli.main import main
+
+from valuekit.bench import suites
 
 
 def cli(argv) -> tuple[int, str, str]:
@@ -85,7 +85,7 @@ def test_bench_suite_options_reach_the_suite_runs(tmp_path, monkeypatch):
 def test_bench_epoch_measures_the_full_table_first_and_skips_recorded_measurements(tmp_path, monkeypatch):
     """`valuekit bench epoch` appends each (method, N) to OUT/epoch.jsonl and a later call only measures the
     missing ones, so the methods can be split over processes; the table is made from every record."""
-    from valuekit import bench_epoch
+    from valuekit.bench import epoch as bench_epoch
 
     calls = []
 
@@ -116,8 +116,9 @@ def test_stream_and_epoch_children_load_a_file_of_exactly_n_rows_streamed_from_d
     buffers), and their streamed images are read from a temporary file, not held in memory."""
     import pyarrow.parquet as pq
 
-    from valuekit.bench_stream import child_tables, rows_file
-    from valuekit.datasets import load_table, prepare
+    from valuekit.bench.stream import child_tables, rows_file
+    from valuekit.data.bundled import prepare
+    from valuekit.data.tables import load_table
 
     prepare("digits", tmp_path / "d", image_format="png", seed=0)
     whole = load_table(tmp_path / "d" / "train.parquet", stream=True).x.store.size
@@ -134,7 +135,7 @@ def test_per_row_state_counts_row_sized_arrays_once():
 
     import torch
 
-    from valuekit.bench_stream import per_row_state_bytes
+    from valuekit.bench.stream import per_row_state_bytes
 
     w = torch.zeros(10, dtype=torch.float64)
     a = types.SimpleNamespace(w=w, same=w, counts=np.zeros(10, np.int64), model=torch.zeros(7, 3),
@@ -149,7 +150,7 @@ def test_per_row_state_counts_row_sized_arrays_once():
 def test_same_steps_trains_the_small_table_for_the_large_tables_epoch(tmp_path, monkeypatch):
     import json
 
-    from valuekit import bench_epoch
+    from valuekit.bench import epoch as bench_epoch
 
     calls = []
     monkeypatch.setattr(bench_epoch, "_stream_data", lambda folder, quick: (folder, "stub"))

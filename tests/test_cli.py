@@ -8,9 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from valuekit.cli.main import main
-
 
 FAST = ["--steps", "12", "--batch-size", "16", "--device", "cpu", "--set", "eval_every=6"]
 

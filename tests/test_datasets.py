@@ -5,11 +5,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from valuekit.datasets import flip_labels, load_table, long_tail, prepare
-from valuekit.errors import InputError
-
 from conftest import blobs
+
+from valuekit.data.bundled import flip_labels, long_tail, prepare
+from valuekit.data.tables import load_table
+from valuekit.errors import InputError
 
 
 def test_parquet_csv_npz_dataframe_load_the_same(tmp_path):
@@ -60,7 +60,7 @@ def test_feature_cols_option_and_custom_column_names():
 
 
 def test_source_column_holds_one_string_object_per_distinct_source(tmp_path):
-    # a million-row table's source column costs a pointer a row, not a str object a row (valuekit.memory)
+    # a million-row table's source column costs a pointer a row, not a str object a row (valuekit.data.memory)
     df = blobs(12).assign(source=[f"s{i % 3}" for i in range(12)])
     df.to_parquet(tmp_path / "t.parquet")
     d = load_table(tmp_path / "t.parquet")

@@ -10,10 +10,13 @@ import pandas as pd
 import pytest
 import torch
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
 from valuekit.errors import InputError
-from valuekit.trainers import dds, uniform
-from valuekit.trainers.base import Batch, TrainConfig, TrainContext, per_example_loss, train
+from valuekit.methods import dds, uniform
+from valuekit.ops.losses import per_example_loss
+from valuekit.training.context import Batch, TrainContext
+from valuekit.training.loop import train
 
 DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"  # from any working directory
 
@@ -135,7 +138,7 @@ def test_frozen_uniform_scorer_is_plain_training():
         assert rd.reward is None and rd.scorer_loss is None  # scorer not updated: nothing to reward
     for p, q in zip(tr_d.model.parameters(), tr_u.model.parameters()):
         assert torch.allclose(p, q, atol=1e-6)
-    v = tr_d.values()
+    v = tr_d.values().columns
     assert torch.all(v["scorer_logit"] == 0) and torch.allclose(v["weight"], torch.ones(ctx_d.n, dtype=torch.float64))
 
 
@@ -161,7 +164,7 @@ def test_class_balance_prior_equalises_class_mass():
     ctx = make_ctx(n=n, batch_size=16)
     ctx.y = torch.tensor([0] * 40 + [1] * 15 + [2] * 5)
     tr = dds.Trainer(ctx, dds.Config(prior="class_balance", prior_steps=300, prior_lr=3e-2))
-    w = tr.values()["weight"]
+    w = tr.values().columns["weight"]
     mass = torch.zeros(3, dtype=torch.float64).index_add_(0, ctx.y, w) / n
     assert torch.allclose(mass, torch.full((3,), 1 / 3, dtype=torch.float64), atol=0.05), mass
 
@@ -210,7 +213,7 @@ def test_short_run_logs_rewards_and_weights(digits, tmp_path):
     assert np.array_equal(v["label"].to_numpy(), digits[0].y.numpy())
     # value = within-class rank average of -mean_loss and aum (signals.in_run_value), scorer_logit_z = the logit
     # standardised within each class
-    from valuekit.trainers.signals import class_standardise, rank_average
+    from valuekit.training.signals import class_standardise, rank_average
     labels = digits[0].y.numpy()
     np.testing.assert_allclose(v["value"].to_numpy(), rank_average([-v["mean_loss"].to_numpy(), v["aum"].to_numpy()],
                                                                    labels), rtol=1e-12)

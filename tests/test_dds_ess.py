@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-
-from valuekit.trainers import dds
 from test_dds import batch_of, make_ctx
+
+from valuekit.methods import dds
 
 
 def _ess(trainer, batch) -> float:

@@ -18,13 +18,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from valuekit import distributed as vdist
 from valuekit.cli.main import build_parser, main
+
 from valuekit.config import available_methods
 from valuekit.errors import InputError
-from valuekit.trainers.base import load_method
-from valuekit.runlog import read_run
+from valuekit.runs.reader import read_run
+from valuekit.training import distributed as vdist
+from valuekit.training.method import method_spec
 
 torch.set_num_threads(1)
 
@@ -184,8 +184,8 @@ def test_two_processes_equal_doubled_batch(case, tmp_path, multisource):
     method = CASES[case][1]
     if method not in available_methods():
         pytest.skip(f"method {method} not in this version")
-    # README: every method runs under torchrun; one that lost DISTRIBUTED = True fails here, never skips
-    assert getattr(load_method(method)[0], "DISTRIBUTED", False), f"method {method} lost DISTRIBUTED = True"
+    # README: every method runs under torchrun; one that lost `distributed = True` fails here, never skips
+    assert method_spec(method).distributed, f"method {method} lost distributed = True"
     args = tables(case, multisource) + LOOP + CASES[case]
     single([*args, "--batch-size", str(2 * B), "--out", str(tmp_path / "one")])
     ok(torchrun([*args, "--batch-size", str(B), "--out", str(tmp_path / "two")]))
@@ -207,7 +207,7 @@ def test_existing_run_directory_refused_by_every_rank(tmp_path, multisource):
 
 def test_methods_without_synchronisation_are_refused(tmp_path, monkeypatch, multisource):
     """A method module opts in with DISTRIBUTED = True; under torchrun any other is refused before training."""
-    from valuekit.trainers import uniform
+    from valuekit.methods import uniform
 
     monkeypatch.delattr(uniform, "DISTRIBUTED")
     monkeypatch.setenv("WORLD_SIZE", "2")

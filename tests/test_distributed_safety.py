@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from valuekit.cli.main import main
-from valuekit.runlog import read_run
+
+from valuekit.runs.reader import read_run
 
 torch.set_num_threads(1)
 
@@ -242,7 +242,7 @@ def test_device_cuda_n_is_refused_with_one_line(tmp_path, monkeypatch):
         assert code == 2 and err.count("\n") == 1 and fragment in err, (extra, err)
         assert not out.exists() and time.time() - t0 < 20  # refused here, no torchrun started
     # under torchrun a rank that would be placed on a CUDA device other than cuda:LOCAL_RANK refuses it
-    from valuekit.trainers import base as tbase
+    from valuekit.training import loop as tbase
 
     monkeypatch.setattr(tbase, "resolve_device", lambda name: torch.device("cuda", 1))
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -302,6 +302,7 @@ def test_score_audit_and_report_read_a_two_process_run_as_one(pair):
     assert (a.is_label_issue == b.is_label_issue).mean() > 0.99
 
     from test_report import parse
+
     from valuekit.analysis import curves
 
     figs = {}

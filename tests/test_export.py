@@ -1,4 +1,4 @@
-"""valuekit.export / `valuekit score`: round trips keep every column, added columns are exact,
+"""valuekit.export.scoring / `valuekit score`: round trips keep every column, added columns are exact,
 streaming equals one batch, writes are atomic, and the three user workflows work on the output."""
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import valuekit
-from valuekit import export, tablestream
 from valuekit.errors import InputError
-from valuekit.runlog import rank_by_value, RunWriter, read_run
+from valuekit.export import scoring as export
+from valuekit.export import tablestream
+from valuekit.ranking import rank_by_value
+from valuekit.runs.reader import read_run
+from valuekit.runs.writer import RunWriter
 
 N = 60
 
@@ -576,8 +579,10 @@ def test_hf_datasets_loads_pruned_parquet(scored, tmp_path):
 
 def test_cli_scores_a_trained_run(tables, tmp_path, capsys):
     from valuekit.cli.main import main
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import TrainConfig, train
+
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_table
+    from valuekit.training.loop import train
 
     train_ds = load_table(tables["train"])
     dev_ds = load_table(tables["dev"], like=train_ds, name="dev")
@@ -621,7 +626,7 @@ def test_temporaries_of_killed_exports_are_removed(tmp_path):
     import subprocess
     import sys
 
-    from valuekit.tablestream import _remove_stale_temporaries
+    from valuekit.export.tablestream import _remove_stale_temporaries
 
     out = tmp_path / "scored.parquet"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -1,4 +1,4 @@
-"""Numerical tests for valuekit.gradients (per-example gradient · vector dots).
+"""Numerical tests for valuekit.ops.gradients (per-example gradient · vector dots).
 
 All comparisons run in float64 on tiny models built here.
 """
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from valuekit.bench_layer import time_dot_methods
-from valuekit.gradients import (
+from valuekit.bench.layer import time_dot_methods
+from valuekit.ops.gradients import (
     DOT_METHODS,
     flatten,
     mean_gradient,
@@ -28,7 +28,7 @@ TAYLOR_EPS, TAYLOR_REL = 1e-4, 1e-2
 
 
 # ---------------------------------------------------------------------------
-# tiny models (built here; valuekit.models is not imported)
+# tiny models (built here; valuekit.models.builtin is not imported)
 # ---------------------------------------------------------------------------
 class Seq3D(nn.Module):
     """Linear on (B, T, D) inputs, mean over T, then a 2-D Linear head."""

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
 from valuekit.errors import InputError
-from valuekit.trainers import hostcp
-from valuekit.trainers.base import Batch, TrainConfig, TrainContext, train
+from valuekit.methods import hostcp
+from valuekit.training.context import Batch, TrainContext
+from valuekit.training.loop import train
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside cvxpylayers/diffcp
@@ -143,7 +145,7 @@ def test_short_run_logs_weight_and_selected(digits, tmp_path):
     agg = steps.groupby("example_id").agg(mean=("weight", "mean"), sel=("selected", "mean"),
                                           std=("weight", lambda s: s.std(ddof=0)))
     np.testing.assert_allclose(v.loc[agg.index, "selection_weight"], agg["mean"], rtol=1e-6, atol=1e-7)
-    from valuekit.trainers.signals import rank_average
+    from valuekit.training.signals import rank_average
     labels = digits[0].y.numpy()
     np.testing.assert_allclose(v["value"].to_numpy(), rank_average([-v["mean_loss"].to_numpy(), v["aum"].to_numpy()],
                                                                    labels), rtol=1e-12)
@@ -165,7 +167,7 @@ def test_values_average_over_repeated_visits():
         rec = tr.step(Batch(step=step, idx=idx, x=ctx.x[idx], y=ctx.y[idx]))
         for i, w in zip(idx.tolist(), rec.weight.double().tolist()):
             logged[i].append(w)
-    v = tr.values()
+    v = tr.values().columns
     means = np.array([np.mean(logged[i]) for i in range(12)])
     assert len({len(logged[i]) for i in range(12)}) == 3  # 4, 3, 2 visits
     assert sum(np.std(logged[i]) > 1e-3 for i in range(12)) >= 4  # w changes between visits
@@ -223,7 +225,7 @@ def test_bad_config_rejected(bad):
 
 
 def test_selector_forward_equals_its_layers_composed():
-    from valuekit.trainers.scorers import label_mlp
+    from valuekit.methods.scorers import label_mlp
 
     g = torch.Generator().manual_seed(0)
     net = label_mlp(12, 5, 8, mean=torch.randn(12, generator=g), std=torch.rand(12, generator=g) + 0.5, generator=g,

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from valuekit.cli.main import main
-from valuekit.runlog import RunWriter, read_run
-
 from conftest import blobs
+from valuekit.cli.main import main
+
+from valuekit.runs.reader import read_run
+from valuekit.runs.writer import RunWriter
 
 FAST = ["--steps", "4", "--batch-size", "8", "--device", "cpu"]
 
@@ -280,7 +280,7 @@ def test_damaged_checkpoint_on_resume(fresh, kind):
 
 def _contender(out: str, barrier, results) -> None:
     from valuekit.errors import ValueKitError
-    from valuekit.runlog import prepare_run
+    from valuekit.training.rundir import prepare_run
 
     # Widen the window between "is it there?" and "make it" (50 ms instead of microseconds) so that the
     # contenders really overlap on a busy 2-core machine: this is where the old code decided "I created it".
@@ -313,7 +313,6 @@ def test_simultaneous_creation_of_one_run_directory_is_race_free(tmp_path):
     wins each time, and its directory, lock and files survive the losers' clean-up (the code before
     issue 18 fails in the first round: a loser that had seen no directory removed the winner's, and a
     third process then took a second lock)."""
-    import valuekit.runlog  # noqa: F401 - imported once here, not in every forked child
 
     ctx = mp.get_context("fork")
     for i in range(8):
@@ -334,8 +333,9 @@ def test_simultaneous_creation_of_one_run_directory_is_race_free(tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over_once(tmp_path):
-    from valuekit.runlog import acquire_lock
     import socket
+
+    from valuekit.runs.lock import acquire_lock
 
     run = tmp_path / "run"
     run.mkdir()
@@ -436,7 +436,7 @@ def test_warnings_for_big_batch_dev_equal_to_train_and_stray_label(tmp_path):
 
 
 def test_progress_lines_without_a_terminal_and_no_nan_before_first_eval():
-    from valuekit.progress import Progress
+    from valuekit.training.progress import Progress
 
     stream = io.StringIO()
     bar = Progress(total=100, desc="dds", stream=stream, every_s=1e9)
@@ -468,7 +468,7 @@ def test_train_prints_progress_lines_when_not_a_terminal(tables, tmp_path):
 def test_interrupt_while_the_output_file_opens_leaves_no_temporary(tmp_path, monkeypatch, suffix):
     """The window the SIGTERM test sometimes hit on a loaded machine: the temporary file exists but the writer was
     not returned yet, so `score` had no sink to abort. The sink removes its own file then."""
-    from valuekit import tablestream
+    from valuekit.export import tablestream
 
     def opened_then_interrupted(path, schema, *a, **k):
         Path(path).write_bytes(b"PAR1")

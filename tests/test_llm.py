@@ -9,17 +9,24 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import scipy.stats
 import pandas as pd
 import pytest
+import scipy.stats
 import torch
-
 from valuekit.cli.main import main
+
+from valuekit.data.instructions import (
+    load_instructions,
+    prepare_instructions,
+    read_instructions,
+    tokenize,
+    write_instructions,
+)
+from valuekit.data.text import ByteTokenizer
+from valuekit.data.token_rows import IGNORE, PAD_INPUT
 from valuekit.errors import InputError
-from valuekit.instructions import (IGNORE, PAD_INPUT, ByteTokenizer, load_instructions, prepare_instructions,
-                                   read_instructions, tokenize, write_instructions)
-from valuekit.lm import CausalLM, build_lm
-from valuekit.trainers.base import per_example_loss
+from valuekit.models.lm import CausalLM, build_lm
+from valuekit.ops.losses import per_example_loss
 
 
 def _has(mod: str) -> bool:
@@ -148,7 +155,7 @@ def test_prepare_instructions(tmp_path):
 
 
 def test_prepare_instructions_swap_gives_junk_rows_another_messages_english(tmp_path):
-    from valuekit.instructions import build_instructions
+    from valuekit.data.instructions import build_instructions
 
     kw = dict(tasks=("es", "de"), junk_task="fr", noise=0.2, dev_size=30, test_size=30, max_per_task=100, seed=1)
     swap = pd.read_parquet(prepare_instructions(tmp_path / "swap", junk_kind="swap", **kw)["train"])
@@ -294,7 +301,7 @@ def test_hf_weights_and_tokenizer(tables, tmp_path):
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="[PAD]",
                             unk_token="[UNK]").save_pretrained(tmp_path / "tok")
-    from valuekit.instructions import get_tokenizer
+    from valuekit.data.text import get_tokenizer
 
     tok = get_tokenizer(str(tmp_path / "tok"))
     data = load_instructions(tables[0], tokenizer=tok, max_len=8)
@@ -314,15 +321,15 @@ def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
     """per_source: one weight per task; with the model frozen (lr_theta tiny) the task with the higher loss
     must lose weight, and sources/ logs every task's w_t at every step."""
     from valuekit.config import TrainConfig
-    from valuekit.instructions import load_instructions
-    from valuekit.trainers.base import make_trainer
+    from valuekit.data.instructions import load_instructions
+    from valuekit.training.loop import make_trainer
 
     train, dev = tables
     tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
     cfg = TrainConfig(method="bads", model="causal-lm", batch_size=36, hidden=32, device="cpu", progress=False)
     trainer, sampler, ctx = make_trainer(tr, dv, cfg, dict(per_source=True, temperature=0.0, lr_theta=1e-9,
                                                            burn_in=0, rho_w=0.0, lr_w=0.01))
-    from valuekit.trainers.base import Batch
+    from valuekit.training.context import Batch
 
     idx = torch.arange(0, 36, 3)  # B = 12 of N = 36 rows, 4 of each task's 12
     batch = Batch(step=1, idx=idx, x=ctx.x[idx], y=ctx.y[idx], source=ctx.source[idx])
@@ -338,8 +345,8 @@ def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
         assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 * 12 / (36 * 12) * g).item(), rel=1e-5)
         assert rec.sources[name] == (pytest.approx(torch.sigmoid(trainer.task_u[t].double()).item()), int(rows.sum()))
     vals = trainer.values()
-    assert vals["value"].shape == (36,)
-    assert len(set(vals["value"][ctx.source == 0].tolist())) == 1  # rows of one task share the task's weight
+    assert vals.value.shape == (36,)
+    assert len(set(vals.value[ctx.source == 0].tolist())) == 1  # rows of one task share the task's weight
 
 
 def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
@@ -406,13 +413,13 @@ def test_score_per_task_half_by_dds_reward(tables, tmp_path, capsys):
 def test_bads_preconditioned_theta_step_matches_psgld(tables):
     """precondition=True, T=0: theta moves by lr * G * g / N with G = 1 / (sqrt((1-decay) (g/N)^2) + eps)."""
     from valuekit.config import TrainConfig
-    from valuekit.trainers.base import Batch
+    from valuekit.training.context import Batch
 
     train, dev = tables
     tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
     cfg = TrainConfig(method="bads", model="causal-lm", batch_size=8, hidden=32, device="cpu", progress=False)
     mc = dict(precondition=True, temperature=0.0, lr_theta=1e-3, dev_batch_size=100, burn_in=0)
-    from valuekit.trainers.base import make_trainer
+    from valuekit.training.loop import make_trainer
 
     trainer, sampler, ctx = make_trainer(tr, dv, cfg, mc)
     idx = torch.arange(8)
@@ -430,7 +437,7 @@ def test_bads_preconditioned_theta_step_matches_psgld(tables):
 
 
 def test_length_buckets_cut_padding_and_cover_every_row():
-    from valuekit.lm import LengthBucketSampler
+    from valuekit.training.samplers import LengthBucketSampler
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(5, 200, (1000,), generator=g)
@@ -455,7 +462,7 @@ def test_length_buckets_cut_padding_and_cover_every_row():
 
 
 def test_sequence_margin_is_mean_scored_token_margin():
-    from valuekit.trainers.signals import margins
+    from valuekit.training.signals import margins
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 5, 4, generator=g, dtype=torch.float64)  # (N, V, L)
@@ -474,8 +481,9 @@ def test_lm_dev_batches_are_length_windows_and_draw_every_row_equally(tables):
     """Causal-LM dev batches: consecutive rows of the length-sorted dev set (short rows together) from a uniform
     start; each row lies in exactly `size` of the M windows (probability size / M: M / size x the batch sum is
     unbiased)."""
-    from valuekit.lm import token_lengths
-    from valuekit.trainers.base import TrainConfig, build_context
+    from valuekit.config import TrainConfig
+    from valuekit.models.lm import token_lengths
+    from valuekit.training.loop import build_context
 
     tr, dv = load_instructions(tables[0], max_len=32), load_instructions(tables[1], max_len=32, name="dev")
     ctx = build_context(tr, dv, TrainConfig(model="causal-lm", device="cpu"), torch.device("cpu"))
@@ -502,7 +510,7 @@ def test_lm_dev_batches_are_length_windows_and_draw_every_row_equally(tables):
 def test_per_example_dots_of_a_causal_lm_match_a_per_example_loop(tables):
     """DDS's rewards on instruction rows: forward-mode dots through attention (math kernel) equal the explicit
     per-example loop, with the mean response-token NLL as each row's loss."""
-    from valuekit.gradients import per_example_dots, per_example_dots_loop
+    from valuekit.ops.gradients import per_example_dots, per_example_dots_loop
 
     data = load_instructions(tables[0], max_len=32)
     model = build_lm("causal-lm", vocab=259, max_len=32, hidden=32, generator=torch.Generator().manual_seed(0)).double()
@@ -528,7 +536,7 @@ def _gpt(tmp_path, vocab=259, positions=64):
 
 @needs_peft
 def test_lora_adapters_start_at_the_base_model_and_are_the_only_trainable_weights(tables, tmp_path):
-    from valuekit.gradients import per_example_dots, per_example_dots_loop, trainable_names
+    from valuekit.ops.gradients import per_example_dots, per_example_dots_loop, trainable_names
 
     name = _gpt(tmp_path)
     data = load_instructions(tables[0], max_len=32)
@@ -553,7 +561,8 @@ def test_lora_adapters_start_at_the_base_model_and_are_the_only_trainable_weight
                                              ("bads", dict(burn_in=0)), ("multidds", dict(update_every=2))])
 def test_lora_steps_move_only_the_adapters(tables, tmp_path, method, settings):
     from valuekit.config import TrainConfig
-    from valuekit.trainers.base import Batch, make_trainer
+    from valuekit.training.context import Batch
+    from valuekit.training.loop import make_trainer
 
     train, dev = tables
     tr, dv = load_instructions(train, max_len=32), load_instructions(dev, max_len=32)
@@ -590,13 +599,14 @@ def test_lora_on_the_builtin_lm_or_a_classifier_exits_2(tables, tmp_path, capsys
 @pytest.mark.parametrize("model", ["causal-lm", "hf-config", "hf-config-lora"])
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, tmp_path, monkeypatch, method, model):
     from valuekit.config import TrainConfig
-    from valuekit.trainers.base import train
+    from valuekit.training.loop import train
 
     lora = 4 if model.endswith("-lora") else 0
     if model.startswith("hf-config"):
         if not _has("transformers") or (lora and not _has("peft")):
             pytest.skip("needs transformers (and peft for LoRA)")
         from transformers import GPT2Config
+
         # a part of the block: transformers checkpoints GPT2Block.forward itself, so that is not patched
         from transformers.models.gpt2.modeling_gpt2 import GPT2Attention as block
 
@@ -604,7 +614,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, t
                    attn_pdrop=0).save_pretrained(tmp_path / "gpt")
         model = f"hf-config:{tmp_path / 'gpt'}"
     else:
-        from valuekit.lm import Block as block
+        from valuekit.models.lm import Block as block
     calls = []
     forward = block.forward
     monkeypatch.setattr(block, "forward", lambda self, *a, **kw: calls.append(1) or forward(self, *a, **kw))
@@ -652,7 +662,7 @@ def test_gradient_checkpointing_with_lora_gives_the_adapters_the_same_gradients(
 
 
 def test_stream_yes_on_an_instruction_table_gives_the_in_memory_run(tables, tmp_path, monkeypatch):
-    import valuekit.instructions as instructions
+    import valuekit.data.instructions as instructions
 
     train, dev = tables
     vals, asked = {}, []
@@ -672,11 +682,13 @@ def test_stream_yes_on_an_instruction_table_gives_the_in_memory_run(tables, tmp_
 
 
 def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tmp_path, monkeypatch):
-    """Causal-LM rows ask valuekit.memory for a fixed glibc mmap threshold (flat peak memory in the number of rows,
+    """Causal-LM rows ask valuekit.data.memory for a fixed glibc mmap threshold (flat peak memory in the number of rows,
     reports/llm-memory.md) when they are loaded and trained; a classifier's table and run do not."""
-    from valuekit import datasets, memory
-    from valuekit.trainers import base
-    from valuekit.trainers.base import TrainConfig, train
+    from valuekit.config import TrainConfig
+    from valuekit.data import memory
+    from valuekit.data import tables as datasets
+    from valuekit.training import loop as base
+    from valuekit.training.loop import train
 
     asked = []
     record = lambda *, causal_lm=False: asked.append(causal_lm) or False  # noqa: E731
@@ -690,7 +702,7 @@ def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tm
     assert asked == [True, True, True]
     from pathlib import Path
 
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
     train(load_table(digits / "train.parquet"), load_table(digits / "dev.parquet"), out=tmp_path / "mlp",

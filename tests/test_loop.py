@@ -9,11 +9,15 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
 from valuekit.errors import InputError, RunDirError, TrainingDiverged
-from valuekit.runlog import METRICS_SCHEMA, acquire_lock, read_run, steps_schema
-from valuekit.trainers.base import TrainConfig, parse_overrides, resolve_device, train
-from valuekit.trainers.uniform import Config as UniformConfig
+from valuekit.methods.uniform import Config as UniformConfig
+from valuekit.runs.layout import METRICS_SCHEMA, steps_schema
+from valuekit.runs.lock import acquire_lock
+from valuekit.runs.reader import read_run
+from valuekit.training.loop import train
+from valuekit.training.options import parse_overrides, resolve_device
 
 
 def _load(tables, drop_eval=False):
@@ -83,7 +87,7 @@ def test_same_seed_same_values_other_seed_differs(tables, tmp_path):
 
 
 def test_the_loop_returns_freed_heap_every_few_seconds_without_changing_the_run(tables, tmp_path, monkeypatch):
-    import valuekit.trainers.base as base
+    import valuekit.training.loop as base
 
     a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
     calls = []
@@ -199,8 +203,8 @@ def test_uniform_values_are_minus_mean_loss_and_its_std_over_visits():
     never sampled; checked against the losses each step reported."""
     import torch
 
-    from valuekit.trainers import uniform
-    from valuekit.trainers.base import Batch, TrainContext
+    from valuekit.methods import uniform
+    from valuekit.training.context import Batch, TrainContext
 
     g = torch.Generator().manual_seed(0)
     n = 8
@@ -219,8 +223,8 @@ def test_uniform_values_are_minus_mean_loss_and_its_std_over_visits():
     assert np.std(losses[0]) > 1e-3  # the model moved: the losses differ between visits
     want = [-np.mean(losses[i]) if losses[i] else np.nan for i in range(n)]
     std = [np.std(losses[i]) if losses[i] else np.nan for i in range(n)]
-    np.testing.assert_allclose(np.asarray(v["value"]), want, rtol=1e-6, equal_nan=True)
-    np.testing.assert_allclose(np.asarray(v["value_std"]), std, rtol=1e-4, atol=1e-7, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(v.value), want, rtol=1e-6, equal_nan=True)
+    np.testing.assert_allclose(np.asarray(v.columns["value_std"]), std, rtol=1e-4, atol=1e-7, equal_nan=True)
 
 
 def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypatch):
@@ -228,7 +232,7 @@ def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypa
     import subprocess
     import sys
 
-    from valuekit import memory
+    from valuekit.data import memory
     from valuekit.errors import InputError
 
     for value in (None, "", "auto", "default"):
@@ -245,7 +249,7 @@ def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypa
         memory.fix_mmap_threshold()
     memory.fix_mmap_threshold.cache_clear()
     # a fixed threshold changes this process's allocator: asked in child processes
-    code = ("import sys; from valuekit.memory import fix_mmap_threshold as f, _malloc_trim as t; "
+    code = ("import sys; from valuekit.data.memory import fix_mmap_threshold as f, _malloc_trim as t; "
             "print(f(causal_lm=sys.argv[1] == 'lm'), t() is not None)")
     env = {k: v for k, v in os.environ.items() if k != "VALUEKIT_MALLOC"}
     for extra, kind in (({"VALUEKIT_MALLOC": "steady"}, "table"), ({}, "lm"), ({"VALUEKIT_MALLOC": "auto"}, "lm")):
@@ -258,8 +262,9 @@ def test_the_mmap_threshold_is_fixed_for_causal_lm_tables_or_when_asked(monkeypa
 
 
 def test_a_bad_malloc_setting_stops_the_command_line_with_one_line(tmp_path, monkeypatch, capsys):
-    from valuekit import memory
     from valuekit.cli.main import main
+
+    from valuekit.data import memory
 
     digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
     monkeypatch.setenv("VALUEKIT_MALLOC", "stedy")

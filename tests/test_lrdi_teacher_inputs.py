@@ -4,9 +4,9 @@ weights never fall under the effective-sample-size floor."""
 import numpy as np
 import pytest
 import torch
-
-from valuekit.trainers.lrdi import Config, student_signals
 from test_lrdi import tiny_trainer
+
+from valuekit.methods.lrdi import Config, student_signals
 
 
 def ess(w):

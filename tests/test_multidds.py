@@ -7,10 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from valuekit.datasets import load_table
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
 from valuekit.errors import InputError
-from valuekit.trainers import multidds
-from valuekit.trainers.base import Batch, TrainConfig, TrainContext, train
+from valuekit.methods import multidds
+from valuekit.training.context import Batch, TrainContext
+from valuekit.training.loop import train
 
 torch.set_num_threads(1)
 
@@ -90,7 +92,7 @@ def test_reinforce_loss_gradient_by_hand():
 def _context(train_ds, dev_ds, seed=0):
     config = cfg(seed=seed)
     codes = {s: i for i, s in enumerate(train_ds.sources)}
-    from valuekit.models import feature_stats
+    from valuekit.models.builtin import feature_stats
 
     mean, std = feature_stats(train_ds.x)
     return TrainContext(

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("django")
 
-from valuekit import multilingual as ml  # noqa: E402
+from valuekit.data import multilingual as ml  # noqa: E402
 from valuekit.errors import InputError  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual"
@@ -94,7 +94,6 @@ def test_prepare_with_related_and_unrelated_groups(tmp_path, capsys):
     import json
 
     import pyarrow.parquet as pq
-
     from valuekit.cli.main import main
 
     assert main(["data", "prepare", "multilingual", "--target", "br", "--related", "cy,ga", "--unrelated", "ja",
@@ -120,7 +119,6 @@ def test_cli_and_committed_copy(tmp_path):
     """Rebuilt from the installed Django, the corpus equals the committed copy, within the Django versions the
     `multilingual` extra pins (the copy was built with 5.2.19; other releases change the catalogs)."""
     import django
-
     from valuekit.cli.main import main
 
     version = tuple(int(v) for v in django.__version__.split(".")[:3] if v.isdigit())
@@ -152,8 +150,8 @@ def test_chrf_by_hand():
 
 
 def test_load_text_pairs_and_byte_round_trip(tmp_path):
-    from valuekit.datasets import load_text_pairs
-    from valuekit.models import BYTE_VOCAB, EOS, decode_bytes
+    from valuekit.data.tables import load_text_pairs
+    from valuekit.models.builtin import BYTE_VOCAB, EOS, decode_bytes
 
     df = pd.DataFrame({"id": [3, 4], "group": [0, 1], "source": ["ja", "es"],
                        "src_text": ["ページ", "Página no encontrada"], "tgt_text": ["Page", "Page not found"]})
@@ -170,7 +168,7 @@ def test_load_text_pairs_and_byte_round_trip(tmp_path):
 
 
 def test_seq2seq_loss_matches_token_cross_entropy_and_ignores_padding():
-    from valuekit.models import build_model, encode_bytes
+    from valuekit.models.builtin import build_model, encode_bytes
 
     m = build_model("seq2seq", in_features=24, num_classes=259, hidden=16,
                     generator=torch.Generator().manual_seed(0)).double()
@@ -188,8 +186,9 @@ def test_seq2seq_loss_matches_token_cross_entropy_and_ignores_padding():
 
 
 def test_translation_trains_in_the_loop_with_null_labels(tmp_path):
-    from valuekit.datasets import load_text_pairs
-    from valuekit.trainers.base import TrainConfig, train
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_text_pairs
+    from valuekit.training.loop import train
 
     tr = pd.read_parquet(DATA / "train.parquet")
     tr = tr[tr.source.isin(["ast", "es", "ja"]) & (tr.src_text.str.len() < 20)].head(300)
@@ -211,7 +210,8 @@ def test_translation_trains_in_the_loop_with_null_labels(tmp_path):
 
 def test_translation_table_trains_from_the_cli(tmp_path, capsys):
     from valuekit.cli.main import main
-    from valuekit.runlog import read_run
+
+    from valuekit.runs.reader import read_run
 
     data = Path(__file__).resolve().parents[1] / "data" / "multilingual"
     args = ["train", str(data / "train.parquet"), "--dev", str(data / "dev.parquet"), "--steps", "4",
@@ -229,8 +229,8 @@ def test_translation_table_trains_from_the_cli(tmp_path, capsys):
 
 
 def test_byte_transformer_loss_padding_and_greedy_decoding():
-    from valuekit.models import encode_bytes
-    from valuekit.translation import ByteTransformer, init_transformer_
+    from valuekit.models.builtin import encode_bytes
+    from valuekit.models.translation import ByteTransformer, init_transformer_
 
     m = ByteTransformer(dim=16, heads=2, layers=1, dropout=0.0).double()
     init_transformer_(m, torch.Generator().manual_seed(0))

@@ -4,22 +4,21 @@ per-example gradient dots for any module (BatchNorm, LayerNorm, Embedding, atten
 from __future__ import annotations
 
 import importlib
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import usermodels
 from torch import nn
+from valuekit.cli.main import main
 
 import valuekit
-from valuekit.cli.main import main
 from valuekit.errors import InputError
-from valuekit.gradients import LayerTape, per_example_dots, per_example_dots_loop
-from valuekit.models import build_user_model, features_and_logits, last_linear
-
-import usermodels
+from valuekit.models.features import features_and_logits, last_linear
+from valuekit.models.user import build_user_model
+from valuekit.ops.gradients import LayerTape, per_example_dots, per_example_dots_loop
 
 
 def image_frame(n: int, *, seed: int, start: int = 0, side: int = 8) -> pd.DataFrame:
@@ -245,7 +244,8 @@ def test_fused_tape_refuses_batchnorm_and_methods_fall_back_to_exact():
 
 
 def test_feature_hook_reads_the_last_linear_input_and_named_layers(tmp_path):
-    from valuekit.models import build_model, feature_module
+    from valuekit.models.builtin import build_model
+    from valuekit.models.features import feature_module
 
     m = build_model("mlp", in_features=5, num_classes=3, generator=torch.Generator().manual_seed(0))
     x = torch.randn(4, 5)
@@ -285,7 +285,7 @@ def png_tables(tmp_path, layout="struct", side=8):
     """train/dev tables with the images of `image_frame` as PNG bytes ({bytes, path} struct or plain bytes) or files."""
     import pyarrow as pa
 
-    from valuekit.datasets import IMAGE_STRUCT, encode_png
+    from valuekit.data.tables import IMAGE_STRUCT, encode_png
 
     paths, arrays = {}, {}
     for name, n, seed, start in (("train", 48, 1, 0), ("dev", 12, 2, 1000)):
@@ -312,7 +312,7 @@ def png_tables(tmp_path, layout="struct", side=8):
 
 @pytest.mark.parametrize("layout", ["struct", "bytes", "paths"])
 def test_png_image_columns_decode_to_the_pixels(tmp_path, layout):
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     paths, arrays = png_tables(tmp_path, layout)
     ds = load_table(paths["train"])
@@ -327,7 +327,7 @@ def test_rgb_and_jpeg_images_and_mixed_modes(tmp_path):
 
     from PIL import Image
 
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)
@@ -369,7 +369,7 @@ def test_bad_images_give_one_line_naming_the_row_or_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"column 'image' at id {bad.id[3]}: image file broken.png cannot be decoded" in err, err
     sizes = pd.read_parquet(struct_paths["dev"])
-    from valuekit.datasets import encode_png
+    from valuekit.data.tables import encode_png
 
     sizes.at[0, "image"] = {"bytes": encode_png(np.zeros((1, 6, 6))), "path": None}
     sizes_path = tmp_path / "sizes.parquet"
@@ -409,7 +409,7 @@ def test_python_api_on_png_bytes_with_every_method(tmp_path):
 
 
 def test_data_prepare_png_and_folder_layouts_decode_to_the_array_layout(tmp_path, capsys):
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     for fmt in ("array", "png", "folder"):
         assert main(["data", "prepare", "digits", "-o", str(tmp_path / fmt), "--format", fmt, "--max-train", "60"]) == 0
@@ -434,7 +434,7 @@ def _spill_table(tmp_path, rows=23, colour_from=None, broken=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from valuekit.datasets import encode_png
+    from valuekit.data.tables import encode_png
 
     rng = np.random.default_rng(0)
     imgs = [rng.integers(0, 256, (3, 6, 5) if colour_from is not None and i >= colour_from else (6, 5), dtype=np.uint8)
@@ -451,8 +451,8 @@ def test_spilled_image_rows_equal_the_decoded_rows_across_batches_and_in_a_worke
     import gc
     import pickle
 
-    from valuekit.datasets import load_table
-    from valuekit.images import spill_image_column
+    from valuekit.data.images import spill_image_column
+    from valuekit.data.tables import load_table
 
     path, imgs = _spill_table(tmp_path, colour_from=9)  # rows 9.. are colour: the whole column becomes RGB
     eager = load_table(path, stream=False)
@@ -472,7 +472,7 @@ def test_spilled_image_rows_equal_the_decoded_rows_across_batches_and_in_a_worke
 
 
 def test_a_broken_image_in_a_later_batch_names_its_own_row(tmp_path):
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     path, _ = _spill_table(tmp_path, broken=14)
     with pytest.raises(InputError, match=r"column 'image' at id 'r14': image bytes cannot be decoded"):
@@ -482,7 +482,7 @@ def test_a_broken_image_in_a_later_batch_names_its_own_row(tmp_path):
 def test_a_dataframe_streams_from_its_own_buffer_and_auto_reads_small_files_eagerly(tmp_path):
     import pyarrow.parquet as pq
 
-    from valuekit.datasets import _arrow_image_type, load_table
+    from valuekit.data.tables import _arrow_image_type, load_table
 
     path, _ = _spill_table(tmp_path)
     frame = pq.read_table(path).to_pandas(types_mapper=_arrow_image_type)
@@ -493,8 +493,8 @@ def test_a_dataframe_streams_from_its_own_buffer_and_auto_reads_small_files_eage
 
 
 def test_streamed_images_give_the_same_run_as_decoded_ones(tmp_path):
-    from valuekit.datasets import load_table
-    from valuekit.images import ImageRows
+    from valuekit.data.images import ImageRows
+    from valuekit.data.tables import load_table
 
     paths, arrays = png_tables(tmp_path, "struct")
     eager = load_table(paths["train"], stream=False)
@@ -527,9 +527,9 @@ def test_streamed_image_files_and_the_cli_flag(tmp_path, capsys):
 
 
 def test_row_stream_prefetches_the_next_batch_without_changing_the_random_stream(tmp_path):
-    from valuekit.datasets import load_table
-    from valuekit.streaming import RowStream
-    from valuekit.trainers.base import RandomSampler
+    from valuekit.data.streaming import RowStream
+    from valuekit.data.tables import load_table
+    from valuekit.training.samplers import RandomSampler
 
     paths, _ = png_tables(tmp_path, "struct")
     rows = load_table(paths["train"], stream=True).x
@@ -590,7 +590,7 @@ def test_bf16_autocast_runs_every_step_in_bf16_on_cpu_and_fp16_needs_a_scaler(tm
         assert run.meta["config"]["precision"] == "bf16" and np.isfinite(vals.value).all()
         assert run.metrics()["cuda_mem_mb"].isna().all()  # no CUDA here: the column is null
     # the step really runs under autocast: a forward hook sees bf16 conv outputs
-    from valuekit.precision import autocast
+    from valuekit.training.precision import autocast
 
     net = usermodels.TinyResNet(3)
     net.stem[0].register_forward_hook(lambda m, a, out: seen.append(out.dtype))
@@ -629,7 +629,7 @@ def test_streamed_run_with_decode_workers_equals_the_in_memory_run_and_resumes(t
 
 
 def test_augmentation_flips_and_crops_the_rows_a_method_sees_and_resumes_exactly(tmp_path):
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
 
     paths, _ = png_tables(tmp_path, "struct")
     raw = load_table(paths["train"]).x.reshape(-1, 1, 8, 8)
@@ -679,9 +679,10 @@ def usermodels_table():
 
 
 def test_valuekit_train_keeps_the_older_dataset_and_config_form(tables, tmp_path):
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import TrainConfig, train as loop_train
-    from valuekit.trainers.dds import Config as DDSConfig
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_table
+    from valuekit.methods.dds import Config as DDSConfig
+    from valuekit.training.loop import train as loop_train
 
     tr = load_table(tables["train"])
     dv, te = load_table(tables["dev"], like=tr, name="dev"), load_table(tables["test"], like=tr, name="test")

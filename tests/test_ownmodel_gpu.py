@@ -7,10 +7,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-import valuekit
 import usermodels
 from test_ownmodel import png_tables
+
+import valuekit
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -30,7 +30,7 @@ def test_streamed_png_run_on_cuda(tmp_path, method, precision):
 
 
 def test_per_example_dots_on_cuda_match_cpu():
-    from valuekit.gradients import per_example_dots
+    from valuekit.ops.gradients import per_example_dots
 
     torch.manual_seed(0)
     model = usermodels.TinyResNet(3).double().train()

@@ -1,10 +1,10 @@
-"""pyDVL peers through their own interpreter (valuekit.peers); skipped where no pyDVL Python is configured."""
+"""pyDVL peers through their own interpreter (valuekit.bench.peers); skipped where no pyDVL Python is configured."""
 
 import numpy as np
 import pytest
 
 from valuekit.analysis.baselines import knn_shapley
-from valuekit.peers import pydvl_python, pydvl_values
+from valuekit.bench.peers import pydvl_python, pydvl_values
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 import valuekit
-from valuekit import export
 from valuekit.errors import InputError
-from valuekit.runlog import RunWriter
+from valuekit.export import scoring as export
+from valuekit.runs.writer import RunWriter
 
 
 def make_run(path, ids, value):

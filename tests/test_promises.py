@@ -6,19 +6,16 @@ import io
 import json
 import re
 from contextlib import redirect_stderr, redirect_stdout
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
-
-import valuekit
-from valuekit.cli.main import main
-from valuekit.runlog import read_run
-
 from conftest import blobs
 from test_report import parse
+from valuekit.cli.main import main
+
+import valuekit
+from valuekit.runs.reader import read_run
 
 LOOP = ["--device", "cpu", "--batch-size", "16", "--set", "eval_every=10"]
 
@@ -159,12 +156,12 @@ def test_top_level_api(world):
 
 def test_rank_ties_and_round_half_selections(tmp_path):
     """Ties keep row order; round(F*N) rounds halves up (README), keep-fraction keeps at least one row."""
-    from valuekit.runlog import RunWriter
+    from valuekit.runs.writer import RunWriter
 
     ids = np.arange(10)
     value = np.array([1.0, 3.0, 3.0, 2.0, 3.0, 0.0, 2.0, np.nan, 1.0, 2.0])
     w = RunWriter(tmp_path / "run", meta={"method": "uniform", "id_type": "int64"}, id_type="int64")
-    from valuekit.runlog import rank_by_value
+    from valuekit.ranking import rank_by_value
 
     w.write_values(pd.DataFrame({"example_id": ids, "value": value, "value_std": np.nan, "weight": np.ones(10),
                                  "rank": rank_by_value(value)}))

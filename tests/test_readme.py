@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-
 from valuekit.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]

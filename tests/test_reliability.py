@@ -8,13 +8,12 @@ import time
 
 import numpy as np
 import pandas as pd
+from conftest import blobs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from valuekit.cli.main import main
-from valuekit.runlog import read_run
 
-from conftest import blobs
+from valuekit.runs.reader import read_run
 
 
 def _train_cmd(tables, out, steps):

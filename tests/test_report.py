@@ -12,11 +12,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from valuekit.cli.main import main
 
 from valuekit.analysis import curves
-from valuekit.cli.main import main
 from valuekit.report import write_report
-from valuekit.runlog import SOURCES_SCHEMA, SOURCE_TABLE, SOURCE_TABLE_SCHEMA, read_run, steps_schema
+from valuekit.runs.layout import SOURCE_TABLE, SOURCE_TABLE_SCHEMA, SOURCES_SCHEMA, steps_schema
+from valuekit.runs.reader import read_run
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -71,8 +72,9 @@ def uniform_run(tmp_path_factory):
     """A real uniform run on the committed noisy digits, 60 steps (a few seconds on CPU)."""
     import torch
 
-    from valuekit.datasets import load_table
-    from valuekit.trainers.base import TrainConfig, train
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_table
+    from valuekit.training.loop import train
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs") / "uniform"

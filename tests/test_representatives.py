@@ -1,4 +1,4 @@
-"""HOST-CP representativeness program (valuekit.representatives): gradients vs finite differences,
+"""HOST-CP representativeness program (valuekit.ops.representatives): gradients vs finite differences,
 constraints, the effect of the memory, nearest-neighbour candidates, any batch size."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from valuekit.representatives import RepresentativeMemory, RepresentativeSelection
+from valuekit.ops.representatives import RepresentativeMemory, RepresentativeSelection
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"

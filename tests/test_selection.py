@@ -1,4 +1,4 @@
-"""Numerical tests for valuekit.selection (differentiable convex subset selection).
+"""Numerical tests for valuekit.ops.selection (differentiable convex subset selection).
 
 The exact backend is checked against finite differences (gradcheck), against the
 cvxpylayers reference (forward and vector-Jacobian products), against an explicit
@@ -12,12 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from valuekit.bench_layer import benchmark_layer
-from valuekit.selection import (
-    DEFAULT_SOLVER_ARGS,
-    SubsetSelection,
-    select_subset,
-)
+from valuekit.bench.layer import benchmark_layer
+from valuekit.ops.selection import DEFAULT_SOLVER_ARGS, SubsetSelection, select_subset
 
 pytestmark = pytest.mark.filterwarnings(
     # numpy 2 deprecation emitted inside cvxpylayers/diffcp when they np.array() a tensor
@@ -439,7 +435,7 @@ def test_benchmark_layer_smoke():
 def test_fixed_steps_suffice(reg, dtype):
     """On typical problems (unit-scale scores, lam 0.05..5, any k) every row has converged after the fixed
     number of steps, so the fallback loop (and its per-chunk host syncs) never runs."""
-    import valuekit.selection as sel
+    import valuekit.ops.selection as sel
 
     g = torch.Generator().manual_seed(11)
     for n, lam in [(1024, 0.05), (1024, 0.5), (257, 5.0), (64, 0.2)]:
@@ -460,7 +456,7 @@ def test_fixed_steps_suffice(reg, dtype):
 
 def test_unconverged_rows_warn(monkeypatch):
     """Too few steps and no fallback budget: the solve says so (RuntimeWarning) instead of returning silently."""
-    import valuekit.selection as sel
+    import valuekit.ops.selection as sel
 
     s = torch.randn(4, 300, generator=torch.Generator().manual_seed(1), dtype=DT)
     monkeypatch.setattr(sel, "_FIXED_ITERS", {"quadratic": 0, "entropy": 0})
@@ -478,7 +474,7 @@ def test_unconverged_rows_warn(monkeypatch):
 
 
 def test_solve_keeps_callers_thread_count():
-    import valuekit.selection as sel
+    import valuekit.ops.selection as sel
 
     threads = torch.get_num_threads()
     try:
@@ -519,7 +515,7 @@ def test_polished_threshold_meets_the_budget_to_rounding(reg):
 def test_sorted_quadratic_threshold_equals_the_iterative_solve(monkeypatch):
     """The one-sort quadratic solve (the default path) gives the iterative solver's weights, ties and
     large offsets included; when it cannot meet sum(w) = k it hands over to the iterative solve."""
-    import valuekit.selection as sel
+    import valuekit.ops.selection as sel
 
     g = torch.Generator().manual_seed(5)
     cases = []
@@ -548,7 +544,7 @@ def test_sorted_quadratic_threshold_equals_the_iterative_solve(monkeypatch):
 def test_numpy_sorted_threshold_equals_the_torch_one(dtype):
     """The CPU path (numpy) and the device path (torch) of the one-sort solve give the same weights and hand
     over to the iterative solve on the same inputs."""
-    from valuekit.quadratic_threshold import _quadratic_fast_numpy, _quadratic_fast_torch
+    from valuekit.ops.quadratic_threshold import _quadratic_fast_numpy, _quadratic_fast_torch
 
     g = torch.Generator().manual_seed(11)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
@@ -575,7 +571,7 @@ def test_selection_without_a_graph_equals_the_differentiable_one():
 
 def test_large_quadratic_inputs_take_the_iterative_solve(monkeypatch):
     """Beyond _SORT_MAX scores the two sorts cost more than the fixed-step solve (reports/speed.md): not used."""
-    import valuekit.selection as sel
+    import valuekit.ops.selection as sel
 
     calls = []
     real = sel._quadratic_fast

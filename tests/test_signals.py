@@ -1,15 +1,15 @@
-"""Per-example in-run signals (valuekit.trainers.signals): accumulator vs explicit loops over the step log."""
+"""Per-example in-run signals (valuekit.training.signals): accumulator vs explicit loops over the step log."""
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from valuekit.datasets import load_table
-from valuekit.runlog import read_run
-from valuekit.trainers.base import TrainConfig, train
-from valuekit.trainers.signals import (SignalAccumulator, class_percentile, class_standardise, margins,
-                                       rank_average)
+from valuekit.config import TrainConfig
+from valuekit.data.tables import load_table
+from valuekit.runs.reader import read_run
+from valuekit.training.loop import train
+from valuekit.training.signals import SignalAccumulator, class_percentile, class_standardise, margins, rank_average
 
 
 def _load(tables):
@@ -149,7 +149,7 @@ def test_in_run_value_uses_the_signals_only_for_class_labels():
     sequence labels: the percentile rank of -last_loss."""
     from types import SimpleNamespace
 
-    from valuekit.trainers.signals import in_run_value
+    from valuekit.training.signals import in_run_value
 
     acc = SignalAccumulator(4)
     acc.update(torch.arange(4), loss=torch.tensor([0.1, 0.9, 0.5, 0.3]), margin=torch.tensor([2.0, -1.0, 0.5, 1.0]))

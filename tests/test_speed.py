@@ -4,13 +4,13 @@ BatchNorm in the gradient tape."""
 from __future__ import annotations
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
-from valuekit.runlog import METRICS_SCHEMA, AsyncPartWriter, PartWriter, steps_schema
+from valuekit.runs.layout import METRICS_SCHEMA, steps_schema
+from valuekit.runs.parts import AsyncPartWriter, PartWriter
 
 
 def _rows(step, n, *, weight=True, src=True):
@@ -76,7 +76,7 @@ def test_writer_thread_cpu_time_is_counted_per_part(tmp_path):
 
 
 def test_step_log_overhead_is_the_fastest_runs_ratio_with_the_logs_own_cpu_time():
-    from valuekit.bench import logging_overhead
+    from valuekit.bench.common import logging_overhead
 
     out = logging_overhead(steps=30, repeats=2)
     log, nolog = out["runs_s"]["log"], out["runs_s"]["nolog"]
@@ -92,7 +92,7 @@ def test_step_log_overhead_is_the_fastest_runs_ratio_with_the_logs_own_cpu_time(
 
 
 def test_run_writer_part_counts_wait_for_disk(tmp_path):
-    from valuekit.runlog import RunWriter
+    from valuekit.runs.writer import RunWriter
 
     rw = RunWriter(tmp_path / "run", meta={"method": "x"}, id_type="int64")
     for step in range(1, 4):
@@ -106,7 +106,7 @@ def test_run_writer_part_counts_wait_for_disk(tmp_path):
 
 
 def test_resnet_model_shapes():
-    from valuekit.models import build_model
+    from valuekit.models.builtin import build_model
 
     m = build_model("resnet", in_features=784, num_classes=10, image_shape=(1, 28, 28),
                     generator=torch.Generator().manual_seed(0))
@@ -119,10 +119,11 @@ def test_resnet_model_shapes():
 def test_lrdi_fused_meta_gradient_is_exact_with_batchnorm():
     """On the resnet (BatchNorm: rows interact) auto picks forward-mode dots, which equal the second-order
     meta-gradient."""
-    from valuekit.bench import _bench_tables
-    from valuekit.trainers.base import TrainConfig, make_trainer
+    from valuekit.bench.common import bench_tables
+    from valuekit.config import TrainConfig
+    from valuekit.training.loop import make_trainer
 
-    tr, dv = _bench_tables(side=16)
+    tr, dv = bench_tables(side=16)
     out = {}
     for mode in ("auto", "autograd"):
         trainer, _, ctx = make_trainer(tr, dv, TrainConfig(method="lrdi", model="resnet", batch_size=16, steps=10,
@@ -137,11 +138,11 @@ def test_lrdi_fused_meta_gradient_is_exact_with_batchnorm():
 
 
 def test_step_times_breakdown_and_layer_under_load():
-    from valuekit.bench import _bench_tables
-    from valuekit.bench_layer import layer_under_load
-    from valuekit.bench_speed import step_times
+    from valuekit.bench.common import bench_tables
+    from valuekit.bench.layer import layer_under_load
+    from valuekit.bench.speed import step_times
 
-    tr, dv = _bench_tables()
+    tr, dv = bench_tables()
     times, parts = step_times(tr, dv, methods=["uniform", "lrdi", "dds"], model="mlp", batch_size=32, steps=4,
                               warmup=4, reps=2, breakdown=True)
     assert times["lrdi"].shape == (2, 4) and (times["uniform"] > 0).all()
@@ -155,10 +156,12 @@ def test_step_times_breakdown_and_layer_under_load():
 
 
 def test_batchnorm_models_use_exact_dots_in_dds_and_hostcp():
-    from valuekit.bench import _bench_tables
-    from valuekit.trainers.base import Batch, TrainConfig, make_trainer
+    from valuekit.bench.common import bench_tables
+    from valuekit.config import TrainConfig
+    from valuekit.training.context import Batch
+    from valuekit.training.loop import make_trainer
 
-    tr, dv = _bench_tables(side=16)
+    tr, dv = bench_tables(side=16)
     dds, _, ctx = make_trainer(tr, dv, TrainConfig(method="dds", model="resnet", batch_size=8, steps=10,
                                                    progress=False, device="cpu"))
     assert dds.tape is None

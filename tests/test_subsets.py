@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import blobs
+
 from valuekit.analysis.subsets import COLUMNS, plot_subset_value, summarise, top_ids
-from valuekit.retrain import subset_value
+from valuekit.bench.retrain import subset_value
 from valuekit.errors import InputError
 
 

@@ -4,12 +4,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from valuekit import suites
+from valuekit.bench import suites
 from valuekit.errors import InputError
 
 
 def test_noisy_sources_flip_at_their_rates(tmp_path):
-    from valuekit.datasets import prepare
+    from valuekit.data.bundled import prepare
 
     paths = prepare("digits", tmp_path, seed=0)
     before = pd.read_parquet(paths["train"])
@@ -58,10 +58,9 @@ def test_a_suite_runs_its_grid_and_writes_csv_md_png(tmp_path, monkeypatch):
 
 
 def test_every_suite_names_known_methods_settings_and_data():
-    from valuekit.config import METHODS
-    from valuekit.datasets import DATASETS
-    from valuekit.trainers import options
-    from valuekit.config import TrainConfig
+    from valuekit.config import METHODS, TrainConfig
+    from valuekit.data.bundled import DATASETS
+    from valuekit.training import options
 
     for s in suites.SUITES.values():
         assert set(s.settings) <= set(suites.SETTINGS) and set(s.data) <= set(DATASETS)

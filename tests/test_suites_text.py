@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from valuekit import suites_llm, suites_multidds as sm
+from valuekit.bench import suites_llm
+from valuekit.bench import suites_multidds as sm
 from valuekit.errors import InputError
 
 BUNDLED = Path(__file__).resolve().parents[1] / "data" / "multilingual"
@@ -185,9 +186,10 @@ def test_llm_lora_arms_start_from_the_uniform_runs_model(tmp_path, monkeypatch):
 
 
 def test_bench_cli_lists_and_checks_the_text_suites(tmp_path, monkeypatch):
-    from valuekit import suites_text
     from valuekit.cli import bench as cli_bench
     from valuekit.cli.main import build_parser
+
+    from valuekit.bench import suites_text
 
     parser = build_parser()
     for name in suites_text.NAMES:
@@ -219,8 +221,8 @@ def test_fresh_never_removes_a_run_another_process_is_training(tmp_path):
     import subprocess
     import sys
 
-    from valuekit.runlog import RunDirError
-    from valuekit.suites_text import fresh
+    from valuekit.bench.suites_text import fresh
+    from valuekit.errors import RunDirError
 
     busy = tmp_path / "busy"
     busy.mkdir()

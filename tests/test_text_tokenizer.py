@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from valuekit.cli.main import main
-from valuekit.runlog import read_run
+
+from valuekit.runs.reader import read_run
 
 pytestmark = pytest.mark.skipif(not importlib.util.find_spec("transformers"),
                                 reason="needs transformers (pip install 'valuekit[test]' or 'valuekit[llm]')")
@@ -71,8 +71,8 @@ def text_tables(tmp_path):
 
 
 def test_text_table_with_tokenizer_trains_a_users_text_model(text_tables, tmp_path, monkeypatch):
-    from valuekit.datasets import load_table
-    from valuekit.instructions import get_tokenizer
+    from valuekit.data.tables import load_table
+    from valuekit.data.text import get_tokenizer
 
     t, vocab = text_tables, text_tables["vocab"]
     # the table as the trainer sees it: token ids of each row, cut at --max-len and padded with [PAD] (0)
@@ -137,9 +137,9 @@ def test_bad_tokenizer_folder_or_text_column_one_line_exit_2_nothing_written(tex
 def test_python_api_tokenizer_folder_or_object_same_run(text_tables, tmp_path, monkeypatch):
     """valuekit.train(..., tokenizer=DIR | object with encode) tokenizes every table as --tokenizer does."""
     import valuekit
-    from valuekit.datasets import load_table
+    from valuekit.data.tables import load_table
+    from valuekit.data.text import get_tokenizer
     from valuekit.errors import InputError
-    from valuekit.instructions import get_tokenizer
 
     monkeypatch.syspath_prepend(str(HERE))
     t = text_tables

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from valuekit.errors import InputError
-from valuekit.threads import apply_threads, default_threads, idle_cores, parse_threads, resolve_threads
+from valuekit.training.threads import apply_threads, default_threads, idle_cores, parse_threads, resolve_threads
 
 
 def test_parse_threads():
@@ -49,8 +49,9 @@ def test_apply_threads(monkeypatch):
 
 def test_cli_threads_option(tmp_path, monkeypatch):
     """`valuekit train --threads N` sets torch's thread count before training; bad values exit 2 with one line."""
-    from valuekit.bench import BUNDLED
     from valuekit.cli.main import main
+
+    from valuekit.bench.common import BUNDLED
 
     monkeypatch.delenv("VALUEKIT_THREADS", raising=False)
     before = torch.get_num_threads()

@@ -1,4 +1,4 @@
-"""Packed instruction rows (valuekit.token_rows): the dense rows they stand for, chunked loading, memory."""
+"""Packed instruction rows (valuekit.data.token_rows): the dense rows they stand for, chunked loading, memory."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import valuekit.instructions as instructions
+import valuekit.data.instructions as instructions
+from valuekit.data.instructions import load_instructions
+from valuekit.data.text import ByteTokenizer
+from valuekit.data.token_rows import IGNORE, PAD_INPUT, TokenRows, pack_sequences
 from valuekit.errors import InputError
-from valuekit.instructions import IGNORE, PAD_INPUT, ByteTokenizer, load_instructions
-from valuekit.lm import token_lengths
-from valuekit.token_rows import TokenRows, pack_sequences
+from valuekit.models.lm import token_lengths
 
 
 def _dense_reference(prompts, responses, tok, max_len):
@@ -107,7 +108,7 @@ def test_packed_rows_hold_their_tokens_not_the_padded_width():
 
 
 def test_feed_hashes_like_the_dense_bytes(monkeypatch):
-    import valuekit.token_rows as token_rows
+    import valuekit.data.token_rows as token_rows
 
     monkeypatch.setattr(token_rows, "HASH_ROWS", 4)
     prompts, responses = _texts(10, seed=4)
@@ -122,7 +123,7 @@ def test_streamed_rows_read_the_same_tokens_from_a_file_that_goes_with_the_table
     import gc
     import os
 
-    import valuekit.token_rows as token_rows
+    import valuekit.data.token_rows as token_rows
 
     prompts, responses = _texts(30, seed=5)
     df = pd.DataFrame({"id": np.arange(30), "prompt": prompts, "response": responses})
@@ -152,7 +153,7 @@ def test_streamed_rows_read_the_same_tokens_from_a_file_that_goes_with_the_table
 
 def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
     from valuekit.config import TrainConfig
-    from valuekit.trainers.base import train
+    from valuekit.training.loop import train
 
     prompts, responses = _texts(40, seed=6)
     df = pd.DataFrame({"id": np.arange(40), "prompt": prompts, "response": responses})
@@ -168,8 +169,8 @@ def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
 
 
 def test_llm_memory_bench_child_measures_each_layout(tmp_path):
-    from valuekit.bench_llm_memory import instruction_rows_file, llm_memory_child
-    from valuekit.suites_llm import MAX_LEN
+    from valuekit.bench.llm_memory import instruction_rows_file, llm_memory_child
+    from valuekit.bench.suites_llm import MAX_LEN
 
     prompts, responses = _texts(7, seed=7)
     base = pd.DataFrame({"id": np.arange(7) + 100, "prompt": prompts, "response": responses,

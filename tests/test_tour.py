@@ -15,10 +15,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-
 from valuekit.cli.main import main
-from valuekit.datasets import FASHION_CLASSES, FASHION_DIR, load_table
-from valuekit.runlog import read_run
+
+from valuekit.data.bundled import FASHION_CLASSES, FASHION_DIR
+from valuekit.data.tables import load_table
+from valuekit.runs.reader import read_run
 
 STRUCT = "struct<bytes: binary, path: string>"
 

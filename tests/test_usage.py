@@ -14,10 +14,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from valuekit.analysis.usage import (plot_source_probs, plot_source_rewards, plot_source_usage, source_rewards,
-                                     source_table, source_usage)
+from valuekit.analysis.usage import (
+    plot_source_probs,
+    plot_source_rewards,
+    plot_source_usage,
+    source_rewards,
+    source_table,
+    source_usage,
+)
 from valuekit.errors import InputError
-from valuekit.runlog import SCHEMA_VERSION, SOURCES_SCHEMA, steps_schema
+from valuekit.runs.layout import SCHEMA_VERSION, SOURCES_SCHEMA, steps_schema
 
 
 def _run_dir(tmp_path, sources=None, steps=None, schema=SOURCES_SCHEMA):
@@ -149,7 +155,7 @@ def test_usage_curves_plot_the_logged_series(tmp_path):
 
 
 def test_source_table_reads_sources_parquet(tmp_path):
-    from valuekit.runlog import SOURCE_TABLE, SOURCE_TABLE_SCHEMA
+    from valuekit.runs.layout import SOURCE_TABLE, SOURCE_TABLE_SCHEMA
 
     d = _run_dir(tmp_path, REWARDS)
     t = pd.DataFrame({"source": ["ja", "es"], "prob": [0.2, 0.8], "logit": [-0.7, 0.7], "uniform_prob": 0.5,

@@ -7,12 +7,12 @@ analysis code can be used without importing torch.
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_table": ("valuekit.datasets", "load_table"),
-    "ValueDataset": ("valuekit.datasets", "ValueDataset"),
-    "train": ("valuekit.train_api", "train"),
-    "TrainConfig": ("valuekit.trainers.base", "TrainConfig"),
-    "read_run": ("valuekit.runlog", "read_run"),
-    "score": ("valuekit.export", "score"),
+    "load_table": ("valuekit.data.tables", "load_table"),
+    "ValueDataset": ("valuekit.data.tables", "ValueDataset"),
+    "train": ("valuekit.api", "train"),
+    "TrainConfig": ("valuekit.config", "TrainConfig"),
+    "read_run": ("valuekit.runs.reader", "read_run"),
+    "score": ("valuekit.export.scoring", "score"),
     "audit": ("valuekit.analysis.mislabel", "audit"),
     "audit_summary": ("valuekit.analysis.mislabel", "audit_summary"),
     "report": ("valuekit.report", "write_report"),

@@ -6,23 +6,22 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, field
 
-# method name -> (module, Config overrides). Modules are imported only when used.
-METHODS: dict[str, tuple[str, dict]] = {
-    "uniform": ("valuekit.trainers.uniform", {}),
-    "dds": ("valuekit.trainers.dds", {}),
-    "multidds": ("valuekit.trainers.multidds", {}),
-    "hostcp": ("valuekit.trainers.hostcp", {}),
-    "lrdi": ("valuekit.trainers.lrdi", {}),
-    "l2rw": ("valuekit.trainers.lrdi", {"variant": "l2rw"}),
-    # Meta-Weight-Net's teacher steps every 4th step: same test accuracy and AUROC as every step on 3 data sets x
-    # 3 settings x 3 seeds (reports/suite-lrdi-meta-every.md); LRDI lost 0.6-1.2 points there, so it keeps 1
-    "mwnet": ("valuekit.trainers.lrdi", {"variant": "mwnet", "meta_every": 4}),
-    "bads": ("valuekit.trainers.bads", {}),
+# method name -> the module that registers it (valuekit.training.method.register, with the name's Config overrides).
+# Modules are imported only when used, so the command line lists methods without importing torch.
+METHODS: dict[str, str] = {
+    "uniform": "valuekit.methods.uniform",
+    "dds": "valuekit.methods.dds",
+    "multidds": "valuekit.methods.multidds",
+    "hostcp": "valuekit.methods.hostcp",
+    "lrdi": "valuekit.methods.lrdi",
+    "l2rw": "valuekit.methods.lrdi",
+    "mwnet": "valuekit.methods.lrdi",
+    "bads": "valuekit.methods.bads",
 }
 
 
 def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite: bool | None = None):
-    """A Config field with its allowed values declared next to the default; `valuekit.trainers.options.check`
+    """A Config field with its allowed values declared next to the default; `valuekit.training.options.check`
     is the one validator that reads them (floats must also be finite unless finite=False)."""
     rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     if choices is not None:
@@ -33,7 +32,7 @@ def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite
 
 def available_methods() -> list[str]:
     """Method names whose module is present in this installation."""
-    return [m for m, (mod, _) in METHODS.items() if importlib.util.find_spec(mod) is not None]
+    return [m for m, mod in METHODS.items() if importlib.util.find_spec(mod) is not None]
 
 
 @dataclass
@@ -59,19 +58,19 @@ class TrainConfig:
     eval_batch_size: int = setting(256, ge=1)
     log_steps: bool = True  # per-example rows in steps/ (off: metrics and values only, for huge runs)
     progress: bool = True
-    # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.precision)
+    # fp32 | bf16 | fp16: each step under torch.autocast (fp16 also with a gradient scaler; valuekit.training.precision)
     precision: str = setting("fp32", choices=("fp32", "bf16", "fp16"))
     # causal LMs (hf:DIR, hf-config:DIR): LoRA adapters of this rank on the model's attention/MLP projections
     # (peft, `pip install 'valuekit[lora]'`); the base weights are frozen, so every method's gradients, rewards and
-    # dot products are the adapters'. 0: full fine-tuning (valuekit.lm.add_lora)
+    # dot products are the adapters'. 0: full fine-tuning (valuekit.models.lm.add_lora)
     lora: int = setting(0, ge=0)
     # causal LMs: keep only each Transformer block's input and recompute its activations in the backward
     # (non-reentrant torch.utils.checkpoint; transformers' gradient_checkpointing_enable for hf models): less
     # activation memory for one more block forward per step, the same gradients and values
     gradient_checkpointing: bool = False
     # streamed image tables (load_table(stream=...)): worker processes decoding the next batch while a step
-    # trains; 0 decodes in the training process (valuekit.streaming)
+    # trains; 0 decodes in the training process (valuekit.data.streaming)
     data_workers: int = setting(0, ge=0)
     # image tables: train-time augmentation of each batch (random crop with 4-pixel zero padding and/or
-    # left-right flip; valuekit.images.augment), drawn from its own generator (seed + 1); evaluation is never augmented
+    # left-right flip; valuekit.data.images.augment), drawn from its own generator (seed + 1); evaluation is never augmented
     augment: str = setting("none", choices=("none", "flip", "crop", "crop+flip"))

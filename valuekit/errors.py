@@ -15,3 +15,22 @@ class RunDirError(ValueKitError):
 
 class TrainingDiverged(ValueKitError):
     """Loss or weights became NaN/inf; the message names the step."""
+
+
+
+
+
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (its type name when it has none)."""
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__
+
+
+def unreadable(path, what: str | BaseException) -> InputError:
+    """`InputError("RUN/file: unreadable (why)")` for a damaged run file."""
+    why = first_line(what) if isinstance(what, BaseException) else what
+    return InputError(f"{path}: unreadable ({why})")

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from valuekit.errors import InputError
-from valuekit.runlog import Run, open_run
+from valuekit.runs.reader import Run, open_run
 
 __all__ = ["class_balance", "class_balance_over_steps", "plot_class_balance", "plot_class_balance_over_steps", "kl"]
 
@@ -34,7 +34,7 @@ def kl(p, q) -> float:
 
 
 def _label_text(values: np.ndarray) -> list[str]:
-    # Same text form as valuekit.datasets (integral floats from CSV round trips lose their '.0').
+    # Same text form as valuekit.data.tables (integral floats from CSV round trips lose their '.0').
     if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
         values = values.astype(np.int64)
     return [str(v) for v in values]
@@ -42,7 +42,7 @@ def _label_text(values: np.ndarray) -> list[str]:
 
 def _table_freq(path, classes: list[str], label_col: str = "label") -> np.ndarray | None:
     """Class frequencies of a table's label column, or None when the file or column is not there."""
-    from valuekit.datasets import read_any
+    from valuekit.data.tables import read_any
 
     if not path or not Path(path).exists():
         return None

@@ -8,14 +8,13 @@ group_by; only the small aggregated result becomes a DataFrame.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from valuekit.errors import InputError
-from valuekit.runlog import open_run
+from valuekit.runs.reader import open_run
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 DIGEST_ROWS = 1_000_000  # quantiles of bigger logs come from every k-th row (means and counts use all rows)

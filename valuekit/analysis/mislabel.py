@@ -228,7 +228,7 @@ def discovery_curve(score, is_noisy) -> pd.DataFrame:
 
 def open_runs(run_dirs) -> list:
     """Open run directories (paths or Run objects), refusing ones without values.parquet."""
-    from valuekit.runlog import Run, open_run
+    from valuekit.runs.reader import Run, open_run
 
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
@@ -279,7 +279,7 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
 
     `data` (path or DataFrame) overrides run.json's data.train.path. Class codes follow the run's `classes`.
     """
-    from valuekit.datasets import _features, _label_text, read_any
+    from valuekit.data.tables import _features, _label_text, read_any
 
     df, meta, path = read_any(data if data is not None else _table_path(run), name="train")
     where = path or "<data DataFrame>"
@@ -349,7 +349,6 @@ def cv_pred_probs(x: np.ndarray, y: np.ndarray, num_classes: int, *, model: str 
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
     from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(seed)

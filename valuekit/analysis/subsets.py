@@ -2,7 +2,7 @@
 ``RUN_DIR/subset_value.parquet`` (columns ``fraction, selection, seed, test_acc, size``).
 
 The evaluation itself trains fresh models on top-f subsets, so it lives outside the analysis layer:
-`valuekit.retrain.subset_value` (Das et al., HOST-CP, ECML-PKDD 2021, Sec. 5).
+`valuekit.bench.retrain.subset_value` (Das et al., HOST-CP, ECML-PKDD 2021, Sec. 5).
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError
-from valuekit.runlog import SUBSET_VALUE as SUBSET_FILE  # noqa: F401  (re-exported)
 
 COLUMNS = ("fraction", "selection", "seed", "test_acc", "size")
 
@@ -23,7 +22,7 @@ def _values_of(run) -> tuple[pd.DataFrame, object | None]:
             if col not in run.columns:
                 raise InputError(f"values DataFrame: missing column {col!r} (columns: {list(run.columns)[:12]})")
         return run, None
-    from valuekit.runlog import open_run
+    from valuekit.runs.reader import open_run
 
     r = open_run(run)
     return r.values(), r

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError
-from valuekit.runlog import open_run
+from valuekit.runs.reader import open_run
 
 BY = ("prob", "count")
 

@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from valuekit.errors import InputError, ValueKitError
-from valuekit.runlog import SUBSET_VALUE, write_atomic
+from valuekit.runs.atomic import write_atomic
+from valuekit.runs.layout import SUBSET_VALUE
 
 TEMPLATE = "report.html"
 TOP_K = 20
@@ -152,7 +153,7 @@ def _training(runs, names) -> _Section:
 
 def _starved_notes(name: str, values: pd.DataFrame, labels: pd.Series, fraction: float = 0.5) -> list[str]:
     """Warnings for classes that a global top-`fraction` selection by value keeps at under half their share."""
-    from valuekit.export import select_top, starved_classes
+    from valuekit.export.scoring import select_top, starved_classes
 
     cls = pd.Series(values["example_id"].to_numpy()).map(labels)
     ok = cls.notna().to_numpy()
@@ -472,7 +473,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     import jinja2
 
     from valuekit.analysis.mislabel import run_columns
-    from valuekit.runlog import Run, read_run
+    from valuekit.runs.reader import Run, read_run
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

@@ -1,0 +1,76 @@
+"""`valuekit.train`: the one-call Python entry point.
+
+    run = valuekit.train("train.parquet", dev="dev.parquet", model=my_module, method="dds",
+                         steps=500, device="auto", out="runs/dds")
+
+Tables may be paths, DataFrames or ValueDatasets; `model` an nn.Module, a factory
+`f(num_classes=, input_shape=)`, a built-in name or a `pkg.mod:factory` / `torchvision:NAME` spec.
+Other keyword settings are the loop's (TrainConfig fields: batch_size, lr, seed, ...) or the method's
+(its Config fields, e.g. scorer_lr for dds). The older form
+`train(train_ds, dev_ds, test_ds, out=..., config=TrainConfig(...), method_config={...})` works unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from os import PathLike
+
+from valuekit.config import TrainConfig
+from valuekit.errors import InputError
+
+
+def _table(source, name: str, like=None, table_kw: dict | None = None):
+    from valuekit.data.tables import ValueDataset, load_table
+
+    if source is None or isinstance(source, ValueDataset):
+        return source
+    kw = dict(table_kw or {})
+    if like is not None:
+        kw.pop("feature_cols", None), kw.pop("image_shape", None)
+    return load_table(source, name=name, like=like, **kw)
+
+
+def train(train, dev=None, test=None, *, out, model=None, method: str | None = None, steps: int | None = None,
+          device: str | None = None, config: TrainConfig | None = None, method_config: dict | None = None,
+          resume: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
+          tokenizer=None, text_col: str = "text", max_len: int = 256, **settings):
+    """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
+    return the opened Run (valuekit.runs.reader.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
+    `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
+    `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it."""
+    from valuekit.training.loop import train as train_loop
+    from valuekit.training.method import method_spec
+
+    if dev is None:
+        raise InputError("valuekit.train: a trusted dev table is required (dev=...)")
+    config = config or TrainConfig()
+    loop_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    given = {k: v for k, v in (("method", method), ("steps", steps), ("device", device)) if v is not None}
+    if isinstance(model, str):
+        given["model"], model = model, None
+    config = dataclasses.replace(config, **given, **{k: v for k, v in settings.items() if k in loop_fields})
+    method_fields = {f.name for f in dataclasses.fields(method_spec(config.method).Config)}
+    extra = {k: v for k, v in settings.items() if k not in loop_fields}
+    unknown = sorted(set(extra) - method_fields)
+    if unknown:
+        raise InputError(f"valuekit.train: unknown setting {unknown[0]!r} (loop settings: {', '.join(sorted(loop_fields))}; "
+                         f"{config.method} settings: {', '.join(sorted(method_fields)) or '(none)'})")
+    if dataclasses.is_dataclass(method_config):  # a method Config instance (the older form)
+        method_config = dataclasses.replace(method_config, **extra) if extra else method_config
+    else:
+        method_config = {**(method_config or {}), **extra}
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, PathLike)):
+            from valuekit.data.text import get_tokenizer
+
+            tokenizer = get_tokenizer(str(tokenizer))
+        elif not callable(getattr(tokenizer, "encode", None)):
+            raise InputError(f"valuekit.train: tokenizer={tokenizer!r} is neither a folder nor has encode(text)")
+        if max_len < 1:
+            raise InputError(f"valuekit.train: max_len={max_len}: must be >= 1")
+        table_kw = {**(table_kw or {}), "tokenizer": tokenizer, "text_col": text_col, "max_len": max_len}
+    train_ds = _table(train, "train", table_kw=table_kw)
+    dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
+    test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
+    return train_loop(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
+                      hooks=hooks, name=name, model=model)

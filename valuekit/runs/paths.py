@@ -1,0 +1,158 @@
+"""Where valuekit may write, and reading run files that may be damaged.
+
+Every command checks its output location with `check_output` before any work: an output that is
+empty, an input, a run directory's own file, an existing directory where a file is meant (or a
+file where a folder is meant), a path under a file, or a location that cannot be written is refused
+with one InputError. `unreadable` is the one message for a damaged run file.
+"""
+
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pyarrow as pa
+
+from valuekit.errors import InputError, RunDirError, unreadable
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _run_dir_of(path: Path) -> Path | None:
+    """The run directory `path` lies in (any ancestor holding run.json), or None."""
+    from valuekit.runs.layout import RUN_JSON
+
+    for parent in path.parents:
+        if (parent / RUN_JSON).is_file():
+            return parent
+    return None
+
+
+def _writable_dir(folder: Path) -> bool:
+    """True when a file can be created in `folder` (a real probe: os.access says yes to root on read-only mounts)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".valuekit-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
+                 suffixes: tuple[str, ...] | None = None) -> Path:
+    """Resolve and check an output location before any work; returns the resolved path.
+
+    kind: "file" (an existing file is replaced, a directory is refused), "dir" (a folder that is
+    created if missing; a file there is refused) or "run" (a run directory: a file there is refused,
+    and so is a non-empty folder that is not a run directory). `inputs` are files the command reads
+    (never an output), `runs` are run directories it reads (neither they nor anything in them is an
+    output).
+    """
+    text = "" if path is None else str(path)
+    if not text.strip():
+        raise InputError(f"{option} {text!r}: empty path; give a {'file name' if kind == 'file' else 'folder'}")
+    given = Path(text).expanduser()
+    out = given.resolve()
+    label = f"{option} {text}"
+    if suffixes is not None and out.suffix.lower() not in suffixes:
+        shown = [s for s in suffixes if s not in (".pq", ".htm")]  # aliases accepted, not advertised
+        raise InputError(f"{label}: output must end in {' or '.join(shown)}")
+    for inp in inputs:
+        if inp is None:
+            continue
+        p = Path(inp).expanduser().resolve()
+        if out == p or (out.exists() and p.exists() and os.path.samefile(out, p)):
+            what = "folder" if p.is_dir() else "table"
+            raise InputError(f"{label}: is the input {what} {inp}; valuekit never overwrites its input")
+    for r in runs:
+        rp = Path(r).expanduser().resolve()
+        if out == rp or out.is_relative_to(rp):
+            raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
+    from valuekit.runs.layout import RUN_FILES, RUN_JSON
+
+    inside = _run_dir_of(out)
+    if inside is not None:
+        what = "is a file of" if out.relative_to(inside).parts[0] in RUN_FILES else "lies in"
+        raise InputError(f"{label}: {what} the run directory {inside}; write outputs elsewhere")
+    if out.exists():
+        if kind == "file" and out.is_dir():
+            raise InputError(f"{label}: is a directory; give a file name")
+        if kind != "file" and not out.is_dir():
+            raise InputError(f"{label}: exists and is a file, not a folder")
+        if kind == "run" and not (out / RUN_JSON).exists() and any(out.iterdir()):
+            raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
+                             f"choose a new or empty folder")
+    base = _nearest_existing(out.parent if kind == "file" or not out.exists() else out)
+    if not base.is_dir():
+        raise InputError(f"{label}: lies under {base}, which is a file, not a folder")
+    if not _writable_dir(base):
+        raise InputError(f"{label}: cannot write in {base} (permission denied or read-only)")
+    return out
+
+
+def _kind(t: pa.DataType) -> str:
+    if pa.types.is_integer(t):
+        return "int"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return "str"
+    if pa.types.is_boolean(t):
+        return "bool"
+    if pa.types.is_null(t):
+        return "null"
+    return str(t)
+
+
+# The columns a reader relies on, with the kinds of Arrow type each may have (all-null columns are
+# written as nulls when a method has no such signal).
+REQUIRED = {
+    "values": {"example_id": {"int", "str"}, "value": {"float", "int"}, "value_std": {"float", "int", "null"},
+               "weight": {"float", "int"}, "rank": {"int", "float"}},
+    "steps": {"step": {"int"}, "example_id": {"int", "str"}},  # other columns are read where a reader needs them
+    "metrics": {"step": {"int"}},
+    "sources": {"step": {"int"}, "source": {"str"}, "prob": {"float"}},
+}
+
+
+def check_columns(path: Path, schema: pa.Schema, need: dict) -> None:
+    for name, kinds in need.items():
+        if name not in schema.names:
+            raise unreadable(path, f"no column {name!r}; not a valuekit file")
+        kind = _kind(schema.field(name).type)
+        if kind not in kinds:
+            raise unreadable(path, f"column {name!r} is {schema.field(name).type}, expected {'/'.join(sorted(kinds))}")
+
+
+def make_run_dir(run_dir: Path) -> bool:
+    """Create run_dir (and parents); True only when this call created it, so that a caller that fails
+    later removes only a folder it made itself."""
+    try:
+        Path(run_dir).mkdir(parents=True)
+        return True
+    except FileExistsError:
+        if not Path(run_dir).is_dir():
+            raise RunDirError(f"{run_dir}: exists and is not a folder") from None
+        return False
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Remove a folder this process created, only while it is still empty (another process may have
+    started using it)."""
+    try:
+        Path(run_dir).rmdir()
+    except OSError:
+        pass
+
+
+CHECKPOINT_KEYS = {"step": int, "trainer": dict, "sampler": dict, "parts": dict, "elapsed": (int, float)}
