@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from valuekit.config import TrainConfig
+from valuekit.config import METHODS, TrainConfig
 from valuekit.errors import InputError
 from valuekit.runs import atomic, layout, reader
-from valuekit.training import context as api
-from valuekit.config import METHODS
 from valuekit.training import checkpoint, options
+from valuekit.training import context as api
 from valuekit.training.method import REGISTRY, Method, MethodValues, method_spec, register
 from valuekit.training.samplers import Sampler
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench.common import header, stem, write, small_resnet
+from valuekit.bench.common import header, small_resnet, stem, write
 from valuekit.bench.stream import STREAM_METHODS, _stream_data, child_tables, rows_file, run_child, status_mib
 
 SIZES = (10_000, 30_000, 60_000)

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from valuekit.bench.common import header, stem, write, markdown_table
+from valuekit.bench.common import header, markdown_table, stem, write
 from valuekit.ops.gradients import DOT_METHODS, LossFn, VectorLike, mean_gradient, per_example_dots
 from valuekit.ops.losses import per_example_loss
 from valuekit.ops.selection import SubsetSelection

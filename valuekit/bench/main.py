@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench.common import header, _run_measured, stem, write, logging_overhead, synthetic_step_log
+from valuekit.bench.common import _run_measured, header, logging_overhead, stem, synthetic_step_log, write
 from valuekit.bench.suites_text import TextSuite
 from valuekit.errors import InputError
 from valuekit.runs.atomic import write_text_atomic

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench.common import SPEED_METHODS, bench_tables, header, stem, write, logging_overhead, markdown_table
+from valuekit.bench.common import SPEED_METHODS, bench_tables, header, logging_overhead, markdown_table, stem, write
 from valuekit.bench.layer import layer_under_load
 
 #: the models of `bench speed`: name -> (image side, batch size)

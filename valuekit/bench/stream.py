@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.bench.common import header, stem, write, small_resnet
+from valuekit.bench.common import header, small_resnet, stem, write
 
 STREAM_METHODS = ("uniform", "dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads")
 

@@ -86,6 +86,11 @@ then the prior is added once), the gradient for a row's weight is computed by th
 the row, and every rank then applies the Langevin update of the whole global batch's weights (all-
 gathered) with noise drawn from the shared generator -- as is theta's noise -- so all replicas stay
 identical and the chain equals a 1-process chain with the global batch.
+
+BatchNorm: a model with batch-norm layers gets separate training and dev forwards (a joint one would
+normalise the training rows with dev statistics); the dev forward runs in training mode (its own batch
+statistics) under `valuekit.ops.modes.no_running_stats_update`, so the running mean/variance see only the
+training rows and the evaluated and exported model has never seen a dev row.
 """
 
 from __future__ import annotations
@@ -99,6 +104,7 @@ from torch import nn
 from valuekit.config import setting
 from valuekit.errors import InputError
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import no_running_stats_update
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.options import check_fields
@@ -318,8 +324,10 @@ class Trainer(Method):
         elif self.joint_forward:
             logits_all = self.model(torch.cat([batch.x, dev_x]))
             logits, dev_logits = logits_all[:b], logits_all[b:]
-        else:
-            logits, dev_logits = self.model(batch.x), self.model(dev_x)
+        else:  # BatchNorm: the dev rows normalised by their own statistics, the running ones left to the batch's
+            logits = self.model(batch.x)
+            with no_running_stats_update(self.model):
+                dev_logits = self.model(dev_x)
         losses = per_example_loss(logits, batch.y)
         # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.
         log_lik = -(cfg.rho_theta * self.n / b_all) * (w.detach() * losses).sum()

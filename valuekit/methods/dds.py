@@ -31,6 +31,11 @@ over all ranks' rows (a differentiable all-reduce of the partition function), th
 d_theta is averaged over the ranks' slices of one global dev batch, rewards are computed locally
 for each rank's rows, the reward baseline/std use global means, and model and scorer gradients are
 all-reduced, so the replicas stay identical and the run equals a 1-process run with the global batch.
+
+BatchNorm: the dev forward (line 9) runs in training mode, so the dev batch is normalised by its own
+statistics and d_theta is the gradient of the training-mode dev loss, but under
+`valuekit.ops.modes.no_running_stats_update`: the running mean/variance are updated by the model step's
+training rows only, and the evaluated and exported model has never seen a dev row.
 """
 
 from __future__ import annotations
@@ -49,13 +54,13 @@ from valuekit.models.features import has_batchnorm, last_linear
 from valuekit.models.lm import without_checkpointing
 from valuekit.ops.gradients import DOT_METHODS, LayerTape, per_example_dots
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import no_running_stats_update
 from valuekit.runs.layout import CHECKPOINT
 from valuekit.training.checkpoint import load_checkpoint
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.options import check_fields
 from valuekit.training.signals import margins
-
 
 SCORERS = ("mlp", "same")
 REWARD_NORMS = ("none", "scale", "baseline", "ema")
@@ -277,7 +282,8 @@ class Trainer(Method):
             # line 9: d_theta = mean dev-batch gradient at theta_t
             dev_size = cfg.dev_batch_size or ctx.global_rows(B)
             dev_x, dev_y = ctx.sample_dev(dev_size)
-            dev_losses = per_example_loss(self.model(dev_x), dev_y)
+            with no_running_stats_update(self.model):  # BatchNorm: the dev rows' own statistics, no running update
+                dev_losses = per_example_loss(self.model(dev_x), dev_y)
             # torchrun: each rank's share of the global dev mean, summed over ranks below
             dev_obj = ctx.mean_share(dev_losses, ctx.dev_total(dev_size))
             # plain autograd on the module: same numbers as gradients.mean_gradient, less torch.func overhead

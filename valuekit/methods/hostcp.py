@@ -48,6 +48,11 @@ global objectives), and the w statistics record the whole global batch. The run 
 iterative solver (SCS, tolerance 1e-6) turns the 1e-7 summation-order differences into weight
 differences of ~3e-3 after one step and up to ~0.2 after four (digits, batch 32), so it matches a
 1-process run only statistically.
+
+BatchNorm: the look-ahead's forwards (the dev batch at theta', and with ``meta_grad="autograd"`` the
+training batch at theta) and the selector's feature forward (``"embedding"``) run in training mode
+(batch statistics) under `valuekit.ops.modes.no_running_stats_update`: only the model step's forward
+updates the running mean/variance, and no dev row reaches the evaluated or exported model.
 """
 
 from __future__ import annotations
@@ -63,12 +68,12 @@ from valuekit.methods.scorers import LabelMLP, label_mlp
 from valuekit.models.features import feature_dim, feature_module, features_and_logits, has_batchnorm
 from valuekit.ops.gradients import LayerTape, per_example_dots
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import no_running_stats_update
 from valuekit.ops.selection import BACKENDS, REGULARISERS, SubsetSelection
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.options import check_fields
 from valuekit.training.signals import margins
-
 
 SELECTOR_INPUTS = ("features", "embedding")
 META_GRADS = ("fused", "ghost", "exact", "autograd")
@@ -151,7 +156,7 @@ class Trainer(Method):
     def _selector_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.selector_input == "features":
             return x
-        with torch.no_grad():
+        with torch.no_grad(), no_running_stats_update(self.model):  # the model step's forward updates them
             return features_and_logits(self.model, x, self.feature_layer)[0]
 
     def _weights(self, u: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -180,7 +185,8 @@ class Trainer(Method):
         eta, k = self.cfg.lookahead_lr, float(w.detach().sum()) if k is None else k
         params = {n: p.detach() for n, p in self.model.named_parameters()}
         ahead = {n: (p - eta * grads[n]).requires_grad_(True) for n, p in params.items()}
-        dev_loss = self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
+        with no_running_stats_update(self.model):  # BatchNorm: the dev rows' statistics, running ones untouched
+            dev_loss = self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
         v = list(torch.autograd.grad(dev_loss, list(ahead.values())))
         dev_loss = dev_loss.detach().reshape(1)
         self.ctx.all_reduce_([*v, dev_loss])
@@ -200,13 +206,14 @@ class Trainer(Method):
         """L_dev(theta - eta grad_theta sum_i w_i l_i(theta) / k), differentiable in w (second order).
         Under torchrun the inner gradient is summed over ranks in the graph and the result is this rank's share."""
         eta, k = self.cfg.lookahead_lr, float(w.detach().sum()) if k is None else k
-        with torch.enable_grad():  # the inner gradient is needed even when evaluating without grad
-            params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
-            losses = per_example_loss(functional_call(self.model, params, (x,)), y)
-            g = torch.autograd.grad((w * losses).sum() / k, list(params.values()), create_graph=w.requires_grad)
-            g = self.ctx.all_sum_list(g)
-        ahead = {n: p - eta * gi for (n, p), gi in zip(params.items(), g)}
-        return self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
+        with no_running_stats_update(self.model):  # BatchNorm: batch statistics, running ones untouched
+            with torch.enable_grad():  # the inner gradient is needed even when evaluating without grad
+                params = {n: p.detach().requires_grad_(True) for n, p in self.model.named_parameters()}
+                losses = per_example_loss(functional_call(self.model, params, (x,)), y)
+                g = torch.autograd.grad((w * losses).sum() / k, list(params.values()), create_graph=w.requires_grad)
+                g = self.ctx.all_sum_list(g)
+            ahead = {n: p - eta * gi for (n, p), gi in zip(params.items(), g)}
+            return self.ctx.dev_loss(functional_call(self.model, ahead, (dev_x,)), dev_y, dev_total)
 
     # -------------------------------------------------------- the step
 

@@ -42,6 +42,11 @@ is an all-reduce), the dev loss J is the mean over the ranks' slices of one glob
 batch-mean normalisation of the weights (and L2RW's Σ_j w̃_j) runs over all ranks' rows, and the
 meta-gradients w.r.t. the teacher and the student's gradients are all-reduced. L2RW's ∂J/∂ε_i stays
 with the rank that holds row i. The result equals a 1-process run with the global batch.
+
+BatchNorm: the virtual steps' forwards and the dev forward run in training mode (batch statistics,
+the objective the meta-gradient differentiates) under `valuekit.ops.modes.no_running_stats_update`, so the
+running mean/variance are updated only by the real step's forward of the training batch; no dev row
+reaches the evaluated or exported model.
 """
 
 from __future__ import annotations
@@ -60,11 +65,11 @@ from valuekit.errors import InputError
 from valuekit.models.features import feature_dim, feature_module, features_and_logits, has_batchnorm
 from valuekit.ops.gradients import LayerTape, per_example_dots, second_order
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import no_running_stats_update
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.options import check_fields
 from valuekit.training.signals import margins
-
 
 VARIANTS = ("lrdi", "mwnet", "l2rw")
 TEACHER_INPUTS = ("features", "loss", "prob", "margin", "progress", "label")
@@ -264,6 +269,10 @@ class Trainer(Method):
         Under torchrun the virtual steps use the global batch's gradient, and the returned J is this rank's
         share (its dev rows' loss sum / `dev_total`, the global dev batch size); `first` stays local.
         """
+        with no_running_stats_update(self.model):  # BatchNorm: batch statistics, running ones untouched
+            return self._unroll(losses0, w, x, y, dev_x, dev_y, reduce=reduce, dev_total=dev_total)
+
+    def _unroll(self, losses0, w, x, y, dev_x, dev_y, *, reduce: str, dev_total: int | None):
         c, world = self.cfg, self.ctx.world_size
         theta = dict(self.model.named_parameters())
         buf = first = None
@@ -353,7 +362,8 @@ class Trainer(Method):
                 ctx.all_reduce_(first)
                 first = [g / world for g in first]
             theta = {n: (p.detach() - c.virtual_lr * g).requires_grad_() for n, p, g in zip(names, params, first)}
-        dev_logits = functional_call(self.model, theta, (dev_x,))
+        with no_running_stats_update(self.model):  # BatchNorm: the dev rows' statistics, running ones untouched
+            dev_logits = functional_call(self.model, theta, (dev_x,))
         if world == 1:
             dev_loss = F.cross_entropy(dev_logits, dev_y)
         else:
@@ -384,8 +394,9 @@ class Trainer(Method):
 
     def _second_order(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
         dots_by, self.dots_by = self.dots_by, None
-        try:
-            return self.meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
+        try:  # the fused path's forward already updated the BatchNorm statistics: this second one must not
+            with no_running_stats_update(self.model):
+                return self.meta_gradient(x, y, dev_x, dev_y, progress=progress, dev_total=dev_total)
         finally:
             self.dots_by = dots_by
 

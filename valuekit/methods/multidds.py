@@ -51,7 +51,8 @@ generator) and each rank trains on its slice; the model gradient is averaged ove
 reward_from=train the per-source gradient sums and row counts are all-reduced before they feed the reward
 (so a source's sample is the global batch's mean gradient of that source); usage counts are summed over
 ranks; the probe batches, the dev gradient and the REINFORCE steps on psi are computed identically on every
-rank (same generator, same weights). Replicas stay identical.
+rank (same generator, same weights). Replicas stay identical. BatchNorm: the dev gradient runs in eval mode, the
+probe batches under `valuekit.ops.modes.no_running_stats_update`: only model steps update the running statistics.
 """
 
 from __future__ import annotations
@@ -77,10 +78,10 @@ from valuekit.methods.source_scoring import (
 )
 from valuekit.models.lm import is_lm
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import eval_mode, no_running_stats_update
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.options import check_fields
-
 
 SAMPLING = ("categorical", "bernoulli")
 INITS = ("uniform", "tcs", "target")
@@ -321,12 +322,9 @@ class Trainer(Method):
         if self.cfg.dev_batch_size < m:
             idx = torch.randperm(m, generator=self.ctx.generator)[: self.cfg.dev_batch_size].to(self.ctx.device)
             dev_x, dev_y = dev_x[idx], dev_y[idx]
-        was = self.model.training
-        self.model.eval()
-        with torch.enable_grad():
+        with eval_mode(self.model), torch.enable_grad():
             loss = self._losses(dev_x, dev_y).mean()
             grads = torch.autograd.grad(loss, self.params, materialize_grads=True)
-        self.model.train(was)
         return torch.cat([g.reshape(-1) for g in grads]).detach()
 
     # ---- Algorithm 2
@@ -448,18 +446,19 @@ class Trainer(Method):
         g, cfg = self.ctx.generator, self.cfg
         was = self.model.training
         self.model.train()
-        for s in range(self.num_sources):
-            n = int(self.src_count[s])
-            if n == 0:
-                continue
-            for _ in range(cfg.probe_batches):
-                u = torch.rand(min(cfg.probe_size, n), generator=g, dtype=torch.float64)
-                rows = self.src_order[self.src_start[s] + (u * n).long().clamp_max(n - 1)].to(self.ctx.device)
-                losses, _ = self._forward(self.ctx.x[rows], self.ctx.y[rows])
-                grads = torch.autograd.grad(losses.sum(), self.params, materialize_grads=True)
-                gsum = torch.cat([x.reshape(-1) for x in grads]).unsqueeze(0)
-                self.acc.add(torch.tensor([s], device=self.ctx.device), gsum,
-                             torch.tensor([float(len(rows))], device=self.ctx.device), self.d)
+        with no_running_stats_update(self.model):  # BatchNorm: probe rows measure; only model steps update
+            for s in range(self.num_sources):
+                n = int(self.src_count[s])
+                if n == 0:
+                    continue
+                for _ in range(cfg.probe_batches):
+                    u = torch.rand(min(cfg.probe_size, n), generator=g, dtype=torch.float64)
+                    rows = self.src_order[self.src_start[s] + (u * n).long().clamp_max(n - 1)].to(self.ctx.device)
+                    losses, _ = self._forward(self.ctx.x[rows], self.ctx.y[rows])
+                    grads = torch.autograd.grad(losses.sum(), self.params, materialize_grads=True)
+                    gsum = torch.cat([x.reshape(-1) for x in grads]).unsqueeze(0)
+                    self.acc.add(torch.tensor([s], device=self.ctx.device), gsum,
+                                 torch.tensor([float(len(rows))], device=self.ctx.device), self.d)
         self.model.train(was)
 
     def interval_rewards(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -527,7 +526,7 @@ class Trainer(Method):
     def evaluate(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
         """(mean loss, accuracy) for classifiers, exactly as the loop's own evaluation; for translation
         models (mean per-example token loss, corpus chrF / 100 of greedy translations against y)."""
-        from valuekit.training.context import eval_mode, evaluate
+        from valuekit.training.context import evaluate
 
         bs = self.ctx.config.eval_batch_size
         if not getattr(self.model, "is_seq2seq", False):
@@ -536,7 +535,7 @@ class Trainer(Method):
         from valuekit.models.builtin import decode_bytes
 
         loss, hyps = 0.0, []
-        with eval_mode(self.model):
+        with eval_mode(self.model, no_grad=True):
             for i in range(0, len(y), bs):
                 loss += self.model.per_example_loss(x[i: i + bs], y[i: i + bs]).sum().item()
                 hyps += decode_bytes(self.model.translate(x[i: i + bs], max_len=y.shape[1]).cpu())

@@ -19,7 +19,6 @@ from valuekit.training.method import Method, MethodValues, register
 from valuekit.training.signals import margins
 
 
-
 @dataclass
 class Config:
     """uniform has no hyper-parameters beyond the loop's (model, lr, batch size, optimizer)."""

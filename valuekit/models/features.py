@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from valuekit.ops.modes import eval_mode
+
 
 def last_linear(model: nn.Module) -> tuple[str, nn.Linear]:
     """(name, module) of the last nn.Linear in registration order (the usual classifier head)."""
@@ -57,10 +59,5 @@ def feature_dim(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> int:
     forward in eval mode without grad, which leaves batch-norm statistics untouched)."""
     if isinstance(layer, nn.Linear):
         return layer.in_features
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            return features_and_logits(model, x[:2], layer)[0].shape[1]
-    finally:
-        model.train(was)
+    with eval_mode(model, no_grad=True):
+        return features_and_logits(model, x[:2], layer)[0].shape[1]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from valuekit.models.builtin import MODELS
+from valuekit.ops.modes import eval_mode
 
 EXTRAS = {"torchvision": "vision", "timm": "timm"}  # model prefix -> pip extra that installs it
 
@@ -171,16 +172,13 @@ def check_output(model: nn.Module, x: torch.Tensor, num_classes: int, name: str)
     from valuekit.errors import InputError
 
     state = {k: b.clone() for k, b in model.named_buffers()}
-    was = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model, no_grad=True):
             out = model(x)
     except Exception as exc:
         raise InputError(f"--model {name}: forward on rows of shape {tuple(x.shape[1:])} failed: "
                          f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
     finally:
-        model.train(was)
         with torch.no_grad():
             for k, b in model.named_buffers():
                 b.copy_(state[k])

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import eval_mode
 
 __all__ = [
     "DOT_METHODS",
@@ -156,15 +157,6 @@ def _check_losses(losses: Tensor, batch: int) -> Tensor:
     return losses
 
 
-def _save_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
-    return [(m, m.training) for m in model.modules()]
-
-
-def _restore_modes(modes: list[tuple[nn.Module, bool]]) -> None:
-    for m, flag in modes:
-        m.training = flag
-
-
 def _train_batchnorms(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
@@ -202,22 +194,6 @@ def _freeze_batchnorm(model: nn.Module, others: dict[str, Tensor], primals: Mapp
         dtype = buffers[f"{name}.running_mean"].dtype
         others[f"{name}.running_mean"], others[f"{name}.running_var"] = mean.to(dtype), var.to(dtype)
     return [m for _, m in bns]
-
-
-class _EvalMode:
-    """Put the given modules in eval mode for the duration of a block."""
-
-    def __init__(self, modules):
-        self.modules = list(modules)
-
-    def __enter__(self):
-        for m in self.modules:
-            m.training = False
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            m.training = True
-        return False
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +281,7 @@ def per_example_dots(
     with torch.autocast(x.device.type, enabled=False), second_order():
         # batch statistics held fixed (module doc), or left to couple the rows
         frozen = _freeze_batchnorm(model, others, primals, x) if batch_stats == "fixed" else []
-        with _EvalMode(frozen):
+        with eval_mode(*frozen):
             if method == "vmap":
                 return _vmap_dots(model, x, y, tangents, loss_fn, primals, others)
             try:
@@ -332,7 +308,7 @@ def per_example_dots_loop(
     primals, others = _split_params(model, params)
     tangents = _resolve_v(v, primals)
     frozen = _freeze_batchnorm(model, others, primals, x)
-    with _EvalMode(frozen):
+    with eval_mode(*frozen):
         return _loop_dots(model, x, y, tangents, loss_fn, primals, others)
 
 
@@ -395,14 +371,9 @@ def _taylor_dots(model, x, y, tangents, loss_fn, primals, others, eps) -> Tensor
         return torch.zeros(x.shape[0], dtype=next(iter(primals.values())).dtype, device=x.device)
     step = eps / norm.item()  # θ + ε v̂ = θ + (ε/||v||) v
     shifted = {n: p + step * tangents[n] for n, p in primals.items()}
-    modes = _save_modes(model)
-    try:
-        model.eval()
-        with torch.no_grad():
-            l0 = _check_losses(loss_fn(_call(model, others, primals, x), y), x.shape[0])
-            l1 = _check_losses(loss_fn(_call(model, others, shifted, x), y), x.shape[0])
-    finally:
-        _restore_modes(modes)
+    with eval_mode(model, no_grad=True):
+        l0 = _check_losses(loss_fn(_call(model, others, primals, x), y), x.shape[0])
+        l1 = _check_losses(loss_fn(_call(model, others, shifted, x), y), x.shape[0])
     return (l1 - l0) / eps * norm.item()
 
 

@@ -18,6 +18,7 @@ from valuekit.data.memory import trim_heap
 from valuekit.models.builtin import build_model
 from valuekit.models.user import build_user_model, is_builtin
 from valuekit.ops.losses import per_example_loss
+from valuekit.ops.modes import eval_mode
 from valuekit.training import distributed as dist_
 
 
@@ -48,26 +49,6 @@ class StepRecord:
     margin: torch.Tensor | None = None  # assigned-label logit - largest other logit (signals.margins), for AUM
 
 
-class eval_mode:
-    """Context manager: the given modules in eval mode (and no autograd); each one's own mode restored after."""
-
-    def __init__(self, *modules: torch.nn.Module):
-        self.modules = [m for m in modules if m is not None]
-        self.no_grad = torch.no_grad()
-
-    def __enter__(self):
-        self.was = [[(sub, sub.training) for sub in m.modules()] for m in self.modules]
-        for m in self.modules:
-            m.eval()
-        self.no_grad.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.no_grad.__exit__(*exc)
-        for flags in self.was:
-            for sub, training in flags:
-                sub.training = training
-        return False
 
 
 @torch.no_grad()
@@ -75,7 +56,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
     """Mean cross-entropy and accuracy of `model` on (x, y), in eval mode."""
     loss, correct = 0.0, 0
     scored = 0  # accuracy denominator: rows, or scored tokens for sequence targets
-    with eval_mode(model):
+    with eval_mode(model, no_grad=True):
         for i in range(0, len(y), batch_size):
             logits, yb = model(x[i: i + batch_size]), y[i: i + batch_size]
             loss += per_example_loss(logits, yb).sum().item()
@@ -262,7 +243,7 @@ class TrainContext:
         y = self.y if y is None else y
         chunk = chunk or self.config.eval_batch_size
         out = None
-        with eval_mode(*modules):
+        with eval_mode(*modules, no_grad=True):
             # one preallocated result, and the heap trimmed after each chunk: otherwise the chunks' freed
             # activations fragment the heap and resident memory grows with the number of rows (valuekit.data.memory)
             for i in range(0, len(y), chunk):

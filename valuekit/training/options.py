@@ -13,8 +13,8 @@ import dataclasses
 import math
 
 from valuekit.config import TrainConfig
-from valuekit.training.method import method_spec
 from valuekit.errors import InputError
+from valuekit.training.method import method_spec
 
 # loop settings that have their own command-line flag (the others are given with --set)
 FLAGS = ("method", "model", "steps", "batch_size", "lr", "seed", "device", "precision")
