@@ -336,12 +336,12 @@ def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
     u0 = trainer.task_u.clone()
     rec = trainer.step(batch)
     # exact expected move (T = 0, rho_w = 0):
-    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + (1-2w)],  n_t = 12
+    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + T (1-2w)],  n_t = 12 (T = 0: no Jacobian term)
     w0 = torch.sigmoid(u0.double())
     src = ctx.source[idx]
     for t, name in enumerate(ctx.sources):
         rows = src == t
-        g = (36 / 12) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t]) + (1 - 2 * w0[t])
+        g = (36 / 12) * (-trainer.cfg.rho_theta * rec.loss[rows].double()).sum() * w0[t] * (1 - w0[t])
         assert trainer.task_u[t].item() == pytest.approx((u0[t].double() + 0.01 * 12 / (36 * 12) * g).item(), rel=1e-5)
         assert rec.sources[name] == (pytest.approx(torch.sigmoid(trainer.task_u[t].double()).item()), int(rows.sum()))
     vals = trainer.values()

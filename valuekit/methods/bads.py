@@ -29,14 +29,19 @@ Consequence: the w_i gradient is -rho_theta * l_i(theta) - rho_w * (mean(w) - be
 the meta-informed model keeps getting wrong lose weight, and the sparsity prior sets how much
 weight is kept in total (beta = target mean weight, rho_w = how hard it pulls). The meta set acts
 on w only through theta. This is a loss signal, not a class-balancing one: under class imbalance
-the rare classes' higher loss lowers their weight (measured in docs/history/bads.md).
+the rare classes' higher loss lowers their weight (measured in docs/history/bads.md; with the sampler
+targeting pi^(1/T) exactly, far more so: mean weight 0.02-0.04 on the two rarest digits vs 0.86 on the most
+frequent at 10x imbalance, reports/bads-sampler.md).
 
-Update (Langevin, Welling & Teh 2011, the paper's SGLD step), with temperature T (T = 1: the
-posterior above; T < 1: a "cold" posterior pi^(1/T); T = 0: plain gradient ascent)::
+Update (the paper's SGLD step: Langevin dynamics on the joint log posterior with mini-batch gradients, as in
+Welling & Teh 2011, eq. 4), with temperature T (T = 1: the posterior above; T < 1: a "cold" posterior
+pi^(1/T); T = 0: plain gradient ascent)::
 
     theta <- theta + lr_theta * g_theta / N + sqrt(2 * lr_theta * T / N) * eps
     u_B   <- u_B   + lr_w * g_u            + sqrt(2 * lr_w * T) * eps'         (batch rows only)
     phi   <- phi   + lr_phi * g_phi / N    + sqrt(2 * lr_phi * T / N) * eps''  (weight_net only)
+
+    g_u = d log pi / d w * w (1 - w) + T (1 - 2 w)                             (see "Weights in [0,1]")
 
 g_theta is the gradient of the mini-batch estimate of log pi; dividing by N puts lr_theta on the
 scale of an SGD learning rate on the mean loss (the Langevin step is eta = 2 lr_theta / N).
@@ -49,13 +54,37 @@ scaling. All noise is drawn on the CPU from the run's generator (ctx.generator) 
 to the device, so runs match across devices and resume exactly.
 
 Weights in [0,1]: by default w = sigmoid(u) with u an unconstrained N-vector (a tensor, not a
-network). We sample u and include the change-of-variables term log w(1-w) in its log density, so
-the samples of w follow the posterior above exactly; a sigmoid (rather than clipping) keeps every
-step inside (0,1) without putting probability atoms on the boundary, and the weight network uses
-the same squashing. `weight_net=True` instead computes w_i = sigmoid(f_phi([x_i, onehot(y_i)]))
-with a small MLP f_phi (Gaussian prior on phi); then every step moves phi and so all weights, and
-mean(w) in the prior is estimated from the last `s_avg` batches (the full mean would need a pass
-over all N rows per step).
+network); a sigmoid (rather than clipping) keeps every step inside (0,1) without putting probability
+atoms on the boundary. The chain targets the tempered posterior pi(theta, w)^(1/T) with w on (0,1)
+(uniform base measure, as the density above is written). Derivation: the density of u that makes w
+follow q(w) = pi(w)^(1/T) is q(w(u)) |dw/du| = pi(w(u))^(1/T) w(1-w), i.e. log q_u = (1/T) log pi + log w(1-w).
+A Langevin step u <- u + eta * dV/du + sqrt(2 eta T) * eps samples exp(V / T) (as eta -> 0), so
+V must be T log q_u = log pi + T log w(1-w), and the drift (per unit eta) is
+    d/du [log pi(w(u)) + T log w(1-w)] = (d log pi / d w) w (1-w) + T (1 - 2 w),
+the change-of-variables term scaled by T like everything else in the drift (at T = 1 the usual log-Jacobian,
+at T = 0 none: gradient ascent on log pi). Left unscaled, the chain would sample
+pi^(1/T) (w(1-w))^(1/T - 1): at T = 0.1 an extra Beta(10, 10)-like pull of every weight towards 0.5.
+The samples follow pi^(1/T) up to SGLD's step-size bias and the mini-batch noise of theta's drift
+(tests/test_bads.py checks the weight step against the analytic density). The per-source weights use the same
+step (`langevin_logit_step`). The weight network uses the same squashing but samples its parameters phi,
+so no change-of-variables term enters there (the density is stated over phi).
+
+Weight network (the paper's alternative to per-row weights: a small net with H hidden units, mean(w) in the
+prior averaged over the last S_avg batches): `weight_net=True` computes w_i = sigmoid(f_phi([a_i, onehot(y_i)]))
+with a one-hidden-layer MLP f_phi (Gaussian prior on phi, precision `prior_precision`), a_i = the row's current
+loss l_i(theta) as a number (`weight_inputs="loss"`, default) or its standardised features x_i ("features").
+The log posterior is the one above with w = w(phi); the paper's abstract does not say what the net reads.
+With the loss as input, w_i depends on theta too; the net reads l_i as data (no gradient flows from w into
+theta's drift), so theta's drift omits the terms through w(l(theta)) and the joint chain is an approximation,
+not an exact sampler of one stated density (phi's drift is exact given theta).
+Every step moves phi and so all weights; mean(w) in the prior is estimated from the last `s_avg` batches (the
+full mean would need a pass over all N rows per step). d log pi / d phi = (N/|B|) sum_B (d log pi / d w_i)
+dw_i/dphi - prior_precision phi. On the features the net did not separate flipped from clean rows (AUROC of
+the posterior mean 0.50-0.54 on digits with 20 % flips; reports/bads-sampler.md): learning which (x, y)
+pairs disagree is learning a second classifier from a weak signal dominated by the common level of all
+weights. On the loss it needs one monotone direction (plus a level per class), and ranks them (AUROC 0.994-0.998).
+So with the net, as with per-row weights, w is a (class-dependent) transform of the loss: the signal
+d log pi / d w_i = -rho_theta l_i - rho_w (mean(w) - beta) has no other row-specific term.
 
 Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
 one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
@@ -144,7 +173,9 @@ class Config:
     burn_in:    steps before samples of w are collected.
     reservoir:  S, samples kept per row (ring buffer of the latest S) for the credible interval.
     ci:         central credible interval mass; 0.9 gives the 5%/95% quantiles.
-    weight_net: weights from a small MLP over [x, onehot(y)] instead of a per-row tensor.
+    weight_net: weights from a small MLP over [a, onehot(y)] instead of a per-row tensor (module docstring).
+    weight_inputs: what the weight net reads as a: "loss" (the row's current loss l_i(theta)) or "features"
+                (the standardised x; measured not to rank flipped rows: reports/bads-sampler.md).
     weight_hidden: hidden width of that MLP.
     s_avg:      averaging window (steps) for mean(w) in the prior when weight_net=True [S_avg].
     per_source: one weight per source/task (the table's source column, e.g. an instruction set's `task`)
@@ -177,6 +208,7 @@ class Config:
     reservoir: int = setting(32, ge=1)
     ci: float = setting(0.9, gt=0, lt=1)
     weight_net: bool = False
+    weight_inputs: str = setting("loss", choices=("loss", "features"))
     weight_hidden: int = setting(32, ge=1)
     s_avg: int = setting(20, ge=1)
     noise_every: int = setting(1, ge=1)
@@ -190,15 +222,17 @@ class Config:
 
 
 class WeightNet(nn.Module):
-    """w = sigmoid(MLP([standardised x, onehot(y)])): one weight per example from its features."""
+    """w = sigmoid(MLP([a, onehot(y)])): one weight per example, from a = its current loss l_i(theta) (a number,
+    inputs="loss") or a = its standardised features x (inputs="features")."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: int, mean, std, init_weight: float,
-                 generator: torch.Generator):
+                 generator: torch.Generator, inputs: str = "loss"):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.inputs = num_classes, inputs
         self.register_buffer("mean", mean.clone())
         self.register_buffer("std", std.clone())
-        self.net = nn.Sequential(nn.Linear(in_features + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        width = 1 if inputs == "loss" else in_features
+        self.net = nn.Sequential(nn.Linear(width + num_classes, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         for m in self.net:
             if isinstance(m, nn.Linear):
                 bound = 1 / math.sqrt(m.in_features)
@@ -207,8 +241,9 @@ class WeightNet(nn.Module):
         with torch.no_grad():
             self.net[2].bias.fill_(math.log(init_weight / (1 - init_weight)))
 
-    def forward(self, x, y):
-        z = torch.cat([(x - self.mean) / self.std, nn.functional.one_hot(y, self.num_classes).to(x.dtype)], 1)
+    def forward(self, x, y, loss=None):
+        a = loss.detach().to(x.dtype)[:, None] if self.inputs == "loss" else (x - self.mean) / self.std
+        z = torch.cat([a, nn.functional.one_hot(y, self.num_classes).to(x.dtype)], 1)
         return torch.sigmoid(self.net(z).squeeze(1))
 
 
@@ -221,6 +256,29 @@ def _noise(like: list[torch.Tensor], scale: float, generator: torch.Generator) -
         out.append(flat[at: at + t.numel()].view(t.shape).to(device=t.device, dtype=t.dtype, non_blocking=True))
         at += t.numel()
     return out
+
+
+def weight_reward(losses: torch.Tensor, wbar, rho_theta: float, rho_w: float, beta: float) -> torch.Tensor:
+    """d log pi / d w_i of a row with loss l_i (module docstring): -rho_theta l_i - rho_w (mean(w) - beta)."""
+    return -rho_theta * losses - rho_w * (wbar - beta).to(losses.dtype)  # wbar: a float64 tensor
+
+
+def logit_drift(dlogpi_dw: torch.Tensor, w: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Drift of the logit u = logit(w) whose Langevin chain at temperature T samples w ~ pi(w)^(1/T) on (0, 1):
+    d/du [log pi(w(u)) + T log w(1-w)] = dlogpi_dw * w (1 - w) + T (1 - 2 w) (derivation: module docstring,
+    "Weights in [0,1]")."""
+    return dlogpi_dw * w * (1 - w) + temperature * (1 - 2 * w)
+
+
+def langevin_logit_step(u: torch.Tensor, dlogpi_dw: torch.Tensor, step, temperature: float,
+                        noise: torch.Tensor | None) -> torch.Tensor:
+    """One Langevin step of the weight logits: u + step * logit_drift + sqrt(2 step T) * noise, with `noise` a
+    standard normal draw of u's shape (None when T = 0) and `step` a number or a per-coordinate tensor (a
+    constant preconditioner: the target is unchanged). Used for the per-row and the per-source weights."""
+    new = u + step * logit_drift(dlogpi_dw, torch.sigmoid(u), temperature)
+    if temperature > 0:
+        new = new + noise * (2 * step * temperature) ** 0.5
+    return new
 
 
 def _first_occurrence(idx: torch.Tensor) -> torch.Tensor:
@@ -252,7 +310,7 @@ class Trainer(Method):
             mean = ctx.mean if ctx.mean is not None else torch.zeros(ctx.x.shape[1])
             std = ctx.std if ctx.std is not None else torch.ones(ctx.x.shape[1])
             self.weight_net = WeightNet(ctx.x.shape[1], ctx.num_classes, cfg.weight_hidden, mean.cpu(), std.cpu(),
-                                        cfg.init_weight, ctx.generator).to(dev)
+                                        cfg.init_weight, ctx.generator, cfg.weight_inputs).to(dev)
             # mean(w) estimate for the prior: batch means of the last s_avg steps (NaN = empty slot).
             self.window = torch.full((cfg.s_avg,), float("nan"), dtype=torch.float64, device=dev)
         # u: unconstrained weight logits, w = sigmoid(u). With a weight net it caches the latest logits
@@ -286,9 +344,12 @@ class Trainer(Method):
 
     # ------------------------------------------------------------ the log posterior's gradient
 
-    def _weights(self, batch: Batch) -> torch.Tensor:
+    def _weights(self, batch: Batch, losses: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The batch rows' weights; None for a weight net on the loss until the rows' `losses` are known."""
         if self.weight_net is not None:
-            return self.weight_net(batch.x, batch.y)
+            if self.weight_net.inputs == "loss" and losses is None:
+                return None
+            return self.weight_net(batch.x, batch.y, losses)
         if self.task_u is not None:
             return torch.sigmoid(self.task_u[batch.source])
         return torch.sigmoid(self.u[batch.idx])
@@ -312,8 +373,8 @@ class Trainer(Method):
         with one, the meta term is scaled by dev_every: see Config).
 
         Returns (theta grads list, weight-variable grad, w, per-example losses, dlogpi/dw, logits):
-        the weight-variable grad is d/du for the tensor form (batch rows; includes the sigmoid's
-        log-Jacobian) or a list over the weight net's parameters.
+        the weight-variable grad is the drift of u for the tensor form (batch rows; d/du of log pi + T times the
+        sigmoid's log-Jacobian: `logit_drift`) or a list over the weight net's parameters.
         """
         cfg, params = self.cfg, self.params
         b = len(batch.y)
@@ -329,6 +390,8 @@ class Trainer(Method):
             with no_running_stats_update(self.model):
                 dev_logits = self.model(dev_x)
         losses = per_example_loss(logits, batch.y)
+        if w is None:  # weight net on the loss: reads this forward's losses (as a number, no gradient to theta)
+            w = self._weights(batch, losses.detach())
         # log pi estimate as a function of theta (w held fixed): unbiased N/B and M/B' scaling.
         log_lik = -(cfg.rho_theta * self.n / b_all) * (w.detach() * losses).sum()
         if dev_logits is not None:
@@ -341,10 +404,10 @@ class Trainer(Method):
             torch._foreach_add_(g_theta, [p.detach() for p in params], alpha=-cfg.prior_precision)
         wbar = self._mean_weight(w)
         # exact d log pi / d w_i for a batch row: own likelihood term + sparsity prior.
-        dw = -cfg.rho_theta * losses.detach() - cfg.rho_w * (wbar - cfg.beta).to(losses.dtype)
+        dw = weight_reward(losses.detach(), wbar, cfg.rho_theta, cfg.rho_w, cfg.beta)
         if self.weight_net is None:
-            wd = w.detach()
-            g_u = dw * wd * (1 - wd) + (1 - 2 * wd)  # chain rule + log-Jacobian of w = sigmoid(u)
+            # chain rule + the log-Jacobian of w = sigmoid(u), scaled by T like the rest (module docstring)
+            g_u = logit_drift(dw, w.detach(), cfg.temperature)
         else:
             phi = list(self.weight_net.parameters())
             # d/dphi of the mini-batch estimate (N/B) sum_B [ -rho_theta w_i l_i - rho_w (wbar-beta) w_i ]
@@ -392,23 +455,20 @@ class Trainer(Method):
                 S = len(self.task_u)
                 g_w = torch.zeros(S, dtype=torch.float64, device=dw.device).index_add_(
                     0, src_all, dw_all.double()) * (self.n / len(src_all))
-                wt = torch.sigmoid(self.task_u.double())
-                g_t = g_w * wt * (1 - wt) + (1 - 2 * wt)
                 step_u = cfg.lr_w * len(src_all) / (self.n * self.task_n)
-                u_new = self.task_u.double() + step_u * g_t
-                if T > 0:
-                    u_new = u_new + _noise([u_new], 1.0, gen)[0] * (2 * step_u * T).sqrt()
+                u_old = self.task_u.double()
+                u_new = langevin_logit_step(u_old, g_w, step_u, T, _noise([u_old], 1.0, gen)[0] if T > 0 else None)
                 self.task_u.copy_(u_new.float())
                 rows, w_new = batch.idx[:0], w[:0]  # per-row summaries are not used in this mode
             elif self.weight_net is None:
                 # torchrun: every rank updates the whole global batch's weights (same noise), from the
                 # gradients each row's rank computed
-                idx_all, g_all, w_all = ctx.gather(batch.idx), ctx.gather(g_u), ctx.gather(w)
+                idx_all, dw_all, w_all = ctx.gather(batch.idx), ctx.gather(dw), ctx.gather(w)
                 keep = _first_occurrence(idx_all)
                 rows = idx_all[keep]
-                u_new = self.u[rows] + cfg.lr_w * g_all[keep]
-                if T > 0:
-                    u_new = u_new + _noise([u_new], math.sqrt(2 * cfg.lr_w * T), gen)[0]
+                u_old = self.u[rows]
+                u_new = langevin_logit_step(u_old, dw_all[keep].to(u_old.dtype), cfg.lr_w, T,
+                                            _noise([u_old], 1.0, gen)[0] if T > 0 else None)
                 w_new = torch.sigmoid(u_new)
                 self.wsum += (w_new.double() - w_all[keep].double()).sum()
                 self.u[rows] = u_new
@@ -422,9 +482,9 @@ class Trainer(Method):
                 if not ctx.distributed:
                     keep = _first_occurrence(batch.idx)
                     rows = batch.idx[keep]
-                    w_new = self.weight_net(batch.x[keep], batch.y[keep])
+                    w_new = self.weight_net(batch.x[keep], batch.y[keep], losses[keep])
                 else:
-                    idx_all, w_all = ctx.gather(batch.idx), ctx.gather(self.weight_net(batch.x, batch.y))
+                    idx_all, w_all = ctx.gather(batch.idx), ctx.gather(self.weight_net(batch.x, batch.y, losses))
                     keep = _first_occurrence(idx_all)
                     rows, w_new = idx_all[keep], w_all[keep]
                 self.u[rows] = torch.logit(w_new.clamp(1e-6, 1 - 1e-6)).float()
