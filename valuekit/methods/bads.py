@@ -569,7 +569,9 @@ class Trainer(Method):
             var = self.task_m2 / (self.task_count - 1).clamp_min(1)
             std = torch.where(self.task_count > 1, var.sqrt(), torch.full_like(var, float("nan")))
             return MethodValues(value=mean[src], columns={"value_std": std[src], "weight": mean[src],
-                                                          "samples": self.task_count[src]})
+                                                          "samples": self.task_count[src]},
+                                doc={"value": "the posterior mean weight of the row's task (SGLD samples)",
+                                     "value_std": "std of the task weight's samples", "weight": "the task's weight"})
         seen = self.count > 0
         current = torch.sigmoid(self.u.double())
         value = torch.where(seen, self.mean, current)
@@ -582,4 +584,7 @@ class Trainer(Method):
         quant = torch.cat([torch.nanquantile(self.samples[i: i + QUANTILE_ROWS].double(), q, dim=1)
                            for i in range(0, len(self.samples), QUANTILE_ROWS)], dim=1)
         return MethodValues(learned=value, columns={"posterior_mean": value, "value_std": std, "weight": value,
-                                                    "ci_low": quant[0], "ci_high": quant[1], "samples": self.count})
+                                                    "ci_low": quant[0], "ci_high": quant[1], "samples": self.count},
+                            doc={"learned": "posterior_mean: the mean of the SGLD samples of the row's weight w_i",
+                                 "value_std": "std of the SGLD samples of w_i",
+                                 "weight": "posterior_mean, normalised to mean 1"})

@@ -357,4 +357,6 @@ class Trainer(Method):
         if self.ctx.y.dim() == 1:
             out["label"] = self.ctx.y.double()
             out["scorer_logit_z"] = class_standardise(s.cpu().numpy(), self.ctx.y.cpu().numpy())
-        return MethodValues(learned=s, columns=out)
+        return MethodValues(learned=s, columns=out, doc={
+            "learned": "the trained scorer's logit of the row (scorer_logit)",
+            "weight": "softmax of the scorer logits over the training table, normalised to mean 1"})

@@ -520,12 +520,17 @@ class Trainer(Method):
         m = s1 / cnt.clamp_min(1)
         std = torch.where(cnt >= 2, (s2 / cnt.clamp_min(1) - m * m).clamp_min(0).sqrt(), nan)
         out = {"value_std": std}
+        doc_std = f"std of the row's logged weights in the last {self.cfg.std_epochs} epochs"
         if self.teacher is None:
             out["weight"] = torch.nan_to_num(mean_w, nan=0.0)
-            return MethodValues(learned=mean_w, columns=out)
+            return MethodValues(learned=mean_w, columns=out, doc={
+                "learned": "the row's mean meta-learned example weight over the steps it was seen (L2RW)",
+                "value_std": doc_std, "weight": "the row's mean logged weight (0 if never seen), normalised"})
         v = self.teacher_weights(self.ctx.x, self.ctx.y, progress=self.progress(self.steps_taken)).double()
         if self.cfg.normalize:
             v = v / v.mean()
         out["teacher_weight"] = v
         out["weight"] = v
-        return MethodValues(learned=v, columns=out)
+        return MethodValues(learned=v, columns=out, doc={
+            "learned": "teacher_weight: the final teacher's weight of the row", "value_std": doc_std,
+            "weight": "teacher_weight, normalised to mean 1"})

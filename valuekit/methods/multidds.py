@@ -581,7 +581,9 @@ class Trainer(Method):
         ratio, psi = self._log_ratio()
         key = self.row_key if ratio.shape[0] > 1 else torch.zeros_like(self.row_key)
         value = ratio[key, self.row_src]
-        return MethodValues(value=value, columns={"weight": value.exp(), "scorer_logit": psi[key, self.row_src].double()})
+        return MethodValues(value=value, columns={"weight": value.exp(), "scorer_logit": psi[key, self.row_src].double()},
+                            doc={"value": "log(p(source | target) / p_uniform) of the row's source under the final "
+                                          "scorer (DDS Algorithm 2)", "weight": "exp(value), normalised to mean 1"})
 
     @torch.no_grad()
     def source_table(self) -> pd.DataFrame:

@@ -128,6 +128,9 @@ def values_schema(id_type: str, extra: list[str] = ()) -> pa.Schema:
     return pa.schema(fields + [(c, pa.float64()) for c in extra])
 
 
+COLUMN_DOCS_KEY = b"valuekit.column_docs"  # values.parquet: JSON {column: what it means for this run's method}
+
+
 def _meta(table: str, run_id: str) -> dict[bytes, bytes]:
     return {
         b"valuekit.schema_version": str(SCHEMA_VERSION).encode(),

@@ -44,6 +44,12 @@ class Run:
         return self.meta.get("method", "?")
 
     @property
+    def column_docs(self) -> dict[str, str]:
+        """What `value`, `value_std` and `weight` (and the method's learned quantity) mean for this run's method,
+        one sentence each (run.json's `column_docs`; empty for runs written before it existed)."""
+        return dict(self.meta.get("column_docs") or {})
+
+    @property
     def acc_metric(self) -> str:
         """What the metrics' train/dev/test_acc columns hold ("accuracy", or "chrF/100" for translation)."""
         return self.meta.get("acc_metric") or ("chrF/100" if (self.meta.get("config") or {}).get("model") == "seq2seq"

@@ -3,6 +3,8 @@ and run.json."""
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +12,7 @@ import pyarrow as pa
 
 from valuekit.runs.atomic import write_json_atomic, write_parquet_atomic
 from valuekit.runs.layout import (
+    COLUMN_DOCS_KEY,
     METRICS_SCHEMA,
     RUN_JSON,
     SCHEMA_VERSION,
@@ -86,9 +89,15 @@ class RunWriter:
         if self.main:
             write_json_atomic(self.meta, self.dir / RUN_JSON)
 
-    def write_values(self, frame: pd.DataFrame) -> None:
+    def write_values(self, frame: pd.DataFrame, docs: dict[str, str] | None = None) -> None:
+        """values.parquet; `docs` (what value, value_std, weight mean for this run) goes into its metadata under
+        `valuekit.column_docs` and into run.json as `column_docs`."""
         extra = [c for c in frame.columns if c not in ("example_id", "value", "value_std", "weight", "rank")]
-        schema = values_schema(self.id_type, extra).with_metadata(_meta("values", self.meta["run_id"]))
+        meta = _meta("values", self.meta["run_id"])
+        if docs:
+            meta[COLUMN_DOCS_KEY] = json.dumps(docs).encode()
+            self.meta["column_docs"] = docs
+        schema = values_schema(self.id_type, extra).with_metadata(meta)
         table = pa.Table.from_pandas(frame, schema=schema, preserve_index=False)
         write_parquet_atomic(table, self.dir / VALUES)
 

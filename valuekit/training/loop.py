@@ -38,7 +38,8 @@ from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.options import resolve, resolve_device
 from valuekit.training.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.training.rundir import prepare_run
-from valuekit.training.signals import SignalAccumulator, in_run_value
+from valuekit.training.method import MethodValues
+from valuekit.training.signals import SignalAccumulator, in_run_value, in_run_value_doc
 
 
 def _now() -> str:
@@ -509,7 +510,7 @@ class _Loop:
         if self.info.is_main:
             value = own.value if own.value is not None else in_run_value(self.ctx, own.learned)
             columns = {**self.ctx.signals.columns(), "value": value, **own.columns}
-            self.writer.write_values(finalize_values(columns, self.ids))
+            self.writer.write_values(finalize_values(columns, self.ids), docs=column_docs(self.ctx, own))
             sources = self.trainer.source_table()
             if sources is not None:  # multi-source methods: one row per source
                 self.writer.write_source_table(sources)
@@ -517,6 +518,16 @@ class _Loop:
                           final_metrics=_clean(self.last_metrics))
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns
         return read_run(self.out)
+
+
+def column_docs(ctx: TrainContext, own: MethodValues) -> dict[str, str]:
+    """What value, value_std and weight (and the learned quantity) mean for this run, one sentence each."""
+    docs = dict(own.doc)
+    if own.value is None:
+        docs["value"] = in_run_value_doc(ctx, docs.get("learned", "(not described)"))
+    docs.setdefault("value_std", "not defined for this method (NaN)")
+    docs.setdefault("weight", "1 for every row")
+    return docs
 
 
 def _clean(m: dict) -> dict:

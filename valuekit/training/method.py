@@ -51,11 +51,14 @@ class MethodValues:
     columns: the method's own columns of values.parquet (`value_std`, `weight` and method columns such as
     `scorer_logit`); `weight` is normalised to mean 1 by the loop. learned: the method's learned quantity, which
     the loop's in-run `value` falls back to where the run has no in-run signals. value: the method's own `value`
-    (then the loop does not compute one). Exactly one of `learned` and `value` is given."""
+    (then the loop does not compute one). Exactly one of `learned` and `value` is given. doc: what `value` (when
+    given), `learned`, `value_std` and `weight` mean for this method, in a sentence each; the loop writes them
+    into values.parquet's metadata and run.json so that every output can say what its columns are."""
 
     columns: dict[str, Any] = field(default_factory=dict)
     learned: Any = None
     value: Any = None
+    doc: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if (self.learned is None) == (self.value is None):

@@ -155,9 +155,20 @@ def rank_average(columns, labels) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-VALUE_DOC = ("the mean of the within-class percentile ranks of -mean_loss and aum of the run (signals.in_run_value; "
-             "causal-LM tables: the percentile rank of -last_loss); chosen by measurement over the learned quantity "
-             "and its combinations, reports/quality.md and reports/llm.md")
+VALUE_DOC = ("the in-run value: the mean of the within-class percentile ranks of the run's -mean_loss and aum "
+             "(in [0, 1], higher = more valuable; chosen by measurement over the learned quantity and its "
+             "combinations, reports/quality.md); it is not the method's learned quantity")
+VALUE_DOC_LM = ("the in-run value: the percentile rank of -last_loss, the response loss at the row's latest step "
+                "(in [0, 1], higher = more valuable; reports/llm.md); it is not the method's learned quantity")
+
+
+def in_run_value_doc(ctx, learned: str) -> str:
+    """What `in_run_value(ctx, ...)` computes for this run, in one sentence (`learned`: the fallback's meaning)."""
+    from valuekit.models.lm import is_lm
+
+    if ctx.signals is None or (ctx.y.dim() != 1 and not is_lm(ctx.config.model)):
+        return f"the method's learned quantity: {learned}"
+    return VALUE_DOC if ctx.y.dim() == 1 else VALUE_DOC_LM
 
 
 def in_run_value(ctx, fallback) -> np.ndarray:
