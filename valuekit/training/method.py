@@ -77,6 +77,10 @@ class Method(ABC):
     model: torch.nn.Module
     ctx: TrainContext
 
+    def __init__(self, ctx: TrainContext, cfg: Any) -> None:
+        """Build the model, optimizers and per-row state from the run's context and the method's Config."""
+        self.ctx, self.cfg = ctx, cfg
+
     @abstractmethod
     def step(self, batch: Batch) -> StepRecord:
         """Train on one batch; per-example losses and whatever the method learned about these rows."""
