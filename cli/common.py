@@ -44,7 +44,19 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
                    help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
     g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, seq2seq (translation tables), or your own: package.module:factory, "
                         f"torchvision:NAME, timm:NAME (default: {d.model})")
-    g.add_argument("--steps", type=int, default=d.steps, help=f"training steps (default: {d.steps})")
+    g.add_argument("--steps", type=int, default=None, help=f"training steps (default: {d.steps})")
+    g.add_argument("--epochs", type=float, default=None, metavar="E",
+                   help="train for E passes over TABLE instead of --steps: steps = ceil(E x rows / batch size), the "
+                        "batch of all processes under --nproc")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="evaluate on --dev (and --test) every N steps and at the last (default: steps // 20, about "
+                        "20 evaluations)")
+    g.add_argument("--early-stopping", action="store_true",
+                   help="keep the model of the evaluation with the best dev accuracy in RUN/best.pt (ties: lower "
+                        "dev loss, then the earlier step) and its step and metrics in run.json")
+    g.add_argument("--patience", type=int, default=d.patience, metavar="N",
+                   help="with --early-stopping: stop after N evaluations without a better dev accuracy (default: "
+                        "0, train all steps)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     g.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"(default: {d.seed})")
@@ -169,8 +181,13 @@ def train_config(args) -> tuple[TrainConfig, object]:
     """(TrainConfig, method Config) from the flags and --set pairs, typed and validated (trainers.options)."""
     from valuekit.training.options import resolve
 
-    cfg = TrainConfig(method=args.method, model=args.model, steps=args.steps, batch_size=args.batch_size,
-                      lr=args.lr, seed=args.seed, device=args.device,
+    steps, epochs = getattr(args, "steps", None), getattr(args, "epochs", None)
+    if steps is not None and epochs is not None:
+        raise InputError(f"--steps {steps} --epochs {epochs}: give one of them")
+    cfg = TrainConfig(method=args.method, model=args.model, steps=TrainConfig.steps if steps is None else steps,
+                      epochs=epochs, eval_every=getattr(args, "eval_every", None),
+                      early_stopping=getattr(args, "early_stopping", False), patience=getattr(args, "patience", 0),
+                      batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device,
                       precision=getattr(args, "precision", TrainConfig.precision), lora=getattr(args, "lora", 0),
                       gradient_checkpointing=getattr(args, "gradient_checkpointing", False))
     cfg, method_cfg, _ = resolve(cfg, overrides=args.overrides)

@@ -27,10 +27,13 @@ def add_parser(sub):
     pp.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
     pp.add_argument("--noise", type=float, default=0.0,
                     help="fraction of training labels to flip, in [0, 1) (default 0); train gets is_noisy")
-    pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair"],
-                    help="symmetric: a flipped label becomes any other class; pair: the next class (default symmetric)")
-    pp.add_argument("--imbalance", type=float, default=1.0,
-                    help="largest/smallest class ratio in train, >= 1 (default 1: as the data set is)")
+    pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair", "instance"],
+                    help="symmetric: a flipped label becomes any other class; pair: class c becomes c+1 (mod C); "
+                         "instance: rows a clean logistic regression is unsure of flip most often, each to the class "
+                         "that model confuses it with (default symmetric)")
+    pp.add_argument("--imbalance", type=float, default=1.0, metavar="R",
+                    help="long-tailed train: class c keeps m R^(-c/(C-1)) rows, largest : smallest = R : 1, finite "
+                         "and >= 1 (default 1: as the data set is)")
     pp.add_argument("--dev-size", type=int, default=None,
                     help="dev rows, class-balanced (default 10 per class; multilingual: 60 sentences)")
     pp.add_argument("--test-fraction", type=float, default=0.2, help="fraction of rows held out as test (default 0.2)")
@@ -118,6 +121,10 @@ def run_prepare(args) -> int:
     if args.format is not None and args.format not in formats:
         raise InputError(f"--format {args.format}: {args.name} is written as "
                          + (", ".join(formats) if formats else "Parquet only (leave --format out)"))
+    if args.name in (INSTRUCTIONS, MULTILINGUAL):  # their noise is junk rows; they have no classes to skew
+        for opt, value, default in (("--noise-kind", args.noise_kind, "symmetric"), ("--imbalance", args.imbalance, 1.0)):
+            if value != default:
+                raise InputError(f"{opt} {value}: not available for {args.name} (label noise of the class data sets)")
     check_output(args.out, kind="dir", inputs=[args.from_dir])
     if args.from_dir is not None and Path(args.out).resolve() == Path(args.from_dir).resolve():
         raise InputError(f"-o {args.out}: is the --from folder; write the prepared tables elsewhere")

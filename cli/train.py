@@ -121,10 +121,20 @@ def run(args) -> int:
     fm = run_.meta.get("final_metrics", {})
     # translation runs keep chrF / 100 in the accuracy columns
     label = {"dev_acc": "dev_chrf/100", "test_acc": "test_chrf/100"} if cfg.model == "seq2seq" else {}
-    acc = ", ".join(f"{label.get(k, k)}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
+
+    def accs(m):
+        return ", ".join(f"{label.get(k, k)}={m[k]:.4f}" for k in ("dev_acc", "test_acc") if m.get(k) is not None)
+
     world = run_.meta.get("world_size", 1)
-    print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {acc}"
+    print(f"run directory: {run_.path}  ({run_.meta['steps_done']} steps, {accs(fm)}"
           + (f", {world} processes" if world > 1 else "") + ")")
+    if cfg.early_stopping:
+        stopped = f" (stopped early: --patience {cfg.patience})" if run_.meta.get("stopped_early") else ""
+        print(f"  last:    step {fm.get('step', run_.meta['steps_done'])}, {accs(fm)}  {run_.checkpoint_path}{stopped}")
+        if run_.meta.get("best_step") is not None:
+            print(f"  best:    step {run_.meta['best_step']}, {accs(run_.meta.get('best_metrics') or {})}  {run_.best_model_path}")
+        else:
+            print("  best:    none (no evaluation gave a finite dev accuracy)")
     print(f"  values:  {run_.values_path}")
     print(f"  steps:   {run_.path / 'steps'}/" + ("rank-*/" if world > 1 else "") + "part-*.parquet")
     print(f"  metrics: {run_.path / 'metrics'}/part-*.parquet")

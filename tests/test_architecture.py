@@ -97,8 +97,8 @@ def test_bounds_are_declared_and_checked_with_one_message_shape():
         options.check(bads.Config(lr_w=float("nan")))
     with pytest.raises(InputError, match=r"^--steps 0: must be >= 1$"):
         options.check_loop(TrainConfig(steps=0))
-    with pytest.raises(InputError, match=r"^--set eval_every=0: must be >= 1$"):
-        options.check_loop(TrainConfig(eval_every=0))
+    with pytest.raises(InputError, match=r"^--set log_every=0: must be >= 1$"):
+        options.check_loop(TrainConfig(log_every=0))
 
 
 def test_resolve_types_set_pairs_for_both_configs():

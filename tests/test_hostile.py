@@ -390,7 +390,7 @@ def test_bare_valuekit_and_unknown_settings_messages(tables):
     assert code == 2 and "(see valuekit --help)" in err and "valuekit valuekit" not in err
     code, _, err = cli(["train", tables["train"], "--dev", tables["dev"], "--out", "/nonexistent-x/r", "--set",
                         "nope=1", *FAST])
-    assert code == 2 and "method settings:" in err and "loop settings:" in err and "eval_every" in err
+    assert code == 2 and "method settings:" in err and "loop settings:" in err and "checkpoint_every" in err
 
 
 def test_data_list_says_bundled_and_unknown_name_lists_multilingual(tmp_path):

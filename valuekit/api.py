@@ -37,12 +37,17 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
     """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
     return the opened Run (valuekit.runs.reader.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
     `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
-    `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it."""
+    `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it.
+    `epochs=E` instead of `steps` trains ceil(E x rows / batch_size) steps; `early_stopping=True` keeps the model
+    of the best dev accuracy (`run.best_model_path`; see `valuekit.training.loop.train`)."""
     from valuekit.training.loop import train as train_loop
     from valuekit.training.method import method_spec
 
     if dev is None:
-        raise InputError("valuekit.train: a trusted dev table is required (dev=...)")
+        raise InputError("valuekit.train: a trusted dev table is required (dev=...)"
+                         + ("; early_stopping chooses the model by it" if settings.get("early_stopping") else ""))
+    if steps is not None and settings.get("epochs") is not None:
+        raise InputError(f"valuekit.train: steps={steps} and epochs={settings['epochs']}: give one of them")
     config = config or TrainConfig()
     loop_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in (("method", method), ("steps", steps), ("device", device)) if v is not None}

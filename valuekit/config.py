@@ -20,13 +20,17 @@ METHODS: dict[str, str] = {
 }
 
 
-def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite: bool | None = None):
+def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite: bool | None = None,
+            kind: type | None = None):
     """A Config field with its allowed values declared next to the default; `valuekit.training.options.check`
-    is the one validator that reads them (floats must also be finite unless finite=False)."""
+    is the one validator that reads them (floats must also be finite unless finite=False). `kind` types
+    `--set` strings of a field whose default is None (int, float)."""
     rules = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    if kind is not None:
+        rules["kind"] = kind
     if choices is not None:
         rules["choices"] = tuple(choices)
-    rules["finite"] = isinstance(default, float) if finite is None else finite
+    rules["finite"] = (isinstance(default, float) or kind is float) if finite is None else finite
     return field(default=default, metadata={"valuekit": rules})
 
 
@@ -42,6 +46,9 @@ class TrainConfig:
     method: str = "uniform"
     model: str = "mlp"  # linear | mlp | cnn | seq2seq, or a user's model: pkg.mod:factory, torchvision:NAME, timm:NAME
     steps: int = setting(500, ge=1)
+    # training length in passes over the training table instead of `steps`: steps = ceil(epochs x rows / global
+    # batch), global batch = batch_size x processes (valuekit.training.early_stopping.schedule); None: `steps` as given
+    epochs: float | None = setting(None, gt=0, kind=float)
     batch_size: int = setting(64, ge=1)
     lr: float = setting(1e-3, gt=0)  # model learning rate
     optimizer: str = setting("adam", choices=("adam", "sgd"))  # sgd uses `momentum`
@@ -50,7 +57,13 @@ class TrainConfig:
     hidden: int = setting(128, ge=1)  # hidden width of mlp/cnn
     seed: int = 0
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
-    eval_every: int = setting(50, ge=1)  # steps between dev/test evaluations
+    # steps between dev/test evaluations; None: steps // 20 (at least 1), about 20 evaluations per run
+    eval_every: int | None = setting(None, ge=1, kind=int)
+    # keep the model of the evaluation with the best dev accuracy (ties: the lower dev loss, then the earlier
+    # step) in best.pt beside checkpoint.pt, and its step and metrics in run.json (best_step, best_metrics)
+    early_stopping: bool = False
+    # with early_stopping: stop after this many evaluations in a row without a better dev accuracy; 0: never
+    patience: int = setting(0, ge=0)
     log_every: int = setting(200, ge=1)  # steps between closed Parquet parts (each part costs the writer thread a fixed ~1-3 ms)
     checkpoint_every: int = setting(200, ge=1)  # steps between checkpoints (parts are flushed then too)
     # rows per chunk of dev/test evaluation and of the end-of-run scores of every row: it bounds the peak memory

@@ -4,6 +4,8 @@ with injected label noise or class imbalance. Re-exported from `valuekit.data.ta
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,18 +103,56 @@ DATASETS = {
 }
 
 
-def flip_labels(y: np.ndarray, rate: float, kind: str, num_classes: int, rng: np.random.Generator) -> np.ndarray:
-    """Flip exactly round(rate * n) labels: `symmetric` to a uniformly drawn other class, `pair` to class c+1."""
+NOISE_KINDS = ("symmetric", "pair", "instance")
+INSTANCE_MODEL = "multinomial logistic regression on standardised features, fitted to the clean training labels"
+
+
+def clean_margins(x: np.ndarray, y: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(margin, wrong) per row under a clean model (INSTANCE_MODEL, lbfgs, deterministic): margin = p(y_i) -
+    max_{k != y_i} p(k) in [-1, 1] (small near the decision boundary, negative where the model disagrees) and
+    wrong = that most likely other class."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    x = np.asarray(x, dtype=np.float64).reshape(len(y), -1)
+    z = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a few hundred iterations rank rows well enough
+        model = LogisticRegression(max_iter=300).fit(z, y)
+    prob = np.zeros((len(y), num_classes))
+    prob[:, model.classes_] = model.predict_proba(z)
+    rows = np.arange(len(y))
+    own = prob[rows, y]
+    prob[rows, y] = -np.inf
+    wrong = prob.argmax(1)
+    return own - prob[rows, wrong], wrong
+
+
+def flip_labels(y: np.ndarray, rate: float, kind: str, num_classes: int, rng: np.random.Generator,
+                x: np.ndarray | None = None) -> np.ndarray:
+    """Flip exactly round(rate * n) labels: `symmetric` to a uniformly drawn other class, `pair` to class
+    c+1 (mod C), `instance` (needs the features `x`) to the class a clean model confuses the row with: rows are
+    drawn without replacement with probability proportional to the clean model's uncertainty (1 - margin) / 2
+    (`clean_margins`), so rows near the boundary flip most often, and each goes to its most likely wrong class."""
     n = len(y)
     flipped = y.copy()
-    chosen = rng.choice(n, size=int(round(rate * n)), replace=False)
+    size = int(round(rate * n))
+    if kind == "instance":
+        if x is None:
+            raise InputError("flip_labels: kind='instance' needs the features x")
+        margin, wrong = clean_margins(x, y, num_classes)
+        p = (1.0 - margin) / 2.0 + 1e-9  # > 0 everywhere, so any rate < 1 can be drawn
+        chosen = rng.choice(n, size=size, replace=False, p=p / p.sum())
+        flipped[chosen] = wrong[chosen]
+        return flipped
+    chosen = rng.choice(n, size=size, replace=False)
     if kind == "symmetric":
         shift = rng.integers(1, num_classes, size=len(chosen))
         flipped[chosen] = (y[chosen] + shift) % num_classes
     elif kind == "pair":
         flipped[chosen] = (y[chosen] + 1) % num_classes
     else:
-        raise InputError(f"--noise-kind {kind!r}: use 'symmetric' or 'pair'")
+        raise InputError(f"--noise-kind {kind!r}: use {', '.join(NOISE_KINDS)}")
     return flipped
 
 
@@ -128,16 +168,18 @@ def long_tail(y: np.ndarray, ratio: float, num_classes: int, rng: np.random.Gene
     return np.sort(np.concatenate(keep))
 
 
-def _check_options(name: str, *, noise: float, imbalance: float, test_fraction: float, image_format: str,
-                   max_train: int | None) -> None:
+def _check_options(name: str, *, noise: float, noise_kind: str, imbalance: float, test_fraction: float,
+                   image_format: str, max_train: int | None) -> None:
     from valuekit.data.tables import IMAGE_FORMATS
 
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (valuekit data list)")
     if not 0.0 <= noise < 1.0:
         raise InputError(f"--noise {noise}: must be in [0, 1)")
-    if imbalance < 1.0:
-        raise InputError(f"--imbalance {imbalance}: must be >= 1 (ratio of largest to smallest class)")
+    if noise_kind not in NOISE_KINDS:
+        raise InputError(f"--noise-kind {noise_kind!r}: use {', '.join(NOISE_KINDS)}")
+    if not (math.isfinite(imbalance) and imbalance >= 1.0):
+        raise InputError(f"--imbalance {imbalance}: must be a finite number >= 1 (ratio of largest to smallest class)")
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
     if image_format not in IMAGE_FORMATS:
@@ -162,16 +204,19 @@ def prepare(
 ) -> dict[str, str]:
     """Write DIR/train.parquet, DIR/dev.parquet (small, clean, class-balanced) and DIR/test.parquet.
 
-    Label flips go to train only (with `is_noisy` and `clean_label`); imbalance is applied to train
-    before the flips. Image sets are written as `image_format`: `array` (a fixed-size list column
-    `pixels`), `png` (a column `image` of PNG bytes in the Hugging Face `{bytes, path}` struct) or
-    `folder` (PNG files under DIR/images/SPLIT/ID.png and a column `image` of paths relative to the
-    table). Returns the written paths.
+    Label flips go to train only (with `is_noisy` and `clean_label`): exactly round(noise x rows) of them, of
+    `noise_kind` symmetric, pair or instance (`flip_labels`; instance fits a clean model on the training rows).
+    `imbalance` R > 1 makes train long-tailed before the flips (`long_tail`: class c keeps m R^(-c/(C-1)) rows,
+    largest : smallest = R : 1). The settings are recorded in each table's Parquet metadata
+    (`valuekit.dataset`: dataset, noise, noise_kind, imbalance, seed, split; noise_model for instance).
+    Image sets are written as `image_format`: `array` (a fixed-size list column `pixels`), `png` (a column
+    `image` of PNG bytes in the Hugging Face `{bytes, path}` struct) or `folder` (PNG files under
+    DIR/images/SPLIT/ID.png and a column `image` of paths relative to the table). Returns the written paths.
     """
     from valuekit.data.tables import IMAGE_SHAPE_KEY, IMAGE_STRUCT, encode_png
 
-    _check_options(name, noise=noise, imbalance=imbalance, test_fraction=test_fraction, image_format=image_format,
-                   max_train=max_train)
+    _check_options(name, noise=noise, noise_kind=noise_kind, imbalance=imbalance, test_fraction=test_fraction,
+                   image_format=image_format, max_train=max_train)
     loader = DATASETS[name][0]
     x, y, shape_or_names, class_names = loader(from_dir) if name == "fashion-mnist" else loader()
     num_classes = len(class_names)
@@ -196,7 +241,8 @@ def prepare(
     if max_train is not None and len(train_idx) > max_train:
         train_idx = np.sort(rng.choice(train_idx, size=max_train, replace=False))
     y_train = y[train_idx]
-    y_noisy = flip_labels(y_train, noise, noise_kind, num_classes, rng) if noise > 0 else y_train.copy()
+    x_train = x[train_idx] if noise > 0 and noise_kind == "instance" else None  # only instance flips read features
+    y_noisy = flip_labels(y_train, noise, noise_kind, num_classes, rng, x=x_train) if noise > 0 else y_train.copy()
 
     image_shape = shape_or_names if isinstance(shape_or_names, tuple) else None
     feature_names = None if image_shape else shape_or_names
@@ -204,6 +250,8 @@ def prepare(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     info = {"dataset": name, "noise": noise, "noise_kind": noise_kind, "imbalance": imbalance, "seed": seed}
+    if noise > 0 and noise_kind == "instance":
+        info["noise_model"] = INSTANCE_MODEL
     written = {}
     for split, idx, lab, extra in (
         ("train", train_idx, y_noisy, True),

@@ -127,6 +127,10 @@ def _summary(runs, names) -> _Section:
     for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
         metric = "acc" if runs[0].acc_metric == "accuracy" else runs[0].acc_metric  # chrF/100 for translation
         row(f"final {k.replace('_', ' ').replace('acc', metric)}", lambda r, k=k: final(r, k))
+    if any(r.meta.get("best_step") is not None for r in runs):  # early stopping: the model in best.pt
+        row("best step · dev acc · test acc", lambda r: "–" if r.meta.get("best_step") is None else
+            f"{r.meta['best_step']} · " + " · ".join(_fmt((r.meta.get("best_metrics") or {}).get(k))
+                                                    for k in ("dev_acc", "test_acc")))
     row("valuekit · torch", lambda r: f"{(r.meta.get('versions') or {}).get('valuekit', '?')} · "
                                       f"{(r.meta.get('versions') or {}).get('torch', '?')}")
     sec.tables.append({"id": "run-summary", "caption": "", "header": ["", *names], "rows": rows})
@@ -143,11 +147,19 @@ def _training(runs, names) -> _Section:
     with _guard(sec, "training curves"):
         data = {n: curves.training_curves(r, max_points=150) for r, n in zip(runs, names)}
         data = {n: c for n, c in data.items() if len(c)}
+        best = {n: r.meta.get("best_step") for r, n in zip(runs, names)}
         if data:
             sec.figure("fig-training-curves", "Training and dev loss and accuracy by step",
-                       figures.plot_training_curves(data))
+                       figures.plot_training_curves(data, best))
         else:
             sec.notes.append("no metrics logged yet")
+        for r, n in zip(runs, names):  # early-stopped runs: the step whose model is in best.pt
+            if best[n] is not None:
+                m = r.meta.get("best_metrics") or {}
+                stopped = " (stopped early)" if r.meta.get("stopped_early") else ""
+                sec.notes.append(f"{n}: best step {best[n]} (dev acc {_fmt(m.get('dev_acc'))}, test acc "
+                                 f"{_fmt(m.get('test_acc'))}; its model is best.pt), last step "
+                                 f"{r.meta.get('steps_done', '?')}{stopped}")
     return sec
 
 

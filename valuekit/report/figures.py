@@ -65,11 +65,16 @@ def grid(n: int, *, cols: int = MAX_COLS, w: float = PANEL_W, h: float = PANEL_H
     return fig, list(flat[:n])
 
 
-def plot_training_curves(curves: dict[str, pd.DataFrame]):
-    """2 x 2: loss and accuracy, training (binned mean, solid) and dev (dashed) / test (dotted), one colour per run."""
+def plot_training_curves(curves: dict[str, pd.DataFrame], best: dict[str, int] | None = None):
+    """2 x 2: loss and accuracy, training (binned mean, solid) and dev (dashed) / test (dotted), one colour per run;
+    `best` {run: step}: a thin vertical line at each early-stopped run's best step."""
     fig, axes = plt.subplots(1, 2, figsize=(2 * PANEL_W + 0.6, PANEL_H + 0.3))
     for i, (name, c) in enumerate(curves.items()):
         color = COLORS[i % len(COLORS)]
+        if (best or {}).get(name) is not None:
+            for ax in axes:
+                ax.axvline(best[name], color=color, lw=0.9, ls="-.", alpha=0.8,
+                           label=f"{name} best step" if ax is axes[1] else None)
         for ax, what in zip(axes, ("loss", "acc")):
             tr = c[["step", f"train_{what}"]].dropna()
             ax.plot(tr["step"], tr[f"train_{what}"], color=color, lw=1.2, alpha=0.75, label=f"{name} train")

@@ -6,7 +6,7 @@
     sources/part-NNNNN.parquet multi-source methods: step, source, prob, count, reward, reward_se
     values.parquet            final per-example value
     sources.parquet           multi-source methods: one row per source (final prob, mean reward, rows)
-    checkpoint.pt             enough to resume (loaded with weights_only=True)
+    checkpoint.pt, best.pt    enough to resume; early stopping's best model (both loaded with weights_only=True)
 
 Parts are written to a hidden temporary file and renamed, so every visible part is a
 closed, readable Parquet file even after SIGKILL. Schemas are declared here once and
@@ -33,7 +33,7 @@ RUN_JSON = "run.json"
 VALUES = "values.parquet"
 
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT, BEST = "checkpoint.pt", "best.pt"
 
 
 SUBSET_VALUE = "subset_value.parquet"  # written by valuekit.bench.retrain.subset_value
@@ -52,7 +52,7 @@ TABLES = (STEPS, METRICS, SOURCES)
 
 
 # Everything in a run directory that belongs to the run: never an output (valuekit.runs.paths.check_output).
-RUN_FILES = (RUN_JSON, VALUES, CHECKPOINT, LOCK, *TABLES)
+RUN_FILES = (RUN_JSON, VALUES, CHECKPOINT, BEST, LOCK, *TABLES)
 
 
 def _id_type(id_type: str) -> pa.DataType:

@@ -14,16 +14,7 @@ import pyarrow.parquet as pq
 
 from valuekit.errors import RunDirError, unreadable
 from valuekit.ranking import mean_one, rank_by_value
-from valuekit.runs.layout import (
-    CHECKPOINT,
-    META_LOSS_METHODS,
-    METRICS_SCHEMA,
-    RUN_JSON,
-    SCHEMA_VERSION,
-    SOURCE_TABLE,
-    TABLES,
-    VALUES,
-)
+from valuekit.runs.layout import BEST, CHECKPOINT, META_LOSS_METHODS, METRICS_SCHEMA, RUN_JSON, SCHEMA_VERSION, SOURCE_TABLE, TABLES, VALUES
 from valuekit.runs.lock import _lock_held
 from valuekit.runs.paths import REQUIRED, check_columns
 
@@ -67,6 +58,8 @@ class Run:
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
 
+    # early stopping's best.pt, else None: torch.load(path, weights_only=True)["model"] is the model's state dict
+    best_model_path = property(lambda self: self.path / BEST if (self.path / BEST).exists() else None)
     @property
     def finished(self) -> bool:
         """values.parquet is there (the run completed)."""

@@ -112,11 +112,3 @@ class RunWriter:
         self.write_meta(status=status, **updates)
         if self.lock is not None:
             self.lock.unlink(missing_ok=True)
-
-
-
-
-
-
-
-

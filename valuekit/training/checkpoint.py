@@ -10,11 +10,11 @@ from valuekit.runs.layout import CHECKPOINT, TABLES
 from valuekit.runs.paths import CHECKPOINT_KEYS
 
 
-def save_checkpoint(run_dir, blob: dict) -> None:
-    """checkpoint.pt, written atomically (torch.save of tensors, numbers, lists and dicts only)."""
+def save_checkpoint(run_dir, blob: dict, name: str = CHECKPOINT) -> None:
+    """checkpoint.pt (or best.pt), written atomically (torch.save of tensors, numbers, lists and dicts only)."""
     import torch
 
-    write_atomic(Path(run_dir) / CHECKPOINT, lambda tmp: torch.save(blob, tmp))
+    write_atomic(Path(run_dir) / name, lambda tmp: torch.save(blob, tmp))
 
 
 def load_checkpoint(run_dir, *, training: bool = False) -> dict | None:

@@ -35,6 +35,7 @@ from valuekit.runs.writer import RunWriter
 from valuekit.training import distributed as dist_
 from valuekit.training.checkpoint import load_checkpoint, save_checkpoint
 from valuekit.training.context import Batch, StepRecord, TrainContext
+from valuekit.training.early_stopping import BestModel, eval_interval, schedule
 from valuekit.training.options import resolve, resolve_device
 from valuekit.training.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.training.rundir import prepare_run
@@ -100,6 +101,7 @@ def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: Train
     Options go through the same `options.resolve` as `train()`; `model` as in `train()`."""
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data)
+    config = schedule(config, len(train_data))
     ctx = build_context(train_data.trainer_view(), dev_data, config, resolve_device(config.device),
                         model_factory=factory)
     trainer, sampler = spec.build(ctx, mcfg)
@@ -153,6 +155,11 @@ def train(
     rank 0 takes the lock and writes run.json, metrics/, sources/, values.parquet and checkpoints, and
     every rank writes its own steps/rank-R/part-*.parquet. `on_step_end` hooks run on every rank (with
     that rank's slice of the batch), `on_eval` hooks and evaluation on rank 0 only.
+
+    `config.epochs` replaces `config.steps` and evaluations come every `eval_interval(config)` steps
+    (valuekit.training.early_stopping). `config.early_stopping` keeps the model of the best dev accuracy in
+    OUT/best.pt and `best_step`, `best_metrics` in run.json; `config.patience` > 0 stops after that many
+    evaluations without a better one.
     """
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data)
@@ -165,6 +172,7 @@ def train(
     device, info = _placement(config, spec)
     out = Path(out)
     _check_inputs(config, out, train_data, dev_data, test_data)
+    config = schedule(config, len(train_data), info.world_size)
     view = train_data.trainer_view()  # trainers never see is_noisy / clean_label
     meta = {
         "name": name or out.name, "method": config.method, "config": dataclasses.asdict(config),
@@ -179,6 +187,7 @@ def train(
         "device": str(device), "host": platform.node(), "versions": _versions(), "status": "running",
         "started_at": _now(), "steps_done": 0,
         "world_size": info.world_size, "global_batch_size": config.batch_size * info.world_size,
+        "eval_every": eval_interval(config),  # the interval used (config.eval_every None: steps // 20)
     }
     started_group = dist_.init(info, device)
     try:
@@ -211,6 +220,8 @@ LM_METHODS = ("uniform", "bads", "dds", "multidds")  # the methods that train a 
 
 
 def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_data) -> None:
+    if config.early_stopping and (dev_data is None or len(dev_data) == 0):
+        raise InputError("early_stopping: needs a dev table (the best model is chosen by dev accuracy)")
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
     if config.augment != "none" and train_data.image_shape is None:
@@ -270,7 +281,7 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
         loop.restore(state)
     with _StopSignals() as stop, _Progress(config, loop.step, info) as bar:
         try:
-            while loop.step < config.steps:                                           # step / log / eval / ckpt
+            while loop.step < config.steps and not loop.stopped_early:                # step / log / eval / ckpt
                 if loop.stop_agreed or (stop.requested and not info.enabled):
                     raise KeyboardInterrupt
                 loop.run_step(stop.requested, bar)
@@ -362,6 +373,9 @@ class _Loop:
         # streamed images: each batch's rows decoded on the host, the likely next batch by background workers
         self.stream = RowStream(ctx.x, ctx.device, ctx.config.data_workers) if hasattr(ctx.x, "encoded") else None
         self.augment_generator = torch.Generator().manual_seed(ctx.config.seed + 1)  # augmentation only
+        self.eval_every = eval_interval(ctx.config)
+        self.best = BestModel(out, ctx.config.patience) if ctx.config.early_stopping else None  # rank 0 fills it
+        self.stopped_early = False
 
     def close_stream(self) -> None:
         if self.stream is not None:
@@ -376,6 +390,9 @@ class _Loop:
         self.ctx.signals.load_state_dict(state.get("signals", {}))
         self.step = self.done = int(state["step"])
         self.elapsed_before = float(state["elapsed"])
+        if self.best is not None:
+            self.best.load_state_dict(state["best"], write=self.info.is_main)
+            self.stopped_early = self.best.spent
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t0
@@ -407,9 +424,15 @@ class _Loop:
         if self.ctx.device.type == "cuda":
             torch.cuda.synchronize(self.ctx.device)
         metrics, bad, diverged = self.log_step(step, idx_cpu, rec, time.perf_counter() - ts, stop_requested)
-        if self.info.is_main and not diverged and (step % self.config.eval_every == 0 or step == self.config.steps):
+        evaluates = not diverged and (step % self.eval_every == 0 or step == self.config.steps)
+        if self.info.is_main and evaluates:
             metrics.update(self.evaluation(step))
             self.last_metrics = metrics
+            if self.best is not None:
+                self.best.observe(step, metrics, self.trainer.model)
+        if evaluates and self.config.patience:  # rank 0 evaluated; every rank stops at the same step
+            spent = float(self.info.is_main and self.best.spent)
+            self.stopped_early = dist_.agree([spent], device=self.ctx.device, world_size=self.info.world_size)[0] > 0
         if self.info.is_main:
             self.writer.metrics.add(**metrics)
             for s, vals in (rec.sources or {}).items():
@@ -490,13 +513,20 @@ class _Loop:
             raise RuntimeError(f"step {step}: the ranks' trainer states differ; this is a valuekit bug in "
                                f"method {self.config.method!r}'s synchronisation (the checkpoint would be wrong)")
         if self.info.is_main:
-            save_checkpoint(self.out, {
+            blob = {
                 "step": step, "trainer": trainer_state, "sampler": self.sampler.state_dict(),
                 "generator": self.ctx.generator.get_state(), "parts": self.writer.part_counts(),
                 "elapsed": self.elapsed(), "signals": self.ctx.signals.state_dict(),
                 "augment_generator": self.augment_generator.get_state(),
-            })
-            self.writer.write_meta(steps_done=step)
+            }
+            if self.best is not None:
+                self.best.save()  # best.pt first: a checkpoint never names a best model that is not on disk
+                blob["best"] = self.best.state_dict()
+            save_checkpoint(self.out, blob)
+            self.writer.write_meta(steps_done=step, **self.best_meta())
+
+    def best_meta(self) -> dict:
+        return {} if self.best is None else self.best.meta(self.stopped_early)
 
     def interrupted(self) -> None:
         # under torchrun only a stop all ranks agreed on is checkpointed (the others are mid-step or gone)
@@ -515,7 +545,7 @@ class _Loop:
             if sources is not None:  # multi-source methods: one row per source
                 self.writer.write_source_table(sources)
         self.writer.close("completed", steps_done=self.step, duration_s=self.elapsed(), finished_at=_now(),
-                          final_metrics=_clean(self.last_metrics))
+                          final_metrics=_clean(self.last_metrics), **self.best_meta())
         dist_.barrier(world_size=self.info.world_size)  # run.json is final before any rank returns
         return read_run(self.out)
 

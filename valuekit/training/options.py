@@ -17,12 +17,22 @@ from valuekit.errors import InputError
 from valuekit.training.method import method_spec
 
 # loop settings that have their own command-line flag (the others are given with --set)
-FLAGS = ("method", "model", "steps", "batch_size", "lr", "seed", "device", "precision")
+FLAGS = ("method", "model", "steps", "batch_size", "lr", "seed", "device", "precision", "epochs", "eval_every",
+         "early_stopping", "patience")
 
 
 
 
-def _convert(key: str, text: str, default):
+def _convert(key: str, text: str, default, kind: type | None = None):
+    """`text` typed like `default`; a field whose default is None is typed by its declared `kind`
+    ("none" gives None back)."""
+    if default is None and kind is not None:
+        if text.strip().lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise InputError(f"--set {key}={text}: expected {kind.__name__} or none (default None)") from None
     kind = type(default)
     try:
         if isinstance(default, bool):
@@ -49,6 +59,7 @@ def parse_overrides(pairs, method_cls, loop_cfg: TrainConfig | None = None) -> t
     method_vals, loop_vals = {}, {}
     defaults_m = method_cls()
     defaults_l = loop_cfg or TrainConfig()
+    kinds = {f.name: f.metadata.get("valuekit", {}).get("kind") for f in dataclasses.fields(TrainConfig)}
     for pair in pairs or []:
         key, sep, text = pair.partition("=")
         key = key.strip().replace("-", "_")
@@ -57,7 +68,7 @@ def parse_overrides(pairs, method_cls, loop_cfg: TrainConfig | None = None) -> t
         if key in method_fields:
             method_vals[key] = _convert(key, text, getattr(defaults_m, key))
         elif key in loop_fields:
-            loop_vals[key] = _convert(key, text, getattr(defaults_l, key))
+            loop_vals[key] = _convert(key, text, getattr(defaults_l, key), kinds.get(key))
         else:
             known = ", ".join(sorted(method_fields)) or "(none)"
             loop = ", ".join(sorted(k for k in loop_fields if k not in FLAGS))  # those with no flag of their own
@@ -87,6 +98,7 @@ def _rule_text(r: dict) -> str:
 def _violates(v, r: dict) -> str | None:
     if "choices" in r:
         return None if v in r["choices"] else f"choose from {', '.join(map(str, r['choices']))}"
+    r = {k: x for k, x in r.items() if k != "kind"}
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return None
     ok = not (r.get("finite") and not math.isfinite(v))
@@ -122,6 +134,9 @@ def check_loop(cfg: TrainConfig) -> None:
 
     check_model_spec(cfg.model)  # a built-in name, a causal LM or the form of a user's model (imported later, once)
     check_fields(cfg, loop=True)
+    if cfg.patience and not cfg.early_stopping:
+        raise InputError(f"--patience {cfg.patience}: needs --early-stopping (it counts evaluations without a "
+                         f"better dev accuracy)")
 
 
 def resolve(config: TrainConfig | None = None, method_config=None, *, overrides=()):
