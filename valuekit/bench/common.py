@@ -18,7 +18,7 @@ import pandas as pd
 from valuekit.runs.atomic import write_text_atomic
 from valuekit.runs.layout import RUN_JSON, VALUES
 
-BUNDLED = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
+BUNDLED = Path(__file__).resolve().parents[2] / "data" / "digits-noisy20"
 
 
 SPEED_METHODS = ("dds", "hostcp", "lrdi", "l2rw", "mwnet", "bads", "multidds")

@@ -370,7 +370,7 @@ def _signal_markdown(frame: pd.DataFrame, out: Path, command: str, device: str, 
 
 # ---------------------------------------------------------------- model (GRU vs Transformer)
 
-MODEL_DATA = Path(__file__).resolve().parents[1] / "data" / "multilingual"  # bundled, target ast
+MODEL_DATA = Path(__file__).resolve().parents[2] / "data" / "multilingual"  # bundled, target ast
 # label -> (model, lr, share of --steps): a Transformer step costs about 3.6 GRU steps of CPU (reports/multidds.md
 # section 2), so it gets a third of the steps and both arms end at about the same CPU seconds
 MODEL_ARMS = {"gru-h128-lr3e-3": ("gru", 3e-3, 1.0), "tf-d128-lr1e-3": ("tf", 1e-3, 1 / 3),
