@@ -89,6 +89,9 @@ def run(args) -> int:
         raise InputError(f"--cv-folds {args.cv_folds}: need at least 2")
     if args.cv_max_train < 10:
         raise InputError(f"--cv-max-train {args.cv_max_train}: need at least 10")
+    from valuekit.config import check_seed
+
+    check_seed(args.seed)
     frame = audit(args.runs, data=args.data, flag_fraction=args.flag_fraction, baselines=args.baselines,
                   predict=args.predict, cv_folds=args.cv_folds, cv_max_train=args.cv_max_train, seed=args.seed,
                   id_col=args.id_col, label_col=args.label_col)

@@ -62,6 +62,10 @@ def _check(args) -> None:
     bad = [s for s in items["seeds"] if not s.lstrip("-").isdigit()]
     if bad:
         raise InputError(f"--seeds {args.seeds!r}: {bad[0]!r} is not an integer (expected e.g. 0,1,2)")
+    from valuekit.config import check_seed
+
+    for text in items["seeds"]:
+        check_seed(int(text), where="--seeds")
     if args.report_only and (not args.runs_dir or any(k not in TEXT_NAMES for k in args.kind)):
         raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) with --runs-dir")
     known_data, known_methods = list(DATASETS), list(available_methods())

@@ -94,6 +94,8 @@ def table_kwargs(args) -> dict:
             shape = tuple(int(v) for v in args.image_shape.split(","))
         except ValueError:
             raise InputError(f"--image-shape {args.image_shape!r}: expected integers like 1,28,28") from None
+        if not 1 <= len(shape) <= 4 or min(shape) < 1:
+            raise InputError(f"--image-shape {args.image_shape}: expected 1 to 4 positive integers like 1,28,28")
     size = None
     if getattr(args, "image_size", None):
         try:

@@ -8,6 +8,7 @@ The others are prepared on this machine from a package or files (`valuekit data 
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
 MULTILINGUAL = "multilingual"
@@ -25,6 +26,8 @@ def add_parser(sub):
     pp = dsub.add_parser("prepare", help="write DIR/train.parquet, DIR/dev.parquet, DIR/test.parquet")
     pp.add_argument("name", help="data set name (valuekit data list)")
     pp.add_argument("-o", "--out", required=True, help="output folder (created if missing)")
+    pp.add_argument("--overwrite", action="store_true",
+                    help="replace train/dev/test files (and images/) already in the output folder (default: refuse)")
     pp.add_argument("--noise", type=float, default=0.0,
                     help="fraction of training labels to flip, in [0, 1) (default 0); train gets is_noisy")
     pp.add_argument("--noise-kind", default="symmetric", choices=["symmetric", "pair", "instance"],
@@ -108,15 +111,27 @@ def run_languages(args) -> int:
     return 0
 
 
+def written_names(name: str, fmt: str | None) -> list[str]:
+    """What `prepare NAME` writes in its output folder (the files an existing folder must not hold)."""
+    suffix = {"jsonl": ".jsonl", "csv": ".csv"}.get(fmt or "", ".parquet") if name == INSTRUCTIONS else ".parquet"
+    names = [f"{split}{suffix}" for split in ("train", "dev", "test")]
+    return names + (["images"] if fmt == "folder" else [])
+
+
 def run_prepare(args) -> int:
     from valuekit.errors import InputError
-    from valuekit.runs.paths import check_output
+    from valuekit.runs.paths import check_not_overwritten, check_output
 
     if args.name not in names():
         raise InputError(f"unknown dataset {args.name!r}; choose from {', '.join(names())} (valuekit data list)")
     for opt, value in (("--max-train", args.max_train), ("--dev-size", args.dev_size), ("--test-size", args.test_size)):
         if value is not None and value < 1:
             raise InputError(f"{opt} {value}: must be >= 1")
+    from valuekit.config import check_seed
+
+    check_seed(args.seed)
+    if not math.isfinite(args.imbalance) or args.imbalance < 1:
+        raise InputError(f"--imbalance {args.imbalance}: must be a finite ratio >= 1 (largest to smallest class)")
     formats = {INSTRUCTIONS: ("parquet", "jsonl", "csv"), MULTILINGUAL: ()}.get(args.name, ("array", "png", "folder"))
     if args.format is not None and args.format not in formats:
         raise InputError(f"--format {args.format}: {args.name} is written as "
@@ -128,6 +143,8 @@ def run_prepare(args) -> int:
     check_output(args.out, kind="dir", inputs=[args.from_dir])
     if args.from_dir is not None and Path(args.out).resolve() == Path(args.from_dir).resolve():
         raise InputError(f"-o {args.out}: is the --from folder; write the prepared tables elsewhere")
+    if not args.overwrite:
+        check_not_overwritten(args.out, written_names(args.name, args.format))
     if args.name == INSTRUCTIONS:
         from valuekit.data.instructions import DEFAULT_TASKS, prepare_instructions
 

@@ -52,7 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _OwnTemp:
+    """A temporary folder this command owns and removes: torch's compiler cache (torch._dynamo makes
+    $TMPDIR/torchinductor_USER at import) and, for --nproc, torchrun's torchelastic_* folders go there instead of
+    being left in $TMPDIR. A cache folder the user chose (TORCHINDUCTOR_CACHE_DIR) is kept as it is."""
+
+    def __enter__(self):
+        import os
+        import tempfile
+
+        self.path, self.saved = None, {}
+        if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+            return self
+        self.path = tempfile.mkdtemp(prefix="valuekit-")
+        self.saved = {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "VALUEKIT_OWN_TMP")}
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(self.path, "torchinductor")
+        os.environ["VALUEKIT_OWN_TMP"] = self.path  # where `train --nproc` points torchrun's TMPDIR
+        return self
+
+    def __exit__(self, *exc):
+        import os
+        import shutil
+
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            for k, v in self.saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _OwnTemp():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # SIGTERM (kill, a scheduler's time limit) stops like Ctrl-C: temporaries are removed, training
     # checkpoints at a step boundary (the loop installs its own handler while it runs).

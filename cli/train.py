@@ -67,7 +67,10 @@ def _launch(args) -> int:
     # torchrun gets its own session, so a signal meant for this command (Ctrl-C in a terminal, SIGTERM from a
     # scheduler to this pid or to its group) reaches it exactly once, forwarded here; torchrun passes it to every
     # rank, and the ranks agree on one step to stop at and checkpoint (a second signal would stop them at once)
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    env = dict(os.environ)
+    if os.environ.get("VALUEKIT_OWN_TMP"):  # torchrun's torchelastic_* folders go to this command's own temp dir
+        env["TMPDIR"] = os.environ["VALUEKIT_OWN_TMP"]
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     got: list[int] = []
 
     def forward(signum, frame):

@@ -227,8 +227,11 @@ def test_damaged_run_files_give_one_line_for_score_audit_report(fresh, damage):
     root, p = fresh
     run = p["run"]
     fragment = _damage(run, damage)
-    if damage.startswith("steps"):  # read by audit only for a run without values.parquet (from its step log)
+    if damage.startswith("steps"):  # read by audit only for an unfinished run (from its step log)
         (run / "values.parquet").unlink()
+        meta = json.loads((run / "run.json").read_text())
+        meta["status"] = "interrupted"
+        (run / "run.json").write_text(json.dumps(meta))
         fragment = fragment if damage != "steps-wrong-schema" else "unreadable (column 'step' is string"
     refused(["score", p["train"], "--run", run, "-o", root / "s.parquet"], root,
             "has no values.parquet" if damage.startswith("steps") else fragment)

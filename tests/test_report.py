@@ -190,6 +190,9 @@ def test_report_of_an_unfinished_run(uniform_run, tmp_path):
     run = tmp_path / "interrupted"
     shutil.copytree(uniform_run, run)
     (run / "values.parquet").unlink()
+    meta = json.loads((run / "run.json").read_text())
+    meta["status"] = "interrupted"  # a completed run without values.parquet is refused (values.parquet: missing)
+    (run / "run.json").write_text(json.dumps(meta))
     out = write_report(run, tmp_path / "i.html")
     text = out.read_text()
     figs = {i.get("id") for i in parse(out).imgs}

@@ -43,9 +43,12 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
     from valuekit.training.loop import train as train_loop
     from valuekit.training.method import method_spec
 
-    if dev is None:
-        raise InputError("valuekit.train: a trusted dev table is required (dev=...)"
-                         + ("; early_stopping chooses the model by it" if settings.get("early_stopping") else ""))
+    for arg, value in (("train", train), ("dev", dev)):
+        if value is None:
+            raise InputError(f"valuekit.train: {arg} is None; give a table (a path, a DataFrame or a ValueDataset)"
+                             + (" (dev=...: the small trusted dev table)" if arg == "dev" else "")
+                             + ("; early_stopping chooses the model by it" if arg == "dev" and settings.get("early_stopping")
+                                else ""))
     if steps is not None and settings.get("epochs") is not None:
         raise InputError(f"valuekit.train: steps={steps} and epochs={settings['epochs']}: give one of them")
     config = config or TrainConfig()

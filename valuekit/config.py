@@ -20,6 +20,19 @@ METHODS: dict[str, str] = {
 }
 
 
+#: seeds are in [0, 2^63): what torch.Generator.manual_seed and numpy's generators both take
+SEED_LIMIT = 2**63
+
+
+def check_seed(value, *, where: str = "--seed") -> int:
+    """A seed in [0, 2^63), or InputError naming `where`."""
+    from valuekit.errors import InputError
+
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+        raise InputError(f"{where} {value}: must be a whole number in [0, 2^63)")
+    return value
+
+
 def setting(default, *, ge=None, gt=None, le=None, lt=None, choices=None, finite: bool | None = None,
             kind: type | None = None):
     """A Config field with its allowed values declared next to the default; `valuekit.training.options.check`
@@ -55,7 +68,7 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     hidden: int = setting(128, ge=1)  # hidden width of mlp/cnn
-    seed: int = 0
+    seed: int = setting(0, ge=0, lt=SEED_LIMIT)  # a torch.Generator seed (numpy takes it too)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda | cuda:N
     # steps between dev/test evaluations; None: steps // 20 (at least 1), about 20 evaluations per run
     eval_every: int | None = setting(None, ge=1, kind=int)

@@ -17,6 +17,10 @@ class TrainingDiverged(ValueKitError):
     """Loss or weights became NaN/inf; the message names the step."""
 
 
+class TrainingFailed(ValueKitError):
+    """An error during training (a model's forward that raises, a write that fails); run.json says failed."""
+
+
 
 
 

@@ -34,9 +34,15 @@ def _show(v) -> str:
 
 
 def _open(data: bytes):
+    """The image's header (PIL.Image.open); an image past Pillow's decompression-bomb limit raises, the warning
+    band below it included (an untrusted table should not make valuekit decode 100M-pixel images)."""
+    import warnings
+
     from PIL import Image
 
-    return Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(io.BytesIO(data))
 
 
 def decode(data: bytes, mode: str, size: tuple[int, int] | None) -> np.ndarray:
@@ -224,7 +230,7 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
     result of `packed_column` (kind "packed"). `channels` forces 1 (grey) or 3 (RGB); by default any
     colour image makes the whole column RGB. `expect_hw` (a dev/test table): every image must have the
     training table's (H, W). `first_hw`: the (H, W) of the rows before these (a later batch of one column)."""
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     if kind == "packed":
         buf, offsets, has_bytes, paths = values
@@ -260,10 +266,14 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
 
     def fail(i, name, exc):
         what = f"image file {name}" if name else "image bytes"
+        why = type(exc).__name__
+        if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+            why = "it declares more pixels than Pillow's decompression-bomb limit"
         raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: {what} cannot be decoded "
-                         f"({type(exc).__name__})") from None
+                         f"({why})") from None
 
-    errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+    errors = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+              Image.DecompressionBombWarning)
     if channels is None:
         channels = 1
         for i in range(n):

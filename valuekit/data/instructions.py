@@ -344,7 +344,15 @@ def load_instructions(
     if packer.max_token >= tokenizer.vocab_size:
         raise InputError(f"{where}: token id {packer.max_token} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
     x, y = packer.finish(max_len)
-    src = shared_strings(meta[source_col]) if source_col in meta.columns else None
+    src = None
+    if source_col in meta.columns:
+        missing = meta[source_col].isna().to_numpy()
+        if missing.any():
+            at = ids_np[int(np.flatnonzero(missing)[0])]
+            raise InputError(f"{where}: column {source_col!r} has a missing task at id "
+                             f"{at.item() if hasattr(at, 'item') else at!r} ({int(missing.sum())} rows); give every "
+                             f"row a task")
+        src = shared_strings(meta[source_col])
     noisy = meta["is_noisy"].to_numpy().astype(bool) if "is_noisy" in meta.columns else None
     return ValueDataset(
         ids=ids_np, x=x, y=y, classes=[str(i) for i in range(tokenizer.vocab_size)], source=src, is_noisy=noisy,

@@ -123,7 +123,11 @@ def read_any(source, *, name: str = "table", defer_images: bool = False) -> tupl
                 meta["deferred_images"] = deferred
             raw = table.schema.metadata or {}
             if IMAGE_SHAPE_KEY in raw:
-                meta["image_shape"] = json.loads(raw[IMAGE_SHAPE_KEY])
+                try:
+                    declared = json.loads(raw[IMAGE_SHAPE_KEY])
+                except ValueError:
+                    declared = raw[IMAGE_SHAPE_KEY][:40].decode(errors="replace")
+                meta["image_shape"] = check_image_shape(declared, f"{path}: metadata {IMAGE_SHAPE_KEY.decode()}")
             # encoded image columns stay Arrow-backed (no Python object per row; valuekit.data.images.packed_column)
             df = table.to_pandas(types_mapper=_arrow_image_type)
         elif suffix == ".csv":
@@ -183,6 +187,25 @@ def _show(v) -> str:
     return repr(v.item() if isinstance(v, np.generic) else v)
 
 
+#: the largest image side valuekit accepts in a declared shape (a larger one is a damaged or hostile file)
+MAX_IMAGE_SIDE = 65536
+
+
+def check_image_shape(shape, what: str) -> tuple[int, ...]:
+    """A declared image shape (C,H,W; or H,W / a length): 1 to 4 whole numbers in [1, 65536], else one InputError
+    `what is ...`."""
+    ok = isinstance(shape, (list, tuple)) and 1 <= len(shape) <= 4 and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 1 <= v <= MAX_IMAGE_SIDE for v in shape)
+    if not ok:
+        try:
+            shown = json.dumps(shape, default=str)
+        except ValueError:
+            shown = repr(shape)
+        raise InputError(f"{what} is {shown[:60]}; expected 1 to 4 whole numbers in [1, {MAX_IMAGE_SIDE}] "
+                         f"like [1, 28, 28]")
+    return tuple(int(v) for v in shape)
+
+
 def _where(path, name):
     return path if path else f"<{name} DataFrame>"
 
@@ -200,11 +223,24 @@ def _ids(ids: pd.Series, where: str, id_col: str) -> np.ndarray:
     """The id column as int64 (integer ids) or str objects; null and duplicate ids are errors."""
     if ids.isna().any():
         raise InputError(f"{where}: column {id_col!r} has a null id at row {int(np.flatnonzero(ids.isna())[0])}")
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise InputError(f"{where}: column {id_col!r} has duplicate id {_show(dup.iloc[0])} ({len(dup)} duplicates)")
     ids_np = ids.to_numpy()
-    return ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    if ids_np.dtype == object:
+        odd = next((i for i, v in enumerate(ids_np) if not isinstance(v, (str, bytes, int, float, np.generic))), None)
+        if odd is not None:
+            raise InputError(f"{where}: column {id_col!r} holds {type(ids_np[odd]).__name__} values (row {odd}), "
+                             f"not ids; give the id column with --id-col")
+    ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
+    if ids_np.dtype == object:  # an empty field of a text file is a missing id, not the id ''
+        blank = np.flatnonzero([not v.strip() for v in ids_np])
+        if len(blank):
+            raise InputError(f"{where}: column {id_col!r} has an empty id at row {int(blank[0])}")
+    # duplicates are looked for after the conversion: 1 and '1' are one id in values.parquet
+    dup = pd.Series(ids_np)
+    dup = dup[dup.duplicated()]
+    if len(dup):
+        raise InputError(f"{where}: column {id_col!r} has duplicate id {_show(dup.iloc[0])} ({len(dup)} duplicates"
+                         f"{', after reading every id as text' if ids.to_numpy().dtype == object else ''})")
+    return ids_np
 
 
 def _labels(labels: pd.Series, where: str, label_col: str, ids_np: np.ndarray, like):
@@ -212,6 +248,11 @@ def _labels(labels: pd.Series, where: str, label_col: str, ids_np: np.ndarray, l
     if labels.isna().any():
         row = int(np.flatnonzero(labels.isna())[0])
         raise InputError(f"{where}: column {label_col!r} has a null label at id {_show(ids_np[row])}")
+    if labels.dtype == object:
+        odd = next((i for i, v in enumerate(labels.to_numpy()) if isinstance(v, (list, tuple, dict, np.ndarray))), None)
+        if odd is not None:
+            raise InputError(f"{where}: column {label_col!r} holds {type(labels.iloc[odd]).__name__} values (id "
+                             f"{_show(ids_np[odd])}), not labels; give the label column with --label-col")
     label_text = _label_text(labels)
     if like is None:
         classes = sorted(set(label_text.tolist()), key=_class_sort_key)
@@ -262,6 +303,8 @@ def load_table(
     fix_mmap_threshold()  # $VALUEKIT_MALLOC=steady: before the table's arrays (valuekit.data.memory)
     if stream not in (True, False, "auto"):
         raise InputError(f"stream={stream!r}: use True, False or 'auto'")
+    if image_shape is not None:
+        image_shape = check_image_shape(image_shape, f"image_shape={image_shape!r}")
     df, meta, path = read_any(source, name=name, defer_images=stream is not False)
     deferred = meta.get("deferred_images", [])
     where = _where(path, name)
@@ -403,6 +446,8 @@ def _features(df, where, reserved, feature_cols, ids):
         lengths = {len(r) for r in rows}
         if len(lengths) != 1:
             raise InputError(f"{where}: column {col!r} has rows of different lengths {sorted(lengths)[:5]}")
+        if lengths == {0}:
+            raise InputError(f"{where}: column {col!r} holds only empty lists (no feature values)")
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # too large for float32: named below, no warning
                 x = np.stack([np.asarray(r, dtype=np.float32) for r in rows])
@@ -520,7 +565,10 @@ def _decoded_bytes(values: pd.Series, size, want, *, rows: int | None = None) ->
         data = data.as_py() if hasattr(data, "as_py") else data
         if not isinstance(data, (bytes, bytearray)):
             return 0  # file paths: decide eagerly (the files are small or the user says --stream)
-        w, h = _open(bytes(data)).size
+        try:
+            w, h = _open(bytes(data)).size
+        except Exception:  # undecodable: decide eagerly, where decoding names the file, column and row
+            return 0
         per_row = 3 * w * h
     return 4 * per_row * (len(values) if rows is None else rows)
 

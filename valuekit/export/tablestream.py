@@ -8,6 +8,7 @@ hidden temporary of `valuekit.runs.atomic.temp_path`, renamed over the output on
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from pathlib import Path
@@ -242,7 +243,23 @@ class _FileSink:
             self.tmp.unlink(missing_ok=True)
             raise
 
+    def _named(self, exc: OSError) -> OSError:
+        """A failed write (a full disk) said of the output file, not of the hidden temporary."""
+        from valuekit.errors import first_line
+
+        why = exc.strerror or first_line(exc)
+        code = exc.errno
+        if code is None and "errno 28" in why.lower():  # pyarrow's own wording of a full disk
+            code, why = errno.ENOSPC, os.strerror(errno.ENOSPC)
+        return OSError(code, why, str(self.out))
+
     def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._write(batch)
+        except OSError as exc:
+            raise self._named(exc) from exc
+
+    def _write(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
             return
         self.rows += batch.num_rows
@@ -275,6 +292,8 @@ class _FileSink:
                 self._flush()
             self.writer.close()
             commit(self.tmp, self.out)
+        except OSError as exc:
+            raise self._named(exc) from exc
         finally:
             self.tmp.unlink(missing_ok=True)
         return self.rows

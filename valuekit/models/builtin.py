@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -292,3 +293,23 @@ def _init_seq2seq_(model: nn.Module, generator: torch.Generator) -> None:
             p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
         for emb in (model.src_emb, model.tgt_emb):
             emb.weight[PAD].zero_()
+
+
+def check_token_range(table, size: int, name: str) -> None:
+    """Every token id of `table` (a ValueDataset whose rows are ids) is in [0, size), else one InputError naming
+    the id, the row's id and the file."""
+    from valuekit.errors import InputError
+
+    x = table.x
+    if not isinstance(x, torch.Tensor) or x.numel() == 0:
+        return
+    flat = x.reshape(len(x), -1)
+    bad = (flat < 0) | (flat >= size) | (flat != flat.round())
+    if not bad.any():
+        return
+    row = int(bad.any(1).nonzero()[0])
+    value = flat[row][bad[row]][0].item()
+    shown = int(value) if float(value).is_integer() else value
+    ident = table.ids[row].item() if isinstance(table.ids[row], np.generic) else table.ids[row]
+    raise InputError(f"{table.path or f'<{table.name} DataFrame>'}: token id {shown} at id {ident!r} (row {row}) is outside "
+                     f"--model {name}'s embedding of {size} entries (ids 0..{size - 1})")

@@ -142,7 +142,16 @@ def _hf_config(path: str, name: str):
     if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
         raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} model, which has no causal-LM head "
                          f"in transformers")
+    if config.model_type in BIDIRECTIONAL and not getattr(config, "is_decoder", False):
+        raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} encoder without \"is_decoder\": true; "
+                         f"it attends both ways (a later token changes earlier logits), so it is not a causal LM")
     return transformers, config
+
+
+#: encoder model types whose transformers causal-LM head is causal only with is_decoder=True in the config
+BIDIRECTIONAL = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "electra", "ernie",
+                           "data2vec-text", "roberta-prelayernorm", "xmod", "rembert", "megatron-bert",
+                           "bert-generation", "big_bird", "nezha", "qdqbert", "mega", "markuplm"})
 
 
 def _first(exc: Exception) -> str:

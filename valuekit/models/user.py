@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from valuekit.models.builtin import MODELS
+from valuekit.models.builtin import MODELS, check_token_range
 from valuekit.ops.modes import eval_mode
 
 EXTRAS = {"torchvision": "vision", "timm": "timm"}  # model prefix -> pip extra that installs it
@@ -167,22 +167,49 @@ def build_user_model(spec, *, num_classes: int, input_shape, generator: torch.Ge
     return ShapedInput(net, input_shape)
 
 
-def check_output(model: nn.Module, x: torch.Tensor, num_classes: int, name: str) -> None:
-    """One forward on a few rows (eval mode, no grad, buffers restored): the output must be (rows, num_classes)."""
+def check_output(model: nn.Module, x: torch.Tensor, num_classes: int, name: str, *, tables=()) -> None:
+    """One forward on a few rows (eval mode, no grad, buffers restored): the output must be (rows, num_classes),
+    floating and finite, and the model must have trainable parameters. An nn.Embedding that takes the rows
+    themselves as ids (token-id tables) is found on that forward, and every table in `tables` is checked against its
+    size before training (an id out of range would otherwise be an IndexError at the first step)."""
     from valuekit.errors import InputError
 
+    if not any(p.requires_grad for p in model.parameters()):
+        raise InputError(f"--model {name}: has no trainable parameters (nothing for the optimizer to train)")
     state = {k: b.clone() for k, b in model.named_buffers()}
+    seen: list[tuple[nn.Embedding, torch.Tensor]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])) if args else None)
+             for m in model.modules() if isinstance(m, nn.Embedding)]
+    failure = None
     try:
         with eval_mode(model, no_grad=True):
             out = model(x)
     except Exception as exc:
-        raise InputError(f"--model {name}: forward on rows of shape {tuple(x.shape[1:])} failed: "
-                         f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        failure = exc
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for k, b in model.named_buffers():
                 b.copy_(state[k])
+    for emb, ids in seen:  # the embedding that looks up the rows' own values: check every table's range
+        # the rows as the model cast them (ids.long() truncates 0.5 to 0: the range check then names the 0.5)
+        if isinstance(ids, torch.Tensor) and ids.numel() == x.numel() \
+                and torch.equal(ids.reshape(-1).cpu(), torch.as_tensor(x).reshape(-1).cpu().to(ids.dtype)):
+            for table in tables:
+                check_token_range(table, emb.num_embeddings, name)
+            break
+    if failure is not None:
+        text = str(failure).strip()
+        raise InputError(f"--model {name}: forward on rows of shape {tuple(x.shape[1:])} failed: "
+                         f"{type(failure).__name__}: {text.splitlines()[0] if text else ''}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise InputError(f"--model {name}: output has shape {got} for {x.shape[0]} rows; expected "
                          f"({x.shape[0]}, {num_classes}) (one logit per class)")
+    if not out.is_floating_point():
+        raise InputError(f"--model {name}: output has dtype {str(out.dtype).removeprefix('torch.')}; expected "
+                         f"floating-point logits")
+    if not torch.isfinite(out).all():
+        raise InputError(f"--model {name}: output holds NaN or inf on the first {x.shape[0]} rows (logits must be "
+                         f"finite)")

@@ -11,6 +11,8 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from valuekit.errors import first_line
+
 
 def temp_path(path: Path) -> Path:
     """The hidden temporary file next to `path` that an atomic write fills before renaming it over `path`
@@ -28,6 +30,8 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
     try:
         write(tmp)
         commit(tmp, path)
+    except OSError as exc:  # a full disk, a quota: said of the file meant, not of the hidden temporary
+        raise OSError(exc.errno, exc.strerror or first_line(exc), str(path)) from exc
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -98,6 +98,8 @@ class AsyncPartWriter:
     def _raise(self) -> None:
         if self.error is not None:
             error, self.error = self.error, None
+            if isinstance(error, OSError):  # a full disk: it names the part (runlog.write_atomic)
+                raise error
             raise RuntimeError(f"writing {self.folder} failed: {error}") from error
 
     def add(self, **columns) -> None:
@@ -131,10 +133,12 @@ class AsyncPartWriter:
                 self.buffer = []
             self._raise()
             return
-        self.flush()
-        self.sync()
-        self.jobs.put(None)
-        self.thread.join()
+        try:
+            self.flush()
+            self.sync()
+        finally:  # the thread stops even when a part could not be written (the error is raised)
+            self.jobs.put(None)
+            self.thread.join()
 
     def _work(self) -> None:
         while True:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from valuekit.errors import InputError, RunDirError, unreadable
 
@@ -100,6 +101,17 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
     return out
 
 
+def check_not_overwritten(folder, names, *, option: str = "-o", flag: str = "--overwrite") -> None:
+    """Refuse an output folder that already holds any of `names` (files or folders a writer would replace):
+    valuekit never overwrites a user's file unless told to (`flag`)."""
+    folder = Path(folder).expanduser()
+    there = [n for n in names if (folder / n).exists() or (folder / n).is_symlink()]
+    if there:
+        raise InputError(f"{option} {folder}: already holds {there[0]}"
+                         f"{f' (and {len(there) - 1} more of the files it would write)' if len(there) > 1 else ''}; "
+                         f"choose another folder or pass {flag}")
+
+
 def _kind(t: pa.DataType) -> str:
     if pa.types.is_integer(t):
         return "int"
@@ -156,3 +168,22 @@ def remove_if_empty(run_dir: Path) -> None:
 
 
 CHECKPOINT_KEYS = {"step": int, "trainer": dict, "sampler": dict, "parts": dict, "elapsed": (int, float)}
+
+
+def check_parts(run_dir: Path, counts: dict, *, world_size: int = 1) -> None:
+    """The parts a resumed run continues (those the checkpoint counts) are there and are whole Parquet files of
+    their table (footer and columns; a truncated part has no footer), else `InputError("RUN/.../part: ...")`."""
+    for table, n in counts.items():
+        folders = [run_dir / table]
+        if table == "steps" and world_size > 1:
+            folders = [run_dir / table / f"rank-{r}" for r in range(world_size)]
+        for folder in folders:
+            for i in range(n):
+                part = folder / f"part-{i:05d}.parquet"
+                if not part.is_file():
+                    raise unreadable(part, "missing; the checkpoint continues after it")
+                try:
+                    schema = pq.read_schema(part)
+                except Exception as exc:
+                    raise unreadable(part, exc) from None
+                check_columns(part, schema, REQUIRED[table])

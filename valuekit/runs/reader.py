@@ -12,9 +12,19 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from valuekit.errors import RunDirError, unreadable
+from valuekit.errors import InputError, RunDirError, unreadable
 from valuekit.ranking import mean_one, rank_by_value
-from valuekit.runs.layout import BEST, CHECKPOINT, META_LOSS_METHODS, METRICS_SCHEMA, RUN_JSON, SCHEMA_VERSION, SOURCE_TABLE, TABLES, VALUES
+from valuekit.runs.layout import (
+    BEST,
+    CHECKPOINT,
+    META_LOSS_METHODS,
+    METRICS_SCHEMA,
+    RUN_JSON,
+    SCHEMA_VERSION,
+    SOURCE_TABLE,
+    TABLES,
+    VALUES,
+)
 from valuekit.runs.lock import _lock_held
 from valuekit.runs.paths import REQUIRED, check_columns
 
@@ -140,8 +150,10 @@ class Run:
 
     def check(self) -> "Run":
         """Open every file of the run far enough to know it is a valuekit file (schemas, not the data):
-        a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made."""
-        self.checked_values_path()
+        a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made, and so
+        does a completed run whose values.parquet is gone."""
+        if self.checked_values_path() is None and self.meta.get("status") == "completed":
+            raise self._values_missing()
         for table in TABLES:
             self.dataset(table)
         return self
@@ -160,7 +172,14 @@ class Run:
                 raise unreadable(p, exc) from None
             check_columns(p, table.schema, REQUIRED["values"])
             return table.to_pandas()
+        if self.meta.get("status") == "completed":
+            # a completed run wrote values.parquet: a stand-in from the step log would silently differ from it
+            raise self._values_missing()
         return self.values_from_steps() if partial else None
+
+    def _values_missing(self) -> InputError:
+        return InputError(f"{self.values_path}: missing; the run completed but its values file is gone (restore it "
+                          f"or train the run again)")
 
     def values_from_steps(self) -> pd.DataFrame | None:
         """Per-example aggregates of steps/ (pyarrow group-by; the log is never loaded whole into pandas)."""

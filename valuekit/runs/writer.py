@@ -4,7 +4,6 @@ and run.json."""
 from __future__ import annotations
 
 import json
-
 from pathlib import Path
 
 import pandas as pd
@@ -107,8 +106,31 @@ class RunWriter:
         write_parquet_atomic(table, self.dir / SOURCE_TABLE)
 
     def close(self, status: str, **updates) -> None:
+        """Write what is buffered, run.json with `status`, and release the lock. A part that cannot be written (a
+        full disk) turns a closing run into a failed one (said in run.json, then raised); the lock goes either way."""
+        error = None
         for w in (self.steps, self.metrics, self.sources):
-            w.close()
-        self.write_meta(status=status, **updates)
-        if self.lock is not None:
-            self.lock.unlink(missing_ok=True)
+            try:
+                w.close()
+            except Exception as exc:  # every writer is stopped, and run.json still written
+                error = error or exc
+        failing = error is not None and status != "failed"
+        if failing:
+            from valuekit.errors import first_line
+
+            status, updates = "failed", {**updates, "error": f"{type(error).__name__}: {first_line(error)}"}
+        try:
+            try:
+                self.write_meta(status=status, **updates)
+            except OSError:
+                if status != "failed" or not self.main:
+                    raise
+                # a full disk has no room for the temporary copy: run.json is rewritten in place (it shrinks or
+                # stays about the size it was), so that it says failed rather than running
+                with open(self.dir / RUN_JSON, "w") as f:
+                    f.write(json.dumps(self.meta, indent=2, default=str))
+        finally:
+            if self.lock is not None:
+                self.lock.unlink(missing_ok=True)
+        if failing:  # (a run that already failed keeps its own reason, which its caller raises)
+            raise error

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
-from valuekit.errors import unreadable
+from valuekit.errors import first_line, unreadable
 from valuekit.runs.atomic import write_atomic
 from valuekit.runs.layout import CHECKPOINT, TABLES
 from valuekit.runs.paths import CHECKPOINT_KEYS
@@ -14,7 +16,19 @@ def save_checkpoint(run_dir, blob: dict, name: str = CHECKPOINT) -> None:
     """checkpoint.pt (or best.pt), written atomically (torch.save of tensors, numbers, lists and dicts only)."""
     import torch
 
-    write_atomic(Path(run_dir) / name, lambda tmp: torch.save(blob, tmp))
+    path = Path(run_dir) / name
+
+    def save(tmp: Path) -> None:
+        try:
+            torch.save(blob, tmp)
+        except RuntimeError as exc:  # torch's zip writer reports a full disk as "[enforce fail at inline_container.cc]"
+            import shutil
+
+            if shutil.disk_usage(tmp.parent).free < 2**20:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp)) from exc
+            raise OSError(errno.EIO, f"torch.save failed ({first_line(exc)[:160]})", str(tmp)) from exc
+
+    write_atomic(path, save)
 
 
 def load_checkpoint(run_dir, *, training: bool = False) -> dict | None:

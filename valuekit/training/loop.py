@@ -25,21 +25,21 @@ from valuekit.data.images import augment
 from valuekit.data.memory import TRIM_SECONDS, fix_mmap_threshold, trim_heap
 from valuekit.data.streaming import RowStream
 from valuekit.data.tables import ValueDataset
-from valuekit.errors import InputError, RunDirError, TrainingDiverged, first_line, unreadable
+from valuekit.errors import InputError, RunDirError, TrainingDiverged, TrainingFailed, first_line, unreadable
 from valuekit.models.builtin import feature_stats
 from valuekit.models.user import build_user_model, check_model_spec, is_builtin
 from valuekit.ranking import mean_one, rank_by_value
-from valuekit.runs.layout import CHECKPOINT
+from valuekit.runs.layout import CHECKPOINT, RUN_JSON
 from valuekit.runs.reader import read_run
 from valuekit.runs.writer import RunWriter
 from valuekit.training import distributed as dist_
 from valuekit.training.checkpoint import load_checkpoint, save_checkpoint
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.early_stopping import BestModel, eval_interval, schedule
+from valuekit.training.method import MethodValues
 from valuekit.training.options import resolve, resolve_device
 from valuekit.training.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
 from valuekit.training.rundir import prepare_run
-from valuekit.training.method import MethodValues
 from valuekit.training.signals import SignalAccumulator, in_run_value, in_run_value_doc
 
 
@@ -108,7 +108,7 @@ def make_trainer(train_data: ValueDataset, dev_data: ValueDataset, config: Train
     return trainer, sampler, ctx
 
 
-def _resolve_model(config: TrainConfig, model, data: ValueDataset):
+def _resolve_model(config: TrainConfig, model, data: ValueDataset, *others: ValueDataset | None):
     """(config with the model described as text, factory or None): a user's model is imported/resolved once here
     and built on two rows to check that it gives one logit per class, before anything is written."""
     from valuekit.models.user import check_output, describe_model, resolve_factory
@@ -123,7 +123,7 @@ def _resolve_model(config: TrainConfig, model, data: ValueDataset):
     shape = tuple(data.image_shape) if data.image_shape else (data.x.shape[1],)
     probe = build_user_model(spec, num_classes=data.num_classes, input_shape=shape,
                              generator=torch.Generator().manual_seed(config.seed), factory=factory)
-    check_output(probe, data.x[:2], data.num_classes, config.model)
+    check_output(probe, data.x[:2], data.num_classes, config.model, tables=[d for d in (data, *others) if d is not None])
     return config, factory
 
 
@@ -162,7 +162,7 @@ def train(
     evaluations without a better one.
     """
     config, mcfg, spec = resolve(config, method_config)
-    config, factory = _resolve_model(config, model, train_data)
+    config, factory = _resolve_model(config, model, train_data, dev_data, test_data)
     from valuekit.models.lm import is_lm
 
     fix_mmap_threshold(causal_lm=is_lm(config.model))  # $VALUEKIT_MALLOC (valuekit.data.memory)
@@ -170,6 +170,11 @@ def train(
         raise InputError(f"--precision fp16: method {config.method!r} does not use the gradient scaler fp16 needs; "
                          f"use --precision bf16")
     device, info = _placement(config, spec)
+    if info.is_main:  # the CLI's rule for --out (no '', no file, no non-empty folder that is not a run)
+        from valuekit.runs.paths import check_output
+
+        check_output(out, option="out", kind="run",
+                     inputs=[d.path for d in (train_data, dev_data, test_data) if d is not None and d.path])
     out = Path(out)
     _check_inputs(config, out, train_data, dev_data, test_data)
     config = schedule(config, len(train_data), info.world_size)
@@ -265,10 +270,12 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
            hooks: list, device: torch.device, info: dist_.DistInfo, model_factory=None):
-    lock, state = _prepare(out, meta, resume, info)                                   # prepare
+    # the trainer is built before the run directory is touched: a setting it refuses (a feature layer that is not
+    # there, a source column a method needs) leaves no run skeleton or lock behind
     ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size,  # build
                         model_factory=model_factory)
     trainer, sampler = spec.build(ctx, mcfg)
+    lock, state = _prepare(out, meta, resume, info)                                   # prepare
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
     labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
@@ -288,14 +295,34 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
         except KeyboardInterrupt:
             loop.interrupted()
             raise
-        except TrainingDiverged:
+        except (TrainingDiverged, TrainingFailed):
             raise
         except BaseException as exc:
-            writer.close("failed", steps_done=loop.step, error=f"{type(exc).__name__}: {exc}")
-            raise
+            _failed(writer, loop.step, exc, config=config, out=out)
         finally:
             loop.close_stream()
-    return loop.finish()                                                              # finalise
+    try:
+        return loop.finish()                                                          # finalise
+    except (TrainingDiverged, TrainingFailed, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        _failed(writer, loop.step, exc, config=config, out=out)
+
+
+def _failed(writer: RunWriter, step: int, exc: BaseException, *, config: TrainConfig, out: Path):
+    """Mark the run failed (run.json: status, the reason in one line) and raise TrainingFailed saying so."""
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    where = getattr(exc, "filename", None)
+    if where and str(where) not in reason:  # an OSError (a full disk) names its file
+        reason = f"{where}: {reason}"
+    try:
+        writer.close("failed", steps_done=step, error=reason, finished_at=_now())
+    except Exception as close_exc:  # the disk that failed the write may fail run.json too
+        reason += f" (and marking the run failed: {first_line(close_exc)})"
+    if not isinstance(exc, Exception):
+        raise exc
+    raise TrainingFailed(f"step {step}: training failed (--model {config.model}): {reason}; "
+                         f"{out / RUN_JSON} says failed") from exc
 
 
 def _check_state(trainer, sampler, ctx, state: dict, *, out: Path, lock, method: str) -> None:

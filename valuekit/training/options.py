@@ -95,6 +95,19 @@ def _rule_text(r: dict) -> str:
     return "finite"
 
 
+def _wrong_type(v, default) -> str | None:
+    """A number setting given as another type (steps='10', a float seed): said before any arithmetic on it."""
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return None
+    import numbers
+
+    if isinstance(default, int) and (isinstance(v, bool) or not isinstance(v, numbers.Integral)):
+        return f"must be a whole number, not {type(v).__name__}"
+    if isinstance(default, float) and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+        return f"must be a number, not {type(v).__name__}"
+    return None
+
+
 def _violates(v, r: dict) -> str | None:
     if "choices" in r:
         return None if v in r["choices"] else f"choose from {', '.join(map(str, r['choices']))}"
@@ -115,7 +128,7 @@ def check_fields(cfg, *, loop: bool = False) -> None:
         rules = f.metadata.get("valuekit")
         if rules:
             v = getattr(cfg, f.name)
-            problem = _violates(v, rules)
+            problem = _wrong_type(v, f.default) or _violates(v, rules)
             if problem:
                 raise InputError(f"{option(f.name, v, loop=loop)}: {problem}")
 

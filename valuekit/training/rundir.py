@@ -9,7 +9,7 @@ from pathlib import Path
 from valuekit.errors import RunDirError
 from valuekit.runs.layout import RUN_JSON
 from valuekit.runs.lock import acquire_lock, new_run_id
-from valuekit.runs.paths import make_run_dir, remove_if_empty
+from valuekit.runs.paths import check_parts, make_run_dir, remove_if_empty
 from valuekit.runs.reader import read_run
 from valuekit.training.checkpoint import load_checkpoint
 
@@ -61,6 +61,8 @@ def prepare_run(out: Path, meta: dict, resume: bool):
                 diff = [_difference(k, old_id[k], new_id[k]) for k in new_id if new_id[k] != old_id[k]]
                 raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
             state = load_checkpoint(out, training=True)
+            if state is not None:
+                check_parts(out, state["parts"], world_size=old.meta.get("world_size", 1))
             meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
         elif (out / RUN_JSON).exists():
             raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")

@@ -36,7 +36,19 @@ def parse_threads(value, *, where: str = "--threads") -> int | None:
         raise InputError(f"{where} {value!r}: expected a whole number of threads >= 1") from None
     if n < 1:
         raise InputError(f"{where} {value!r}: expected a whole number of threads >= 1")
+    limit = max_threads()
+    if n > limit:  # tens of thousands of threads make no progress and stop answering signals
+        raise InputError(f"{where} {value!r}: at most {limit} threads on this machine ({limit // 4} cores x 4)")
     return n
+
+
+def max_threads() -> int:
+    """The most threads valuekit starts: four per core this process may use."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return 4 * max(1, cores)
 
 
 def idle_cores(cores: int, load: float | None) -> int:
