@@ -1,4 +1,4 @@
-"""A small hand-rolled mutation run (issue 22): change one operator at a time and see whether the tests notice.
+"""A small hand-rolled mutation run: change one operator at a time and see whether the tests notice.
 
     git archive HEAD | tar -x -C /tmp/mutwt
     nice -n 10 python scripts/mutate.py --copy /tmp/mutwt --budget 60 --out reports/mutation.json

@@ -1,4 +1,4 @@
-"""DDS (issue 15): scale-only reward normalisation and the effective-sample-size floor on the batch weights."""
+"""DDS: scale-only reward normalisation and the effective-sample-size floor on the batch weights."""
 
 import pytest
 import torch

@@ -314,7 +314,7 @@ def _contender(out: str, barrier, results) -> None:
 def test_simultaneous_creation_of_one_run_directory_is_race_free(tmp_path):
     """Four processes released by one barrier create the same new run directory, 8 times: exactly one
     wins each time, and its directory, lock and files survive the losers' clean-up (the code before
-    issue 18 fails in the first round: a loser that had seen no directory removed the winner's, and a
+    this guard failed in the first round: a loser that had seen no directory removed the winner's, and a
     third process then took a second lock)."""
 
     ctx = mp.get_context("fork")

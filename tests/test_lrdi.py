@@ -384,7 +384,7 @@ def test_live_tensor_memory_is_flat_over_200_steps(variant, unroll):
     assert n_params == sum(p.numel() for p in tiny_trainer(Config(variant=variant)).model.parameters())
 
 
-# ---------------------------------------------------------------- fused meta-gradient (speed, issue 20)
+# ---------------------------------------------------------------- fused meta-gradient (speed)
 
 
 @pytest.mark.parametrize("variant", ["lrdi", "mwnet", "l2rw"])

@@ -1,4 +1,4 @@
-"""LRDI teacher inputs and weight floor (issue 15): the hidden state is standardised per row, and the batch
+"""LRDI teacher inputs and weight floor: the hidden state is standardised per row, and the batch
 weights never fall under the effective-sample-size floor."""
 
 import numpy as np

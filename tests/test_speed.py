@@ -1,4 +1,4 @@
-"""Speed machinery (issue 20): the background part writer, the bench's breakdown and layer-under-load pieces,
+"""Speed machinery: the background part writer, the bench's breakdown and layer-under-load pieces,
 BatchNorm in the gradient tape."""
 
 from __future__ import annotations

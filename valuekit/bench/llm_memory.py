@@ -1,4 +1,4 @@
-"""`valuekit bench llm-memory` (issue 21): peak resident memory of a causal-LM run against the number of rows.
+"""`valuekit bench llm-memory`: peak resident memory of a causal-LM run against the number of rows.
 
 Data: the prepared instruction set (`valuekit data prepare instructions`, 10 % junk rows and a junk task), its
 training rows repeated with fresh ids to N rows (Parquet, row groups of 4,096). Each (layout, method, N) is a

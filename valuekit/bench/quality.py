@@ -18,7 +18,7 @@ measures, from each run's values.parquet:
 * peers: pyDVL Data-OOB (random forest) and KNN-Shapley (valuekit.bench.peers, own interpreter), and cleanlab
   confident learning on 5-fold out-of-sample probabilities of an early-stopped scikit-learn MLP.
 
-`quality.md` holds the tables and a pass/fail line for each acceptance criterion of issue 15, computed
+`quality.md` holds the tables and a pass/fail line for each acceptance criterion of the quality study, computed
 from the numbers in the same file.
 """
 
@@ -238,7 +238,7 @@ def _pm(m, sd, digits=3) -> str:
 
 
 def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | None, str]]:
-    """(criterion, passed, evidence) for each measurable 'Done when' line of issue 15."""
+    """(criterion, passed, evidence) for each measurable acceptance criterion of the quality study."""
     out = []
     learned = frame[frame.method.isin(list(LEARNED))]
     noisy = learned.dropna(subset=["auroc"])
@@ -374,7 +374,7 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
         "(global, and stratified by class) vs a random 50 % and all rows; test accuracy. `min share`: smallest",
         "(class share among kept rows) / (class share among all rows). `uniform-ES`: uniform's test accuracy at the",
         "evaluation with the best dev accuracy (early stopping on the dev set).", "",
-        "## Acceptance (issue 15 'Done when'), computed from the tables below", "",
+        "## Acceptance criteria, computed from the tables below", "",
     ]
     for crit, ok, ev in criteria(frame, det):
         verdict = "NOT MEASURED (needs more seeds)" if ok is None else "PASS" if ok else "FAIL"

@@ -23,7 +23,7 @@ SPEED_MODELS = {"mlp": (8, 64), "cnn": (8, 64), "resnet": (28, 128)}
 #: 2nd step at batch 128) have the same share of update steps in every window (5 made their medians flip)
 RESNET_STEPS = 16
 TOY_STEPS = 40  # timed mlp/cnn steps per repetition
-#: issue 20's "done when" ratios (model, method) -> most step time / uniform's
+#: the speed targets' ratios (model, method) -> most step time / uniform's
 TARGETS = {("resnet", "dds"): 1.3, ("resnet", "bads"): 1.1, ("resnet", "hostcp"): 1.4, ("resnet", "multidds"): 1.6,
            ("resnet", "l2rw"): 2.0, ("resnet", "mwnet"): 2.0, ("resnet", "lrdi"): 2.2, ("mlp", "lrdi"): 2.5,
            ("mlp", "hostcp"): 1.5}
@@ -375,7 +375,7 @@ def _speed_layer_and_threads(layer: list[dict], threads: list[dict], torch_defau
 
 def _speed_notes() -> list[str]:
     """What the speed work changed and what it does to results (static text)."""
-    return ["", "### What the speed work changed (issue 20) and what it does to results", "",
+    return ["", "### What the speed work changed and what it does to results", "",
             "- lrdi/l2rw/mwnet, one virtual step (the default): `meta_grad=auto` computes the meta-gradient as",
             "  dJ/dw_i = -a/B grad l_i(theta) . grad J(theta') from per-example dot products (the student's own",
             "  forward/backward via `gradients.LayerTape`, or one forward-mode pass when BatchNorm makes rows interact)",
@@ -451,7 +451,7 @@ def bench_speed(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                                                                  steps=6, threads=torch_default)
     lines = _speed_intro(command, device, quick=quick, reps=reps, load_before=load_before, load_after=load_after)
     lines += _speed_tables(rows, breakdown_rows, log)
-    lines += ["", "### Targets (issue 20, CPU)", "", *markdown_table(pd.DataFrame(_speed_checks(frame, log, layer)))]
+    lines += ["", "### Targets (CPU)", "", *markdown_table(pd.DataFrame(_speed_checks(frame, log, layer)))]
     lines += _speed_layer_and_threads(layer, threads, torch_default)
     lines += _speed_notes()
     lines += _speed_figure(out, frame, models, device)

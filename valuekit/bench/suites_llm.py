@@ -1,4 +1,4 @@
-"""`valuekit bench llm` (issue 21): data selection for causal-LM fine-tuning on the prepared instruction set.
+"""`valuekit bench llm`: data selection for causal-LM fine-tuning on the prepared instruction set.
 
 Data: `valuekit data prepare instructions` (Django catalogs: one "Translate from X to English" task per
 language, a junk task with random responses, 10 % junk rows in the real tasks, flagged `is_noisy` and never
@@ -33,7 +33,7 @@ DATASETS = {"instructions": {}, "instructions-langs": {"tasks": ("it", "nl", "pl
             "instructions-swap": {"junk_kind": "swap"}}
 GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 # Adam's lr for uniform, DDS, multi-source DDS and the fine-tuned halves (BADS moves theta with its own lr_theta).
-# 3e-3 until 2026-12-01 (never tuned); at 1e-3 uniform's dev loss and its small-loss AUROC were better on two sets
+# at 1e-3 (3e-3 was never tuned) uniform's dev loss and its small-loss AUROC were better on two sets
 # (instructions 0.958-0.962 vs 0.858, instructions-langs 0.952-0.960 vs 0.846; reports/llm.md), so the trivial
 # baseline the learned values must beat is no longer a weakly trained run
 LR = 1e-3

@@ -1,4 +1,4 @@
-"""DDS over source languages (Algorithm 2, issue 16) as bench suites on real low-resource targets.
+"""DDS over source languages (Algorithm 2) as bench suites on real low-resource targets.
 
 * `multidds-targets`: per target (ast, br, bs: three related + four unrelated source languages + the target's
   own rows, `valuekit data prepare multilingual`) and seed, four variants of `multidds` on the byte GRU:
@@ -30,7 +30,7 @@ TARGETS = {"ast": (("es", "gl", "pt"), UNRELATED), "br": (("cy", "ga", "gd"), UN
 FAMILY = {"ast": "Asturian, Romance", "br": "Breton, Celtic (Brythonic)", "bs": "Bosnian, South Slavic"}
 VARIANTS = ("dds", "uniform", "retrained", "tcs+dds")
 LOOP = {"model": "seq2seq", "batch_size": 32, "lr": 3e-3}  # measured in reports/multidds.md section 2
-# the scorer interval every translation report was measured with (multidds's default until 2026-12-01; the
+# the scorer interval every translation report was measured with (an earlier multidds default; the
 # default is now 1024, chosen on image sets): pinned so that these suites reproduce their reports
 UPDATE = {"update_every": 256}
 MAX_LEN = 64
@@ -180,7 +180,7 @@ def _targets_markdown(frame: pd.DataFrame, command: str, device: str, steps: int
                                 f"{sum(x['target_ok'] for x in c)} of {len(c)}",
                                 mean_sd([x["min_related"] - x["max_unrelated"] for x in c]),
                                 mean_sd([x["p_target"] for x in c])])
-    lines += ["### Criteria (issue 16) over seeds", "",
+    lines += ["### Criteria over seeds", "",
               "`min rel - max unrel` > 0 means every related source ends above every unrelated one.", ""]
     lines += md_table(["target", "variant", "runs", "every related > every unrelated", "target >= uniform share",
                        "min rel - max unrel", "p(target)"], summary) + [""]

@@ -107,7 +107,7 @@ class Config:
     reward: str = setting("dot", choices=("dot", "cosine"))  # dot | cosine between the source's gradient average and the dev gradient
     reward_params: str = setting("all", choices=("all", "encoder"))  # all | encoder (source-side parameters of a translation model)
     a1: float = setting(0.05, ge=0, lt=1)  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
-    update_every: int = setting(1024, ge=1)  # K: training examples between scorer updates (256 until 2026-12-01)
+    update_every: int = setting(1024, ge=1)  # K: training examples between scorer updates (reports/multidds.md)
     scorer_iters: int = setting(1, ge=0)  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
     scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration (conditional scorer only)
     scorer_lr: float = setting(0.05, ge=0)

@@ -4,7 +4,7 @@ The trap this avoids: torch starts one intra-op thread per core.  The built-in m
 cnn) run steps of a few milliseconds made of many small kernels; each parallel region is a barrier
 where the threads wait for each other, and on a machine that another process keeps busy a waiting
 thread is often descheduled for a whole time slice.  A CLI run with torch's default threads was
-measured ~10x slower than with one thread while another process was busy (issue 20), and the exact
+measured ~10x slower than with one thread while another process was busy (reports/speed.md), and the exact
 subset layer 190 ms instead of 2.7 ms per call (that layer now always solves on one thread,
 `valuekit.ops.selection`).  On an idle machine a second thread gains little at these sizes
 (reports/speed.md, thread table).  So the default is one thread for the small built-in models.  For
