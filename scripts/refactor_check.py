@@ -19,11 +19,17 @@ import pandas as pd
 TRAIN = """
 import sys
 from pathlib import Path
-from valuekit.data.tables import load_table
-from valuekit.training.loop import TrainConfig, train
+try:  # the package layout by concern
+    from valuekit.bench.common import bench_tables
+    from valuekit.config import TrainConfig
+    from valuekit.data.tables import load_table
+    from valuekit.training.loop import train
+except ImportError:  # the flat layout before it
+    from valuekit.bench import _bench_tables as bench_tables
+    from valuekit.datasets import load_table
+    from valuekit.trainers.base import TrainConfig, train
 method, out, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 if method == "multidds":
-    from valuekit.bench.common import bench_tables
     tr, dv = bench_tables(data, sources=3); te = None
 else:
     tr = load_table(data / "train.parquet"); dv = load_table(data / "dev.parquet", like=tr, name="dev")
