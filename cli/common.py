@@ -12,7 +12,8 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("table columns")
     g.add_argument("--id-col", default="id", help="id column (default: id)")
     g.add_argument("--label-col", default="label", help="label column (default: label)")
-    g.add_argument("--source-col", default="source", help="source/language/domain column if present (default: source)")
+    g.add_argument("--source-col", default="source",
+                   help="source/language/domain column if present (default: source; task in instruction tables)")
     g.add_argument("--feature-cols", default=None,
                    help="comma-separated feature columns (default: every numeric column, or the one list column)")
     g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
@@ -42,7 +43,10 @@ def add_train_options(p: argparse.ArgumentParser, *, dev_required: bool = True) 
     g.add_argument("--test", default=None, help="optional test table, evaluated during training")
     g.add_argument("--method", default=None if not dev_required else d.method,
                    help=f"valuation method: {', '.join(available_methods())} (default: {d.method})")
-    g.add_argument("--model", default=d.model, help=f"linear, mlp, cnn, seq2seq (translation tables), or your own: package.module:factory, "
+    g.add_argument("--model", default=d.model,
+                   help="built-in: linear, mlp, cnn, resnet (small residual CNN with BatchNorm), seq2seq (translation "
+                        "tables), causal-lm (instruction tables); a transformers causal LM: hf-config:DIR (random "
+                        "weights from DIR/config.json) or hf:DIR (with weights); your own: package.module:factory, "
                         f"torchvision:NAME, timm:NAME (default: {d.model})")
     g.add_argument("--steps", type=int, default=None, help=f"training steps (default: {d.steps})")
     g.add_argument("--epochs", type=float, default=None, metavar="E",

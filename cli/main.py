@@ -27,6 +27,14 @@ def _one_line(text) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+def _as_flags(text: str) -> str:
+    """A library message in terms of flags: `overwrite=True` -> `--overwrite` (messages that need more give their
+    own command-line wording, ValueKitError.cli)."""
+    import re
+
+    return re.sub(r"\b([a-z][a-z_]*)=True\b", lambda m: "--" + m.group(1).replace("_", "-"), text)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -104,7 +112,7 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"valuekit: error: {_one_line(exc)}", file=sys.stderr)
         return 3
     except ValueKitError as exc:
-        print(f"valuekit: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"valuekit: error: {_one_line(exc.cli or _as_flags(str(exc)))}", file=sys.stderr)
         return 2
     except OSError as exc:
         print(f"valuekit: error: {_os_error(exc)}", file=sys.stderr)

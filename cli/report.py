@@ -20,7 +20,7 @@ def run(args) -> int:
     from valuekit.cli.audit import run_tables
 
     from valuekit.errors import InputError
-    from valuekit.report import write_report
+    from valuekit.reporting import write_report
     from valuekit.runs.paths import check_output
     from valuekit.runs.reader import read_run
 

@@ -16,6 +16,8 @@ def add_parser(sub):
     p.add_argument("-o", "--out", required=True, help="output .parquet or .csv")
     p.add_argument("--run", default=None, help="run directory to take values from")
     p.add_argument("--run-dir", default=None, help="with --method: where to write the run (default: OUT.run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="with --method: replace the run that --run-dir (default: OUT.run) already holds")
     sel = p.add_argument_group("selection (at most one)")
     sel.add_argument("--keep-fraction", type=float, default=None, help="select the top fraction by value")
     sel.add_argument("--top-k", type=int, default=None, help="select the K most valuable rows")
@@ -26,10 +28,13 @@ def add_parser(sub):
                           "(stratified: each class keeps its share)")
     sel.add_argument("--subset-only", action="store_true", help="write only the selected rows")
     sel.add_argument("--per-task", action="store_true",
-                     help="instruction tables: --keep-fraction within each task (the --source-col, default task)")
+                     help="instruction tables: --keep-fraction within each task (the column --source-col names; "
+                          "in instruction tables its default is task)")
     sel.add_argument("--rank-by", default="value", metavar="COLUMN",
                      help="rank and select by this numeric column of the run's values.parquet instead of value "
                           "(e.g. mean_reward: DDS's gradient alignment with the dev set)")
+    p.add_argument("--drop-columns", default=None, metavar="COL,...",
+                   help="leave these columns out of the output (e.g. an image column a .csv cannot hold)")
     p.add_argument("--batch-rows", type=int, default=None,
                    help="rows per streamed batch (default: 131072); memory is ~50 bytes per row plus fixed buffers")
     add_train_options(p, dev_required=False)
@@ -54,6 +59,9 @@ def run(args) -> int:
                     args.per_class)
     if args.batch_rows is not None and args.batch_rows < 1:
         raise InputError(f"--batch-rows {args.batch_rows}: must be an integer >= 1")
+    if args.method is None and args.overwrite:
+        raise InputError("--overwrite replaces the run that --method trains; with --run the run is an input, never "
+                         "replaced (leave --overwrite out)")
     if args.method is None and args.run_dir is not None:
         raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
@@ -67,9 +75,14 @@ def run(args) -> int:
         run_dir = Path(args.run_dir or out.with_name(out.name + ".run"))
         # Check where the run goes before spending time on training.
         check_output(run_dir, option="--run-dir", kind="run", inputs=[*inputs, args.out])
+        from valuekit.runs.layout import RUN_JSON
+
+        if (run_dir / RUN_JSON).exists() and not args.overwrite:
+            raise InputError(f"--run-dir {run_dir}: already holds a run; use --overwrite to train it again, "
+                             f"--run {run_dir} (without --method) to score with it, or choose another --run-dir")
         if run_dir.resolve() == out.resolve() or out.resolve().is_relative_to(run_dir.resolve()):
             raise InputError(f"-o {args.out}: lies in the run directory {run_dir}; write the table elsewhere")
-        r = train(data, dev, test, out=run_dir, config=cfg, method_config=method_cfg)
+        r = train(data, dev, test, out=run_dir, config=cfg, method_config=method_cfg, overwrite=args.overwrite)
         fm = r.meta.get("final_metrics", {})
         acc = ", ".join(f"{k}={fm[k]:.4f}" for k in ("dev_acc", "test_acc") if fm.get(k) is not None)
         print(f"trained {args.method}: {run_dir} ({acc})")
@@ -91,7 +104,8 @@ def run(args) -> int:
     summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
                            top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
                            subset_only=args.subset_only, batch_rows=batch_rows, progress=True,
-                           per_class=args.per_class, label_col=args.label_col, rank_by=args.rank_by)
+                           per_class=args.per_class, label_col=args.label_col, rank_by=args.rank_by,
+                           drop_columns=args.drop_columns)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
     _warn_unranked(run_dir, args.rank_by)

@@ -30,6 +30,7 @@ def add_parser(sub):
     add_train_options(p)
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run that --out already holds (said on stderr)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="train with N processes on this machine (one per GPU, or CPU processes with gloo) via "
                         "torchrun; --batch-size is per process, so each step sees N x batch-size rows")
@@ -118,7 +119,8 @@ def run(args) -> int:
 
             check_world_size(args.out, read_run(args.out).meta.get("world_size", 1), args.nproc)
         return _launch(args)
-    run_ = train(data, dev, test, out=Path(args.out), config=cfg, method_config=method_cfg, resume=args.resume)
+    run_ = train(data, dev, test, out=Path(args.out), config=cfg, method_config=method_cfg, resume=args.resume,
+                 overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     fm = run_.meta.get("final_metrics", {})

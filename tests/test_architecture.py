@@ -43,7 +43,7 @@ def test_only_runs_atomic_renames_files_into_place():
 
 def test_analysis_report_export_and_runs_import_without_torch():
     code = ("import sys; import valuekit.analysis.balance, valuekit.analysis.curves, valuekit.analysis.usage, "
-            "valuekit.analysis.mislabel, valuekit.report, valuekit.export.scoring, valuekit.export.instructions, "
+            "valuekit.analysis.mislabel, valuekit.reporting, valuekit.export.scoring, valuekit.export.instructions, "
             "valuekit.runs.layout, valuekit.runs.reader, valuekit.runs.writer, valuekit.runs.paths; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

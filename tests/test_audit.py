@@ -10,6 +10,7 @@ from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from valuekit.cli.main import main
 
 from valuekit.analysis import mislabel as m
+from valuekit.analysis import scores
 from valuekit.errors import InputError, RunDirError
 from valuekit.runs.layout import SCHEMA_VERSION
 
@@ -69,8 +70,8 @@ def test_audit_columns_dtypes_and_values(tmp_path):
     w = np.exp(v) / np.exp(v).mean()
     run = make_run(tmp_path, "a", v, weight=w)
     f = m.audit(run)
-    assert list(f.columns) == ["id", "given_label", "predicted_label", "value_a", "weight_a", "label_score",
-                               "is_label_issue", "rank", "is_noisy"]
+    assert list(f.columns) == ["id", "given_label", "predicted_label", "value_pct_a", "label_score",
+                               "is_label_issue", "rank", "value_a", "weight_a", "is_noisy"]
     assert f["id"].dtype == np.int64 and f["rank"].dtype == np.int64
     assert f["is_label_issue"].dtype == bool and f["is_noisy"].dtype == bool
     assert f["value_a"].dtype == np.float64 and f["label_score"].dtype == np.float64
@@ -97,20 +98,20 @@ def test_audit_columns_dtypes_and_values(tmp_path):
 def test_label_score_is_rank_consistent():
     rng = np.random.default_rng(0)
     v = rng.normal(size=200) ** 3  # heavy tails: the quantile clip matters
-    s = m.label_score(v)
+    s = scores.label_score(v)
     assert s.min() >= 0 and s.max() <= 1 and s.min() == 0 and s.max() == 1
     order = np.argsort(v)
     assert np.all(np.diff(s[order]) >= 0)  # monotone in the value
     # scale and shift of a run's values do not change its score; two copies average to the same
-    np.testing.assert_allclose(m.label_score(1000 * v - 7), s)
-    np.testing.assert_allclose(m.label_score(np.c_[v, 5 * v]), s)
+    np.testing.assert_allclose(scores.label_score(1000 * v - 7), s)
+    np.testing.assert_allclose(scores.label_score(np.c_[v, 5 * v]), s)
     # two runs: the mean of the per-run scores
     v2 = rng.normal(size=200)
-    np.testing.assert_allclose(m.label_score(np.c_[v, v2]), (m.run_score(v) + m.run_score(v2)) / 2)
+    np.testing.assert_allclose(scores.label_score(np.c_[v, v2]), (scores.run_score(v) + scores.run_score(v2)) / 2)
     # NaN (never sampled) is neutral
     vn = v.copy()
     vn[5] = np.nan
-    assert m.label_score(vn)[5] == 0.5
+    assert scores.label_score(vn)[5] == 0.5
 
 
 def test_rank_follows_value_for_one_run(tmp_path):
@@ -155,7 +156,7 @@ def test_two_means_split_on_bimodal_input():
     x = np.r_[rng.normal(0, 0.3, 30), rng.normal(5, 0.3, 70)]
     perm = rng.permutation(100)
     x, low = x[perm], (perm < 30)
-    mask = m.two_means_split(x)
+    mask = scores.two_means_split(x)
     assert (mask == low).all()
     km = KMeans(2, n_init=10, random_state=0).fit(x.reshape(-1, 1))
     low_cluster = km.labels_ == km.predict([[x.min()]])[0]
@@ -167,8 +168,8 @@ def test_two_means_split_on_bimodal_input():
         return ((s[:k] - s[:k].mean()) ** 2).sum() + ((s[k:] - s[k:].mean()) ** 2).sum()
 
     assert sse(int(mask.sum())) <= min(sse(k) for k in range(1, 100)) + 1e-9
-    assert not m.two_means_split(np.ones(10)).any()
-    assert m.fraction_split([3.0, 1.0, 2.0, 0.0], 0.5).tolist() == [False, True, False, True]
+    assert not scores.two_means_split(np.ones(10)).any()
+    assert scores.fraction_split([3.0, 1.0, 2.0, 0.0], 0.5).tolist() == [False, True, False, True]
 
 
 def test_two_means_split_is_the_exact_optimum_on_unclustered_data():
@@ -180,14 +181,14 @@ def test_two_means_split_is_the_exact_optimum_on_unclustered_data():
             x = rng.gamma(2.0, size=n)
             s = np.sort(x)
             cost = [((s[:k] - s[:k].mean()) ** 2).sum() + ((s[k:] - s[k:].mean()) ** 2).sum() for k in range(1, n)]
-            assert m.two_means_split(x).sum() == 1 + int(np.argmin(cost))
+            assert scores.two_means_split(x).sum() == 1 + int(np.argmin(cost))
 
 
 def test_small_cases_of_scores_and_metrics():
     """Edges: a run whose 1st and 99th percentiles coincide falls back to min/max; percentile ranks are
     (rank - 1) / (n - 1); one positive is enough for an AUROC; the discovery curve by hand."""
-    np.testing.assert_array_equal(m.run_score(np.r_[np.zeros(199), 4.0]), np.r_[np.zeros(199), 1.0])
-    np.testing.assert_allclose(m.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
+    np.testing.assert_array_equal(scores.run_score(np.r_[np.zeros(199), 4.0]), np.r_[np.zeros(199), 1.0])
+    np.testing.assert_allclose(scores.mean_pct_rank([3.0, 1.0, 2.0, np.nan, 5.0]), [2 / 3, 0.0, 1 / 3, 0.5, 1.0])
     assert np.isnan(m.spearman([1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]))  # one side constant: undefined
     assert np.isnan(m.spearman([5.0, 5.0, 5.0, 5.0], [1.0, 2.0, 3.0, 4.0]))
     assert m.spearman([1.0, 2.0, 3.0, np.nan], [3.0, 2.0, 1.0, 0.0]) == pytest.approx(-1.0)
@@ -197,8 +198,8 @@ def test_small_cases_of_scores_and_metrics():
     assert two.found.tolist() == [0.0, 0.5, 0.5, 1.0, 1.0] and two.optimal.tolist() == [0.0, 0.5, 1.0, 1.0, 1.0]
     none = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False] * 4)
     assert none.found.tolist() == [0.0] * 5 and none.optimal.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0]
-    assert m.two_means_split([0.0, 5.0]).tolist() == [True, False]
-    assert m.two_means_split([0.0, 0.0, 5.0]).tolist() == [True, True, False]
+    assert scores.two_means_split([0.0, 5.0]).tolist() == [True, False]
+    assert scores.two_means_split([0.0, 0.0, 5.0]).tolist() == [True, True, False]
     curve = m.discovery_curve([0.5, 0.1, 0.9, 0.2], [False, True, False, False])
     assert curve.inspected.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     assert curve.found.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0] and curve.random.tolist() == curve.inspected.tolist()
@@ -209,7 +210,7 @@ def test_training_features_follow_the_runs_feature_cols(tmp_path):
     """x holds the run's feature_cols (an extra numeric column in the table is left out); without them in the
     table, every numeric non-reserved column."""
     df = make_table(tmp_path)
-    run = m.open_runs([make_run(tmp_path, "a", clear_values())])[0]
+    run = scores.open_runs([make_run(tmp_path, "a", clear_values())])[0]
     got = m.training_table(run, df.assign(extra=7.0))
     np.testing.assert_array_equal(got["x"], df[["f0", "f1"]].to_numpy(np.float32))
     other = m.training_table(run, df.rename(columns={"f1": "g1"}).assign(extra=7.0))
@@ -250,7 +251,7 @@ def test_metrics_match_sklearn():
     assert d["precision_at_k"] == pytest.approx(y[top].mean())
     assert d["recall_at_k"] == pytest.approx(y[top].sum() / k)
     assert d["f1_at_k"] == pytest.approx(f1_score(y, top))
-    assert d["two_means_f1"] == pytest.approx(f1_score(y, m.two_means_split(score)))
+    assert d["two_means_f1"] == pytest.approx(f1_score(y, scores.two_means_split(score)))
 
 
 def test_summary_and_spearman(tmp_path):

@@ -3,7 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from valuekit.analysis.mislabel import audit, label_score, roc_auc, signal_columns
+from valuekit.analysis.mislabel import audit, roc_auc
+from valuekit.analysis.scores import label_score, signal_columns
 from valuekit.runs.writer import RunWriter
 
 N = 200

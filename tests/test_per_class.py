@@ -112,7 +112,7 @@ def test_cli_per_class_and_errors(table, tmp_path, capsys):
 
 
 def test_report_warns_when_a_selection_starves_a_class():
-    from valuekit.report import _starved_notes
+    from valuekit.reporting import _starved_notes
 
     values = pd.DataFrame({"example_id": IDS, "value": VALUES})
     notes = _starved_notes("run-a", values, pd.Series(LABELS, index=IDS))

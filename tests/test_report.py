@@ -1,4 +1,4 @@
-"""HTML report (valuekit.report) and the pyarrow step-log aggregates behind it (valuekit.analysis.curves)."""
+"""HTML report (valuekit.reporting) and the pyarrow step-log aggregates behind it (valuekit.analysis.curves)."""
 
 import importlib.util
 import json
@@ -15,9 +15,9 @@ import pytest
 from valuekit.cli.main import main
 
 from valuekit.analysis import curves
-from valuekit.report import write_report
+from valuekit.reporting import write_report
 from valuekit.runs.layout import SOURCE_TABLE, SOURCE_TABLE_SCHEMA, SOURCES_SCHEMA, steps_schema
-from valuekit.runs.reader import read_run
+from valuekit.runs.reader import example_labels, read_run
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -252,7 +252,7 @@ def test_trajectories_labels_and_visits(tmp_path):
     exp = frame[frame["example_id"].isin([3, 7])].sort_values(["example_id", "step"], kind="stable")
     np.testing.assert_array_equal(t["step"], exp["step"])
     np.testing.assert_allclose(np.sort(t["value"]), np.sort(exp["weight"]))
-    lab = curves.example_labels(d).set_index("example_id")["label"]
+    lab = example_labels(d).set_index("example_id")["label"]
     assert (lab == lab.index % 3).all()
     v = curves.visits(d).set_index("example_id")["count"].sort_index()
     np.testing.assert_array_equal(v, frame["example_id"].value_counts().sort_index())

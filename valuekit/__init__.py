@@ -1,7 +1,8 @@
 """valuekit: learn what each training example is worth while the model trains.
 
 Public entry points are imported lazily so that `import valuekit` stays cheap and
-analysis code can be used without importing torch.
+analysis code can be used without importing torch. No subpackage shares a public
+function's name, so importing one never shadows a function.
 """
 
 __version__ = "0.1.0"
@@ -15,7 +16,7 @@ _LAZY = {
     "score": ("valuekit.export.scoring", "score"),
     "audit": ("valuekit.analysis.mislabel", "audit"),
     "audit_summary": ("valuekit.analysis.mislabel", "audit_summary"),
-    "report": ("valuekit.report", "write_report"),
+    "report": ("valuekit.reporting", "write_report"),
 }
 
 
@@ -26,6 +27,10 @@ def __getattr__(name):
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'valuekit' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -32,14 +32,16 @@ def _table(source, name: str, like=None, table_kw: dict | None = None):
 
 def train(train, dev=None, test=None, *, out, model=None, method: str | None = None, steps: int | None = None,
           device: str | None = None, config: TrainConfig | None = None, method_config: dict | None = None,
-          resume: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
+          resume: bool = False, overwrite: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
           tokenizer=None, text_col: str = "text", max_len: int = 256, **settings):
     """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
     return the opened Run (valuekit.runs.reader.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
     `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
     `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it.
     `epochs=E` instead of `steps` trains ceil(E x rows / batch_size) steps; `early_stopping=True` keeps the model
-    of the best dev accuracy (`run.best_model_path`; see `valuekit.training.loop.train`)."""
+    of the best dev accuracy (`run.best_model_path`; see `valuekit.training.loop.train`).
+    An `out` that already holds a run is refused unless `resume=True` (continue it) or `overwrite=True`
+    (replace it; said on stderr), so a notebook cell can be run again with `overwrite=True`."""
     from valuekit.training.loop import train as train_loop
     from valuekit.training.method import method_spec
 
@@ -81,4 +83,4 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
     dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
     return train_loop(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
-                      hooks=hooks, name=name, model=model)
+                      hooks=hooks, name=name, model=model, overwrite=overwrite)

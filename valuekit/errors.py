@@ -2,7 +2,14 @@
 
 
 class ValueKitError(Exception):
-    """A problem with what the user gave valuekit (a file, a column, an option)."""
+    """A problem with what the user gave valuekit (a file, a column, an option).
+
+    The message speaks of the library's arguments (`overwrite=True`); `cli`, when given, is the same
+    message in terms of the command line's flags (`--overwrite`), which the CLI prints instead."""
+
+    def __init__(self, *args, cli: str | None = None):
+        super().__init__(*args)
+        self.cli = cli
 
 
 class InputError(ValueKitError, ValueError):

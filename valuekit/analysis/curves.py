@@ -115,15 +115,6 @@ def step_quantiles_many(run, columns=("reward", "loss"), *, bins: int = 200, q=Q
     return out
 
 
-def example_labels(run) -> pd.DataFrame:
-    """example_id -> label code of every example seen in steps/ (group_by over the log)."""
-    run = open_run(run)
-    d = run.dataset("steps")
-    if d is None:
-        return pd.DataFrame({"example_id": [], "label": []})
-    g = d.to_table(columns=["example_id", "label"]).group_by("example_id").aggregate([("label", "min")])
-    return pd.DataFrame({"example_id": g["example_id"].to_numpy(zero_copy_only=False),
-                         "label": g["label_min"].to_numpy().astype(np.int64)})
 
 
 def trajectories(run, ids, *, column: str = "weight") -> pd.DataFrame:

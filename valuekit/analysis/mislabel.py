@@ -6,7 +6,9 @@ to *evaluate* the audit (summary metrics); it never decides a flag.
 
 label_score (in [0, 1], lower = more likely mislabelled) combines the runs' signals, each rescaled::
 
-    u_s(i) = clip((v_s(i) - q01_s) / (q99_s - q01_s), 0, 1)
+    u_s(i) = 0.01 + 0.98 (v_s(i) - q01_s) / (q99_s - q01_s)        for q01_s <= v_s(i) <= q99_s
+    u_s(i) = 0.01 (r_s(i) - 1) / n_low                           below q01_s (r_s = rank, 1 = lowest)
+    u_s(i) = 1 - 0.01 (n - r_s(i)) / n_high                      above q99_s
     label_score(i) = mean over signals s of u_s(i)
 
 where the signals s are, for every run, its `value` and, when its values.parquet has them, its
@@ -16,9 +18,14 @@ three beat every peer detector in reports/quality.md. This rank-anchored rescali
 different value scales comparable, is robust to a few extreme values, and keeps the gap
 between a low-value cluster and the rest, so that the two-means split below can find it
 (a pure percentile rank is uniform whatever the data, so any split of it would flag a
-fixed fraction). Rows a run never sampled (NaN value) are neutral (u = 1/2) for that run.
-`rank` (1 = most suspicious) sorts by label_score, ties (at the clipped ends) broken by
-the mean percentile rank of the values over the runs.
+fixed fraction); the rows beyond the percentiles keep their order in the outer 1 % of [0, 1], so the
+most suspicious rows are not tied at 0. Rows a run never sampled (NaN value) are neutral (u = 1/2)
+for that run. `rank` (1 = most suspicious) sorts by label_score, ties broken by the mean percentile
+rank of the values over the runs.
+
+value_pct_<run>: each run's `value` as its within-run percentile rank ((rank - 1) / (n - 1), 1 = most
+valuable), so that the runs of different methods (`uniform`'s -mean loss beside DDS's value in [0, 1])
+stand side by side on one scale; value_<run> keeps the run's own value.
 
 is_label_issue: by default the low cluster of an exact 1-D two-means (k-means, k = 2)
 split of label_score — the rule OpenDataVal uses on data values (Jiang et al. 2023,
@@ -42,7 +49,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.errors import InputError, RunDirError
+from valuekit.analysis.scores import (
+    _aligned,
+    _pct_rank,
+    _plain,
+    _table_path,
+    fraction_split,
+    label_score,
+    mean_pct_rank,
+    open_runs,
+    run_columns,
+    signal_columns,
+    two_means_split,
+)
+from valuekit.errors import InputError
 
 BASELINE_COLUMNS = ("baseline_small_loss", "cleanlab_label_quality")
 
@@ -50,90 +70,21 @@ BASELINE_COLUMNS = ("baseline_small_loss", "cleanlab_label_quality")
 # ---------------------------------------------------------------- scores and splits
 
 
-def _pct_rank(v: np.ndarray) -> np.ndarray:
-    """(rank - 1) / (n - 1) with ties averaged; NaN stays NaN."""
-    s = pd.Series(v)
-    n = int(s.notna().sum())
-    r = s.rank(method="average").to_numpy()
-    return (r - 1) / (n - 1) if n > 1 else np.where(np.isnan(r), np.nan, 0.5)
 
 
-def run_score(v) -> np.ndarray:
-    """u_r of the module docstring: one run's value rescaled between its 1st and 99th percentiles, clipped."""
-    v = np.asarray(v, dtype=np.float64)
-    finite = np.isfinite(v)
-    out = np.full(len(v), 0.5)
-    if finite.sum() < 2:
-        return out
-    lo, hi = np.quantile(v[finite], [0.01, 0.99])
-    if hi <= lo:
-        lo, hi = v[finite].min(), v[finite].max()
-    if hi > lo:
-        out[finite] = np.clip((v[finite] - lo) / (hi - lo), 0.0, 1.0)
-    return out
 
 
-def mean_pct_rank(values) -> np.ndarray:
-    """Mean over runs (columns) of the percentile rank of the value; NaN counts as 1/2."""
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[:, None] if arr.ndim == 1 else arr
-    return np.mean([np.nan_to_num(_pct_rank(arr[:, j]), nan=0.5) for j in range(arr.shape[1])], axis=0)
 
 
 SIGNALS = ("value", "mean_loss", "aum")
 
 
-def signal_columns(vals: pd.DataFrame) -> dict[str, np.ndarray]:
-    """The detection signals of one run's values (higher = more valuable): value, -mean_loss, aum (those present)."""
-    out = {"value": vals["value"].to_numpy(dtype=np.float64)}
-    if "mean_loss" in vals and vals["mean_loss"].notna().any():
-        out["neg_mean_loss"] = -vals["mean_loss"].to_numpy(dtype=np.float64)
-    if "aum" in vals and vals["aum"].notna().any():
-        out["aum"] = vals["aum"].to_numpy(dtype=np.float64)
-    return out
 
 
-def label_score(values: pd.DataFrame | np.ndarray) -> np.ndarray:
-    """Mean over runs (columns) of `run_score`; in [0, 1], lower = more likely mislabelled."""
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim == 1:
-        arr = arr[:, None]
-    return np.mean([run_score(arr[:, j]) for j in range(arr.shape[1])], axis=0)
 
 
-def two_means_split(x) -> np.ndarray:
-    """Boolean mask of the lower cluster of the optimal 1-D k-means with k = 2.
-
-    In one dimension the optimal clusters are contiguous in sorted order, so the exact
-    optimum is the split point minimising the summed within-cluster squared error,
-    found with prefix sums in O(n log n). NaN counts as the median; no split (all False)
-    when all values are equal.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    if n < 2:
-        return np.zeros(n, dtype=bool)
-    if np.isnan(x).any():
-        x = np.where(np.isnan(x), np.nanmedian(x) if np.isfinite(x).any() else 0.0, x)
-    sx = np.sort(x)
-    s = sx - x.mean()  # centring keeps the prefix-sum differences accurate
-    if sx[0] == sx[-1]:
-        return np.zeros(n, dtype=bool)
-    c1, c2 = np.cumsum(s), np.cumsum(s * s)
-    j = np.arange(1, n)
-    left = c2[j - 1] - c1[j - 1] ** 2 / j
-    right = (c2[-1] - c2[j - 1]) - (c1[-1] - c1[j - 1]) ** 2 / (n - j)
-    total = np.where(sx[j - 1] < sx[j], left + right, np.inf)  # split only between distinct values
-    return x <= sx[int(np.argmin(total))]
 
 
-def fraction_split(x, fraction: float) -> np.ndarray:
-    """Boolean mask of the round(fraction * n) lowest values (stable order for ties)."""
-    x = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=np.inf)
-    k = int(round(fraction * len(x)))
-    mask = np.zeros(len(x), dtype=bool)
-    mask[np.argsort(x, kind="stable")[:k]] = True
-    return mask
 
 
 # ---------------------------------------------------------------- metrics (numpy; checked against sklearn in tests)
@@ -226,52 +177,12 @@ def discovery_curve(score, is_noisy) -> pd.DataFrame:
 # ---------------------------------------------------------------- reading runs and the training table
 
 
-def open_runs(run_dirs) -> list:
-    """Open run directories (paths or Run objects), refusing ones without values.parquet."""
-    from valuekit.runs.reader import Run, open_run
-
-    if isinstance(run_dirs, (str, Path, Run)):
-        run_dirs = [run_dirs]
-    runs = [open_run(r).check() for r in run_dirs]
-    if not runs:
-        raise InputError("no run directory given")
-    for r in runs:
-        # An unfinished run (killed, interrupted) is audited from its step log; see Run.values().
-        if r.values() is None:
-            raise RunDirError(f"{r.path}: no values.parquet and no step log (status {r.meta.get('status', '?')!r}); "
-                              f"finish or resume the run first")
-    prints = {r.meta.get("data", {}).get("train", {}).get("fingerprint") for r in runs}
-    if len(prints - {None}) > 1:
-        raise InputError(f"runs were trained on different training tables (fingerprints {sorted(prints - {None})}); "
-                         f"audit runs of the same data together")
-    return runs
 
 
-def run_columns(runs) -> list[str]:
-    """Unique column suffixes for the runs (their names, with _2, _3 for repeats)."""
-    names, seen = [], {}
-    for r in runs:
-        base = str(r.name)
-        seen[base] = seen.get(base, 0) + 1
-        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
-    return names
 
 
-def _table_path(run) -> Path:
-    raw = (run.meta.get("data", {}).get("train") or {}).get("path")
-    if not raw:
-        raise InputError(f"{run.meta_path}: data.train.path is empty (trained from a DataFrame); "
-                         f"pass --data TABLE")
-    p = Path(raw)
-    for cand in (p, run.path / p, run.path.parent / p):
-        if cand.exists():
-            return cand
-    raise InputError(f"{run.meta_path}: training table {raw!r} (data.train.path) not found; pass --data TABLE")
 
 
-def _plain(v):
-    """numpy scalars as plain Python values (messages show 0, not np.int64(0))."""
-    return v.item() if isinstance(v, np.generic) else v
 
 
 def training_table(run, data=None, *, id_col: str = "id", label_col: str = "label") -> dict:
@@ -279,7 +190,7 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
 
     `data` (path or DataFrame) overrides run.json's data.train.path. Class codes follow the run's `classes`.
     """
-    from valuekit.data.tables import _features, _label_text, read_any
+    from valuekit.data.tables import _label_text, read_any
 
     df, meta, path = read_any(data if data is not None else _table_path(run), name="train")
     where = path or "<data DataFrame>"
@@ -310,27 +221,40 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
     if feature_cols and not all(c in df.columns for c in feature_cols):
         feature_cols = None
     reserved = {id_col, label_col, "source", "is_noisy", "clean_label"}
-    try:
-        x, _, _ = _features(df, where, reserved, feature_cols, ids)
-    except InputError:
-        x = None  # audit still works without features (no predicted_label, no thumbnails)
     shape = run.meta.get("image_shape") or meta.get("image_shape")
+    x, note = _table_features(df, where, reserved, feature_cols, ids, shape, base=Path(path).parent if path else None)
     if shape is not None and (x is None or int(np.prod(shape)) != x.shape[1]):
         shape = None
     is_noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
     return {"ids": ids, "y": y, "classes": classes, "x": x, "image_shape": tuple(shape) if shape else None,
-            "is_noisy": is_noisy, "path": path}
+            "is_noisy": is_noisy, "path": path, "features_note": note}
 
 
-def _aligned(run, column_ids: np.ndarray, index: pd.Index, name: str) -> pd.DataFrame:
-    vals = run.values()
-    partial = vals.attrs.get("partial", False)
-    vals = vals.set_index(vals["example_id"].to_numpy(dtype=column_ids.dtype))
-    missing = index.difference(vals.index)
-    if len(missing) and not partial:  # a partial run has simply not seen every row yet
-        raise InputError(f"{run.values_path}: has no value for training id {_plain(missing[0])!r} "
-                         f"({len(missing)} ids missing); was the run trained on this table? ({name})")
-    return vals.reindex(index)
+def _table_features(df, where, reserved, feature_cols, ids, shape, *, base) -> tuple[np.ndarray | None, str | None]:
+    """(x (N, D) float32, None), or (None, why not) when the table has no features the audit can use: numeric
+    columns or a list column, else an encoded image column (bytes, {bytes, path}, file names relative to the
+    table's folder), decoded to the run's image shape."""
+    from valuekit.data.tables import _features, _image_kind, decode_image_column
+
+    try:
+        x, _, _ = _features(df, where, reserved, feature_cols, ids)
+        return x, None
+    except InputError as exc:
+        why = str(exc)
+    cols = [c for c in (feature_cols or df.columns) if c in df.columns and c not in reserved]
+    images = [c for c in cols if _image_kind(df[c]) is not None]
+    if len(images) != 1:
+        return None, why  # the audit still works without features (no predicted_label, no thumbnails)
+    col = images[0]
+    hw = tuple(int(v) for v in shape[1:]) if shape is not None and len(shape) == 3 else None
+    try:
+        x, _ = decode_image_column(df[col], where=where, col=col, ids=ids, base=base or Path.cwd(), size=hw,
+                                   channels=int(shape[0]) if hw else None)
+    except InputError as exc:
+        return None, str(exc)
+    return np.asarray(x, dtype=np.float32), None
+
+
 
 
 # ---------------------------------------------------------------- cross-validated predictions
@@ -383,18 +307,25 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
           id_col: str = "id", label_col: str = "label") -> pd.DataFrame:
     """Mislabel audit table, one row per training example, sorted from most to least suspicious.
 
-    Columns: id, given_label, predicted_label (class names), value_<run>, weight_<run> per run,
-    label_score (module docstring), is_label_issue, rank (1 = most suspicious), is_noisy when
+    Columns: id, given_label, predicted_label (class names), value_pct_<run> per run (the run's value as a
+    within-run percentile, 1 = most valuable: one scale for every method), label_score (module docstring),
+    is_label_issue, rank (1 = most suspicious), value_<run> and weight_<run> per run, is_noisy when
     the table has it; with `baselines=True` also baseline_small_loss (a uniform run's value,
     -mean training loss, when one is among the runs) and cleanlab_label_quality /
     cleanlab_is_label_issue (confident learning on cross-validated probabilities).
     `data` (path or DataFrame) replaces the training table named in run.json.
-    `frame.attrs` records the runs, the flag rule and the cross-validation stand-in.
+    `frame.attrs` records the runs, the flag rule and the cross-validation stand-in (or `predict_note`: one line
+    saying why there is no predicted_label). An image column (PNG/JPEG bytes, {bytes, path}, file names relative
+    to the table's folder) is decoded to the run's image shape for the prediction and the report's thumbnails.
     """
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
         raise InputError(f"--flag-fraction {flag_fraction}: must be between 0 and 1")
     runs = open_runs(run_dirs)
     names = run_columns(runs)
+    from valuekit.analysis.instruction_audit import instruction_audit, is_causal_lm
+
+    if any(is_causal_lm(r) for r in runs):
+        return instruction_audit(runs, data, flag_fraction=flag_fraction, id_col=id_col)
     table = training_table(runs[0], data, id_col=id_col, label_col=label_col)
     ids, classes = table["ids"], table["classes"]
     index = pd.Index(ids)
@@ -406,6 +337,7 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
     for run, name in zip(runs, names):
         v = _aligned(run, ids, index, name)
         frame[f"value_{name}"] = v["value"].to_numpy(dtype=np.float64)
+        frame[f"value_pct_{name}"] = _pct_rank(frame[f"value_{name}"].to_numpy())
         frame[f"weight_{name}"] = v["weight"].to_numpy(dtype=np.float64)
         value_cols.append(f"value_{name}")
         signals += list(signal_columns(v).values())
@@ -422,6 +354,8 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
         frame["predicted_label"] = np.asarray(classes, dtype=object)[probs.argmax(1)]
     else:
         frame["predicted_label"] = pd.Series([None] * len(frame), dtype="string")
+    predict_note = None if probs is not None else (
+        "predict=False" if not predict else f"no features to predict from ({table['features_note']})")
 
     score = label_score(np.stack(signals, 1))
     frame["label_score"] = score
@@ -459,15 +393,20 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
                 # tqdm's monitor, a part writer) can deadlock in the child
                 frame["cleanlab_is_label_issue"] = find_label_issues(table["y"], probs, n_jobs=1)
 
-    cols = ["id", "given_label", "predicted_label", *value_cols, *[f"weight_{n}" for n in names],
-            "label_score", "is_label_issue", "rank"]
+    cols = ["id", "given_label", "predicted_label", *[f"value_pct_{n}" for n in names], "label_score",
+            "is_label_issue", "rank", *value_cols, *[f"weight_{n}" for n in names]]
     cols += [c for c in frame.columns if c not in cols]
     frame = frame[cols].sort_values("rank", ignore_index=True)
     frame.attrs.update({
         "runs": [str(r.path) for r in runs], "run_names": names, "methods": [r.method for r in runs],
-        "flag_rule": rule, "cv_stand_in": stand_in, "baselines_skipped": skipped, "classes": classes,
+        "flag_rule": rule, "cv_stand_in": stand_in, "predict_note": predict_note, "baselines_skipped": skipped, "classes": classes,
     })
     return frame
+
+
+def value_columns(frame: pd.DataFrame, *, pct: bool = False) -> list[str]:
+    """The audit's value_<run> columns (pct=False) or value_pct_<run> columns (pct=True), in run order."""
+    return [c for c in frame.columns if c.startswith("value_") and c.startswith("value_pct_") == pct]
 
 
 def audit_summary(frame: pd.DataFrame) -> dict:
@@ -478,7 +417,7 @@ def audit_summary(frame: pd.DataFrame) -> dict:
     for col in ("label_score", "is_label_issue"):
         if col not in frame.columns:
             raise InputError(f"audit table: missing column {col!r}")
-    value_cols = [c for c in frame.columns if c.startswith("value_")]
+    value_cols = value_columns(frame)
     out: dict = {"n": int(len(frame)), "n_flagged": int(frame["is_label_issue"].sum()),
                  "flag_rule": frame.attrs.get("flag_rule"), "runs": frame.attrs.get("run_names")}
     if "is_noisy" in frame.columns:
@@ -502,6 +441,9 @@ def audit_summary(frame: pd.DataFrame) -> dict:
     out["spearman_mean"] = float(np.mean(finite)) if finite else None
     if frame.attrs.get("baselines_skipped"):
         out["baselines_skipped"] = frame.attrs["baselines_skipped"]
+    tasks = task_summary(frame) if frame.attrs.get("kind") == "instructions" else None
+    if tasks is not None:
+        out["tasks"] = tasks.to_dict("records")
     return _jsonable(out)
 
 
@@ -515,3 +457,17 @@ def _jsonable(obj):
     if isinstance(obj, np.integer):
         return int(obj)
     return obj
+
+
+def task_summary(frame: pd.DataFrame) -> pd.DataFrame | None:
+    """Per task of an instruction audit: rows, flagged rows, mean label_score and each run's mean weight and value
+    percentile (a junk task shows as low weight and low score); is_noisy's share when the table has it."""
+    if "task" not in frame.columns:
+        return None
+    agg = {"rows": ("id", "size"), "flagged": ("is_label_issue", "sum"), "mean_label_score": ("label_score", "mean")}
+    for c in frame.columns:
+        if c.startswith(("weight_", "value_pct_")):
+            agg[f"mean_{c}"] = (c, "mean")
+    if "is_noisy" in frame.columns:
+        agg["noisy_share"] = ("is_noisy", "mean")
+    return frame.groupby("task", sort=True).agg(**agg).reset_index().sort_values("mean_label_score", ignore_index=True)

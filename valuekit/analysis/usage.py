@@ -159,3 +159,57 @@ def plot_source_rewards(frame: pd.DataFrame, *, ax=None, title: str | None = Non
                     color=colors[str(src)], label=str(src), lw=1, marker=".", ms=3, capsize=2, elinewidth=0.8)
     ax.axhline(0.0, color="0.6", lw=0.8)
     return _finish(ax, "reward (+-1 s.e.)", title, legend=len(frame) > 0)
+
+
+def task_weights(run, *, bins: int = 50) -> pd.DataFrame | None:
+    """Per task (the steps/ `source` column: an instruction table's task) and step bin: `share` of the rows drawn
+    in the bin and the rows' mean `weight` (the weight the method gave them in training), from one pyarrow scan of
+    the step log; DataFrame[step, source, share, weight] (step = the bin's last step), None without a task column."""
+    import pyarrow.compute as pc
+
+    from valuekit.analysis.curves import _bin_end, _bin_expr, last_step
+
+    r = open_run(run)
+    d = r.dataset("steps")
+    if d is None or "source" not in d.schema.names:
+        return None
+    last = max(last_step(r), 1)
+    bins = max(1, min(bins, last))
+    t = d.to_table(columns={"bin": _bin_expr(last, bins), "source": pc.field("source"), "weight": pc.field("weight")})
+    t = t.filter(pc.is_valid(t.column("source")))
+    if not t.num_rows:
+        return None
+    g = t.group_by(["bin", "source"]).aggregate([("weight", "mean"), ([], "count_all")]).to_pandas()
+    g["share"] = g["count_all"] / g.groupby("bin")["count_all"].transform("sum")
+    out = pd.DataFrame({"step": _bin_end(g["bin"].to_numpy(), last, bins).astype("int64"),
+                        "source": g["source"].astype(str), "share": g["share"].astype(float),
+                        "weight": g["weight_mean"].astype(float)})
+    return out.sort_values(["step", "source"], ignore_index=True)
+
+
+def task_table(run) -> pd.DataFrame | None:
+    """One row per task: rows of the table that were drawn, share of all draws, mean weight while training (over
+    its draws) and mean final weight (values.parquet) of its rows; None without a task column in steps/."""
+    import pyarrow.compute as pc
+
+    r = open_run(run)
+    d = r.dataset("steps")
+    if d is None or "source" not in d.schema.names:
+        return None
+    t = d.to_table(columns=["example_id", "source", "weight"])
+    t = t.filter(pc.is_valid(t.column("source")))
+    if not t.num_rows:
+        return None
+    draws = t.group_by("source").aggregate([("weight", "mean"), ([], "count_all"),
+                                            ("example_id", "count_distinct")]).to_pandas()
+    rows = t.group_by("example_id").aggregate([("source", "min")]).to_pandas()
+    vals = r.values()
+    final = None
+    if vals is not None:
+        m = rows.merge(vals[["example_id", "weight"]], on="example_id", how="left")
+        final = m.groupby("source_min")["weight"].mean()
+    out = pd.DataFrame({"task": draws["source"].astype(str), "rows_seen": draws["example_id_count_distinct"],
+                        "share_of_draws": draws["count_all"] / draws["count_all"].sum(),
+                        "mean_weight_in_training": draws["weight_mean"].astype(float)})
+    out["final_weight"] = out["task"].map(final) if final is not None else np.nan
+    return out.sort_values("task", ignore_index=True)

@@ -147,7 +147,8 @@ def _auroc(v, noisy) -> float:
 def run_cell(name: str, setting: str, seed: int, folder: Path, *, methods, steps: int, device: str = "cpu",
              peers=PEERS, eval_every: int = 100, log=print) -> tuple[list[dict], list[dict]]:
     """(method rows, detector rows) of one data set x setting x seed; run directories under `folder`."""
-    from valuekit.analysis.mislabel import detection_metrics, label_score, signal_columns, spearman
+    from valuekit.analysis.mislabel import detection_metrics, spearman
+    from valuekit.analysis.scores import label_score, signal_columns
     from valuekit.config import TrainConfig
     from valuekit.training.loop import train
 

@@ -48,7 +48,7 @@ def _tables(r, data, dev, test):
     if data is None:
         if r is None:
             raise InputError("subset_value: values given as a DataFrame; pass data=TRAINING_TABLE")
-        from valuekit.analysis.mislabel import _table_path
+        from valuekit.analysis.scores import _table_path
 
         data = _table_path(r)
     train_path = data if isinstance(data, (str, Path)) else None

@@ -38,7 +38,7 @@ from valuekit.export.tablestream import (
     _Restart,
 )
 from valuekit.ranking import mean_one, rank_by_value
-from valuekit.runs.reader import read_run
+from valuekit.runs.reader import open_run
 
 ADDED = ("weight", "value", "value_std", "rank", "selected")
 OUT_SUFFIXES = (*PARQUET_SUFFIXES, ".csv")
@@ -108,7 +108,7 @@ def check_rank_by(run, rank_by: str) -> None:
 
 def missing_in_column(run_dir, column: str) -> tuple[int, int]:
     """(rows of the run's values.parquet whose `column` is NaN or null, all rows): rows `--rank-by` puts last."""
-    path = read_run(run_dir).checked_values_path()
+    path = open_run(run_dir).checked_values_path()
     if path is None:
         return 0, 0
     col = _values_column(path, column).to_numpy().astype(np.float64, copy=False)
@@ -211,6 +211,78 @@ def _labels_of(source, label_col: str) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False)
 
 
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_text(values) -> np.ndarray:
+    """Labels as the text run.json's `classes` holds (integral floats such as 3.0 as '3')."""
+    out = []
+    for v in values:
+        if isinstance(v, (float, np.floating)) and float(v).is_integer():
+            v = int(v)
+        out.append(str(v))
+    return np.asarray(out, dtype=object)
+
+
+def check_table(source, run, *, id_col: str, label_col: str) -> str | None:
+    """Is `source` (whose ids are all in the run: `_plan` checked) the table `run` was trained on, or rows of it?
+    The file's sha256 against run.json's `data.train.file_sha256` first; otherwise its labels against the run's classes and, id by id, against the
+    labels the run logged in steps/. Refuses (InputError, one line) a table whose labels are not the run's classes
+    or differ from the run's for more than half of the rows; returns a one-line warning when the file differs
+    but its labels match (or differ for a few rows: a relabelled copy), else None."""
+    train = (run.meta.get("data") or {}).get("train") or {}
+    sha = train.get("file_sha256")
+    if source.path is not None and sha and _sha256(source.path) == sha:
+        return None
+    classes = [str(c) for c in run.meta.get("classes") or []]
+    differs = (f"{source.where}: not the file run {run.path} was trained on (its sha256 differs from run.json's)"
+               if source.path is not None and sha else None)
+    if not classes or label_col not in source.schema.names:
+        return differs and differs + "; scored by id"
+    col = source.ids(label_col)
+    if pa.types.is_dictionary(col.type):
+        col = col.dictionary_decode()
+    labels = _as_text(col.to_pylist())
+    known = set(classes)
+    strange = [v for v in dict.fromkeys(labels) if v not in known]
+    if strange:
+        raise InputError(f"{source.where}: column {label_col!r} has label {strange[0]!r}, which is not a class of run "
+                         f"{run.path} ({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}); is this the "
+                         f"table the run was trained on?")
+    from valuekit.runs.reader import example_labels
+
+    logged = example_labels(run)
+    if len(logged):
+        ids = _normalise_ids(source.ids(id_col), source.where, id_col).to_pylist()
+        by_id = dict(zip(logged["example_id"].astype(str), np.asarray(classes, dtype=object)[logged["label"]]))
+        pairs = [(i, t, by_id.get(str(i))) for i, t in zip(ids, labels)]
+        wrong = [(i, t, r) for i, t, r in pairs if r is not None and r != t]
+        seen = sum(r is not None for _, _, r in pairs)
+        if wrong and 2 * len(wrong) > seen:
+            i, t, r = wrong[0]
+            raise InputError(f"{source.where}: {len(wrong)} of {seen} rows have another {label_col!r} than run "
+                             f"{run.path} was trained with (first: id {i!r}: {t!r} here, {r!r} in the run); is this "
+                             f"the table the run was trained on?")
+        if wrong:
+            return (f"{source.where}: {len(wrong)} of {seen} rows have another {label_col!r} than run {run.path} was "
+                    f"trained with (a relabelled copy?); values are those of the run's labels")
+    return differs and differs + "; its ids and labels match the run's, so it is scored"
+
+
+def _say(note: str | None) -> None:
+    if note:
+        import sys
+
+        print(f"valuekit: warning: {note}", file=sys.stderr)
+
+
 def _values_column(values_path: Path, name: str) -> pa.ChunkedArray:
     """One column of values.parquet (schema checked by Run.checked_values_path); damaged pages -> one line."""
     try:
@@ -311,8 +383,13 @@ def _extend(batch: pa.RecordBatch, plan: _Plan, start: int, schema: pa.Schema, s
     return out.filter(sel) if subset_only else out
 
 
-def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, sink, progress: bool):
-    """Pass 2: write every extended batch, in row order, to `sink(schema)`; return `sink.finish()`."""
+def _without(schema: pa.Schema, drop) -> pa.Schema:
+    return pa.schema([f for f in schema if f.name not in drop], metadata=schema.metadata) if drop else schema
+
+
+def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, sink, progress: bool, drop=()):
+    """Pass 2: write every extended batch (without the columns in `drop`), in row order, to `sink(schema)`;
+    return `sink.finish()`."""
     from tqdm.auto import tqdm
 
     with_selected = plan.selected is not None
@@ -322,8 +399,10 @@ def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, 
             with tqdm(total=n, unit="row", desc="score", disable=None if progress else True) as bar:
                 start = 0
                 for batch in source.batches(batch_rows):
+                    if drop:
+                        batch = batch.drop_columns(list(drop))
                     if writer is None:  # a CSV source knows its final schema only once it streams
-                        out_schema = _out_schema(source.schema, with_selected)
+                        out_schema = _out_schema(_without(source.schema, drop), with_selected)
                         writer = sink(out_schema)
                     if start + batch.num_rows > n:
                         raise InputError(f"{source.where}: has more than {n} rows in pass 2 but {n} ids in pass 1; "
@@ -332,7 +411,7 @@ def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, 
                     start += batch.num_rows
                     bar.update(batch.num_rows)
             if writer is None:
-                writer = sink(_out_schema(source.schema, with_selected))
+                writer = sink(_out_schema(_without(source.schema, drop), with_selected))
             if start != n:
                 raise InputError(f"{source.where}: has {start} rows in pass 2 but {n} ids in pass 1; "
                                  "was the file changed while scoring?")
@@ -366,11 +445,11 @@ def _check_out(out, source, run) -> Path:
 
 
 def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows,
-             per_class=False, rank_by="value"):
+             per_class=False, rank_by="value", drop_columns=()):
     has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only, per_class)
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
-    run = read_run(run_dir)
+    run = open_run(run_dir)
     check_rank_by(run, rank_by)
     csv_out = out is not None and Path(out).suffix.lower() == ".csv"
     source = _open_source(table, for_csv_out=csv_out, frame_out=out is None)
@@ -383,10 +462,17 @@ def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction
     clash = [c for c in ADDED if c in names]
     if clash:
         raise InputError(f"{source.where}: already has column {clash[0]!r}, which score adds; rename it first")
+    unknown = [c for c in drop_columns if c not in names]
+    if unknown:
+        raise InputError(f"{source.where}: drop_columns names {unknown[0]!r}, which is not a column "
+                         f"(columns: {names[:12]})",
+                         cli=f"--drop-columns {unknown[0]}: {source.where} has no such column (columns: {names[:12]})")
     if csv_out:
-        problem = _csv_unwritable(source.schema)
+        problem = _csv_unwritable(_without(source.schema, drop_columns))
         if problem:
-            raise InputError(f"{source.where}: {problem}")
+            col = problem.split("'")[1]
+            raise InputError(f"{source.where}: {problem}, or leave the column out with drop_columns=[{col!r}]",
+                             cli=f"{source.where}: {problem}, or leave the column out with --drop-columns {col}")
     return run, source, out, has_rule
 
 
@@ -394,26 +480,29 @@ def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: floa
                  top_k: int | None = None, drop_fraction: float | None = None, min_weight: float | None = None,
                  subset_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS,
                  progress: bool = False, per_class: bool = False, label_col: str = "label",
-                 rank_by: str = "value") -> ScoreSummary:
+                 rank_by: str = "value", drop_columns=()) -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
 
     Memory holds the id column and five numbers per row, plus one batch of `batch_rows` rows.
+    `drop_columns` (names) are left out of `out` (e.g. an image column that CSV cannot hold).
     """
+    drop_columns = _names(drop_columns)
     run, source, out, _ = _prepare(table, run_dir, out=out, id_col=id_col, keep_fraction=keep_fraction,
                                    top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
                                    subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
-                                   rank_by=rank_by)
+                                   rank_by=rank_by, drop_columns=drop_columns)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
                      top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
                      labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
+        _say(check_table(source, run, id_col=id_col, label_col=label_col))  # after the ids are known to be the run's
         pa.default_memory_pool().release_unused()  # hand pass 1's Arrow buffers back before streaming
         n = len(plan.weight)
         if isinstance(source, _CsvSource):
             source.set_batch_rows(batch_rows)
         out.parent.mkdir(parents=True, exist_ok=True)
         rows = _stream(source, plan, n=n, batch_rows=batch_rows, subset_only=subset_only,
-                       sink=lambda schema: _FileSink(out, schema), progress=progress)
+                       sink=lambda schema: _FileSink(out, schema), progress=progress, drop=drop_columns)
         starved = None
         if plan.selected is not None and label_col in source.schema.names:
             starved = starved_classes(plan.selected, _labels_of(source, label_col)).to_dict("records")
@@ -438,6 +527,7 @@ def score(
     per_class: bool = False,
     label_col: str = "label",
     rank_by: str = "value",
+    drop_columns=(),
 ) -> pd.DataFrame | Path:
     """Join a run's values onto `table` by id; return a DataFrame, or stream into `out` and return its path.
 
@@ -449,30 +539,42 @@ def score(
     the keep/top-k/drop rule inside every class of the table's `label_col` (`class_quotas`), so no
     class is starved. `rank_by` ranks and selects by another numeric column of the run's values.parquet
     (e.g. `mean_reward`; `value` stays the method's value). A DataFrame input comes back as a DataFrame
-    with its own dtypes and index.
+    with its own dtypes and index. `drop_columns` (a list of names) leaves those columns out of the result
+    (e.g. a list-valued image column, which a .csv `out` cannot hold).
     """
+    drop_columns = _names(drop_columns)
     if out is not None:
         return write_scored(table, run_dir, out, id_col=id_col, keep_fraction=keep_fraction, top_k=top_k,
                             drop_fraction=drop_fraction, min_weight=min_weight, subset_only=subset_only,
                             batch_rows=batch_rows, progress=progress, per_class=per_class,
-                            label_col=label_col, rank_by=rank_by).path
+                            label_col=label_col, rank_by=rank_by, drop_columns=drop_columns).path
     run, source, _, _ = _prepare(table, run_dir, out=None, id_col=id_col, keep_fraction=keep_fraction,
                                  top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
                                  subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
-                                 rank_by=rank_by)
+                                 rank_by=rank_by, drop_columns=drop_columns)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
                      top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
                      labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
+        _say(check_table(source, run, id_col=id_col, label_col=label_col))  # after the ids are known to be the run's
         if isinstance(source, _FrameSource):
-            return _frame_result(table, plan, subset_only)
+            return _frame_result(table.drop(columns=list(drop_columns)), plan, subset_only)
         if isinstance(source, _CsvSource):
             source.set_batch_rows(batch_rows)
         t = _stream(source, plan, n=len(plan.weight), batch_rows=batch_rows, subset_only=subset_only,
-                    sink=_MemorySink, progress=progress)
+                    sink=_MemorySink, progress=progress, drop=drop_columns)
     finally:
         source.close()
     return t.to_pandas()
+
+
+def _names(columns) -> tuple[str, ...]:
+    """drop_columns as a tuple of names (a single name or a comma-separated string is accepted too)."""
+    if columns is None:
+        return ()
+    if isinstance(columns, str):
+        columns = columns.split(",")
+    return tuple(str(c).strip() for c in columns if str(c).strip())
 
 
 def _frame_result(df: pd.DataFrame, plan: _Plan, subset_only: bool) -> pd.DataFrame:

@@ -154,6 +154,18 @@ BIDIRECTIONAL = frozenset({"bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "
                            "bert-generation", "big_bird", "nezha", "qdqbert", "mega", "markuplm"})
 
 
+def _sized(config, vocab: int):
+    """A random-weight config with the tokenizer's vocabulary (`check_lm` says so when config.json differs); special
+    token ids the vocabulary no longer holds (GPT-2's eos 50256 beside 259 byte tokens) are dropped."""
+    if getattr(config, "vocab_size", vocab) != vocab:
+        config.vocab_size = vocab
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            t = getattr(config, key, None)
+            if isinstance(t, int) and t >= vocab:
+                setattr(config, key, None)
+    return config
+
+
 def _first(exc: Exception) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
@@ -171,7 +183,14 @@ def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
     kind, _, path = name.partition(":")
     _, config = _hf_config(path, name)
     v = getattr(config, "vocab_size", None)
-    if v is not None and v < vocab:
+    if kind == "hf-config" and v is not None and v != vocab:
+        # random weights: the tokenizer decides the vocabulary (a default GPT2Config's 50,257 rows beside the byte
+        # tokenizer's 259 made every step ~75x slower); said once, here at the edge
+        import sys
+
+        print(f"valuekit: note: --model {name}: config.json has vocab_size {v}, the tokenizer {vocab}; the model is "
+              f"built with {vocab}", file=sys.stderr)
+    elif v is not None and v < vocab:
         raise InputError(f"--model {name}: vocab_size {v} is smaller than the tokenizer's {vocab}")
     for key in ("n_positions", "max_position_embeddings"):
         p = getattr(config, key, None)
@@ -201,7 +220,10 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
     kind, _, path = name.partition(":")
     transformers, config = _hf_config(path, name)
     if kind == "hf-config":
-        inner = transformers.AutoModelForCausalLM.from_config(config)
+        try:
+            inner = transformers.AutoModelForCausalLM.from_config(_sized(config, vocab))
+        except Exception as exc:  # a config transformers cannot build (e.g. n_embd not divisible by n_head)
+            raise InputError(f"--model {name}: {path}/config.json does not build a model ({_first(exc)})") from None
         if generator is not None:
             _init_(inner, generator, std=getattr(config, "initializer_range", 0.02))
             if hasattr(inner, "tie_weights"):

@@ -36,14 +36,15 @@ def check_model_spec(spec) -> None:
     if isinstance(spec, nn.Module) or (callable(spec) and not isinstance(spec, str)):
         return
     if not isinstance(spec, str) or not spec:
-        raise InputError(f"--model {spec!r}: give a built-in name ({', '.join(MODELS)}), package.module:factory, "
-                         f"torchvision:NAME or timm:NAME")
+        raise InputError(f"--model {spec!r}: give a built-in name ({', '.join(MODELS)}, causal-lm), hf-config:DIR, "
+                         f"hf:DIR, package.module:factory, torchvision:NAME or timm:NAME")
     if is_builtin(spec):
         return
     head, sep, tail = spec.partition(":")
     if not sep or not head or not tail:
-        raise InputError(f"--model {spec!r}: not a built-in model ({', '.join(MODELS)}); a model of your own is "
-                         f"given as package.module:factory (or torchvision:NAME, timm:NAME)")
+        raise InputError(f"--model {spec!r}: not a built-in model ({', '.join(MODELS)}, causal-lm); a transformers "
+                         f"causal LM is hf-config:DIR or hf:DIR, a model of your own package.module:factory (or "
+                         f"torchvision:NAME, timm:NAME)")
 
 
 def _import_factory(spec: str):

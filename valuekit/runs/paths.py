@@ -146,6 +146,36 @@ def check_columns(path: Path, schema: pa.Schema, need: dict) -> None:
             raise unreadable(path, f"column {name!r} is {schema.field(name).type}, expected {'/'.join(sorted(kinds))}")
 
 
+def remove_run_files(run_dir: Path, names) -> None:
+    """Remove the run's files `names` (files or folders) from `run_dir`, whose lock the caller holds; other files
+    in the folder stay. Said on stderr: a run is never replaced silently."""
+    import shutil
+    import sys
+
+    print(f"valuekit: replacing the run in {run_dir} (overwrite)", file=sys.stderr)
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def data_difference(old, new) -> str:
+    """"data (...)" naming each table (train, dev, test) whose fingerprint differs between a run and a resume."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return "data"
+    parts = []
+    for t in [t for t in sorted(set(old) | set(new)) if old.get(t) != new.get(t)]:
+        if old.get(t) is None:
+            parts.append(f"{t} table: the run was made without one, this call gives one")
+        elif new.get(t) is None:
+            parts.append(f"{t} table: the run was made with one, this call gives none")
+        else:
+            parts.append(f"{t} table: other rows or contents (fingerprint {old[t]} in the run, {new[t]} now)")
+    return f"data ({'; '.join(parts)})"
+
+
 def make_run_dir(run_dir: Path) -> bool:
     """Create run_dir (and parents); True only when this call created it, so that a caller that fails
     later removes only a folder it made itself."""

@@ -230,3 +230,14 @@ def read_run(run_dir) -> Run:
 def open_run(run) -> Run:
     """A Run for a run directory path or an already opened Run (the one way analysis, report and export open runs)."""
     return run if isinstance(run, Run) else read_run(Path(run))
+
+
+def example_labels(run) -> pd.DataFrame:
+    """example_id -> label code of every example seen in steps/ (group_by over the log)."""
+    run = open_run(run)
+    d = run.dataset("steps")
+    if d is None:
+        return pd.DataFrame({"example_id": [], "label": []})
+    g = d.to_table(columns=["example_id", "label"]).group_by("example_id").aggregate([("label", "min")])
+    return pd.DataFrame({"example_id": g["example_id"].to_numpy(zero_copy_only=False),
+                         "label": g["label_min"].to_numpy().astype(np.int64)})

@@ -139,8 +139,11 @@ def train(
     hooks: list | None = None,
     name: str | None = None,
     model=None,
+    overwrite: bool = False,
 ):
     """Train `config.method` on `train_data`, log to the run directory `out`, return the opened Run.
+
+    `overwrite=True` replaces a run that `out` already holds (said on stderr); without it such an `out` is refused.
 
     `model` (optional) is a user's model: an nn.Module (each build is a deep copy of it), a factory
     `f(num_classes=, input_shape=)`, or a spec string; it replaces `config.model` (run.json records its name).
@@ -161,6 +164,8 @@ def train(
     OUT/best.pt and `best_step`, `best_metrics` in run.json; `config.patience` > 0 stops after that many
     evaluations without a better one.
     """
+    if resume and overwrite:
+        raise InputError("resume=True and overwrite=True: choose one", cli="--resume and --overwrite: choose one")
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data, dev_data, test_data)
     from valuekit.models.lm import is_lm
@@ -197,7 +202,8 @@ def train(
     started_group = dist_.init(info, device)
     try:
         return _train(view, dev_data, test_data, out=out, config=config, spec=spec, mcfg=mcfg, meta=meta,
-                      resume=resume, hooks=hooks or [], device=device, info=info, model_factory=factory)
+                      resume=resume, hooks=hooks or [], device=device, info=info, model_factory=factory,
+                      overwrite=overwrite)
     finally:
         dist_.shutdown(started_group)
 
@@ -252,11 +258,11 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
             raise InputError(f"--out {out}: is an input table; choose another run directory")
 
 
-def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
+def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo, overwrite: bool = False):
     """(lock, checkpoint state): rank 0 takes the lock and checks the directory, then tells the others."""
 
     def decide():
-        lock, state = prepare_run(out, meta, resume)
+        lock, state = prepare_run(out, meta, resume, overwrite)
         shared = {"run_id": meta["run_id"], "started_at": meta["started_at"], "has_state": state is not None}
         return (lock, state), shared
 
@@ -269,13 +275,13 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo):
 
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
-           hooks: list, device: torch.device, info: dist_.DistInfo, model_factory=None):
+           hooks: list, device: torch.device, info: dist_.DistInfo, model_factory=None, overwrite: bool = False):
     # the trainer is built before the run directory is touched: a setting it refuses (a feature layer that is not
     # there, a source column a method needs) leaves no run skeleton or lock behind
     ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size,  # build
                         model_factory=model_factory)
     trainer, sampler = spec.build(ctx, mcfg)
-    lock, state = _prepare(out, meta, resume, info)                                   # prepare
+    lock, state = _prepare(out, meta, resume, info, overwrite)                        # prepare
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
     labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from valuekit.errors import RunDirError
-from valuekit.runs.layout import RUN_JSON
+from valuekit.runs.layout import LOCK, RUN_FILES, RUN_JSON, SOURCE_TABLE, SUBSET_VALUE
 from valuekit.runs.lock import acquire_lock, new_run_id
-from valuekit.runs.paths import check_parts, make_run_dir, remove_if_empty
+from valuekit.runs.paths import check_parts, data_difference, make_run_dir, remove_if_empty, remove_run_files
 from valuekit.runs.reader import read_run
 from valuekit.training.checkpoint import load_checkpoint
 
@@ -31,7 +31,7 @@ def _difference(key: str, old, new) -> str:
     """`key`, and for settings the fields that differ with both values (a default may have changed since the run
     was made: the user then sees what to pass to match it)."""
     if key not in ("config", "method_config") or not (isinstance(old, dict) and isinstance(new, dict)):
-        return key
+        return data_difference(old, new) if key == "data" else key
     fields = [f for f in sorted(set(old) | set(new)) if old.get(f) != new.get(f)]
     return f"{key} ({'; '.join(f'{f}: the run has {old.get(f)!r}, this call {new.get(f)!r}' for f in fields)})"
 
@@ -43,9 +43,9 @@ def check_world_size(out, made_with: int, now: int) -> None:
                           f"(world size); resume with {made_with} process(es)")
 
 
-def prepare_run(out: Path, meta: dict, resume: bool):
-    """(lock, checkpoint state or None) for a fresh or resumed run directory; one process (rank 0) only.
-    A resumed run takes run_id and started_at from the original; a fresh one gets a run_id."""
+def prepare_run(out: Path, meta: dict, resume: bool, overwrite: bool = False):
+    """(lock, checkpoint state or None) for a fresh, resumed or (`overwrite`: its files replaced) run directory; rank 0
+    only. A resumed run takes run_id and started_at from the original; a fresh one gets a run_id."""
     out = Path(out)
     created = make_run_dir(out)  # True only if this process made it: never remove another's folder
     # The lock comes first: a second process on this directory stops before reading or writing anything.
@@ -64,8 +64,10 @@ def prepare_run(out: Path, meta: dict, resume: bool):
             if state is not None:
                 check_parts(out, state["parts"], world_size=old.meta.get("world_size", 1))
             meta["run_id"], meta["started_at"] = old.meta.get("run_id"), old.meta.get("started_at")
+        elif (out / RUN_JSON).exists() and overwrite:  # the lock is held: no process writes there now
+            remove_run_files(out, [n for n in (*RUN_FILES, SUBSET_VALUE, SOURCE_TABLE) if n != LOCK])
         elif (out / RUN_JSON).exists():
-            raise RunDirError(f"{out}: already holds a run; use --resume to continue it or choose another --out")
+            raise RunDirError(f"{out}: already holds a run; pass resume=True to continue it or overwrite=True to replace it")
     except BaseException:
         lock.unlink(missing_ok=True)
         if created:

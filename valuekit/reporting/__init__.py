@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from valuekit.analysis.instruction_audit import is_causal_lm
 from valuekit.errors import InputError, ValueKitError
 from valuekit.runs.atomic import write_atomic
 from valuekit.runs.layout import SUBSET_VALUE
@@ -37,7 +38,7 @@ class _Section:
         self.notes: list[str] = []
 
     def figure(self, id: str, alt: str, fig, caption: str = "") -> None:
-        from valuekit.report.figures import data_uri
+        from valuekit.reporting.figures import data_uri
 
         self.figures.append({"id": id, "alt": alt, "src": data_uri(fig), "caption": caption})
 
@@ -112,8 +113,11 @@ def _summary(runs, names) -> _Section:
     row("status", lambda r: r.meta.get("status", "?"))
     row("training data", train_data)
     row("dev data", lambda r: str((((r.meta.get("data") or {}).get("dev")) or {}).get("path") or "–"))
-    row("classes", lambda r: str(len(r.meta.get("classes") or [])))
-    row("sources", lambda r: ", ".join(r.meta.get("sources") or []) or "–")
+    lm = [is_causal_lm(r) for r in runs]
+    row("classes" if not any(lm) else "vocabulary (tokens)" if all(lm) else "classes / vocabulary",
+        lambda r: str(len(r.meta.get("classes") or [])) + (" tokens" if is_causal_lm(r) and not all(lm) else ""))
+    row("sources" if not any(lm) else "tasks" if all(lm) else "sources / tasks",
+        lambda r: ", ".join(r.meta.get("sources") or []) or "–")
     row("model", lambda r: str(cfg(r, "model")) + ("" if cfg(r, "model") == "linear"
                                                     else f" (hidden {cfg(r, 'hidden')})"))
     row("steps", lambda r: f"{r.meta.get('steps_done', '?')} / {cfg(r, 'steps')}")
@@ -125,7 +129,9 @@ def _summary(runs, names) -> _Section:
     row("device · host", lambda r: f"{r.meta.get('device', '?')} · {r.meta.get('host', '?')}")
     row("started", lambda r: str(r.meta.get("started_at", "–")))
     for k in ("dev_acc", "dev_loss", "test_acc", "test_loss", "train_loss"):
-        metric = "acc" if runs[0].acc_metric == "accuracy" else runs[0].acc_metric  # chrF/100 for translation
+        # chrF/100 for translation, next-token accuracy for a causal LM
+        metric = ("next-token accuracy" if all(lm) else "acc" if runs[0].acc_metric == "accuracy"
+                  else runs[0].acc_metric)
         row(f"final {k.replace('_', ' ').replace('acc', metric)}", lambda r, k=k: final(r, k))
     if any(r.meta.get("best_step") is not None for r in runs):  # early stopping: the model in best.pt
         row("best step · dev acc · test acc", lambda r: "–" if r.meta.get("best_step") is None else
@@ -139,7 +145,7 @@ def _summary(runs, names) -> _Section:
 
 def _training(runs, names) -> _Section:
     from valuekit.analysis import curves
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     sec = _Section("training", 2, "Training curves",
                    "Training loss/accuracy is the per-step mini-batch mean, averaged over step bins; dev (dashed) "
@@ -181,7 +187,7 @@ def _starved_notes(name: str, values: pd.DataFrame, labels: pd.Series, fraction:
 
 def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
     from valuekit.analysis import curves
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     sec = _Section("weights", 3, "Weight distributions",
                    "Final per-example weights from values.parquet (normalised to mean 1). When a run's weights are "
@@ -242,8 +248,8 @@ def _weights(runs, names, labels: dict, noisy: dict) -> _Section:
     return sec
 
 
-def _balance(runs, names) -> _Section:
-    from valuekit.report import figures
+def _balance(runs, names) -> _Section | None:
+    from valuekit.reporting import figures
 
     sec = _Section("balance", 4, "Class balance",
                    "Weight mass per class (from each run's final weights: a scorer's or teacher's where the method "
@@ -253,7 +259,9 @@ def _balance(runs, names) -> _Section:
     if mod is None:
         sec.notes.append("valuekit.analysis.balance is not in this installation")
         return sec
-    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None]
+    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None and not is_causal_lm(r)]
+    if not with_steps and all(is_causal_lm(r) for r in runs):
+        return None  # instruction tables have no classes: the tasks section shows their weights instead
     if not with_steps:
         sec.notes.append("no run has a step log")
         return sec
@@ -278,9 +286,11 @@ def _balance(runs, names) -> _Section:
 
 
 def _usage(runs, names) -> _Section | None:
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
-    multi = [(r, n) for r, n in zip(runs, names) if r.dataset("sources") is not None]
+    # a causal LM's per-task weights (BADS per_source) are in the tasks section; its multidds scorer stays here
+    multi = [(r, n) for r, n in zip(runs, names) if r.dataset("sources") is not None
+             and (not is_causal_lm(r) or r.method == "multidds")]
     if not multi:
         return None
     sec = _Section("usage", 5, "Source usage", "Share of each source (language, domain, annotator) by training step.")
@@ -308,7 +318,7 @@ def _usage_curves(sec: _Section, mod, multi) -> None:
     +-1 standard error bars (bottom), then the run's sources.parquet as a table."""
     import matplotlib.pyplot as plt
 
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     panels = [(r, n, mod.source_usage(r), mod.source_rewards(r, max_points=25)) for r, n in multi]
     panels = [p for p in panels if len(p[3])]
@@ -343,7 +353,7 @@ def _usage_curves(sec: _Section, mod, multi) -> None:
 
 def _rewards(runs, names) -> _Section:
     from valuekit.analysis import curves
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     sec = _Section("rewards", 6, "Rewards and per-example losses over time",
                    "Mean, median and quantile bands per step bin, aggregated with pyarrow over the step log.")
@@ -369,7 +379,7 @@ def _rewards(runs, names) -> _Section:
 
 def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame | None, dict | None]:
     from valuekit.analysis import mislabel
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     sec = _Section("audit", 7, "Mislabel audit",
                    "label_score averages the runs' values, each rescaled between its 1st and 99th percentile (lower = more "
@@ -385,18 +395,26 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
         sec.notes.append(f"audit not available: {exc}")
         return sec, None, None
     summary = mislabel.audit_summary(frame)
+    if frame.attrs.get("kind") == "instructions":
+        from valuekit.reporting.instructions import instruction_suspects
+
+        instruction_suspects(sec, frame, summary, top_k)
+        _audit_metrics(sec, frame, summary)
+        return sec, frame, None
     table = None
     try:
         table = mislabel.training_table(finished[0], data)
-    except ValueKitError:
-        pass
+    except ValueKitError as exc:
+        sec.notes.append(f"training table not read: {exc}")
     shape = table["image_shape"] if table else None
+    if table is not None and shape is None and finished[0].meta.get("image_shape"):
+        sec.notes.append(f"image thumbnails: not shown ({table.get('features_note') or 'no image column'})")
     rows_of = {}
     if shape is not None:
         rows_of = {i: k for k, i in enumerate(table["ids"].tolist())}
-    value_cols = [c for c in frame.columns if c.startswith("value_")]
+    pct_cols = mislabel.value_columns(frame, pct=True)  # every method on one scale in the table
     header = ["rank", "id"] + (["image"] if shape else []) + ["given", "predicted", "label_score", "flagged"]
-    header += [c for c in value_cols] + (["is_noisy"] if "is_noisy" in frame.columns else [])
+    header += [c for c in pct_cols] + (["is_noisy"] if "is_noisy" in frame.columns else [])
     rows = []
     for rec in frame.head(top_k).to_dict("records"):
         cells = [{"text": str(rec["rank"])}, {"text": str(rec["id"])}]
@@ -409,14 +427,24 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
                   {"text": pred or "–",
                    "cls": "diff" if pred is not None and pred != str(rec["given_label"]) else ""},
                   {"text": _fmt(rec["label_score"])}, {"text": _fmt(bool(rec["is_label_issue"]))}]
-        cells += [{"text": _fmt(rec[c])} for c in value_cols]
+        cells += [{"text": _fmt(rec[c], 3)} for c in pct_cols]
         if "is_noisy" in frame.columns:
             cells.append({"text": _fmt(bool(rec["is_noisy"])), "cls": "noisy" if rec["is_noisy"] else ""})
         rows.append(cells)
+    predicted = frame.attrs.get("cv_stand_in") or f"not computed: {frame.attrs.get('predict_note')}"
     sec.tables.append({"id": "suspects", "caption": f"Top {min(top_k, len(frame))} suspects (of {len(frame)} examples; "
                        f"{summary['n_flagged']} flagged by {summary.get('flag_rule')}). predicted = out-of-sample "
-                       f"prediction ({frame.attrs.get('cv_stand_in') or 'not computed'}).",
+                       f"prediction ({predicted}).",
                        "header": header, "rows": rows, "cells": True})
+    _audit_metrics(sec, frame, summary)
+    return sec, frame, table
+
+
+def _audit_metrics(sec: _Section, frame: pd.DataFrame, summary: dict) -> None:
+    from valuekit.analysis import mislabel
+    from valuekit.reporting import figures
+
+    value_cols = mislabel.value_columns(frame)
     if "is_noisy" in frame.columns:
         y = frame["is_noisy"].to_numpy(dtype=bool)
         scores = ["label_score", *value_cols, *[c for c in mislabel.BASELINE_COLUMNS if c in frame.columns]]
@@ -446,11 +474,10 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
                            "rows": [[k, _fmt(v)] for k, v in summary["spearman"].items()]})
     for note in summary.get("baselines_skipped", []):
         sec.notes.append(f"baseline skipped: {note}")
-    return sec, frame, table
 
 
 def _subsets(runs, names) -> _Section | None:
-    from valuekit.report import figures
+    from valuekit.reporting import figures
 
     have = [(r, n) for r, n in zip(runs, names) if (r.path / SUBSET_VALUE).exists()]
     if not have:
@@ -484,7 +511,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     """
     import jinja2
 
-    from valuekit.analysis.mislabel import run_columns
+    from valuekit.analysis.scores import run_columns
     from valuekit.runs.reader import Run, read_run
 
     out = Path(out)
@@ -513,9 +540,11 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         if table["is_noisy"] is not None:
             noisy = {n: pd.Series(table["is_noisy"], index=table["ids"]) for n in names}
     else:
-        from valuekit.analysis.curves import example_labels
+        from valuekit.runs.reader import example_labels
 
         for r, n in zip(runs, names):
+            if is_causal_lm(r):  # instruction rows have no class label
+                continue
             try:
                 el = example_labels(r)
                 cl = classes_of[n]
@@ -528,6 +557,9 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     sections.append(weights)
     sections.append(_balance(runs, names))
     sections.append(_usage(runs, names))
+    from valuekit.reporting.instructions import tasks_section
+
+    sections.append(tasks_section(runs, names))
     sections.append(_rewards(runs, names))
     sections.append(audit_sec)
     sections.append(_subsets(runs, names))
