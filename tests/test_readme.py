@@ -32,9 +32,10 @@ STEPS = "3"
 SKIP = re.compile(r"<!-- not run by the suite: (.+?) -->\s*$")
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", flags=re.S | re.M)
 DOCS = sorted(p.name for p in (REPO / "docs").glob("*.md"))
-SETUP = [  # the README's two set-up commands, character for character (.ci/run and the first-hour test use them)
+SETUP = [  # the README's two set-up commands, character for character (.ci/run runs the second)
     "bash scripts/setup.sh && valuekit score data/digits-noisy20/train.parquet --method lrdi --dev "
-    "data/digits-noisy20/dev.parquet --test data/digits-noisy20/test.parquet --steps 400 -o out/digits-weighted.parquet",
+    "data/digits-noisy20/dev.parquet --test data/digits-noisy20/test.parquet --steps 400 "
+    "-o out/digits-weighted.parquet",
     "bash scripts/setup.sh && python3 -m pytest -q",
 ]
 
@@ -156,7 +157,7 @@ def test_readme_links_every_docs_page_and_every_link_resolves():
 @pytest.mark.parametrize("name", ["README.md", *[f"docs/{p}" for p in DOCS]])
 def test_every_skipped_block_says_why_and_pages_with_commands_state_times(name):
     text = (REPO / name).read_text()
-    for lang, body, skip in blocks(text):
+    for lang, _body, skip in blocks(text):
         assert skip is None or len(skip) > 10
         if lang not in ("bash", "sh", "python", ""):
             pytest.fail(f"{name}: a block in {lang!r}")
