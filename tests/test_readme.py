@@ -237,6 +237,8 @@ def test_docs_language_models(tmp_path, monkeypatch):
     assert 0.4 * len(train) <= len(half) <= 0.6 * len(train) and set(half.task) == set(train.task)
     assert len(pd.read_json("out/instr.jsonl", lines=True)) == len(train)
     assert json.loads(Path("runs/instr-gpt2/run.json").read_text())["status"] == "completed"
+    bads = pd.read_parquet("runs/instr-bads/values.parquet")  # README: bads' weight is its posterior mean
+    np.testing.assert_allclose(bads.weight, bads.posterior_mean / bads.posterior_mean.mean(), rtol=1e-6)
 
 
 def test_docs_multi_source(tmp_path, monkeypatch):
@@ -246,6 +248,8 @@ def test_docs_multi_source(tmp_path, monkeypatch):
     assert sources.prob.sum() == pytest.approx(1.0, abs=1e-6)
     assert "fig-source-usage" in Path("out/br.html").read_text()  # (a shortened run may hold no reward yet)
     assert "fig-source-usage" in Path("out/bs.html").read_text()
+    values = pd.read_parquet("runs/br-dds/values.parquet")  # README: multidds' weight is exp(value), mean 1
+    np.testing.assert_allclose(values.weight, np.exp(values.value) / np.exp(values.value).mean(), rtol=1e-6)
 
 
 def test_docs_reports(tmp_path, monkeypatch):
@@ -255,6 +259,10 @@ def test_docs_reports(tmp_path, monkeypatch):
     assert Path("out/audit.summary.json").exists()
     html = Path("out/report.html").read_text()
     assert "uniform" in html and "dds" in html and "<img" in html
+    dds = pd.read_parquet("runs/dds/values.parquet")  # README: dds' weight is the softmax of the scorer's logits x N
+    soft = np.exp(dds.scorer_logit - dds.scorer_logit.max())
+    np.testing.assert_allclose(dds.weight, soft / soft.mean(), rtol=1e-6)
+    assert dds.value.dropna().between(0, 1).all()  # the in-run value, not the scorer logit
 
 
 def test_docs_running(tmp_path, monkeypatch):
