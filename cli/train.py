@@ -2,7 +2,7 @@
 
 `--nproc N` runs N processes on this machine through PyTorch's launcher (`torchrun --standalone
 --nproc_per_node N -m valuekit.cli train ...`); several nodes: start `torchrun ... -m valuekit.cli train
-...` on each node yourself (README: "Running on several GPUs / nodes").
+...` on each node yourself (docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""README "Benchmarks": `valuekit bench KIND` runs that one benchmark only, and --seeds / --steps / --datasets /
+"""docs/benchmarks.md: `valuekit bench KIND` runs that one benchmark only, and --seeds / --steps / --datasets /
 --methods / --settings reach the runs it makes (the written tables hold exactly the requested grid)."""
 
 from __future__ import annotations

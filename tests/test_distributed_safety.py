@@ -1,4 +1,4 @@
-"""README "Running on several GPUs / nodes", the safety promises, with real processes (CPU, gloo, 2 ranks):
+"""docs/distributed.md, the safety promises, with real processes (CPU, gloo, 2 ranks):
 another world size on --resume is refused, diverged replicas stop before a checkpoint, SIGTERM reaches every
 rank and they stop at one step with a checkpoint that resumes, --device cuda:N is refused, and score / audit /
 report read a 2-process run directory as they read the same run made by one process."""

@@ -1,6 +1,6 @@
-"""README "Tour": `valuekit data prepare mnist5k | fashion-mnist` (array and `--format png`) write the rows, columns,
-dtypes and label flips they promise, checked against the raw sources; `--model cnn` trains on such an image table
-from the CLI and values every row."""
+"""docs/input-formats.md: `valuekit data prepare mnist5k | fashion-mnist` (array and `--format png`) write the
+rows, columns, dtypes and label flips they promise, checked against the raw sources; `--model cnn` trains on such
+an image table from the CLI and values every row."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ best variant) and DDS with a prior (`prior=class_balance` first fits the scorer 
 class-frequency-balancing heuristic, like the paper's TCS+DDS).
 
 values.parquet: value = the within-class percentile ranks of the run's -mean_loss and aum, averaged
-(`signals.in_run_value`; measured better than every scorer-based candidate, README); scorer_logit = the
+(`signals.in_run_value`; measured better than every scorer-based candidate, docs/benchmarks.md); scorer_logit = the
 trained scorer's logit of each training example (eval mode), weight = its softmax over the whole training
 set times N; the loop adds mean_reward (the mean in-run gradient alignment with the dev set) and mean_weight.
 
@@ -345,7 +345,7 @@ class Trainer(Method):
 
     def values(self) -> MethodValues:
         """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
-        scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, README);
+        scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, docs/benchmarks.md);
         scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
         standardised within class; weight = softmax of the logits over the whole training set x N; label = the
         class code (lets `valuekit.analysis.balance` work from values.parquet alone). Sequence targets have no label;

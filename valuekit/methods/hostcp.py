@@ -306,7 +306,7 @@ class Trainer(Method):
 
     def values(self) -> MethodValues:
         """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
-        selection weight ranked worse, README); selection_weight = mean w_i over the steps row i
+        selection weight ranked worse, docs/benchmarks.md); selection_weight = mean w_i over the steps row i
         was seen (NaN if never; the raw learned quantity), value_std its std; weight = that mean (normalised by the
         loop); selected_rate = fraction of visits with w_i > threshold; score = the final selector's score."""
         count = self.count.clamp_min(1)

@@ -175,7 +175,7 @@ def in_run_value(ctx, fallback) -> np.ndarray:
     """value of a learned method: the mean of the within-class percentile ranks of -mean_loss and aum of the
     run's own signals (higher = more valuable; in [0, 1]; NaN for rows never seen).
 
-    Chosen by measurement (reports/quality.md, README): on digits / mnist5k / fashion-mnist with 20-40 % flips
+    Chosen by measurement (reports/quality.md): on digits / mnist5k / fashion-mnist with 20-40 % flips
     every method's learned quantity (DDS scorer logit, reward or weight, LRDI/MW-Net teacher weight, HOST-CP
     selection weight, BADS posterior mean) ranked mislabelled rows worse than the same run's loss and margin,
     and adding it to them lowered the AUROC; within-class ranks keep every class at its share in a top-k.
