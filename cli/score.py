@@ -108,6 +108,7 @@ def run(args) -> int:
                            drop_columns=args.drop_columns)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
+    _say_what_value_is(run_dir)
     _warn_unranked(run_dir, args.rank_by)
     for c in summary.starved or []:
         print(f"warning: class {c['label']!r} keeps {c['kept']} of {c['rows']} rows, {c['share_ratio']:.2f}x its share "
@@ -142,3 +143,13 @@ def _instruction_export(args, out: Path) -> bool:
                   or args.per_class):
         raise InputError("instruction tables select with --keep-fraction (optionally --per-task)")
     return instr
+
+
+def _say_what_value_is(run_dir) -> None:
+    """One line each: what `value` and `weight` mean for the run's method (run.json's column_docs)."""
+    from valuekit.runs.reader import read_run
+
+    docs = read_run(run_dir).column_docs
+    for column in ("value", "weight"):
+        if docs.get(column):
+            print(f"  {column}: {docs[column]}")

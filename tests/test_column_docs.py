@@ -2,6 +2,7 @@
 and in run.json (Run.column_docs)."""
 
 import json
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -34,3 +35,14 @@ def test_values_parquet_and_run_json_say_what_value_means(method, tables, tmp_pa
         assert "learned" in docs and "not the method's learned quantity" in docs["value"]
     meta = pq.read_schema(run.values_path).metadata
     assert json.loads(meta[COLUMN_DOCS_KEY]) == docs
+
+
+def test_the_report_says_what_value_means(tables, tmp_path):
+    from valuekit.reporting import write_report
+
+    tr = load_table(tables["train"])
+    dev = load_table(tables["dev"], like=tr, name="dev")
+    cfg = TrainConfig(method="dds", steps=6, batch_size=16, eval_every=3, progress=False, device="cpu")
+    run = train(tr, dev, out=tmp_path / "dds", config=cfg)
+    page = Path(write_report(run, tmp_path / "r.html")).read_text()
+    assert "value means" in page and "the in-run value: the mean of the within-class percentile ranks" in page

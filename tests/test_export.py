@@ -590,7 +590,9 @@ def test_cli_scores_a_trained_run(tables, tmp_path, capsys):
                 config=TrainConfig(method="uniform", model="linear", steps=2, batch_size=16, progress=False))
     out = tmp_path / "scored.csv"
     assert main(["score", str(tables["train"]), "--run", str(run.path), "-o", str(out), "--keep-fraction", "0.5"]) == 0
-    assert "45 selected" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "45 selected" in printed
+    assert "  value: minus the row's mean training loss over the run" in printed  # what value is, for this method
     got = pd.read_csv(out)
     original = pd.read_parquet(tables["train"])
     pd.testing.assert_frame_equal(got[["id", "label"]], original[["id", "label"]])

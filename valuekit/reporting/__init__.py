@@ -123,6 +123,8 @@ def _summary(runs, names) -> _Section:
     row("steps", lambda r: f"{r.meta.get('steps_done', '?')} / {cfg(r, 'steps')}")
     row("batch size · lr · optimizer", lambda r: f"{cfg(r, 'batch_size')} · {cfg(r, 'lr')} · {cfg(r, 'optimizer')}")
     row("seed", lambda r: str(r.meta.get("seed")))
+    row("value means", lambda r: r.column_docs.get("value", "–"))
+    row("value_std means", lambda r: r.column_docs.get("value_std", "–"))
     row("method settings",
         lambda r: ", ".join(f"{k}={v}" for k, v in (r.meta.get("method_config") or {}).items()) or "–")
     row("duration", lambda r: _duration(r.meta.get("duration_s")))
