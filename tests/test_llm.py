@@ -336,7 +336,8 @@ def test_bads_per_source_weights_follow_task_loss(tables, tmp_path):
     u0 = trainer.task_u.clone()
     rec = trainer.step(batch)
     # exact expected move (T = 0, rho_w = 0):
-    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + T (1-2w)],  n_t = 12 (T = 0: no Jacobian term)
+    # u_t += lr_w B / (N n_t) * [(N/B) sum_{i in B, t} (-rho l_i) w(1-w) + T (1-2w)],  n_t = 12 (T = 0: no Jacobian
+    # term)
     w0 = torch.sigmoid(u0.double())
     src = ctx.source[idx]
     for t, name in enumerate(ctx.sources):

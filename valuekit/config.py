@@ -77,7 +77,8 @@ class TrainConfig:
     early_stopping: bool = False
     # with early_stopping: stop after this many evaluations in a row without a better dev accuracy; 0: never
     patience: int = setting(0, ge=0)
-    log_every: int = setting(200, ge=1)  # steps between closed Parquet parts (each part costs the writer thread a fixed ~1-3 ms)
+    # steps between closed Parquet parts (each part costs the writer thread a fixed ~1-3 ms)
+    log_every: int = setting(200, ge=1)
     checkpoint_every: int = setting(200, ge=1)  # steps between checkpoints (parts are flushed then too)
     # rows per chunk of dev/test evaluation and of the end-of-run scores of every row: it bounds the peak memory
     # (LRDI on a Fashion-MNIST ResNet: 618-632 MiB at 256 against 949-976 MiB at 2048, the same values)
@@ -98,5 +99,6 @@ class TrainConfig:
     # trains; 0 decodes in the training process (valuekit.data.streaming)
     data_workers: int = setting(0, ge=0)
     # image tables: train-time augmentation of each batch (random crop with 4-pixel zero padding and/or
-    # left-right flip; valuekit.data.images.augment), drawn from its own generator (seed + 1); evaluation is never augmented
+    # left-right flip; valuekit.data.images.augment), drawn from its own generator (seed + 1); evaluation is never
+    # augmented
     augment: str = setting("none", choices=("none", "flip", "crop", "crop+flip"))

@@ -108,7 +108,7 @@ def _resnet_block(cin: int, cout: int, stride: int):
     return Block()
 
 
-def small_resnet(num_classes: int, input_shape) -> "torch.nn.Module":  # noqa: F821
+def small_resnet(num_classes: int, input_shape) -> torch.nn.Module:  # noqa: F821
     """The kind of model a user brings (given as a factory): conv(16)-BN-ReLU, residual blocks 16 -> 32 (stride 2)
     -> 64 (stride 2) with BatchNorm, global average pool, linear head."""
     from torch import nn

@@ -96,7 +96,7 @@ def layer_under_load(*, n: int = 1024, batch: int = 32, reps: int = 15, reg: str
         torch.set_num_threads(before)
     one = float(np.median(res["one"]))
     for name, what, t in (("idle, 1 thread", "no extra load", idle),
-                          (f"loaded, 1 thread", "busy child on every core", res["one"]),
+                          ("loaded, 1 thread", "busy child on every core", res["one"]),
                           (f"loaded, default ({cores} threads)", "busy child on every core", res["default"]),
                           (f"loaded, {cores} threads, no one-thread guard (before)", "busy child on every core",
                            res["noguard"])):

@@ -180,7 +180,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         f"Step time: every method in one process on all {sizes[-1]:,} rows (streamed: each step decodes its 64",
         f"PNG rows), {rounds} timed rounds after {warmup} warm-up, methods interleaved step by step; median.",
         "Epoch time is **derived** (ceil(N / batch) x that median step time), not a timed full epoch.",
-        f"Memory: peak resident set (VmHWM) of a child process that loads the first N rows and trains",
+        "Memory: peak resident set (VmHWM) of a child process that loads the first N rows and trains",
         f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
         "table is loaded. `streamed`: images kept encoded (`--stream yes`: a Parquet file's bytes in a temporary",
         "file, read per batch); `decoded`: all pixels in memory. `per-row state`: the bytes of the method's per-row",

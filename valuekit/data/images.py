@@ -82,7 +82,7 @@ class ImageRows:
 
     def __init__(self, buf: np.ndarray | None, offsets: np.ndarray | None, files: list[str] | None,
                  image_shape: tuple[int, int, int], size: tuple[int, int] | None, device="cpu",
-                 store: "SpillFile | None" = None):
+                 store: SpillFile | None = None):
         import torch
 
         self.buf, self.offsets, self.files, self.store = buf, offsets, files, store
@@ -105,7 +105,7 @@ class ImageRows:
     def size_(self, d=None):
         return self.shape if d is None else self.shape[d]
 
-    def to(self, device=None, *args, non_blocking: bool = False, **kw) -> "ImageRows":
+    def to(self, device=None, *args, non_blocking: bool = False, **kw) -> ImageRows:
         import torch
 
         if device is None or not isinstance(device, (str, torch.device)):
@@ -115,7 +115,7 @@ class ImageRows:
         out.device = torch.device(device)
         return out
 
-    def cpu(self) -> "ImageRows":
+    def cpu(self) -> ImageRows:
         return self.to("cpu")
 
     def encoded(self, i: int) -> bytes:

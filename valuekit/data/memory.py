@@ -72,7 +72,7 @@ def fix_mmap_threshold(*, causal_lm: bool = False, nbytes: int = MMAP_THRESHOLD)
     return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, int(nbytes)))
 
 
-def shared_strings(values) -> "np.ndarray":
+def shared_strings(values) -> np.ndarray:
     """A column as an object array of str in which equal values are one Python object: a task or source column
     costs a pointer a row (pandas' Arrow strings give every row its own str object, ~60 bytes: 57 MiB a million
     rows). Values as `Series.astype(str)` writes them."""

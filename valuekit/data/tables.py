@@ -31,8 +31,8 @@ class ValueDataset:
     """One table in memory: what trainers see (ids, x, y, source) and what only evaluation sees."""
 
     ids: np.ndarray  # int64 or object (str)
-    x: "torch.Tensor"  # float32 (N, D), D = prod(image_shape) for images  # noqa: F821
-    y: "torch.Tensor"  # int64 class codes (N,)  # noqa: F821
+    x: torch.Tensor  # float32 (N, D), D = prod(image_shape) for images  # noqa: F821
+    y: torch.Tensor  # int64 class codes (N,)  # noqa: F821
     classes: list[str]  # class code -> original label, as text
     source: np.ndarray | None = None  # object (str) per row
     is_noisy: np.ndarray | None = None  # evaluation only
@@ -60,7 +60,7 @@ class ValueDataset:
     def sources(self) -> list[str]:
         return [] if self.source is None else sorted(set(self.source.tolist()))
 
-    def trainer_view(self) -> "ValueDataset":
+    def trainer_view(self) -> ValueDataset:
         """The same data without the evaluation-only columns: the only form trainers receive."""
         return ValueDataset(
             ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,

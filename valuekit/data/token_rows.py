@@ -62,7 +62,7 @@ class TokenRows:
         self.shape = torch.Size((len(offsets) - 1, self.width))
 
     @classmethod
-    def x_and_y(cls, tokens, lengths, starts, width: int) -> tuple["TokenRows", "TokenRows"]:
+    def x_and_y(cls, tokens, lengths, starts, width: int) -> tuple[TokenRows, TokenRows]:
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         return cls(tokens, offsets, starts, width, "x"), cls(tokens, offsets, starts, width, "y")
@@ -90,14 +90,14 @@ class TokenRows:
     def dim(self) -> int:
         return 2
 
-    def to(self, device=None, *args, non_blocking: bool = False, **kw) -> "TokenRows":
+    def to(self, device=None, *args, non_blocking: bool = False, **kw) -> TokenRows:
         import torch
 
         if device is None or not isinstance(device, (str, torch.device)):
             return self
         return TokenRows(self.tokens, self.offsets, self.starts, self.width, self.kind, device)
 
-    def cpu(self) -> "TokenRows":
+    def cpu(self) -> TokenRows:
         return self.to("cpu")
 
     def rows(self, index) -> np.ndarray:

@@ -435,7 +435,8 @@ class Trainer(Method):
             k = cfg.noise_every
             diffuse = T > 0 and (self.steps_taken + 1) % k == 0
             if cfg.precondition:
-                # pSGLD: G = 1 / (eps + sqrt(V)), V = running mean of (g / N)^2; drift lr G g / N, noise var 2 lr T G / N
+                # pSGLD: G = 1 / (eps + sqrt(V)), V = running mean of (g / N)^2; drift lr G g / N, noise var 2 lr T G /
+                # N
                 sq = [(g / self.n).square() for g in g_theta]
                 torch._foreach_mul_(self.rms, cfg.rms_decay)
                 torch._foreach_add_(self.rms, sq, alpha=1 - cfg.rms_decay)

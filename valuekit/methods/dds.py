@@ -73,7 +73,8 @@ class Config:
     """DDS settings. Defaults were tuned on digits with 20%/40% label flips and with imbalance 10 (MLP, batch 64,
     Adam 1e-3, 600-800 steps, 1-2 seeds); the reasons are in docs/history/dds.md."""
 
-    scorer: str = setting("mlp", choices=SCORERS)  # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
+    # mlp: MLP over input features + label embedding | same: the model's family, logit at the label
+    scorer: str = setting("mlp", choices=SCORERS)
     scorer_hidden: int = setting(64, ge=1)  # hidden width of the mlp scorer
     scorer_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the scorer (0 freezes it: uniform or loaded weights)
     reward_scale: float = setting(1.0, finite=True)  # rewards are multiplied by this before the REINFORCE step
@@ -89,19 +90,24 @@ class Config:
     ess_floor: float = setting(0.3, ge=0, le=1)
     ess_weight: float = setting(10.0, ge=0)
     # weight of an entropy bonus on p (not in Algorithm 1). It caps legitimate reweighting (rare-class boost 1.4-1.6x
-    # vs 3.8x with the ESS floor under 10x imbalance, docs/history/dds.md), so the default is 0; the ESS floor replaces it.
+    # vs 3.8x with the ESS floor under 10x imbalance, docs/history/dds.md), so the default is 0; the ESS floor replaces
+    # it.
     # The paper's update is entropy_weight=0, ess_floor=0, reward_norm=none.
     entropy_weight: float = setting(0.0, ge=0)
     reward_momentum: float = setting(0.9, ge=0, lt=1)  # moving-average momentum of the baseline / std
-    update_every: int = setting(4, ge=1)  # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
-    dev_batch_size: int = setting(64, ge=0)  # dev examples per reward (0 = the training batch size); whole dev set if larger
+    # scorer update (dev gradient + rewards) every k model steps; other steps log no reward
+    update_every: int = setting(4, ge=1)
+    # dev examples per reward (0 = the training batch size); whole dev set if larger
+    dev_batch_size: int = setting(64, ge=0)
     # exact (one jvp at theta_{t-1}) | taylor (the paper's finite difference) | ghost (Linear/Conv only), all three
     # from valuekit.ops.gradients; fused: the same exact dots from the layer inputs and output gradients that the
     # model step's own forward/backward already computed (no extra pass; Linear/Conv2d models only)
     reward_method: str = setting("fused", choices=REWARD_METHODS)
-    scorer_warmup: int = setting(100, ge=0)  # first steps train the model with uniform weights while the scorer already learns
+    # first steps train the model with uniform weights while the scorer already learns
+    scorer_warmup: int = setting(100, ge=0)
     init_scorer: str = ""  # run directory of an earlier DDS run: start from its trained scorer (retrained DDS)
-    prior: str = setting("none", choices=PRIORS)  # none | class_balance: fit softmax(scorer) to weights ~ 1/freq(y) before DDS
+    # none | class_balance: fit softmax(scorer) to weights ~ 1/freq(y) before DDS
+    prior: str = setting("none", choices=PRIORS)
     prior_steps: int = setting(200, ge=0)  # scorer steps of the prior fit
     prior_lr: float = 1e-2  # Adam learning rate of the prior fit
 

@@ -87,12 +87,15 @@ class Config:
     reg: str = setting("quadratic", choices=REGULARISERS)  # regulariser of the subset program: quadratic | entropy
     lam: float = setting(0.5, gt=0)  # its strength (> 0; larger = flatter weights, informative gradients)
     backend: str = setting("exact", choices=BACKENDS)  # exact (closed form) | cvxpylayers (reference, slow)
-    selector_input: str = setting("features", choices=SELECTOR_INPUTS)  # features: MLP over the inputs | embedding: over the model's detached features (hook)
+    # features: MLP over the inputs | embedding: over the model's detached features (hook)
+    selector_input: str = setting("features", choices=SELECTOR_INPUTS)
     selector_hidden: int = setting(64, ge=1)  # hidden width of the selection model
-    selector_lr: float = setting(1e-3, ge=0)  # Adam learning rate of the selection model (0 freezes it: uniform weights)
+    # Adam learning rate of the selection model (0 freezes it: uniform weights)
+    selector_lr: float = setting(1e-3, ge=0)
     lookahead_lr: float = setting(0.1, gt=0)  # eta of the virtual SGD step theta' = theta - eta grad L_w
     dev_batch_size: int = setting(64, ge=1)  # dev examples per selector step (whole dev set if larger)
-    update_every: int = setting(4, ge=1)  # selector step every k model steps (4: ~1.5x a uniform step; 1: ~3.5x, see report)
+    # selector step every k model steps (4: ~1.5x a uniform step; 1: ~3.5x, see report)
+    update_every: int = setting(4, ge=1)
     # fused: the dot products from the model step's own forward/backward (Linear/Conv2d models, no extra pass) |
     # ghost | exact: valuekit.ops.gradients.per_example_dots (one extra pass) | autograd: second order (reference)
     meta_grad: str = setting("fused", choices=META_GRADS)

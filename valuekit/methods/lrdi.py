@@ -92,12 +92,14 @@ class Config:
     normalize: bool = True  # divide the sigmoid weights by their batch mean (mean 1) for lrdi/mwnet
     unroll: int = setting(1, ge=1, le=5)  # K virtual student steps in the meta step (1..5)
     virtual_lr: float = setting(0.1, gt=0)  # lr α of the virtual momentum-SGD steps (not the real optimizer's lr)
-    virtual_momentum: float = setting(0.9, ge=0, lt=1)  # μ of the virtual steps (irrelevant for K=1: the buffer starts at 0)
+    # μ of the virtual steps (irrelevant for K=1: the buffer starts at 0)
+    virtual_momentum: float = setting(0.9, ge=0, lt=1)
     # lrdi/mwnet: take the real step with the weights of the virtual step (the teacher *before* its update)
     # and reuse the virtual step's gradient, saving one backward pass. The papers (MW-Net Alg. 1 line 8,
     # Fan et al. Alg. 1) recompute the weights with the updated teacher, hence the default False.
     reuse_gradient: bool = False
-    dev_batch_size: int = setting(0, ge=0)  # dev rows per meta step; 0 = the loop's batch size (as L2RW/MW-Net); at most all
+    # dev rows per meta step; 0 = the loop's batch size (as L2RW/MW-Net); at most all
+    dev_batch_size: int = setting(0, ge=0)
     # lrdi/mwnet: meta step (teacher update) every this many steps; the steps between use the current
     # teacher's weights at about the cost of a uniform step. l2rw needs its meta-gradient every step.
     # The `mwnet` method sets 4 (valuekit.config.METHODS: same accuracy and AUROC as 1 on 27 runs, while LRDI lost
@@ -118,7 +120,8 @@ class Config:
     meta_grad: str = setting("auto", choices=("auto", "autograd", "fused"))
     # lrdi/mwnet: effective-sample-size floor of the batch weights, ESS = (sum w)^2 / (B sum w^2): when the teacher's
     # weights fall under it they are shrunk towards their batch mean until ESS = floor (0 = off). With the
-    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips (docs/history/lrdi.md).
+    # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips
+    # (docs/history/lrdi.md).
     ess_floor: float = setting(0.3, ge=0, lt=1)
 
     def validate(self) -> None:

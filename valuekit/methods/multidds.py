@@ -92,28 +92,39 @@ class Config:
     """Algorithm 2 settings. Paper / official multiDDS code where they give one; reward, a1, scorer_lr by the reward
     signal-to-noise measurements in reports/multidds.md; update_every by reports/suite-multidds-update-every.md."""
 
-    sampling: str = setting("categorical", choices=SAMPLING)  # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
-    init: str = setting("uniform", choices=INITS)  # uniform | tcs (similarity prior) | target (mass on the target source)
+    # categorical: S ~ softmax over available sources | bernoulli: keep S w.p. sigmoid
+    sampling: str = setting("categorical", choices=SAMPLING)
+    # uniform | tcs (similarity prior) | target (mass on the target source)
+    init: str = setting("uniform", choices=INITS)
     prior: str = ""  # explicit TCS prior "src=weight,...", used by init=tcs instead of the computed one
     tcs_temperature: float = setting(0.1, gt=0)  # q(S) = softmax(similarity / T) for the computed TCS prior
     target_mass: float = setting(0.9, gt=0, lt=1)  # init=target: p(target source | y) where it is available
     target_source: str = ""  # the dev set's source; "" = the single source of the dev table, if any
     conditional: bool = False  # True: psi is a (targets x sources) table; False: one logit vector for all targets
-    target_sampling: str = setting("uniform", choices=("uniform", "source"))  # uniform: y ~ U(targets), S ~ p(S | y) (paper) | source: S ~ p(S) (official)
-    reward_from: str = setting("probe", choices=("probe", "train"))  # probe: fresh batches per source at each update (official multiDDS) | train
+    # uniform: y ~ U(targets), S ~ p(S | y) (paper) | source: S ~ p(S) (official)
+    target_sampling: str = setting("uniform", choices=("uniform", "source"))
+    # probe: fresh batches per source at each update (official multiDDS) | train
+    reward_from: str = setting("probe", choices=("probe", "train"))
     # (the training batches' per-source gradients between updates, Algorithm 2 lines 6-8)
-    probe_batches: int = setting(2, ge=1)  # reward_from=probe: batches per source per update (>= 2 gives a standard error)
+    # reward_from=probe: batches per source per update (>= 2 gives a standard error)
+    probe_batches: int = setting(2, ge=1)
     probe_size: int = setting(32, ge=1)  # reward_from=probe: rows per probe batch
-    reward: str = setting("dot", choices=("dot", "cosine"))  # dot | cosine between the source's gradient average and the dev gradient
-    reward_params: str = setting("all", choices=("all", "encoder"))  # all | encoder (source-side parameters of a translation model)
-    a1: float = setting(0.05, ge=0, lt=1)  # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
+    # dot | cosine between the source's gradient average and the dev gradient
+    reward: str = setting("dot", choices=("dot", "cosine"))
+    # all | encoder (source-side parameters of a translation model)
+    reward_params: str = setting("all", choices=("all", "encoder"))
+    # weight of the previous reward estimate, r <- a1 r_old + (1 - a1) r_new (official: 0.05)
+    a1: float = setting(0.05, ge=0, lt=1)
     update_every: int = setting(1024, ge=1)  # K: training examples between scorer updates (reports/multidds.md)
-    scorer_iters: int = setting(1, ge=0)  # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
+    # E: REINFORCE iterations per update; 0 = fixed scorer (uniform / TCS-only baselines)
+    scorer_iters: int = setting(1, ge=0)
     scorer_batch: int = setting(64, ge=1)  # targets sampled per REINFORCE iteration (conditional scorer only)
     scorer_lr: float = setting(0.05, ge=0)
-    scorer_optimizer: str = setting("adam", choices=("adam", "sgd"))  # adam | sgd (plain gradient ascent, as written in the paper)
+    # adam | sgd (plain gradient ascent, as written in the paper)
+    scorer_optimizer: str = setting("adam", choices=("adam", "sgd"))
     dev_batch_size: int = setting(256, ge=1)  # dev rows for the dev gradient (all when the dev set is smaller)
-    grad_method: str = setting("auto", choices=("auto", "batched", "loop", "split"))  # batched (one vmapped backward) | loop (one backward per source present)
+    # batched (one vmapped backward) | loop (one backward per source present)
+    grad_method: str = setting("auto", choices=("auto", "batched", "loop", "split"))
     # | split (forward + backward per source on its own rows) | auto: split for seq2seq and conv models, else batched
 
     def validate(self) -> None:

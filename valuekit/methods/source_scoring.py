@@ -115,7 +115,7 @@ class SourceSampler:
     run's generator, whose state the loop checkpoints.
     """
 
-    def __init__(self, trainer: "valuekit.methods.multidds.Trainer"):
+    def __init__(self, trainer: valuekit.methods.multidds.Trainer):
         self.t = trainer
 
     def next(self, size: int) -> torch.Tensor:

@@ -573,7 +573,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
                              autoescape=True, undefined=jinja2.StrictUndefined)
     page = env.get_template(TEMPLATE).render(
         title=title or "valuekit report: " + ", ".join(names), runs=names, sections=sections,
-        generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        generated=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         version=__import__("valuekit").__version__,
     )
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -148,7 +148,7 @@ class Run:
         check_columns(p, schema, REQUIRED["values"])
         return p
 
-    def check(self) -> "Run":
+    def check(self) -> Run:
         """Open every file of the run far enough to know it is a valuekit file (schemas, not the data):
         a damaged one raises `InputError("RUN/file: unreadable (...)")` before any output is made, and so
         does a completed run whose values.parquet is gone."""

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,7 +91,8 @@ class TrainContext:
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
-    model_factory: Any = None  # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.user.resolve_factory)
+    # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.user.resolve_factory)
+    model_factory: Any = None
     scaler: Any = None  # torch.amp.GradScaler under --precision fp16 (valuekit.training.precision), else None
     dev_order: torch.Tensor | None = None  # causal-LM tables: dev rows by token length (CPU), for sample_dev
 

@@ -17,7 +17,8 @@ from valuekit.training.checkpoint import load_checkpoint
 def identity(meta: dict) -> dict:
     """The parts of run.json that a resumed run must share with the original (compared as JSON, so that
     tuples in a fresh config equal the lists read back from run.json)."""
-    free = ("steps", "epochs", "patience", "eval_every", "progress", "device", "log_steps", "data_workers")  # may change
+    # may change
+    free = ("steps", "epochs", "patience", "eval_every", "progress", "device", "log_steps", "data_workers")
     loop = {"early_stopping": False, **{k: v for k, v in meta["config"].items() if k not in free}}  # older runs lack it
     ident = {
         "method": meta["method"], "config": loop, "method_config": meta["method_config"],

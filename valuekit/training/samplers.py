@@ -22,7 +22,7 @@ class Sampler(Protocol):
     def load_state_dict(self, state: dict) -> None: ...
 
 
-def default_sampler(ctx: "TrainContext"):
+def default_sampler(ctx: TrainContext):
     """RandomSampler; for causal-LM token tables, length-bucketed batches (valuekit.training.samplers.LengthBucketSampler)."""
     from valuekit.models.lm import is_lm, token_lengths
     from valuekit.training.samplers import LengthBucketSampler
