@@ -1,5 +1,6 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
-(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x method x seeds,
+(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x
+method x seeds,
 see valuekit.bench.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
 source languages and instruction-LM data selection, see valuekit.bench.suites_text; --datasets names their targets,
 --methods their variants, --runs-dir keeps their runs and resumes); writes markdown, CSV and PNG.
@@ -18,9 +19,12 @@ def add_parser(sub):
 
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
                        description=__doc__)
-    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", *SUITES,
-                                                *TEXT_SUITES],
-                   help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; the others are study suites)")
+    p.add_argument(
+        "kind",
+        nargs="+",
+        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", *SUITES, *TEXT_SUITES],
+        help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; the others are study suites)",
+    )
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes on a CPU)")
@@ -95,8 +99,16 @@ def run(args) -> int:
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}
     flags = {"report_only": args.report_only}
-    argv = [*args.kind, *(["--quick"] if args.quick else []), *(["--report-only"] if args.report_only else []), "--device", args.device, "-o", args.out,
-            *(["--threads", str(args.threads)] if args.threads is not None else [])]
+    argv = [
+        *args.kind,
+        *(["--quick"] if args.quick else []),
+        *(["--report-only"] if args.report_only else []),
+        "--device",
+        args.device,
+        "-o",
+        args.out,
+        *(["--threads", str(args.threads)] if args.threads is not None else []),
+    ]
     for key, value in options.items():
         if value is not None:
             argv += [f"--{key.replace('_', '-')}", str(value)]

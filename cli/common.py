@@ -16,7 +16,9 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
                    help="source/language/domain column if present (default: source; task in instruction tables)")
     g.add_argument("--feature-cols", default=None,
                    help="comma-separated feature columns (default: every numeric column, or the one list column)")
-    g.add_argument("--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)")
+    g.add_argument(
+        "--image-shape", default=None, help="C,H,W of a flattened image column (default: from file metadata)"
+    )
     g.add_argument("--image-size", default=None,
                    help="H,W: resize every image of an encoded image column (PNG/JPEG bytes or paths) to this size")
     g.add_argument("--stream", default="auto", choices=["auto", "yes", "no"],
@@ -27,7 +29,9 @@ def add_table_options(p: argparse.ArgumentParser) -> None:
                         "file past 64 MiB of them (auto)")
     lm = p.add_argument_group("instruction tables (causal-LM fine-tuning; --model causal-lm, hf-config:DIR or hf:DIR)")
     lm.add_argument("--prompt-col", default="prompt", help="prompt column (default: prompt)")
-    lm.add_argument("--response-col", default="response", help="response column, the only scored text (default: response)")
+    lm.add_argument(
+        "--response-col", default="response", help="response column, the only scored text (default: response)"
+    )
     lm.add_argument("--tokenizer", default=None, metavar="DIR",
                     help="local Hugging Face tokenizer folder (default: the built-in byte-level tokenizer); on a "
                          "text classification table it turns --text-col into token ids for your text model")

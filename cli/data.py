@@ -61,7 +61,9 @@ def add_parser(sub):
                     help="instructions: comma-separated languages, one task each (default es,fr,de,ru,ja,fi)")
     pp.add_argument("--junk-task", default="pt",
                     help="instructions: language added as task 'junk' with random responses ('none': no junk task)")
-    pp.add_argument("--max-per-task", type=int, default=None, help="instructions: at most this many train rows per task")
+    pp.add_argument(
+        "--max-per-task", type=int, default=None, help="instructions: at most this many train rows per task"
+    )
     pp.add_argument("--junk-kind", default="random", help="instructions: what a junk row's response is: random (text "
                     "with English letter frequencies, default) or swap (the English response of another message)")
     pp.set_defaults(func=run_prepare)
@@ -96,7 +98,9 @@ def run_list(args) -> int:
                            "a junk task and --noise junk rows for evaluation)")
     for name in names():
         needs = _needs(name)
-        state = f"bundled: {BUNDLED[name]}" if name in BUNDLED else ("prepare: ready" if not needs else f"prepare: {needs}")
+        state = (
+            f"bundled: {BUNDLED[name]}" if name in BUNDLED else ("prepare: ready" if not needs else f"prepare: {needs}")
+        )
         print(f"{name:15s} {descs[name]}\n{'':15s} [{state}]")
     print("prepare any of them with: valuekit data prepare NAME -o DIR")
     return 0
@@ -137,7 +141,10 @@ def run_prepare(args) -> int:
         raise InputError(f"--format {args.format}: {args.name} is written as "
                          + (", ".join(formats) if formats else "Parquet only (leave --format out)"))
     if args.name in (INSTRUCTIONS, MULTILINGUAL):  # their noise is junk rows; they have no classes to skew
-        for opt, value, default in (("--noise-kind", args.noise_kind, "symmetric"), ("--imbalance", args.imbalance, 1.0)):
+        for opt, value, default in (
+            ("--noise-kind", args.noise_kind, "symmetric"),
+            ("--imbalance", args.imbalance, 1.0),
+        ):
             if value != default:
                 raise InputError(f"{opt} {value}: not available for {args.name} (label noise of the class data sets)")
     check_output(args.out, kind="dir", inputs=[args.from_dir])

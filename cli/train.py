@@ -137,7 +137,10 @@ def run(args) -> int:
         stopped = f" (stopped early: --patience {cfg.patience})" if run_.meta.get("stopped_early") else ""
         print(f"  last:    step {fm.get('step', run_.meta['steps_done'])}, {accs(fm)}  {run_.checkpoint_path}{stopped}")
         if run_.meta.get("best_step") is not None:
-            print(f"  best:    step {run_.meta['best_step']}, {accs(run_.meta.get('best_metrics') or {})}  {run_.best_model_path}")
+            print(
+                f"  best:    step {run_.meta['best_step']}, {accs(run_.meta.get('best_metrics') or {})}  "
+                f"{run_.best_model_path}"
+            )
         else:
             print("  best:    none (no evaluation gave a finite dev accuracy)")
     print(f"  values:  {run_.values_path}")

@@ -12,7 +12,8 @@ sample of --budget of them is taken (deterministic: the same commit gives the sa
 
 Speed: the clean run records, with a line tracer, which tests execute each line of the target file; a mutant
 then runs only the tests that execute its line (all the target's tests when none does, and for default arguments
-and decorators, which run when the module is imported). The parent process imports the heavy third-party modules once (torch, pandas, pyarrow, ...; never
+and decorators, which run when the module is imported). The parent process imports the heavy third-party modules once
+(torch, pandas, pyarrow, ...; never
 valuekit), then for every mutant writes the mutated module into the copy and forks a child that runs
 `pytest -x -q -p no:cacheprovider` on the target's test files in-process, so each mutant pays for its tests
 only. Bytecode caching is off, so the child always compiles the file as it is on disk. The per-mutant time
@@ -74,7 +75,12 @@ def _skipped(tree: ast.AST) -> set[int]:
     out: set[int] = set()
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+        ):
             out.update(id(n) for n in ast.walk(body[0]))
         for ann in [getattr(node, "returns", None), getattr(node, "annotation", None)]:
             if ann is not None:
@@ -314,8 +320,11 @@ def main() -> int:
             if previous:
                 print(f"{name}: after the new tests: {_summary(rs, 'after')}", flush=True)
             if args.wide:
-                print(f"{name}: with wider tests: {_summary([{**r, 'wide': r.get('wide', r['outcome'])} for r in rs], 'wide')}",
-                      flush=True)
+                print(
+                    f"{name}: with wider tests: "
+                    f"{_summary([{**r, 'wide': r.get('wide', r['outcome'])} for r in rs], 'wide')}",
+                    flush=True,
+                )
     return 0
 
 

@@ -57,7 +57,9 @@ def compare(a: pd.DataFrame, b: pd.DataFrame) -> str:
         num = [c for c in shared if pd.api.types.is_numeric_dtype(a[c]) and not a[c].equals(b[c])]
         other = [c for c in shared if c not in num and not a[c].equals(b[c])]
         diff = max(((a[c] - b[c]).abs().max() for c in num), default=float("nan")) if len(a) == len(b) else float("nan")
-        verdict = f"DIFFERENT (max abs diff {diff:.2g} in {', '.join(num) or '-'}; other columns: {', '.join(other) or '-'})"
+        verdict = (
+            f"DIFFERENT (max abs diff {diff:.2g} in {', '.join(num) or '-'}; other columns: {', '.join(other) or '-'})"
+        )
     return verdict + (f" (columns in one only: {', '.join(extra)})" if extra else "")
 
 
@@ -68,7 +70,10 @@ def main() -> int:
     ap.add_argument("--out", default="/tmp/refactor_check")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"))
     args = ap.parse_args()
-    print("| method | values.parquet (every column) | metrics (every column but time) | steps/ rows |\n| --- | --- | --- | --- |")
+    print(
+        "| method | values.parquet (every column) | metrics (every column but time) | steps/ rows |\n| --- | --- | "
+        "--- | --- |"
+    )
     bad = False
     for m in args.methods.split(","):
         runs = []

@@ -26,7 +26,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def blobs(n: int, *, seed: int = 0, classes: int = 3, dim: int = 4, noise: float = 0.0, id_start: int = 0) -> pd.DataFrame:
+def blobs(
+    n: int, *, seed: int = 0, classes: int = 3, dim: int = 4, noise: float = 0.0, id_start: int = 0
+) -> pd.DataFrame:
     """Gaussian blobs, one per class; `noise` flips that fraction of labels (is_noisy/clean_label kept)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, size=n)

@@ -59,7 +59,9 @@ def world(tmp_path_factory):
     blobs(30, seed=1, classes=2).to_parquet(train, index=False)
     blobs(10, seed=2, classes=2, id_start=1000).to_parquet(dev, index=False)
     run = root / "run"
-    code, err = _run(["train", train, "--dev", dev, "--out", run, "--steps", "2", "--batch-size", "4", "--device", "cpu"])
+    code, err = _run(
+        ["train", train, "--dev", dev, "--out", run, "--steps", "2", "--batch-size", "4", "--device", "cpu"]
+    )
     assert code == 0, err
     return {"root": root, "train": train, "dev": dev, "run": run}
 
@@ -150,9 +152,16 @@ def _write_images(case, folder: Path) -> tuple[Path, Path]:
             pd.DataFrame({"id": ids, "label": label, "image": names}).to_parquet(path)
         elif case["layout"] == "struct":
             col = [None if b is None else {"bytes": b, "path": None} for b in images]
-            pq.write_table(pa.table({"id": ids, "label": label,
-                                     "image": pa.array(col, pa.struct([("bytes", pa.binary()), ("path", pa.string())]))}),
-                           path)
+            pq.write_table(
+                pa.table(
+                    {
+                        "id": ids,
+                        "label": label,
+                        "image": pa.array(col, pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                    }
+                ),
+                path,
+            )
         else:
             pq.write_table(pa.table({"id": ids, "label": label, "image": pa.array(images, pa.binary())}), path)
         paths[split] = path
@@ -266,12 +275,17 @@ INSTRUCTION_FAULTS = ["null_task", "null_prompt", "empty_response", "blank_respo
 def instruction_case(draw):
     n = draw(st.integers(2, 8))
     words = st.text(string.ascii_lowercase + " ", min_size=1, max_size=12).filter(lambda s: s.strip())
-    return dict(n=n, prompts=draw(st.lists(words, min_size=n, max_size=n)),
-                responses=draw(st.lists(words, min_size=n, max_size=n)),
-                fault=draw(st.sampled_from(INSTRUCTION_FAULTS)), row=draw(st.integers(0, n - 1)),
-                where=draw(st.sampled_from(["train", "dev"])), fmt=draw(st.sampled_from([".parquet", ".jsonl", ".csv"])),
-                method=draw(st.sampled_from(["lrdi", "hostcp", "mwnet"])),
-                blank=draw(st.sampled_from(["", " ", "\t", "  \n"])))
+    return dict(
+        n=n,
+        prompts=draw(st.lists(words, min_size=n, max_size=n)),
+        responses=draw(st.lists(words, min_size=n, max_size=n)),
+        fault=draw(st.sampled_from(INSTRUCTION_FAULTS)),
+        row=draw(st.integers(0, n - 1)),
+        where=draw(st.sampled_from(["train", "dev"])),
+        fmt=draw(st.sampled_from([".parquet", ".jsonl", ".csv"])),
+        method=draw(st.sampled_from(["lrdi", "hostcp", "mwnet"])),
+        blank=draw(st.sampled_from(["", " ", "\t", "  \n"])),
+    )
 
 
 def _write_instructions(case, folder: Path) -> tuple[Path, Path]:
@@ -413,8 +427,9 @@ def test_own_model_factories(world):
         folder = _case_dir()
         try:
             train, dev = folder / "t.parquet", folder / "d.parquet"
-            blobs(n, seed=seed, classes=classes, dim=dim).assign(label=lambda d: [f"c{i % classes}" for i in range(n)]) \
-                .to_parquet(train, index=False)
+            blobs(n, seed=seed, classes=classes, dim=dim).assign(
+                label=lambda d: [f"c{i % classes}" for i in range(n)]
+            ).to_parquet(train, index=False)
             blobs(classes, seed=seed + 1, classes=classes, dim=dim, id_start=500) \
                 .assign(label=[f"c{i}" for i in range(classes)]).to_parquet(dev, index=False)
             spec = {"unknown_factory": "test_badinput_kinds:nope", "unknown_module": "no_such_module_x:make",
@@ -470,8 +485,16 @@ def test_option_bounds(world):
         kind, command, value = case
         folder = _case_dir()
         try:
-            flag = {"threads": "--threads", "seed": "--seed", "imbalance": "--imbalance", "image_shape": "--image-shape",
-                    "steps": "--steps", "batch": "--batch-size", "lr": "--lr", "max_len": "--max-len"}[kind]
+            flag = {
+                "threads": "--threads",
+                "seed": "--seed",
+                "imbalance": "--imbalance",
+                "image_shape": "--image-shape",
+                "steps": "--steps",
+                "batch": "--batch-size",
+                "lr": "--lr",
+                "max_len": "--max-len",
+            }[kind]
             if command == "bench" and kind == "seed":
                 flag = "--seeds"
             opt = [f"{flag}={value}"]

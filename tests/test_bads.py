@@ -43,7 +43,9 @@ def _context(n=12, m=6, d=3, c=3, model="mlp", seed=0, dtype=torch.float32):
 def _float64_trainer(**overrides):
     """Trainer on a tiny float64 problem with weights spread out (not all at init_weight)."""
     ctx = _context(dtype=DT)
-    cfg = bads.Config(**{"dev_batch_size": 100, "dev_every": 1, "prior_precision": 0.3, "rho_w": 2.0, "beta": 0.4, **overrides})
+    cfg = bads.Config(
+        **{"dev_batch_size": 100, "dev_every": 1, "prior_precision": 0.3, "rho_w": 2.0, "beta": 0.4, **overrides}
+    )
     tr = bads.Trainer(ctx, cfg)
     tr.model.double()
     g = torch.Generator().manual_seed(5)

@@ -47,7 +47,9 @@ def hand_run(tmp_path):
     labels = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 2}
 
     def rows(step, ids, weights):
-        return [{"step": step, "example_id": i, "label": labels[i], "weight": w, "loss": 0.1} for i, w in zip(ids, weights)]
+        return [
+            {"step": step, "example_id": i, "label": labels[i], "weight": w, "loss": 0.1} for i, w in zip(ids, weights)
+        ]
 
     write_steps(run / "steps", 0, rows(1, [0, 3, 5], [1, 1, 1]) + rows(2, [1, 4, 5], [0.5, 0.5, 2]))
     write_steps(run / "steps", 1, rows(3, [0, 1, 2], [None] * 3) + rows(4, [3, 4, 5], [3, 0, 0]))

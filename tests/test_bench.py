@@ -32,7 +32,12 @@ def test_bench_all_quick(tmp_path, capsys):
     assert "## stream (CPU)" in (out / "BENCHMARKS.md").read_text()
 
     epoch = pd.read_csv(out / "epoch.csv")  # timed epochs: every row valued, ceil(N / 64) steps each
-    assert sorted(set(zip(epoch.method, epoch.rows))) == [("dds", 300), ("dds", 1338), ("uniform", 300), ("uniform", 1338)]
+    assert sorted(set(zip(epoch.method, epoch.rows))) == [
+        ("dds", 300),
+        ("dds", 1338),
+        ("uniform", 300),
+        ("uniform", 1338),
+    ]
     assert (epoch.steps == np.ceil(epoch.rows / 64)).all() and (epoch.rows_valued == epoch.rows).all()
     assert (epoch.epoch_s > 0).all() and (epoch.peak_rss_mib > 0).all()
     np.testing.assert_allclose(epoch[epoch.method == "uniform"].ratio_vs_uniform, 1.0)
@@ -58,7 +63,9 @@ def test_bench_all_quick(tmp_path, capsys):
     assert det.auroc.between(0.8, 1).all()
     md = (out / "quality.md").read_text()
     assert "## Acceptance" in md and ("**PASS**" in md or "**FAIL**" in md)
-    row = next(line for line in md.splitlines() if line.startswith("| digits | noise40 | dds | ") and line.count("|") == 8)
+    row = next(
+        line for line in md.splitlines() if line.startswith("| digits | noise40 | dds | ") and line.count("|") == 8
+    )
     cells = [c.strip() for c in row.split("|")[4:7]]  # last step, own best-dev evaluation, uniform-ES
     assert cells == [f"{q.loc['dds', 'test_acc']:.3f}", f"{q.loc['dds', 'test_acc_es']:.3f}",
                      f"{q.loc['uniform', 'test_acc_es']:.3f}"]

@@ -60,7 +60,10 @@ def test_bench_speed_times_only_the_requested_methods(tmp_path):
                                speed.set_index("method").median_step_ms / speed.median_step_ms.iloc[0])
     assert (speed.median_step_ms > 0).all()
     assert not (out / "quality.md").exists() and not (out / "layer.md").exists()
-    assert f"Command: `valuekit bench speed --quick --device cpu -o {out} --methods l2rw`" in (out / "speed.md").read_text()
+    assert (
+        f"Command: `valuekit bench speed --quick --device cpu -o {out} --methods l2rw`"
+        in (out / "speed.md").read_text()
+    )
     assert printed.splitlines()[0] == f"speed: {out / 'speed.md'}"
 
 

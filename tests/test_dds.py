@@ -95,8 +95,9 @@ def test_reinforce_update_matches_hand_gradient(norm, ent):
     ctx = make_ctx(dtype=torch.float64)
     tr = float64_trainer(ctx, reward_norm=norm, reward_scale=0.7, scorer_lr=1e-3, entropy_weight=ent, update_every=1)
     with torch.no_grad():  # a non-uniform scorer so that P_c is not trivial
-        tr.scorer.label.weight.copy_(torch.randn(tr.scorer.label.weight.shape, generator=torch.Generator().manual_seed(5),
-                                                 dtype=torch.float64))
+        tr.scorer.label.weight.copy_(
+            torch.randn(tr.scorer.label.weight.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        )
     b = batch_of(ctx, [0, 1, 2, 3, 4, 5, 6, 7])
     E0 = tr.scorer.label.weight.detach().clone()
     bias0 = tr.scorer.label_bias.weight.detach().clone()
@@ -191,7 +192,14 @@ def run_dds(digits, out, *, steps=12, resume=False, **mcfg):
     tr, dv = digits
     cfg = TrainConfig(method="dds", steps=steps, batch_size=32, hidden=32, eval_every=6, log_every=4,
                       checkpoint_every=4, progress=False)
-    return train(tr, dv, out=out, config=cfg, method_config={"dev_batch_size": 32, "scorer_warmup": 0, "update_every": 1, **mcfg}, resume=resume)
+    return train(
+        tr,
+        dv,
+        out=out,
+        config=cfg,
+        method_config={"dev_batch_size": 32, "scorer_warmup": 0, "update_every": 1, **mcfg},
+        resume=resume,
+    )
 
 
 def test_short_run_logs_rewards_and_weights(digits, tmp_path):

@@ -208,9 +208,28 @@ def test_torchrun_keeps_the_same_best_model_as_one_process_with_the_doubled_batc
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
-    common = [str(digits / "train.parquet"), "--dev", str(digits / "dev.parquet"), "--device", "cpu",
-              "--epochs", "1", "--lr", "0.01", "--eval-every", "3", "--early-stopping", "--patience", "2", "--set", "hidden=32",
-              "--set", "progress=false", "--set", "checkpoint_every=4"]
+    common = [
+        str(digits / "train.parquet"),
+        "--dev",
+        str(digits / "dev.parquet"),
+        "--device",
+        "cpu",
+        "--epochs",
+        "1",
+        "--lr",
+        "0.01",
+        "--eval-every",
+        "3",
+        "--early-stopping",
+        "--patience",
+        "2",
+        "--set",
+        "hidden=32",
+        "--set",
+        "progress=false",
+        "--set",
+        "checkpoint_every=4",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *common, "--batch-size", "32", "--out", str(one)]) == 0
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -291,7 +291,11 @@ def test_defaults_keep_every_row_quietly(scored, tmp_path, capsys):
     got = export.score(scored["table"].to_pandas(), scored["run"])
     assert len(got) == N and "selected" not in got.columns
     summary = export.write_scored(scored["path"], scored["run"], tmp_path / "all.parquet")
-    assert summary.rows_in == summary.rows_out == N and summary.selected is None and pq.read_table(tmp_path / "all.parquet").num_rows == N
+    assert (
+        summary.rows_in == summary.rows_out == N
+        and summary.selected is None
+        and pq.read_table(tmp_path / "all.parquet").num_rows == N
+    )
     assert capsys.readouterr().err == ""
     with pytest.raises(InputError, match=r"^--batch-rows 0: must be an integer >= 1$"):
         export.score(scored["path"], scored["run"], batch_rows=0)
@@ -705,5 +709,7 @@ def test_unknown_table_suffix_is_named(tmp_path):
     run = make_run(tmp_path / "run", [1, 2], [0.1, 0.2])
     for name, shown in (("t.txt", "'.txt'"), ("table", "'(no extension)'")):
         (tmp_path / name).write_text("id\n1\n2\n")
-        with pytest.raises(InputError, match=rf"{name}: score reads \.parquet or \.csv tables, not {re.escape(shown)}$"):
+        with pytest.raises(
+            InputError, match=rf"{name}: score reads \.parquet or \.csv tables, not {re.escape(shown)}$"
+        ):
             valuekit.score(tmp_path / name, run)

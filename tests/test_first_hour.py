@@ -150,7 +150,7 @@ def test_audit_values_on_one_scale_and_no_tied_top_suspects(tables, tmp_path):
     uni = _train(tables, tmp_path / "uni")
     dds = _train(tables, tmp_path / "dds", method="dds", steps=12)
     f = valuekit.audit([uni, dds], predict=False)
-    for name, run in (("uni", uni), ("dds", dds)):
+    for name, _run in (("uni", uni), ("dds", dds)):
         pct = f[f"value_pct_{name}"].to_numpy()
         assert pct.min() == 0.0 and pct.max() == 1.0  # one scale for both methods
         raw = f[f"value_{name}"].to_numpy()

@@ -123,8 +123,14 @@ def run_hostcp(digits, out, *, steps=12, resume=False, batch_size=32, **mcfg):
     tr, dv = digits
     cfg = TrainConfig(method="hostcp", steps=steps, batch_size=batch_size, hidden=32, eval_every=6, log_every=4,
                       checkpoint_every=4, progress=False, lr=3e-3)
-    return train(tr, dv, out=out, config=cfg, method_config={"dev_batch_size": 32, "selector_lr": 1e-2, "update_every": 1, **mcfg},
-                 resume=resume)
+    return train(
+        tr,
+        dv,
+        out=out,
+        config=cfg,
+        method_config={"dev_batch_size": 32, "selector_lr": 1e-2, "update_every": 1, **mcfg},
+        resume=resume,
+    )
 
 
 def test_short_run_logs_weight_and_selected(digits, tmp_path):

@@ -288,7 +288,9 @@ def _token_table(path, ids, rows=8, start=0):
 @pytest.mark.parametrize("bad, where", [(-1, "train"), (20, "train"), (2**40, "train"), (25, "dev"), (1.5, "train")])
 def test_token_ids_outside_the_embedding_are_named_before_training(tmp_path, bad, where):
     good = lambda i: [1 + i % 5, 2, 3]  # noqa: E731
-    _token_table(tmp_path / "train.parquet", (lambda i: [1, 2, bad] if i == 5 else good(i)) if where == "train" else good)
+    _token_table(
+        tmp_path / "train.parquet", (lambda i: [1, 2, bad] if i == 5 else good(i)) if where == "train" else good
+    )
     _token_table(tmp_path / "dev.parquet", (lambda i: [bad, 1, 1] if i == 3 else good(i)) if where == "dev" else good,
                  start=100)
     row, ident = (5, 5) if where == "train" else (3, 103)

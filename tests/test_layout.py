@@ -131,7 +131,10 @@ def test_architecture_page_names_exactly_the_subpackages_that_exist():
 
 
 def test_importing_the_product_pulls_in_no_benchmark_code():
-    code = ("import sys, valuekit, valuekit.api, valuekit.export.scoring, valuekit.analysis.mislabel, valuekit.reporting, "
-            "valuekit.training.loop, valuekit.methods.dds; print(sorted(m for m in sys.modules if m.startswith('valuekit.bench')))")
+    code = (
+        "import sys, valuekit, valuekit.api, valuekit.export.scoring, valuekit.analysis.mislabel, valuekit.reporting, "
+        "valuekit.training.loop, valuekit.methods.dds; print(sorted(m for m in sys.modules if "
+        "m.startswith('valuekit.bench')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

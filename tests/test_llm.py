@@ -187,8 +187,12 @@ def test_prepare_instructions_cli(tmp_path, capsys):
 # ---------------------------------------------------------------- training and export
 
 
-LM_EXTRA = {"uniform": [], "bads": ["--set", "burn_in=0"], "dds": ["--set", "scorer_warmup=0", "--set", "update_every=1"],
-            "multidds": ["--set", "update_every=2"]}
+LM_EXTRA = {
+    "uniform": [],
+    "bads": ["--set", "burn_in=0"],
+    "dds": ["--set", "scorer_warmup=0", "--set", "update_every=1"],
+    "multidds": ["--set", "update_every=2"],
+}
 
 
 @pytest.mark.parametrize("method", list(LM_EXTRA))
@@ -249,7 +253,9 @@ def test_bad_instruction_input_exit_2(tables, tmp_path, capsys):
                                   "--tokenizer", str(tmp_path / "tok")])
     assert "--tokenizer" in err
     for method in ("lrdi", "l2rw", "mwnet", "hostcp"):  # their teacher / selector needs class labels
-        err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", method])
+        err = _bad(
+            tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", method]
+        )
         assert err == (f"valuekit: error: --method {method}: not available for causal-LM instruction tables; use "
                        f"uniform, bads, dds, multidds"), err
     err = _bad(tmp_path, capsys, ["train", str(train), "--dev", str(dev), "--model", f"hf-config:{tmp_path / 'nope'}"])
@@ -363,7 +369,7 @@ def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
     assert got[list(src.columns)].equals(src)  # every input column kept, rows in order
     vals = pd.read_parquet(run / "values.parquet").set_index("example_id")
     assert np.allclose(got.value, vals.loc[got.id, "value"])
-    for task, part in got.groupby("task"):
+    for _task, part in got.groupby("task"):
         assert part.selected.sum() == 6  # half of each task's 12 rows
         kept, dropped = part[part.selected].value, part[~part.selected].value
         assert kept.min() >= dropped.max()  # the top half by value within the task
@@ -373,7 +379,9 @@ def test_score_exports_instruction_set_per_task(tables, tmp_path, capsys):
     assert np.allclose(tasks.set_index("task").mean_value.loc[means.index], means)
     assert (tasks.sort_values("mean_value", ascending=False)["rank"] == [1, 2, 3]).all()
     sub = tmp_path / "sub.parquet"
-    assert main(["score", str(train), "--run", str(run), "-o", str(sub), "--keep-fraction", "0.25", "--subset-only"]) == 0
+    assert (
+        main(["score", str(train), "--run", str(run), "-o", str(sub), "--keep-fraction", "0.25", "--subset-only"]) == 0
+    )
     kept = pd.read_parquet(sub)
     assert len(kept) == 9 and set(kept.id) == set(got.sort_values("value").id.iloc[-9:])
 
@@ -394,14 +402,14 @@ def test_score_per_task_half_by_dds_reward(tables, tmp_path, capsys):
     got = pd.read_parquet(out)
     assert np.allclose(got.value, vals.loc[got.id, "value"], equal_nan=True)  # unseen rows: NaN value
     reward = vals.loc[got.id, "mean_reward"].to_numpy()
-    for task, part in got.groupby("task"):
+    for _task, part in got.groupby("task"):
         assert part.selected.sum() == 6
         kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
         assert not np.isnan(kept).any() or np.isnan(dropped).all()  # a row without a reward only after all with one
         assert np.nanmin(kept) >= np.nanmax(dropped, initial=-np.inf)
     missing = int(vals.mean_reward.isna().sum())
     assert missing == 12  # the rows never in a reward batch
-    warn = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning: --rank-by")]
+    warn = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: --rank-by")]
     assert (warn == [f"warning: --rank-by mean_reward: {missing} of {len(vals)} rows of the run have none (for "
                      "mean_reward: never in a reward batch); they rank last, in row order"]) if missing else not warn
     bad = tmp_path / "bad.parquet"
@@ -531,7 +539,9 @@ needs_peft = pytest.mark.skipif(not (_has("transformers") and _has("peft")), rea
 def _gpt(tmp_path, vocab=259, positions=64):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=positions).save_pretrained(tmp_path / "gpt")
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=vocab, n_positions=positions).save_pretrained(
+        tmp_path / "gpt"
+    )
     return f"hf-config:{tmp_path / 'gpt'}"
 
 
@@ -668,7 +678,9 @@ def test_stream_yes_on_an_instruction_table_gives_the_in_memory_run(tables, tmp_
     train, dev = tables
     vals, asked = {}, []
     load = instructions.load_instructions
-    monkeypatch.setattr(instructions, "load_instructions", lambda *a, **kw: asked.append(kw["stream"]) or load(*a, **kw))
+    monkeypatch.setattr(
+        instructions, "load_instructions", lambda *a, **kw: asked.append(kw["stream"]) or load(*a, **kw)
+    )
     for stream in ("yes", "no"):
         out = tmp_path / f"run-{stream}"
         assert main(["train", str(train), "--dev", str(dev), "--model", "causal-lm", "--method", "bads", "--steps", "5",

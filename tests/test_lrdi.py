@@ -428,7 +428,8 @@ def test_fused_meta_gradient_with_batchnorm_equals_second_order(variant):
 
 
 def _assert_same_meta_gradient(f: dict, a: dict, variant: str, *, rtol: float, atol: float) -> None:
-    """The fused meta-gradient `f` equals the second-order one `a` (teacher grads, or dJ/dε for l2rw), and the dev loss."""
+    """The fused meta-gradient `f` equals the second-order one `a` (teacher grads, or dJ/dε for l2rw), and the dev
+    loss."""
     gf = f["grads"] if variant == "l2rw" else _flat(f["grads"])
     ga = a["grads"] if variant == "l2rw" else _flat(a["grads"])
     assert ga.abs().max() > 1e-4
@@ -448,7 +449,9 @@ def test_final_teacher_weights_are_scored_in_eval_batch_size_chunks(monkeypatch)
     tr = tiny_trainer(Config(), eval_batch_size=3)
     chunks = []
     score_rows = tr.ctx.score_rows
-    monkeypatch.setattr(tr.ctx, "score_rows", lambda fn, *m, **kw: chunks.append(kw["chunk"]) or score_rows(fn, *m, **kw))
+    monkeypatch.setattr(
+        tr.ctx, "score_rows", lambda fn, *m, **kw: chunks.append(kw["chunk"]) or score_rows(fn, *m, **kw)
+    )
     a = tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=0.5)
     b = tr.teacher_weights(tr.ctx.x, tr.ctx.y, progress=0.5, chunk=10)
     assert chunks == [None, 10] and a.shape == (10,)

@@ -174,7 +174,9 @@ def test_batchnorm_residual_dots_match_a_per_example_loop_and_do_not_leak():
     buffers = {k: b.clone() for k, b in model.named_buffers()}
     want = reference_dots(model, x, y, v)
     for method in ("exact", "vmap"):
-        np.testing.assert_allclose(per_example_dots(model, x, y, v, method=method, batch_stats="fixed").numpy(), want, rtol=1e-9, atol=1e-10)
+        np.testing.assert_allclose(
+            per_example_dots(model, x, y, v, method=method, batch_stats="fixed").numpy(), want, rtol=1e-9, atol=1e-10
+        )
     np.testing.assert_allclose(per_example_dots_loop(model, x, y, v).numpy(), want, rtol=1e-9, atol=1e-10)
     # the batch-coupled gradient (through the statistics) differs: the held-fixed choice is not a no-op here
     coupled = torch.func.jvp(lambda p: nn.functional.cross_entropy(
@@ -232,7 +234,9 @@ def test_embedding_layernorm_attention_text_model_dots_match_a_loop():
     v = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     want = reference_dots(model, ids, y, v)
     for method in ("exact", "vmap"):
-        np.testing.assert_allclose(per_example_dots(model, ids, y, v, method=method).numpy(), want, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(
+            per_example_dots(model, ids, y, v, method=method).numpy(), want, rtol=1e-9, atol=1e-11
+        )
 
 
 def test_fused_tape_refuses_batchnorm_and_methods_fall_back_to_exact():
@@ -291,7 +295,9 @@ def png_tables(tmp_path, layout="struct", side=8):
     for name, n, seed, start in (("train", 48, 1, 0), ("dev", 12, 2, 1000)):
         df = image_frame(n, seed=seed, start=start, side=side)
         pngs = [encode_png(np.asarray(p).reshape(side, side)) for p in df.pop("pixels")]
-        arrays[name] = np.stack([np.round(np.asarray(p) * 255) / 255 for p in image_frame(n, seed=seed, side=side).pixels])
+        arrays[name] = np.stack(
+            [np.round(np.asarray(p) * 255) / 255 for p in image_frame(n, seed=seed, side=side).pixels]
+        )
         if layout == "struct":
             col = pa.array([{"bytes": b, "path": None} for b in pngs], IMAGE_STRUCT)
         elif layout == "bytes":
@@ -442,8 +448,11 @@ def _spill_table(tmp_path, rows=23, colour_from=None, broken=None):
     data = [b"not a png" if i == broken else encode_png(im) for i, im in enumerate(imgs)]
     path = tmp_path / "spill.parquet"
     labels = ["a", "b"] * (rows // 2) + ["a"] * (rows % 2)
-    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "label": labels, "image": pa.array(data, pa.binary())}),
-                   path, row_group_size=4)
+    pq.write_table(
+        pa.table({"id": [f"r{i}" for i in range(rows)], "label": labels, "image": pa.array(data, pa.binary())}),
+        path,
+        row_group_size=4,
+    )
     return path, imgs
 
 
@@ -537,7 +546,7 @@ def test_row_stream_prefetches_the_next_batch_without_changing_the_random_stream
     ref, sampler = RandomSampler(48, g_ref), RandomSampler(48, g)
     stream = RowStream(rows, torch.device("cpu"), workers=2)
     try:
-        for step in range(8):  # 16 rows a step: passes end at steps 3 and 6, where a method's draw intervenes
+        for _step in range(8):  # 16 rows a step: passes end at steps 3 and 6, where a method's draw intervenes
             want = ref.next(16)
             idx = sampler.next(16)
             assert torch.equal(idx, want)

@@ -122,7 +122,9 @@ def malformed_tables(draw):
     for j in range(draw(st.integers(0, 3))):
         kind = draw(st.sampled_from(["float", "mixed", "text"]))
         if kind == "float":
-            cols[f"f{j}"] = draw(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=n, max_size=n))
+            cols[f"f{j}"] = draw(
+                st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_size=n, max_size=n)
+            )
         elif kind == "text":
             cols[f"f{j}"] = draw(st.lists(st.text(max_size=2), min_size=n, max_size=n))
         else:

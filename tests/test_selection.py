@@ -325,11 +325,11 @@ def test_quadratic_kkt_and_bruteforce():
         assert np.abs(w - breakpoint_solution(sn, k, lam)).max() < 1e-12
         # generic constrained optimiser on  min lam ||w||^2 - s.w
         res = minimize(
-            lambda v: lam * v @ v - sn @ v,
+            lambda v, lam=lam, sn=sn: lam * v @ v - sn @ v,
             np.full(len(sn), k / len(sn)),
-            jac=lambda v: 2 * lam * v - sn,
+            jac=lambda v, lam=lam, sn=sn: 2 * lam * v - sn,
             bounds=[(0, 1)] * len(sn),
-            constraints=[{"type": "eq", "fun": lambda v: v.sum() - k, "jac": lambda v: np.ones_like(v)}],
+            constraints=[{"type": "eq", "fun": lambda v, k=k: v.sum() - k, "jac": lambda v: np.ones_like(v)}],
             method="SLSQP",
             options={"ftol": 1e-15, "maxiter": 500},
         )

@@ -42,7 +42,9 @@ def test_planted_good_subset_beats_bad_one(noisy, tmp_path):
     assert len(frame) == 2 * 2 * 3
     assert set(frame["selection"]) == {"value", "random", "planted bad"}
     assert frame.groupby(["fraction", "selection"]).size().eq(2).all()
-    assert frame.loc[frame.fraction == 0.3, "size"].eq(48).all() and frame.loc[frame.fraction == 0.5, "size"].eq(80).all()
+    assert (
+        frame.loc[frame.fraction == 0.3, "size"].eq(48).all() and frame.loc[frame.fraction == 0.5, "size"].eq(80).all()
+    )
     assert frame["test_acc"].between(0, 1).all()
     pd.testing.assert_frame_equal(pd.read_parquet(out), frame)
     acc = summarise(frame).set_index(["fraction", "selection"])["mean"]

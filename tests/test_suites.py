@@ -74,7 +74,9 @@ def test_bench_command_takes_suite_names(tmp_path, monkeypatch):
 
     calls = []
     monkeypatch.setattr(suites, "run_suite", lambda name, out, **kw: calls.append((name, kw)) or out / "x.md")
-    args = build_parser().parse_args(["bench", "dds", "--quick", "--seeds", "3", "--device", "cpu", "-o", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["bench", "dds", "--quick", "--seeds", "3", "--device", "cpu", "-o", str(tmp_path)]
+    )
     assert args.func(args) == 0
     (name, kw), = calls
     assert name == "dds" and kw["quick"] and kw["seeds"] == (3,)

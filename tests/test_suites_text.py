@@ -257,7 +257,10 @@ def test_llm_suite_model_config_is_never_seen_half_written(tmp_path):
             except ValueError as exc:
                 bad.append(exc)
 
-    threads = [threading.Thread(target=reader), threading.Thread(target=lambda: [suites_llm.gpt_config(folder) for _ in range(100)])]
+    threads = [
+        threading.Thread(target=reader),
+        threading.Thread(target=lambda: [suites_llm.gpt_config(folder) for _ in range(100)]),
+    ]
     for t in threads:
         t.start()
     for t in threads:

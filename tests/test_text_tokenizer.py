@@ -92,9 +92,32 @@ def test_text_table_with_tokenizer_trains_a_users_text_model(text_tables, tmp_pa
     monkeypatch.syspath_prepend(str(HERE))  # usermodels: the user's own module
     for method in ("uniform", "dds"):
         out = tmp_path / method
-        code, printed, err = cli(["train", t["train"], "--dev", t["dev"], "--tokenizer", t["tok"], "--max-len", "12",
-                                  "--model", "usermodels:text", "--method", method, "--steps", "8", "--batch-size", "16",
-                                  "--device", "cpu", "--set", "progress=false", "--out", out])
+        code, printed, err = cli(
+            [
+                "train",
+                t["train"],
+                "--dev",
+                t["dev"],
+                "--tokenizer",
+                t["tok"],
+                "--max-len",
+                "12",
+                "--model",
+                "usermodels:text",
+                "--method",
+                method,
+                "--steps",
+                "8",
+                "--batch-size",
+                "16",
+                "--device",
+                "cpu",
+                "--set",
+                "progress=false",
+                "--out",
+                out,
+            ]
+        )
         assert code == 0, err
         run = read_run(out)
         assert run.meta["config"]["model"] == "usermodels:text" and run.meta["feature_cols"] == ["text"]
@@ -148,7 +171,10 @@ def test_python_api_tokenizer_folder_or_object_same_run(text_tables, tmp_path, m
     b = valuekit.train(pd.read_parquet(t["train"]), dev=t["dev"], tokenizer=get_tokenizer(str(t["tok"])),
                        out=tmp_path / "b", **kw)
     np.testing.assert_allclose(a.values().value, b.values().value)  # same ids, same seed: the same run
-    assert a.meta["data"]["train"]["text"]["tokenizer"]["path"] == str(t["tok"]) and a.meta["data"]["train"]["text"]["max_len"] == 12
+    assert (
+        a.meta["data"]["train"]["text"]["tokenizer"]["path"] == str(t["tok"])
+        and a.meta["data"]["train"]["text"]["max_len"] == 12
+    )
 
     class Words:  # any object with encode(text) -> ids
         def encode(self, text):

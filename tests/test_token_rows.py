@@ -59,7 +59,9 @@ def test_packed_rows_equal_the_dense_rows_under_every_index():
     assert torch.equal(y[3:9], torch.from_numpy(ref_y[3:9]))
     mask = torch.arange(40) % 3 == 0
     assert torch.equal(x[mask], torch.from_numpy(ref_x[mask.numpy()]))
-    assert torch.equal(x[-1], torch.from_numpy(ref_x[-1])) and torch.equal(y[torch.tensor(7)], torch.from_numpy(ref_y[7]))
+    assert torch.equal(x[-1], torch.from_numpy(ref_x[-1])) and torch.equal(
+        y[torch.tensor(7)], torch.from_numpy(ref_y[7])
+    )
     assert torch.equal(token_lengths(x), token_lengths(torch.from_numpy(ref_x)))
     assert x.to("cpu")[idx].device.type == "cpu" and x.cpu().kind == "x"
 
@@ -90,7 +92,9 @@ def test_a_bad_row_in_a_later_chunk_names_its_id(tmp_path, monkeypatch):
     df = pd.DataFrame({"id": [f"r{i}" for i in range(12)], "prompt": prompts, "response": responses})
     pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "t.parquet", row_group_size=5)
     monkeypatch.setattr(instructions, "CHUNK_ROWS", 2)
-    with pytest.raises(InputError, match=r"t.parquet \(train table\): column 'response' has an empty response at id 'r9'"):
+    with pytest.raises(
+        InputError, match=r"t.parquet \(train table\): column 'response' has an empty response at id 'r9'"
+    ):
         load_instructions(tmp_path / "t.parquet")
     with pytest.raises(InputError, match=r"missing column 'prompt'"):
         df.drop(columns="prompt").to_parquet(tmp_path / "u.parquet")
@@ -139,13 +143,17 @@ def test_streamed_rows_read_the_same_tokens_from_a_file_that_goes_with_the_table
         np.testing.assert_array_equal(ds.x.numpy(), ref_x)
         np.testing.assert_array_equal(ds.y.numpy(), ref_y)
         idx = torch.tensor([29, 3, 4, 5, 3])  # scattered rows, and a contiguous chunk read in one piece
-        assert torch.equal(ds.y[idx], torch.from_numpy(ref_y[idx.numpy()])) and torch.equal(ds.x[7:19], torch.from_numpy(ref_x[7:19]))
+        assert torch.equal(ds.y[idx], torch.from_numpy(ref_y[idx.numpy()])) and torch.equal(
+            ds.x[7:19], torch.from_numpy(ref_x[7:19])
+        )
         assert ds.fingerprint() == kept.fingerprint()
     # memory holds 12 bytes a row; the tokens are in the file
     assert spilled.x.resident_bytes() == 8 * 31 + 4 * 30
     assert kept.x.resident_bytes() == 8 * 31 + 4 * 30 + 4 * (int(token_lengths(kept.x).sum()) + 30)
     path = spilled.x.tokens.path
-    assert os.path.basename(path).startswith("valuekit-tokens-") and os.path.getsize(path) == 4 * (int(token_lengths(kept.x).sum()) + 30)
+    assert os.path.basename(path).startswith("valuekit-tokens-") and os.path.getsize(path) == 4 * (
+        int(token_lengths(kept.x).sum()) + 30
+    )
     del spilled
     gc.collect()
     assert not os.path.exists(path)
@@ -160,7 +168,10 @@ def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
     dev = pd.DataFrame({"id": np.arange(8), "prompt": prompts[:8], "response": responses[:8]})
     runs = {}
     for stream in (False, True):
-        tr, dv = load_instructions(df, max_len=32, stream=stream), load_instructions(dev, max_len=32, name="dev", stream=stream)
+        tr, dv = (
+            load_instructions(df, max_len=32, stream=stream),
+            load_instructions(dev, max_len=32, name="dev", stream=stream),
+        )
         cfg = TrainConfig(method="dds", model="causal-lm", steps=6, batch_size=8, seed=0, device="cpu", progress=False,
                           eval_every=3, checkpoint_every=6)
         runs[stream] = train(tr, dv, out=tmp_path / f"run-{stream}", config=cfg).values()

@@ -111,10 +111,34 @@ def test_data_prepare_mnist5k_array_and_png(mnist5k):
 
 def test_model_cnn_from_the_cli_values_every_row(mnist5k, tmp_path):
     data = mnist5k / "array"
-    code, out, err = cli(["train", data / "train.parquet", "--dev", data / "dev.parquet", "--test", data / "test.parquet",
-                          "--method", "dds", "--model", "cnn", "--steps", "10", "--batch-size", "32", "--device", "cpu",
-                          "--set", "progress=false", "--set", "eval_every=5", "--set", "scorer_warmup=2",
-                          "--out", tmp_path / "run"])
+    code, out, err = cli(
+        [
+            "train",
+            data / "train.parquet",
+            "--dev",
+            data / "dev.parquet",
+            "--test",
+            data / "test.parquet",
+            "--method",
+            "dds",
+            "--model",
+            "cnn",
+            "--steps",
+            "10",
+            "--batch-size",
+            "32",
+            "--device",
+            "cpu",
+            "--set",
+            "progress=false",
+            "--set",
+            "eval_every=5",
+            "--set",
+            "scorer_warmup=2",
+            "--out",
+            tmp_path / "run",
+        ]
+    )
     assert code == 0, err
     run = read_run(tmp_path / "run")
     assert run.meta["config"]["model"] == "cnn" and run.meta["image_shape"] == [1, 28, 28]

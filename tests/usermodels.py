@@ -22,7 +22,9 @@ class TinyResNet(nn.Module):
 
     def __init__(self, num_classes: int, channels: int = 1, width: int = 8):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         self.block = Residual(width)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.BatchNorm1d(width))
         self.fc = nn.Linear(width, num_classes)

@@ -30,10 +30,28 @@ def _table(source, name: str, like=None, table_kw: dict | None = None):
     return load_table(source, name=name, like=like, **kw)
 
 
-def train(train, dev=None, test=None, *, out, model=None, method: str | None = None, steps: int | None = None,
-          device: str | None = None, config: TrainConfig | None = None, method_config: dict | None = None,
-          resume: bool = False, overwrite: bool = False, hooks: list | None = None, name: str | None = None, table_kw: dict | None = None,
-          tokenizer=None, text_col: str = "text", max_len: int = 256, **settings):
+def train(
+    train,
+    dev=None,
+    test=None,
+    *,
+    out,
+    model=None,
+    method: str | None = None,
+    steps: int | None = None,
+    device: str | None = None,
+    config: TrainConfig | None = None,
+    method_config: dict | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    hooks: list | None = None,
+    name: str | None = None,
+    table_kw: dict | None = None,
+    tokenizer=None,
+    text_col: str = "text",
+    max_len: int = 256,
+    **settings,
+):
     """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
     return the opened Run (valuekit.runs.reader.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
     `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
@@ -47,10 +65,15 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
 
     for arg, value in (("train", train), ("dev", dev)):
         if value is None:
-            raise InputError(f"valuekit.train: {arg} is None; give a table (a path, a DataFrame or a ValueDataset)"
-                             + (" (dev=...: the small trusted dev table)" if arg == "dev" else "")
-                             + ("; early_stopping chooses the model by it" if arg == "dev" and settings.get("early_stopping")
-                                else ""))
+            raise InputError(
+                f"valuekit.train: {arg} is None; give a table (a path, a DataFrame or a ValueDataset)"
+                + (" (dev=...: the small trusted dev table)" if arg == "dev" else "")
+                + (
+                    "; early_stopping chooses the model by it"
+                    if arg == "dev" and settings.get("early_stopping")
+                    else ""
+                )
+            )
     if steps is not None and settings.get("epochs") is not None:
         raise InputError(f"valuekit.train: steps={steps} and epochs={settings['epochs']}: give one of them")
     config = config or TrainConfig()
@@ -63,8 +86,10 @@ def train(train, dev=None, test=None, *, out, model=None, method: str | None = N
     extra = {k: v for k, v in settings.items() if k not in loop_fields}
     unknown = sorted(set(extra) - method_fields)
     if unknown:
-        raise InputError(f"valuekit.train: unknown setting {unknown[0]!r} (loop settings: {', '.join(sorted(loop_fields))}; "
-                         f"{config.method} settings: {', '.join(sorted(method_fields)) or '(none)'})")
+        raise InputError(
+            f"valuekit.train: unknown setting {unknown[0]!r} (loop settings: {', '.join(sorted(loop_fields))}; "
+            f"{config.method} settings: {', '.join(sorted(method_fields)) or '(none)'})"
+        )
     if dataclasses.is_dataclass(method_config):  # a method Config instance (the older form)
         method_config = dataclasses.replace(method_config, **extra) if extra else method_config
     else:

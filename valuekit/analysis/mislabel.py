@@ -397,10 +397,18 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
             "is_label_issue", "rank", *value_cols, *[f"weight_{n}" for n in names]]
     cols += [c for c in frame.columns if c not in cols]
     frame = frame[cols].sort_values("rank", ignore_index=True)
-    frame.attrs.update({
-        "runs": [str(r.path) for r in runs], "run_names": names, "methods": [r.method for r in runs],
-        "flag_rule": rule, "cv_stand_in": stand_in, "predict_note": predict_note, "baselines_skipped": skipped, "classes": classes,
-    })
+    frame.attrs.update(
+        {
+            "runs": [str(r.path) for r in runs],
+            "run_names": names,
+            "methods": [r.method for r in runs],
+            "flag_rule": rule,
+            "cv_stand_in": stand_in,
+            "predict_note": predict_note,
+            "baselines_skipped": skipped,
+            "classes": classes,
+        }
+    )
     return frame
 
 

@@ -109,8 +109,16 @@ def source_rewards(run, *, max_points: int | None = None) -> pd.DataFrame:
             b = np.arange(len(g)) * min(max_points, len(g)) // len(g)
             agg = g.assign(bin=b, se2=g["reward_se"] ** 2).groupby("bin").agg(
                 step=("step", "max"), reward=("reward", "mean"), se2=("se2", "sum"), n=("reward", "size"))
-            parts.append(pd.DataFrame({"step": agg["step"].to_numpy(), "source": src, "reward": agg["reward"].to_numpy(),
-                                       "reward_se": np.sqrt(agg["se2"].to_numpy()) / agg["n"].to_numpy()}))
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "step": agg["step"].to_numpy(),
+                        "source": src,
+                        "reward": agg["reward"].to_numpy(),
+                        "reward_se": np.sqrt(agg["se2"].to_numpy()) / agg["n"].to_numpy(),
+                    }
+                )
+            )
         frame = pd.concat(parts, ignore_index=True)
     frame["step"] = frame["step"].astype("int64")
     return frame[cols].sort_values(["step", "source"], ignore_index=True)

@@ -147,9 +147,16 @@ def synthetic_step_log(run_dir: Path, *, rows: int, n: int = 20000, batch: int =
         m = len(s) * batch
         ex = rng.integers(0, n, m)
         w = np.where(noisy[ex], 0.5, 1.2) + rng.normal(0, 0.2, m)
-        cols = [pa.array(np.repeat(s + 1, batch)), pa.array(ex), pa.array(labels[ex].astype(np.int32)),
-                pa.nulls(m, pa.string()), pa.array(w.astype(np.float32)), pa.array(rng.normal(size=m).astype(np.float32)),
-                pa.array(rng.exponential(size=m).astype(np.float32)), pa.nulls(m, pa.bool_())]
+        cols = [
+            pa.array(np.repeat(s + 1, batch)),
+            pa.array(ex),
+            pa.array(labels[ex].astype(np.int32)),
+            pa.nulls(m, pa.string()),
+            pa.array(w.astype(np.float32)),
+            pa.array(rng.normal(size=m).astype(np.float32)),
+            pa.array(rng.exponential(size=m).astype(np.float32)),
+            pa.nulls(m, pa.bool_()),
+        ]
         t = pa.Table.from_arrays(cols, schema=steps_schema("int64").with_metadata(meta))
         pq.write_table(t, run_dir / "steps" / f"part-{part:05d}.parquet")
     ms = np.arange(1, steps + 1)
@@ -274,10 +281,18 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
                 if kind == "log":
                     shares.append(meter.cpu_s() / times[kind][-1])
     on, off = float(np.min(times["log"])), float(np.min(times["nolog"]))
-    out = {"steps": steps, "with_log_s": on, "without_log_s": off, "overhead": on / off - 1.0,
-           "with_log_median_s": float(np.median(times["log"])), "without_log_median_s": float(np.median(times["nolog"])),
-           "log_cpu_share": float(np.median(shares)), "repeats": repeats,
-           "runs_s": times, "all": {k: [round(t, 3) for t in v] for k, v in times.items()}}
+    out = {
+        "steps": steps,
+        "with_log_s": on,
+        "without_log_s": off,
+        "overhead": on / off - 1.0,
+        "with_log_median_s": float(np.median(times["log"])),
+        "without_log_median_s": float(np.median(times["nolog"])),
+        "log_cpu_share": float(np.median(shares)),
+        "repeats": repeats,
+        "runs_s": times,
+        "all": {k: [round(t, 3) for t in v] for k, v in times.items()},
+    }
     out["overhead_median"] = out["with_log_median_s"] / out["without_log_median_s"] - 1.0
     out["overhead_paired"] = float(np.median(np.divide(times["log"], times["nolog"]))) - 1.0
     out["cpu_overhead_paired"] = float(np.median(np.divide(cpu["log"], cpu["nolog"]))) - 1.0

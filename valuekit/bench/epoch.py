@@ -103,8 +103,12 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                               else c)
     uni = frame[frame.method == "uniform"].set_index("rows").epoch_s
     frame["ratio_vs_uniform"] = frame.epoch_s / frame.rows.map(uni)
-    lines = header("Epoch: time per epoch and peak memory vs N (one timed epoch per method, a user's BatchNorm "
-                    "ResNet on PNG bytes)", command, device) + [
+    lines = header(
+        "Epoch: time per epoch and peak memory vs N (one timed epoch per method, a user's BatchNorm "
+        "ResNet on PNG bytes)",
+        command,
+        device,
+    ) + [
         f"Data: {described}. Model: `valuekit.bench.common.small_resnet` as a user's factory (BatchNorm residual",
         f"blocks, linear head); batch {batch_size}; rows streamed (PNG decoded in each step); one thread per process.",
         "",
@@ -113,8 +117,11 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "values of every row (streamed scoring). `epoch` = wall time of that `train()` call (timed, not derived);",
         "`steps/s` = steps / the sum of the loop's step times; peak RSS = the child's VmHWM. Measurements are",
         f"appended to `{RECORDS}` (date and 1-minute load average before each) and a later call skips them.",
-        "", "Time per epoch and peak memory vs N:", "",
-        "| method | N | steps | epoch (min) | ratio vs uniform | steps/s | median step (s) | peak RSS (MiB) | rows valued | load before |",
+        "",
+        "Time per epoch and peak memory vs N:",
+        "",
+        "| method | N | steps | epoch (min) | ratio vs uniform | steps/s | median step (s) | peak RSS (MiB) | rows "
+        "valued | load before |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in frame.itertuples():

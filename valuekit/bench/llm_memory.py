@@ -87,21 +87,50 @@ def run_llm_memory(out: Path, *, command: str, device: str = "cpu", quick: bool 
             instruction_rows_file(folder, n)
             for method in methods:
                 for layout in LAYOUTS:
-                    rows.append(run_child("valuekit.bench.llm_memory", "llm_memory_child",
-                                          (str(folder), model, method, n, steps, layout), f"llm-memory {layout} {method} {n}"))
+                    rows.append(
+                        run_child(
+                            "valuekit.bench.llm_memory",
+                            "llm_memory_child",
+                            (str(folder), model, method, n, steps, layout),
+                            f"llm-memory {layout} {method} {n}",
+                        )
+                    )
         base = len(pd.read_parquet(folder / "train.parquet", columns=["id"]))
     frame = pd.DataFrame(rows)
     lo, hi = min(sizes), max(sizes)
     lines = header("Causal-LM runs: peak resident memory against the number of instruction rows", command, device) + [
-        f"Data: the prepared instruction set ({DATA}; {base:,} training rows) repeated to N rows with fresh ids. Model: "
+        f"Data: the prepared instruction set ({DATA}; {base:,} training rows) repeated to N rows with fresh ids. "
+        f"Model: "
         f"`bench llm`'s GPT-2 (`hf-config:`, random weights), --max-len {MAX_LEN}, batch {BATCH}, {steps} steps, one "
         "child process (one thread) per line below; peak = the child's VmHWM; table = the memory of the loaded rows' "
-        "token ids in memory; per-row state = the method's per-row statistics.", ""]
-    lines += md_table(["layout", "method", "N", "table (MiB)", "RSS after load (MiB)", "peak RSS (MiB)", "per-row state (MiB)",
-                       "rows valued"],
-                      [[r.layout, r.method, f"{r.rows:,}", f"{r.table_mib:.1f}", f"{r.rss_after_load_mib:.0f}",
-                        f"{r.peak_rss_mib:.0f}", f"{r.per_row_state_mib:.2f}", f"{r.values_rows:,}"]
-                       for r in frame.itertuples()]) + [""]
+        "token ids in memory; per-row state = the method's per-row statistics.",
+        "",
+    ]
+    lines += md_table(
+        [
+            "layout",
+            "method",
+            "N",
+            "table (MiB)",
+            "RSS after load (MiB)",
+            "peak RSS (MiB)",
+            "per-row state (MiB)",
+            "rows valued",
+        ],
+        [
+            [
+                r.layout,
+                r.method,
+                f"{r.rows:,}",
+                f"{r.table_mib:.1f}",
+                f"{r.rss_after_load_mib:.0f}",
+                f"{r.peak_rss_mib:.0f}",
+                f"{r.per_row_state_mib:.2f}",
+                f"{r.values_rows:,}",
+            ]
+            for r in frame.itertuples()
+        ],
+    ) + [""]
     growth = []
     for (layout, method), g in frame.groupby(["layout", "method"], sort=False):
         a, b = g[g.rows == lo].iloc[0], g[g.rows == hi].iloc[0]

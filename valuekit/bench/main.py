@@ -49,7 +49,9 @@ def bench_scale(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "getrusage of the children). Report target: <= 20 s and <= 1.5 GB on 10M step rows.", "",
         "| what | size | seconds | peak RSS (MiB) | note |", "| --- | --- | --- | --- | --- |",
     ]
-    lines += [f"| {r['what']} | {r['size']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | {r['note']} |" for r in rows]
+    lines += [
+        f"| {r['what']} | {r['size']} | {r['seconds']:.2f} | {r['peak_rss_mib']:.0f} | {r['note']} |" for r in rows
+    ]
     return write(out, stem("scale", device), lines, frame)
 
 
@@ -62,7 +64,9 @@ def _synthetic_wide_table(path: Path, rows: int, *, cols: int, chunk: int = 500_
     with pq.ParquetWriter(path, schema) as w:
         for s in range(0, rows, chunk):
             m = min(chunk, rows - s)
-            arrays = [pa.array(np.arange(s, s + m))] + [pa.array(rng.random(m, dtype=np.float32)) for _ in range(cols - 1)]
+            arrays = [pa.array(np.arange(s, s + m))] + [
+                pa.array(rng.random(m, dtype=np.float32)) for _ in range(cols - 1)
+            ]
             w.write_table(pa.Table.from_arrays(arrays, schema=schema))
 
 
@@ -167,7 +171,12 @@ def write_index(out: Path) -> Path:
             md = out / f"{kind}{suffix}.md"
             if md.exists():
                 body = md.read_text().splitlines()
-                lines += [f"## {kind} ({title})", "", *[f"#{line}" if line.startswith("#") else line for line in body[1:]], ""]
+                lines += [
+                    f"## {kind} ({title})",
+                    "",
+                    *[f"#{line}" if line.startswith("#") else line for line in body[1:]],
+                    "",
+                ]
     if not any((out / f"{k}-gpu.md").exists() for k in KINDS):
         lines += ["## GPU", "", "No GPU results yet: `valuekit bench all --device cuda -o reports/` on a CUDA machine",
                   "writes them (this project's CI has no GPU).", ""]

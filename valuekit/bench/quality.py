@@ -254,9 +254,19 @@ def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | N
         g = n40.groupby(["dataset", "method"]).agg(top=("acc_top50", "mean"), rnd=("acc_random50", "mean"),
                                                    share=("min_share_top50", "min"))
         bad = g[(g.top - g.rnd < 0.03) | (g.share < 0.5)]
-        out.append(("top 50 % by value beats random 50 % by >= 3 points at 40 % flips and keeps every class >= half "
-                    "its share", bad.empty, "all hold" if bad.empty else "fails: " + "; ".join(
-                        f"{d}/{m} +{100 * (r.top - r.rnd):.1f} pts, min share {r.share:.2f}" for (d, m), r in bad.iterrows())))
+        out.append(
+            (
+                "top 50 % by value beats random 50 % by >= 3 points at 40 % flips and keeps every class >= half "
+                "its share",
+                bad.empty,
+                "all hold"
+                if bad.empty
+                else "fails: "
+                + "; ".join(
+                    f"{d}/{m} +{100 * (r.top - r.rnd):.1f} pts, min share {r.share:.2f}" for (d, m), r in bad.iterrows()
+                ),
+            )
+        )
     lr = frame[frame.method == "lrdi"]
     if len(lr):
         g = lr.groupby(["dataset", "setting"]).agg(sd=("test_acc", "std"), ess=("median_ess", "median"))
@@ -283,10 +293,18 @@ def criteria(frame: pd.DataFrame, det: pd.DataFrame) -> list[tuple[str, bool | N
         # the failing methods' own accuracy at their best dev evaluation (the same early stopping uniform got)
         g_es = frame[frame.setting == "noise40"].groupby(["dataset", "method"]).test_acc_es.mean()
         also = "; ".join(f"{d}/{m} {g_es[(d, m)]:.3f}" for d, m, _, _ in bad)
-        out.append(("every reweighting method beats early-stopped uniform test accuracy at 40 % flips", not bad,
-                    "all hold" if not bad else "fails: " + "; ".join(f"{d}/{m} {a:.3f} vs {e:.3f}" for d, m, a, e in bad)
-                    + f" (final model vs uniform's best-dev evaluation; the failing methods early-stopped on dev the "
-                    f"same way reach: {also})"))
+        out.append(
+            (
+                "every reweighting method beats early-stopped uniform test accuracy at 40 % flips",
+                not bad,
+                "all hold"
+                if not bad
+                else "fails: "
+                + "; ".join(f"{d}/{m} {a:.3f} vs {e:.3f}" for d, m, a, e in bad)
+                + f" (final model vs uniform's best-dev evaluation; the failing methods early-stopped on dev the "
+                f"same way reach: {also})",
+            )
+        )
     return out
 
 
@@ -329,7 +347,9 @@ def candidates_table(cands: pd.DataFrame) -> list[str]:
         return []
     g = cands.groupby(["method", "candidate"], sort=False).auroc.agg(["mean", "min", "size"]).reset_index()
     lines = ["| method | candidate value | mean AUROC | worst cell | cells |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r.method} | {r.candidate} | {r['mean']:.3f} | {r['min']:.3f} | {r['size']} |" for _, r in g.iterrows()]
+    lines += [
+        f"| {r.method} | {r.candidate} | {r['mean']:.3f} | {r['min']:.3f} | {r['size']} |" for _, r in g.iterrows()
+    ]
     return lines
 
 
@@ -366,7 +386,8 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
     from valuekit.bench.common import write
 
     lines = header + [
-        f"Each cell: mean ± std over seeds {[int(s) for s in seeds]} of `valuekit data prepare DATASET --noise F` (fashion-mnist:",
+        f"Each cell: mean ± std over seeds {[int(s) for s in seeds]} of `valuekit data prepare DATASET --noise F` "
+        f"(fashion-mnist:",
         f"3,000 training rows, 5 % test), MLP, {steps} steps of batch 64, default method settings, dev/test evaluated",
         "every 100 steps. AUROC and F1@k (k = number of flipped rows) rank rows by the score (low = suspect) against",
         "the hidden `is_noisy`. `-mean loss` and `aum` are columns of the *same run's* values.parquet",
@@ -374,8 +395,10 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
         "Subset test: logistic regression (scikit-learn, standardised features) on the top 50 % of rows by `value`",
         "(global, and stratified by class) vs a random 50 % and all rows; test accuracy. `min share`: smallest",
         "(class share among kept rows) / (class share among all rows). `uniform-ES`: uniform's test accuracy at the",
-        "evaluation with the best dev accuracy (early stopping on the dev set).", "",
-        "## Acceptance criteria, computed from the tables below", "",
+        "evaluation with the best dev accuracy (early stopping on the dev set).",
+        "",
+        "## Acceptance criteria, computed from the tables below",
+        "",
     ]
     for crit, ok, ev in criteria(frame, det):
         verdict = "NOT MEASURED (needs more seeds)" if ok is None else "PASS" if ok else "FAIL"
@@ -396,9 +419,11 @@ def write_report(out: Path, frame: pd.DataFrame, det: pd.DataFrame, *, header: l
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in s.itertuples(index=False):
             lname = f" ({LEARNED[r.method]})" if r.method in LEARNED else ""
-            lines.append(f"| {r.dataset} | {r.setting} | {r.method} | {_pm(r.auroc, r.auroc_sd)} | {_pm(r.loss, np.nan)} | "
-                         f"{_pm(r.aum, np.nan)} | {_pm(r.learned, np.nan)}{lname} | {_pm(r.rho, np.nan, 2)} | "
-                         f"{_pm(r.f1, np.nan)} | {_pm(r.acc, r.acc_sd)} | {r.sec:.0f} |")
+            lines.append(
+                f"| {r.dataset} | {r.setting} | {r.method} | {_pm(r.auroc, r.auroc_sd)} | {_pm(r.loss, np.nan)} | "
+                f"{_pm(r.aum, np.nan)} | {_pm(r.learned, np.nan)}{lname} | {_pm(r.rho, np.nan, 2)} | "
+                f"{_pm(r.f1, np.nan)} | {_pm(r.acc, r.acc_sd)} | {r.sec:.0f} |"
+            )
     s = (frame.groupby(["dataset", "setting", "method"], sort=False)
          .agg(top=("acc_top50", "mean"), top_pc=("acc_top50_pc", "mean"), rnd=("acc_random50", "mean"),
               all_=("acc_all", "mean"), share=("min_share_top50", "min"), share_pc=("min_share_top50_pc", "min"))

@@ -55,7 +55,9 @@ def _tables(r, data, dev, test):
     dev = dev if dev is not None else _sibling(train_path, "dev")
     test = test if test is not None else _sibling(train_path, "test")
     if dev is None or test is None:
-        raise InputError("subset_value: pass dev= and test= tables (no dev.parquet/test.parquet next to the training table)")
+        raise InputError(
+            "subset_value: pass dev= and test= tables (no dev.parquet/test.parquet next to the training table)"
+        )
     return data, dev, test
 
 

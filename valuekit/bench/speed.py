@@ -245,7 +245,11 @@ def _speed_rows(tables: dict, *, models, methods, data_dir, quick: bool, reps: i
             steps, warmup = 12, 3
         else:
             steps, warmup = (RESNET_STEPS, 2) if side != 8 else (TOY_STEPS, 5)
-        before = [] if quick else [BEFORE[m] for m in methods if m in BEFORE and (side == 8 or m in ("lrdi", "multidds", "bads"))]
+        before = (
+            []
+            if quick
+            else [BEFORE[m] for m in methods if m in BEFORE and (side == 8 or m in ("lrdi", "multidds", "bads"))]
+        )
         times, parts = step_times(tr, dv, methods=["uniform", *methods, *before], model=model, batch_size=batch_size,
                                   steps=steps, warmup=warmup, device=device, reps=reps, breakdown=True)
         rep_med = {m: np.median(t, axis=1) for m, t in times.items()}  # (reps,)
@@ -254,16 +258,26 @@ def _speed_rows(tables: dict, *, models, methods, data_dir, quick: bool, reps: i
         for m, t in times.items():
             med = float(np.median(rep_med[m]))
             rep_ratio = rep_med[m] / rep_med["uniform"]
-            rows.append({
-                "model": model, "batch": batch_size, "method": m, "median_step_ms": 1e3 * med,
-                "p90_step_ms": 1e3 * float(np.quantile(t, 0.9)), "ratio_vs_uniform": med / base,
-                "ratio_min": float(rep_ratio.min()), "ratio_max": float(rep_ratio.max()),
-                "mean_step_ms": 1e3 * float(np.mean(t)), "mean_ratio_vs_uniform": float(np.mean(t)) / base_mean,
-                "steps_per_s": 1.0 / med, "steps_timed": int(t.size), "reps": reps,
-                "peak_mem_mib": float("nan") if quick or not memory or "[" in m or side != 8 else _peak_memory(m, model, batch_size,
-                                                                                      10 if side != 8 else 30,
-                                                                                      device, data_dir, side),
-            })
+            rows.append(
+                {
+                    "model": model,
+                    "batch": batch_size,
+                    "method": m,
+                    "median_step_ms": 1e3 * med,
+                    "p90_step_ms": 1e3 * float(np.quantile(t, 0.9)),
+                    "ratio_vs_uniform": med / base,
+                    "ratio_min": float(rep_ratio.min()),
+                    "ratio_max": float(rep_ratio.max()),
+                    "mean_step_ms": 1e3 * float(np.mean(t)),
+                    "mean_ratio_vs_uniform": float(np.mean(t)) / base_mean,
+                    "steps_per_s": 1.0 / med,
+                    "steps_timed": int(t.size),
+                    "reps": reps,
+                    "peak_mem_mib": float("nan")
+                    if quick or not memory or "[" in m or side != 8
+                    else _peak_memory(m, model, batch_size, 10 if side != 8 else 30, device, data_dir, side),
+                }
+            )
             meta = 1e3 * float(np.median(parts[m]["meta"]))
             reward = 1e3 * float(np.median(parts[m]["reward"]))
             logging = 1e3 * float(np.median(parts[m]["logging"]))
@@ -281,7 +295,8 @@ def _speed_intro(command: str, device: str, *, quick: bool, reps: int, load_befo
     mem_kind = "CUDA max allocated" if device.startswith("cuda") else "peak RSS of a child process (1 thread)"
     return header("Speed: step time of each method relative to uniform", command, device) + [
         f"Load average (1 min) of the machine: {load_before:.1f} before, {load_after:.1f} after the step timings "
-        f"(other processes share these cores, so absolute times are noisy; ratios are interleaved).", "",
+        f"(other processes share these cores, so absolute times are noisy; ratios are interleaved).",
+        "",
         "Data: bundled digits-noisy20 (1,338 rows, 8x8) with 3 sources; mlp and cnn at batch 64 on 8x8, resnet",
         "(a small residual CNN with BatchNorm, `valuekit.models.builtin.resnet_body`, random init) at batch 128 on the",
         f"same images resized to 28x28. {reps} repetition(s) of interleaved timed steps per model (mlp/cnn: "
@@ -292,7 +307,9 @@ def _speed_intro(command: str, device: str, *, quick: bool, reps: int, load_befo
         f"`memory=False`, the default, skips it: one child process per method costs minutes on a loaded machine).",
         "Mean-step ratio = the mean of all timed steps / uniform's: what a run pays, scorer-update steps included",
         "(the issue's targets are stated on the median).",
-        "", "| model | method | median step (ms) | ratio vs uniform | ratio min-max | p90 (ms) | steps/s | peak memory (MiB) | mean-step ratio |",
+        "",
+        "| model | method | median step (ms) | ratio vs uniform | ratio min-max | p90 (ms) | steps/s | peak memory "
+        "(MiB) | mean-step ratio |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -304,32 +321,45 @@ def _speed_tables(rows: list[dict], breakdown_rows: list[dict], log: dict) -> li
         lines.append(f"| {r['model']} | {r['method']} | {r['median_step_ms']:.2f} | {r['ratio_vs_uniform']:.2f}x | "
                      f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f} | {r['p90_step_ms']:.2f} | {r['steps_per_s']:.0f} | "
                      f"{r['peak_mem_mib']:.0f} | {r['mean_ratio_vs_uniform']:.2f}x |")
-    lines += ["", "### Breakdown (median ms per step)", "",
-              "meta = the method's meta/scorer/teacher work (dds: scorer forward + its optimizer step; hostcp: look-ahead",
-              "meta-gradient + selector step; lrdi/mwnet/l2rw: the meta-gradient (virtual step, dev loss, backward to",
-              "the teacher, which includes the one student forward they share with the real step) + teacher step;",
-              "multidds: scorer update); reward = per-example/per-source reward work (dds: fused dots; hostcp: selector",
-              "+ convex subset layer; multidds: per-source gradients, which also give the model's gradient); model and",
-              "rest = step - meta - reward; logging = the loop's per-step log work for that step (numpy copies + handing",
-              "the arrays to the background part writer), timed after the step.", "",
-              "| model | method | step | model and rest | meta | reward | logging | logging % of step |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "### Breakdown (median ms per step)",
+        "",
+        "meta = the method's meta/scorer/teacher work (dds: scorer forward + its optimizer step; hostcp: look-ahead",
+        "meta-gradient + selector step; lrdi/mwnet/l2rw: the meta-gradient (virtual step, dev loss, backward to",
+        "the teacher, which includes the one student forward they share with the real step) + teacher step;",
+        "multidds: scorer update); reward = per-example/per-source reward work (dds: fused dots; hostcp: selector",
+        "+ convex subset layer; multidds: per-source gradients, which also give the model's gradient); model and",
+        "rest = step - meta - reward; logging = the loop's per-step log work for that step (numpy copies + handing",
+        "the arrays to the background part writer), timed after the step.",
+        "",
+        "| model | method | step | model and rest | meta | reward | logging | logging % of step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for b in breakdown_rows:
         lines.append(f"| {b['model']} | {b['method']} | {b['step_ms']:.2f} | {b['model_and_rest_ms']:.2f} | "
                      f"{b['meta_ms']:.2f} | {b['reward_ms']:.2f} | {b['logging_ms']:.3f} | "
                      f"{b['logging_pct_of_step']:.1f} % |")
-    lines += ["", "### Per-example step log", "",
-              f"Whole uniform runs (`valuekit.training.loop.train`, mlp, batch 64, {log['steps']} steps, "
-              f"{log['repeats']} interleaved repeats): the median of each repeat's logged / unlogged wall time "
-              f"(the two runs back to back) **{100 * log['overhead_paired']:.1f} %**, of their process CPU time "
-              f"{100 * log['cpu_overhead_paired']:.1f} %; fastest run with the step log {log['with_log_s']:.2f} s, "
-              f"without {log['without_log_s']:.2f} s: {100 * log['overhead']:.1f} % (medians "
-              f"{log['with_log_median_s']:.2f} / {log['without_log_median_s']:.2f} s: "
-              f"{100 * log['overhead_median']:.1f} %)"
-              + (f"; with the old synchronous writer {log['with_sync_log_s']:.2f} s ({100 * log['sync_overhead']:.1f} %)"
-                 if "sync_overhead" in log else "") + ". The step log's own CPU time (the loop's `add` calls and "
-              f"the writer thread, `time.thread_time`) is {100 * log['log_cpu_share']:.1f} % of a logged run's wall "
-              f"time (median). All runs (s): {log['all']}."]
+    lines += [
+        "",
+        "### Per-example step log",
+        "",
+        f"Whole uniform runs (`valuekit.training.loop.train`, mlp, batch 64, {log['steps']} steps, "
+        f"{log['repeats']} interleaved repeats): the median of each repeat's logged / unlogged wall time "
+        f"(the two runs back to back) **{100 * log['overhead_paired']:.1f} %**, of their process CPU time "
+        f"{100 * log['cpu_overhead_paired']:.1f} %; fastest run with the step log {log['with_log_s']:.2f} s, "
+        f"without {log['without_log_s']:.2f} s: {100 * log['overhead']:.1f} % (medians "
+        f"{log['with_log_median_s']:.2f} / {log['without_log_median_s']:.2f} s: "
+        f"{100 * log['overhead_median']:.1f} %)"
+        + (
+            f"; with the old synchronous writer {log['with_sync_log_s']:.2f} s ({100 * log['sync_overhead']:.1f} %)"
+            if "sync_overhead" in log
+            else ""
+        )
+        + ". The step log's own CPU time (the loop's `add` calls and "
+        f"the writer thread, `time.thread_time`) is {100 * log['log_cpu_share']:.1f} % of a logged run's wall "
+        f"time (median). All runs (s): {log['all']}.",
+    ]
     return lines
 
 
@@ -343,12 +373,16 @@ def _speed_checks(frame: pd.DataFrame, log: dict, layer: list[dict]) -> list[dic
             checks.append({"target": f"{model} {m} <= {limit}x uniform", "measured": f"{r.ratio_vs_uniform:.2f}x "
                            f"(reps {r.ratio_min:.2f}-{r.ratio_max:.2f}; mean step {r.mean_ratio_vs_uniform:.2f}x)",
                            "result": "pass" if r.ratio_vs_uniform <= limit else "FAIL"})
-    checks.append({"target": "per-example step log <= 3 % of a uniform run (mlp)",
-                   "measured": f"{100 * log['overhead_paired']:.1f} % (median of {log['repeats']} back-to-back pairs; "
-                               f"fastest runs {100 * log['overhead']:.1f} %, medians {100 * log['overhead_median']:.1f} %, "
-                               f"process CPU time {100 * log['cpu_overhead_paired']:.1f} %; own CPU "
-                               f"{100 * log['log_cpu_share']:.1f} %)",
-                   "result": "pass" if log["overhead_paired"] <= 0.03 else "FAIL"})
+    checks.append(
+        {
+            "target": "per-example step log <= 3 % of a uniform run (mlp)",
+            "measured": f"{100 * log['overhead_paired']:.1f} % (median of {log['repeats']} back-to-back pairs; "
+            f"fastest runs {100 * log['overhead']:.1f} %, medians {100 * log['overhead_median']:.1f} %, "
+            f"process CPU time {100 * log['cpu_overhead_paired']:.1f} %; own CPU "
+            f"{100 * log['log_cpu_share']:.1f} %)",
+            "result": "pass" if log["overhead_paired"] <= 0.03 else "FAIL",
+        }
+    )
     if layer:
         loaded = [r for r in layer if r["setting"].startswith("loaded, default")][0]
         checks.append({"target": "subset layer n=1024 batch 32 under load, default threads <= 2x its 1-thread time",
@@ -361,12 +395,17 @@ def _speed_layer_and_threads(layer: list[dict], threads: list[dict], torch_defau
     """The subset-layer-under-load and thread tables (empty where not measured)."""
     lines = []
     if layer:
-        lines += ["", "### Subset layer under load", "",
-                  "Exact `SubsetSelection` (quadratic, lam 0.5, k = n/4), forward + backward at n=1024, batch 32, float64;",
-                  f"a child process runs matrix products on {torch_default} threads meanwhile. 'default' is torch's",
-                  "thread count a user gets without setting anything; the layer itself solves on one thread",
-                  "(`selection._one_cpu_thread`); the last row switches that guard off (the behaviour before).", "",
-                  *markdown_table(pd.DataFrame(layer))]
+        lines += [
+            "",
+            "### Subset layer under load",
+            "",
+            "Exact `SubsetSelection` (quadratic, lam 0.5, k = n/4), forward + backward at n=1024, batch 32, float64;",
+            f"a child process runs matrix products on {torch_default} threads meanwhile. 'default' is torch's",
+            "thread count a user gets without setting anything; the layer itself solves on one thread",
+            "(`selection._one_cpu_thread`); the last row switches that guard off (the behaviour before).",
+            "",
+            *markdown_table(pd.DataFrame(layer)),
+        ]
     if threads:
         lines += ["", "### Threads (uniform step, the valuekit default thread policy's evidence)", "",
                   *markdown_table(pd.DataFrame(threads))]
@@ -375,32 +414,36 @@ def _speed_layer_and_threads(layer: list[dict], threads: list[dict], torch_defau
 
 def _speed_notes() -> list[str]:
     """What the speed work changed and what it does to results (static text)."""
-    return ["", "### What the speed work changed and what it does to results", "",
-            "- lrdi/l2rw/mwnet, one virtual step (the default): `meta_grad=auto` computes the meta-gradient as",
-            "  dJ/dw_i = -a/B grad l_i(theta) . grad J(theta') from per-example dot products (the student's own",
-            "  forward/backward via `gradients.LayerTape`, or one forward-mode pass when BatchNorm makes rows interact)",
-            "  and one backward through the teacher, instead of a double backward through the virtual step. Same",
-            "  numbers as the second-order path (tests: equal to float64 rounding, and to central finite differences);",
-            "  rows `lrdi[meta_grad=autograd]` etc. time the old path in the same run.",
-            "- multidds: per-source gradients by sub-batch (`grad_method=split`) for conv models (`auto`); for",
-            "  all-Linear models the vmapped backward stays. Same math without BatchNorm; with BatchNorm each source's",
-            "  rows are normalised with their own statistics (`reward_from=train`; the default probe path draws its",
-            "  own batches per source).",
-            "- Step log: the three logs are written by a background thread (`runlog.AsyncPartWriter`), one Arrow",
-            "  conversion per part instead of per step; same files and part numbers (test_speed.py). The loop hands",
-            "  over each step's row numbers; the thread looks up example_id / label / source with one Arrow take",
-            "  per part, and a part is closed every 200 steps (`log_every`, was 50).",
-            "- Subset layer: fixed number of vectorised Newton/bisection steps inside an order-statistic bracket, one",
-            "  convergence test per solve (bounded fallback + RuntimeWarning), solved on one CPU thread.",
-            "- Threads: `--threads N` / `VALUEKIT_THREADS`; default 1 thread for linear/mlp/cnn, idle cores otherwise.",
-            "- Amortisations (opt-out defaults): dds and hostcp update their scorer/selector every 4th step",
-            "  (`update_every`); bads adds the dev likelihood every 8th step, scaled by 8 (`dev_every`; with BatchNorm,",
-            "  and on causal-LM tables, train and dev rows go through the model in two forwards, not one); mwnet's",
-            "  teacher takes its meta step every 4th step (`meta_every`); multidds updates its scorer (dev gradient",
-            "  and probe batches) every 1024 training examples (`update_every`, was 256: `multidds[update_every=256]`);",
-            "  each measured against the earlier setting in reports/suite-bads-dev-every.md,",
-            "  reports/suite-lrdi-meta-every.md and reports/suite-multidds-update-every.md. lrdi and l2rw run every step.",
-            "- Not measured: CUDA (no GPU in this session; `valuekit bench speed --device cuda` writes speed-gpu.md)."]
+    return [
+        "",
+        "### What the speed work changed and what it does to results",
+        "",
+        "- lrdi/l2rw/mwnet, one virtual step (the default): `meta_grad=auto` computes the meta-gradient as",
+        "  dJ/dw_i = -a/B grad l_i(theta) . grad J(theta') from per-example dot products (the student's own",
+        "  forward/backward via `gradients.LayerTape`, or one forward-mode pass when BatchNorm makes rows interact)",
+        "  and one backward through the teacher, instead of a double backward through the virtual step. Same",
+        "  numbers as the second-order path (tests: equal to float64 rounding, and to central finite differences);",
+        "  rows `lrdi[meta_grad=autograd]` etc. time the old path in the same run.",
+        "- multidds: per-source gradients by sub-batch (`grad_method=split`) for conv models (`auto`); for",
+        "  all-Linear models the vmapped backward stays. Same math without BatchNorm; with BatchNorm each source's",
+        "  rows are normalised with their own statistics (`reward_from=train`; the default probe path draws its",
+        "  own batches per source).",
+        "- Step log: the three logs are written by a background thread (`runlog.AsyncPartWriter`), one Arrow",
+        "  conversion per part instead of per step; same files and part numbers (test_speed.py). The loop hands",
+        "  over each step's row numbers; the thread looks up example_id / label / source with one Arrow take",
+        "  per part, and a part is closed every 200 steps (`log_every`, was 50).",
+        "- Subset layer: fixed number of vectorised Newton/bisection steps inside an order-statistic bracket, one",
+        "  convergence test per solve (bounded fallback + RuntimeWarning), solved on one CPU thread.",
+        "- Threads: `--threads N` / `VALUEKIT_THREADS`; default 1 thread for linear/mlp/cnn, idle cores otherwise.",
+        "- Amortisations (opt-out defaults): dds and hostcp update their scorer/selector every 4th step",
+        "  (`update_every`); bads adds the dev likelihood every 8th step, scaled by 8 (`dev_every`; with BatchNorm,",
+        "  and on causal-LM tables, train and dev rows go through the model in two forwards, not one); mwnet's",
+        "  teacher takes its meta step every 4th step (`meta_every`); multidds updates its scorer (dev gradient",
+        "  and probe batches) every 1024 training examples (`update_every`, was 256: `multidds[update_every=256]`);",
+        "  each measured against the earlier setting in reports/suite-bads-dev-every.md,",
+        "  reports/suite-lrdi-meta-every.md and reports/suite-multidds-update-every.md. lrdi and l2rw run every step.",
+        "- Not measured: CUDA (no GPU in this session; `valuekit bench speed --device cuda` writes speed-gpu.md).",
+    ]
 
 
 def _speed_figure(out: Path, frame: pd.DataFrame, models, device: str) -> list[str]:

@@ -31,7 +31,10 @@ def _stream_data(folder: Path, quick: bool) -> tuple[Path, str]:
         return folder, "bundled digits as PNG bytes (1,338 training rows, 8x8)"
     # 70,000 images: 9,900 test, 100 dev (10 a class), 60,000 train
     prepare("fashion-mnist", folder, image_format="png", test_fraction=9900 / 70000, seed=0)
-    return folder, "Fashion-MNIST as PNG bytes (`valuekit data prepare fashion-mnist --format png`): 60,000 training rows, 28x28"
+    return (
+        folder,
+        "Fashion-MNIST as PNG bytes (`valuekit data prepare fashion-mnist --format png`): 60,000 training rows, 28x28",
+    )
 
 
 def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int, stream: bool) -> dict:
@@ -184,16 +187,20 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         f"{steps} steps with the full loop (run directory, values of every row); `after load` is its RSS once the",
         "table is loaded. `streamed`: images kept encoded (`--stream yes`: a Parquet file's bytes in a temporary",
         "file, read per batch); `decoded`: all pixels in memory. `per-row state`: the bytes of the method's per-row",
-        "statistics and the table's per-row arrays (ids, labels, offsets; `valuekit.bench.stream.per_row_state_bytes`),",
+        "statistics and the table's per-row arrays (ids, labels, offsets; "
+        "`valuekit.bench.stream.per_row_state_bytes`),",
         "the memory that may grow with N.",
-        "", "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | "
+        "",
+        "| method | N | rows | step (s, interleaved) | epoch (min, derived) | load (s) | RSS after load (MiB) | "
         "peak RSS (MiB) | per-row state (MiB) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in frame.itertuples():  # step time was measured on streamed rows only
         step = f"{r.interleaved_step_s:.3f} | {r.epoch_min_derived:.1f}" if r.stream else "- | -"
-        lines.append(f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {step} | "
-                     f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} | {r.per_row_state_mib:.1f} |")
+        lines.append(
+            f"| {r.method} | {r.rows:,} | {'streamed' if r.stream else 'decoded'} | {step} | "
+            f"{r.load_s:.1f} | {r.rss_after_load_mib:.0f} | {r.peak_rss_mib:.0f} | {r.per_row_state_mib:.1f} |"
+        )
     return write(out, stem("stream", device), lines, frame)
 
 # ---------------------------------------------------------------- scale

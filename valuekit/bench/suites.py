@@ -59,44 +59,110 @@ SETTINGS = {
 }
 
 _U = Arm("uniform", "uniform")
-SUITES = {s.name: s for s in (
-    Suite("uniform", "Uniform baseline: the small-loss value", ("digits",), ("noise20",),
-          (Arm("uniform mlp", "uniform"), Arm("uniform cnn", "uniform", loop={"model": "cnn"}))),
-    Suite("dds", "DDS (Algorithm 1): class balance and label flips", ("digits", "mnist5k"),
-          ("imbalance10", "noise20", "noise40"),
-          (_U, Arm("dds", "dds"), Arm("dds+prior", "dds", {"prior": "class_balance"}))),
-    Suite("dds-entropy", "DDS entropy bonus: 0 (Algorithm 1), 0.1, 0.5 (default)", ("digits", "mnist5k"),
-          ("noise20", "noise40"), tuple(Arm(f"dds ent={e}", "dds", {"entropy_weight": e}) for e in (0.0, 0.1, 0.5))),
-    Suite("dds-ess", "DDS under class imbalance: entropy bonus (old default) vs ESS floor (default) vs the paper",
-          ("digits",), ("imbalance10",),
-          (Arm("entropy 0.5 + ema", "dds", {"entropy_weight": 0.5, "reward_norm": "ema", "ess_floor": 0.0}),
-           Arm("ESS floor 0.3 + scale", "dds"),
-           Arm("paper", "dds", {"entropy_weight": 0.0, "reward_norm": "none", "ess_floor": 0.0})),
-          seeds=(0, 1), steps=800),
-    Suite("lrdi", "LRDI, Meta-Weight-Net and L2RW vs uniform", ("digits", "mnist5k"), ("noise20", "noise40"),
-          (_U, Arm("lrdi", "lrdi"), Arm("mwnet", "mwnet"), Arm("l2rw", "l2rw"))),
-    Suite("lrdi-normalize", "LRDI teacher weights normalised to batch mean 1 or not", ("digits", "mnist5k"),
-          ("noise20", "noise40"), (Arm("lrdi", "lrdi"), Arm("lrdi normalize=false", "lrdi", {"normalize": False}))),
-    Suite("hostcp", "HOST-CP: label flips and the value of top-50 % subsets", ("digits",), ("noise30",),
-          (_U, Arm("hostcp", "hostcp")), subset_fraction=0.5),
-    Suite("bads", "BADS (SGLD over weights): label flips and class imbalance", ("digits", "mnist5k"),
-          ("noise20", "noise40", "imbalance10"),
-          (_U, Arm("bads", "bads"), Arm("bads weight_net", "bads", {"weight_net": True}))),
-    Suite("bads-dev-every", "BADS: the meta (dev) term on every step (the paper) or on every 4th / 8th step, scaled by 4 / 8",
-          ("digits", "mnist5k", "fashion-mnist"), ("noise20", "noise40", "imbalance10"),
-          (_U, *(Arm(f"bads dev_every={k}", "bads", {"dev_every": k}) for k in (1, 4, 8)))),
-    Suite("lrdi-meta-every", "LRDI / Meta-Weight-Net: the teacher's meta step on every step (the papers) or every 4th",
-          ("digits", "mnist5k", "fashion-mnist"), ("noise20", "noise40", "imbalance10"),
-          (_U, *(Arm(f"{v} meta_every={k}", v, {"meta_every": k}) for v in ("lrdi", "mwnet") for k in (1, 4)))),
-    Suite("multidds", "DDS over sources: four sources with 0/20/40/60 % flips, target = the clean one", ("digits",),
-          ("sources4",), (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"}))),
-    Suite("multidds-update-every", "DDS over sources: the scorer updated every 256, 512 or 1024 training examples",
-          ("digits", "mnist5k", "fashion-mnist"), ("sources4",),
-          (_U, *(Arm(f"multidds update_every={k}", "multidds", {"update_every": k}) for k in (256, 512, 1024)),
-           Arm("uniform cnn", "uniform", loop={"model": "cnn"}),
-           *(Arm(f"multidds update_every={k} cnn", "multidds", {"update_every": k}, loop={"model": "cnn"})
-             for k in (256, 1024)))),
-)}
+SUITES = {
+    s.name: s
+    for s in (
+        Suite(
+            "uniform",
+            "Uniform baseline: the small-loss value",
+            ("digits",),
+            ("noise20",),
+            (Arm("uniform mlp", "uniform"), Arm("uniform cnn", "uniform", loop={"model": "cnn"})),
+        ),
+        Suite(
+            "dds",
+            "DDS (Algorithm 1): class balance and label flips",
+            ("digits", "mnist5k"),
+            ("imbalance10", "noise20", "noise40"),
+            (_U, Arm("dds", "dds"), Arm("dds+prior", "dds", {"prior": "class_balance"})),
+        ),
+        Suite(
+            "dds-entropy",
+            "DDS entropy bonus: 0 (Algorithm 1), 0.1, 0.5 (default)",
+            ("digits", "mnist5k"),
+            ("noise20", "noise40"),
+            tuple(Arm(f"dds ent={e}", "dds", {"entropy_weight": e}) for e in (0.0, 0.1, 0.5)),
+        ),
+        Suite(
+            "dds-ess",
+            "DDS under class imbalance: entropy bonus (old default) vs ESS floor (default) vs the paper",
+            ("digits",),
+            ("imbalance10",),
+            (
+                Arm("entropy 0.5 + ema", "dds", {"entropy_weight": 0.5, "reward_norm": "ema", "ess_floor": 0.0}),
+                Arm("ESS floor 0.3 + scale", "dds"),
+                Arm("paper", "dds", {"entropy_weight": 0.0, "reward_norm": "none", "ess_floor": 0.0}),
+            ),
+            seeds=(0, 1),
+            steps=800,
+        ),
+        Suite(
+            "lrdi",
+            "LRDI, Meta-Weight-Net and L2RW vs uniform",
+            ("digits", "mnist5k"),
+            ("noise20", "noise40"),
+            (_U, Arm("lrdi", "lrdi"), Arm("mwnet", "mwnet"), Arm("l2rw", "l2rw")),
+        ),
+        Suite(
+            "lrdi-normalize",
+            "LRDI teacher weights normalised to batch mean 1 or not",
+            ("digits", "mnist5k"),
+            ("noise20", "noise40"),
+            (Arm("lrdi", "lrdi"), Arm("lrdi normalize=false", "lrdi", {"normalize": False})),
+        ),
+        Suite(
+            "hostcp",
+            "HOST-CP: label flips and the value of top-50 % subsets",
+            ("digits",),
+            ("noise30",),
+            (_U, Arm("hostcp", "hostcp")),
+            subset_fraction=0.5,
+        ),
+        Suite(
+            "bads",
+            "BADS (SGLD over weights): label flips and class imbalance",
+            ("digits", "mnist5k"),
+            ("noise20", "noise40", "imbalance10"),
+            (_U, Arm("bads", "bads"), Arm("bads weight_net", "bads", {"weight_net": True})),
+        ),
+        Suite(
+            "bads-dev-every",
+            "BADS: the meta (dev) term on every step (the paper) or on every 4th / 8th step, scaled by 4 / 8",
+            ("digits", "mnist5k", "fashion-mnist"),
+            ("noise20", "noise40", "imbalance10"),
+            (_U, *(Arm(f"bads dev_every={k}", "bads", {"dev_every": k}) for k in (1, 4, 8))),
+        ),
+        Suite(
+            "lrdi-meta-every",
+            "LRDI / Meta-Weight-Net: the teacher's meta step on every step (the papers) or every 4th",
+            ("digits", "mnist5k", "fashion-mnist"),
+            ("noise20", "noise40", "imbalance10"),
+            (_U, *(Arm(f"{v} meta_every={k}", v, {"meta_every": k}) for v in ("lrdi", "mwnet") for k in (1, 4))),
+        ),
+        Suite(
+            "multidds",
+            "DDS over sources: four sources with 0/20/40/60 % flips, target = the clean one",
+            ("digits",),
+            ("sources4",),
+            (_U, Arm("multidds", "multidds"), Arm("multidds init=tcs", "multidds", {"init": "tcs"})),
+        ),
+        Suite(
+            "multidds-update-every",
+            "DDS over sources: the scorer updated every 256, 512 or 1024 training examples",
+            ("digits", "mnist5k", "fashion-mnist"),
+            ("sources4",),
+            (
+                _U,
+                *(Arm(f"multidds update_every={k}", "multidds", {"update_every": k}) for k in (256, 512, 1024)),
+                Arm("uniform cnn", "uniform", loop={"model": "cnn"}),
+                *(
+                    Arm(f"multidds update_every={k} cnn", "multidds", {"update_every": k}, loop={"model": "cnn"})
+                    for k in (256, 1024)
+                ),
+            ),
+        ),
+    )
+}
 
 
 def _data(name: str, setting: str, seed: int, folder: Path):

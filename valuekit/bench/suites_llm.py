@@ -29,8 +29,11 @@ BATCH = 16
 DATA = {"noise": 0.1, "max_per_task": 200, "dev_size": 100, "test_size": 100}  # prepare_instructions options
 # the instruction sets (`--datasets`): the default one, six other languages with another junk language, and the
 # default languages with swapped responses (fluent English of another message) as the junk
-DATASETS = {"instructions": {}, "instructions-langs": {"tasks": ("it", "nl", "pl", "tr", "ko", "uk"), "junk_task": "hu"},
-            "instructions-swap": {"junk_kind": "swap"}}
+DATASETS = {
+    "instructions": {},
+    "instructions-langs": {"tasks": ("it", "nl", "pl", "tr", "ko", "uk"), "junk_task": "hu"},
+    "instructions-swap": {"junk_kind": "swap"},
+}
 GPT = {"n_layer": 2, "n_embd": 64, "n_head": 4}
 # Adam's lr for uniform, DDS, multi-source DDS and the fine-tuned halves (BADS moves theta with its own lr_theta).
 # at 1e-3 (3e-3 was never tuned) uniform's dev loss and its small-loss AUROC were better on two sets
@@ -144,7 +147,9 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
     random_half = {}
     for name, offset in (("random50", 100), ("random50-b", 200)):
         random_half[name] = np.zeros(len(table), bool)
-        random_half[name][np.random.default_rng(offset + seed).choice(len(table), len(table) // 2, replace=False)] = True
+        random_half[name][np.random.default_rng(offset + seed).choice(len(table), len(table) // 2, replace=False)] = (
+            True
+        )
     keep = {"bads-per-task-top50": lambda: score_instructions(table, bads, keep_fraction=0.5, per_task=True).selected,
             "bads-top50": lambda: score_instructions(table, bads, keep_fraction=0.5).selected,
             "random50": lambda: random_half["random50"], "random50-b": lambda: random_half["random50-b"]}
@@ -152,8 +157,9 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
         keep["bads-task-weights-top50"] = lambda: score_instructions(table, per_task["run"], keep_fraction=0.5).selected
     dds = rec.get(kind="value", arm="dds", seed=seed, steps=steps, dataset=dataset)
     if dds is not None:
-        keep["dds-reward-per-task-top50"] = lambda: score_instructions(table, dds["run"], keep_fraction=0.5, per_task=True,
-                                                                       rank_by="mean_reward").selected
+        keep["dds-reward-per-task-top50"] = lambda: (
+            score_instructions(table, dds["run"], keep_fraction=0.5, per_task=True, rank_by="mean_reward").selected
+        )
     for name in SUBSETS:
         if name not in keep or rec.has(kind="subset", arm=name, seed=seed, steps=steps, dataset=dataset):
             continue
@@ -162,10 +168,21 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
         run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, te,
                               out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
                               config=_config("uniform", model, steps, seed, device)))
-        rec.add({"kind": "subset", "arm": name, "seed": seed, "steps": steps, "dataset": dataset, "rows": int(mask.sum()),
-                 "junk_rows_kept": int(sub.is_noisy.sum()), "dev_loss": run.meta["final_metrics"].get("dev_loss"),
-                 "best_dev_loss": best_dev_loss(run), "test_loss": run.meta["final_metrics"].get("test_loss"),
-                 "early_test_loss": early_stopped_test_loss(run)})
+        rec.add(
+            {
+                "kind": "subset",
+                "arm": name,
+                "seed": seed,
+                "steps": steps,
+                "dataset": dataset,
+                "rows": int(mask.sum()),
+                "junk_rows_kept": int(sub.is_noisy.sum()),
+                "dev_loss": run.meta["final_metrics"].get("dev_loss"),
+                "best_dev_loss": best_dev_loss(run),
+                "test_loss": run.meta["final_metrics"].get("test_loss"),
+                "early_test_loss": early_stopped_test_loss(run),
+            }
+        )
 
 
 def best_dev_loss(run) -> float:
@@ -188,8 +205,12 @@ def _timing(data, steps: int, device: str, arms) -> dict:
 
     table, model, tr, dv, _ = data
     spec = {**ARMS, **TIMED_ONLY}
-    trainers = {a: make_trainer(tr, dv, _config(spec[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0),
-                                spec[a][1]) for a in arms}  # (LoRA arms time the adapters on the random-weight model)
+    trainers = {
+        a: make_trainer(
+            tr, dv, _config(spec[a][0], model, steps, 0, device, LORA if a.endswith("-lora") else 0), spec[a][1]
+        )
+        for a in arms
+    }  # (LoRA arms time the adapters on the random-weight model)
     times = {a: [] for a in trainers}
     for step in range(1, steps + 1):
         for a, (trainer, sampler, ctx) in trainers.items():
@@ -262,7 +283,9 @@ def run_llm(out: Path, *, command: str, device: str = "cpu", quick: bool = False
             for seed in seeds:
                 for arm in arms:
                     if not rec.has(kind="value", arm=arm, seed=seed, steps=steps, dataset=dataset):
-                        rec.add(_value_run(arm, data, folder / _run_name(arm, dataset, seed, steps), seed, steps, device))
+                        rec.add(
+                            _value_run(arm, data, folder / _run_name(arm, dataset, seed, steps), seed, steps, device)
+                        )
                 if "bads" in arms and not report_only:
                     _subset_runs(data, folder, seed, steps, device, rec)
         if not rec.has(kind="timing", arm=None, seed=None, steps=timing_steps, dataset=None):
@@ -285,30 +308,82 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     lines = header("Language-model data selection on the prepared instruction sets", command, device) + [
         f"Data: `valuekit data prepare instructions` with {DATA}, per set: {sets}. Model: `hf-config:` "
         f"GPT-2 {GPT}, {MAX_LEN} positions, random weights from the seed; byte tokenizer, --max-len {MAX_LEN}, "
-        f"batch {BATCH}, {steps} steps, Adam lr {LR:g} (not BADS: its lr_theta); BADS settings {BADS}. AUROC ranks low value as junk."]
+        f"batch {BATCH}, {steps} steps, Adam lr {LR:g} (not BADS: its lr_theta); BADS settings {BADS}. AUROC ranks "
+        f"low value as junk."
+    ]
     if frame.arm.astype(str).str.endswith("-lora").any():
-        lines += [f"LoRA arms (`*-lora`): `--lora {LORA}` (alpha {2 * LORA}, peft's GPT-2 default module `c_attn`) on the "
-                  f"model the same seed's uniform run ended with (saved as an `hf:` folder), {steps} more steps."]
+        lines += [
+            f"LoRA arms (`*-lora`): `--lora {LORA}` (alpha {2 * LORA}, peft's GPT-2 default module `c_attn`) on the "
+            f"model the same seed's uniform run ended with (saved as an `hf:` folder), {steps} more steps."
+        ]
     lines += [""]
     val = frame[frame.kind == "value"].sort_values(["dataset", "arm", "seed"])
-    lines += md_table(["data set", "method", "seed", "dev loss", "AUROC junk rows (all)", "AUROC junk rows in real tasks",
-                       "junk task rank (1 = best)", "lowest-valued task"],
-                      [[r.dataset, r.arm, int(r.seed), f"{r.dev_loss:.3f}", f"{r.auroc_all_junk:.3f}",
-                        f"{r.auroc_junk_in_real_tasks:.3f}", f"{int(r.junk_task_rank)} of {int(r.n_tasks)}", r.lowest_task]
-                       for r in val.itertuples()]) + [""]
+    lines += md_table(
+        [
+            "data set",
+            "method",
+            "seed",
+            "dev loss",
+            "AUROC junk rows (all)",
+            "AUROC junk rows in real tasks",
+            "junk task rank (1 = best)",
+            "lowest-valued task",
+        ],
+        [
+            [
+                r.dataset,
+                r.arm,
+                int(r.seed),
+                f"{r.dev_loss:.3f}",
+                f"{r.auroc_all_junk:.3f}",
+                f"{r.auroc_junk_in_real_tasks:.3f}",
+                f"{int(r.junk_task_rank)} of {int(r.n_tasks)}",
+                r.lowest_task,
+            ]
+            for r in val.itertuples()
+        ],
+    ) + [""]
     extra = ("auroc_posterior_mean", "auroc_mean_loss", "auroc_last_loss")
-    lines += md_table(["data set", "method", "seeds", "dev loss", "AUROC (all)", "AUROC (in real tasks)", "junk task lowest",
-                       "AUROC posterior mean (all)", "AUROC -mean_loss (all)", "AUROC -last_loss (all)"],
-                      [[d, a, len(g), mean_sd(g.dev_loss), mean_sd(g.auroc_all_junk), mean_sd(g.auroc_junk_in_real_tasks),
-                        f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}",
-                        *[mean_sd(g[c]) if c in g and g[c].notna().all() else "-" for c in extra]]
-                       for (d, a), g in val.groupby(["dataset", "arm"], sort=False)]) + [
-        "", "AUROC ranks a low value as junk; the last three columns rank the same run's BADS posterior mean of w, "
-        "-mean_loss and -last_loss (the loss at each row's latest step) the same way.", ""]
+    lines += md_table(
+        [
+            "data set",
+            "method",
+            "seeds",
+            "dev loss",
+            "AUROC (all)",
+            "AUROC (in real tasks)",
+            "junk task lowest",
+            "AUROC posterior mean (all)",
+            "AUROC -mean_loss (all)",
+            "AUROC -last_loss (all)",
+        ],
+        [
+            [
+                d,
+                a,
+                len(g),
+                mean_sd(g.dev_loss),
+                mean_sd(g.auroc_all_junk),
+                mean_sd(g.auroc_junk_in_real_tasks),
+                f"{int((g.junk_task_rank == g.n_tasks).sum())} of {len(g)}",
+                *[mean_sd(g[c]) if c in g and g[c].notna().all() else "-" for c in extra],
+            ]
+            for (d, a), g in val.groupby(["dataset", "arm"], sort=False)
+        ],
+    ) + [
+        "",
+        "AUROC ranks a low value as junk; the last three columns rank the same run's BADS posterior mean of w, "
+        "-mean_loss and -last_loss (the loss at each row's latest step) the same way.",
+        "",
+    ]
     sub = frame[frame.kind == "subset"]
     if len(sub):
-        lines += ["Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, its DDS run's "
-                  "mean reward, or random):", ""]
+        lines += [
+            "Uniform fine-tuning on half the rows (from the same seed's per-example or per-task BADS run, its DDS "
+            "run's "
+            "mean reward, or random):",
+            "",
+        ]
         body = []
         for c in ("best_dev_loss", "early_test_loss"):
             if c not in sub:
@@ -316,26 +391,47 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
         order = {name: i for i, name in enumerate(SUBSETS)}  # rows: data set, then the halves in SUBSETS' order
         sub = sub.assign(_o=sub.arm.map(order)).sort_values(["dataset", "_o", "seed"], kind="stable")
         for (d, a), g in sub.groupby(["dataset", "arm"], sort=False):
-            rand = {arm: sub[(sub.arm == arm) & (sub.dataset == d)].set_index("seed") for arm in ("random50", "random50-b")}
+            rand = {
+                arm: sub[(sub.arm == arm) & (sub.dataset == d)].set_index("seed") for arm in ("random50", "random50-b")
+            }
             lower = {(c, arm): int(sum(getattr(r, c) < rand[arm][c].get(r.seed, np.nan) for r in g.itertuples()))
                      for c in ("dev_loss", "best_dev_loss", "early_test_loss") for arm in rand}
-            both = lambda c: f"{lower[c, 'random50']} / {lower[c, 'random50-b']} of {len(g)}"  # noqa: E731
+            both = lambda c, lower=lower, g=g: f"{lower[c, 'random50']} / {lower[c, 'random50-b']} of {len(g)}"  # noqa: E731
             body.append([d, a, len(g), int(g.rows.iloc[0]), "/".join(str(int(v)) for v in g.junk_rows_kept),
                          "/".join(f"{v:.3f}" for v in g.dev_loss), f"{lower['dev_loss', 'random50']} of {len(g)}",
                          "/".join(f"{v:.3f}" for v in g.best_dev_loss), both("best_dev_loss"),
                          "/".join(f"{v:.3f}" for v in g.early_test_loss), both("early_test_loss")])
-        lines += md_table(["data set", "subset", "seeds", "rows", "junk rows kept", "final dev loss per seed",
-                           "lower than random50", "best dev loss per seed (early-stopped)",
-                           "lower than random50 / random50-b (best dev)", "test loss at the best dev step per seed",
-                           "lower than random50 / random50-b (test)"], body) + [
-            "", "random50-b is a second random half (another draw): how often it beats random50 is the noise these "
-            "comparisons sit in. The test strings are in neither the training nor the dev set; every method that chose a "
-            "half saw the dev set (DDS's rewards, BADS's dev term), so the test column is the unbiased comparison.", ""]
+        lines += md_table(
+            [
+                "data set",
+                "subset",
+                "seeds",
+                "rows",
+                "junk rows kept",
+                "final dev loss per seed",
+                "lower than random50",
+                "best dev loss per seed (early-stopped)",
+                "lower than random50 / random50-b (best dev)",
+                "test loss at the best dev step per seed",
+                "lower than random50 / random50-b (test)",
+            ],
+            body,
+        ) + [
+            "",
+            "random50-b is a second random half (another draw): how often it beats random50 is the noise these "
+            "comparisons sit in. The test strings are in neither the training nor the dev set; every method that "
+            "chose a "
+            "half saw the dev set (DDS's rewards, BADS's dev term), so the test column is the unbiased comparison.",
+            "",
+        ]
     for r in frame[frame.kind == "timing"].tail(1).to_dict("records"):  # the latest (resumed grids may hold more)
         base = r.get("step_s_uniform", np.nan)
         parts = [f"{a[7:]} {v:.3f} s ({v / base:.2f}x uniform)" for a, v in r.items()
                  if a.startswith("step_s_") and np.isfinite(v)]
-        lines += [f"Step time (median, {int(r['steps'])} interleaved steps, first 5 dropped): " + ", ".join(parts) + ".", ""]
+        lines += [
+            f"Step time (median, {int(r['steps'])} interleaved steps, first 5 dropped): " + ", ".join(parts) + ".",
+            "",
+        ]
         mbase = r.get("mean_step_s_uniform", np.nan)
         parts = [f"{a[12:]} {v:.3f} s ({v / mbase:.2f}x uniform)" for a, v in r.items()
                  if a.startswith("mean_step_s_") and np.isfinite(v)]
@@ -348,5 +444,10 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     return write(out, "suite-llm", lines, frame.drop(columns=["run"], errors="ignore"))
 
 
-SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm, tuple(DATASETS),
-                    tuple(ARMS)))
+SUITES = TextSuite(
+    "llm",
+    "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS",
+    run_llm,
+    tuple(DATASETS),
+    tuple(ARMS),
+)

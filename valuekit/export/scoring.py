@@ -86,7 +86,9 @@ def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weig
     if min_weight is not None and not math.isfinite(min_weight):
         raise InputError(f"--min-weight {min_weight}: must be a finite number")
     if per_class and keep_fraction is None and top_k is None and drop_fraction is None:
-        raise InputError("--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule applied in each class)")
+        raise InputError(
+            "--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule applied in each class)"
+        )
     if subset_only and not rules:
         raise InputError("--subset-only needs a selection rule "
                          "(--keep-fraction, --top-k, --drop-fraction or --min-weight)")
@@ -233,7 +235,8 @@ def _as_text(values) -> np.ndarray:
 
 def check_table(source, run, *, id_col: str, label_col: str) -> str | None:
     """Is `source` (whose ids are all in the run: `_plan` checked) the table `run` was trained on, or rows of it?
-    The file's sha256 against run.json's `data.train.file_sha256` first; otherwise its labels against the run's classes and, id by id, against the
+    The file's sha256 against run.json's `data.train.file_sha256` first; otherwise its labels against the run's
+    classes and, id by id, against the
     labels the run logged in steps/. Refuses (InputError, one line) a table whose labels are not the run's classes
     or differ from the run's for more than half of the rows; returns a one-line warning when the file differs
     but its labels match (or differ for a few rows: a relabelled copy), else None."""
@@ -334,7 +337,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
 
     value, value_std, weight = gather("value"), gather("value_std"), gather("weight")
     key = value if rank_by == "value" else gather(rank_by)
-    del pos
+    pos = None  # the row positions are no longer needed
     bad = ~np.isfinite(weight) | (weight < 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])

@@ -560,7 +560,8 @@ class Trainer(Method):
     def values(self) -> MethodValues:
         """value = signals.in_run_value (module docstring); posterior_mean = mean of the samples of w_i; value_std =
         their std; ci_low/ci_high = quantiles of the latest `reservoir` samples of the tempered chain (a cold
-        chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no sample after
+        chain's spread, not a calibrated posterior interval); samples = how many samples the row has. Rows with no
+        sample after
         burn-in: value = current w, std/CI NaN."""
         cfg = self.cfg
         if self.task_u is not None:

@@ -355,7 +355,8 @@ class Trainer(Method):
         scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
         standardised within class; weight = softmax of the logits over the whole training set x N; label = the
         class code (lets `valuekit.analysis.balance` work from values.parquet alone). Sequence targets have no label;
-        value = the percentile rank of -last_loss on causal-LM instruction rows, the scorer logit on translation pairs."""
+        value = the percentile rank of -last_loss on causal-LM instruction rows, the scorer logit on translation
+        pairs."""
         from valuekit.training.signals import class_standardise
 
         s = self.scores().double()

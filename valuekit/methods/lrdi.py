@@ -2,7 +2,8 @@
 
 LRDI (Fan, Xia, Wu et al., "Learning to Reweight with Deep Interactions", AAAI 2021, arXiv 2007.04649):
 a teacher network maps each training example's *student internal state* (the detached hidden
-features: the input of the student's last nn.Linear, or of `feature_layer`, read with a forward hook) plus surface signals (loss, probability of the given label, margin,
+features: the input of the student's last nn.Linear, or of `feature_layer`, read with a forward hook) plus surface
+signals (loss, probability of the given label, margin,
 training progress, label embedding) to a weight ``w_i = sigmoid(teacher(s_i))`` (optionally divided
 by the batch mean). The teacher is trained by meta-gradients (the paper's Algorithm 1):
 
@@ -495,12 +496,16 @@ class Trainer(Method):
         self.steps_taken = int(state["last_step"])  # checkpoint key kept: older runs resume
 
     @torch.no_grad()
-    def teacher_weights(self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int | None = None) -> torch.Tensor:
+    def teacher_weights(
+        self, x: torch.Tensor, y: torch.Tensor, *, progress: float, chunk: int | None = None
+    ) -> torch.Tensor:
         """Raw sigmoid teacher weights of rows (x, y), student and teacher in eval mode, `chunk` rows at a time
         (default: the loop's eval_batch_size, which bounds the end-of-run peak memory on a large model)."""
         def weight(xb, yb):
             feats, logits = features_and_logits(self.model, xb, self.feature_layer)
-            return torch.sigmoid(self.teacher(student_signals(feats, logits, per_example_loss(logits, yb), yb, progress)))
+            return torch.sigmoid(
+                self.teacher(student_signals(feats, logits, per_example_loss(logits, yb), yb, progress))
+            )
 
         return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)
 

@@ -270,7 +270,9 @@ class Trainer(Method):
         if given:
             unknown = set(given) - set(ctx.sources)
             if unknown:
-                raise InputError(f"multidds setting prior: unknown source {sorted(unknown)[0]!r} (sources {ctx.sources})")
+                raise InputError(
+                    f"multidds setting prior: unknown source {sorted(unknown)[0]!r} (sources {ctx.sources})"
+                )
             q = torch.tensor([given.get(s, 0.0) for s in ctx.sources], dtype=torch.float64)
             return q / q.sum() if q.sum() > 0 else torch.full_like(q, 1 / len(q))
         sim = torch.tensor(self.similarity(), dtype=torch.float64)
@@ -592,9 +594,15 @@ class Trainer(Method):
         ratio, psi = self._log_ratio()
         key = self.row_key if ratio.shape[0] > 1 else torch.zeros_like(self.row_key)
         value = ratio[key, self.row_src]
-        return MethodValues(value=value, columns={"weight": value.exp(), "scorer_logit": psi[key, self.row_src].double()},
-                            doc={"value": "log(p(source | target) / p_uniform) of the row's source under the final "
-                                          "scorer (DDS Algorithm 2)", "weight": "exp(value), normalised to mean 1"})
+        return MethodValues(
+            value=value,
+            columns={"weight": value.exp(), "scorer_logit": psi[key, self.row_src].double()},
+            doc={
+                "value": "log(p(source | target) / p_uniform) of the row's source under the final "
+                "scorer (DDS Algorithm 2)",
+                "weight": "exp(value), normalised to mean 1",
+            },
+        )
 
     @torch.no_grad()
     def source_table(self) -> pd.DataFrame:

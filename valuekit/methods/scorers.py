@@ -89,7 +89,9 @@ class TokenBagScorer(nn.Module):
         return self.net(self.bag(x)).squeeze(1)
 
 
-def token_bag_scorer(vocab: int, hidden: int, *, generator: torch.Generator, device, buckets: int = 512) -> TokenBagScorer:
+def token_bag_scorer(
+    vocab: int, hidden: int, *, generator: torch.Generator, device, buckets: int = 512
+) -> TokenBagScorer:
     """A TokenBagScorer with min(vocab, buckets) bins, initialised from `generator`, zero read-out."""
     net = TokenBagScorer(min(vocab, buckets), hidden)
     first, last = net.net[0], net.net[2]

@@ -1,13 +1,19 @@
 """Pieces of multi-source DDS (valuekit.methods.multidds) that need no trainer: the scorer's log-probabilities
 and REINFORCE objective, the TCS character n-gram similarity, and the per-source reward accumulator (mean and
-standard error of the gradient-alignment reward), and the sampler that draws rows through the scorer. Each is tested against a hand computation in
+standard error of the gradient-alignment reward), and the sampler that draws rows through the scorer. Each is tested
+against a hand computation in
 tests/test_multidds.py.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from valuekit.methods.multidds import Trainer as MultiSourceDDS
 
 # ---------------------------------------------------------------- scorer maths (pure functions, tested by hand)
 
@@ -115,7 +121,7 @@ class SourceSampler:
     run's generator, whose state the loop checkpoints.
     """
 
-    def __init__(self, trainer: valuekit.methods.multidds.Trainer):
+    def __init__(self, trainer: MultiSourceDDS):
         self.t = trainer
 
     def next(self, size: int) -> torch.Tensor:

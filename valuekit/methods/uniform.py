@@ -68,6 +68,11 @@ class Trainer(Method):
         var = (self.loss_sq / count - mean * mean).clamp_min(0)
         unseen = self.count == 0
         nan = torch.full_like(mean, float("nan"))
-        return MethodValues(value=torch.where(unseen, nan, -mean), columns={"value_std": torch.where(unseen, nan, var.sqrt())},
-                            doc={"value": "minus the row's mean training loss over the run (NaN if never sampled)",
-                                 "value_std": "std of the row's training loss over the steps it was seen"})
+        return MethodValues(
+            value=torch.where(unseen, nan, -mean),
+            columns={"value_std": torch.where(unseen, nan, var.sqrt())},
+            doc={
+                "value": "minus the row's mean training loss over the run (NaN if never sampled)",
+                "value_std": "std of the row's training loss over the steps it was seen",
+            },
+        )

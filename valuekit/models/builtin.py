@@ -109,7 +109,8 @@ def build_model(
     checkpointing: bool = False,
 ) -> Classifier:
     """Build `linear`, `mlp` (two hidden ReLU layers), `cnn` (two 3x3 convs, needs image_shape) or `resnet`
-    (a small residual CNN with BatchNorm, `resnet_body`; needs image_shape); causal LMs (valuekit.models.lm) by name, with
+    (a small residual CNN with BatchNorm, `resnet_body`; needs image_shape); causal LMs (valuekit.models.lm) by name,
+    with
     LoRA adapters of rank `lora` when > 0 and gradient checkpointing when `checkpointing`."""
     from valuekit.models.lm import build_lm, is_lm
 
@@ -287,7 +288,7 @@ class Seq2Seq(nn.Module):
 def _init_seq2seq_(model: nn.Module, generator: torch.Generator) -> None:
     """Uniform(-1/sqrt(fan), 1/sqrt(fan)) for every parameter from `generator` (PyTorch's GRU default scheme)."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             fan = p.shape[-1] if p.dim() > 1 else p.shape[0]
             bound = 1 / math.sqrt(fan)
             p.copy_(torch.rand(p.shape, generator=generator) * 2 * bound - bound)
@@ -311,5 +312,7 @@ def check_token_range(table, size: int, name: str) -> None:
     value = flat[row][bad[row]][0].item()
     shown = int(value) if float(value).is_integer() else value
     ident = table.ids[row].item() if isinstance(table.ids[row], np.generic) else table.ids[row]
-    raise InputError(f"{table.path or f'<{table.name} DataFrame>'}: token id {shown} at id {ident!r} (row {row}) is outside "
-                     f"--model {name}'s embedding of {size} entries (ids 0..{size - 1})")
+    raise InputError(
+        f"{table.path or f'<{table.name} DataFrame>'}: token id {shown} at id {ident!r} (row {row}) is outside "
+        f"--model {name}'s embedding of {size} entries (ids 0..{size - 1})"
+    )

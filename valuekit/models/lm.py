@@ -57,10 +57,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
 
     def forward(self, h):
-        n, l, d = h.shape
-        q, k, v = self.qkv(self.ln1(h)).view(n, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        n, t, d = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        h = h + self.proj(a.transpose(1, 2).reshape(n, l, d))
+        h = h + self.proj(a.transpose(1, 2).reshape(n, t, d))
         return h + self.mlp(self.ln2(h))
 
 
@@ -131,7 +131,9 @@ def _hf_config(path: str, name: str):
     try:
         import transformers
     except ImportError:
-        raise InputError(f"--model {name}: needs the optional 'transformers' package (pip install 'valuekit[llm]')") from None
+        raise InputError(
+            f"--model {name}: needs the optional 'transformers' package (pip install 'valuekit[llm]')"
+        ) from None
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"--model {name}: {folder} has no config.json")
@@ -143,8 +145,10 @@ def _hf_config(path: str, name: str):
         raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} model, which has no causal-LM head "
                          f"in transformers")
     if config.model_type in BIDIRECTIONAL and not getattr(config, "is_decoder", False):
-        raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} encoder without \"is_decoder\": true; "
-                         f"it attends both ways (a later token changes earlier logits), so it is not a causal LM")
+        raise InputError(
+            f'--model {name}: {folder} holds a {config.model_type!r} encoder without "is_decoder": true; '
+            f"it attends both ways (a later token changes earlier logits), so it is not a causal LM"
+        )
     return transformers, config
 
 

@@ -106,8 +106,12 @@ def _hub_model(spec: str, num_classes: int, input_shape) -> nn.Module:
     try:
         lib = importlib.import_module(hub)
     except Exception as exc:  # not installed, or installed but broken beside this torch
-        why = "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({type(exc).__name__})"
-        raise InputError(f"--model {spec}: {hub} {why}; install the extra: pip install 'valuekit[{EXTRAS[hub]}]'") from None
+        why = (
+            "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({type(exc).__name__})"
+        )
+        raise InputError(
+            f"--model {spec}: {hub} {why}; install the extra: pip install 'valuekit[{EXTRAS[hub]}]'"
+        ) from None
     chans = input_shape[0] if len(input_shape) == 3 else 1
     try:
         if hub == "torchvision":

@@ -554,8 +554,15 @@ class LayerTape:
                 # (batch statistics in training mode, else the running ones; nothing is updated) with weight
                 # and bias replaced by v
                 batch_stats = mod.training or mod.running_mean is None
-                y_v = F.batch_norm(a, None if batch_stats else mod.running_mean, None if batch_stats else mod.running_var,
-                                   v[wname], None if bname is None else v[bname], training=batch_stats, eps=mod.eps)
+                y_v = F.batch_norm(
+                    a,
+                    None if batch_stats else mod.running_mean,
+                    None if batch_stats else mod.running_var,
+                    v[wname],
+                    None if bname is None else v[bname],
+                    training=batch_stats,
+                    eps=mod.eps,
+                )
                 r = (grad * y_v).reshape(b, -1).sum(1)
             else:
                 r = (grad * mod._conv_forward(a, v[wname], None)).reshape(b, -1).sum(1)

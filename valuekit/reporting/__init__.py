@@ -383,10 +383,14 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     from valuekit.analysis import mislabel
     from valuekit.reporting import figures
 
-    sec = _Section("audit", 7, "Mislabel audit",
-                   "label_score averages the runs' values, each rescaled between its 1st and 99th percentile (lower = more "
-                   "likely mislabelled); flags come from "
-                   "a two-means split of label_score, never from is_noisy, which only scores the audit.")
+    sec = _Section(
+        "audit",
+        7,
+        "Mislabel audit",
+        "label_score averages the runs' values, each rescaled between its 1st and 99th percentile (lower = more "
+        "likely mislabelled); flags come from "
+        "a two-means split of label_score, never from is_noisy, which only scores the audit.",
+    )
     finished = [r for r in runs if r.finished]
     if not finished:
         sec.notes.append("no run has values.parquet yet")

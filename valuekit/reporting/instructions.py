@@ -30,7 +30,7 @@ def tasks_section(runs, names) -> _Section | None:
             sec.notes.append("the training table has no task column: no per-task usage")
             return sec
         fig, axes = plt.subplots(2, len(frames), figsize=(5.2 * len(frames), 6.0), squeeze=False, sharex="col")
-        for j, (r, n, f) in enumerate(frames):
+        for j, (_r, n, f) in enumerate(frames):
             for task, g in f.groupby("source"):
                 axes[0, j].plot(g["step"], g["share"], label=task)
                 axes[1, j].plot(g["step"], g["weight"], label=task)

@@ -29,7 +29,9 @@ def _write_part(table: pa.Table, path: Path) -> None:
 
 def _scalar(v) -> bool:
     """None or one value (a metrics cell), without np.ndim's cost on the writer thread."""
-    return v is None or isinstance(v, (int, float, bool, str, np.generic)) or (isinstance(v, np.ndarray) and v.ndim == 0)
+    return (
+        v is None or isinstance(v, (int, float, bool, str, np.generic)) or (isinstance(v, np.ndarray) and v.ndim == 0)
+    )
 
 
 class PartWriter:

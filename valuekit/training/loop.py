@@ -123,7 +123,9 @@ def _resolve_model(config: TrainConfig, model, data: ValueDataset, *others: Valu
     shape = tuple(data.image_shape) if data.image_shape else (data.x.shape[1],)
     probe = build_user_model(spec, num_classes=data.num_classes, input_shape=shape,
                              generator=torch.Generator().manual_seed(config.seed), factory=factory)
-    check_output(probe, data.x[:2], data.num_classes, config.model, tables=[d for d in (data, *others) if d is not None])
+    check_output(
+        probe, data.x[:2], data.num_classes, config.model, tables=[d for d in (data, *others) if d is not None]
+    )
     return config, factory
 
 
@@ -234,7 +236,9 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
     if config.early_stopping and (dev_data is None or len(dev_data) == 0):
         raise InputError("early_stopping: needs a dev table (the best model is chosen by dev accuracy)")
     if config.model == "seq2seq" and config.method != "multidds":
-        raise InputError(f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}")
+        raise InputError(
+            f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}"
+        )
     if config.augment != "none" and train_data.image_shape is None:
         raise InputError(f"{train_data.path or 'train'}: --set augment={config.augment} needs an image table")
     from valuekit.models.lm import check_lm, is_lm
@@ -250,9 +254,13 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
         raise InputError(f"--lora {config.lora}: LoRA adapters are for causal LMs (--model hf:DIR or hf-config:DIR), "
                          f"not --model {config.model}")
     elif config.gradient_checkpointing:
-        raise InputError(f"--gradient-checkpointing: for causal LMs (causal-lm, hf:DIR, hf-config:DIR), not --model {config.model}")
+        raise InputError(
+            f"--gradient-checkpointing: for causal LMs (causal-lm, hf:DIR, hf-config:DIR), not --model {config.model}"
+        )
     if config.model == "cnn" and train_data.image_shape is None:
-        raise InputError(f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)")
+        raise InputError(
+            f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)"
+        )
     for d in (train_data, dev_data, test_data):
         if d is not None and d.path and out.resolve() == Path(d.path).resolve():
             raise InputError(f"--out {out}: is an input table; choose another run directory")
@@ -266,7 +274,9 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo, overwrit
         shared = {"run_id": meta["run_id"], "started_at": meta["started_at"], "has_state": state is not None}
         return (lock, state), shared
 
-    local, shared = dist_.rank0_decides(decide, info=info, errors={"RunDirError": RunDirError, "InputError": InputError})
+    local, shared = dist_.rank0_decides(
+        decide, info=info, errors={"RunDirError": RunDirError, "InputError": InputError}
+    )
     if info.is_main:
         return local
     meta["run_id"], meta["started_at"] = shared["run_id"], shared["started_at"]
@@ -469,7 +479,9 @@ class _Loop:
         if self.info.is_main:
             self.writer.metrics.add(**metrics)
             for s, vals in (rec.sources or {}).items():
-                self.writer.sources.add(step=step, source=s, **dict(zip(("prob", "count", "reward", "reward_se"), vals)))
+                self.writer.sources.add(
+                    step=step, source=s, **dict(zip(("prob", "count", "reward", "reward_se"), vals))
+                )
         if diverged:
             self.writer.close("failed", steps_done=step, error=f"non-finite {bad} at step {step}", finished_at=_now())
             raise TrainingDiverged(f"step {step}: training {bad} became NaN/inf; stopped. Everything up to this step "

@@ -79,7 +79,9 @@ def parse_overrides(pairs, method_cls, loop_cfg: TrainConfig | None = None) -> t
 def option(name: str, value, *, loop: bool = False) -> str:
     """How the user wrote a setting: `--steps 0` for loop flags, `--set name=value` otherwise."""
     if loop and name in FLAGS:
-        return f"--{name.replace('_', '-')} {value!r}" if isinstance(value, str) else f"--{name.replace('_', '-')} {value}"
+        return (
+            f"--{name.replace('_', '-')} {value!r}" if isinstance(value, str) else f"--{name.replace('_', '-')} {value}"
+        )
     return f"--set {name}={value}"
 
 
@@ -119,7 +121,11 @@ def _violates(v, r: dict) -> str | None:
     ok = ok and ("le" not in r or v <= r["le"]) and ("lt" not in r or v < r["lt"])
     if ok:
         return None
-    return "must be a finite number" if set(r) == {"finite"} else f"must be {'a finite number ' if r.get('finite') else ''}{_rule_text(r)}"
+    return (
+        "must be a finite number"
+        if set(r) == {"finite"}
+        else f"must be {'a finite number ' if r.get('finite') else ''}{_rule_text(r)}"
+    )
 
 
 def check_fields(cfg, *, loop: bool = False) -> None:

@@ -68,7 +68,9 @@ def prepare_run(out: Path, meta: dict, resume: bool, overwrite: bool = False):
         elif (out / RUN_JSON).exists() and overwrite:  # the lock is held: no process writes there now
             remove_run_files(out, [n for n in (*RUN_FILES, SUBSET_VALUE, SOURCE_TABLE) if n != LOCK])
         elif (out / RUN_JSON).exists():
-            raise RunDirError(f"{out}: already holds a run; pass resume=True to continue it or overwrite=True to replace it")
+            raise RunDirError(
+                f"{out}: already holds a run; pass resume=True to continue it or overwrite=True to replace it"
+            )
     except BaseException:
         lock.unlink(missing_ok=True)
         if created:

@@ -23,7 +23,8 @@ class Sampler(Protocol):
 
 
 def default_sampler(ctx: TrainContext):
-    """RandomSampler; for causal-LM token tables, length-bucketed batches (valuekit.training.samplers.LengthBucketSampler)."""
+    """RandomSampler; for causal-LM token tables, length-bucketed batches
+    (valuekit.training.samplers.LengthBucketSampler)."""
     from valuekit.models.lm import is_lm, token_lengths
     from valuekit.training.samplers import LengthBucketSampler
 

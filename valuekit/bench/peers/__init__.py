@@ -43,8 +43,12 @@ def pydvl_values(x, y, dev_x, dev_y, *, seed: int = 0, k: int = 10, trees: int =
         np.savez(inp, x=np.asarray(x, np.float64), y=np.asarray(y, np.int64), dev_x=np.asarray(dev_x, np.float64),
                  dev_y=np.asarray(dev_y, np.int64))
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        res = subprocess.run([python, str(WORKER), str(inp), str(out), str(seed), str(k), str(trees), ",".join(methods)],
-                             capture_output=True, text=True, env=env)
+        res = subprocess.run(
+            [python, str(WORKER), str(inp), str(out), str(seed), str(k), str(trees), ",".join(methods)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if res.returncode != 0:
             last = (res.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"pyDVL worker failed: {last}")
