@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from os import PathLike
+from typing import Any
 
 from valuekit.config import TrainConfig
 from valuekit.errors import InputError
@@ -78,7 +79,8 @@ def train(
         raise InputError(f"valuekit.train: steps={steps} and epochs={settings['epochs']}: give one of them")
     config = config or TrainConfig()
     loop_fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in (("method", method), ("steps", steps), ("device", device)) if v is not None}
+    given: dict[str, Any] = {k: v for k, v in (("method", method), ("steps", steps), ("device", device))
+                             if v is not None}
     if isinstance(model, str):
         given["model"], model = model, None
     config = dataclasses.replace(config, **given, **{k: v for k, v in settings.items() if k in loop_fields})

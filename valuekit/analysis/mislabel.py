@@ -246,7 +246,7 @@ def _table_features(df, where, reserved, feature_cols, ids, shape, *, base) -> t
     if len(images) != 1:
         return None, why  # the audit still works without features (no predicted_label, no thumbnails)
     col = images[0]
-    hw = tuple(int(v) for v in shape[1:]) if shape is not None and len(shape) == 3 else None
+    hw = (int(shape[1]), int(shape[2])) if shape is not None and len(shape) == 3 else None
     try:
         x, _ = decode_image_column(df[col], where=where, col=col, ids=ids, base=base or Path.cwd(), size=hw,
                                    channels=int(shape[0]) if hw else None)

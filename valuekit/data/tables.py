@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ import pyarrow.parquet as pq
 
 from valuekit.data.memory import fix_mmap_threshold, shared_strings
 from valuekit.errors import InputError
+
+if TYPE_CHECKING:  # the tensors of a ValueDataset; torch itself is imported when a table is loaded
+    import torch
 
 EVAL_COLUMNS = ("is_noisy", "clean_label")
 IMAGE_SHAPE_KEY = b"valuekit.image_shape"
@@ -31,8 +35,8 @@ class ValueDataset:
     """One table in memory: what trainers see (ids, x, y, source) and what only evaluation sees."""
 
     ids: np.ndarray  # int64 or object (str)
-    x: torch.Tensor  # float32 (N, D), D = prod(image_shape) for images  # noqa: F821
-    y: torch.Tensor  # int64 class codes (N,)  # noqa: F821
+    x: torch.Tensor  # float32 (N, D), D = prod(image_shape) for images
+    y: torch.Tensor  # int64 class codes (N,)
     classes: list[str]  # class code -> original label, as text
     source: np.ndarray | None = None  # object (str) per row
     is_noisy: np.ndarray | None = None  # evaluation only
@@ -379,7 +383,7 @@ def load_table(
 
 
 def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, like, where: str,
-                   ids) -> tuple[pd.DataFrame, dict]:
+                   ids) -> tuple[pd.DataFrame, dict | None]:
     """The table with the string column `text_col` replaced by each row's token ids, cut to `max_len` and padded
     to the longest training row (dev/test: to the training width), the one feature of a user's text model;
     and what run.json records of it (the tokenizer's describe(), text_col, max_len). Without a tokenizer: the
@@ -528,6 +532,7 @@ def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: P
     from valuekit.data.images import packed_column, read_image_column
 
     kind = _image_kind(values)
+    assert kind is not None, col  # the caller found an image column here
     data = packed_column(pa.array(values.array)) if kind == "packed" else values.tolist()
     return read_image_column(data, kind, where=where, col=col, ids=ids, base=base,
                              size=size, channels=channels, expect_hw=expect_hw, stream=stream)
@@ -570,7 +575,7 @@ def _decoded_bytes(values: pd.Series, size, want, *, rows: int | None = None) ->
             return 0  # no image among these rows: decide eagerly (validation names the empty rows)
         v = present.iloc[0]
         data = v.get("bytes") if isinstance(v, dict) else v
-        data = data.as_py() if hasattr(data, "as_py") else data
+        data = data.as_py() if data is not None and hasattr(data, "as_py") else data
         if not isinstance(data, (bytes, bytearray)):
             return 0  # file paths: decide eagerly (the files are small or the user says --stream)
         try:

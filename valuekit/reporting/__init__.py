@@ -417,14 +417,15 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
         sec.notes.append(f"image thumbnails: not shown ({table.get('features_note') or 'no image column'})")
     rows_of = {}
     if shape is not None:
+        assert table is not None  # the image shape comes from the table
         rows_of = {i: k for k, i in enumerate(table["ids"].tolist())}
     pct_cols = mislabel.value_columns(frame, pct=True)  # every method on one scale in the table
     header = ["rank", "id"] + (["image"] if shape else []) + ["given", "predicted", "label_score", "flagged"]
     header += [c for c in pct_cols] + (["is_noisy"] if "is_noisy" in frame.columns else [])
     rows = []
     for rec in frame.head(top_k).to_dict("records"):
-        cells = [{"text": str(rec["rank"])}, {"text": str(rec["id"])}]
-        if shape:
+        cells: list[dict[str, str | None]] = [{"text": str(rec["rank"])}, {"text": str(rec["id"])}]
+        if shape and table is not None:
             k = rows_of.get(rec["id"])
             cells.append({"img": figures.thumbnail_uri(table["x"][k], shape) if k is not None else None,
                           "alt": f"image of id {rec['id']}"})
@@ -536,7 +537,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
 
         training_table(runs[0], data)
 
-    sections = [_summary(runs, names), _training(runs, names)]
+    sections: list[_Section | None] = [_summary(runs, names), _training(runs, names)]
     audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
     labels, noisy, label_notes = {}, {}, []
     classes_of = {n: [str(c) for c in r.meta.get("classes") or []] for r, n in zip(runs, names)}
@@ -569,19 +570,22 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     sections.append(_rewards(runs, names))
     sections.append(audit_sec)
     sections.append(_subsets(runs, names))
-    sections = [s for s in sections if s is not None]
-    for number, s in enumerate(sections, 1):  # no gaps where a section is absent
+    shown = [s for s in sections if s is not None]
+    for number, s in enumerate(shown, 1):  # no gaps where a section is absent
         s.number = number
 
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined)
     page = env.get_template(TEMPLATE).render(
-        title=title or "valuekit report: " + ", ".join(names), runs=names, sections=sections,
+        title=title or "valuekit report: " + ", ".join(names), runs=names, sections=shown,
         generated=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         version=__import__("valuekit").__version__,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_atomic(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    def write(tmp: Path) -> None:
+        tmp.write_text(page, encoding="utf-8")
+
+    return write_atomic(out, write)
 
 
 __all__ = ["write_report"]
