@@ -66,7 +66,7 @@ def run(args) -> int:
         raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
     if args.method is not None:
-        from valuekit.training.loop import train
+        from valuekit.api import train
 
         if not args.dev:
             raise InputError("--method needs --dev DEV (the small trusted table)")

@@ -92,7 +92,7 @@ def _launch(args) -> int:
 
 
 def run(args) -> int:
-    from valuekit.training.loop import train
+    from valuekit.api import train
 
     check_output(args.out, option="--out", kind="run", inputs=[args.table, args.dev, args.test])
     if args.nproc is not None and args.nproc < 1:

@@ -23,11 +23,12 @@ try:  # the package layout by concern
     from valuekit.bench.common import bench_tables
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 except ImportError:  # the flat layout before it
     from valuekit.bench import _bench_tables as bench_tables
     from valuekit.datasets import load_table
-    from valuekit.trainers.base import TrainConfig, train
+    from valuekit.trainers.base import TrainConfig
+    from valuekit.trainers.base import train as run_training
 method, out, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 if method == "multidds":
     tr, dv = bench_tables(data, sources=3); te = None
@@ -36,7 +37,7 @@ else:
     te = load_table(data / "test.parquet", like=tr, name="test")
 cfg = TrainConfig(method=method, steps=60, batch_size=32, eval_every=20, log_every=20, checkpoint_every=30,
                   progress=False, device="cpu", seed=1)
-train(tr, dv, te, out=out, config=cfg)
+run_training(tr, dv, te, out=out, config=cfg)
 """
 TIME_COLS = {"step_time", "wall_time", "cuda_mem_mb"}
 

@@ -255,7 +255,7 @@ def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path
 
     from valuekit.data.tables import load_table
     from valuekit.training import method as method_module
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     code = _doc().split("```python\n")[1].split("```")[0]
     (tmp_path / "toy_method.py").write_text(code)                               # step 1
@@ -267,8 +267,8 @@ def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path
     cfg = TrainConfig(method="toy", steps=12, batch_size=16, eval_every=6, log_every=6, checkpoint_every=6,
                       progress=False, device="cpu")
     with pytest.raises(InputError, match=r"--set temperature=0.0: must be a finite number > 0"):
-        train(tr, dev, out=tmp_path / "bad", config=cfg, method_config={"temperature": 0.0})
-    run = train(tr, dev, out=tmp_path / "run", config=cfg, method_config={"temperature": 2.0})
+        run_training(tr, dev, out=tmp_path / "bad", config=cfg, method_config={"temperature": 0.0})
+    run = run_training(tr, dev, out=tmp_path / "run", config=cfg, method_config={"temperature": 2.0})
     assert run.meta["status"] == "completed" and run.meta["method_config"] == {"temperature": 2.0}
     assert run.meta["acc_metric"] == run.acc_metric == "accuracy"
     steps = run.steps().to_pandas()

@@ -18,7 +18,7 @@ from valuekit.data.tables import load_table
 from valuekit.errors import InputError
 from valuekit.methods import bads
 from valuekit.training.context import Batch, TrainContext
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 
 DT = torch.float64
 
@@ -418,7 +418,7 @@ def _train(tmp_path, name, *, steps, seed=0, resume=False, method_config=None, d
     cfg = TrainConfig(method="bads", model="mlp", hidden=16, steps=steps, batch_size=16, seed=seed, eval_every=50,
                       log_every=40, checkpoint_every=40, progress=False)
     mc = {"burn_in": 40, "dev_batch_size": 10, **(method_config or {})}
-    return train(tr, dev, te, out=tmp_path / name, config=cfg, method_config=mc, resume=resume), tr
+    return run_training(tr, dev, te, out=tmp_path / name, config=cfg, method_config=mc, resume=resume), tr
 
 
 def test_same_seed_same_run_other_seed_differs(tmp_path):
@@ -509,7 +509,7 @@ def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
     data = load_table(tr_df)
     hook = _FirstNet()
     cfg = TrainConfig(method="bads", model="mlp", hidden=16, steps=60, batch_size=16, eval_every=50, progress=False)
-    cold = train(data, load_table(dev_df, like=data, name="dev"), out=tmp_path / "cold", config=cfg, hooks=[hook],
+    cold = run_training(data, load_table(dev_df, like=data, name="dev"), out=tmp_path / "cold", config=cfg, hooks=[hook],
                  method_config={"weight_net": True, "s_avg": 5, "burn_in": 10, "dev_batch_size": 10,
                                 "temperature": 0.0})
     last = hook.trainer.weight_net.state_dict()

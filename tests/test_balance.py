@@ -115,7 +115,7 @@ def test_on_a_real_uniform_run(tmp_path):
     """Uniform training logs no label column in values.parquet: labels come from steps/; weights are 1."""
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     rng = np.random.default_rng(0)
     y = np.array(["x"] * 12 + ["y"] * 6 + ["z"] * 2)
@@ -126,7 +126,7 @@ def test_on_a_real_uniform_run(tmp_path):
     dev_df.to_parquet(tmp_path / "dev.parquet")
     tr = load_table(tmp_path / "train.parquet")
     dv = load_table(tmp_path / "dev.parquet", like=tr, name="dev")
-    run = train(tr, dv, out=tmp_path / "run", config=TrainConfig(steps=10, batch_size=10, progress=False))
+    run = run_training(tr, dv, out=tmp_path / "run", config=TrainConfig(steps=10, batch_size=10, progress=False))
     df = class_balance(run)
     np.testing.assert_allclose(df["empirical"], [0.6, 0.3, 0.1])
     np.testing.assert_allclose(df["scorer_mass"], [0.6, 0.3, 0.1])

@@ -10,7 +10,7 @@ import pytest
 from valuekit.config import TrainConfig
 from valuekit.data.tables import load_table
 from valuekit.runs.layout import COLUMN_DOCS_KEY
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 
 EXPECT = {  # method -> (words in value's doc, words in value_std's doc)
     "uniform": ("minus the row's mean training loss", "std of the row's training loss"),
@@ -27,7 +27,7 @@ def test_values_parquet_and_run_json_say_what_value_means(method, tables, tmp_pa
     tr = load_table(tables["train"])
     dev = load_table(tables["dev"], like=tr, name="dev")
     cfg = TrainConfig(method=method, steps=6, batch_size=16, eval_every=3, progress=False, device="cpu")
-    run = train(tr, dev, out=tmp_path / method, config=cfg)
+    run = run_training(tr, dev, out=tmp_path / method, config=cfg)
     docs = run.column_docs
     value_words, std_words = EXPECT[method]
     assert value_words in docs["value"] and std_words in docs["value_std"] and docs["weight"]
@@ -43,6 +43,6 @@ def test_the_report_says_what_value_means(tables, tmp_path):
     tr = load_table(tables["train"])
     dev = load_table(tables["dev"], like=tr, name="dev")
     cfg = TrainConfig(method="dds", steps=6, batch_size=16, eval_every=3, progress=False, device="cpu")
-    run = train(tr, dev, out=tmp_path / "dds", config=cfg)
+    run = run_training(tr, dev, out=tmp_path / "dds", config=cfg)
     page = Path(write_report(run, tmp_path / "r.html")).read_text()
     assert "value means" in page and "the in-run value: the mean of the within-class percentile ranks" in page

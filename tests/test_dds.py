@@ -16,7 +16,7 @@ from valuekit.errors import InputError
 from valuekit.methods import dds, uniform
 from valuekit.ops.losses import per_example_loss
 from valuekit.training.context import Batch, TrainContext
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 
 DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"  # from any working directory
 
@@ -192,7 +192,7 @@ def run_dds(digits, out, *, steps=12, resume=False, **mcfg):
     tr, dv = digits
     cfg = TrainConfig(method="dds", steps=steps, batch_size=32, hidden=32, eval_every=6, log_every=4,
                       checkpoint_every=4, progress=False)
-    return train(
+    return run_training(
         tr,
         dv,
         out=out,
@@ -254,6 +254,6 @@ def test_retrained_dds_loads_the_scorer(digits, tmp_path):
     assert np.all(plain.values()["scorer_logit"].to_numpy() == 0)
     # a run without a scorer cannot seed retrained DDS
     tr, dv = digits
-    u = train(tr, dv, out=tmp_path / "u", config=TrainConfig(steps=2, progress=False))
+    u = run_training(tr, dv, out=tmp_path / "u", config=TrainConfig(steps=2, progress=False))
     with pytest.raises(InputError, match="no DDS scorer"):
         run_dds(digits, tmp_path / "bad", steps=2, init_scorer=str(u.path))

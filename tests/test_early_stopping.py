@@ -20,7 +20,7 @@ from valuekit.runs.reader import read_run
 from valuekit.training.context import evaluate
 from valuekit.training.early_stopping import eval_interval, schedule
 from valuekit.training.loop import make_trainer
-from valuekit.training.loop import train as train_loop
+from valuekit.training.loop import run_training as train_loop
 
 FAST = dict(batch_size=16, device="cpu", progress=False, hidden=16, lr=3e-2)
 
@@ -176,7 +176,7 @@ def test_early_stopping_without_a_dev_table_is_refused(tables, tmp_path, capsys)
         main(["train", str(tables["train"]), "--early-stopping", "--out", str(out)])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and err.count("\n") == 1 and "--dev" in err and not out.exists()
-    with pytest.raises(InputError, match="^valuekit.train: a trusted dev table is required .*early_stopping"):
+    with pytest.raises(InputError, match="^valuekit.train: dev is None; .*early_stopping chooses the model by it"):
         valuekit.train(str(tables["train"]), out=out, early_stopping=True)
     tr = load_table(tables["train"])
     with pytest.raises(InputError, match="^early_stopping: needs a dev table"):

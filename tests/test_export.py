@@ -586,11 +586,11 @@ def test_cli_scores_a_trained_run(tables, tmp_path, capsys):
 
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     train_ds = load_table(tables["train"])
     dev_ds = load_table(tables["dev"], like=train_ds, name="dev")
-    run = train(train_ds, dev_ds, out=tmp_path / "run",
+    run = run_training(train_ds, dev_ds, out=tmp_path / "run",
                 config=TrainConfig(method="uniform", model="linear", steps=2, batch_size=16, progress=False))
     out = tmp_path / "scored.csv"
     assert main(["score", str(tables["train"]), "--run", str(run.path), "-o", str(out), "--keep-fraction", "0.5"]) == 0

@@ -14,7 +14,7 @@ from valuekit.data.tables import load_table
 from valuekit.errors import InputError
 from valuekit.methods import hostcp
 from valuekit.training.context import Batch, TrainContext
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"  # inside cvxpylayers/diffcp
@@ -123,7 +123,7 @@ def run_hostcp(digits, out, *, steps=12, resume=False, batch_size=32, **mcfg):
     tr, dv = digits
     cfg = TrainConfig(method="hostcp", steps=steps, batch_size=batch_size, hidden=32, eval_every=6, log_every=4,
                       checkpoint_every=4, progress=False, lr=3e-3)
-    return train(
+    return run_training(
         tr,
         dv,
         out=out,

@@ -610,7 +610,7 @@ def test_lora_on_the_builtin_lm_or_a_classifier_exits_2(tables, tmp_path, capsys
 @pytest.mark.parametrize("model", ["causal-lm", "hf-config", "hf-config-lora"])
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, tmp_path, monkeypatch, method, model):
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     lora = 4 if model.endswith("-lora") else 0
     if model.startswith("hf-config"):
@@ -635,7 +635,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_values(tables, t
         cfg = TrainConfig(method=method, model=model, steps=4, batch_size=8, seed=0, device="cpu", progress=False,
                           eval_every=4, checkpoint_every=4, hidden=32, gradient_checkpointing=on, lora=lora)
         calls.clear()
-        values[on] = train(tr, dv, out=tmp_path / f"run-{on}", config=cfg).values()
+        values[on] = run_training(tr, dv, out=tmp_path / f"run-{on}", config=cfg).values()
         counts[on] = len(calls)
     pd.testing.assert_frame_equal(values[False], values[True], rtol=1e-5, atol=1e-7)
     assert counts[True] > counts[False]  # blocks ran again in the backward of the training steps
@@ -701,7 +701,7 @@ def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tm
     from valuekit.data import memory
     from valuekit.data import tables as datasets
     from valuekit.training import loop as base
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     asked = []
     record = lambda *, causal_lm=False: asked.append(causal_lm) or False  # noqa: E731
@@ -710,7 +710,7 @@ def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tm
     monkeypatch.setattr(datasets, "fix_mmap_threshold", record)
     tr, dv = load_instructions(tables[0], max_len=32), load_instructions(tables[1], max_len=32, name="dev")
     assert asked == [True, True]
-    train(tr, dv, out=tmp_path / "lm", config=TrainConfig(model="causal-lm", steps=1, batch_size=4, device="cpu",
+    run_training(tr, dv, out=tmp_path / "lm", config=TrainConfig(model="causal-lm", steps=1, batch_size=4, device="cpu",
                                                           progress=False))
     assert asked == [True, True, True]
     from pathlib import Path
@@ -718,6 +718,6 @@ def test_instruction_tables_and_causal_lm_runs_fix_the_mmap_threshold(tables, tm
     from valuekit.data.tables import load_table
 
     digits = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
-    train(load_table(digits / "train.parquet"), load_table(digits / "dev.parquet"), out=tmp_path / "mlp",
+    run_training(load_table(digits / "train.parquet"), load_table(digits / "dev.parquet"), out=tmp_path / "mlp",
           config=TrainConfig(model="mlp", steps=1, batch_size=4, device="cpu", progress=False))
     assert asked == [True, True, True, False, False, False]

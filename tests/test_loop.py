@@ -16,7 +16,7 @@ from valuekit.methods.uniform import Config as UniformConfig
 from valuekit.runs.layout import METRICS_SCHEMA, steps_schema
 from valuekit.runs.lock import acquire_lock
 from valuekit.runs.reader import read_run
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 from valuekit.training.options import parse_overrides, resolve_device
 
 
@@ -38,7 +38,7 @@ def _cfg(**kw):
 
 def test_uniform_run_directory_contents(tables, tmp_path):
     tr, dev, test = _load(tables)
-    run = train(tr, dev, test, out=tmp_path / "run", config=_cfg())
+    run = run_training(tr, dev, test, out=tmp_path / "run", config=_cfg())
     steps = run.steps()
     assert steps.num_rows == 30 * 16
     assert steps.schema.remove_metadata() == steps_schema("int64")
@@ -73,15 +73,15 @@ def test_uniform_run_directory_contents(tables, tmp_path):
 
 
 def test_training_never_reads_evaluation_columns(tables, tmp_path):
-    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
-    b = train(*_load(tables, drop_eval=True), out=tmp_path / "b", config=_cfg()).values()
+    a = run_training(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    b = run_training(*_load(tables, drop_eval=True), out=tmp_path / "b", config=_cfg()).values()
     pd.testing.assert_frame_equal(a, b)
 
 
 def test_same_seed_same_values_other_seed_differs(tables, tmp_path):
-    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
-    b = train(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
-    c = train(*_load(tables), out=tmp_path / "c", config=_cfg(seed=1)).values()
+    a = run_training(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    b = run_training(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
+    c = run_training(*_load(tables), out=tmp_path / "c", config=_cfg(seed=1)).values()
     pd.testing.assert_frame_equal(a, b)
     assert not np.allclose(a.value.fillna(0), c.value.fillna(0))
 
@@ -89,17 +89,17 @@ def test_same_seed_same_values_other_seed_differs(tables, tmp_path):
 def test_the_loop_returns_freed_heap_every_few_seconds_without_changing_the_run(tables, tmp_path, monkeypatch):
     import valuekit.training.loop as base
 
-    a = train(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
+    a = run_training(*_load(tables), out=tmp_path / "a", config=_cfg()).values()
     calls = []
     monkeypatch.setattr(base, "TRIM_SECONDS", -1.0)  # every step
     monkeypatch.setattr(base, "trim_heap", lambda: calls.append(1) or True)
-    b = train(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
+    b = run_training(*_load(tables), out=tmp_path / "b", config=_cfg()).values()
     assert len(calls) == 30
     pd.testing.assert_frame_equal(a, b)
 
 
 def test_resume_after_interrupt_equals_uninterrupted(tables, tmp_path):
-    full = train(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
+    full = run_training(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
 
     class StopAt:
         def on_step_end(self, step, batch, record, trainer):
@@ -107,11 +107,11 @@ def test_resume_after_interrupt_equals_uninterrupted(tables, tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), hooks=[StopAt()])
+        run_training(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), hooks=[StopAt()])
     partial = read_run(tmp_path / "part")
     assert partial.meta["status"] == "interrupted" and partial.meta["steps_done"] == 17
     assert partial.values(partial=False) is None and partial.steps().num_rows == 17 * 16
-    resumed = train(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), resume=True)
+    resumed = run_training(*_load(tables), out=tmp_path / "part", config=_cfg(steps=40), resume=True)
     pd.testing.assert_frame_equal(full.values(), resumed.values())
     a = full.steps().to_pandas().sort_values(["step", "example_id"], ignore_index=True)
     b = resumed.steps().to_pandas().sort_values(["step", "example_id"], ignore_index=True)
@@ -120,30 +120,30 @@ def test_resume_after_interrupt_equals_uninterrupted(tables, tmp_path):
 
 
 def test_resume_extends_a_finished_run(tables, tmp_path):
-    full = train(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
-    train(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=20))
-    ext = train(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=40), resume=True)
+    full = run_training(*_load(tables), out=tmp_path / "full", config=_cfg(steps=40))
+    run_training(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=20))
+    ext = run_training(*_load(tables), out=tmp_path / "ext", config=_cfg(steps=40), resume=True)
     pd.testing.assert_frame_equal(full.values(), ext.values())
 
 
 def test_resume_refuses_other_data_or_method(tables, tmp_path):
     tr, dev, test = _load(tables)
-    train(tr, dev, test, out=tmp_path / "run", config=_cfg(steps=10))
+    run_training(tr, dev, test, out=tmp_path / "run", config=_cfg(steps=10))
     other = load_table(pd.read_parquet(tables["train"]).iloc[:-1])
     with pytest.raises(RunDirError, match="--resume with different data"):
-        train(other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True)
+        run_training(other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True)
     with pytest.raises(RunDirError, match="--resume with different config") as err:
-        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
+        run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
     lr = _cfg(steps=10).lr  # the message names the setting and both values
     assert f"config (lr: the run has {lr!r}, this call 0.5)" in str(err.value)
     with pytest.raises(RunDirError, match="already holds a run"):
-        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=20))
+        run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=20))
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_log(tables, tmp_path):
     tr, dev, _ = _load(tables)
     with pytest.raises(TrainingDiverged, match=r"step \d+: training loss became NaN/inf") as err:
-        train(tr, dev, out=tmp_path / "run", config=_cfg(steps=200, optimizer="sgd", lr=1e30, momentum=0.0))
+        run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=200, optimizer="sgd", lr=1e30, momentum=0.0))
     step = int(str(err.value).split(":")[0].split()[1])
     run = read_run(tmp_path / "run")
     assert run.meta["status"] == "failed" and run.meta["steps_done"] == step

@@ -22,7 +22,7 @@ from valuekit.errors import InputError
 from valuekit.methods.lrdi import Config, Trainer, student_signals
 from valuekit.ops.losses import per_example_loss
 from valuekit.training.context import Batch, TrainContext
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 from valuekit.training.options import parse_overrides
 
 DIGITS = Path(__file__).resolve().parents[1] / "data" / "digits-noisy20"
@@ -279,7 +279,7 @@ def test_short_run_logs_weights_rewards_and_values(tmp_path, variant):
     data, dev, test = _tables()
     steps, bsz = 60, 32
     keep = Keep()
-    run = train(data, dev, test, out=tmp_path / variant,
+    run = run_training(data, dev, test, out=tmp_path / variant,
                 config=TrainConfig(method=variant, steps=steps, batch_size=bsz, eval_every=30, progress=False),
                 method_config={"std_epochs": 1}, hooks=[keep])
     assert run.meta["method_config"]["variant"] == variant
@@ -344,10 +344,10 @@ def test_resume_equals_uninterrupted(tmp_path, variant):
     cfg = TrainConfig(method=variant, steps=30, batch_size=32, eval_every=10, checkpoint_every=1000,
                       progress=False)
     mc = {"unroll": 2, "std_epochs": 1}
-    full = train(data, dev, test, out=tmp_path / "full", config=cfg, method_config=mc)
+    full = run_training(data, dev, test, out=tmp_path / "full", config=cfg, method_config=mc)
     with pytest.raises(KeyboardInterrupt):
-        train(data, dev, test, out=tmp_path / "cut", config=cfg, method_config=mc, hooks=[StopAt(13)])
-    cut = train(data, dev, test, out=tmp_path / "cut", config=cfg, method_config=mc, resume=True)
+        run_training(data, dev, test, out=tmp_path / "cut", config=cfg, method_config=mc, hooks=[StopAt(13)])
+    cut = run_training(data, dev, test, out=tmp_path / "cut", config=cfg, method_config=mc, resume=True)
     a, b = full.steps().to_pandas(), cut.steps().to_pandas().sort_values(["step"], kind="stable")
     assert len(a) == len(b) == 30 * 32
     for col in ("example_id", "weight", "reward", "loss"):

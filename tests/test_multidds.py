@@ -12,7 +12,7 @@ from valuekit.data.tables import load_table
 from valuekit.errors import InputError
 from valuekit.methods import multidds
 from valuekit.training.context import Batch, TrainContext
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 
 torch.set_num_threads(1)
 
@@ -48,7 +48,7 @@ def cfg(steps=150, **kw):
 @pytest.mark.parametrize("sampling", ["categorical", "bernoulli"])
 def test_copy_source_rises_above_noise_source(tmp_path, sampling):
     tr, train_ds, dev_ds = make_tables()
-    run = train(train_ds, dev_ds, out=tmp_path / "r", config=cfg(),
+    run = run_training(train_ds, dev_ds, out=tmp_path / "r", config=cfg(),
                 method_config={"update_every": 64, "sampling": sampling})
     s = run.sources()
     prob = s.pivot(index="step", columns="source", values="prob")
@@ -226,7 +226,7 @@ def test_values_are_unconfounded_and_source_table_is_written(tmp_path):
     tr, _, dev_ds = make_tables(n=60, dev_source=True)
     keep = ~((tr.label == "0") & (tr.source != "copy"))
     train_ds = load_table(tr[keep].reset_index(drop=True))
-    run = train(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=60), method_config={"update_every": 64})
+    run = run_training(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=60), method_config={"update_every": 64})
     v = run.values().merge(pd.DataFrame({"example_id": tr[keep].id, "source": tr[keep].source,
                                          "label": tr[keep].label}))
     st = run.source_table().set_index("source")
@@ -252,7 +252,7 @@ def test_values_are_unconfounded_and_source_table_is_written(tmp_path):
 def test_default_scorer_update_every_1024_training_examples(tmp_path):
     # the default interval (reports/suite-multidds-update-every.md): batch 32 -> an update on steps 32 and 64
     _, train_ds, dev_ds = make_tables()
-    run = train(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=70))
+    run = run_training(train_ds, dev_ds, out=tmp_path / "r", config=cfg(steps=70))
     s = run.sources()
     assert sorted(s[s.reward.notna()].step.unique()) == [32, 64]
     m = run.metrics()
@@ -275,10 +275,10 @@ def test_sampler_draws_only_available_cells_with_scorer_probabilities():
 def test_resume_equals_uninterrupted(tmp_path):
     _, train_ds, dev_ds = make_tables(n=60)
     mc = {"update_every": 64, "init": "tcs"}
-    full = train(train_ds, dev_ds, out=tmp_path / "full", config=cfg(steps=40, checkpoint_every=20),
+    full = run_training(train_ds, dev_ds, out=tmp_path / "full", config=cfg(steps=40, checkpoint_every=20),
                  method_config=mc)
-    train(train_ds, dev_ds, out=tmp_path / "part", config=cfg(steps=20, checkpoint_every=20), method_config=mc)
-    resumed = train(train_ds, dev_ds, out=tmp_path / "part", config=cfg(steps=40, checkpoint_every=20),
+    run_training(train_ds, dev_ds, out=tmp_path / "part", config=cfg(steps=20, checkpoint_every=20), method_config=mc)
+    resumed = run_training(train_ds, dev_ds, out=tmp_path / "part", config=cfg(steps=40, checkpoint_every=20),
                     method_config=mc, resume=True)
     pd.testing.assert_frame_equal(full.values(), resumed.values())
     pd.testing.assert_frame_equal(full.sources().reset_index(drop=True), resumed.sources().reset_index(drop=True))
@@ -296,10 +296,10 @@ def test_bad_settings_and_tables(tmp_path):
     tr, train_ds, dev_ds = make_tables(n=20)
     no_src = load_table(tr.drop(columns="source"))
     with pytest.raises(InputError, match="source"):
-        train(no_src, load_table(tr.drop(columns="source"), like=no_src, name="dev"), out=tmp_path / "x",
+        run_training(no_src, load_table(tr.drop(columns="source"), like=no_src, name="dev"), out=tmp_path / "x",
               config=cfg(steps=2))
     with pytest.raises(InputError, match="init=target"):
-        train(train_ds, dev_ds, out=tmp_path / "y", config=cfg(steps=2), method_config={"init": "target"})
+        run_training(train_ds, dev_ds, out=tmp_path / "y", config=cfg(steps=2), method_config={"init": "target"})
 
 
 def test_tcs_prior_from_features_and_text():

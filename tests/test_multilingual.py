@@ -188,13 +188,13 @@ def test_seq2seq_loss_matches_token_cross_entropy_and_ignores_padding():
 def test_translation_trains_in_the_loop_with_null_labels(tmp_path):
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_text_pairs
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     tr = pd.read_parquet(DATA / "train.parquet")
     tr = tr[tr.source.isin(["ast", "es", "ja"]) & (tr.src_text.str.len() < 20)].head(300)
     train_ds = load_text_pairs(tr.reset_index(drop=True), max_len=24)
     dev = load_text_pairs(DATA / "dev.parquet", max_len=24, name="dev")
-    run = train(train_ds, dev, out=tmp_path / "r", method_config={"update_every": 32, "init": "tcs"},
+    run = run_training(train_ds, dev, out=tmp_path / "r", method_config={"update_every": 32, "init": "tcs"},
                 config=TrainConfig(method="multidds", model="seq2seq", steps=6, batch_size=16, hidden=16,
                                    eval_every=3, progress=False))
     steps = run.steps(["label", "source", "loss"]).to_pandas()

@@ -691,7 +691,7 @@ def test_valuekit_train_keeps_the_older_dataset_and_config_form(tables, tmp_path
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
     from valuekit.methods.dds import Config as DDSConfig
-    from valuekit.training.loop import train as loop_train
+    from valuekit.training.loop import run_training as loop_train
 
     tr = load_table(tables["train"])
     dv, te = load_table(tables["dev"], like=tr, name="dev"), load_table(tables["test"], like=tr, name="test")

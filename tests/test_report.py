@@ -74,7 +74,7 @@ def uniform_run(tmp_path_factory):
 
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("runs") / "uniform"
@@ -82,7 +82,7 @@ def uniform_run(tmp_path_factory):
     dev = load_table(DATA / "dev.parquet", like=tr, name="dev")
     test = load_table(DATA / "test.parquet", like=tr, name="test")
     cfg = TrainConfig(steps=60, eval_every=20, log_every=20, checkpoint_every=60, progress=False, device="cpu")
-    train(tr, dev, test, out=out, config=cfg)
+    run_training(tr, dev, test, out=out, config=cfg)
     return out
 
 

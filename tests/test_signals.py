@@ -8,7 +8,7 @@ import torch
 from valuekit.config import TrainConfig
 from valuekit.data.tables import load_table
 from valuekit.runs.reader import read_run
-from valuekit.training.loop import train
+from valuekit.training.loop import run_training
 from valuekit.training.signals import SignalAccumulator, class_percentile, class_standardise, margins, rank_average
 
 
@@ -67,7 +67,7 @@ def test_sequence_margins_are_the_mean_over_scored_tokens():
 def test_columns_equal_explicit_means_over_the_step_log(tables, tmp_path, method):
     hook = Margins()
     over = {"update_every": 2, "scorer_warmup": 5} if method == "dds" else None
-    run = train(*_load(tables), out=tmp_path / method, config=_cfg(method), method_config=over, hooks=[hook])
+    run = run_training(*_load(tables), out=tmp_path / method, config=_cfg(method), method_config=over, hooks=[hook])
     vals = run.values().set_index("example_id")
     steps = run.steps().to_pandas()
     g = steps.groupby("example_id")
@@ -111,7 +111,7 @@ def test_unseen_rows_are_nan_and_sums_are_exact():
 
 def test_resume_gives_identical_signals(tables, tmp_path):
     over = {"update_every": 2, "scorer_warmup": 5}
-    full = train(*_load(tables), out=tmp_path / "full", config=_cfg("dds"), method_config=over)
+    full = run_training(*_load(tables), out=tmp_path / "full", config=_cfg("dds"), method_config=over)
 
     class StopAt:
         def on_step_end(self, step, batch, record, trainer):
@@ -119,8 +119,8 @@ def test_resume_gives_identical_signals(tables, tmp_path):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, hooks=[StopAt()])
-    resumed = train(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, resume=True)
+        run_training(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, hooks=[StopAt()])
+    resumed = run_training(*_load(tables), out=tmp_path / "part", config=_cfg("dds"), method_config=over, resume=True)
     a, b = full.values(), resumed.values()
     for col in ("mean_loss", "aum", "mean_weight", "mean_reward", "times_seen", "value", "scorer_logit"):
         np.testing.assert_array_equal(a[col].to_numpy(), b[col].to_numpy(), err_msg=col)

@@ -161,7 +161,7 @@ def test_streamed_rows_read_the_same_tokens_from_a_file_that_goes_with_the_table
 
 def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     prompts, responses = _texts(40, seed=6)
     df = pd.DataFrame({"id": np.arange(40), "prompt": prompts, "response": responses})
@@ -174,7 +174,7 @@ def test_a_streamed_instruction_run_equals_the_in_memory_run(tmp_path):
         )
         cfg = TrainConfig(method="dds", model="causal-lm", steps=6, batch_size=8, seed=0, device="cpu", progress=False,
                           eval_every=3, checkpoint_every=6)
-        runs[stream] = train(tr, dv, out=tmp_path / f"run-{stream}", config=cfg).values()
+        runs[stream] = run_training(tr, dv, out=tmp_path / f"run-{stream}", config=cfg).values()
     pd.testing.assert_frame_equal(runs[False], runs[True])
     assert len(runs[True]) == 40 and runs[True]["value"].notna().all()
 

@@ -61,7 +61,7 @@ def train(
     of the best dev accuracy (`run.best_model_path`; see `valuekit.training.loop.train`).
     An `out` that already holds a run is refused unless `resume=True` (continue it) or `overwrite=True`
     (replace it; said on stderr), so a notebook cell can be run again with `overwrite=True`."""
-    from valuekit.training.loop import train as train_loop
+    from valuekit.training.loop import run_training
     from valuekit.training.method import method_spec
 
     for arg, value in (("train", train), ("dev", dev)):
@@ -109,5 +109,5 @@ def train(
     train_ds = _table(train, "train", table_kw=table_kw)
     dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
-    return train_loop(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
+    return run_training(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
                       hooks=hooks, name=name, model=model, overwrite=overwrite)

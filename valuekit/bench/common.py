@@ -256,7 +256,7 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
     import valuekit.runs.layout as runlog
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     tr = load_table(BUNDLED / "train.parquet")
     dv = load_table(BUNDLED / "dev.parquet", like=tr, name="dev")
@@ -273,7 +273,7 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
                 runlog.AsyncPartWriter = _SyncPartWriter if kind == "synclog" else meter
                 try:
                     t0, c0 = time.perf_counter(), time.process_time()
-                    train(tr, dv, out=Path(tmp) / f"r{r}-{kind}", config=cfg)
+                    run_training(tr, dv, out=Path(tmp) / f"r{r}-{kind}", config=cfg)
                     times[kind].append(time.perf_counter() - t0)
                     cpu[kind].append(time.process_time() - c0)
                 finally:

@@ -30,7 +30,7 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int, steps: int |
     """One timed epoch in this (child) process; see the module docstring. `steps`: train that many steps instead
     (several passes over a small table: memory at the same number of steps as a larger table's epoch)."""
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     tr, dv = child_tables(data, rows, stream=True)
     steps = steps or math.ceil(rows / batch_size)
@@ -38,7 +38,7 @@ def epoch_child(data: str, method: str, rows: int, batch_size: int, steps: int |
         cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
                           eval_every=steps, checkpoint_every=steps)
         t0 = time.perf_counter()
-        run = train(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
+        run = run_training(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
         wall = time.perf_counter() - t0
         step_s = run.metrics()["step_time"].to_numpy()
         values = run.values()
@@ -114,7 +114,7 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "",
         "Each row is one child process that trains exactly ceil(N / batch) steps (one pass over the first N rows)",
         "with the full loop: run directory, per-step log, one dev evaluation and checkpoint at the end, and the",
-        "values of every row (streamed scoring). `epoch` = wall time of that `train()` call (timed, not derived);",
+        "values of every row (streamed scoring). `epoch` = wall time of that `run_training()` call (timed, not derived);",
         "`steps/s` = steps / the sum of the loop's step times; peak RSS = the child's VmHWM. Measurements are",
         f"appended to `{RECORDS}` (date and 1-minute load average before each) and a later call skips them.",
         "",

@@ -48,7 +48,7 @@ def llm_memory_child(folder: str, model: str, method: str, rows: int, steps: int
 
     from valuekit.bench.suites_llm import _config
     from valuekit.data.instructions import load_instructions
-    from valuekit.training.loop import make_trainer, train
+    from valuekit.training.loop import make_trainer, run_training
 
     torch.set_num_threads(1)
     tr = load_instructions(Path(folder) / f"train-{rows}.parquet", max_len=MAX_LEN, stream=layout == "streamed")
@@ -60,7 +60,7 @@ def llm_memory_child(folder: str, model: str, method: str, rows: int, steps: int
     rss_loaded = status_mib("VmRSS")
     cfg = _config(method, model, steps, 0, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        run = train(tr, dv, out=Path(tmp) / "run", config=cfg)
+        run = run_training(tr, dv, out=Path(tmp) / "run", config=cfg)
         values = run.values()
     peak = status_mib("VmHWM")
     trainer, _, ctx = make_trainer(tr, dv, cfg)  # a fresh one: the method's per-row state at this N

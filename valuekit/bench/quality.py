@@ -150,7 +150,7 @@ def run_cell(name: str, setting: str, seed: int, folder: Path, *, methods, steps
     from valuekit.analysis.mislabel import detection_metrics, spearman
     from valuekit.analysis.scores import label_score, signal_columns
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     tr, dv, te = _quality_data(name, setting, seed, folder / "data")
     noisy = tr.is_noisy if tr.is_noisy is not None and tr.is_noisy.any() else None
@@ -167,7 +167,7 @@ def run_cell(name: str, setting: str, seed: int, folder: Path, *, methods, steps
         cfg = TrainConfig(method=m, model="mlp", steps=steps, batch_size=64, seed=seed, device=device, progress=False,
                           eval_every=eval_every, log_every=500, checkpoint_every=steps)
         t0 = time.perf_counter()
-        run = train(tr, dv, te, out=folder / m, config=cfg)
+        run = run_training(tr, dv, te, out=folder / m, config=cfg)
         dt = time.perf_counter() - t0
         vals = run.values().set_index("example_id").reindex(tr.ids)
         value = vals.value.to_numpy(dtype=np.float64)

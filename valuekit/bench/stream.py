@@ -41,7 +41,7 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
     """One measured run in this (child) process: load the first `rows` training rows, train `steps` steps of
     `method` on small_resnet, report load time, the loop's own step times, RSS after loading and peak RSS."""
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     t0 = time.perf_counter()
     tr, dv = child_tables(data, rows, stream=stream)
@@ -49,7 +49,7 @@ def _stream_child(data: str, method: str, rows: int, steps: int, batch_size: int
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(method=method, steps=steps, batch_size=batch_size, device="cpu", progress=False,
                           eval_every=steps, checkpoint_every=steps, log_every=steps)
-        run = train(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
+        run = run_training(tr, dv, out=Path(tmp) / "run", config=cfg, model=small_resnet)
         t = run.metrics()["step_time"].to_numpy()
         values = run.values()
     peak = status_mib("VmHWM")
@@ -177,7 +177,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
     frame["interleaved_step_s"] = frame.method.map(med)
     frame["epoch_min_derived"] = np.ceil(frame.rows / batch_size) * frame.interleaved_step_s / 60
     lines = header("Stream: a user's BatchNorm ResNet on PNG bytes, time and peak memory vs N", command, device) + [
-        f"Data: {described}. Model: `valuekit.bench.common.small_resnet`, passed to `train(model=...)` as a user's",
+        f"Data: {described}. Model: `valuekit.bench.common.small_resnet`, passed to `run_training(model=...)` as a user's",
         f"factory (3 residual blocks with BatchNorm, linear head). Batch {batch_size}; CPU, one thread per process.",
         "",
         f"Step time: every method in one process on all {sizes[-1]:,} rows (streamed: each step decodes its 64",

@@ -260,7 +260,7 @@ def run_suite(name: str, out: Path, *, command: str, device: str = "cpu", quick:
     """Run suite `name` and write OUT/<name>.csv, .md and .png; returns the markdown file."""
     from valuekit.bench.common import header, stem, write
     from valuekit.config import TrainConfig
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     if name not in SUITES:
         raise InputError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
@@ -281,7 +281,7 @@ def run_suite(name: str, out: Path, *, command: str, device: str = "cpu", quick:
                                           batch_size=s.batch_size, seed=seed, device=device, progress=False,
                                           eval_every=steps, log_every=max(1, steps // 3), checkpoint_every=steps)
                         t0 = time.perf_counter()
-                        run = train(tr, dv, te, out=folder / f"arm{i}", config=cfg, method_config=arm.settings)
+                        run = run_training(tr, dv, te, out=folder / f"arm{i}", config=cfg, method_config=arm.settings)
                         seconds = time.perf_counter() - t0
                         rows.append({"dataset": d, "setting": setting, "arm": arm.label, "seed": seed,
                                      **_measure(run, tr, dv.y.numpy(), s, seed, steps),

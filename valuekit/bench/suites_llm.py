@@ -103,7 +103,7 @@ def _base_model(gpt: str, uniform_run: Path, folder: Path) -> str:
 def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) -> dict:
     from valuekit.analysis.mislabel import detection_metrics
     from valuekit.export.instructions import score_instructions, task_table
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     table, model, tr, dv, _ = data
     method, settings = ARMS[arm]
@@ -112,7 +112,7 @@ def _value_run(arm: str, data, out: Path, seed: int, steps: int, device: str) ->
         model = _base_model(model, out.parent / _run_name("uniform", data[4], seed, steps),
                             out.parent / _run_name("base", data[4], seed, steps))
     t0 = time.perf_counter()
-    run = completed(train(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device, lora),
+    run = completed(run_training(tr, dv, out=fresh(out), config=_config(method, model, steps, seed, device, lora),
                           method_config=settings))
     seconds = time.perf_counter() - t0
     scored = score_instructions(table, out)
@@ -136,7 +136,7 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
     run (mean reward, per task) or at random; dev and held-out test loss at every evaluation."""
     from valuekit.data.instructions import load_instructions
     from valuekit.export.instructions import score_instructions
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     table, model, tr, dv, dataset = data
     # the test strings are held out of training and of the dev set the methods learn from: the honest check of a half
@@ -165,7 +165,7 @@ def _subset_runs(data, folder: Path, seed: int, steps: int, device: str, rec: Re
             continue
         mask = np.asarray(keep[name](), bool)
         sub = table[mask].reset_index(drop=True)
-        run = completed(train(load_instructions(sub, max_len=MAX_LEN), dv, te,
+        run = completed(run_training(load_instructions(sub, max_len=MAX_LEN), dv, te,
                               out=fresh(folder / _run_name(f"ft-{name}", dataset, seed, steps)),
                               config=_config("uniform", model, steps, seed, device)))
         rec.add(

@@ -75,11 +75,11 @@ def _settings(variant: str, dds_run: Path) -> dict:
 
 def _target_run(data, out: Path, target: str, seed: int, variant: str, steps: int, device: str) -> dict:
     """Train one variant; its record (chrF x 100, per-source final prob / drawn share / reward)."""
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     settings = {**UPDATE, **_settings(variant, out.parent / f"{target}-dds-s{seed}")}
     t0, c0 = time.perf_counter(), time.process_time()
-    run = completed(train(*data, out=fresh(out), config=_config(steps, seed, device), method_config=settings))
+    run = completed(run_training(*data, out=fresh(out), config=_config(steps, seed, device), method_config=settings))
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
     fm, st = run.meta["final_metrics"], run.source_table()
     return {"target": target, "seed": seed, "variant": variant, "steps": steps, "cpu_s": cpu, "wall_s": wall,
@@ -341,7 +341,7 @@ def blend(wide: pd.DataFrame, se: pd.DataFrame, a1: float) -> tuple[pd.DataFrame
 def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None, steps=None,
                datasets=None, methods=None, runs_dir=None, report_only=False) -> Path:
     """multidds-signal: one frozen-scorer run per (target, arm, seed); statistics per a1."""
-    from valuekit.training.loop import train
+    from valuekit.training.loop import run_training
 
     targets, seeds, steps = list(datasets or ("ast",)), list(seeds or (0,)), steps or 200
     arms = [a for a in SIGNAL_ARMS if not methods or a in methods]
@@ -358,7 +358,7 @@ def run_signal(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
                         data = data or _load(prepare_target(target, folder / "data" / target))
                         run_dir = folder / f"{target}-arm{i}-s{seed}-{steps}"
                         c0 = time.process_time()
-                        completed(train(*data[:2], out=fresh(run_dir), config=_config(steps, seed, device,
+                        completed(run_training(*data[:2], out=fresh(run_dir), config=_config(steps, seed, device,
                                         log_steps=False), method_config={**UPDATE, **SIGNAL_ARMS[arm], **FROZEN}))
                         rec.add({"target": target, "seed": seed, "arm": arm, "steps": steps,
                                  "cpu_s": time.process_time() - c0, "run": str(run_dir)})

@@ -129,7 +129,7 @@ def _resolve_model(config: TrainConfig, model, data: ValueDataset, *others: Valu
     return config, factory
 
 
-def train(
+def run_training(
     train_data: ValueDataset,
     dev_data: ValueDataset,
     test_data: ValueDataset | None = None,
