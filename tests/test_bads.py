@@ -509,9 +509,14 @@ def test_weight_net_runs_and_keeps_weights_in_unit_interval(tmp_path):
     data = load_table(tr_df)
     hook = _FirstNet()
     cfg = TrainConfig(method="bads", model="mlp", hidden=16, steps=60, batch_size=16, eval_every=50, progress=False)
-    cold = run_training(data, load_table(dev_df, like=data, name="dev"), out=tmp_path / "cold", config=cfg, hooks=[hook],
-                 method_config={"weight_net": True, "s_avg": 5, "burn_in": 10, "dev_batch_size": 10,
-                                "temperature": 0.0})
+    cold = run_training(
+        data,
+        load_table(dev_df, like=data, name="dev"),
+        out=tmp_path / "cold",
+        config=cfg,
+        hooks=[hook],
+        method_config={"weight_net": True, "s_avg": 5, "burn_in": 10, "dev_batch_size": 10, "temperature": 0.0},
+    )
     last = hook.trainer.weight_net.state_dict()
     moved = max(float((last[k] - hook.first[k]).abs().max()) for k in last)
     assert moved > 1e-3, moved

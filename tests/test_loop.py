@@ -131,7 +131,9 @@ def test_resume_refuses_other_data_or_method(tables, tmp_path):
     run_training(tr, dev, test, out=tmp_path / "run", config=_cfg(steps=10))
     other = load_table(pd.read_parquet(tables["train"]).iloc[:-1])
     with pytest.raises(RunDirError, match="--resume with different data"):
-        run_training(other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True)
+        run_training(
+            other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True
+        )
     with pytest.raises(RunDirError, match="--resume with different config") as err:
         run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
     lr = _cfg(steps=10).lr  # the message names the setting and both values

@@ -114,7 +114,8 @@ def bench_epoch(out: Path, *, command: str, device: str = "cpu", quick: bool = F
         "",
         "Each row is one child process that trains exactly ceil(N / batch) steps (one pass over the first N rows)",
         "with the full loop: run directory, per-step log, one dev evaluation and checkpoint at the end, and the",
-        "values of every row (streamed scoring). `epoch` = wall time of that `run_training()` call (timed, not derived);",
+        "values of every row (streamed scoring). `epoch` = wall time of that `run_training()` call (timed, not "
+        "derived);",
         "`steps/s` = steps / the sum of the loop's step times; peak RSS = the child's VmHWM. Measurements are",
         f"appended to `{RECORDS}` (date and 1-minute load average before each) and a later call skips them.",
         "",

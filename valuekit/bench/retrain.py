@@ -179,7 +179,9 @@ def subset_value(
                     cfg = TrainConfig(method="uniform", model=model, hidden=hidden, steps=steps,
                                       batch_size=min(batch_size, len(rows)), lr=lr, seed=seed, device="cpu",
                                       progress=False, eval_every=steps, log_every=steps, checkpoint_every=steps)
-                    res = run_training(_subset(full, rows), dev_ds, test_ds, out=Path(tmp) / f"{name}-{f}-{seed}", config=cfg)
+                    res = run_training(
+                        _subset(full, rows), dev_ds, test_ds, out=Path(tmp) / f"{name}-{f}-{seed}", config=cfg
+                    )
                     records.append({"fraction": f, "selection": name, "seed": seed,
                                     "test_acc": float(res.meta["final_metrics"]["test_acc"]), "size": len(rows)})
     frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))

@@ -177,7 +177,8 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
     frame["interleaved_step_s"] = frame.method.map(med)
     frame["epoch_min_derived"] = np.ceil(frame.rows / batch_size) * frame.interleaved_step_s / 60
     lines = header("Stream: a user's BatchNorm ResNet on PNG bytes, time and peak memory vs N", command, device) + [
-        f"Data: {described}. Model: `valuekit.bench.common.small_resnet`, passed to `run_training(model=...)` as a user's",
+        f"Data: {described}. Model: `valuekit.bench.common.small_resnet`, passed to `run_training(model=...)` as a "
+        f"user's",
         f"factory (3 residual blocks with BatchNorm, linear head). Batch {batch_size}; CPU, one thread per process.",
         "",
         f"Step time: every method in one process on all {sizes[-1]:,} rows (streamed: each step decodes its 64",
