@@ -44,7 +44,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from valuekit.errors import InputError
-    from valuekit.export.scoring import DEFAULT_BATCH_ROWS, check_selection, write_scored
+    from valuekit.export.scoring import DEFAULT_BATCH_ROWS, Selection, write_scored
     from valuekit.runs.paths import check_output
 
     if (args.run is None) == (args.method is None):
@@ -55,8 +55,8 @@ def run(args) -> int:
     instr = _instruction_export(args, out)
     check_output(args.out, suffixes=(".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()), inputs=inputs,
                  runs=runs)
-    check_selection(args.keep_fraction, args.top_k, args.drop_fraction, args.min_weight, args.subset_only,
-                    args.per_class)
+    selection = Selection(keep_fraction=args.keep_fraction, top_k=args.top_k, drop_fraction=args.drop_fraction,
+                          min_weight=args.min_weight, subset_only=args.subset_only, per_class=args.per_class).check()
     if args.batch_rows is not None and args.batch_rows < 1:
         raise InputError(f"--batch-rows {args.batch_rows}: must be an integer >= 1")
     if args.method is None and args.overwrite:
@@ -101,10 +101,8 @@ def run(args) -> int:
         _warn_unranked(run_dir, args.rank_by)
         return 0
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
-    summary = write_scored(args.table, run_dir, out, id_col=args.id_col, keep_fraction=args.keep_fraction,
-                           top_k=args.top_k, drop_fraction=args.drop_fraction, min_weight=args.min_weight,
-                           subset_only=args.subset_only, batch_rows=batch_rows, progress=True,
-                           per_class=args.per_class, label_col=args.label_col, rank_by=args.rank_by,
+    summary = write_scored(args.table, run_dir, out, selection=selection, id_col=args.id_col, batch_rows=batch_rows,
+                           progress=True, label_col=args.label_col, rank_by=args.rank_by,
                            drop_columns=args.drop_columns)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")

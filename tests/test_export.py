@@ -271,9 +271,9 @@ def test_option_errors(scored, tmp_path):
     out = tmp_path / "o.parquet"
     with pytest.raises(InputError, match="at most one"):
         valuekit.score(scored["path"], scored["run"], out=out, top_k=3, keep_fraction=0.5)
-    with pytest.raises(InputError, match="--subset-only needs"):
+    with pytest.raises(InputError, match="subset_only=True needs"):
         valuekit.score(scored["path"], scored["run"], out=out, subset_only=True)
-    with pytest.raises(InputError, match=r"--keep-fraction 1.5"):
+    with pytest.raises(InputError, match=r"keep_fraction=1.5"):
         valuekit.score(scored["path"], scored["run"], out=out, keep_fraction=1.5)
     with pytest.raises(InputError, match=r"\.parquet or \.csv"):
         valuekit.score(scored["path"], scored["run"], out=tmp_path / "o.json")
@@ -321,19 +321,23 @@ def test_frame_ids_with_missing_values_are_null_ids(scored):
         valuekit.score(df, scored["run"])
 
 
-def test_check_selection_bounds_are_inclusive_where_documented():
-    """The edges of each range (mutation run, reports/tests.md): top-k 1 and drop-fraction 0 are allowed,
-    top-k 0 is not; with no rule and no --subset-only the check passes and reports no rule."""
-    assert export.check_selection() is False
-    assert export.check_selection(top_k=1) is True
-    assert export.check_selection(drop_fraction=0.0) is True
-    assert export.check_selection(keep_fraction=1.0) is True
-    with pytest.raises(InputError, match=r"^--top-k 0: must be >= 1$"):
-        export.check_selection(top_k=0)
-    with pytest.raises(InputError, match=r"^--keep-fraction 0: must be in \(0, 1\]$"):
-        export.check_selection(keep_fraction=0)
-    with pytest.raises(InputError, match=r"^--drop-fraction 1: must be in \[0, 1\)$"):
-        export.check_selection(drop_fraction=1)
+def test_selection_bounds_are_inclusive_where_documented():
+    """The edges of each range (mutation run, reports/tests.md): top_k 1 and drop_fraction 0 are allowed,
+    top_k 0 is not; with no rule and no subset_only the check passes and reports no rule. The message names
+    the argument, its command-line form the flag."""
+    Selection = export.Selection
+    assert Selection().check().has_rule is False
+    assert Selection(top_k=1).check().has_rule is True
+    assert Selection(drop_fraction=0.0).check().has_rule is True
+    assert Selection(keep_fraction=1.0).check().has_rule is True
+    with pytest.raises(InputError, match=r"^top_k=0: must be >= 1$") as err:
+        Selection(top_k=0).check()
+    assert err.value.cli == "--top-k 0: must be >= 1"
+    with pytest.raises(InputError, match=r"^keep_fraction=0: must be in \(0, 1\]$"):
+        Selection(keep_fraction=0).check()
+    with pytest.raises(InputError, match=r"^drop_fraction=1: must be in \[0, 1\)$") as err:
+        Selection(drop_fraction=1).check()
+    assert err.value.cli == "--drop-fraction 1: must be in [0, 1)"
 
 
 # ---------------------------------------------------------------- matching by id

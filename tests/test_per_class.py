@@ -63,9 +63,11 @@ def test_per_class_selection_exact_rows(table):
 
 
 def test_write_reports_starved_classes(table, tmp_path):
-    s = export.write_scored(table["path"], table["run"], tmp_path / "g.parquet", keep_fraction=0.5)
+    s = export.write_scored(table["path"], table["run"], tmp_path / "g.parquet",
+                            selection=export.Selection(keep_fraction=0.5))
     assert s.selected == 5 and [c["label"] for c in s.starved] == ["b"] and s.starved[0]["kept"] == 0
-    s = export.write_scored(table["path"], table["run"], tmp_path / "p.parquet", keep_fraction=0.5, per_class=True)
+    s = export.write_scored(table["path"], table["run"], tmp_path / "p.parquet",
+                            selection=export.Selection(keep_fraction=0.5, per_class=True))
     assert s.starved == []
     got = pd.read_parquet(tmp_path / "p.parquet")
     assert list(got.id[got.selected]) == list(IDS[[0, 2, 4, 6, 8]])
@@ -107,7 +109,7 @@ def test_cli_per_class_and_errors(table, tmp_path, capsys):
     assert main(base + ["--top-k", "3", "--per-class", "--label-col", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "'nope'" in err[0] and not out.exists()
-    with pytest.raises(InputError, match="--per-class needs"):
+    with pytest.raises(InputError, match="per_class=True needs"):
         valuekit.score(table["df"], table["run"], min_weight=1.0, per_class=True)
 
 

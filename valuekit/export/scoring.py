@@ -71,28 +71,53 @@ class _Plan:
 # ---------------------------------------------------------------- pass 1: ids -> plan
 
 
-def check_selection(keep_fraction=None, top_k=None, drop_fraction=None, min_weight=None,
-                    subset_only=False, per_class=False) -> bool:
-    """Check the selection options (at most one rule, in range); return whether a rule is given."""
-    rules = [r for r in (keep_fraction, top_k, drop_fraction, min_weight) if r is not None]
-    if len(rules) > 1:
-        raise InputError("give at most one of --keep-fraction, --top-k, --drop-fraction, --min-weight")
-    if keep_fraction is not None and not (0 < keep_fraction <= 1):
-        raise InputError(f"--keep-fraction {keep_fraction}: must be in (0, 1]")
-    if top_k is not None and not (1 <= top_k):
-        raise InputError(f"--top-k {top_k}: must be >= 1")
-    if drop_fraction is not None and not (0 <= drop_fraction < 1):
-        raise InputError(f"--drop-fraction {drop_fraction}: must be in [0, 1)")
-    if min_weight is not None and not math.isfinite(min_weight):
-        raise InputError(f"--min-weight {min_weight}: must be a finite number")
-    if per_class and keep_fraction is None and top_k is None and drop_fraction is None:
-        raise InputError(
-            "--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule applied in each class)"
-        )
-    if subset_only and not rules:
-        raise InputError("--subset-only needs a selection rule "
-                         "(--keep-fraction, --top-k, --drop-fraction or --min-weight)")
-    return bool(rules)
+@dataclass(frozen=True)
+class Selection:
+    """Which rows an export marks `selected` (and, with `subset_only`, keeps): at most one rule of
+    `keep_fraction` (the top fraction by value), `top_k`, `drop_fraction` (drop the lowest fraction) or
+    `min_weight`; `per_class` applies the keep/top-k/drop rule inside every class (`class_quotas`)."""
+
+    keep_fraction: float | None = None
+    top_k: int | None = None
+    drop_fraction: float | None = None
+    min_weight: float | None = None
+    subset_only: bool = False
+    per_class: bool = False
+
+    @property
+    def has_rule(self) -> bool:
+        return any(r is not None for r in (self.keep_fraction, self.top_k, self.drop_fraction, self.min_weight))
+
+    def check(self) -> Selection:
+        """The selection itself when at most one rule is given and it is in range, else InputError (the message
+        names the argument; its `cli` form the flag)."""
+        named = [(arg, v) for arg, v in (("keep_fraction", self.keep_fraction), ("top_k", self.top_k),
+                                         ("drop_fraction", self.drop_fraction), ("min_weight", self.min_weight))
+                 if v is not None]
+        if len(named) > 1:
+            raise InputError("give at most one of keep_fraction, top_k, drop_fraction, min_weight",
+                             cli="give at most one of --keep-fraction, --top-k, --drop-fraction, --min-weight")
+        bad = None
+        if self.keep_fraction is not None and not (0 < self.keep_fraction <= 1):
+            bad = ("keep_fraction", self.keep_fraction, "must be in (0, 1]")
+        elif self.top_k is not None and not (1 <= self.top_k):
+            bad = ("top_k", self.top_k, "must be >= 1")
+        elif self.drop_fraction is not None and not (0 <= self.drop_fraction < 1):
+            bad = ("drop_fraction", self.drop_fraction, "must be in [0, 1)")
+        elif self.min_weight is not None and not math.isfinite(self.min_weight):
+            bad = ("min_weight", self.min_weight, "must be a finite number")
+        if bad:
+            arg, value, rule = bad
+            raise InputError(f"{arg}={value}: {rule}", cli=f"--{arg.replace('_', '-')} {value}: {rule}")
+        if self.per_class and self.keep_fraction is None and self.top_k is None and self.drop_fraction is None:
+            raise InputError("per_class=True needs keep_fraction, top_k or drop_fraction (the rule applied in each "
+                             "class)", cli="--per-class needs --keep-fraction, --top-k or --drop-fraction (the rule "
+                             "applied in each class)")
+        if self.subset_only and not self.has_rule:
+            raise InputError("subset_only=True needs a selection rule (keep_fraction, top_k, drop_fraction or "
+                             "min_weight)", cli="--subset-only needs a selection rule (--keep-fraction, --top-k, "
+                             "--drop-fraction or --min-weight)")
+        return self
 
 
 def check_rank_by(run, rank_by: str) -> None:
@@ -294,8 +319,8 @@ def _values_column(values_path: Path, name: str) -> pa.ChunkedArray:
         raise unreadable(values_path, exc) from None
 
 
-def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, drop_fraction, min_weight,
-          labels=None, rank_by: str = "value") -> _Plan:
+def _plan(ids: pa.Array, run, *, where: str, id_col: str, selection: Selection, labels=None,
+          rank_by: str = "value") -> _Plan:
     """Pass 1: match the table's ids to the run's values.parquet; weight, rank and selection (by the
     `rank_by` column) over all rows."""
     values_path = run.checked_values_path() or run.values_path
@@ -346,8 +371,9 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, keep_fraction, top_k, 
     weight = mean_one(weight)
     rank = rank_by_value(key)
     selected = None
-    if min_weight is not None:
-        selected = weight >= min_weight
+    keep_fraction, top_k, drop_fraction = selection.keep_fraction, selection.top_k, selection.drop_fraction
+    if selection.min_weight is not None:
+        selected = weight >= selection.min_weight
     elif keep_fraction is not None or top_k is not None or drop_fraction is not None:
         if keep_fraction is not None:
             k = max(1, int(math.floor(keep_fraction * n + 0.5)))
@@ -447,9 +473,8 @@ def _check_out(out, source, run) -> Path:
     return out
 
 
-def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction, min_weight, subset_only, batch_rows,
-             per_class=False, rank_by="value", drop_columns=()):
-    has_rule = check_selection(keep_fraction, top_k, drop_fraction, min_weight, subset_only, per_class)
+def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, rank_by="value", drop_columns=()):
+    selection.check()
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
     run = open_run(run_dir)
@@ -476,13 +501,11 @@ def _prepare(table, run_dir, *, out, id_col, keep_fraction, top_k, drop_fraction
             col = problem.split("'")[1]
             raise InputError(f"{source.where}: {problem}, or leave the column out with drop_columns=[{col!r}]",
                              cli=f"{source.where}: {problem}, or leave the column out with --drop-columns {col}")
-    return run, source, out, has_rule
+    return run, source, out
 
 
-def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: float | None = None,
-                 top_k: int | None = None, drop_fraction: float | None = None, min_weight: float | None = None,
-                 subset_only: bool = False, batch_rows: int = DEFAULT_BATCH_ROWS,
-                 progress: bool = False, per_class: bool = False, label_col: str = "label",
+def write_scored(table, run_dir, out, *, selection: Selection = Selection(), id_col: str = "id",
+                 batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool = False, label_col: str = "label",
                  rank_by: str = "value", drop_columns=()) -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
 
@@ -490,21 +513,18 @@ def write_scored(table, run_dir, out, *, id_col: str = "id", keep_fraction: floa
     `drop_columns` (names) are left out of `out` (e.g. an image column that CSV cannot hold).
     """
     drop_columns = _names(drop_columns)
-    run, source, out, _ = _prepare(table, run_dir, out=out, id_col=id_col, keep_fraction=keep_fraction,
-                                   top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                   subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
-                                   rank_by=rank_by, drop_columns=drop_columns)
+    run, source, out = _prepare(table, run_dir, out=out, id_col=id_col, selection=selection, batch_rows=batch_rows,
+                                rank_by=rank_by, drop_columns=drop_columns)
     try:
-        plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                     labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
+        plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, selection=selection,
+                     labels=_labels_of(source, label_col) if selection.per_class else None, rank_by=rank_by)
         _say(check_table(source, run, id_col=id_col, label_col=label_col))  # after the ids are known to be the run's
         pa.default_memory_pool().release_unused()  # hand pass 1's Arrow buffers back before streaming
         n = len(plan.weight)
         if isinstance(source, _CsvSource):
             source.set_batch_rows(batch_rows)
         out.parent.mkdir(parents=True, exist_ok=True)
-        rows = _stream(source, plan, n=n, batch_rows=batch_rows, subset_only=subset_only,
+        rows = _stream(source, plan, n=n, batch_rows=batch_rows, subset_only=selection.subset_only,
                        sink=lambda schema: _FileSink(out, schema), progress=progress, drop=drop_columns)
         starved = None
         if plan.selected is not None and label_col in source.schema.names:
@@ -546,18 +566,15 @@ def score(
     (e.g. a list-valued image column, which a .csv `out` cannot hold).
     """
     drop_columns = _names(drop_columns)
+    selection = Selection(keep_fraction=keep_fraction, top_k=top_k, drop_fraction=drop_fraction,
+                          min_weight=min_weight, subset_only=subset_only, per_class=per_class)
     if out is not None:
-        return write_scored(table, run_dir, out, id_col=id_col, keep_fraction=keep_fraction, top_k=top_k,
-                            drop_fraction=drop_fraction, min_weight=min_weight, subset_only=subset_only,
-                            batch_rows=batch_rows, progress=progress, per_class=per_class,
-                            label_col=label_col, rank_by=rank_by, drop_columns=drop_columns).path
-    run, source, _, _ = _prepare(table, run_dir, out=None, id_col=id_col, keep_fraction=keep_fraction,
-                                 top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
-                                 subset_only=subset_only, batch_rows=batch_rows, per_class=per_class,
-                                 rank_by=rank_by, drop_columns=drop_columns)
+        return write_scored(table, run_dir, out, selection=selection, id_col=id_col, batch_rows=batch_rows,
+                            progress=progress, label_col=label_col, rank_by=rank_by, drop_columns=drop_columns).path
+    run, source, _ = _prepare(table, run_dir, out=None, id_col=id_col, selection=selection, batch_rows=batch_rows,
+                              rank_by=rank_by, drop_columns=drop_columns)
     try:
-        plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, keep_fraction=keep_fraction,
-                     top_k=top_k, drop_fraction=drop_fraction, min_weight=min_weight,
+        plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, selection=selection,
                      labels=_labels_of(source, label_col) if per_class else None, rank_by=rank_by)
         _say(check_table(source, run, id_col=id_col, label_col=label_col))  # after the ids are known to be the run's
         if isinstance(source, _FrameSource):
