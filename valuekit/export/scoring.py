@@ -379,7 +379,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, selection: Selection, 
             k = max(1, int(math.floor(keep_fraction * n + 0.5)))
         elif top_k is not None:
             k = min(int(top_k), n)
-        else:
+        elif drop_fraction is not None:
             k = n - int(math.floor(drop_fraction * n + 0.5))
         if labels is not None:  # --per-class: the same rule inside every class
             selected = select_per_class(key, labels, keep_fraction=keep_fraction, top_k=top_k,
