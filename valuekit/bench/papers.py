@@ -35,6 +35,7 @@ from __future__ import annotations
 import tempfile
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +139,20 @@ def _load(frames: dict, shape):
     return tr, load_table(frames["dev"], like=tr, name="dev"), load_table(frames["test"], like=tr, name="test")
 
 
+@lru_cache(maxsize=2)
+def _arrays(name: str):
+    """(x, y, image shape, class names) of a bundled image set, read once per process (mnist5k: ~1 min)."""
+    from valuekit.data.bundled import DATASETS
+
+    return DATASETS[name][0]()
+
+
 def imbalance_data(name: str, share: float, seed: int, *, classes=(4, 9), dev_per_class: int = 10,
                    test_fraction: float = 0.2):
     """(train, dev, test) of two classes of `name`: class classes[1] the majority with `share` of the training
     rows (all of its rows left after test and dev), class classes[0] round(m (1 - share) / share) rows (>= 1);
     dev `dev_per_class` rows of each class; test a balanced test_fraction of each class."""
-    from valuekit.data.bundled import DATASETS
-
-    x, y, shape, names = DATASETS[name][0]()
+    x, y, shape, names = _arrays(name)
     rng = np.random.default_rng(seed)
     minor, major = (np.flatnonzero(y == c) for c in classes)
     minor, major = rng.permutation(minor), rng.permutation(major)
