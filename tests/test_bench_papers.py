@@ -71,6 +71,11 @@ def test_quick_parts_run_only_the_requested_parts_and_methods(tmp_path):
         assert f"| {100 * row.test_acc_es:.1f} | {100 * row.test_acc_final:.1f} |" in line
     assert re.search(r"\| dds \| [\d.]+ \| [\d.]+ \| [+-][\d.]+ vs (uniform|classweight) \| (yes|no) \|", md)
     assert "10 steps per run" in md
+    lines = md.splitlines()
+    for i, line in enumerate(lines):  # every table: the separator and each row have the header's columns
+        if line.startswith("| dataset |"):
+            block = [ln for ln in lines[i:] if ln.startswith("|")][: 1 + 1 + 3]
+            assert {ln.count("|") for ln in block} == {line.count("|")}
 
 
 def test_papers_rejects_an_unknown_part(tmp_path):

@@ -343,7 +343,7 @@ def _section(frame: pd.DataFrame, part: str, metric: str, baselines: tuple[str, 
     sub = frame[frame.part == part]
     lines = ["| dataset | setting | arm | test acc, early-stopped (%) | test acc, final (%) | "
              + "".join(f"{c} | " for c in extra) + f"gap to best baseline (points) | >= {100 * GAIN:.0f} points |",
-             "| --- " * (6 + len(extra)) + "|"]
+             "| --- " * (7 + len(extra)) + "|"]
     verdicts = []
     for (d, s), cell in sub.groupby(["dataset", "setting"], sort=False):
         means = cell.groupby("arm", sort=False)[metric].mean()
