@@ -22,7 +22,7 @@ def cli(argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.slow  # ~40 runs with HOST-CP's representativeness program: half a minute alone, minutes on a shared machine
+@pytest.mark.slow  # 30 runs incl. HOST-CP's representativeness program: ~20 s on an idle machine, minutes on a shared one
 def test_quick_mode_writes_every_part_with_its_arms_and_numbers(tmp_path):
     out = tmp_path / "reports"
     code, printed, err = cli(["bench", "papers", "--quick", "--device", "cpu", "-o", out])

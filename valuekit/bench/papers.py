@@ -399,7 +399,7 @@ def _hostcp_section(frame: pd.DataFrame) -> list[str]:
 def run_papers(out: Path, *, command: str, device: str = "cpu", quick: bool = False, seeds=None,
                steps: int | None = None, datasets=None, methods=None, parts=None) -> Path:
     """Run the parts of the papers suite (module doc) and write OUT/papers.md and OUT/papers.csv (one row per run;
-    OUT/papers-PART-....md/.csv when only some parts run).
+    OUT/papers-PART-...-DATASET-....md/.csv when only some parts or data sets run).
 
     Defaults: seeds (0, 1, 2), 400 steps (retrains of the subsets: the same), data mnist5k for imbalance and
     digits + mnist5k for the others; `quick`: one seed, 20 steps, digits, shares (0.95,), fractions (0.1, 0.3).
@@ -466,5 +466,6 @@ def run_papers(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
     for p in parts:
         title, setting, table = sections[p]
         lines += [f"## {title}", "", f"Paper: {CLAIMS[p]}", "", f"Here: {setting}", "", *table(), ""]
-    name = "papers" if set(parts) == set(PARTS) else "papers-" + "-".join(parts)  # a part run beside the whole
+    # a run of some parts or data sets is written beside the whole suite's papers.md, never over it
+    name = "-".join(["papers", *([] if set(parts) == set(PARTS) else parts), *(datasets or ())])
     return write(Path(out), stem(name, device), lines, frame)
