@@ -19,10 +19,10 @@ def add_parser(sub):
 
     p = sub.add_parser("bench", help="benchmark the methods (speed, layer, quality, scale, study suites)",
                        description=__doc__)
-    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", "papers", *SUITES,
-                                                *TEXT_SUITES],
-                   help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; papers = each paper's own "
-                   "experiment at CPU scale; the others are study suites)")
+    p.add_argument("kind", nargs="+", choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", "papers",
+                                                *SUITES, *TEXT_SUITES],
+                   help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; papers = each "
+                   "paper's own experiment at CPU scale; the others are study suites)")
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     p.add_argument("--quick", action="store_true", help="a reduced run (under 2 minutes on a CPU)")

@@ -108,7 +108,8 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     from valuekit.training.options import resolve_device
 
     if kind not in KINDS and kind != PAPERS and kind not in SUITES and kind not in TEXT_SUITES:
-        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join([*KINDS, PAPERS, *SUITES, *TEXT_SUITES])}")
+        known = ", ".join([*KINDS, PAPERS, *SUITES, *TEXT_SUITES])
+        raise InputError(f"unknown benchmark {kind!r}; choose from {known}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
     out = Path(out)

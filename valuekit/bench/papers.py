@@ -35,8 +35,8 @@ from __future__ import annotations
 import tempfile
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -441,7 +441,8 @@ def run_papers(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
     frame = pd.DataFrame(rows)
     lines = header("The papers' own experiments at CPU scale", command, device) + [
         f"Scale: MLP (hidden 128), Adam lr 1e-3, batch 64, {steps} steps per run, dev/test evaluated every "
-        f"{_eval_every(steps)} steps (HOST-CP's own runs: batch {HOSTCP_BATCH}); seeds {list(seeds)}; {len(frame)} runs in {total / 60:.1f} min. Numbers are "
+        f"{_eval_every(steps)} steps (HOST-CP's own runs: batch {HOSTCP_BATCH}); seeds {list(seeds)}; "
+        f"{len(frame)} runs in {total / 60:.1f} min. Numbers are "
         "test accuracy in %, mean ± sd over seeds. 'Early-stopped' = test accuracy at the evaluation with the best "
         "dev accuracy (first of ties), applied to every arm; verdicts use it (HOST-CP subsets: the retrained "
         "model's final accuracy). See valuekit/bench/papers.py for every definition.", ""]
