@@ -304,7 +304,8 @@ def _part_hostcp(tmp: Path, rows: list, *, data, seeds, steps, device, fractions
             n, labels = len(tr), tr.y.numpy()
             scores = {}
             # batch 16 for both HOST-CP runs: the representativeness program is a QP with B^2 + B*16 + B variables
-            # (cvxpylayers), measured here at ~6 s a step at B = 64 and ~0.1 s at B = 16
+            # (cvxpylayers), measured on a busy 2-core machine at ~6 s a step at B = 64 (a selector step every
+            # step) and ~0.14 s a step at B = 16 (the default, every 4th)
             for label, settings in (("hostcp", {"batch_size": HOSTCP_BATCH}),
                                     ("hostcp representatives", {"representatives": True, "batch_size": HOSTCP_BATCH})):
                 run, r = _train(tr, dv, te, tmp / f"hc-{d}-{seed}-{label}", "hostcp", steps=steps, seed=seed,
