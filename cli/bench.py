@@ -1,5 +1,6 @@
 """valuekit bench: speed ratios, layer speed, quality against baselines, scale, and the study suites
-(uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x
+(papers: each seed paper's own experiment at CPU scale, valuekit.bench.papers;
+uniform, dds, dds-entropy, dds-ess, lrdi, lrdi-normalize, hostcp, bads, bads-dev-every, multidds: data x setting x
 method x seeds,
 see valuekit.bench.suites) and the text suites (multidds-targets, multidds-signal, multidds-model, llm: translation over
 source languages and instruction-LM data selection, see valuekit.bench.suites_text; --datasets names their targets,
@@ -22,8 +23,9 @@ def add_parser(sub):
     p.add_argument(
         "kind",
         nargs="+",
-        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", *SUITES, *TEXT_SUITES],
-        help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; the others are study suites)",
+        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", "papers", *SUITES, *TEXT_SUITES],
+        help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; papers = each paper's own "
+        "experiment at CPU scale; the others are study suites)",
     )
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -35,7 +37,7 @@ def add_parser(sub):
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all); "
                    "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
-                   "(default noise20,noise40)")
+                   "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all)")
     p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
                    "results) here; text suites skip the runs already recorded there")
     p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "

@@ -1,4 +1,4 @@
-"""The entry of `valuekit bench`: which kind runs (speed, layer, quality, scale, stream, epoch, a value or
+"""The entry of `valuekit bench`: which kind runs (speed, layer, quality, scale, stream, epoch, papers, a value or
 subset suite, a text suite), the scale benchmark, and the index of reports/."""
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def bench_quality(out: Path, **kw) -> Path:
 
 
 KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch")
+PAPERS = "papers"  # each paper's own experiment (valuekit.bench.papers); a study, so not part of `all`
 
 
 def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv: list[str] | None = None,
@@ -110,8 +111,9 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     from valuekit.bench.suites_text import NAMES as TEXT_SUITES
     from valuekit.training.options import resolve_device
 
-    if kind not in KINDS and kind not in SUITES and kind not in TEXT_SUITES:
-        raise InputError(f"unknown benchmark {kind!r}; choose from {', '.join([*KINDS, *SUITES, *TEXT_SUITES])}")
+    if kind not in KINDS and kind != PAPERS and kind not in SUITES and kind not in TEXT_SUITES:
+        known = ", ".join([*KINDS, PAPERS, *SUITES, *TEXT_SUITES])
+        raise InputError(f"unknown benchmark {kind!r}; choose from {known}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
     out = Path(out)
@@ -133,6 +135,14 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     if kind in SUITES:
         return run_suite(kind, out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
                          datasets=split(datasets))
+    if kind == PAPERS:
+        from valuekit.bench.papers import PARTS, run_papers
+
+        bad = [s for s in split(settings) or () if s not in PARTS]
+        if bad:
+            raise InputError(f"--settings {bad[0]!r}: the papers parts are {', '.join(PARTS)}")
+        return run_papers(out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
+                          datasets=split(datasets), methods=split(methods), parts=split(settings))
     if kind == "speed":
         from valuekit.bench.speed import bench_speed
 
