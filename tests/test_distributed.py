@@ -206,10 +206,10 @@ def test_existing_run_directory_refused_by_every_rank(tmp_path, multisource):
 
 
 def test_methods_without_synchronisation_are_refused(tmp_path, monkeypatch, multisource):
-    """A method module opts in with DISTRIBUTED = True; under torchrun any other is refused before training."""
+    """A method opts in with `distributed = True`; under torchrun any other is refused before training."""
     from valuekit.methods import uniform
 
-    monkeypatch.delattr(uniform, "DISTRIBUTED")
+    monkeypatch.setattr(uniform.Trainer, "distributed", False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(InputError, match="does not run under torchrun"):

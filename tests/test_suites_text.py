@@ -190,15 +190,18 @@ def test_bench_cli_lists_and_checks_the_text_suites(tmp_path, monkeypatch):
     from valuekit.cli.main import build_parser
 
     from valuekit.bench import suites_text
+    from valuekit.bench.main import registry
 
     parser = build_parser()
     for name in suites_text.NAMES:
         assert parser.parse_args(["bench", name]).kind == [name]
-    assert set(suites_text.registry()) == set(suites_text.NAMES)
+    assert set(registry()) == set(suites_text.NAMES)
     calls = []
     fake = suites_text.TextSuite("multidds-targets", "t", lambda out, **kw: calls.append(kw) or out / "x.md",
                                  ("ast", "br"), ("dds", "uniform"))
-    monkeypatch.setattr(suites_text, "registry", lambda: {"multidds-targets": fake})
+    from valuekit.bench import main as bench_main
+
+    monkeypatch.setattr(bench_main, "registry", lambda: {"multidds-targets": fake})
     args = parser.parse_args(["bench", "multidds-targets", "--datasets", "br", "--methods", "dds", "--seeds", "0,2",
                               "--steps", "40", "--device", "cpu", "-o", str(tmp_path)])
     assert args.func(args) == 0

@@ -253,7 +253,7 @@ def logging_overhead(*, steps: int, repeats: int, device: str = "cpu", sync_writ
     time (`cpu_overhead_paired`); plus the step log's own CPU time in the logged runs (`log_cpu_share`: the
     loop's `add` calls and the writer thread, over the run's wall time). `sync_writer` also times the old
     synchronous part writer (`with_sync_log_s`)."""
-    import valuekit.runs.layout as runlog
+    import valuekit.runs.writer as runlog
     from valuekit.config import TrainConfig
     from valuekit.data.tables import load_table
     from valuekit.training.loop import run_training

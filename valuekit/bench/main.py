@@ -127,8 +127,6 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     if report_only and (kind not in TEXT_SUITES or not runs_dir):
         raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) with --runs-dir")
     if kind in TEXT_SUITES:
-        from valuekit.bench.main import registry
-
         return registry()[kind].run(out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
                                     datasets=split(datasets), methods=split(methods), runs_dir=runs_dir,
                                     report_only=report_only)

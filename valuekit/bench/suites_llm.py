@@ -444,10 +444,5 @@ def _markdown(frame: pd.DataFrame, out: Path, command: str, device: str, steps: 
     return write(out, "suite-llm", lines, frame.drop(columns=["run"], errors="ignore"))
 
 
-SUITES = TextSuite(
-    "llm",
-    "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS",
-    run_llm,
-    tuple(DATASETS),
-    tuple(ARMS),
-)
+SUITES = (TextSuite("llm", "LM data selection: uniform / BADS / BADS per task / DDS / multi-source DDS", run_llm,
+                    tuple(DATASETS), tuple(ARMS)),)
