@@ -135,7 +135,8 @@ def run_prepare(args) -> int:
 
     check_seed(args.seed)
     if not math.isfinite(args.imbalance) or args.imbalance < 1:
-        raise InputError(f"--imbalance {args.imbalance}: must be a finite number >= 1 (ratio of largest to smallest class)")
+        raise InputError(f"--imbalance {args.imbalance}: must be a finite number >= 1 "
+                         f"(ratio of largest to smallest class)")
     formats = {INSTRUCTIONS: ("parquet", "jsonl", "csv"), MULTILINGUAL: ()}.get(args.name, ("array", "png", "folder"))
     if args.format is not None and args.format not in formats:
         raise InputError(f"--format {args.format}: {args.name} is written as "
