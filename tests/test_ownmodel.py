@@ -491,10 +491,10 @@ def test_a_broken_image_in_a_later_batch_names_its_own_row(tmp_path):
 def test_a_dataframe_streams_from_its_own_buffer_and_auto_reads_small_files_eagerly(tmp_path):
     import pyarrow.parquet as pq
 
-    from valuekit.data.tables import _arrow_image_type, load_table
+    from valuekit.data.tables import arrow_image_type, load_table
 
     path, _ = _spill_table(tmp_path)
-    frame = pq.read_table(path).to_pandas(types_mapper=_arrow_image_type)
+    frame = pq.read_table(path).to_pandas(types_mapper=arrow_image_type)
     from_frame = load_table(frame, stream=True)
     assert from_frame.x.store is None and from_frame.x.buf is not None
     auto = load_table(path)  # 23 small images: far below STREAM_BYTES, decoded up front

@@ -14,13 +14,13 @@ from valuekit.analysis.scores import (
     _aligned,
     _pct_rank,
     _plain,
-    _table_path,
     fraction_split,
     label_score,
     mean_pct_rank,
     open_runs,
     run_columns,
     signal_columns,
+    table_path,
     two_means_split,
 )
 from valuekit.errors import InputError
@@ -53,7 +53,7 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
         raise InputError(f"--flag-fraction {flag_fraction}: must be between 0 and 1")
     runs = open_runs(run_dirs)
     names = run_columns(runs)
-    df, path = read_instructions(data if data is not None else _table_path(runs[0]), name="train")
+    df, path = read_instructions(data if data is not None else table_path(runs[0]), name="train")
     where = path or "<data DataFrame>"
     prompt_col, response_col = (runs[0].meta.get("feature_cols") or ["prompt", "response"])[:2]
     for col in (id_col, prompt_col, response_col):

@@ -53,13 +53,13 @@ from valuekit.analysis.scores import (
     _aligned,
     _pct_rank,
     _plain,
-    _table_path,
     fraction_split,
     label_score,
     mean_pct_rank,
     open_runs,
     run_columns,
     signal_columns,
+    table_path,
     two_means_split,
 )
 from valuekit.errors import InputError
@@ -190,9 +190,9 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
 
     `data` (path or DataFrame) overrides run.json's data.train.path. Class codes follow the run's `classes`.
     """
-    from valuekit.data.tables import _label_text, read_any
+    from valuekit.data.tables import label_text, read_any
 
-    df, meta, path = read_any(data if data is not None else _table_path(run), name="train")
+    df, meta, path = read_any(data if data is not None else table_path(run), name="train")
     where = path or "<data DataFrame>"
     if len(df) == 0:
         raise InputError(f"{where}: table is empty")
@@ -208,7 +208,7 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
     ids = df[id_col].to_numpy()
     ids = ids.astype(np.int64) if ids.dtype.kind in "iu" else df[id_col].astype(str).to_numpy(dtype=object)
     classes = [str(c) for c in run.meta.get("classes") or []]
-    text = _label_text(df[label_col])
+    text = label_text(df[label_col])
     if not classes:
         classes = sorted(set(text.tolist()))
     code = {c: i for i, c in enumerate(classes)}
@@ -234,15 +234,15 @@ def _table_features(df, where, reserved, feature_cols, ids, shape, *, base) -> t
     """(x (N, D) float32, None), or (None, why not) when the table has no features the audit can use: numeric
     columns or a list column, else an encoded image column (bytes, {bytes, path}, file names relative to the
     table's folder), decoded to the run's image shape."""
-    from valuekit.data.tables import _features, _image_kind, decode_image_column
+    from valuekit.data.tables import decode_image_column, feature_matrix, image_kind
 
     try:
-        x, _, _ = _features(df, where, reserved, feature_cols, ids)
+        x, _, _ = feature_matrix(df, where, reserved, feature_cols, ids)
         return x, None
     except InputError as exc:
         why = str(exc)
     cols = [c for c in (feature_cols or df.columns) if c in df.columns and c not in reserved]
-    images = [c for c in cols if _image_kind(df[c]) is not None]
+    images = [c for c in cols if image_kind(df[c]) is not None]
     if len(images) != 1:
         return None, why  # the audit still works without features (no predicted_label, no thumbnails)
     col = images[0]

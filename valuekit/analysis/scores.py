@@ -111,7 +111,7 @@ def run_columns(runs) -> list[str]:
     return names
 
 
-def _table_path(run) -> Path:
+def table_path(run) -> Path:
     raw = (run.meta.get("data", {}).get("train") or {}).get("path")
     if not raw:
         raise InputError(f"{run.meta_path}: data.train.path is empty (trained from a DataFrame); "

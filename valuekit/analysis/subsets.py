@@ -15,7 +15,7 @@ from valuekit.errors import InputError
 COLUMNS = ("fraction", "selection", "seed", "test_acc", "size")
 
 
-def _values_of(run) -> tuple[pd.DataFrame, object | None]:
+def values_of(run) -> tuple[pd.DataFrame, object | None]:
     """(values frame with example_id/value, the Run or None) for a run dir, Run or DataFrame."""
     if isinstance(run, pd.DataFrame):
         for col in ("example_id", "value"):

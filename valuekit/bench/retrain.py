@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.analysis.subsets import COLUMNS, _values_of, top_ids
+from valuekit.analysis.subsets import COLUMNS, top_ids, values_of
 from valuekit.errors import InputError
 from valuekit.runs.layout import SUBSET_VALUE
 
@@ -48,9 +48,9 @@ def _tables(r, data, dev, test):
     if data is None:
         if r is None:
             raise InputError("subset_value: values given as a DataFrame; pass data=TRAINING_TABLE")
-        from valuekit.analysis.scores import _table_path
+        from valuekit.analysis.scores import table_path
 
-        data = _table_path(r)
+        data = table_path(r)
     train_path = data if isinstance(data, (str, Path)) else None
     dev = dev if dev is not None else _sibling(train_path, "dev")
     test = test if test is not None else _sibling(train_path, "test")
@@ -67,7 +67,7 @@ def _selections(values: pd.DataFrame, others) -> dict[str, pd.DataFrame]:
     if others:
         items = others.items() if isinstance(others, dict) else ((None, o) for o in others)
         for name, o in items:
-            ov, orun = _values_of(o)
+            ov, orun = values_of(o)
             name = name or (orun.meta.get("name") if orun is not None else None) or f"run{len(selections)}"
             if name in ("value", "random") or name in selections:
                 raise InputError(f"others: name {name!r} is already used; give the runs as a dict of distinct names")
@@ -139,7 +139,7 @@ def subset_value(
         raise InputError("seeds: give at least one seed")
     if steps < 1:
         raise InputError(f"steps {steps}: must be >= 1")
-    values, r = _values_of(run)
+    values, r = values_of(run)
     if write and out is None:
         if r is None:
             raise InputError("subset_value: values given as a DataFrame; pass out=PATH or write=False")

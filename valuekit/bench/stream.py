@@ -145,7 +145,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
     """A user's BatchNorm ResNet (a factory) on PNG-bytes images: step time per method (interleaved in one
     process, streamed rows decoded in each step), and per method and number of rows the peak resident memory
     of a child process that loads the table and trains a few steps, streamed and (uniform) fully decoded."""
-    from valuekit.data.tables import _arrow_image_type, load_table
+    from valuekit.data.tables import arrow_image_type, load_table
 
     methods = list(methods or (("uniform", "dds") if quick else STREAM_METHODS))
     if "uniform" not in methods:
@@ -158,7 +158,7 @@ def bench_stream(out: Path, *, command: str, device: str = "cpu", quick: bool = 
         sizes = [300, n_all] if quick else [10_000, 30_000, 60_000]
         steps, rounds, warmup = (3, 3, 1) if quick else (6, 8, 2)
         # step time: every method in one process, interleaved, on the largest table, streamed
-        frame = pq.read_table(data / "train.parquet").to_pandas(types_mapper=_arrow_image_type)
+        frame = pq.read_table(data / "train.parquet").to_pandas(types_mapper=arrow_image_type)
         tr = load_table(frame, stream=True, name="train")
         dv = load_table(data / "dev.parquet", like=tr, name="dev")
         del frame

@@ -79,10 +79,10 @@ def fresh(run_dir: Path) -> Path:
     """`run_dir` emptied: a folder left by a run that was stopped before it was recorded is trained again.
     A folder whose lock a live process holds (another process sharing --runs-dir is training it) is refused."""
     from valuekit.errors import RunDirError
-    from valuekit.runs.lock import _lock_held
+    from valuekit.runs.lock import lock_held
 
     if Path(run_dir).exists():
-        if _lock_held(Path(run_dir)):
+        if lock_held(Path(run_dir)):
             raise RunDirError(f"{run_dir}: run directory is in use by another valuekit process; give processes that "
                               "share --runs-dir different --seeds/--datasets/--methods")
         shutil.rmtree(run_dir)

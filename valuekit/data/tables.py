@@ -121,7 +121,7 @@ def read_any(source, *, name: str = "table", defer_images: bool = False) -> tupl
     try:
         if suffix in (".parquet", ".pq"):
             schema = pq.read_schema(path)
-            deferred = [f.name for f in schema if _arrow_image_type(f.type) is not None] if defer_images else []
+            deferred = [f.name for f in schema if arrow_image_type(f.type) is not None] if defer_images else []
             table = pq.read_table(path, columns=[c for c in schema.names if c not in deferred] if deferred else None)
             if deferred:
                 meta["deferred_images"] = deferred
@@ -133,7 +133,7 @@ def read_any(source, *, name: str = "table", defer_images: bool = False) -> tupl
                     declared = raw[IMAGE_SHAPE_KEY][:40].decode(errors="replace")
                 meta["image_shape"] = check_image_shape(declared, f"{path}: metadata {IMAGE_SHAPE_KEY.decode()}")
             # encoded image columns stay Arrow-backed (no Python object per row; valuekit.data.images.packed_column)
-            df = table.to_pandas(types_mapper=_arrow_image_type)
+            df = table.to_pandas(types_mapper=arrow_image_type)
         elif suffix == ".csv":
             df = pd.read_csv(path)
         elif suffix == ".npz":
@@ -150,7 +150,7 @@ def read_any(source, *, name: str = "table", defer_images: bool = False) -> tupl
     return df, meta, str(path)
 
 
-def _arrow_image_type(t):
+def arrow_image_type(t):
     """pd.ArrowDtype for binary columns and {bytes, path} structs, None (pandas' default) otherwise."""
     if pa.types.is_binary(t) or pa.types.is_large_binary(t):
         return pd.ArrowDtype(t)
@@ -261,21 +261,21 @@ def _labels(labels: pd.Series, where: str, label_col: str, ids_np: np.ndarray, l
         if odd is not None:
             raise InputError(f"{where}: column {label_col!r} holds {type(labels.iloc[odd]).__name__} values (id "
                              f"{_show(ids_np[odd])}), not labels; give the label column with --label-col")
-    label_text = _label_text(labels)
+    texts = label_text(labels)
     if like is None:
-        classes = sorted(set(label_text.tolist()), key=_class_sort_key)
+        classes = sorted(set(texts.tolist()), key=_class_sort_key)
         if len(classes) < 2:
             raise InputError(f"{where}: column {label_col!r} has a single class {classes[0]!r}; need at least 2")
     else:
         classes = like.classes
-        unknown = sorted(set(label_text.tolist()) - set(classes), key=_class_sort_key)
+        unknown = sorted(set(texts.tolist()) - set(classes), key=_class_sort_key)
         if unknown:
             raise InputError(
                 f"{where}: column {label_col!r} has label {unknown[0]!r} not present in the training table "
                 f"(train classes: {classes[:10]})"
             )
     code = {c: i for i, c in enumerate(classes)}
-    y = np.array([code[t] for t in label_text], dtype=np.int64)
+    y = np.array([code[t] for t in texts], dtype=np.int64)
     return classes, code, y
 
 
@@ -351,7 +351,7 @@ def load_table(
                              f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
         feature_cols, image_shape = [image_col], decoded_shape
     else:
-        x, feature_cols, list_shape = _features(df, where, reserved, feature_cols, ids_np)
+        x, feature_cols, list_shape = feature_matrix(df, where, reserved, feature_cols, ids_np)
     # A dev/test table's own image shape (file metadata or option) must agree with the training table's.
     shape = image_shape or meta.get("image_shape") or (like.image_shape if like is not None else None)
     if shape is not None:
@@ -371,7 +371,7 @@ def load_table(
     is_noisy = df["is_noisy"].to_numpy().astype(bool) if "is_noisy" in df.columns else None
     clean = None
     if "clean_label" in df.columns:
-        clean = np.array([code.get(t, -1) for t in _label_text(df["clean_label"])], dtype=np.int64)
+        clean = np.array([code.get(t, -1) for t in label_text(df["clean_label"])], dtype=np.int64)
 
     if isinstance(x, np.ndarray):
         x = torch.from_numpy(np.array(x, dtype=np.float32))
@@ -416,7 +416,7 @@ def _class_sort_key(text: str):
         return (1, 0.0, text)
 
 
-def _label_text(labels: pd.Series) -> np.ndarray:
+def label_text(labels: pd.Series) -> np.ndarray:
     """Class names as text; integral floats (CSV round trips) are written without '.0'."""
     values = labels.to_numpy()
     if values.dtype.kind == "f" and np.all(np.isfinite(values)) and np.all(values == np.round(values)):
@@ -431,7 +431,7 @@ def _is_list_column(s: pd.Series) -> bool:
     return isinstance(first, (list, tuple, np.ndarray))
 
 
-def _features(df, where, reserved, feature_cols, ids):
+def feature_matrix(df, where, reserved, feature_cols, ids):
     if feature_cols is None:
         candidates = [c for c in df.columns if c not in reserved]
     else:
@@ -485,13 +485,13 @@ IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])  # Hug
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
-def _image_kind(s: pd.Series) -> str | None:
+def image_kind(s: pd.Series) -> str | None:
     """'bytes' (encoded image bytes), 'struct' ({bytes, path} as Hugging Face datasets writes), 'path' (image
     file names) or None, judged from the column's first non-null value."""
     if isinstance(s.dtype, pd.ArrowDtype):
         t = s.dtype.pyarrow_dtype
         if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_struct(t):
-            return "packed" if _arrow_image_type(t) is not None else None
+            return "packed" if arrow_image_type(t) is not None else None
     if not (s.dtype == object or pd.api.types.is_string_dtype(s.dtype)) or not s.notna().any():
         return None
     first = s[s.notna()].iloc[0]
@@ -509,7 +509,7 @@ def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table"
     `deferred`: image columns of the file that `df` does not hold (`read_any(defer_images=True)`)."""
     columns = [*df.columns, *deferred]
     candidates = [c for c in columns if c not in reserved] if feature_cols is None else list(feature_cols)
-    found = [c for c in candidates if c in deferred or (c in df.columns and _image_kind(df[c]) is not None)]
+    found = [c for c in candidates if c in deferred or (c in df.columns and image_kind(df[c]) is not None)]
     if not found:
         return None
     if len(candidates) > 1:
@@ -531,7 +531,7 @@ def decode_image_column(values: pd.Series, *, where: str, col: str, ids, base: P
     indexing, when `stream`) and the shape (C, H, W); see `valuekit.data.images.read_image_column`."""
     from valuekit.data.images import packed_column, read_image_column
 
-    kind = _image_kind(values)
+    kind = image_kind(values)
     assert kind is not None, col  # the caller found an image column here
     data = packed_column(pa.array(values.array)) if kind == "packed" else values.tolist()
     return read_image_column(data, kind, where=where, col=col, ids=ids, base=base,
@@ -557,7 +557,7 @@ def _parquet_column(path, col: str, rows: int | None = None) -> pd.Series:
     """Column `col` of a Parquet file (its first `rows` values only, when given), Arrow-backed as `read_any`."""
     table = pq.read_table(path, columns=[col]) if rows is None else \
         pa.Table.from_batches([next(pq.ParquetFile(path).iter_batches(batch_size=rows, columns=[col]))])
-    return table.to_pandas(types_mapper=_arrow_image_type)[col]
+    return table.to_pandas(types_mapper=arrow_image_type)[col]
 
 
 def _decoded_bytes(values: pd.Series, size, want, *, rows: int | None = None) -> int:

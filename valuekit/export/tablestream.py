@@ -212,11 +212,11 @@ def _open_source(table, *, for_csv_out: bool, frame_out: bool = False):
 
 def _remove_stale_temporaries(out: Path) -> None:
     """Delete `.NAME.PID.tmp` files left next to `out` by exports that were killed (their process is gone)."""
-    from valuekit.runs.lock import _pid_alive
+    from valuekit.runs.lock import pid_alive
 
     for tmp in out.parent.glob(f".{out.name}.*.tmp"):
         pid = tmp.name[len(out.name) + 2: -len(".tmp")]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 

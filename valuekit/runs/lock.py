@@ -15,7 +15,7 @@ def new_run_id() -> str:
     return f"{int(time.time() * 1000):x}-{os.getpid()}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -38,7 +38,7 @@ def acquire_lock(run_dir: Path) -> Path:
             except (OSError, UnicodeDecodeError):
                 holder = ""
             host, _, pid = holder.rpartition(":")
-            if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
+            if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                 take_over_stale(lock, holder)
                 continue
             raise RunDirError(
@@ -51,7 +51,7 @@ def acquire_lock(run_dir: Path) -> Path:
     raise RunDirError(f"{run_dir}: could not take the lock {lock}")
 
 
-def _lock_held(run_dir: Path) -> bool:
+def lock_held(run_dir: Path) -> bool:
     lock = run_dir / LOCK
     if not lock.exists():
         return False
@@ -60,7 +60,7 @@ def _lock_held(run_dir: Path) -> bool:
     except (OSError, UnicodeDecodeError):
         return True  # something is there that we cannot read: treat the run as busy
     if host == socket.gethostname() and pid.isdigit():
-        return _pid_alive(int(pid))
+        return pid_alive(int(pid))
     return True
 
 

@@ -25,7 +25,7 @@ from valuekit.runs.layout import (
     TABLES,
     VALUES,
 )
-from valuekit.runs.lock import _lock_held
+from valuekit.runs.lock import lock_held
 from valuekit.runs.paths import REQUIRED, check_columns
 
 
@@ -221,7 +221,7 @@ def read_run(run_dir) -> Run:
         raise RunDirError(
             f"{path}: run directory has schema version {version!r}; this valuekit reads version {SCHEMA_VERSION}"
         )
-    if meta.get("status") == "running" and not _lock_held(path):
+    if meta.get("status") == "running" and not lock_held(path):
         # The writer died without closing (SIGKILL, power loss): what is on disk is an interrupted run.
         meta["status"] = "interrupted"
     return Run(path, meta)
