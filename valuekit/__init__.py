@@ -10,6 +10,7 @@ _LAZY = {
     "load_table": ("valuekit.data.tables", "load_table"),
     "ValueDataset": ("valuekit.data.tables", "ValueDataset"),
     "train": ("valuekit.api", "train"),
+    "clean": ("valuekit.clean", "clean"),
     "TrainConfig": ("valuekit.config", "TrainConfig"),
     "read_run": ("valuekit.runs.reader", "read_run"),
     "score": ("valuekit.export.scoring", "score"),
