@@ -132,14 +132,14 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
         raise InputError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise InputError(f"{out}: folder is not empty")
-    df, _ = _read(table, "training")
+    df, path = _read(table, "training")
     dev_df, dev_path = _read(dev, "dev")
     for frame, what in ((df, "training"), (dev_df, "dev")):
         for col in (id_col, label_col):
             if col not in frame.columns:
                 raise InputError(f"{what} table: no column {col!r}")
     kw = {"id_col": id_col, "label_col": label_col}
-    tr = load_table(df, **kw)
+    tr = load_table(df if path is None else path, **kw)  # from the file: its metadata (an image shape) is kept
     half_a = split_dev(dev_df[label_col].to_numpy(), seed=seed)
     if half_a.all() or not half_a.any():
         raise InputError(f"{dev_path or 'dev'}: {len(dev_df)} rows: too few to split in two halves")

@@ -93,7 +93,7 @@ def run_cell(name: str, setting: str, seed: int, folder: Path, *, methods, steps
     quality, issues, folds = _cleanlab(x, y, tr.num_classes, seed=seed)
     kept = df[~issues].reset_index(drop=True)
     dev_a = dev_df[split_dev(dev_df.label.to_numpy(), seed=seed)].reset_index(drop=True)
-    kept_ds = load_table(kept)
+    kept_ds = load_table(kept, like=tr)  # like: the table's metadata (an image shape) and class codes carry over
     cl = valuekit.train(kept_ds, load_table(dev_a, like=kept_ds, name="dev"),
                         load_table(paths["test"], like=kept_ds, name="test"), out=folder / "cleanlab-retrain", **common)
     row["cleanlab+retrain"] = float(cl.meta["best_metrics"]["test_acc"])
