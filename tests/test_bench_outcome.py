@@ -45,6 +45,12 @@ def test_outcome_report_matches_the_runs(tmp_path):
     assert "## Acceptance checks" in text and "## Which pipeline when" in text
     ok = row.clean >= row["cleanlab+retrain"]
     assert f"clean ≥ cleanlab + retrain on every set: {'yes' if ok else 'no'}" in text
+    # a second run over the same runs folder reuses the recorded cell and writes the same numbers
+    said = []
+    bench_outcome(tmp_path / "again", command="c", device="cpu", quick=True, settings=("pair40",), steps=20,
+                  runs_dir=runs, log=said.append)
+    assert said == [f"wine pair40 seed 0: recorded in {cell / 'cell.json'}"]
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "again" / "outcome.csv"), frame)
 
 
 def test_which_when_names_the_best_mean_and_calls_small_gaps_a_tie():

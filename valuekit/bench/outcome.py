@@ -214,10 +214,31 @@ def write_report(out: Path, frame: pd.DataFrame, aurocs: pd.DataFrame, *, comman
     return write(out, stem("outcome", device), lines, full)
 
 
+def _cell(name: str, setting: str, seed: int, folder: Path, *, methods, steps: int, device: str, log):
+    """One cell's numbers: read from FOLDER/cell.json when a run with the same methods and steps recorded them
+    there (a stopped bench continues where it was), else measured by `run_cell` (a partial cell is redone)."""
+    import json
+    import shutil
+
+    saved = folder / "cell.json"
+    key = {"methods": list(methods), "steps": steps, "device": device}
+    if saved.exists():
+        got = json.loads(saved.read_text())
+        if got.get("key") == key:
+            log(f"{name} {setting} seed {seed}: recorded in {saved}")
+            return got["row"], got["aurocs"]
+    if folder.exists():
+        shutil.rmtree(folder)
+    row, aurocs = run_cell(name, setting, seed, folder, methods=methods, steps=steps, device=device, log=log)
+    plain = lambda v: v.item() if hasattr(v, "item") else str(v)  # noqa: E731
+    saved.write_text(json.dumps({"key": key, "row": row, "aurocs": aurocs}, default=plain))
+    return row, aurocs
+
+
 def bench_outcome(out: Path, *, command: str, device: str = "cpu", quick: bool = False, datasets=None, seeds=None,
                   methods=None, steps: int | None = None, settings=None, runs_dir=None, log=print) -> Path:
     """Run every cell and write OUT/outcome.md and outcome.csv; run directories under `runs_dir` (a temporary
-    folder when None)."""
+    folder when None), where each finished cell's numbers are kept in cell.json and reused by the next run."""
     import tempfile
 
     from valuekit.clean import AUTO_METHODS
@@ -235,8 +256,8 @@ def bench_outcome(out: Path, *, command: str, device: str = "cpu", quick: bool =
         for seed in seeds:
             for name in datasets:
                 for setting in settings:
-                    row, au = run_cell(name, setting, seed, root / name / setting / str(seed), methods=methods,
-                                       steps=steps, device=device, log=log)
+                    row, au = _cell(name, setting, seed, root / name / setting / str(seed), methods=methods,
+                                    steps=steps, device=device, log=log)
                     rows.append(row)
                     aurocs += au
                     md = write_report(Path(out), pd.DataFrame(rows), pd.DataFrame(aurocs), command=command,
