@@ -57,6 +57,6 @@ def test_which_when_names_the_best_mean_and_calls_small_gaps_a_tie():
     frame = pd.DataFrame({"setting": ["a", "a", "b", "b"], "dataset": ["x", "y", "x", "y"],
                           "uniform": [0.80, 0.82, 0.90, 0.90], "dds": [0.90, 0.88, 0.905, 0.899]})
     lines = which_when(frame, ["uniform", "dds"])
-    assert "| a | 2 | dds 0.890 | uniform 0.810 | +8.0 pt | 2 of 2 | dds (few cells: indicative only) |" in lines
+    assert "| a | 2 | dds 0.890 | uniform 0.810 | +8.0 pt | 2 of 2 | dds (< 3 seeds or sets: indicative only) |" in lines
     assert lines[3].endswith("too close to tell (< 1 point) |") and "b" in lines[3]
     assert np.isclose(frame.loc[frame.setting == "b", "dds"].mean(), 0.902)

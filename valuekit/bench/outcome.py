@@ -141,9 +141,11 @@ def which_when(frame: pd.DataFrame, pipelines: list[str]) -> list[str]:
         per_set = g.groupby("dataset")[pipelines].mean()
         wins = int((per_set[first] >= per_set.max(axis=1) - 1e-12).sum())
         gap = means.iloc[0] - means.iloc[1]
-        few = len(g) < 3 * per_set.shape[0] or per_set.shape[0] < 3
+        notes = [f"best on only {wins} of {per_set.shape[0]} sets"] if wins < per_set.shape[0] else []
+        if len(g) < 3 * per_set.shape[0] or per_set.shape[0] < 3:
+            notes.append("< 3 seeds or sets: indicative only")
         verdict = ("too close to tell (< 1 point)" if gap < 0.01 else
-                   f"{first}" + (" (few cells: indicative only)" if few or wins < per_set.shape[0] else ""))
+                   first + (f" ({'; '.join(notes)})" if notes else ""))
         lines.append(f"| {SETTING_DOC.get(setting, setting)} | {len(g)} | {first} {means.iloc[0]:.3f} | "
                      f"{second} {means.iloc[1]:.3f} | {gap * 100:+.1f} pt | {wins} of {per_set.shape[0]} | {verdict} |")
     return lines
