@@ -150,11 +150,13 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     runs_dir = out / "runs"
     common = dict(steps=steps, seed=seed, early_stopping=True, **{"progress": False, **settings})
     cands: list[dict] = []
+    runs: dict = {}  # candidate -> its finished Run
 
     def add(name: str, method: str, train_ds, note: str, rows: int):
         folder = runs_dir / CANDIDATE_DIRS.get(name, name)
         log(f"clean: training {name} ({method}, {rows} rows)")
         run = train_run(train_ds, dev_a, test_ds, out=folder, method=method, **common)
+        runs[name] = run
         ev = evaluate(dev_b, run, train=train_ds)
         best = run.meta["best_metrics"]
         cands.append({"candidate": name, "method": method, "rows": rows, "dev_a_acc": best["dev_acc"],
@@ -203,13 +205,13 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     else:  # a weighting method: its weights joined onto every input row
         cleaned = score(df, pick.run_dir, id_col=id_col, label_col=label_col)
     cleaned.to_parquet(out / "table.parquet", index=False)
-    best = torch.load(Path(pick.run_dir) / "best.pt", map_location="cpu", weights_only=True)
+    best = torch.load(runs[pick.candidate].best_model_path, map_location="cpu", weights_only=True)
     torch.save(best["model"], out / "model.pt")
     frame.to_parquet(out / "candidates.parquet", index=False)
     record = {
         "pick": pick.candidate, "why": why, "table": str(out / "table.parquet"), "model": str(out / "model.pt"),
         "dev_rows": {"half_a": int(half_a.sum()), "half_b": int((~half_a).sum())}, "seed": seed,
-        "steps": int(json.loads((Path(pick.run_dir) / "run.json").read_text())["config"]["steps"]),
+        "steps": int(runs[pick.candidate].meta["config"]["steps"]),
         "flagged_rows": len(flagged), "rows": {"input": len(df), "output": len(cleaned)},
         "candidates": [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in c.items()}
                        for c in frame.to_dict("records")],
