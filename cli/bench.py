@@ -23,9 +23,11 @@ def add_parser(sub):
     p.add_argument(
         "kind",
         nargs="+",
-        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "all", "papers", *SUITES, *TEXT_SUITES],
-        help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; papers = each paper's own "
-        "experiment at CPU scale; the others are study suites)",
+        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "all", "papers", *SUITES,
+                 *TEXT_SUITES],
+        help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; outcome = the pipelines of "
+        "`valuekit clean` against cleanlab's; papers = each paper's own experiment at CPU scale; the others are "
+        "study suites)",
     )
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
@@ -37,7 +39,8 @@ def add_parser(sub):
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all); "
                    "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
-                   "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all)")
+                   "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all); "
+                   "outcome: sym30,pair40,inst30,lt10+sym20 (default all)")
     p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
                    "results) here; text suites skip the runs already recorded there")
     p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
@@ -96,7 +99,7 @@ def run(args) -> int:
     apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
 
     _check(args)
-    kinds = list(KINDS) if "all" in args.kind else list(dict.fromkeys(args.kind))
+    kinds = [k for k in KINDS if k != "outcome"] if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}

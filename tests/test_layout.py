@@ -138,3 +138,12 @@ def test_importing_the_product_pulls_in_no_benchmark_code():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_no_module_shares_a_public_functions_name():
+    """Importing a submodule binds its name on the package: one named like a public function would replace it."""
+    import valuekit
+
+    clashes = [n for n in valuekit._LAZY if (PKG / n).is_dir() or (PKG / f"{n}.py").is_file()]
+    assert clashes == []
+    assert callable(valuekit.clean) and valuekit.clean.__module__ == "valuekit.pipeline"

@@ -11,6 +11,7 @@ _LAZY = {
     "load_table": ("valuekit.data.tables", "load_table"),
     "ValueDataset": ("valuekit.data.tables", "ValueDataset"),
     "train": ("valuekit.api", "train"),
+    "clean": ("valuekit.pipeline", "clean"),
     "TrainConfig": ("valuekit.config", "TrainConfig"),
     "read_run": ("valuekit.runs.reader", "read_run"),
     "score": ("valuekit.export.scoring", "score"),

@@ -111,3 +111,37 @@ def train(
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)
     return run_training(train_ds, dev_ds, test_ds, out=out, config=config, method_config=method_config, resume=resume,
                       hooks=hooks, name=name, model=model, overwrite=overwrite)
+
+
+def evaluate(table, run, *, train, state: dict | None = None) -> dict:
+    """The model of a finished run on `table`: {"correct": per-row bool array, "acc", "loss"} (mean cross-entropy),
+    computed as the loop's evaluation does. The model is the run's best-dev one (best.pt) unless `state` (a state
+    dict) is given; `train` is the run's training table (path, DataFrame or ValueDataset), which fixes the class
+    codes and the feature columns. Built-in models only (the run's `config.model` is a name)."""
+    import torch
+
+    from valuekit.ops.modes import eval_mode
+    from valuekit.runs.reader import open_run
+    from valuekit.training.context import evaluate as evaluate_model
+    from valuekit.training.loop import make_trainer
+
+    run = open_run(run)
+    if state is None:
+        if run.best_model_path is None:
+            raise InputError(f"{run.path}: no best.pt (train with early_stopping=True)")
+        state = torch.load(run.best_model_path, map_location="cpu", weights_only=True)["model"]
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = {k: v for k, v in run.meta["config"].items() if k in fields}
+    # the same architecture as a plain classifier on the CPU: every method's best.pt holds the classifier's state
+    config = TrainConfig(**{**cfg, "method": "uniform", "device": "cpu", "progress": False, "steps": 1, "epochs": None,
+                            "early_stopping": False})
+    train_ds = _table(train, "train")
+    data = _table(table, "dev", like=train_ds)
+    trainer, _, ctx = make_trainer(train_ds, data, config)
+    model = trainer.model
+    model.load_state_dict(state)
+    loss, acc = evaluate_model(model, ctx.dev_x, ctx.dev_y)
+    with eval_mode(model, no_grad=True):
+        pred = torch.cat([model(ctx.dev_x[i: i + 2048]).argmax(1) for i in range(0, len(ctx.dev_y), 2048)])
+    return {"correct": (pred == ctx.dev_y).cpu().numpy().astype(bool), "acc": float(acc), "loss": float(loss),
+            "rows": len(ctx.dev_y)}

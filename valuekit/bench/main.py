@@ -97,7 +97,7 @@ def bench_quality(out: Path, **kw) -> Path:
     return run(out, **kw)
 
 
-KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch")
+KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome")
 PAPERS = "papers"  # each paper's own experiment (valuekit.bench.papers); a study, so not part of `all`
 
 
@@ -159,6 +159,16 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         from valuekit.bench.epoch import bench_epoch
 
         return bench_epoch(out, command=command, device=dev, quick=quick, methods=split(methods))
+    if kind == "outcome":
+        from valuekit.bench.outcome import SETTINGS as OUTCOME_SETTINGS
+        from valuekit.bench.outcome import bench_outcome
+
+        bad = [s for s in split(settings) or () if s not in OUTCOME_SETTINGS]
+        if bad:
+            raise InputError(f"--settings {bad[0]!r}: choose from {', '.join(OUTCOME_SETTINGS)}")
+        return bench_outcome(out, command=command, device=dev, quick=quick, datasets=split(datasets),
+                             seeds=seed_list, methods=split(methods), steps=steps, settings=split(settings),
+                             runs_dir=runs_dir)
     from valuekit.bench.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]

@@ -97,11 +97,9 @@ def median_ess(run) -> float:
     return float(np.nanmedian(ess.to_numpy())) if np.isfinite(ess).any() else float("nan")
 
 
-def cleanlab_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int = 5) -> np.ndarray:
-    """cleanlab label quality (higher = label more likely right) from K-fold out-of-sample probabilities of a
-    scikit-learn MLP with early stopping (10 % of each fold's training part held out, patience 5 epochs),
-    so the model stops before it memorises the flipped labels."""
-    from cleanlab.rank import get_label_quality_scores
+def cv_probs_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int = 5) -> np.ndarray:
+    """K-fold out-of-sample class probabilities (N, C) of a scikit-learn MLP with early stopping (10 % of each
+    fold's training part held out, patience 5 epochs), so the model stops before it memorises the flipped labels."""
     from sklearn.model_selection import StratifiedKFold
     from sklearn.neural_network import MLPClassifier
     from sklearn.pipeline import make_pipeline
@@ -117,7 +115,14 @@ def cleanlab_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int 
             warnings.simplefilter("ignore")
             pipe.fit(x[tr], y[tr])
             probs[np.ix_(te, pipe.classes_)] = pipe.predict_proba(x[te])
-    return get_label_quality_scores(y, probs)
+    return probs
+
+
+def cleanlab_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int = 5) -> np.ndarray:
+    """cleanlab label quality (higher = label more likely right) from `cv_probs_early_stopped`."""
+    from cleanlab.rank import get_label_quality_scores
+
+    return get_label_quality_scores(y, cv_probs_early_stopped(x, y, num_classes, seed=seed, folds=folds))
 
 
 def _quality_data(name: str, setting: str, seed: int, folder: Path):

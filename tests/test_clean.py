@@ -1,0 +1,108 @@
+"""valuekit clean: candidates early-stopped on half A of the dev table, the pick by half B, the outputs, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from valuekit.cli.main import main
+
+from valuekit.api import evaluate
+from valuekit.pipeline import bootstrap_std, split_dev
+
+FAST = ["--steps", "60", "--batch-size", "16", "--lr", "0.03", "--device", "cpu"]
+
+
+def test_split_dev_is_stratified_seeded_and_disjoint():
+    labels = np.array(["a"] * 7 + ["b"] * 5 + ["c"] * 4)
+    a = split_dev(labels, seed=3)
+    assert (a == split_dev(labels, seed=3)).all() and not (a == split_dev(labels, seed=4)).all()
+    counts = {c: int(a[labels == c].sum()) for c in "abc"}
+    assert counts == {"a": 3, "b": 3, "c": 2}  # floor(n/2), the odd classes alternating up
+
+
+def test_bootstrap_std_matches_the_binomial_standard_error():
+    correct = np.r_[np.ones(60), np.zeros(40)]
+    assert bootstrap_std(correct, resamples=4000) == pytest.approx(np.sqrt(0.6 * 0.4 / 100), rel=0.08)
+
+
+def test_clean_writes_the_pick_its_model_and_every_candidate(tables, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
+               "--methods", "dds", "--subset", *FAST, "-o", str(out)])
+    assert rc == 0
+    record = json.loads((out / "clean.json").read_text())
+    cands = pd.read_parquet(out / "candidates.parquet")
+    assert list(cands.candidate) == ["uniform", "dds", "clean+retrain", "subset+retrain"]
+    # the pick is the first argmax of half-B accuracy, and it is marked once
+    assert record["pick"] == cands.candidate.iloc[int(np.argmax(cands.dev_b_acc.to_numpy()))]
+    assert cands.picked.sum() == 1 and cands.candidate[cands.picked].item() == record["pick"]
+    assert record["dev_rows"] == {"half_a": 12, "half_b": 12}
+    train = pd.read_parquet(tables["train"])
+    for c in cands.itertuples():
+        meta = json.loads((out / "runs" / c.run_dir.split("/runs/")[1] / "run.json").read_text())
+        assert c.dev_a_acc == meta["best_metrics"]["dev_acc"] and c.test_acc == meta["best_metrics"]["test_acc"]
+    # model.pt is the pick's best state dict and reproduces its recorded half-B and test accuracy
+    pick = cands[cands.picked].iloc[0]
+    state = torch.load(out / "model.pt", weights_only=True)
+    cleaned = pd.read_parquet(out / "table.parquet")
+    assert evaluate(tables["test"], pick.run_dir, train=cleaned if pick.candidate.endswith("retrain") else train,
+                    state=state)["acc"] == pytest.approx(pick.test_acc, abs=1e-12)
+    dev = pd.read_parquet(tables["dev"])
+    from valuekit.pipeline import split_dev as _split
+
+    half_b = dev[~_split(dev.label.to_numpy(), seed=0)]
+    got = evaluate(half_b, pick.run_dir, train=train, state=state)
+    assert got["acc"] == pytest.approx(pick.dev_b_acc, abs=1e-12)
+    assert pick.dev_b_std == pytest.approx(bootstrap_std(got["correct"]), abs=1e-12)
+    # the table keeps every input column; clean+retrain drops exactly the rows the uniform run's audit flags
+    assert set(train.columns) <= set(cleaned.columns)
+    retrain = cands.set_index("candidate").loc["clean+retrain"]
+    assert retrain.rows == len(train) - record["flagged_rows"] and 0 < record["flagged_rows"] < len(train)
+    subset = cands.set_index("candidate").loc["subset+retrain"]
+    assert subset.rows == len(train) // 2
+    assert len(cleaned) == cands[cands.picked].rows.item()
+    text = capsys.readouterr().out
+    assert f"pick: {record['pick']}" in text and "clean+retrain" in text
+
+
+def test_a_weighting_pick_writes_the_weighted_table(tables, tmp_path, monkeypatch):
+    import valuekit
+    import valuekit.api
+
+    real = valuekit.api.evaluate
+
+    def dds_wins(table, run, **kw):  # make dds the half-B winner, so the weighted branch is the one taken
+        got = real(table, run, **kw)
+        dds = str(getattr(run, "path", run)).endswith("dds")
+        return {**got, "acc": 1.0, "correct": np.ones_like(got["correct"])} if dds else got
+
+    monkeypatch.setattr(valuekit.api, "evaluate", dds_wins)
+    rec = valuekit.clean(tables["train"], tables["dev"], out=tmp_path / "w", methods=["dds"], steps=30,
+                         batch_size=16, lr=3e-2, device="cpu", hidden=16)
+    cands = pd.read_parquet(tmp_path / "w" / "candidates.parquet")
+    assert rec["pick"] == "dds" and cands.test_acc.isna().all()  # no test table: no test accuracy
+    table = pd.read_parquet(tmp_path / "w" / "table.parquet")
+    train = pd.read_parquet(tables["train"])
+    assert set(train.columns) | {"weight", "value", "rank"} <= set(table.columns) and len(table) == len(train)
+    assert table.weight.mean() == pytest.approx(1.0)
+    values = pd.read_parquet(tmp_path / "w" / "runs" / "dds" / "values.parquet").set_index("example_id")
+    assert table.value.to_numpy() == pytest.approx(values.value.reindex(table.id).to_numpy())
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "--dev: a trusted dev table is required"),
+    (["--dev", "DEV", "--methods", "nope"], "unknown method 'nope'"),
+    (["--dev", "DEV", "--methods", "uniform"], "'uniform' is always a candidate"),
+    (["--dev", "missing.parquet"], "dev table not found"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tables, tmp_path, capsys, argv, message):
+    argv = [str(tables["dev"]) if a == "DEV" else str(tmp_path / a) if a.endswith(".parquet") else a for a in argv]
+    out = tmp_path / "out"
+    assert main(["clean", str(tables["train"]), *argv, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
