@@ -10,7 +10,9 @@ Given scores ``s`` (one row per problem, ``n`` items per row) and a budget ``k``
 with ``R(w) = ||w||^2`` (``reg="quadratic"``) or the negative binary entropy
 ``R(w) = sum_i w_i log w_i + (1 - w_i) log(1 - w_i)`` (``reg="entropy"``).
 
-This is the relaxed subset-selection program of HOST-CP: S. Das, A. Singh,
+This is a relaxed top-k, the layer valuekit's HOST-CP uses by default; it is not the paper's
+representativeness program (that one is ``valuekit.ops.representatives``, ``--set representatives=true``),
+and reports/papers.md measures both. Paper: S. Das, A. Singh,
 S. Chatterjee, S. Bhattacharya and S. Bhattacharya, "Finding High-Value Training
 Data Subset through Differentiable Convex Programming", ECML-PKDD 2021 (LNCS 12976,
 doi:10.1007/978-3-030-86520-7_41).  The regulariser is what makes the layer useful
