@@ -162,13 +162,20 @@ VALUE_DOC_LM = ("the in-run value: the percentile rank of -last_loss, the respon
                 "(in [0, 1], higher = more valuable; reports/llm.md); it is not the method's learned quantity")
 
 
-def in_run_value_doc(ctx, learned: str) -> str:
-    """What `in_run_value(ctx, ...)` computes for this run, in one sentence (`learned`: the fallback's meaning)."""
+def _in_run_kind(ctx) -> str:
+    """Which value `in_run_value` gives this run: "classes" (class labels), "lm" (causal-LM token rows) or
+    "learned" (no in-run signals, or other sequence labels: the method's learned quantity)."""
     from valuekit.models.lm import is_lm
 
     if ctx.signals is None or (ctx.y.dim() != 1 and not is_lm(ctx.config.model)):
-        return f"the method's learned quantity: {learned}"
-    return VALUE_DOC if ctx.y.dim() == 1 else VALUE_DOC_LM
+        return "learned"
+    return "classes" if ctx.y.dim() == 1 else "lm"
+
+
+def in_run_value_doc(ctx, learned: str) -> str:
+    """What `in_run_value(ctx, ...)` computes for this run, in one sentence (`learned`: the fallback's meaning)."""
+    kind = _in_run_kind(ctx)
+    return {"classes": VALUE_DOC, "lm": VALUE_DOC_LM}.get(kind, f"the method's learned quantity: {learned}")
 
 
 def in_run_value(ctx, fallback) -> np.ndarray:
@@ -185,11 +192,10 @@ def in_run_value(ctx, fallback) -> np.ndarray:
     mean in every set). `fallback` (the learned quantity) is returned for a bare TrainContext without signals
     and for other sequence labels (translation pairs).
     """
-    from valuekit.models.lm import is_lm
-
-    if ctx.signals is None or (ctx.y.dim() != 1 and not is_lm(ctx.config.model)):
+    kind = _in_run_kind(ctx)
+    if kind == "learned":
         return fallback.detach().double().cpu().numpy() if isinstance(fallback, torch.Tensor) else np.asarray(fallback)
     cols = ctx.signals.columns()
-    if ctx.y.dim() != 1:
+    if kind == "lm":
         return class_percentile(-cols["last_loss"], np.zeros(len(cols["last_loss"]), dtype=np.int64))
     return rank_average([-cols["mean_loss"], cols["aum"]], ctx.y.detach().cpu().numpy())
