@@ -13,6 +13,7 @@ _LAZY = {
     "train": ("valuekit.api", "train"),
     "clean": ("valuekit.pipeline", "clean"),
     "TrainConfig": ("valuekit.config", "TrainConfig"),
+    "Hook": ("valuekit.training.hooks", "Hook"),
     "read_run": ("valuekit.runs.reader", "read_run"),
     "score": ("valuekit.export.scoring", "score"),
     "audit": ("valuekit.analysis.mislabel", "audit"),

@@ -36,6 +36,7 @@ from valuekit.training import distributed as dist_
 from valuekit.training.checkpoint import load_checkpoint, save_checkpoint
 from valuekit.training.context import Batch, StepRecord, TrainContext
 from valuekit.training.early_stopping import BestModel, eval_interval, schedule
+from valuekit.training.hooks import Hook, as_hooks
 from valuekit.training.method import MethodValues
 from valuekit.training.options import resolve, resolve_device
 from valuekit.training.precision import autocast, grad_scaler, peak_memory_mb, reset_peak
@@ -150,9 +151,9 @@ def run_training(
     `model` (optional) is a user's model: an nn.Module (each build is a deep copy of it), a factory
     `f(num_classes=, input_shape=)`, or a spec string; it replaces `config.model` (run.json records its name).
 
-    `method_config` is a dict of method settings or the method's Config. `hooks` are objects with any of
-    `on_step_end(step, batch, record, trainer)` and `on_eval(step, metrics)`; they see everything the loop
-    sees (used by benchmarks).
+    `method_config` is a dict of method settings or the method's Config. `hooks` are `training.hooks.Hook`
+    objects (or objects with `on_step_end(step, batch, record, trainer)` and/or `on_eval(step, metrics)`,
+    checked once by `as_hooks`); they see everything the loop sees (used by benchmarks).
 
     Under torchrun (WORLD_SIZE > 1) every process calls this with the same arguments: the process group
     is started here unless the caller did (gloo on CPU, nccl on CUDA with device cuda:LOCAL_RANK), each
@@ -168,6 +169,7 @@ def run_training(
     """
     if resume and overwrite:
         raise InputError("resume=True and overwrite=True: choose one", cli="--resume and --overwrite: choose one")
+    hooks = as_hooks(hooks)
     config, mcfg, spec = resolve(config, method_config)
     config, factory = _resolve_model(config, model, train_data, dev_data, test_data)
     from valuekit.models.lm import is_lm
@@ -204,7 +206,7 @@ def run_training(
     started_group = dist_.init(info, device)
     try:
         return _train(view, dev_data, test_data, out=out, config=config, spec=spec, mcfg=mcfg, meta=meta,
-                      resume=resume, hooks=hooks or [], device=device, info=info, model_factory=factory,
+                      resume=resume, hooks=hooks, device=device, info=info, model_factory=factory,
                       overwrite=overwrite)
     finally:
         dist_.shutdown(started_group)
@@ -285,7 +287,7 @@ def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo, overwrit
 
 
 def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, mcfg, meta: dict, resume: bool,
-           hooks: list, device: torch.device, info: dist_.DistInfo, model_factory=None, overwrite: bool = False):
+           hooks: list[Hook], device: torch.device, info: dist_.DistInfo, model_factory=None, overwrite: bool = False):
     # the trainer is built before the run directory is touched: a setting it refuses (a feature layer that is not
     # there, a source column a method needs) leaves no run skeleton or lock behind
     ctx = build_context(view, dev_data, config, device, rank=info.rank, world_size=info.world_size,  # build
@@ -404,7 +406,7 @@ class _Loop:
     """The loop's state between steps and the four things it does: one step, evaluation, checkpoint, finish."""
 
     def __init__(self, view, ctx: TrainContext, trainer, sampler, writer: RunWriter, *, spec, out: Path,
-                 hooks: list, info: dist_.DistInfo, test_xy):
+                 hooks: list[Hook], info: dist_.DistInfo, test_xy):
         self.ctx, self.trainer, self.sampler, self.writer, self.spec = ctx, trainer, sampler, writer, spec
         self.config, self.out, self.hooks, self.info, self.test_xy = ctx.config, out, hooks, info, test_xy
         self.ids = view.ids
@@ -488,8 +490,7 @@ class _Loop:
                                    f"is in {self.out} (try a smaller --lr)")
         self.done = step  # the step is logged: hooks and interrupts from here on see a whole step
         for h in self.hooks:
-            if hasattr(h, "on_step_end"):
-                h.on_step_end(step, batch, rec, self.trainer)
+            h.on_step_end(step, batch, rec, self.trainer)
         if bar is not None:
             if step % 10 == 0 or step == 1:
                 dev_acc = self.last_metrics.get("dev_acc")  # none before the first evaluation (never "nan")
@@ -544,8 +545,7 @@ class _Loop:
         if self.test_xy is not None:
             m["test_loss"], m["test_acc"] = ev(*self.test_xy)
         for h in self.hooks:
-            if hasattr(h, "on_eval"):
-                h.on_eval(step, m)
+            h.on_eval(step, m)
         return m
 
     def save_checkpoint(self, step: int) -> None:
