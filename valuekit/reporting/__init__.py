@@ -25,6 +25,7 @@ from valuekit.analysis.instruction_audit import is_causal_lm
 from valuekit.errors import InputError, ValueKitError
 from valuekit.runs.atomic import write_atomic
 from valuekit.runs.layout import SUBSET_VALUE
+from valuekit.runs.paths import refuse_existing
 
 TEMPLATE = "report.html"
 TOP_K = 20
@@ -35,7 +36,8 @@ class _Section:
         self.id, self.number, self.title, self.intro = id, number, title, intro
         self.figures: list[dict] = []  # {id, alt, src, caption}
         self.tables: list[dict] = []  # {id, caption, header, rows, html_cells}
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # what the reader should know (a yellow box)
+        self.errors: list[str] = []  # what failed and is not shown (the same box, class "note error")
 
     def figure(self, id: str, alt: str, fig, caption: str = "") -> None:
         from valuekit.reporting.figures import data_uri
@@ -73,7 +75,7 @@ def _duration(seconds) -> str:
 
 
 def _guard(section: _Section, what: str):
-    """Context manager: an exception inside becomes a visible note in the section."""
+    """Context manager: an exception inside becomes a visible error note in the section."""
     class _G:
         def __enter__(self):
             return self
@@ -82,7 +84,7 @@ def _guard(section: _Section, what: str):
             if exc is None:
                 return False
             if isinstance(exc, Exception):
-                section.notes.append(f"{what}: not shown ({type(exc).__name__}: {exc})")
+                section.errors.append(f"{what}: not shown ({type(exc).__name__}: {exc})")
                 return True
             return False
 
@@ -398,7 +400,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     try:
         frame = mislabel.audit(finished, data=data, baselines=baselines)
     except ValueKitError as exc:
-        sec.notes.append(f"audit not available: {exc}")
+        sec.errors.append(f"audit not available: {exc}")
         return sec, None, None
     summary = mislabel.audit_summary(frame)
     if frame.attrs.get("kind") == "instructions":
@@ -411,7 +413,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     try:
         table = mislabel.training_table(finished[0], data)
     except ValueKitError as exc:
-        sec.notes.append(f"training table not read: {exc}")
+        sec.errors.append(f"training table not read: {exc}")
     shape = table["image_shape"] if table else None
     if table is not None and shape is None and finished[0].meta.get("image_shape"):
         sec.notes.append(f"image thumbnails: not shown ({table.get('features_note') or 'no image column'})")
@@ -510,11 +512,12 @@ def _subsets(runs, names) -> _Section | None:
 
 
 def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: int = TOP_K,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, overwrite: bool = False) -> Path:
     """Render the HTML report of one or more run directories into the single file `out`; return its path.
 
     `data` (path or DataFrame) replaces the training table named in run.json (class names,
     is_noisy, image thumbnails); `baselines` adds the audit baselines (small loss, cleanlab).
+    An existing `out` is refused unless `overwrite=True` (never replaced silently).
     """
     import jinja2
 
@@ -526,6 +529,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         raise InputError(f"-o {out}: the report is one HTML file; give a name ending in .html")
     if out.is_dir():
         raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
+    refuse_existing(out, overwrite=overwrite)
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
     runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
@@ -560,7 +564,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
             except Exception as exc:  # the weights section then shows no per-class panel, and says why
                 label_notes.append(f"{n}: class labels unknown ({type(exc).__name__}: {exc})")
     weights = _weights(runs, names, labels, noisy)
-    weights.notes += label_notes
+    weights.errors += label_notes
     sections.append(weights)
     sections.append(_balance(runs, names))
     sections.append(_usage(runs, names))
