@@ -327,9 +327,9 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
     names = run_columns(runs)
     if out is not None:
         out = _check_out(out, runs, data, overwrite)
-    from valuekit.analysis.instruction_audit import instruction_audit, is_causal_lm
+    from valuekit.analysis.instruction_audit import has_no_classes, instruction_audit
 
-    if any(is_causal_lm(r) for r in runs):
+    if any(has_no_classes(r) for r in runs):
         frame = instruction_audit(runs, data, flag_fraction=flag_fraction, id_col=id_col)
         if out is not None:
             write_audit(frame, out)
@@ -507,9 +507,9 @@ def audit_summary(frame: pd.DataFrame) -> dict:
     out["spearman_mean"] = float(np.mean(finite)) if finite else None
     if frame.attrs.get("baselines_skipped"):
         out["baselines_skipped"] = frame.attrs["baselines_skipped"]
-    tasks = task_summary(frame) if frame.attrs.get("kind") == "instructions" else None
+    tasks = task_summary(frame) if frame.attrs.get("kind") in ("instructions", "translation") else None
     if tasks is not None:
-        out["tasks"] = tasks.to_dict("records")
+        out["tasks" if frame.attrs.get("kind") == "instructions" else "sources"] = tasks.to_dict("records")
     return _jsonable(out)
 
 
@@ -526,9 +526,11 @@ def _jsonable(obj):
 
 
 def task_summary(frame: pd.DataFrame) -> pd.DataFrame | None:
-    """Per task of an instruction audit: rows, flagged rows, mean label_score and each run's mean weight and value
-    percentile (a junk task shows as low weight and low score); is_noisy's share when the table has it."""
-    if "task" not in frame.columns:
+    """Per task of an instruction audit (per source language of a translation audit: its `group_col`): rows, flagged
+    rows, mean label_score and each run's mean weight and value percentile (a junk task shows as low weight and low
+    score); is_noisy's share when the table has it."""
+    group = frame.attrs.get("group_col", "task")
+    if group not in frame.columns:
         return None
     agg = {"rows": ("id", "size"), "flagged": ("is_label_issue", "sum"), "mean_label_score": ("label_score", "mean")}
     for c in frame.columns:
@@ -536,4 +538,4 @@ def task_summary(frame: pd.DataFrame) -> pd.DataFrame | None:
             agg[f"mean_{c}"] = (c, "mean")
     if "is_noisy" in frame.columns:
         agg["noisy_share"] = ("is_noisy", "mean")
-    return frame.groupby("task", sort=True).agg(**agg).reset_index().sort_values("mean_label_score", ignore_index=True)
+    return frame.groupby(group, sort=True).agg(**agg).reset_index().sort_values("mean_label_score", ignore_index=True)

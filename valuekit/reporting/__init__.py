@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.analysis.instruction_audit import is_causal_lm
+from valuekit.analysis.instruction_audit import has_no_classes, is_causal_lm
 from valuekit.errors import InputError, ValueKitError
 from valuekit.runs.atomic import write_atomic
 from valuekit.runs.layout import SUBSET_VALUE
@@ -116,8 +116,9 @@ def _summary(runs, names) -> _Section:
     row("training data", train_data)
     row("dev data", lambda r: str((((r.meta.get("data") or {}).get("dev")) or {}).get("path") or "–"))
     lm = [is_causal_lm(r) for r in runs]
-    row("classes" if not any(lm) else "vocabulary (tokens)" if all(lm) else "classes / vocabulary",
-        lambda r: str(len(r.meta.get("classes") or [])) + (" tokens" if is_causal_lm(r) and not all(lm) else ""))
+    text = [has_no_classes(r) for r in runs]  # their `classes` are a token vocabulary
+    row("classes" if not any(text) else "vocabulary (tokens)" if all(text) else "classes / vocabulary",
+        lambda r: str(len(r.meta.get("classes") or [])) + (" tokens" if has_no_classes(r) and not all(text) else ""))
     row("sources" if not any(lm) else "tasks" if all(lm) else "sources / tasks",
         lambda r: ", ".join(r.meta.get("sources") or []) or "–")
     row("model", lambda r: str(cfg(r, "model")) + ("" if cfg(r, "model") == "linear"
@@ -263,8 +264,8 @@ def _balance(runs, names) -> _Section | None:
     if mod is None:
         sec.notes.append("valuekit.analysis.balance is not in this installation")
         return sec
-    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None and not is_causal_lm(r)]
-    if not with_steps and all(is_causal_lm(r) for r in runs):
+    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None and not has_no_classes(r)]
+    if not with_steps and all(has_no_classes(r) for r in runs):
         return None  # instruction tables have no classes: the tasks section shows their weights instead
     if not with_steps:
         sec.notes.append("no run has a step log")
@@ -403,7 +404,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
         sec.errors.append(f"audit not available: {exc}")
         return sec, None, None
     summary = mislabel.audit_summary(frame)
-    if frame.attrs.get("kind") == "instructions":
+    if frame.attrs.get("kind") in ("instructions", "translation"):
         from valuekit.reporting.instructions import instruction_suspects
 
         instruction_suspects(sec, frame, summary, top_k)
@@ -554,7 +555,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         from valuekit.runs.reader import example_labels
 
         for r, n in zip(runs, names):
-            if is_causal_lm(r):  # instruction rows have no class label
+            if has_no_classes(r):  # instruction rows and translation pairs have no class label
                 continue
             try:
                 el = example_labels(r)
