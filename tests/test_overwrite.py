@@ -125,3 +125,25 @@ def test_python_api_refuses_an_existing_out_in_arguments(made, tmp_path):
     frame = valuekit.audit(run, predict=False, out=tmp_path / "again.csv")  # audit(out=) writes what the CLI writes
     assert len(pd.read_csv(tmp_path / "again.csv")) == len(frame) == 90
     assert json.loads((tmp_path / "again.summary.json").read_text())["n_flagged"] == int(frame.is_label_issue.sum())
+
+
+def test_clean_again_into_its_folder_needs_overwrite(made, tmp_path):
+    _, paths, _ = made
+    out = tmp_path / "clean"
+    argv = ["clean", paths["train"], "--dev", paths["dev"], "--methods", "dds", "--steps", "4", "--batch-size", "16",
+            "--device", "cpu", "-o", out]
+    assert cli(argv)[0] == 0
+    (out / "notes.txt").write_text("mine")
+    first = json.loads((out / "clean.json").read_text())
+    stamp = (out / "table.parquet").stat().st_mtime_ns
+    code, err = cli(argv)
+    assert code == 2 and err.count("\n") == 1 and "folder is not empty; pass --overwrite" in err
+    assert (out / "table.parquet").stat().st_mtime_ns == stamp
+    with pytest.raises(InputError, match="pass overwrite=True") as exc:
+        valuekit.clean(paths["train"], paths["dev"], out=out, methods="dds", steps=4, device="cpu")
+    assert "--" not in str(exc.value)
+    code, err = cli(argv + ["--overwrite"])
+    assert code == 0 and "replacing the run in" in err
+    again = json.loads((out / "clean.json").read_text())
+    assert [c["candidate"] for c in again["candidates"]] == [c["candidate"] for c in first["candidates"]]
+    assert (out / "notes.txt").read_text() == "mine" and (out / "table.parquet").stat().st_mtime_ns > stamp
