@@ -97,8 +97,12 @@ def test_overwrite_never_replaces_an_input(made):
     assert paths["train"].read_bytes() == before and run.values() is not None
     with pytest.raises(InputError, match="never overwrites its input"):
         valuekit.score(str(paths["train"]), run, out=paths["train"], overwrite=True)
+    with pytest.raises(InputError, match="lies in the run directory"):
+        valuekit.score(str(paths["train"]), run, out=run.path / "steps" / "part-00000.parquet", overwrite=True)
     with pytest.raises(InputError, match="is the input table"):
         valuekit.audit(run, predict=False, out=paths["train"], overwrite=True)
+    with pytest.raises(InputError, match="run directory"):
+        valuekit.audit(run, predict=False, out=run.path / "values.parquet", overwrite=True)
     assert paths["train"].read_bytes() == before
 
 

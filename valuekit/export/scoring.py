@@ -471,6 +471,8 @@ def _check_out(out, source, run, overwrite: bool) -> Path:
         if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
             what = "the input table" if p == source.path else "the run's values file"
             raise InputError(f"-o {out}: is {what}; valuekit never overwrites its input")
+    if out.resolve().is_relative_to(Path(run.path).resolve()):
+        raise InputError(f"-o {out}: lies in the run directory {run.path}; write outputs elsewhere")
     refuse_existing(out, overwrite=overwrite)
     return out
 
