@@ -304,6 +304,17 @@ def render(report: Path, tmp_path: Path) -> tuple[str, list[str], Path]:
     return proc.stdout, console, png
 
 
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (install Debian's chromium to run)")
+def test_the_browser_check_sees_a_broken_image_and_an_error_box(tmp_path):
+    """The checks below can fail: a page with an image that does not decode and an error box is caught."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><body><div class="note error">weights: not shown (boom)</div>'
+                   '<img id="fig-x" alt="x" src="data:image/png;base64,AAAA"></body></html>')
+    dom, console, _ = render(bad, tmp_path)
+    assert 'data-probe="loaded"' in dom and 'class="note error">weights: not shown' in dom
+    assert len(console) == 1 and "image does not decode: fig-x" in console[0]
+
+
 def _train(table, dev, out, **kw):
     import valuekit
 
