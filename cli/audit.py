@@ -7,10 +7,7 @@ next to it, and prints the summary. Flags come from a two-means split of label_s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-from valuekit.runs.atomic import write_atomic
 
 
 def add_parser(sub):
@@ -30,6 +27,8 @@ def add_parser(sub):
     p.add_argument("--seed", type=int, default=0, help="seed of the cross-validation (default: 0)")
     p.add_argument("--id-col", default="id", help="id column of the table (default: id)")
     p.add_argument("--label-col", default="label", help="label column of the table (default: label)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace AUDIT and AUDIT.summary.json if they exist (default: refuse)")
     p.set_defaults(func=run)
 
 
@@ -46,8 +45,10 @@ def run_tables(run) -> list[str]:
 
 
 def summary_path(out: Path) -> Path:
-    """AUDIT.parquet -> AUDIT.summary.json (same folder)."""
-    return out.with_name(out.stem + ".summary.json")
+    """AUDIT.parquet -> AUDIT.summary.json (valuekit.analysis.mislabel.summary_path)."""
+    from valuekit.analysis.mislabel import summary_path
+
+    return summary_path(out)
 
 
 def format_summary(s: dict) -> str:
@@ -71,18 +72,19 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from valuekit.analysis.mislabel import audit, audit_summary
+    from valuekit.analysis.mislabel import audit, write_audit
     from valuekit.errors import InputError
-    from valuekit.runs.paths import check_output
+    from valuekit.runs.paths import check_output, refuse_existing
     from valuekit.runs.reader import read_run
 
     out = Path(args.out)
-    suffix = out.suffix.lower()
     check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=[args.data], runs=args.runs)
     # the runs' training tables are inputs too (never an output)
     inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
-    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=args.runs)
+    check_output(args.out, suffixes=(".parquet", ".pq", ".csv"), inputs=inputs, runs=args.runs,
+                 overwrite=args.overwrite)
     check_output(summary_path(out), inputs=inputs, runs=args.runs)
+    refuse_existing(summary_path(out), overwrite=args.overwrite, of=args.out)
     if args.flag_fraction is not None and not 0.0 <= args.flag_fraction <= 1.0:
         raise InputError(f"--flag-fraction {args.flag_fraction}: must be between 0 and 1")
     if args.cv_folds < 2:
@@ -95,17 +97,8 @@ def run(args) -> int:
     frame = audit(args.runs, data=args.data, flag_fraction=args.flag_fraction, baselines=args.baselines,
                   predict=args.predict, cv_folds=args.cv_folds, cv_max_train=args.cv_max_train, seed=args.seed,
                   id_col=args.id_col, label_col=args.label_col)
-    summary = audit_summary(frame)
-    summary["cv_stand_in"] = frame.attrs.get("cv_stand_in")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table = frame.copy()
-    table.attrs = {}
-    if suffix == ".csv":
-        write_atomic(out, lambda p: table.to_csv(p, index=False))
-    else:
-        write_atomic(out, lambda p: table.to_parquet(p, index=False))
+    summary = write_audit(frame, out)
     spath = summary_path(out)
-    write_atomic(spath, lambda p: p.write_text(json.dumps(summary, indent=2)))
     print(format_summary(summary))
     print(f"audit table: {out}\nsummary: {spath}")
     return 0

@@ -31,6 +31,8 @@ def add_parser(sub):
     p.add_argument("--id-col", default="id", help="id column (default: id)")
     p.add_argument("--label-col", default="label", help="label column (default: label)")
     p.add_argument("-o", "--out", required=True, help="output folder (new or empty)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what an earlier clean wrote in OUT (its files and candidate runs; said on stderr)")
     p.set_defaults(func=run)
 
 
@@ -47,6 +49,6 @@ def run(args) -> int:
     record = clean(args.table, args.dev, test=args.test, out=args.out, methods=args.methods, steps=args.steps,
                    seed=args.seed, subset=args.subset, keep_fraction=args.keep_fraction, batch_size=args.batch_size,
                    lr=args.lr, model=args.model, device=args.device, id_col=args.id_col, label_col=args.label_col,
-                   log=lambda m: print(m, file=sys.stderr))
+                   log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(format_summary(record))
     return 0

@@ -13,6 +13,7 @@ def add_parser(sub):
                    help="add the small-loss and cleanlab baselines to the mislabel audit section")
     p.add_argument("--top-k", type=int, default=20, help="rows of the top-suspects table (default: 20)")
     p.add_argument("--title", default=None, help="page title (default: the run names)")
+    p.add_argument("--overwrite", action="store_true", help="replace REPORT.html if it exists (default: refuse)")
     p.set_defaults(func=run)
 
 
@@ -26,10 +27,10 @@ def run(args) -> int:
 
     check_output(args.out, suffixes=(".html", ".htm"), inputs=[args.data], runs=args.runs)
     inputs = [args.data] + [p for r in args.runs for p in run_tables(read_run(r))]
-    check_output(args.out, suffixes=(".html", ".htm"), inputs=inputs, runs=args.runs)
+    check_output(args.out, suffixes=(".html", ".htm"), inputs=inputs, runs=args.runs, overwrite=args.overwrite)
     if args.top_k < 1:
         raise InputError(f"--top-k {args.top_k}: must be at least 1")
     path = write_report(args.runs, args.out, data=args.data, baselines=args.baselines, top_k=args.top_k,
-                        title=args.title)
+                        title=args.title, overwrite=args.overwrite)
     print(f"report: {path}")
     return 0

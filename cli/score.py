@@ -17,7 +17,8 @@ def add_parser(sub):
     p.add_argument("--run", default=None, help="run directory to take values from")
     p.add_argument("--run-dir", default=None, help="with --method: where to write the run (default: OUT.run)")
     p.add_argument("--overwrite", action="store_true",
-                   help="with --method: replace the run that --run-dir (default: OUT.run) already holds")
+                   help="replace OUT if it exists (default: refuse); with --method also the run that --run-dir "
+                        "(default: OUT.run) already holds")
     sel = p.add_argument_group("selection (at most one)")
     sel.add_argument("--keep-fraction", type=float, default=None, help="select the top fraction by value")
     sel.add_argument("--top-k", type=int, default=None, help="select the K most valuable rows")
@@ -54,14 +55,16 @@ def run(args) -> int:
     out = Path(args.out)
     instr = _instruction_export(args, out)
     check_output(args.out, suffixes=(".parquet", ".pq", ".csv") + ((".jsonl",) if instr else ()), inputs=inputs,
-                 runs=runs)
+                 runs=runs, overwrite=args.overwrite)
+    if instr:
+        from valuekit.export.instructions import tasks_path
+        from valuekit.runs.paths import refuse_existing
+
+        refuse_existing(tasks_path(out), overwrite=args.overwrite, of=args.out)
     selection = Selection(keep_fraction=args.keep_fraction, top_k=args.top_k, drop_fraction=args.drop_fraction,
                           min_weight=args.min_weight, subset_only=args.subset_only, per_class=args.per_class).check()
     if args.batch_rows is not None and args.batch_rows < 1:
         raise InputError(f"--batch-rows {args.batch_rows}: must be an integer >= 1")
-    if args.method is None and args.overwrite:
-        raise InputError("--overwrite replaces the run that --method trains; with --run the run is an input, never "
-                         "replaced (leave --overwrite out)")
     if args.method is None and args.run_dir is not None:
         raise InputError("--run-dir is where --method writes its run; with --run it is not used (leave it out)")
     run_dir = args.run
@@ -93,17 +96,17 @@ def run(args) -> int:
         path, tasks = export_instructions(args.table, run_dir, out, id_col=args.id_col, task_col=task_col,
                                           keep_fraction=args.keep_fraction, per_task=args.per_task,
                                           rank_by=args.rank_by,
-                                          subset_only=args.subset_only)
+                                          subset_only=args.subset_only, overwrite=args.overwrite)
         print(f"scored instruction table: {path}")
         if tasks is not None:
-            print(f"per-task table: {Path(path).with_name(Path(path).stem + '.tasks.csv')}")
+            print(f"per-task table: {tasks_path(path)}")
             print(tasks.to_string(index=False))
         _warn_unranked(run_dir, args.rank_by)
         return 0
     batch_rows = DEFAULT_BATCH_ROWS if args.batch_rows is None else args.batch_rows
     summary = write_scored(args.table, run_dir, out, selection=selection, id_col=args.id_col, batch_rows=batch_rows,
                            progress=True, label_col=args.label_col, rank_by=args.rank_by,
-                           drop_columns=args.drop_columns)
+                           drop_columns=args.drop_columns, overwrite=args.overwrite)
     sel = "" if summary.selected is None else f", {summary.selected} selected"
     print(f"scored table: {summary.path} ({summary.rows_out} of {summary.rows_in} rows{sel})")
     _say_what_value_is(run_dir)

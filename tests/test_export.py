@@ -422,8 +422,8 @@ def test_interrupted_parquet_write_leaves_no_file(scored, tmp_path, monkeypatch)
     good = out.read_bytes()
     calls.clear()
     monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
-    with pytest.raises(RuntimeError):
-        valuekit.score(scored["path"], scored["run"], out=out, batch_rows=5)
+    with pytest.raises(RuntimeError):  # replacing it (overwrite=True) and failing half-way
+        valuekit.score(scored["path"], scored["run"], out=out, batch_rows=5, overwrite=True)
     assert out.read_bytes() == good and sorted(p.name for p in out.parent.iterdir()) == ["scored.parquet"]
 
 
@@ -469,7 +469,7 @@ def test_streaming_small_batches_equals_one_batch(scored, tmp_path, monkeypatch)
     # Output row groups gather batches (up to 1M rows), so tiny batches do not make tiny row groups.
     assert pq.ParquetFile(small).metadata.num_row_groups == 1
     monkeypatch.setattr(tablestream, "_ROW_GROUP_ROWS", 20)
-    valuekit.score(scored["path"], scored["run"], out=small, batch_rows=3, keep_fraction=0.5)
+    valuekit.score(scored["path"], scored["run"], out=small, batch_rows=3, keep_fraction=0.5, overwrite=True)
     meta = pq.ParquetFile(small).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [21, 21, 18]
     assert_tables_equal(pq.read_table(small), pq.read_table(big))

@@ -84,7 +84,12 @@ def test_quick_start_runs_twice_with_overwrite(tables, tmp_path, capsys):
     assert main(cmd + ["--overwrite"]) == 0
     assert "replacing the run" in capsys.readouterr().err
     assert len(pd.read_parquet(out)) == 90
-    assert main(["score", str(tables["train"]), "--run", str(out) + ".run", "-o", str(out), "--overwrite"]) == 2
+    # the trained run scored again into the same file: --overwrite replaces the output, the run (an input) stays
+    mtime = (Path(str(out) + ".run") / "values.parquet").stat().st_mtime_ns
+    assert main(["score", str(tables["train"]), "--run", str(out) + ".run", "-o", str(out), "--keep-fraction", "0.5",
+                 "--overwrite"]) == 0
+    assert pd.read_parquet(out)["selected"].sum() == 45
+    assert (Path(str(out) + ".run") / "values.parquet").stat().st_mtime_ns == mtime
     run_dir = tmp_path / "r"
     train = ["train", str(tables["train"]), "--dev", str(tables["dev"]), "--steps", "4", "--device", "cpu",
              "--out", str(run_dir)]
@@ -141,7 +146,10 @@ def test_csv_export_leaves_out_a_list_column(run, tables, tmp_path, capsys):
     assert main(cli) == 2 and "--drop-columns emb" in capsys.readouterr().err
     assert main(cli + ["--drop-columns", "emb,f3"]) == 0
     assert list(pd.read_csv(tmp_path / "c.csv").columns[:5]) == ["id", "label", "f0", "f1", "f2"]
-    assert main(cli + ["--drop-columns", "nope"]) == 2 and "--drop-columns nope" in capsys.readouterr().err
+    capsys.readouterr()  # c.csv exists now: replacing it needs --overwrite, and the bad column is still refused
+    assert main(cli + ["--drop-columns", "nope"]) == 2 and "already exists" in capsys.readouterr().err
+    assert main(cli + ["--drop-columns", "nope", "--overwrite"]) == 2
+    assert "--drop-columns nope" in capsys.readouterr().err
 
 
 def test_audit_values_on_one_scale_and_no_tied_top_suspects(tables, tmp_path):
@@ -226,7 +234,7 @@ def test_report_and_audit_of_instruction_runs(lm_runs, tmp_path, capsys):
     assert main(["audit", str(lm_runs["bads"]), "-o", str(tmp_path / "a.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "a.csv")) == 36
     html = Path(valuekit.report(list(lm_runs.values()), tmp_path / "r.html")).read_text()
-    notes = re.findall(r'class="note">(.*?)</div>', html, flags=re.S)
+    notes = re.findall(r'class="note[^"]*">(.*?)</div>', html, flags=re.S)
     assert notes == [], notes  # no error boxes: no "class labels unknown", no class balance, no missing 'label'
     text = re.sub(r"<[^>]+>", " ", html)
     assert "next-token accuracy" in text and "vocabulary (tokens)" in text and ">classes<" not in html

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gettext
 import io
 import struct
@@ -252,3 +253,30 @@ def test_byte_transformer_loss_padding_and_greedy_decoding():
     first = m(x[:1], out[:1, :1])[0, 0].argmax()
     assert first.item() == out[0, 0].item()
     assert m.src_emb.weight[0].abs().sum() == 0 and m.tgt_emb.weight[0].abs().sum() == 0  # PAD embeddings
+
+
+def test_audit_of_a_translation_run_lists_sentence_pairs_and_sources(tmp_path):
+    """Translation rows have no class label: the audit gives each pair's source language and excerpts of its two
+    sentences (the columns of the table), and the summary one row per language, instead of failing on 'label'."""
+    import valuekit
+
+    tr = pd.read_parquet(DATA / "train.parquet")
+    tr = tr[tr.source.isin(["ast", "es", "ja"]) & (tr.src_text.str.len() < 20)].head(120)
+    tr.to_parquet(tmp_path / "train.parquet")
+    from valuekit.cli.main import main
+
+    run = tmp_path / "run"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["train", str(tmp_path / "train.parquet"), "--dev", str(DATA / "dev.parquet"), "--model",
+                     "seq2seq", "--method", "multidds", "--steps", "3", "--batch-size", "8", "--set", "hidden=16",
+                     "--set", "eval_every=3", "--device", "cpu", "--out", str(run)]) == 0
+    f = valuekit.audit(run, out=tmp_path / "audit.csv")
+    assert list(f.columns[:4]) == ["id", "source", "src_text", "tgt_text"] and len(f) == 120
+    row = f.set_index("id").loc[tr.id.iloc[0]]
+    assert (row.source, row.src_text) == (tr.source.iloc[0], " ".join(tr.src_text.iloc[0].split()))
+    assert row.tgt_text.startswith(" ".join(tr.tgt_text.iloc[0].split())[:40])
+    assert f.attrs["kind"] == "translation" and "given_label" not in f.columns
+    summary = valuekit.audit_summary(f)
+    by_source = {s["source"]: s["rows"] for s in summary["sources"]}
+    assert by_source == tr.source.value_counts().to_dict()
+    assert len(pd.read_csv(tmp_path / "audit.csv")) == 120

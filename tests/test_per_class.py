@@ -99,7 +99,7 @@ def test_cli_per_class_and_errors(table, tmp_path, capsys):
     assert main(base + ["--keep-fraction", "0.5"]) == 0
     printed = capsys.readouterr().out
     assert "warning: class 'b' keeps 0 of 4 rows" in printed
-    assert main(base + ["--keep-fraction", "0.5", "--per-class", "--subset-only"]) == 0
+    assert main(base + ["--keep-fraction", "0.5", "--per-class", "--subset-only", "--overwrite"]) == 0
     assert "warning" not in capsys.readouterr().out
     assert list(pd.read_parquet(out).id) == list(IDS[[0, 2, 4, 6, 8]])
     out.unlink()

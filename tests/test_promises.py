@@ -65,7 +65,7 @@ def test_column_options_end_to_end(world):
     assert list(scored.columns[:3]) == ["key", "y", "f0"] and scored["rank"].dtype == np.int64
     by_py = valuekit.score(pd.read_parquet(world["train"]), world["dds"], id_col="key")
     np.testing.assert_allclose(by_py["weight"].to_numpy(), scored["weight"].to_numpy())
-    code, _, err = cli(["score", world["train"], "--run", world["dds"], "-o", out])
+    code, _, err = cli(["score", world["train"], "--run", world["dds"], "-o", world["root"] / "no-key.parquet"])
     assert code == 2 and "missing column 'id'" in err and "--id-col" in err
     a = world["root"] / "audit.csv"
     code, _, err = cli(["audit", world["dds"], "-o", a, "--id-col", "key", "--label-col", "y", "--no-predict"])

@@ -188,6 +188,32 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     assert pd.read_csv("out/my-audit.csv").shape[0] == len(mine) and Path("out/my-report.html").exists()
     assert Path("runs/py-mwnet/values.parquet").exists()
     _check_value_and_weight_table()
+    _run_again(ran)
+
+
+def _run_again(ran):
+    """The README a second time in the same folder, as a reader who runs it twice: every command stops with one
+    line naming --overwrite and writes nothing; the quick-start with --overwrite, as the README says, trains and
+    writes again (said on stderr); the From-Python cell (overwrite=True) runs again."""
+    import os
+
+    outputs = sorted(p for p in Path(".").rglob("*") if p.is_file() and "data" not in p.parts)
+    stamp = {p: os.stat(p).st_mtime_ns for p in outputs}
+    for step in [s for s in ran if s[0] == "sh"]:
+        code, _, err = _run(_small(step[1]))
+        assert code == 2 and "--overwrite" in err and err.count("\n") == 1, (step[1], err[-500:])
+    assert {p: os.stat(p).st_mtime_ns for p in outputs} == stamp  # nothing written
+    quick = [s for s in ran if s[0] == "sh"][0][1]
+    assert quick[0] == "score" and "--method" in quick  # the set-up's first command
+    code, _, err = _run(_small(quick) + ["--overwrite"])
+    assert code == 0, err[-2000:]
+    assert "replacing the run in" in err and os.stat("out/digits-weighted.parquet").st_mtime_ns > stamp[
+        Path("out/digits-weighted.parquet")]
+    cell = [s for s in ran if s[0] == "py" and "runs/py-mwnet" in s[1]][0][1]
+    namespace: dict = {"__name__": "__page__"}
+    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        exec(compile(re.sub(r"\bsteps=\d+", f"steps={STEPS}", cell), "README.md python block", "exec"), namespace)
+    assert namespace["run"].meta["steps_done"] == int(STEPS)
 
 
 def _check_value_and_weight_table():

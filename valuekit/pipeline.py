@@ -108,10 +108,12 @@ def bootstrap_std(correct, *, resamples: int = 1000, seed: int = 0) -> float:
 
 def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = None, seed: int = 0,
           subset: bool = False, keep_fraction: float = 0.5, bootstrap: int = 1000, id_col: str = "id",
-          label_col: str = "label", log=None, **settings) -> dict:
+          label_col: str = "label", log=None, overwrite: bool = False, **settings) -> dict:
     """Train the candidate pipelines of the module docstring on `table` with early stopping on half A of `dev`,
     pick the one with the best half-B accuracy, and write the outputs to `out`. Returns the clean.json record.
-    `settings` go to `valuekit.train` (batch_size, lr, hidden, device, ...)."""
+    `settings` go to `valuekit.train` (batch_size, lr, hidden, device, ...). A folder `out` that is not empty is
+    refused unless `overwrite=True`, which replaces the files and candidate runs a clean writes there (said on
+    stderr) and keeps the folder's other files."""
     import torch
 
     from valuekit.analysis.mislabel import audit
@@ -132,8 +134,11 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise InputError(f"{out}: folder is not empty")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"out={str(out)!r}: folder is not empty; pass overwrite=True to replace what an earlier clean "
+                         "wrote there, or choose another out",
+                         cli=f"-o {out}: folder is not empty; pass --overwrite to replace what an earlier clean wrote "
+                             "there, or choose another -o")
     df, path = _read(table, "training")
     dev_df, dev_path = _read(dev, "dev")
     for frame, what in ((df, "training"), (dev_df, "dev")):
@@ -150,7 +155,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     test_ds = None if test is None else load_table(_read(test, "test")[0], like=tr, name="test", **kw)
 
     runs_dir = out / "runs"
-    common = dict(steps=steps, seed=seed, early_stopping=True, **{"progress": False, **settings})
+    common = dict(steps=steps, seed=seed, early_stopping=True, overwrite=overwrite, **{"progress": False, **settings})
     cands: list[dict] = []
     runs: dict = {}  # candidate -> its finished Run
 

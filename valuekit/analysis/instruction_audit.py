@@ -33,6 +33,21 @@ def is_causal_lm(run) -> bool:
     return model == "causal-lm" or model.startswith(("hf:", "hf-config:"))
 
 
+def is_text_pairs(run) -> bool:
+    """A translation run (--model seq2seq on a table of source/target sentences): its `classes` are the byte
+    vocabulary, its `sources` the languages, and steps/ hold no class label."""
+    return str((run.meta.get("config") or {}).get("model") or "") == "seq2seq"
+
+
+def has_no_classes(run) -> bool:
+    """A run on text whose rows have no class label (an instruction table or translation pairs)."""
+    return is_causal_lm(run) or is_text_pairs(run)
+
+
+# The translation audit's columns, named after the table's (load_text_pairs' defaults), in place of the instruction
+# audit's task, prompt and response.
+PAIR_COLUMNS = {"task": "source", "prompt": "src_text", "response": "tgt_text"}
+
 EXCERPT = 80  # characters of a prompt / response kept in the audit of an instruction table
 
 
@@ -46,7 +61,8 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     """The audit of causal-LM runs on an instruction table: one row per (prompt, response), sorted from most to
     least suspicious by the same label_score, rank and flag rule as `audit` (module docstring), with `task`, prompt
     and response excerpts (whitespace folded, cut at EXCERPT characters) instead of given/predicted labels, which an
-    instruction table does not have. `audit` calls it for such runs."""
+    instruction table does not have. `audit` calls it for such runs, and for translation runs (`is_text_pairs`),
+    whose audit has the columns of PAIR_COLUMNS instead: the row's source language and its sentence pair."""
     from valuekit.data.instructions import read_instructions
 
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
@@ -55,7 +71,11 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     names = run_columns(runs)
     df, path = read_instructions(data if data is not None else table_path(runs[0]), name="train")
     where = path or "<data DataFrame>"
-    prompt_col, response_col = (runs[0].meta.get("feature_cols") or ["prompt", "response"])[:2]
+    pairs = is_text_pairs(runs[0])
+    if pairs:
+        task_col, prompt_col, response_col = PAIR_COLUMNS["task"], PAIR_COLUMNS["prompt"], PAIR_COLUMNS["response"]
+    else:
+        prompt_col, response_col = (runs[0].meta.get("feature_cols") or ["prompt", "response"])[:2]
     for col in (id_col, prompt_col, response_col):
         if col not in df.columns:
             raise InputError(f"{where}: missing column {col!r} (columns: {list(df.columns)[:12]})")
@@ -94,10 +114,15 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     cols = [*head, *[f"value_pct_{n}" for n in names], "label_score", "is_label_issue", "rank", *value_cols,
             *[f"weight_{n}" for n in names]]
     frame = frame[cols + [c for c in frame.columns if c not in cols]].sort_values("rank", ignore_index=True)
+    if pairs:
+        frame = frame.rename(columns=PAIR_COLUMNS)
     frame.attrs.update({
         "runs": [str(r.path) for r in runs], "run_names": names, "methods": [r.method for r in runs],
-        "flag_rule": rule, "cv_stand_in": None, "kind": "instructions", "classes": None, "baselines_skipped": [],
-        "predict_note": "an instruction table has no class label to predict",
+        "flag_rule": rule, "cv_stand_in": None, "kind": "translation" if pairs else "instructions", "classes": None,
+        "baselines_skipped": [], "group_col": "source" if pairs else "task",
+        "text_cols": [PAIR_COLUMNS["prompt"], PAIR_COLUMNS["response"]] if pairs else ["prompt", "response"],
+        "predict_note": f"{'translation pairs have' if pairs else 'an instruction table has'} no class label to "
+                        "predict",
     })
     return frame
 

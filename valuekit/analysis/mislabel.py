@@ -304,7 +304,7 @@ def cv_pred_probs(x: np.ndarray, y: np.ndarray, num_classes: int, *, model: str 
 
 def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines: bool = False,
           predict: bool = True, cv_folds: int = 5, cv_max_train: int = 2000, seed: int = 0,
-          id_col: str = "id", label_col: str = "label") -> pd.DataFrame:
+          id_col: str = "id", label_col: str = "label", out=None, overwrite: bool = False) -> pd.DataFrame:
     """Mislabel audit table, one row per training example, sorted from most to least suspicious.
 
     Columns: id, given_label, predicted_label (class names), value_pct_<run> per run (the run's value as a
@@ -317,15 +317,23 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
     `frame.attrs` records the runs, the flag rule and the cross-validation stand-in (or `predict_note`: one line
     saying why there is no predicted_label). An image column (PNG/JPEG bytes, {bytes, path}, file names relative
     to the table's folder) is decoded to the run's image shape for the prediction and the report's thumbnails.
+    With `out` (.parquet or .csv) the table is also written there and its `audit_summary` to
+    `summary_path(out)`, as `valuekit audit -o` does; existing files are refused unless `overwrite=True` (the
+    training table and the runs' files never are replaced).
     """
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
         raise InputError(f"--flag-fraction {flag_fraction}: must be between 0 and 1")
     runs = open_runs(run_dirs)
     names = run_columns(runs)
-    from valuekit.analysis.instruction_audit import instruction_audit, is_causal_lm
+    if out is not None:
+        out = _check_out(out, runs, data, overwrite)
+    from valuekit.analysis.instruction_audit import has_no_classes, instruction_audit
 
-    if any(is_causal_lm(r) for r in runs):
-        return instruction_audit(runs, data, flag_fraction=flag_fraction, id_col=id_col)
+    if any(has_no_classes(r) for r in runs):
+        frame = instruction_audit(runs, data, flag_fraction=flag_fraction, id_col=id_col)
+        if out is not None:
+            write_audit(frame, out)
+        return frame
     table = training_table(runs[0], data, id_col=id_col, label_col=label_col)
     ids, classes = table["ids"], table["classes"]
     index = pd.Index(ids)
@@ -409,7 +417,57 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
             "classes": classes,
         }
     )
+    if out is not None:
+        write_audit(frame, out)
     return frame
+
+
+AUDIT_SUFFIXES = (".parquet", ".pq", ".csv")
+
+
+def summary_path(out) -> Path:
+    """AUDIT.parquet -> AUDIT.summary.json (same folder): where the audit's summary is written."""
+    out = Path(out)
+    return out.with_name(out.stem + ".summary.json")
+
+
+def _check_out(out, runs, data, overwrite: bool) -> Path:
+    """`out` and its summary file may be written: the right suffix, not the training table or a run's file, and
+    not already there unless `overwrite`."""
+    from valuekit.runs.paths import check_output, refuse_existing
+
+    tables = [data] if isinstance(data, (str, Path)) else []
+    for run in runs:
+        try:
+            tables.append(table_path(run))
+        except InputError:  # trained from a DataFrame: no table file to protect
+            pass
+    where = dict(option="-o", inputs=tables, runs=[r.path for r in runs])
+    path = check_output(out, suffixes=AUDIT_SUFFIXES, **where, overwrite=overwrite)
+    check_output(summary_path(out), **where)
+    refuse_existing(summary_path(out), overwrite=overwrite, of=str(out))
+    return path
+
+
+def write_audit(frame: pd.DataFrame, out) -> dict:
+    """Write an audit table to `out` (.csv, else Parquet) and its `audit_summary` (with the cross-validation
+    stand-in) to `summary_path(out)`, each atomically; return the summary."""
+    import json
+
+    from valuekit.runs.atomic import write_atomic
+
+    out = Path(out)
+    summary = audit_summary(frame)
+    summary["cv_stand_in"] = frame.attrs.get("cv_stand_in")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = frame.copy()
+    table.attrs = {}
+    if out.suffix.lower() == ".csv":
+        write_atomic(out, lambda p: table.to_csv(p, index=False))
+    else:
+        write_atomic(out, lambda p: table.to_parquet(p, index=False))
+    write_atomic(summary_path(out), lambda p: p.write_text(json.dumps(summary, indent=2)))
+    return summary
 
 
 def value_columns(frame: pd.DataFrame, *, pct: bool = False) -> list[str]:
@@ -449,9 +507,9 @@ def audit_summary(frame: pd.DataFrame) -> dict:
     out["spearman_mean"] = float(np.mean(finite)) if finite else None
     if frame.attrs.get("baselines_skipped"):
         out["baselines_skipped"] = frame.attrs["baselines_skipped"]
-    tasks = task_summary(frame) if frame.attrs.get("kind") == "instructions" else None
+    tasks = task_summary(frame) if frame.attrs.get("kind") in ("instructions", "translation") else None
     if tasks is not None:
-        out["tasks"] = tasks.to_dict("records")
+        out["tasks" if frame.attrs.get("kind") == "instructions" else "sources"] = tasks.to_dict("records")
     return _jsonable(out)
 
 
@@ -468,9 +526,11 @@ def _jsonable(obj):
 
 
 def task_summary(frame: pd.DataFrame) -> pd.DataFrame | None:
-    """Per task of an instruction audit: rows, flagged rows, mean label_score and each run's mean weight and value
-    percentile (a junk task shows as low weight and low score); is_noisy's share when the table has it."""
-    if "task" not in frame.columns:
+    """Per task of an instruction audit (per source language of a translation audit: its `group_col`): rows, flagged
+    rows, mean label_score and each run's mean weight and value percentile (a junk task shows as low weight and low
+    score); is_noisy's share when the table has it."""
+    group = frame.attrs.get("group_col", "task")
+    if group not in frame.columns:
         return None
     agg = {"rows": ("id", "size"), "flagged": ("is_label_issue", "sum"), "mean_label_score": ("label_score", "mean")}
     for c in frame.columns:
@@ -478,4 +538,4 @@ def task_summary(frame: pd.DataFrame) -> pd.DataFrame | None:
             agg[f"mean_{c}"] = (c, "mean")
     if "is_noisy" in frame.columns:
         agg["noisy_share"] = ("is_noisy", "mean")
-    return frame.groupby("task", sort=True).agg(**agg).reset_index().sort_values("mean_label_score", ignore_index=True)
+    return frame.groupby(group, sort=True).agg(**agg).reset_index().sort_values("mean_label_score", ignore_index=True)

@@ -45,14 +45,25 @@ def score_instructions(table, run_dir, *, id_col: str = "id", task_col: str = "t
     return res
 
 
-def export_instructions(table, run_dir, out, *, subset_only: bool = False, **kw) -> tuple[str, pd.DataFrame]:
+def tasks_path(out) -> Path:
+    """Where `export_instructions` writes the per-task table next to `out`: `<out stem>.tasks.csv`."""
+    out = Path(out)
+    return out.with_name(out.stem + ".tasks.csv")
+
+
+def export_instructions(table, run_dir, out, *, subset_only: bool = False, overwrite: bool = False,
+                        **kw) -> tuple[str, pd.DataFrame]:
     """Write `score_instructions(...)` to `out` (.parquet/.jsonl/.csv) and the per-task table to
-    `<out stem>.tasks.csv`; returns (path, per-task table)."""
+    `tasks_path(out)`; returns (path, per-task table). Existing files are refused unless `overwrite=True`."""
+    from valuekit.runs.paths import refuse_existing
+
     out = Path(out)
     if out.suffix.lower() not in INSTRUCTION_SUFFIXES:
         raise InputError(f"-o {out}: output must end in {', '.join(INSTRUCTION_SUFFIXES)}")
     if not isinstance(table, pd.DataFrame) and out.resolve() == Path(table).resolve():
         raise InputError(f"-o {out}: is the input table; valuekit never overwrites its input")
+    refuse_existing(out, overwrite=overwrite)
+    refuse_existing(tasks_path(out), overwrite=overwrite, of=str(out))
     res = score_instructions(table, run_dir, **kw)
     task_col = kw.get("task_col", "task")
     tasks = task_table(res, task_col=task_col) if task_col in res.columns else None
@@ -64,5 +75,5 @@ def export_instructions(table, run_dir, out, *, subset_only: bool = False, **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_instructions(res, out)
     if tasks is not None:
-        tasks.to_csv(out.with_name(out.stem + ".tasks.csv"), index=False)
+        tasks.to_csv(tasks_path(out), index=False)
     return str(out), tasks

@@ -38,6 +38,7 @@ from valuekit.export.tablestream import (
     _Restart,
 )
 from valuekit.ranking import mean_one, rank_by_value
+from valuekit.runs.paths import refuse_existing
 from valuekit.runs.reader import open_run
 
 ADDED = ("weight", "value", "value_std", "rank", "selected")
@@ -459,7 +460,7 @@ def _stream(source, plan: _Plan, *, n: int, batch_rows: int, subset_only: bool, 
 # ---------------------------------------------------------------- public
 
 
-def _check_out(out, source, run) -> Path:
+def _check_out(out, source, run, overwrite: bool) -> Path:
     out = Path(out)
     if out.suffix.lower() not in OUT_SUFFIXES:
         raise InputError(f"-o {out}: output must end in .parquet or .csv")
@@ -470,10 +471,14 @@ def _check_out(out, source, run) -> Path:
         if out.resolve() == Path(p).resolve() or (out.exists() and Path(p).exists() and os.path.samefile(out, p)):
             what = "the input table" if p == source.path else "the run's values file"
             raise InputError(f"-o {out}: is {what}; valuekit never overwrites its input")
+    if out.resolve().is_relative_to(Path(run.path).resolve()):
+        raise InputError(f"-o {out}: lies in the run directory {run.path}; write outputs elsewhere")
+    refuse_existing(out, overwrite=overwrite)
     return out
 
 
-def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, rank_by="value", drop_columns=()):
+def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, rank_by="value", drop_columns=(),
+             overwrite: bool = False):
     selection.check()
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
         raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
@@ -482,7 +487,7 @@ def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, r
     csv_out = out is not None and Path(out).suffix.lower() == ".csv"
     source = _open_source(table, for_csv_out=csv_out, frame_out=out is None)
     if out is not None:
-        out = _check_out(out, source, run)
+        out = _check_out(out, source, run, overwrite)
     names = source.schema.names
     if id_col not in names:
         raise InputError(f"{source.where}: missing column {id_col!r} "
@@ -506,15 +511,16 @@ def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, r
 
 def write_scored(table, run_dir, out, *, selection: Selection = Selection(), id_col: str = "id",
                  batch_rows: int = DEFAULT_BATCH_ROWS, progress: bool = False, label_col: str = "label",
-                 rank_by: str = "value", drop_columns=()) -> ScoreSummary:
+                 rank_by: str = "value", drop_columns=(), overwrite: bool = False) -> ScoreSummary:
     """Stream `table` (path, DataFrame or Arrow table) into `out` (.parquet/.csv) with the run's values added.
+    An existing `out` is refused unless `overwrite=True` (an input table or run file never is replaced).
 
     Memory holds the id column and five numbers per row, plus one batch of `batch_rows` rows.
     `drop_columns` (names) are left out of `out` (e.g. an image column that CSV cannot hold).
     """
     drop_columns = _names(drop_columns)
     run, source, out = _prepare(table, run_dir, out=out, id_col=id_col, selection=selection, batch_rows=batch_rows,
-                                rank_by=rank_by, drop_columns=drop_columns)
+                                rank_by=rank_by, drop_columns=drop_columns, overwrite=overwrite)
     try:
         plan = _plan(source.ids(id_col), run, where=source.where, id_col=id_col, selection=selection,
                      labels=_labels_of(source, label_col) if selection.per_class else None, rank_by=rank_by)
@@ -551,6 +557,7 @@ def score(
     label_col: str = "label",
     rank_by: str = "value",
     drop_columns=(),
+    overwrite: bool = False,
 ) -> pd.DataFrame | Path:
     """Join a run's values onto `table` by id; return a DataFrame, or stream into `out` and return its path.
 
@@ -563,14 +570,17 @@ def score(
     class is starved. `rank_by` ranks and selects by another numeric column of the run's values.parquet
     (e.g. `mean_reward`; `value` stays the method's value). A DataFrame input comes back as a DataFrame
     with its own dtypes and index. `drop_columns` (a list of names) leaves those columns out of the result
-    (e.g. a list-valued image column, which a .csv `out` cannot hold).
+    (e.g. a list-valued image column, which a .csv `out` cannot hold). An existing `out` is refused unless
+    `overwrite=True`, so a notebook cell that writes a file can be run again with it; the input table never is
+    replaced.
     """
     drop_columns = _names(drop_columns)
     selection = Selection(keep_fraction=keep_fraction, top_k=top_k, drop_fraction=drop_fraction,
                           min_weight=min_weight, subset_only=subset_only, per_class=per_class)
     if out is not None:
         return write_scored(table, run_dir, out, selection=selection, id_col=id_col, batch_rows=batch_rows,
-                            progress=progress, label_col=label_col, rank_by=rank_by, drop_columns=drop_columns).path
+                            progress=progress, label_col=label_col, rank_by=rank_by, drop_columns=drop_columns,
+                            overwrite=overwrite).path
     run, source, _ = _prepare(table, run_dir, out=None, id_col=id_col, selection=selection, batch_rows=batch_rows,
                               rank_by=rank_by, drop_columns=drop_columns)
     try:

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from valuekit.analysis.instruction_audit import is_causal_lm
+from valuekit.analysis.instruction_audit import has_no_classes, is_causal_lm
 from valuekit.errors import InputError, ValueKitError
 from valuekit.runs.atomic import write_atomic
 from valuekit.runs.layout import SUBSET_VALUE
+from valuekit.runs.paths import refuse_existing
 
 TEMPLATE = "report.html"
 TOP_K = 20
@@ -35,7 +36,8 @@ class _Section:
         self.id, self.number, self.title, self.intro = id, number, title, intro
         self.figures: list[dict] = []  # {id, alt, src, caption}
         self.tables: list[dict] = []  # {id, caption, header, rows, html_cells}
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # what the reader should know (a yellow box)
+        self.errors: list[str] = []  # what failed and is not shown (the same box, class "note error")
 
     def figure(self, id: str, alt: str, fig, caption: str = "") -> None:
         from valuekit.reporting.figures import data_uri
@@ -73,7 +75,7 @@ def _duration(seconds) -> str:
 
 
 def _guard(section: _Section, what: str):
-    """Context manager: an exception inside becomes a visible note in the section."""
+    """Context manager: an exception inside becomes a visible error note in the section."""
     class _G:
         def __enter__(self):
             return self
@@ -82,7 +84,7 @@ def _guard(section: _Section, what: str):
             if exc is None:
                 return False
             if isinstance(exc, Exception):
-                section.notes.append(f"{what}: not shown ({type(exc).__name__}: {exc})")
+                section.errors.append(f"{what}: not shown ({type(exc).__name__}: {exc})")
                 return True
             return False
 
@@ -114,8 +116,9 @@ def _summary(runs, names) -> _Section:
     row("training data", train_data)
     row("dev data", lambda r: str((((r.meta.get("data") or {}).get("dev")) or {}).get("path") or "–"))
     lm = [is_causal_lm(r) for r in runs]
-    row("classes" if not any(lm) else "vocabulary (tokens)" if all(lm) else "classes / vocabulary",
-        lambda r: str(len(r.meta.get("classes") or [])) + (" tokens" if is_causal_lm(r) and not all(lm) else ""))
+    text = [has_no_classes(r) for r in runs]  # their `classes` are a token vocabulary
+    row("classes" if not any(text) else "vocabulary (tokens)" if all(text) else "classes / vocabulary",
+        lambda r: str(len(r.meta.get("classes") or [])) + (" tokens" if has_no_classes(r) and not all(text) else ""))
     row("sources" if not any(lm) else "tasks" if all(lm) else "sources / tasks",
         lambda r: ", ".join(r.meta.get("sources") or []) or "–")
     row("model", lambda r: str(cfg(r, "model")) + ("" if cfg(r, "model") == "linear"
@@ -261,8 +264,8 @@ def _balance(runs, names) -> _Section | None:
     if mod is None:
         sec.notes.append("valuekit.analysis.balance is not in this installation")
         return sec
-    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None and not is_causal_lm(r)]
-    if not with_steps and all(is_causal_lm(r) for r in runs):
+    with_steps = [(r, n) for r, n in zip(runs, names) if r.dataset("steps") is not None and not has_no_classes(r)]
+    if not with_steps and all(has_no_classes(r) for r in runs):
         return None  # instruction tables have no classes: the tasks section shows their weights instead
     if not with_steps:
         sec.notes.append("no run has a step log")
@@ -398,10 +401,10 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     try:
         frame = mislabel.audit(finished, data=data, baselines=baselines)
     except ValueKitError as exc:
-        sec.notes.append(f"audit not available: {exc}")
+        sec.errors.append(f"audit not available: {exc}")
         return sec, None, None
     summary = mislabel.audit_summary(frame)
-    if frame.attrs.get("kind") == "instructions":
+    if frame.attrs.get("kind") in ("instructions", "translation"):
         from valuekit.reporting.instructions import instruction_suspects
 
         instruction_suspects(sec, frame, summary, top_k)
@@ -411,7 +414,7 @@ def _audit(runs, names, data, baselines, top_k) -> tuple[_Section, pd.DataFrame 
     try:
         table = mislabel.training_table(finished[0], data)
     except ValueKitError as exc:
-        sec.notes.append(f"training table not read: {exc}")
+        sec.errors.append(f"training table not read: {exc}")
     shape = table["image_shape"] if table else None
     if table is not None and shape is None and finished[0].meta.get("image_shape"):
         sec.notes.append(f"image thumbnails: not shown ({table.get('features_note') or 'no image column'})")
@@ -510,11 +513,12 @@ def _subsets(runs, names) -> _Section | None:
 
 
 def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: int = TOP_K,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, overwrite: bool = False) -> Path:
     """Render the HTML report of one or more run directories into the single file `out`; return its path.
 
     `data` (path or DataFrame) replaces the training table named in run.json (class names,
     is_noisy, image thumbnails); `baselines` adds the audit baselines (small loss, cleanlab).
+    An existing `out` is refused unless `overwrite=True` (never replaced silently).
     """
     import jinja2
 
@@ -526,6 +530,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         raise InputError(f"-o {out}: the report is one HTML file; give a name ending in .html")
     if out.is_dir():
         raise InputError(f"-o {out}: is a directory; give a file name ending in .html")
+    refuse_existing(out, overwrite=overwrite)
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
     runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
@@ -550,7 +555,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
         from valuekit.runs.reader import example_labels
 
         for r, n in zip(runs, names):
-            if is_causal_lm(r):  # instruction rows have no class label
+            if has_no_classes(r):  # instruction rows and translation pairs have no class label
                 continue
             try:
                 el = example_labels(r)
@@ -560,7 +565,7 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
             except Exception as exc:  # the weights section then shows no per-class panel, and says why
                 label_notes.append(f"{n}: class labels unknown ({type(exc).__name__}: {exc})")
     weights = _weights(runs, names, labels, noisy)
-    weights.notes += label_notes
+    weights.errors += label_notes
     sections.append(weights)
     sections.append(_balance(runs, names))
     sections.append(_usage(runs, names))

@@ -61,27 +61,29 @@ def instruction_suspects(sec: _Section, frame: pd.DataFrame, summary: dict, top_
     per-task table, where a junk task shows as low label_score and weight."""
     from valuekit.analysis import mislabel
 
-    sec.title = "Suspect rows and tasks"
+    group = frame.attrs.get("group_col", "task")  # the source language of a translation audit
+    prompt, response = frame.attrs.get("text_cols") or ["prompt", "response"]
+    sec.title = "Suspect rows and tasks" if group == "task" else "Suspect pairs and sources"
     pct_cols = mislabel.value_columns(frame, pct=True)
-    has_task = "task" in frame.columns
-    header = ["rank", "id"] + (["task"] if has_task else []) + ["prompt", "response", "label_score", "flagged"]
+    has_task = group in frame.columns
+    header = ["rank", "id"] + ([group] if has_task else []) + [prompt, response, "label_score", "flagged"]
     header += pct_cols + (["is_noisy"] if "is_noisy" in frame.columns else [])
     rows = []
     for rec in frame.head(top_k).to_dict("records"):
-        cells = [str(rec["rank"]), str(rec["id"])] + ([str(rec["task"])] if has_task else [])
-        cells += [rec["prompt"], rec["response"], _fmt(rec["label_score"]), _fmt(bool(rec["is_label_issue"]))]
+        cells = [str(rec["rank"]), str(rec["id"])] + ([str(rec[group])] if has_task else [])
+        cells += [rec[prompt], rec[response], _fmt(rec["label_score"]), _fmt(bool(rec["is_label_issue"]))]
         cells += [_fmt(rec[c], 3) for c in pct_cols]
         if "is_noisy" in frame.columns:
             cells.append(_fmt(bool(rec["is_noisy"])))
         rows.append(cells)
     sec.tables.append({"id": "suspects", "caption": f"Top {min(top_k, len(frame))} suspect rows (of {len(frame)}; "
-                       f"{summary['n_flagged']} flagged by {summary.get('flag_rule')}). Prompt and response are cut "
-                       f"at {EXCERPT} characters.", "header": header, "rows": rows})
+                       f"{summary['n_flagged']} flagged by {summary.get('flag_rule')}). {prompt} and {response} are "
+                       f"cut at {EXCERPT} characters.", "header": header, "rows": rows})
     tasks = task_summary(frame)
     if tasks is not None:
-        cols = [c for c in tasks.columns if c != "task"]
-        sec.tables.append({"id": "suspect-tasks", "caption": "Per task, most suspicious first: rows, flagged rows, "
-                           "mean label_score and each run's mean weight and value percentile.",
-                           "header": ["task", *cols],
-                           "rows": [[str(rec["task"]), *[_fmt(rec[c]) for c in cols]]
+        cols = [c for c in tasks.columns if c != group]
+        sec.tables.append({"id": "suspect-tasks", "caption": f"Per {group}, most suspicious first: rows, flagged "
+                           "rows, mean label_score and each run's mean weight and value percentile.",
+                           "header": [group, *cols],
+                           "rows": [[str(rec[group]), *[_fmt(rec[c]) for c in cols]]
                                     for rec in tasks.to_dict("records")]})

@@ -50,10 +50,11 @@ def _writable_dir(folder: Path) -> bool:
 
 
 def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
-                 suffixes: tuple[str, ...] | None = None) -> Path:
+                 suffixes: tuple[str, ...] | None = None, overwrite: bool | None = None) -> Path:
     """Resolve and check an output location before any work; returns the resolved path.
 
-    kind: "file" (an existing file is replaced, a directory is refused), "dir" (a folder that is
+    kind: "file" (a directory is refused; an existing file is refused unless `overwrite` is True, or
+    None: the caller decides), "dir" (a folder that is
     created if missing; a file there is refused) or "run" (a run directory: a file there is refused,
     and so is a non-empty folder that is not a run directory). `inputs` are files the command reads
     (never an output), `runs` are run directories it reads (neither they nor anything in them is an
@@ -93,12 +94,27 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
         if kind == "run" and not (out / RUN_JSON).exists() and any(out.iterdir()):
             raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
                              f"choose a new or empty folder")
+        if kind == "file" and overwrite is not None:
+            refuse_existing(given, overwrite=overwrite, option=option)
     base = _nearest_existing(out.parent if kind == "file" or not out.exists() else out)
     if not base.is_dir():
         raise InputError(f"{label}: lies under {base}, which is a file, not a folder")
     if not _writable_dir(base):
         raise InputError(f"{label}: cannot write in {base} (permission denied or read-only)")
     return out
+
+
+def refuse_existing(path, *, overwrite: bool, option: str = "-o", arg: str = "out", of: str | None = None) -> None:
+    """Refuse an output file that exists unless `overwrite`: valuekit never replaces a file silently. The message
+    speaks of `arg=` and `overwrite=True`; its command-line form of `option` and `--overwrite`. `of`: the main output
+    when `path` is a file written next to it (an audit's summary), named in the message instead."""
+    p = Path(path).expanduser()
+    if overwrite or not (p.exists() or p.is_symlink()):
+        return
+    what = "already exists" if of is None else f"its companion file {path} already exists"
+    shown = path if of is None else of
+    raise InputError(f"{arg}={str(shown)!r}: {what}; pass overwrite=True to replace it, or choose another {arg}",
+                     cli=f"{option} {shown}: {what}; pass --overwrite to replace it, or choose another {option}")
 
 
 def check_not_overwritten(folder, names, *, option: str = "-o", flag: str = "--overwrite") -> None:
