@@ -23,10 +23,11 @@ def add_parser(sub):
     p.add_argument(
         "kind",
         nargs="+",
-        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "all", "papers", *SUITES,
+        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "value", "all", "papers", *SUITES,
                  *TEXT_SUITES],
         help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; outcome = the pipelines of "
-        "`valuekit clean` against cleanlab's; papers = each paper's own experiment at CPU scale; the others are "
+        "`valuekit clean` against cleanlab's; value = which in-run value ranks flipped rows best, chosen on some sets "
+        "and judged on held-out ones; papers = each paper's own experiment at CPU scale; the others are "
         "study suites)",
     )
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
@@ -40,9 +41,10 @@ def add_parser(sub):
                    "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
                    "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all); "
-                   "outcome: sym30,pair40,inst30,lt10+sym20 (default all)")
-    p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
-                   "results) here; text suites skip the runs already recorded there")
+                   "outcome, value: sym30,pair40,inst30,lt10+sym20 (default all)")
+    p.add_argument("--runs-dir", default=None, help="quality, outcome, text suites: keep every run directory (and "
+                   "partial results) here; text suites skip the runs already recorded there; value: comma-separated "
+                   "roots read for recorded cells, missing cells trained into the first")
     p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
                    "the runs recorded there, train nothing")
     add_threads_option(p)
@@ -94,12 +96,12 @@ def run(args) -> int:
 
     from valuekit.cli.common import apply_cli_threads
 
-    from valuekit.bench.main import KINDS, run_bench, write_index
+    from valuekit.bench.main import KINDS, NOT_IN_ALL, run_bench, write_index
 
     apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
 
     _check(args)
-    kinds = [k for k in KINDS if k != "outcome"] if "all" in args.kind else list(dict.fromkeys(args.kind))
+    kinds = [k for k in KINDS if k not in NOT_IN_ALL] if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}

@@ -97,7 +97,8 @@ def bench_quality(out: Path, **kw) -> Path:
     return run(out, **kw)
 
 
-KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome")
+KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "value")
+NOT_IN_ALL = ("outcome", "value")  # studies over many trained cells: named on their own
 PAPERS = "papers"  # each paper's own experiment (valuekit.bench.papers); a study, so not part of `all`
 
 
@@ -169,6 +170,15 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_outcome(out, command=command, device=dev, quick=quick, datasets=split(datasets),
                              seeds=seed_list, methods=split(methods), steps=steps, settings=split(settings),
                              runs_dir=runs_dir)
+    if kind == "value":
+        from valuekit.bench.outcome import SETTINGS as VALUE_SETTINGS
+        from valuekit.bench.value import bench_value
+
+        bad = [s for s in split(settings) or () if s not in VALUE_SETTINGS]
+        if bad:
+            raise InputError(f"--settings {bad[0]!r}: choose from {', '.join(VALUE_SETTINGS)}")
+        return bench_value(out, command=command, device=dev, quick=quick, datasets=split(datasets), seeds=seed_list,
+                           methods=split(methods), steps=steps, settings=split(settings), runs_dir=runs_dir)
     from valuekit.bench.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]
