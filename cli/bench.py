@@ -96,12 +96,12 @@ def run(args) -> int:
 
     from valuekit.cli.common import apply_cli_threads
 
-    from valuekit.bench.main import KINDS, NOT_IN_ALL, run_bench, write_index
+    from valuekit.bench.main import KINDS, run_bench, write_index
 
     apply_cli_threads(args)  # the benchmarks time small steps: 1 thread unless --threads / $VALUEKIT_THREADS
 
     _check(args)
-    kinds = [k for k in KINDS if k not in NOT_IN_ALL] if "all" in args.kind else list(dict.fromkeys(args.kind))
+    kinds = [k for k in KINDS if k != "outcome"] if "all" in args.kind else list(dict.fromkeys(args.kind))
     # the command line that reproduces this run, written at the top of every result file
     options = {"seeds": args.seeds, "steps": args.steps, "datasets": args.datasets, "methods": args.methods,
                "settings": args.settings, "runs_dir": args.runs_dir}

@@ -76,23 +76,40 @@ def test_choose_takes_the_best_mean_over_sets_and_held_out_verdict():
     assert "| **h2** | all | all | 2 | **0.805** | **0.905** | 0.505 | **-0.1000 FAIL** |" in lines
 
 
-def test_bench_value_reports_recorded_cells_without_training(tmp_path):
-    from valuekit.bench.value import bench_value
+def _cli(*argv):
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
 
+    from valuekit.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_bench_value_reports_recorded_cells_without_training(tmp_path):
     rng = np.random.default_rng(0)
     for ds in ("digits", "wine", "iris", "penguins"):
         noisy = rng.random(40) < 0.3
         loss = rng.random(40) + noisy
         _cell(tmp_path / "runs", ds, "sym30", 0, noisy=noisy, mean_loss=loss, aum=rng.random(40),
               labels=rng.integers(0, 3, 40), last_loss=rng.random(40), learned=rng.random(40))
-    said = []
-    md = bench_value(tmp_path / "out", command="valuekit bench value", datasets=("digits", "wine", "iris", "penguins"),
-                     settings=("sym30",), seeds=(0,), methods=("dds",), runs_dir=str(tmp_path / "runs"),
-                     log=said.append)
-    assert said == []  # every cell was recorded: nothing trained
-    text = md.read_text()
-    frame = pd.read_csv(tmp_path / "out" / "value.csv")
+    code, out, err = _cli("bench", "value", "--datasets", "digits,wine,iris,penguins", "--settings", "sym30",
+                          "--seeds", "0", "--methods", "dds", "--runs-dir", tmp_path / "runs", "-o", tmp_path / "out")
+    assert code == 0 and "trained" not in out  # every cell was recorded: nothing trained
+    text = (tmp_path / "out" / "value-choice.md").read_text()
+    frame = pd.read_csv(tmp_path / "out" / "value-choice.csv")
     assert len(frame) == 4 * frame.candidate.nunique()
+    assert "Command: `valuekit bench value --device auto" in text
     # loss separates the flips, the other signals are noise: the pick is -mean_loss; held-out penguins passes
     assert "| -mean_loss (pick) |" in text and "penguins PASS" in text
     assert "held-out sets without runs: mnist5k" in text
+    pen = frame[(frame.dataset == "penguins") & (frame.candidate == "-mean_loss")].auroc.item()
+    assert f"| **penguins** | all | all | 1 | **{pen:.3f}** | **{pen:.3f}** |" in text
+
+
+def test_bench_value_refuses_an_unknown_setting(tmp_path):
+    code, out, err = _cli("bench", "value", "--settings", "noise20", "--runs-dir", tmp_path, "-o", tmp_path / "out")
+    assert code == 2 and err.strip().endswith("choose from sym30, pair40, inst30, lt10+sym20")
+    assert not (tmp_path / "out" / "value-choice.md").exists()

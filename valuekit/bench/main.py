@@ -97,8 +97,8 @@ def bench_quality(out: Path, **kw) -> Path:
     return run(out, **kw)
 
 
-KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "value")
-NOT_IN_ALL = ("outcome", "value")  # studies over many trained cells: named on their own
+KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome")
+VALUE = "value"  # which in-run value (valuekit.bench.value); a study over many cells, so not part of `all`
 PAPERS = "papers"  # each paper's own experiment (valuekit.bench.papers); a study, so not part of `all`
 
 
@@ -112,8 +112,8 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     from valuekit.bench.suites_text import NAMES as TEXT_SUITES
     from valuekit.training.options import resolve_device
 
-    if kind not in KINDS and kind != PAPERS and kind not in SUITES and kind not in TEXT_SUITES:
-        known = ", ".join([*KINDS, PAPERS, *SUITES, *TEXT_SUITES])
+    if kind not in KINDS and kind not in (PAPERS, VALUE) and kind not in SUITES and kind not in TEXT_SUITES:
+        known = ", ".join([*KINDS, PAPERS, VALUE, *SUITES, *TEXT_SUITES])
         raise InputError(f"unknown benchmark {kind!r}; choose from {known}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
@@ -170,7 +170,7 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_outcome(out, command=command, device=dev, quick=quick, datasets=split(datasets),
                              seeds=seed_list, methods=split(methods), steps=steps, settings=split(settings),
                              runs_dir=runs_dir)
-    if kind == "value":
+    if kind == VALUE:
         from valuekit.bench.outcome import SETTINGS as VALUE_SETTINGS
         from valuekit.bench.value import bench_value
 

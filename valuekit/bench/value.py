@@ -194,7 +194,7 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
               f">= that of the same runs' -mean_loss - {TOLERANCE}.", ""]
     if choice.empty:
         lines += ["No choice-set runs found."]
-        return write(out, "value", lines, frame)
+        return write(out, "value-choice", lines, frame)
     pick, table = choose(choice)
     lines += ["## Choice sets", "", "| candidate | mean AUROC | mean F1@k | worst set: AUROC - that of -mean_loss |",
               "| --- | --- | --- | --- |"]
@@ -218,13 +218,13 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
         lines += ["", "Every candidate on the held-out sets (for the record; not used for the choice):", "",
                   "| candidate | mean AUROC | mean F1@k |", "| --- | --- | --- |"]
         lines += [f"| {c} | {_f(r.auroc)} | {_f(r.f1_at_k)} |" for c, r in allc.iterrows()]
-    return write(out, "value", lines, frame)
+    return write(out, "value-choice", lines, frame)
 
 
 def bench_value(out: Path, *, command: str, device: str = "cpu", quick: bool = False, datasets=None, seeds=None,
                 methods=None, steps: int | None = None, settings=None, runs_dir=None, log=print) -> Path:
     """Score every cell of the grid found under the roots in `runs_dir` (comma-separated; missing cells trained
-    into the first, a temporary folder when None) and write OUT/value.md and value.csv."""
+    into the first, a temporary folder when None) and write OUT/value-choice.md and value-choice.csv."""
     import tempfile
 
     d = QUICK if quick else {}
