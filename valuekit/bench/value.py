@@ -128,10 +128,12 @@ def score_cell(name: str, setting: str, seed: int, cell: Path, *, methods) -> li
     rows = []
     for m in methods:
         d = _run_dir(cell, m)
-        if d is None or json.loads((d / "run.json").read_text()).get("status") != "completed":
+        meta = json.loads((d / "run.json").read_text()) if d is not None else {}
+        if meta.get("status") != "completed":
             continue
         vals = pd.read_parquet(d / "values.parquet").set_index("example_id").reindex(df.id.to_numpy())
-        base = {"dataset": name, "setting": setting, "seed": seed, "method": m, "run": str(d)}
+        base = {"dataset": name, "setting": setting, "seed": seed, "method": m, "run": str(d),
+                "steps": meta.get("steps_done")}
         rows += [{**base, **r} for r in score_run(vals, df.label.to_numpy(), noisy, LEARNED.get(m))]
     return rows
 
@@ -183,9 +185,12 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
     held = frame[frame.dataset.isin(HELD_OUT)]
     lines = header("Value choice: which in-run value ranks flipped rows best, chosen on some sets, judged on others",
                    command, "cpu")
-    cover = [f"{ds}: {g.setting.nunique()} settings, {g.seed.nunique()} seeds, {', '.join(sorted(g.method.unique()))}"
+    cover = [f"{ds}: {g.setting.nunique()} settings x {g.seed.nunique()} seeds x {', '.join(sorted(g.method.unique()))}"
+             f" ({'/'.join(str(s) for s in sorted(g.steps.dropna().unique()))} steps; "
+             f"{', '.join(sorted(g.root.unique()))})"
              for ds, g in frame.groupby("dataset", sort=False)]
-    lines += [f"Runs read from {', '.join(str(r) for r in roots)} (cells trained here: {steps} steps).",
+    lines += [f"Runs read from {', '.join(str(r) for r in roots)} (cells missing there are trained with {steps} "
+              "steps, the whole dev set, no early stopping).",
               "Settings: " + "; ".join(f"{k} = {v}" for k, v in SETTING_DOC.items()) + ".",
               "Coverage: " + "; ".join(cover) + ".", "",
               f"Rule (fixed before reading held-out numbers): on the choice sets {', '.join(CHOICE)}, the candidate",
@@ -244,6 +249,7 @@ def bench_value(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                     if cell is None:
                         cell = found[0]
                         train_cell(name, setting, seed, cell, methods=methods, steps=steps, device=device, log=log)
-                    rows += score_cell(name, setting, seed, cell, methods=methods)
+                    rows += [{**r, "root": str(cell.parents[2])} for r in score_cell(name, setting, seed, cell,
+                                                                                     methods=methods)]
         frame = pd.DataFrame(rows)
         return write_report(Path(out), frame, command=command, steps=steps, roots=[r for r in roots if str(r) != tmp])
