@@ -45,8 +45,8 @@ def add_parser(sub):
     p.add_argument("--runs-dir", default=None, help="quality, outcome, text suites: keep every run directory (and "
                    "partial results) here; text suites skip the runs already recorded there; value: comma-separated "
                    "roots read for recorded cells, missing cells trained into the first")
-    p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
-                   "the runs recorded there, train nothing")
+    p.add_argument("--report-only", action="store_true", help="text suites and value with --runs-dir: write the "
+                   "tables from the runs recorded there, train nothing")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -77,8 +77,9 @@ def _check(args) -> None:
 
     for text in items["seeds"]:
         check_seed(int(text), where="--seeds")
-    if args.report_only and (not args.runs_dir or any(k not in TEXT_NAMES for k in args.kind)):
-        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) with --runs-dir")
+    if args.report_only and (not args.runs_dir or any(k not in (*TEXT_NAMES, "value") for k in args.kind)):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) and value with "
+                         "--runs-dir")
     known_data, known_methods = list(DATASETS), list(available_methods())
     text = [registry()[k] for k in args.kind if k in TEXT_NAMES]
     if text:  # a text suite names its own targets / variants; mixed with other kinds, either kind's names pass

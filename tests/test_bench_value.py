@@ -27,7 +27,7 @@ def _cell(root, dataset, setting, seed, *, noisy, mean_loss, aum, labels, method
                   "last_loss": np.asarray(mean_loss if last_loss is None else last_loss)[order] * 2,
                   "scorer_logit": -np.asarray(mean_loss if learned is None else learned)[order] ** 2}
                  ).to_parquet(run / "values.parquet")
-    (run / "run.json").write_text(json.dumps({"status": "completed", "method": method}))
+    (run / "run.json").write_text(json.dumps({"status": "completed", "method": method, "steps_done": 40}))
     return cell
 
 
@@ -95,13 +95,16 @@ def test_bench_value_reports_recorded_cells_without_training(tmp_path):
         loss = rng.random(40) + noisy
         _cell(tmp_path / "runs", ds, "sym30", 0, noisy=noisy, mean_loss=loss, aum=rng.random(40),
               labels=rng.integers(0, 3, 40), last_loss=rng.random(40), learned=rng.random(40))
+    # --report-only: seed 1 was never trained, and is not trained now
     code, out, err = _cli("bench", "value", "--datasets", "digits,wine,iris,penguins", "--settings", "sym30",
-                          "--seeds", "0", "--methods", "dds", "--runs-dir", tmp_path / "runs", "-o", tmp_path / "out")
-    assert code == 0 and "trained" not in out  # every cell was recorded: nothing trained
+                          "--seeds", "0,1", "--methods", "dds", "--runs-dir", tmp_path / "runs", "--report-only",
+                          "-o", tmp_path / "out")
+    assert code == 0 and "trained" not in out and not (tmp_path / "runs" / "wine" / "sym30" / "1").exists()
     text = (tmp_path / "out" / "value-choice.md").read_text()
     frame = pd.read_csv(tmp_path / "out" / "value-choice.csv")
     assert len(frame) == 4 * frame.candidate.nunique()
-    assert "Command: `valuekit bench value --device auto" in text
+    assert "Command: `valuekit bench value --report-only --device auto" in text
+    assert "penguins: 1 settings x 1 seeds x dds (40 steps; " in text
     # loss separates the flips, the other signals are noise: the pick is -mean_loss; held-out penguins passes
     assert "| -mean_loss (pick) |" in text and "penguins PASS" in text
     assert "held-out sets without runs: mnist5k" in text

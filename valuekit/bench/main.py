@@ -125,8 +125,9 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         seed_list = tuple(int(s) for s in split(seeds)) if seeds else None
     except ValueError:
         raise InputError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
-    if report_only and (kind not in TEXT_SUITES or not runs_dir):
-        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) with --runs-dir")
+    if report_only and ((kind not in TEXT_SUITES and kind != VALUE) or not runs_dir):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) and {VALUE} with "
+                         "--runs-dir")
     if kind in TEXT_SUITES:
         return registry()[kind].run(out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
                                     datasets=split(datasets), methods=split(methods), runs_dir=runs_dir,
@@ -178,7 +179,8 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         if bad:
             raise InputError(f"--settings {bad[0]!r}: choose from {', '.join(VALUE_SETTINGS)}")
         return bench_value(out, command=command, device=dev, quick=quick, datasets=split(datasets), seeds=seed_list,
-                           methods=split(methods), steps=steps, settings=split(settings), runs_dir=runs_dir)
+                           methods=split(methods), steps=steps, settings=split(settings), runs_dir=runs_dir,
+                           report_only=report_only)
     from valuekit.bench.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]

@@ -227,9 +227,11 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
 
 
 def bench_value(out: Path, *, command: str, device: str = "cpu", quick: bool = False, datasets=None, seeds=None,
-                methods=None, steps: int | None = None, settings=None, runs_dir=None, log=print) -> Path:
+                methods=None, steps: int | None = None, settings=None, runs_dir=None, report_only: bool = False,
+                log=print) -> Path:
     """Score every cell of the grid found under the roots in `runs_dir` (comma-separated; missing cells trained
-    into the first, a temporary folder when None) and write OUT/value-choice.md and value-choice.csv."""
+    into the first, a temporary folder when None; with `report_only` skipped) and write OUT/value-choice.md and
+    value-choice.csv."""
     import tempfile
 
     d = QUICK if quick else {}
@@ -246,6 +248,8 @@ def bench_value(out: Path, *, command: str, device: str = "cpu", quick: bool = F
                 for setting in settings:
                     found = [r / name / setting / str(seed) for r in roots]
                     cell = next((c for c in found if all(_run_dir(c, m) for m in methods)), None)
+                    if cell is None and report_only:
+                        continue
                     if cell is None:
                         cell = found[0]
                         train_cell(name, setting, seed, cell, methods=methods, steps=steps, device=device, log=log)
