@@ -72,7 +72,7 @@ def candidates(vals: pd.DataFrame, labels, learned: str | None) -> dict[str, np.
     return out
 
 
-CURRENT = "class rank(-mean_loss, aum)"
+EARLIER = "class rank(-mean_loss, aum)"  # the value before this study (reports/quality.md)
 BASELINE = "-mean_loss"
 
 
@@ -159,22 +159,29 @@ def _f(v, digits: int = 3) -> str:
     return "—" if v is None or not np.isfinite(v) else f"{v:.{digits}f}"
 
 
-def held_out_table(frame: pd.DataFrame, pick: str) -> tuple[list[str], dict[str, bool]]:
-    """Markdown rows (set x setting x method: AUROC of the pick and of -mean_loss, 3-seed means) and PASS per set."""
-    sub = frame[frame.candidate.isin([pick, BASELINE, CURRENT])]
-    piv = sub.pivot_table(index=["dataset", "setting", "method", "seed"], columns="candidate", values="auroc")
-    lines = [f"| set | setting | method | seeds | {pick} | -mean_loss | today's {CURRENT} | pick - (-mean_loss) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def _label(c: str, pick: str, runner_up: str | None = None) -> str:
+    tags = [t for t, ok in (("pick", c == pick), ("earlier value", c == EARLIER), ("runner-up", c == runner_up)) if ok]
+    return c + (f" ({', '.join(tags)})" if tags else "")
+
+
+def held_out_table(frame: pd.DataFrame, pick: str, also=()) -> tuple[list[str], dict[str, bool]]:
+    """Markdown rows (set x setting x method: mean AUROC over seeds of the pick, -mean_loss, the earlier value and
+    `also`) and PASS per set (the pick's mean AUROC over all its runs >= that of -mean_loss - TOLERANCE)."""
+    cols = list(dict.fromkeys([pick, BASELINE, EARLIER, *also]))
+    piv = frame[frame.candidate.isin(cols)].pivot_table(index=["dataset", "setting", "method", "seed"],
+                                                        columns="candidate", values="auroc")
+    lines = ["| set | setting | method | seeds | " + " | ".join(_label(c, pick, *also[:1]) for c in cols)
+             + " | pick - (-mean_loss) |", "|" + " --- |" * (len(cols) + 5)]
     verdict = {}
     for ds, g in piv.groupby(level="dataset", sort=False):
         for (st, m), h in g.groupby(level=["setting", "method"], sort=False):
-            lines.append(f"| {ds} | {st} | {m} | {len(h)} | {_f(h[pick].mean())} | {_f(h[BASELINE].mean())} | "
-                         f"{_f(h[CURRENT].mean())} | {h[pick].mean() - h[BASELINE].mean():+.4f} |")
+            lines.append(f"| {ds} | {st} | {m} | {len(h)} | " + " | ".join(_f(h[c].mean()) for c in cols)
+                         + f" | {h[pick].mean() - h[BASELINE].mean():+.4f} |")
         d = g[pick].mean() - g[BASELINE].mean()
         verdict[ds] = bool(d >= -TOLERANCE)
-        lines.append(f"| **{ds}** | all | all | {g.index.get_level_values('seed').nunique()} | "
-                     f"**{_f(g[pick].mean())}** | **{_f(g[BASELINE].mean())}** | {_f(g[CURRENT].mean())} | "
-                     f"**{d:+.4f} {'PASS' if verdict[ds] else 'FAIL'}** |")
+        bold = [f"**{_f(g[c].mean())}**" if c in (pick, BASELINE) else _f(g[c].mean()) for c in cols]
+        lines.append(f"| **{ds}** | all | all | {g.index.get_level_values('seed').nunique()} | " + " | ".join(bold)
+                     + f" | **{d:+.4f} {'PASS' if verdict[ds] else 'FAIL'}** |")
     return lines, verdict
 
 
@@ -203,19 +210,24 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
     pick, table = choose(choice)
     lines += ["## Choice sets", "", "| candidate | mean AUROC | mean F1@k | worst set: AUROC - that of -mean_loss |",
               "| --- | --- | --- | --- |"]
-    lines += [f"| {c}{' (pick)' if c == pick else ''}{' (today)' if c == CURRENT else ''} | {_f(r.auroc)} | "
-              f"{_f(r.f1_at_k)} | {r['worst set - (-mean_loss)']:+.4f} |" for c, r in table.iterrows()]
-    per = choice[choice.candidate.isin([pick, BASELINE, CURRENT])].pivot_table(
-        index=["dataset", "setting"], columns="candidate", values="auroc")
+    runner_up = next(c for c in table.index if c != pick)
+    lines += [f"| {_label(c, pick)} | {_f(r.auroc)} | {_f(r.f1_at_k)} | {r['worst set - (-mean_loss)']:+.4f} |"
+              for c, r in table.iterrows()]
+    cols = list(dict.fromkeys([pick, BASELINE, EARLIER, runner_up]))
+    per = choice[choice.candidate.isin(cols)].pivot_table(index=["dataset", "setting"], columns="candidate",
+                                                          values="auroc")
     lines += ["", "Per choice set and setting (mean AUROC over seeds x methods):", "",
-              f"| set | setting | {pick} | -mean_loss | today's {CURRENT} |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {ds} | {st} | {_f(r[pick])} | {_f(r[BASELINE])} | {_f(r[CURRENT])} |" for (ds, st), r in
-              per.iterrows()]
+              "| set | setting | " + " | ".join(_label(c, pick, runner_up) for c in cols) + " |",
+              "|" + " --- |" * (len(cols) + 2)]
+    lines += [f"| {ds} | {st} | " + " | ".join(_f(r[c]) for c in cols) + " |" for (ds, st), r in per.iterrows()]
     lines += ["", f"## Held-out sets: {pick} against -mean_loss", ""]
+    if pick == BASELINE:
+        lines += ["The pick is -mean_loss itself, so the criterion holds by construction; the table shows what the",
+                  "earlier value and the runner-up would have given.", ""]
     if held.empty:
         lines += ["No held-out runs found."]
     else:
-        rows, verdict = held_out_table(held, pick)
+        rows, verdict = held_out_table(held, pick, also=(runner_up,))
         lines += rows + ["", "Verdict: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in verdict.items())
                          + (f"; held-out sets without runs: {', '.join(s for s in HELD_OUT if s not in verdict)}"
                             if len(verdict) < len(HELD_OUT) else "") + "."]
