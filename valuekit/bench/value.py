@@ -132,8 +132,8 @@ def score_cell(name: str, setting: str, seed: int, cell: Path, *, methods) -> li
         if meta.get("status") != "completed":
             continue
         vals = pd.read_parquet(d / "values.parquet").set_index("example_id").reindex(df.id.to_numpy())
-        base = {"dataset": name, "setting": setting, "seed": seed, "method": m, "run": str(d),
-                "steps": meta.get("steps_done")}
+        base = {"dataset": name, "setting": setting, "seed": seed, "method": m, "steps": meta.get("steps_done"),
+                "made_by": "bench outcome" if d.parent.parent.name == "clean" else "bench value"}
         rows += [{**base, **r} for r in score_run(vals, df.label.to_numpy(), noisy, LEARNED.get(m))]
     return rows
 
@@ -194,10 +194,12 @@ def write_report(out: Path, frame: pd.DataFrame, *, command: str, steps: int, ro
                    command, "cpu")
     cover = [f"{ds}: {g.setting.nunique()} settings x {g.seed.nunique()} seeds x {', '.join(sorted(g.method.unique()))}"
              f" ({'/'.join(str(s) for s in sorted(g.steps.dropna().unique()))} steps; "
-             f"{', '.join(sorted(g.root.unique()))})"
+             f"{', '.join(sorted(g.made_by.unique()))}; {', '.join(sorted(g.root.unique()))})"
              for ds, g in frame.groupby("dataset", sort=False)]
-    lines += [f"Runs read from {', '.join(str(r) for r in roots)} (cells missing there are trained with {steps} "
-              "steps, the whole dev set, no early stopping).",
+    lines += [f"Runs read from {', '.join(str(r) for r in roots)}. \"bench value\" cells (runs/METHOD) were trained by "
+              f"this bench's `train_cell`: {steps} steps, the whole dev set, no early stopping, one evaluation; "
+              "\"bench outcome\" cells (clean/runs/METHOD) are the candidate runs of `valuekit bench outcome` "
+              "(`valuekit.clean`: half A of the dev set, the best-dev checkpoint kept; values over every step).",
               "Settings: " + "; ".join(f"{k} = {v}" for k, v in SETTING_DOC.items()) + ".",
               "Coverage: " + "; ".join(cover) + ".", "",
               f"Rule (fixed before reading held-out numbers): on the choice sets {', '.join(CHOICE)}, the candidate",

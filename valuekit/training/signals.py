@@ -187,9 +187,9 @@ def in_run_value(ctx, fallback) -> np.ndarray:
     Chosen by measurement (reports/value-choice.md, `valuekit bench value`): on five data sets x symmetric,
     pair, instance-dependent and long-tail flips x 3 seeds (DDS and MW-Net runs), -mean_loss ranked flipped
     rows above aum, -last_loss, the global and the within-class rank averages of these and the learned
-    quantity, and the choice held on held-out sets. Within-class ranks (the earlier value, reports/quality.md)
-    lose when flips concentrate in some classes (pair flips, a long tail); keeping every class at its share is
-    the job of the export's per-class selection.
+    quantity; on six held-out sets the earlier within-class rank average of -mean_loss and aum
+    (reports/quality.md) ranked them worse on every set. Within-class ranks lose most on a long tail and on
+    instance-dependent flips; keeping every class at its share is the job of the export's per-class selection.
     Causal-LM tables (sequence labels, `--model causal-lm / hf: / hf-config:`): the percentile rank of -last_loss,
     the response loss at the row's latest step (no classes to rank within; chosen by measurement on three
     instruction sets x 3 seeds, reports/llm.md: it ranked junk rows above -mean_loss, aum and BADS's posterior
