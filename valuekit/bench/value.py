@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.bench.outcome import SETTING_DOC, SETTINGS
+from valuekit.bench.quality import LEARNED  # each method's learned column
 
 CHOICE = ("digits", "breast-cancer", "wine", "iris", "segment")
 HELD_OUT = ("mnist5k", "fashion-mnist", "phishing", "banana", "penguins", "seattle-weather")
@@ -34,8 +35,6 @@ TOLERANCE = 0.005
 STEPS = 300
 MAX_TRAIN = {"mnist5k": 2000, "fashion-mnist": 2000}  # the 784-pixel sets capped to keep the grid's CPU time small
 PREPARE_KW = {"fashion-mnist": {"test_fraction": 0.05}}  # 70,000 rows: a small test split (test is not used here)
-LEARNED = {"dds": "scorer_logit", "lrdi": "teacher_weight", "mwnet": "teacher_weight", "hostcp": "selection_weight",
-           "bads": "posterior_mean", "l2rw": "mean_weight"}
 QUICK = {"datasets": ("wine", "iris"), "settings": ("sym30", "pair40"), "seeds": (0,), "steps": 30,
          "methods": ("dds",)}
 
