@@ -14,7 +14,7 @@ on a set is >= that of -mean_loss - `TOLERANCE`.
 Runs are read from one or more roots laid out ROOT/DATASET/SETTING/SEED/ with the prepared tables in data/ and
 one run per method in runs/METHOD (this bench) or clean/runs/METHOD (`valuekit bench outcome`). Missing cells of
 the requested grid are trained into the first root (`train_cell`: prepare, then each method without early
-stopping, one evaluation at the end, no per-step log).
+stopping, one evaluation at the end, no per-step log), or skipped with `report_only`.
 """
 
 from __future__ import annotations
