@@ -23,10 +23,11 @@ def add_parser(sub):
     p.add_argument(
         "kind",
         nargs="+",
-        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "all", "papers", *SUITES,
+        choices=["speed", "layer", "quality", "scale", "stream", "epoch", "outcome", "value", "all", "papers", *SUITES,
                  *TEXT_SUITES],
         help="which benchmarks to run (all = speed, layer, quality, scale, stream, epoch; outcome = the pipelines of "
-        "`valuekit clean` against cleanlab's; papers = each paper's own experiment at CPU scale; the others are "
+        "`valuekit clean` against cleanlab's; value = which in-run value ranks flipped rows best, chosen on some sets "
+        "and judged on held-out ones; papers = each paper's own experiment at CPU scale; the others are "
         "study suites)",
     )
     p.add_argument("-o", "--out", default="reports", help="output folder (default: reports)")
@@ -40,11 +41,12 @@ def add_parser(sub):
                    "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
                    "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all); "
-                   "outcome: sym30,pair40,inst30,lt10+sym20 (default all)")
-    p.add_argument("--runs-dir", default=None, help="quality, text suites: keep every run directory (and partial "
-                   "results) here; text suites skip the runs already recorded there")
-    p.add_argument("--report-only", action="store_true", help="text suites with --runs-dir: write the tables from "
-                   "the runs recorded there, train nothing")
+                   "outcome, value: sym30,pair40,inst30,lt10+sym20 (default all)")
+    p.add_argument("--runs-dir", default=None, help="quality, outcome, text suites: keep every run directory (and "
+                   "partial results) here; text suites skip the runs already recorded there; value: comma-separated "
+                   "roots read for recorded cells, missing cells trained into the first")
+    p.add_argument("--report-only", action="store_true", help="text suites and value with --runs-dir: write the "
+                   "tables from the runs recorded there, train nothing")
     add_threads_option(p)
     p.set_defaults(func=run)
 
@@ -75,8 +77,9 @@ def _check(args) -> None:
 
     for text in items["seeds"]:
         check_seed(int(text), where="--seeds")
-    if args.report_only and (not args.runs_dir or any(k not in TEXT_NAMES for k in args.kind)):
-        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) with --runs-dir")
+    if args.report_only and (not args.runs_dir or any(k not in (*TEXT_NAMES, "value") for k in args.kind)):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_NAMES)}) and value with "
+                         "--runs-dir")
     known_data, known_methods = list(DATASETS), list(available_methods())
     text = [registry()[k] for k in args.kind if k in TEXT_NAMES]
     if text:  # a text suite names its own targets / variants; mixed with other kinds, either kind's names pass

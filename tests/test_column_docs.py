@@ -45,4 +45,5 @@ def test_the_report_says_what_value_means(tables, tmp_path):
     cfg = TrainConfig(method="dds", steps=6, batch_size=16, eval_every=3, progress=False, device="cpu")
     run = run_training(tr, dev, out=tmp_path / "dds", config=cfg)
     page = Path(write_report(run, tmp_path / "r.html")).read_text()
-    assert "value means" in page and "the in-run value: the mean of the within-class percentile ranks" in page
+    assert "value means" in page and "the in-run value: the percentile rank of the run" in page
+    assert "-mean_loss over the whole table" in page

@@ -219,12 +219,12 @@ def test_short_run_logs_rewards_and_weights(digits, tmp_path):
     w = np.exp(v["scorer_logit"] - v["scorer_logit"].max())
     assert np.allclose(v["weight"], w / w.sum() * len(v), rtol=1e-9)
     assert np.array_equal(v["label"].to_numpy(), digits[0].y.numpy())
-    # value = within-class rank average of -mean_loss and aum (signals.in_run_value), scorer_logit_z = the logit
+    # value = percentile rank of -mean_loss over the table (signals.in_run_value), scorer_logit_z = the logit
     # standardised within each class
-    from valuekit.training.signals import class_standardise, rank_average
+    from valuekit.training.signals import class_percentile, class_standardise
     labels = digits[0].y.numpy()
-    np.testing.assert_allclose(v["value"].to_numpy(), rank_average([-v["mean_loss"].to_numpy(), v["aum"].to_numpy()],
-                                                                   labels), rtol=1e-12)
+    np.testing.assert_allclose(v["value"].to_numpy(), class_percentile(-v["mean_loss"].to_numpy(), np.zeros(len(v))),
+                               rtol=1e-12)
     z = v["scorer_logit_z"].to_numpy()
     np.testing.assert_allclose(z, class_standardise(v["scorer_logit"].to_numpy(), labels), rtol=1e-9, atol=1e-12)
     for c in np.unique(labels):

@@ -146,15 +146,14 @@ def test_short_run_logs_weight_and_selected(digits, tmp_path):
     m = run.metrics()
     assert m["meta_loss"].notna().all() and m["scorer_loss"].isna().all()
     # selection_weight = mean w over the visits of each row, value_std its std, selected_rate the share of visits
-    # selected; value = within-class rank average of -mean_loss and aum (signals.in_run_value)
+    # selected; value = percentile rank of -mean_loss over the table (signals.in_run_value)
     v = run.values().set_index("example_id")
     agg = steps.groupby("example_id").agg(mean=("weight", "mean"), sel=("selected", "mean"),
                                           std=("weight", lambda s: s.std(ddof=0)))
     np.testing.assert_allclose(v.loc[agg.index, "selection_weight"], agg["mean"], rtol=1e-6, atol=1e-7)
-    from valuekit.training.signals import rank_average
-    labels = digits[0].y.numpy()
-    np.testing.assert_allclose(v["value"].to_numpy(), rank_average([-v["mean_loss"].to_numpy(), v["aum"].to_numpy()],
-                                                                   labels), rtol=1e-12)
+    from valuekit.training.signals import class_percentile
+    np.testing.assert_allclose(v["value"].to_numpy(), class_percentile(-v["mean_loss"].to_numpy(), np.zeros(len(v))),
+                               rtol=1e-12)
     np.testing.assert_allclose(v.loc[agg.index, "selected_rate"], agg["sel"], atol=1e-12)
     np.testing.assert_allclose(v.loc[agg.index, "value_std"], agg["std"], atol=1e-6)
     unseen = v.index.difference(agg.index)

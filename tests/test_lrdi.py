@@ -306,9 +306,9 @@ def test_short_run_logs_weights_rewards_and_values(tmp_path, variant):
     mean_w = st.groupby("example_id").weight.mean()
     got = vals.set_index("example_id")
     assert np.allclose(got.mean_weight.loc[mean_w.index], mean_w, rtol=1e-5)
-    # value: within-class rank average of the run's -mean_loss and aum, NaN for rows never sampled
-    from valuekit.training.signals import rank_average
-    want = rank_average([-vals.mean_loss.to_numpy(), vals.aum.to_numpy()], data.y.numpy())
+    # value: percentile rank of the run's -mean_loss over the table, NaN for rows never sampled
+    from valuekit.training.signals import class_percentile
+    want = class_percentile(-vals.mean_loss.to_numpy(), np.zeros(len(vals)))
     np.testing.assert_allclose(vals.value.to_numpy(), want, rtol=1e-12)
     assert got.value.drop(mean_w.index).isna().all() and got.value.loc[mean_w.index].notna().all()
     if variant == "l2rw":  # no teacher: weight = mean logged weight, 0 for rows never sampled

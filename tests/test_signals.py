@@ -144,7 +144,8 @@ def test_class_percentile_and_rank_average():
 
 
 def test_in_run_value_uses_the_signals_only_for_class_labels():
-    """Signals and 1-D labels: the rank average of -mean_loss and aum; a bare context (no signals) or sequence
+    """Signals and 1-D labels: the percentile rank of -mean_loss over the whole table (classes and aum play no
+    part); a bare context (no signals) or sequence
     labels of a non-LM model (translation pairs): the learned quantity passed as the fallback; a causal LM's
     sequence labels: the percentile rank of -last_loss."""
     from types import SimpleNamespace
@@ -155,8 +156,14 @@ def test_in_run_value_uses_the_signals_only_for_class_labels():
     acc.update(torch.arange(4), loss=torch.tensor([0.1, 0.9, 0.5, 0.3]), margin=torch.tensor([2.0, -1.0, 0.5, 1.0]))
     y = torch.tensor([0, 0, 1, 1])
     fallback = torch.tensor([9.0, 8.0, 7.0, 6.0])
-    want = rank_average([-np.array([0.1, 0.9, 0.5, 0.3]), np.array([2.0, -1.0, 0.5, 1.0])], y.numpy())
-    np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc, y=y), fallback), want)
+    # by hand: -mean_loss -0.1 > -0.3 > -0.5 > -0.9 -> ranks 3, 1, 2, 0 of 3 (the old within-class rank
+    # average of -mean_loss and aum gave 1, 0, 0, 1: row 3 (loss 0.3) was the best of its class)
+    np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc, y=y), fallback), [1.0, 0.0, 1 / 3, 2 / 3])
+    acc2 = SignalAccumulator(3)  # ties averaged, never-seen rows NaN
+    acc2.update(torch.tensor([0, 1]), loss=torch.tensor([0.5, 0.5]))
+    acc2.update(torch.tensor([0]), loss=torch.tensor([0.5]))
+    np.testing.assert_allclose(in_run_value(SimpleNamespace(signals=acc2, y=torch.tensor([0, 1, 1])), fallback[:3]),
+                               [0.5, 0.5, np.nan], equal_nan=True)
     np.testing.assert_array_equal(in_run_value(SimpleNamespace(signals=None, y=y), fallback), fallback.numpy())
     tokens = torch.zeros(4, 3, dtype=torch.long)
     seq2seq = SimpleNamespace(signals=acc, y=tokens, config=SimpleNamespace(model="translation"))

@@ -98,6 +98,7 @@ def bench_quality(out: Path, **kw) -> Path:
 
 
 KINDS = ("speed", "layer", "quality", "scale", "stream", "epoch", "outcome")
+VALUE = "value"  # which in-run value (valuekit.bench.value); a study over many cells, so not part of `all`
 PAPERS = "papers"  # each paper's own experiment (valuekit.bench.papers); a study, so not part of `all`
 
 
@@ -111,8 +112,8 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
     from valuekit.bench.suites_text import NAMES as TEXT_SUITES
     from valuekit.training.options import resolve_device
 
-    if kind not in KINDS and kind != PAPERS and kind not in SUITES and kind not in TEXT_SUITES:
-        known = ", ".join([*KINDS, PAPERS, *SUITES, *TEXT_SUITES])
+    if kind not in KINDS and kind not in (PAPERS, VALUE) and kind not in SUITES and kind not in TEXT_SUITES:
+        known = ", ".join([*KINDS, PAPERS, VALUE, *SUITES, *TEXT_SUITES])
         raise InputError(f"unknown benchmark {kind!r}; choose from {known}")
     dev = str(resolve_device(device))
     command = "valuekit bench " + " ".join(shlex.quote(a) for a in (argv or [kind] + (["--quick"] if quick else [])))
@@ -124,8 +125,9 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         seed_list = tuple(int(s) for s in split(seeds)) if seeds else None
     except ValueError:
         raise InputError(f"--seeds {seeds!r}: expected integers like 0,1,2") from None
-    if report_only and (kind not in TEXT_SUITES or not runs_dir):
-        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) with --runs-dir")
+    if report_only and ((kind not in TEXT_SUITES and kind != VALUE) or not runs_dir):
+        raise InputError(f"--report-only: only for the text suites ({', '.join(TEXT_SUITES)}) and {VALUE} with "
+                         "--runs-dir")
     if kind in TEXT_SUITES:
         return registry()[kind].run(out, command=command, device=dev, quick=quick, seeds=seed_list, steps=steps,
                                     datasets=split(datasets), methods=split(methods), runs_dir=runs_dir,
@@ -169,6 +171,16 @@ def run_bench(kind: str, out, *, device: str = "auto", quick: bool = False, argv
         return bench_outcome(out, command=command, device=dev, quick=quick, datasets=split(datasets),
                              seeds=seed_list, methods=split(methods), steps=steps, settings=split(settings),
                              runs_dir=runs_dir)
+    if kind == VALUE:
+        from valuekit.bench.outcome import SETTINGS as VALUE_SETTINGS
+        from valuekit.bench.value import bench_value
+
+        bad = [s for s in split(settings) or () if s not in VALUE_SETTINGS]
+        if bad:
+            raise InputError(f"--settings {bad[0]!r}: choose from {', '.join(VALUE_SETTINGS)}")
+        return bench_value(out, command=command, device=dev, quick=quick, datasets=split(datasets), seeds=seed_list,
+                           methods=split(methods), steps=steps, settings=split(settings), runs_dir=runs_dir,
+                           report_only=report_only)
     from valuekit.bench.quality import SETTINGS
 
     bad = [s for s in split(settings) or () if s not in SETTINGS]

@@ -89,7 +89,7 @@ d log pi / d w_i = -rho_theta l_i - rho_w (mean(w) - beta) has no other row-spec
 Posterior summaries: after `burn_in` steps, every time a row is in the batch its current w_i is
 one posterior sample. Per row we keep a running mean/variance (Welford, tensors) and the last
 `reservoir` samples in an N x S ring buffer, from which the 5%/95% quantiles are taken.
-values(): value = the in-run signal value (signals.in_run_value: within-class ranks of -mean_loss and aum);
+values(): value = the in-run signal value (signals.in_run_value: percentile rank of -mean_loss);
 posterior_mean = the sample mean of w (a near-monotone transform of the loss: Spearman with -mean_loss is
 reported in reports/quality.md), value_std = the samples' std, ci_low / ci_high = their 5 %/95 % quantiles.
 These are NOT calibrated posterior intervals: by default the chain is tempered (T = 0.1, a cold posterior

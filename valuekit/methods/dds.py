@@ -21,10 +21,11 @@ Variants: retrained DDS (`init_scorer=RUN_DIR` starts from the scorer of an earl
 best variant) and DDS with a prior (`prior=class_balance` first fits the scorer to the
 class-frequency-balancing heuristic, like the paper's TCS+DDS).
 
-values.parquet: value = the within-class percentile ranks of the run's -mean_loss and aum, averaged
-(`signals.in_run_value`; measured better than every scorer-based candidate, docs/benchmarks.md); scorer_logit = the
-trained scorer's logit of each training example (eval mode), weight = its softmax over the whole training
-set times N; the loop adds mean_reward (the mean in-run gradient alignment with the dev set) and mean_weight.
+values.parquet: value = the percentile rank of the run's -mean_loss over the table
+(`signals.in_run_value`, reports/value-choice.md; measured better than every scorer-based candidate,
+docs/benchmarks.md); scorer_logit = the trained scorer's logit of each training example (eval mode), weight = its
+softmax over the whole training set times N; the loop adds mean_reward (the mean in-run gradient alignment with the
+dev set) and mean_weight.
 
 Under torchrun (valuekit.training.distributed) the batch of Algorithm 1 is the global batch: p is a softmax
 over all ranks' rows (a differentiable all-reduce of the partition function), the dev gradient
@@ -350,7 +351,7 @@ class Trainer(Method):
         return self.ctx.score_rows(self.scorer, self.scorer)
 
     def values(self) -> MethodValues:
-        """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
+        """value = percentile rank of the run's -mean_loss (signals.in_run_value, reports/value-choice.md; the
         scorer logit, its class-standardised form, mean reward and mean weight all ranked worse, docs/benchmarks.md);
         scorer_logit = the trained scorer's logit (eval mode); scorer_logit_z = it
         standardised within class; weight = softmax of the logits over the whole training set x N; label = the

@@ -32,7 +32,7 @@ Per mini-batch (the paper's alternating minimisation, one batch at a time):
 Log per step: ``weight`` = w_i (sums to k per batch), ``selected`` = w_i > ``threshold``,
 ``reward`` = -dL_dev/dw_i on steps with a selector update (dot-product modes).
 
-values.parquet: ``value`` = the loop's in-run value (within-class ranks of -mean_loss and aum, see
+values.parquet: ``value`` = the loop's in-run value (percentile rank of -mean_loss, see
 ``valuekit.training.signals.in_run_value``); ``selection_weight`` = mean of w_i over the steps example i was in the
 batch ("how strongly it was selected over the run"; NaN if never sampled), ``value_std`` its std, ``weight`` = the
 same mean (normalised by the loop), ``selected_rate`` = fraction of its visits with w_i > threshold, ``score`` =
@@ -314,7 +314,7 @@ class Trainer(Method):
                                    chunk=batch_size)
 
     def values(self) -> MethodValues:
-        """value = mean within-class percentile rank of the run's -mean_loss and aum (signals.in_run_value; the
+        """value = percentile rank of the run's -mean_loss over the table (signals.in_run_value; the
         selection weight ranked worse, docs/benchmarks.md); selection_weight = mean w_i over the steps row i
         was seen (NaN if never; the raw learned quantity), value_std its std; weight = that mean (normalised by the
         loop); selected_rate = fraction of visits with w_i > threshold; score = the final selector's score."""

@@ -510,8 +510,8 @@ class Trainer(Method):
         return self.ctx.score_rows(weight, self.model, self.teacher, x=x, y=y, chunk=chunk)
 
     def values(self) -> MethodValues:
-        """value: signals.in_run_value (within-class ranks of the run's -mean_loss and aum; chosen by measurement:
-        the teacher weight and the mean weight ranked worse, docs/benchmarks.md). teacher_weight (lrdi/mwnet): the final
+        """value: signals.in_run_value (percentile rank of the run's -mean_loss, reports/value-choice.md; the
+        teacher weight and the mean weight ranked worse, docs/benchmarks.md). teacher_weight (lrdi/mwnet): the final
         teacher's weight of every row (eval mode, progress of the last step), divided by its mean over all rows
         when `normalize`; weight = teacher_weight, or for l2rw the row's mean logged weight (0 if never sampled).
         value_std: std (ddof 0) of the row's logged weights in the last `std_epochs` epochs (NaN when seen fewer

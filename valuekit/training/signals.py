@@ -20,9 +20,9 @@ Rows never seen get NaN (times_seen 0). The sums are float64 and part of the che
 resumed run gives the same columns as an uninterrupted one. Under torchrun every rank adds the whole
 global batch (all-gathered), so all replicas hold the same sums.
 
-The helpers at the bottom (`class_percentile`, `rank_average`) combine signals into a class-aware
-value: percentile ranks within each class, so a ranking never starves a class whose rows have
-larger losses overall.
+The helpers at the bottom (`class_percentile`, `rank_average`) turn signals into percentile ranks, over
+the whole table or within each class; `in_run_value` ranks over the whole table (selection per class is
+the job of the export's per-class quotas, not of the value).
 """
 
 from __future__ import annotations
@@ -155,9 +155,10 @@ def rank_average(columns, labels) -> np.ndarray:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan)
 
 
-VALUE_DOC = ("the in-run value: the mean of the within-class percentile ranks of the run's -mean_loss and aum "
-             "(in [0, 1], higher = more valuable; chosen by measurement over the learned quantity and its "
-             "combinations, reports/quality.md); it is not the method's learned quantity")
+VALUE_DOC = ("the in-run value: the percentile rank of the run's -mean_loss over the whole table (in [0, 1], "
+             "higher = more valuable; chosen by measurement over aum, global and within-class rank averages and the "
+             "learned quantity, on some data sets and confirmed on held-out ones, reports/value-choice.md); it is "
+             "not the method's learned quantity")
 VALUE_DOC_LM = ("the in-run value: the percentile rank of -last_loss, the response loss at the row's latest step "
                 "(in [0, 1], higher = more valuable; reports/llm.md); it is not the method's learned quantity")
 
@@ -179,13 +180,16 @@ def in_run_value_doc(ctx, learned: str) -> str:
 
 
 def in_run_value(ctx, fallback) -> np.ndarray:
-    """value of a learned method: the mean of the within-class percentile ranks of -mean_loss and aum of the
-    run's own signals (higher = more valuable; in [0, 1]; NaN for rows never seen).
+    """value of a learned method: the percentile rank of the run's own -mean_loss over the whole table
+    ((rank - 1) / (n - 1), ties averaged; higher = more valuable; in [0, 1]; NaN for rows never seen). The
+    small-loss signal: a row the model keeps fitting badly is suspect.
 
-    Chosen by measurement (reports/quality.md): on digits / mnist5k / fashion-mnist with 20-40 % flips
-    every method's learned quantity (DDS scorer logit, reward or weight, LRDI/MW-Net teacher weight, HOST-CP
-    selection weight, BADS posterior mean) ranked mislabelled rows worse than the same run's loss and margin,
-    and adding it to them lowered the AUROC; within-class ranks keep every class at its share in a top-k.
+    Chosen by measurement (reports/value-choice.md, `valuekit bench value`): on five data sets x symmetric,
+    pair, instance-dependent and long-tail flips x 3 seeds (DDS and MW-Net runs), -mean_loss ranked flipped
+    rows above aum, -last_loss, the global and the within-class rank averages of these and the learned
+    quantity; on six held-out sets the earlier within-class rank average of -mean_loss and aum
+    (reports/quality.md) ranked them worse on every set. Within-class ranks lose most on a long tail and on
+    instance-dependent flips; keeping every class at its share is the job of the export's per-class selection.
     Causal-LM tables (sequence labels, `--model causal-lm / hf: / hf-config:`): the percentile rank of -last_loss,
     the response loss at the row's latest step (no classes to rank within; chosen by measurement on three
     instruction sets x 3 seeds, reports/llm.md: it ranked junk rows above -mean_loss, aum and BADS's posterior
@@ -198,4 +202,4 @@ def in_run_value(ctx, fallback) -> np.ndarray:
     cols = ctx.signals.columns()
     if kind == "lm":
         return class_percentile(-cols["last_loss"], np.zeros(len(cols["last_loss"]), dtype=np.int64))
-    return rank_average([-cols["mean_loss"], cols["aum"]], ctx.y.detach().cpu().numpy())
+    return class_percentile(-cols["mean_loss"], np.zeros(len(cols["mean_loss"]), dtype=np.int64))
