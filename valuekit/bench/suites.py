@@ -111,6 +111,20 @@ SUITES = {
             (Arm("lrdi", "lrdi"), Arm("lrdi normalize=false", "lrdi", {"normalize": False})),
         ),
         Suite(
+            "lrdi-lookahead",
+            "LRDI / MW-Net / L2RW: the papers' momentum-SGD look-ahead vs the real optimizer's (Adam) look-ahead, "
+            "ESS floor on and off",
+            ("digits", "mnist5k"),
+            ("noise40",),
+            (
+                _U,
+                *(Arm(f"{v}{' ' + k if k else ''}", v, {"lookahead": "optimizer"} if k else {})
+                  for v in ("lrdi", "mwnet", "l2rw") for k in ("", "lookahead=optimizer")),
+                Arm("lrdi ess_floor=0", "lrdi", {"ess_floor": 0.0}),
+                Arm("lrdi lookahead=optimizer ess_floor=0", "lrdi", {"lookahead": "optimizer", "ess_floor": 0.0}),
+            ),
+        ),
+        Suite(
             "hostcp",
             "HOST-CP: label flips and the value of top-50 % subsets",
             ("digits",),

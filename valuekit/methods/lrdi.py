@@ -7,7 +7,8 @@ signals (loss, probability of the given label, margin,
 training progress, label embedding) to a weight ``w_i = sigmoid(teacher(s_i))`` (optionally divided
 by the batch mean). The teacher is trained by meta-gradients (the paper's Algorithm 1):
 
-1. K virtual momentum-SGD steps of the student on the weighted batch loss
+1. K virtual momentum-SGD steps (or steps of the loop's own optimizer, `lookahead`, below) of the student on
+   the weighted batch loss
    ``L(θ, ψ) = mean_i w_i(ψ) ℓ_i(θ)``, kept in the autograd graph with
    `torch.func.functional_call` (no model copies):  ``b_{k+1} = μ b_k + ∇θ L(θ_k, ψ)``,
    ``θ_{k+1} = θ_k − α b_{k+1}``, ``b_0 = 0``;
@@ -32,10 +33,15 @@ Variants sharing this code (`variant` in Config; the method registry maps the na
   The logged `reward` is the raw meta-gradient with the sign flipped, ``−g_i`` (before clipping and
   normalising), so that, as in every valuekit log, higher reward = more useful.
 
-The virtual steps use their own momentum-SGD (`virtual_lr`, `virtual_momentum`, fresh zero momentum
-buffer each meta step), whatever the loop's optimizer is: the meta-gradient needs a differentiable
-update rule, and the papers use the student's SGD step there. The K virtual steps all use the same
-batch and the weights computed once at θ_0.
+By default (``lookahead="sgd"``) the virtual steps use their own momentum-SGD (`virtual_lr`, `virtual_momentum`,
+fresh zero momentum buffer each meta step), whatever the loop's optimizer is: the meta-gradient needs a
+differentiable update rule, and the papers use the student's SGD step there. With the loop's default Adam at lr 1e-3
+that is a step the real one never takes; ``lookahead="optimizer"`` replaces it by the loop optimizer's own update
+from its current state (Adam: θ' = θ − lr m̂'/(sqrt(v̂') + eps), m' and v' the real moments updated by the weighted
+gradient, step t + 1; `Trainer._virtual_step`), so θ_1 is where the real step would go with those weights (tested
+against finite differences of real torch.optim steps). The fused path then dots ∇ℓ_i with u = ∂J(θ')/∂g (Adam is
+elementwise, so u = diag(∂θ'/∂g) ∇J(θ')) instead of −α ∇J(θ'). Measured against the sgd look-ahead in
+reports/lrdi-lookahead.md. The K virtual steps all use the same batch and the weights computed once at θ_0.
 
 Under torchrun (valuekit.training.distributed) the batch of every equation above is the global batch: the
 virtual-step gradient is summed over ranks inside the autograd graph (an all-reduce whose backward
@@ -124,6 +130,12 @@ class Config:
     # per-row standardised hidden state (Teacher) alone the median ESS was 0.25-0.28 at 40 % flips
     # (docs/history/lrdi.md).
     ess_floor: float = setting(0.3, ge=0, lt=1)
+    # the virtual steps' update rule: sgd (momentum-SGD at virtual_lr / virtual_momentum from a zero buffer, the
+    # papers' rule) | optimizer (the loop's own optimizer as its real step will apply it, from its current state:
+    # Adam with its moments m, v, step count, betas, eps, lr and weight decay, θ' = θ − lr m̂'/(sqrt(v̂') + eps)
+    # with m', v' updated by the weighted gradient; SGD with its lr, momentum buffer and weight decay), so the
+    # meta-gradient is taken at the point the real step moves to; virtual_lr and virtual_momentum are then unused
+    lookahead: str = setting("sgd", choices=("sgd", "optimizer"))
 
     def validate(self) -> None:
         check_fields(self)
@@ -173,6 +185,13 @@ class Teacher(nn.Module):
                  F.layer_norm(signals[s], signals[s].shape[1:]) if s == "features" else signals[s]
                  for s in self.inputs]
         return self.net(torch.cat(parts, 1)).squeeze(1)
+
+
+def _safe_sqrt(t: torch.Tensor) -> torch.Tensor:
+    """sqrt(t) whose gradient is 0 where t = 0 (instead of inf·0 = NaN): Adam's second moment of a coordinate whose
+    gradient has been exactly 0 so far (a dead unit); its update m / (sqrt(v) + eps) is then 0 whatever v does."""
+    pos = t > 0
+    return torch.where(pos, torch.where(pos, t, torch.ones_like(t)).sqrt(), torch.zeros_like(t))
 
 
 def student_signals(feats: torch.Tensor, logits: torch.Tensor, losses: torch.Tensor, y: torch.Tensor,
@@ -264,7 +283,7 @@ class Trainer(Method):
     def dev_loss_after_unroll(self, losses0: torch.Tensor, w: torch.Tensor, x, y, dev_x, dev_y,
                               *, reduce: str = "mean", dev_total: int | None = None
                               ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """J(θ_K): dev loss after K virtual momentum-SGD steps on Σ/mean_i w_i ℓ_i, differentiable in w;
+        """J(θ_K): dev loss after K virtual steps (`_virtual_step`) on Σ/mean_i w_i ℓ_i, differentiable in w;
         also the first virtual gradient ∇θ L(θ_0) (in the graph).
 
         `losses0` are ℓ_i(θ_0) computed with the module's own parameters (reused, so step 1 needs no
@@ -276,10 +295,66 @@ class Trainer(Method):
         with no_running_stats_update(self.model):  # BatchNorm: batch statistics, running ones untouched
             return self._unroll(losses0, w, x, y, dev_x, dev_y, reduce=reduce, dev_total=dev_total)
 
+    def _virtual_state(self) -> list[dict] | None:
+        """What the virtual steps start from: None for the sgd look-ahead (a zero momentum buffer); for the
+        optimizer look-ahead, per parameter, the loop optimizer's param group and its current state (Adam: m, v,
+        step count; SGD: momentum buffer), read without copying (the virtual steps never write to them)."""
+        if self.cfg.lookahead == "sgd":
+            return None
+        groups = {id(p): g for g in self.opt.param_groups for p in g["params"]}
+        out = []
+        for p in self.model.parameters():
+            st = self.opt.state.get(p, {})
+            out.append({"group": groups[id(p)], "m": st.get("exp_avg"), "v": st.get("exp_avg_sq"),
+                        "step": float(st["step"]) if "step" in st else 0.0, "buf": st.get("momentum_buffer")})
+        return out
+
+    def _virtual_step(self, theta: dict, grads, state):
+        """One virtual student step θ_{k+1}(θ_k, g_k) from the gradient g_k of the (global) weighted batch loss,
+        built from differentiable ops (the graph runs through g_k to the weights); returns (θ_{k+1}, state).
+
+        sgd: b_{k+1} = μ b_k + g_k (b_1 = g_0), θ_{k+1} = θ_k − α b_{k+1} (Fan et al. Alg. 1; MW-Net eq. 4).
+        optimizer, Adam (Kingma & Ba Alg. 1, as torch.optim.Adam computes it): g ← g + λθ (L2 weight decay),
+        t ← t + 1, m ← β1 m + (1 − β1) g, v ← β2 v + (1 − β2) g², θ ← θ − (lr / (1 − β1^t)) m /
+        (sqrt(v) / sqrt(1 − β2^t) + eps). optimizer, SGD (torch.optim.SGD): d = g + λθ, b ← μ b + (1 − dampening) d
+        (b ← d on its first step), θ ← θ − lr b (Nesterov: θ ← θ − lr (d + μ b))."""
+        c = self.cfg
+        if c.lookahead == "sgd":
+            mu = c.virtual_momentum
+            buf = list(grads) if state is None else [torch.add(g, b, alpha=mu) for b, g in zip(state, grads)]
+            return {name: torch.add(t, b, alpha=-c.virtual_lr) for (name, t), b in zip(theta.items(), buf)}, buf
+        adam = self.ctx.config.optimizer != "sgd"
+        new_theta, new_state = {}, []
+        for (name, t), g, st in zip(theta.items(), grads, state):
+            grp = st["group"]
+            lr, wd = grp["lr"], grp["weight_decay"]
+            if adam:
+                beta1, beta2 = grp["betas"]
+                if wd and grp.get("decoupled_weight_decay", False):  # AdamW
+                    t = t * (1 - lr * wd)
+                elif wd:
+                    g = g + wd * t
+                step = st["step"] + 1
+                m = (1 - beta1) * g if st["m"] is None else beta1 * st["m"] + (1 - beta1) * g
+                v = (1 - beta2) * g * g if st["v"] is None else beta2 * st["v"] + (1 - beta2) * g * g
+                denom = _safe_sqrt(v) / math.sqrt(1 - beta2**step) + grp["eps"]
+                new_theta[name] = t - (lr / (1 - beta1**step)) * m / denom
+                new_state.append({**st, "m": m, "v": v, "step": step})
+            else:
+                d = g + wd * t if wd else g
+                mu = grp["momentum"]
+                if mu:
+                    buf = d if st["buf"] is None else mu * st["buf"] + (1 - grp["dampening"]) * d
+                    d = d + mu * buf if grp["nesterov"] else buf
+                    st = {**st, "buf": buf}
+                new_theta[name] = t - lr * d
+                new_state.append(st)
+        return new_theta, new_state
+
     def _unroll(self, losses0, w, x, y, dev_x, dev_y, *, reduce: str, dev_total: int | None):
         c, world = self.cfg, self.ctx.world_size
         theta = dict(self.model.named_parameters())
-        buf = first = None
+        state, first = self._virtual_state(), None
         for k in range(c.unroll):
             if k == 0:
                 losses = losses0
@@ -292,9 +367,7 @@ class Trainer(Method):
                 grads = self.ctx.all_sum_list(grads)
                 if reduce != "sum":
                     grads = [g / world for g in grads]
-            mu = c.virtual_momentum
-            buf = list(grads) if buf is None else [torch.add(g, b, alpha=mu) for b, g in zip(buf, grads)]
-            theta = {name: torch.add(t, b, alpha=-c.virtual_lr) for (name, t), b in zip(theta.items(), buf)}
+            theta, state = self._virtual_step(theta, grads, state)
         dev_logits = functional_call(self.model, theta, (dev_x,))
         if world == 1:
             return F.cross_entropy(dev_logits, dev_y), first
@@ -330,11 +403,12 @@ class Trainer(Method):
                 "weights": None if self.teacher is None else w.detach(), "student_grads": [g.detach() for g in first]}
 
     def _fused_meta_gradient(self, x, y, dev_x, dev_y, *, progress: float, dev_total: int | None) -> dict:
-        """meta_gradient for one virtual SGD step without second-order autograd (Config.meta_grad).
+        """meta_gradient for one virtual step without second-order autograd (Config.meta_grad).
 
         θ' = θ − α ∇θ L with L the (global) batch's mean of w_i ℓ_i (L2RW: Σ ε_i ℓ_i at ε = 0, so θ' = θ),
         hence ∂J(θ')/∂w_i = −α/B ∇ℓ_i(θ)·∇J(θ') (L2RW: −α ∇ℓ_i·∇J, Ren et al. eq. 12).  The dot products come
         from the layer inputs and output gradients recorded during the student's backward of L (LayerTape);
+        with the optimizer look-ahead θ' = U(θ, g) the same dots are taken with u = ∂J(θ')/∂g in place of −α∇J(θ');
         the teacher's gradient is then one backward of w with those values as output gradients.  Returns
         what meta_gradient returns; falls back to the second-order path if a weight underflowed to 0."""
         c, ctx, world = self.cfg, self.ctx, self.ctx.world_size
@@ -359,21 +433,30 @@ class Trainer(Method):
         # l2rw: θ' = θ, so this gradient only feeds the tape; with forward-mode dots it is not needed at all
         need_first = self.teacher is not None or self.tape is not None
         first = list(torch.autograd.grad(total, params, retain_graph=True)) if need_first else []
-        if self.teacher is None:
+        if self.teacher is not None and world > 1:  # the global batch's mean gradient
+            ctx.all_reduce_(first)
+            first = [g / world for g in first]
+        if c.lookahead == "optimizer":
+            # θ' = U(θ, g) with U the real optimizer's elementwise update: ∂J/∂w_i = ∇ℓ_i · u / B with
+            # u = ∂J(θ')/∂g (= diag(∂U/∂g) ∇J(θ')), taken by autograd through U from g as a leaf (l2rw: g = 0)
+            g0 = [(torch.zeros_like(p) if self.teacher is None else g).detach().requires_grad_()
+                  for p, g in zip(params, first or params)]
+            theta, _ = self._virtual_step({n: p.detach() for n, p in zip(names, params)}, g0, self._virtual_state())
+            leaves, scale = g0, 1.0
+        elif self.teacher is None:
             theta = {n: p.detach().requires_grad_() for n, p in zip(names, params)}
+            leaves, scale = list(theta.values()), -c.virtual_lr  # θ' = θ − α g: ∂J/∂g = −α ∇J(θ')
         else:
-            if world > 1:  # the global batch's mean gradient
-                ctx.all_reduce_(first)
-                first = [g / world for g in first]
             theta = {n: (p.detach() - c.virtual_lr * g).requires_grad_() for n, p, g in zip(names, params, first)}
+            leaves, scale = list(theta.values()), -c.virtual_lr
         with no_running_stats_update(self.model):  # BatchNorm: the dev rows' statistics, running ones untouched
             dev_logits = functional_call(self.model, theta, (dev_x,))
         if world == 1:
             dev_loss = F.cross_entropy(dev_logits, dev_y)
         else:
             dev_loss = per_example_loss(dev_logits, dev_y).sum() / (dev_total or len(dev_y) * world)
-        v = list(torch.autograd.grad(dev_loss, list(theta.values())))
-        ctx.all_reduce_(v)  # torchrun: the ranks' shares of J sum to J, so their gradients sum to ∇J
+        v = list(torch.autograd.grad(dev_loss, leaves))
+        ctx.all_reduce_(v)  # torchrun: the ranks' shares of J sum to J, so their gradients sum to ∂J/∂(leaves)
         if self.tape is not None:
             # dots_i = (∂total/∂ℓ_i) ∇ℓ_i·∇J(θ'): row_w_i / B times the dot (lrdi), the dot itself (l2rw)
             dots = self.tape.dots(dict(zip(names, v)), B)
@@ -382,9 +465,9 @@ class Trainer(Method):
         else:  # ∇ℓ_i·∇J(θ') by forward mode at θ, the batch's own statistics, buffers untouched
             dots = per_example_dots(self.model, x, y, dict(zip(names, v)), method="exact")
         if self.teacher is None:
-            grads = -c.virtual_lr * dots
+            grads = scale * dots
         else:
-            dj_dw = -c.virtual_lr * dots / (B * world)
+            dj_dw = scale * dots / (B * world)
             grads = list(torch.autograd.grad(w, list(self.teacher.parameters()), grad_outputs=dj_dw.to(w.dtype),
                                              retain_graph=True))
             ctx.all_reduce_(grads)  # torchrun: the ranks' shares of J sum to J
