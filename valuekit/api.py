@@ -17,7 +17,7 @@ from os import PathLike
 from typing import Any
 
 from valuekit.config import TrainConfig
-from valuekit.errors import InputError
+from valuekit.errors import InputError, held_warnings
 
 
 def _table(source, name: str, like=None, table_kw: dict | None = None):
@@ -31,6 +31,7 @@ def _table(source, name: str, like=None, table_kw: dict | None = None):
     return load_table(source, name=name, like=like, **kw)
 
 
+@held_warnings()  # warnings while the input is checked wait until it passes: a refused input raises alone
 def train(
     train,
     dev=None,

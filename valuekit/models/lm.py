@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from valuekit.errors import InputError
+from valuekit.errors import InputError, hold_log, say
 
 LM_PREFIXES = ("hf:", "hf-config:")
 
@@ -134,6 +134,7 @@ def _hf_config(path: str, name: str):
         raise InputError(
             f"--model {name}: needs the optional 'transformers' package (pip install 'valuekit[llm]')"
         ) from None
+    hold_log("transformers")  # its warnings about a config (a token id beyond the vocabulary) wait for the checks
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise InputError(f"--model {name}: {folder} has no config.json")
@@ -190,10 +191,8 @@ def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
     if kind == "hf-config" and v is not None and v != vocab:
         # random weights: the tokenizer decides the vocabulary (a default GPT2Config's 50,257 rows beside the byte
         # tokenizer's 259 made every step ~75x slower); said once, here at the edge
-        import sys
-
-        print(f"valuekit: note: --model {name}: config.json has vocab_size {v}, the tokenizer {vocab}; the model is "
-              f"built with {vocab}", file=sys.stderr)
+        say(f"valuekit: note: --model {name}: config.json has vocab_size {v}, the tokenizer {vocab}; the model is "
+            f"built with {vocab}")
     elif v is not None and v < vocab:
         raise InputError(f"--model {name}: vocab_size {v} is smaller than the tokenizer's {vocab}")
     for key in ("n_positions", "max_position_embeddings"):

@@ -25,7 +25,15 @@ from valuekit.data.images import augment
 from valuekit.data.memory import TRIM_SECONDS, fix_mmap_threshold, trim_heap
 from valuekit.data.streaming import RowStream
 from valuekit.data.tables import ValueDataset
-from valuekit.errors import InputError, RunDirError, TrainingDiverged, TrainingFailed, first_line, unreadable
+from valuekit.errors import (
+    InputError,
+    RunDirError,
+    TrainingDiverged,
+    TrainingFailed,
+    first_line,
+    release_warnings,
+    unreadable,
+)
 from valuekit.models.builtin import feature_stats
 from valuekit.models.user import build_user_model, check_model_spec, is_builtin
 from valuekit.ranking import mean_one, rank_by_value
@@ -294,6 +302,7 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
     lock, state = _prepare(out, meta, resume, info, overwrite)                        # prepare
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
+    release_warnings()  # the input passed every check: the warnings held while checking it are shown now
     labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock, rank=info.rank, world_size=info.world_size,
                        resume_parts=state["parts"] if state else ({} if resume else None),
