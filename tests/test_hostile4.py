@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import blobs
-from test_hostile import FAST, cli, refused
+from test_hostile import FAST, cli, fresh, refused, world  # noqa: F401 (fixtures)
 from test_hostile3 import _image_tables
 
 from valuekit.errors import held_warnings, hold_log, release_warnings, say
@@ -113,3 +114,30 @@ def test_valuekit_warnings_before_a_refusal_are_not_printed(tmp_path):
     refused(["train", tmp_path / "t.parquet", "--dev", tmp_path / "t.parquet", "--out", tmp_path / "r", "--steps",
              "2", "--batch-size", "64", "--device", "cpu", "--method", "lrdi", "--set", "feature_layer=nosuch"],
             tmp_path, "feature_layer")
+
+
+# ---------------------------------------------------------------- outputs that are not files or folders
+
+
+@pytest.mark.parametrize("target", ["/dev/full", "/dev/null", "fifo"])
+@pytest.mark.parametrize("how", ["link", "direct"])
+def test_an_output_that_is_a_device_or_a_pipe_is_named_as_such(fresh, tmp_path_factory, target, how):  # noqa: F811
+    root, p = fresh
+    elsewhere = tmp_path_factory.mktemp("outs")  # outside root: its snapshot reads every file there
+    if target == "fifo":
+        target = str(elsewhere / "pipe.parquet")
+        os.mkfifo(target)
+    what = "a named pipe (FIFO)" if target.endswith("pipe.parquet") else "a character device"
+    out = target
+    if how == "link":
+        out = elsewhere / "out.parquet"
+        out.symlink_to(target)
+    via = f"is a link to {target}, which " if how == "link" else ""
+    for argv, option, want in (
+        (["score", p["train"], "--run", p["run"], "-o", out], "-o", "a regular file"),
+        (["audit", p["run"], "-o", out, "--no-predict"], "-o", "a regular file"),
+        (["report", p["run"], "-o", out], "-o", "a regular file"),
+        (["train", p["train"], "--dev", p["dev"], "--out", out, *FAST], "--out", "a folder"),
+    ):
+        refused(argv, root, f"valuekit: error: {option} {out}: {via}is {what}, not {want}; valuekit writes only "
+                            f"files and folders")

@@ -49,6 +49,18 @@ def _writable_dir(folder: Path) -> bool:
     return True
 
 
+def _special(path: Path) -> str:
+    """What a path that is neither a file nor a folder is ("a character device", ...)."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a file or folder"
+
+
 def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
                  suffixes: tuple[str, ...] | None = None) -> Path:
     """Resolve and check an output location before any work; returns the resolved path.
@@ -65,6 +77,10 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
     given = Path(text).expanduser()
     out = given.resolve()
     label = f"{option} {text}"
+    if out.exists() and not (out.is_file() or out.is_dir()):  # a device, a FIFO, a socket: said before its name
+        via = f"is a link to {out}, which " if given.is_symlink() or given.absolute() != out else ""
+        want = "a regular file" if kind == "file" else "a folder"
+        raise InputError(f"{label}: {via}is {_special(out)}, not {want}; valuekit writes only files and folders")
     if suffixes is not None and out.suffix.lower() not in suffixes:
         shown = [s for s in suffixes if s not in (".pq", ".htm")]  # aliases accepted, not advertised
         raise InputError(f"{label}: output must end in {' or '.join(shown)}")
