@@ -19,7 +19,8 @@ from conftest import blobs
 from test_hostile import FAST, cli, fresh, refused, world  # noqa: F401 (fixtures)
 from test_hostile3 import _image_tables
 
-from valuekit.errors import held_warnings, hold_log, release_warnings, say
+import valuekit
+from valuekit.errors import InputError, held_warnings, hold_log, release_warnings, say
 
 # ---------------------------------------------------------------- warnings held while the input is checked
 
@@ -141,3 +142,44 @@ def test_an_output_that_is_a_device_or_a_pipe_is_named_as_such(fresh, tmp_path_f
     ):
         refused(argv, root, f"valuekit: error: {option} {out}: {via}is {what}, not {want}; valuekit writes only "
                             f"files and folders")
+
+
+# ---------------------------------------------------------------- a table is named by its file, or by its argument
+
+
+def test_clean_names_the_dev_and_test_files_not_a_dataframe(tmp_path):
+    blobs(30, seed=1).to_parquet(tmp_path / "train.parquet", index=False)
+    dev = blobs(12, seed=2, id_start=100)
+    dev.loc[7, "f1"] = np.inf
+    dev.to_parquet(tmp_path / "dev.parquet", index=False)
+    argv = ["clean", tmp_path / "train.parquet", "--dev", tmp_path / "dev.parquet", "-o", tmp_path / "out",
+            "--steps", "2", "--device", "cpu"]
+    refused(argv, tmp_path, f"{tmp_path / 'dev.parquet'}: column 'f1' has value inf at id 107")
+    blobs(12, seed=2, id_start=100).to_parquet(tmp_path / "dev.parquet", index=False)
+    test = blobs(6, seed=3, id_start=200).assign(label="nosuch")
+    test.to_parquet(tmp_path / "test.parquet", index=False)
+    refused([*argv, "--test", tmp_path / "test.parquet"], tmp_path,
+            f"{tmp_path / 'test.parquet'}: column 'label' has label 'nosuch' not present in the training table")
+    refused(argv[:3] + [tmp_path / "test.parquet"] + argv[4:], tmp_path,  # the same table as --dev
+            f"{tmp_path / 'test.parquet'}: column 'label' has label 'nosuch' not present in the training table")
+
+
+def test_a_dataframe_given_to_the_python_api_is_named_by_its_argument(world, tmp_path):  # noqa: F811
+    _, p = world
+    good = blobs(12, seed=2, id_start=100)
+    bad = good.astype({"id": object})
+    bad.loc[3, "id"] = None
+    cases = [
+        (lambda: valuekit.train(bad, dev=good, out=tmp_path / "r", steps=1), "train table (argument `train`)"),
+        (lambda: valuekit.train(good, dev=bad, out=tmp_path / "r", steps=1), "dev table (argument `dev`)"),
+        (lambda: valuekit.score(bad, p["run"]), "table to score (argument `table`)"),
+        (lambda: valuekit.audit(p["run"], bad, predict=False), "training table (argument `data`)"),
+        (lambda: valuekit.clean(bad, good, out=tmp_path / "c", steps=1), "training table (argument `table`)"),
+        (lambda: valuekit.clean(good, bad, out=tmp_path / "c", steps=1), "dev table (argument `dev`)"),
+    ]
+    for call, where in cases:
+        with pytest.raises(InputError) as info:
+            call()
+        assert str(info.value).startswith(f"{where}: column 'id'"), str(info.value)
+        assert "DataFrame>" not in str(info.value)
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()

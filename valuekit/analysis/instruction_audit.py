@@ -54,7 +54,7 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     runs = open_runs(run_dirs)
     names = run_columns(runs)
     df, path = read_instructions(data if data is not None else table_path(runs[0]), name="train")
-    where = path or "<data DataFrame>"
+    where = path or "training table (argument `data`)"
     prompt_col, response_col = (runs[0].meta.get("feature_cols") or ["prompt", "response"])[:2]
     for col in (id_col, prompt_col, response_col):
         if col not in df.columns:
