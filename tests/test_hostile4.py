@@ -9,8 +9,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import multiprocessing as mp
 import os
+import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +23,7 @@ from test_hostile import FAST, cli, fresh, refused, world  # noqa: F401 (fixture
 from test_hostile3 import _image_tables
 
 import valuekit
-from valuekit.errors import InputError, held_warnings, hold_log, release_warnings, say
+from valuekit.errors import InputError, RunDirError, held_warnings, hold_log, release_warnings, say
 
 # ---------------------------------------------------------------- warnings held while the input is checked
 
@@ -183,3 +186,51 @@ def test_a_dataframe_given_to_the_python_api_is_named_by_its_argument(world, tmp
         assert str(info.value).startswith(f"{where}: column 'id'"), str(info.value)
         assert "DataFrame>" not in str(info.value)
     assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
+
+
+# ---------------------------------------------------------------- the loser of a race to create one run directory
+
+
+def _contender(out: str, barrier, results) -> None:
+    """What `valuekit train --out OUT` does to OUT, in order: check the output, then take the run directory."""
+    from valuekit.errors import ValueKitError
+    from valuekit.runs.paths import check_output
+    from valuekit.training.rundir import prepare_run
+
+    barrier.wait()
+    try:
+        check_output(out, option="--out", kind="run")
+        prepare_run(Path(out), {}, False)
+    except ValueKitError as exc:
+        results.put(("lost", str(exc)))
+        return
+    time.sleep(0.3)  # the winner holds the lock and has not written run.json yet
+    results.put(("won", os.getpid()))
+
+
+def test_the_loser_of_a_race_to_create_a_nested_run_directory_is_told_it_is_in_use(tmp_path):
+    ctx = mp.get_context("fork")
+    out = tmp_path / "a" / "b" / "run"
+    barrier, results = ctx.Barrier(3), ctx.Queue()
+    procs = [ctx.Process(target=_contender, args=(str(out), barrier, results)) for _ in range(3)]
+    for pr in procs:
+        pr.start()
+    got = [results.get(timeout=60) for _ in procs]
+    for pr in procs:
+        pr.join(timeout=60)
+    assert [g[0] for g in got].count("won") == 1, got
+    assert all("is in use by another valuekit process" in g[1] for g in got if g[0] == "lost"), got
+
+
+def test_a_folder_whose_lock_a_live_process_holds_is_in_use_not_a_foreign_folder(tmp_path):
+    import socket
+
+    out = tmp_path / "a" / "b" / "run"
+    out.mkdir(parents=True)
+    (out / ".lock").write_text(f"{socket.gethostname()}:{os.getpid()}")  # a live process: this one
+    blobs(10).to_parquet(tmp_path / "t.parquet", index=False)
+    refused(["train", tmp_path / "t.parquet", "--dev", tmp_path / "t.parquet", "--out", out, *FAST], tmp_path,
+            f"--out {out}: run directory is in use by another valuekit process ({socket.gethostname()}:"
+            f"{os.getpid()}) that is creating a run there; wait for it or choose another folder")
+    with pytest.raises(RunDirError, match="out .*: run directory is in use by another valuekit process"):
+        valuekit.train(tmp_path / "t.parquet", dev=tmp_path / "t.parquet", out=out, steps=1)

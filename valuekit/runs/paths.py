@@ -61,6 +61,16 @@ def _special(path: Path) -> str:
     return "not a file or folder"
 
 
+def _holder(run_dir: Path) -> str:
+    """host:pid of the process that holds a run directory's lock ('unknown' when unreadable)."""
+    from valuekit.runs.layout import LOCK
+
+    try:
+        return (run_dir / LOCK).read_text().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
 def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
                  suffixes: tuple[str, ...] | None = None) -> Path:
     """Resolve and check an output location before any work; returns the resolved path.
@@ -96,6 +106,7 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
         if out == rp or out.is_relative_to(rp):
             raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
     from valuekit.runs.layout import RUN_FILES, RUN_JSON
+    from valuekit.runs.lock import lock_held
 
     inside = _run_dir_of(out)
     if inside is not None:
@@ -106,6 +117,11 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
             raise InputError(f"{label}: is a directory; give a file name")
         if kind != "file" and not out.is_dir():
             raise InputError(f"{label}: exists and is a file, not a folder")
+        if kind == "run" and not (out / RUN_JSON).exists() and lock_held(out):
+            # another process has just made the folder and holds its lock, run.json not yet written: the loser of
+            # a race to create one run directory is told so, not that the folder is not a run
+            raise RunDirError(f"{label}: run directory is in use by another valuekit process ({_holder(out)}) that "
+                              f"is creating a run there; wait for it or choose another folder")
         if kind == "run" and not (out / RUN_JSON).exists() and any(out.iterdir()):
             raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
                              f"choose a new or empty folder")
