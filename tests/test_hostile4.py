@@ -23,7 +23,7 @@ from test_hostile import FAST, cli, fresh, refused, world  # noqa: F401 (fixture
 from test_hostile3 import _image_tables
 
 import valuekit
-from valuekit.errors import InputError, RunDirError, held_warnings, hold_log, release_warnings, say
+from valuekit.errors import InputError, RunDirError, ValueKitError, held_warnings, hold_log, release_warnings, say
 
 # ---------------------------------------------------------------- warnings held while the input is checked
 
@@ -234,3 +234,34 @@ def test_a_folder_whose_lock_a_live_process_holds_is_in_use_not_a_foreign_folder
             f"{os.getpid()}) that is creating a run there; wait for it or choose another folder")
     with pytest.raises(RunDirError, match="out .*: run directory is in use by another valuekit process"):
         valuekit.train(tmp_path / "t.parquet", dev=tmp_path / "t.parquet", out=out, steps=1)
+
+
+# ---------------------------------------------------------------- library messages name arguments, the CLI flags
+
+
+@pytest.mark.parametrize("kw, argv, api, flag", [
+    ({"steps": 0}, ["--steps", "0"], "steps=0: must be >= 1", "--steps 0: must be >= 1"),
+    ({"method": "dds", "scorer_lr": -1.0}, ["--method", "dds", "--set", "scorer_lr=-1"], "scorer_lr=-1.0: must be",
+     "--set scorer_lr=-1.0: must be"),
+    ({"patience": 2}, ["--patience", "2"], "patience=2: needs early_stopping=True",
+     "--patience 2: needs --early-stopping"),
+    ({"device": "tpu"}, ["--device", "tpu"], "device='tpu': use 'auto', 'cpu' or 'cuda'",
+     "--device 'tpu': use auto, cpu or cuda"),
+    ({"model": "cnn"}, ["--model", "cnn"], "model='cnn' needs image-shaped features",
+     "--model cnn needs image-shaped features"),
+    ({"lora": 2}, ["--lora", "2"], "lora=2: LoRA adapters are for causal LMs (model='hf:DIR' or 'hf-config:DIR'), "
+     "not model='mlp'",
+     "--lora 2: LoRA adapters are for causal LMs (--model hf:DIR or hf-config:DIR), not --model mlp"),
+    ({"method": "dds", "precision": "fp16"}, ["--method", "dds", "--precision", "fp16"],
+     "precision='fp16': method 'dds' does not use the gradient scaler fp16 needs; use precision='bf16'",
+     "--precision fp16: method 'dds' does not use the gradient scaler fp16 needs; use --precision bf16"),
+    ({"resume": True, "lr": 0.5}, ["--resume", "--lr", "0.5"], "resume=True with different config (lr: ",
+     "--resume with different config (lr: "),
+])
+def test_library_messages_name_arguments_and_the_cli_names_flags(fresh, kw, argv, api, flag):  # noqa: F811
+    root, p = fresh
+    base = {"steps": 4, "batch_size": 8, "device": "cpu", "progress": False}
+    with pytest.raises(ValueKitError) as info:
+        valuekit.train(p["train"], dev=p["dev"], out=p["run"], **{**base, **kw})
+    assert api in str(info.value) and "--" not in str(info.value), str(info.value)
+    refused(["train", p["train"], "--dev", p["dev"], "--out", p["run"], *FAST, *argv], root, flag)
