@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.config import METHODS
-from valuekit.errors import InputError
+from valuekit.errors import InputError, held_warnings
 
 AUTO_METHODS = ("dds", "mwnet")
 CANDIDATE_DIRS = {"clean+retrain": "clean-retrain", "subset+retrain": "subset-retrain"}
@@ -106,6 +106,7 @@ def bootstrap_std(correct, *, resamples: int = 1000, seed: int = 0) -> float:
     return float(correct[idx].mean(1).std(ddof=1))
 
 
+@held_warnings()  # warnings while the tables are checked wait until the first run has passed its checks
 def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = None, seed: int = 0,
           subset: bool = False, keep_fraction: float = 0.5, bootstrap: int = 1000, id_col: str = "id",
           label_col: str = "label", log=None, **settings) -> dict:
