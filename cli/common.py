@@ -159,10 +159,11 @@ def load_tables(args, table_path):
 
 
 def warn(message: str) -> None:
-    """One line on stderr for input that is accepted but probably not what the user meant."""
-    import sys
+    """One line on stderr for input that is accepted but probably not what the user meant (held with the other
+    warnings until the input's checks pass: a refusal is one line)."""
+    from valuekit.errors import say
 
-    print(f"valuekit: warning: {message}", file=sys.stderr)
+    say(f"valuekit: warning: {message}")
 
 
 def _is_int_text(text: str) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from valuekit.cli.common import add_table_options, add_train_options, load_tables, train_config
 
-from valuekit.errors import InputError
+from valuekit.errors import InputError, held_warnings, release_warnings
 from valuekit.runs.paths import check_output
 
 _PARSER: argparse.ArgumentParser | None = None
@@ -91,6 +91,7 @@ def _launch(args) -> int:
     return code
 
 
+@held_warnings()  # what the checks of the input would print waits until they pass: a refusal is one line
 def run(args) -> int:
     from valuekit.api import train
 
@@ -118,6 +119,7 @@ def run(args) -> int:
             from valuekit.training.rundir import check_world_size
 
             check_world_size(args.out, read_run(args.out).meta.get("world_size", 1), args.nproc)
+        release_warnings()  # the checks here passed; the processes torchrun starts say their own
         return _launch(args)
     run_ = train(data, dev, test, out=Path(args.out), config=cfg, method_config=method_cfg, resume=args.resume,
                  overwrite=args.overwrite)

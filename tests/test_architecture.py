@@ -89,18 +89,20 @@ def test_bounds_are_declared_and_checked_with_one_message_shape():
 
     for mod in (dds, hostcp, bads, lrdi, multidds):
         options.check(mod.Config())  # the documented defaults are valid
-    with pytest.raises(InputError, match=r"^--set fraction=1.0: must be a finite number in \(0, 1\)$"):
+    with pytest.raises(InputError, match=r"^fraction=1.0: must be a finite number in \(0, 1\)$"):
         options.check(hostcp.Config(fraction=1.0))
-    with pytest.raises(InputError, match=r"^--set unroll=0: must be in \[1, 5\]$"):
+    with pytest.raises(InputError, match=r"^unroll=0: must be in \[1, 5\]$"):
         options.check(lrdi.Config(unroll=0))
-    with pytest.raises(InputError, match=r"^--set scorer=tree: choose from mlp, same$"):
+    with pytest.raises(InputError, match=r"^scorer='tree': choose from mlp, same$"):
         options.check(dds.Config(scorer="tree"))
-    with pytest.raises(InputError, match=r"^--set lr_w=nan: must be a finite number > 0$"):
+    with pytest.raises(InputError, match=r"^lr_w=nan: must be a finite number > 0$"):
         options.check(bads.Config(lr_w=float("nan")))
-    with pytest.raises(InputError, match=r"^--steps 0: must be >= 1$"):
+    with pytest.raises(InputError, match=r"^steps=0: must be >= 1$") as err:
         options.check_loop(TrainConfig(steps=0))
-    with pytest.raises(InputError, match=r"^--set log_every=0: must be >= 1$"):
+    assert err.value.cli == "--steps 0: must be >= 1"  # the command line's form of the same message
+    with pytest.raises(InputError, match=r"^log_every=0: must be >= 1$") as err:
         options.check_loop(TrainConfig(log_every=0))
+    assert err.value.cli == "--set log_every=0: must be >= 1"
 
 
 def test_resolve_types_set_pairs_for_both_configs():
@@ -108,7 +110,7 @@ def test_resolve_types_set_pairs_for_both_configs():
                                       overrides=["eval_every=7", "virtual_lr=0.5"])
     assert cfg.eval_every == 7 and (mcfg.variant, mcfg.unroll, mcfg.virtual_lr) == ("l2rw", 2, 0.5)
     assert spec.name == "l2rw" and spec.distributed and spec.cls.evaluate is Method.evaluate
-    with pytest.raises(InputError, match="--set unroll=9"):
+    with pytest.raises(InputError, match="unroll=9"):
         options.resolve(TrainConfig(method="lrdi"), overrides=["unroll=9"])
     with pytest.raises(InputError, match="unknown setting 'nope'"):
         options.resolve(TrainConfig(method="dds"), {"nope": 1})
@@ -121,7 +123,7 @@ def test_make_trainer_validates_like_train(tables):
 
     tr = load_table(tables["train"])
     dev = load_table(tables["dev"], like=tr, name="dev")
-    with pytest.raises(InputError, match="--set fraction=2.0"):
+    with pytest.raises(InputError, match="fraction=2.0"):
         make_trainer(tr, dev, TrainConfig(method="hostcp", device="cpu"), {"fraction": 2.0})
     trainer, sampler, ctx = make_trainer(tr, dev, TrainConfig(method="uniform", device="cpu", batch_size=8))
     assert isinstance(trainer, Method) and isinstance(sampler, Sampler)
@@ -266,7 +268,7 @@ def test_a_toy_method_added_through_the_documented_steps_trains(tables, tmp_path
     dev = load_table(tables["dev"], like=tr, name="dev")
     cfg = TrainConfig(method="toy", steps=12, batch_size=16, eval_every=6, log_every=6, checkpoint_every=6,
                       progress=False, device="cpu")
-    with pytest.raises(InputError, match=r"--set temperature=0.0: must be a finite number > 0"):
+    with pytest.raises(InputError, match=r"temperature=0.0: must be a finite number > 0"):
         run_training(tr, dev, out=tmp_path / "bad", config=cfg, method_config={"temperature": 0.0})
     run = run_training(tr, dev, out=tmp_path / "run", config=cfg, method_config={"temperature": 2.0})
     assert run.meta["status"] == "completed" and run.meta["method_config"] == {"temperature": 2.0}

@@ -311,7 +311,8 @@ def test_errors_name_the_problem(tmp_path):
     for col in ("id", "label"):
         holes = df.astype({col: object})
         holes.loc[[2, 5], col] = None
-        with pytest.raises(InputError, match=rf"^<data DataFrame>: column '{col}' has a null value at row 2$"):
+        where = r"training table \(argument `data`\)"
+        with pytest.raises(InputError, match=rf"^{where}: column '{col}' has a null value at row 2$"):
             m.audit(run, holes, predict=False)
 
 

@@ -317,7 +317,7 @@ def test_progress_bar_only_when_asked(scored, tmp_path, monkeypatch):
 def test_frame_ids_with_missing_values_are_null_ids(scored):
     """pandas marks a missing text id with NaN: it is reported as a null id, not as a type error."""
     df = pd.DataFrame({"id": ["a", np.nan, "c"], "x": [1.0, 2.0, 3.0]})
-    with pytest.raises(InputError, match=r"^<DataFrame>: column 'id' has a null id at row 1$"):
+    with pytest.raises(InputError, match=r"^table to score \(argument `table`\): column 'id' has a null id at row 1$"):
         valuekit.score(df, scored["run"])
 
 

@@ -103,9 +103,9 @@ def test_python_api_misuse_is_one_input_error(tmp_path):
     dev = blobs(8, id_start=100)
     with pytest.raises(InputError, match="train is None"):
         valuekit.train(None, dev=dev, out=tmp_path / "r")
-    with pytest.raises(InputError, match="--steps '10': must be a whole number, not str"):
+    with pytest.raises(InputError, match="steps='10': must be a whole number, not str"):
         valuekit.train(blobs(20), dev=dev, out=tmp_path / "r", steps="10", device="cpu")
-    with pytest.raises(InputError, match=r"--seed -1: must be in \[0, "):
+    with pytest.raises(InputError, match=r"seed=-1: must be in \[0, "):
         valuekit.train(blobs(20), dev=dev, out=tmp_path / "r", seed=-1, device="cpu")
     assert list(tmp_path.iterdir()) == []
 

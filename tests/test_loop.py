@@ -130,11 +130,11 @@ def test_resume_refuses_other_data_or_method(tables, tmp_path):
     tr, dev, test = _load(tables)
     run_training(tr, dev, test, out=tmp_path / "run", config=_cfg(steps=10))
     other = load_table(pd.read_parquet(tables["train"]).iloc[:-1])
-    with pytest.raises(RunDirError, match="--resume with different data"):
+    with pytest.raises(RunDirError, match="resume=True with different data"):
         run_training(
             other, load_table(tables["dev"], like=other), out=tmp_path / "run", config=_cfg(steps=20), resume=True
         )
-    with pytest.raises(RunDirError, match="--resume with different config") as err:
+    with pytest.raises(RunDirError, match="resume=True with different config") as err:
         run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=20, lr=0.5), resume=True)
     lr = _cfg(steps=10).lr  # the message names the setting and both values
     assert f"config (lr: the run has {lr!r}, this call 0.5)" in str(err.value)
@@ -188,7 +188,7 @@ def test_device_choice(monkeypatch):
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    with pytest.raises(InputError, match="--device 'tpu': use auto, cpu or cuda"):
+    with pytest.raises(InputError, match="device='tpu': use 'auto', 'cpu' or 'cuda'"):
         resolve_device("tpu")
     # both answers of "is there a GPU?", whatever this machine has
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -196,7 +196,7 @@ def test_device_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     for name in ("cuda", "cuda:0"):
-        with pytest.raises(InputError, match=f"--device {name}: no CUDA device is available"):
+        with pytest.raises(InputError, match=f"device='{name}': no CUDA device is available"):
             resolve_device(name)
 
 

@@ -677,7 +677,7 @@ def test_augmentation_flips_and_crops_the_rows_a_method_sees_and_resumes_exactly
     resumed = valuekit.train(paths["train"], dev=paths["dev"], out=tmp_path / "part", augment="crop+flip",
                              resume=True, **kw)
     pd.testing.assert_frame_equal(full.values(), resumed.values())
-    with pytest.raises(InputError, match="augment=flip needs an image table"):
+    with pytest.raises(InputError, match="augment='flip' needs an image table"):
         valuekit.train(usermodels_table(), dev=usermodels_table(), out=tmp_path / "no", augment="flip",
                        steps=2, device="cpu", progress=False)
 

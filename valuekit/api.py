@@ -17,10 +17,11 @@ from os import PathLike
 from typing import Any
 
 from valuekit.config import TrainConfig
-from valuekit.errors import InputError
+from valuekit.errors import InputError, held_warnings
 
 
-def _table(source, name: str, like=None, table_kw: dict | None = None):
+def _table(source, name: str, like=None, table_kw: dict | None = None, *, arg: str | None = None):
+    """`source` loaded as the `name` table; a DataFrame is named in messages by its argument (`arg`, default name)."""
     from valuekit.data.tables import ValueDataset, load_table
 
     if source is None or isinstance(source, ValueDataset):
@@ -28,9 +29,10 @@ def _table(source, name: str, like=None, table_kw: dict | None = None):
     kw = dict(table_kw or {})
     if like is not None:
         kw.pop("feature_cols", None), kw.pop("image_shape", None)
-    return load_table(source, name=name, like=like, **kw)
+    return load_table(source, name=name, like=like, where=f"{name} table (argument `{arg or name}`)", **kw)
 
 
+@held_warnings()  # warnings while the input is checked wait until it passes: a refused input raises alone
 def train(
     train,
     dev=None,
@@ -136,7 +138,7 @@ def evaluate(table, run, *, train, state: dict | None = None) -> dict:
     config = TrainConfig(**{**cfg, "method": "uniform", "device": "cpu", "progress": False, "steps": 1, "epochs": None,
                             "early_stopping": False})
     train_ds = _table(train, "train")
-    data = _table(table, "dev", like=train_ds)
+    data = _table(table, "dev", like=train_ds, arg="table")
     trainer, _, ctx = make_trainer(train_ds, data, config)
     model = trainer.model
     model.load_state_dict(state)

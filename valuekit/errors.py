@@ -1,4 +1,12 @@
-"""Errors valuekit raises for bad input; the CLI turns them into one line and exit code 2."""
+"""Errors valuekit raises for bad input; the CLI turns them into one line and exit code 2.
+
+`held_warnings()` keeps back what the checks of the user's input would print before that line (Python warnings
+such as Pillow's, a library's own log such as transformers', valuekit's notes), so a refusal is the one line."""
+
+import logging
+import sys
+import warnings
+from contextlib import contextmanager
 
 
 class ValueKitError(Exception):
@@ -28,11 +36,6 @@ class TrainingFailed(ValueKitError):
     """An error during training (a model's forward that raises, a write that fails); run.json says failed."""
 
 
-
-
-
-
-
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (its type name when it has none)."""
     for line in str(exc).splitlines():
@@ -45,3 +48,86 @@ def unreadable(path, what: str | BaseException) -> InputError:
     """`InputError("RUN/file: unreadable (why)")` for a damaged run file."""
     why = first_line(what) if isinstance(what, BaseException) else what
     return InputError(f"{path}: unreadable ({why})")
+
+
+class _Hold:
+    """What the checks said while a hold is on: `said` holds one callable per message that shows it."""
+
+    def __init__(self):
+        self.said: list = []
+        self.loggers: dict = {}  # name -> (its handlers, its propagate) while held
+        self.showwarning = warnings.showwarning
+
+        def keep(message, category, filename, lineno, file=None, line=None):
+            self.said.append(lambda: self.showwarning(message, category, filename, lineno, file, line))
+
+        self.keep = keep
+
+
+_hold: _Hold | None = None
+
+
+@contextmanager
+def held_warnings():
+    """Inside, messages about the input are held: Python warnings, the records of loggers named to `hold_log` and
+    lines given to `say`. They are shown when the checks pass (`release_warnings()`, which the training loop calls
+    once the run directory is prepared, or at the end of the block) and dropped when the block raises, so that a
+    refusal is one line and an accepted input still shows every warning once. An inner hold is the outer one."""
+    global _hold
+    if _hold is not None:
+        yield
+        return
+    hold = _hold = _Hold()
+    warnings.showwarning = hold.keep
+    try:
+        yield
+    except BaseException:
+        hold.said.clear()
+        raise
+    finally:
+        _release(hold)
+
+
+def release_warnings() -> None:
+    """Show what the current hold kept and stop holding (the input's checks passed)."""
+    if _hold is not None:
+        _release(_hold)
+
+
+def _release(hold: _Hold) -> None:
+    global _hold
+    if _hold is not hold:
+        return
+    _hold = None
+    if warnings.showwarning is hold.keep:
+        warnings.showwarning = hold.showwarning
+    for name, (handlers, propagate) in hold.loggers.items():
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = handlers, propagate
+    said, hold.said = hold.said, []
+    for show in said:
+        show()
+
+
+def hold_log(name: str) -> None:
+    """Hold the records of the `logging` logger `name` too, while a hold is on (a library with its own handlers,
+    as transformers; call it after importing the library, which sets them up)."""
+    hold = _hold
+    if hold is None or name in hold.loggers:
+        return
+    logger = logging.getLogger(name)
+    hold.loggers[name] = (logger.handlers[:], logger.propagate)
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            hold.said.append(lambda: logger.callHandlers(record))
+
+    logger.handlers, logger.propagate = [Keep()], False
+
+
+def say(line: str) -> None:
+    """One line on stderr about input that is accepted (a warning, a note); held while a hold is on."""
+    if _hold is None:
+        print(line, file=sys.stderr)
+    else:
+        _hold.said.append(lambda: print(line, file=sys.stderr))

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 
 from valuekit.config import METHODS
-from valuekit.errors import InputError
+from valuekit.errors import InputError, held_warnings
 
 AUTO_METHODS = ("dds", "mwnet")
 CANDIDATE_DIRS = {"clean+retrain": "clean-retrain", "subset+retrain": "subset-retrain"}
@@ -106,6 +106,7 @@ def bootstrap_std(correct, *, resamples: int = 1000, seed: int = 0) -> float:
     return float(correct[idx].mean(1).std(ddof=1))
 
 
+@held_warnings()  # warnings while the tables are checked wait until the first run has passed its checks
 def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = None, seed: int = 0,
           subset: bool = False, keep_fraction: float = 0.5, bootstrap: int = 1000, id_col: str = "id",
           label_col: str = "label", log=None, overwrite: bool = False, **settings) -> dict:
@@ -141,18 +142,25 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
                              "there, or choose another -o")
     df, path = _read(table, "training")
     dev_df, dev_path = _read(dev, "dev")
-    for frame, what in ((df, "training"), (dev_df, "dev")):
+    # messages name the file, or the argument a DataFrame came in (the dev halves are rows of the dev file)
+    where = path or "training table (argument `table`)"
+    dev_where = dev_path or "dev table (argument `dev`)"
+    for frame, what in ((df, where), (dev_df, dev_where)):
         for col in (id_col, label_col):
             if col not in frame.columns:
-                raise InputError(f"{what} table: no column {col!r}")
+                raise InputError(f"{what}: no column {col!r} (columns: {list(frame.columns)[:12]})")
     kw: dict[str, Any] = {"id_col": id_col, "label_col": label_col}
-    tr = load_table(df if path is None else path, **kw)  # from the file: its metadata (an image shape) is kept
+    tr = load_table(df if path is None else path, where=where, **kw)  # from the file: its metadata is kept
     half_a = split_dev(dev_df[label_col].to_numpy(), seed=seed)
     if half_a.all() or not half_a.any():
-        raise InputError(f"{dev_path or 'dev'}: {len(dev_df)} rows: too few to split in two halves")
-    dev_a = load_table(dev_df[half_a].reset_index(drop=True), like=tr, name="dev", **kw)
-    dev_b = load_table(dev_df[~half_a].reset_index(drop=True), like=tr, name="dev", **kw)
-    test_ds = None if test is None else load_table(_read(test, "test")[0], like=tr, name="test", **kw)
+        raise InputError(f"{dev_where}: {len(dev_df)} rows: too few to split in two halves")
+    dev_a = load_table(dev_df[half_a].reset_index(drop=True), like=tr, name="dev", where=dev_where, **kw)
+    dev_b = load_table(dev_df[~half_a].reset_index(drop=True), like=tr, name="dev", where=dev_where, **kw)
+    test_ds = None
+    if test is not None:
+        test_df, test_path = _read(test, "test")
+        test_ds = load_table(test_df if test_path is None else test_path, like=tr, name="test",
+                             where="test table (argument `test`)", **kw)
 
     runs_dir = out / "runs"
     common = dict(steps=steps, seed=seed, early_stopping=True, overwrite=overwrite, **{"progress": False, **settings})
@@ -182,7 +190,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
         log(f"clean: the audit flags {int((~keep).sum())} of {len(df)} rows: clean+retrain skipped")
     else:
         kept = df[keep].reset_index(drop=True)
-        add("clean+retrain", "uniform", load_table(kept, like=tr, **kw),
+        add("clean+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
             f"uniform without the {int((~keep).sum())} rows the audit of the uniform run flags", len(kept))
         retrain["clean+retrain"] = kept
     if subset and names:
@@ -191,7 +199,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
         scored = score(df, method_runs[best_m].path, keep_fraction=keep_fraction, id_col=id_col, label_col=label_col)
         assert isinstance(scored, pd.DataFrame)  # score() returns a DataFrame when no out= is given
         kept = df[scored["selected"].to_numpy(dtype=bool)].reset_index(drop=True)
-        add("subset+retrain", "uniform", load_table(kept, like=tr, **kw),
+        add("subset+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
             f"uniform on the top {keep_fraction:g} of rows by {best_m}'s value", len(kept))
         retrain["subset+retrain"] = kept
 

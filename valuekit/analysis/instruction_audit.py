@@ -70,7 +70,7 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     runs = open_runs(run_dirs)
     names = run_columns(runs)
     df, path = read_instructions(data if data is not None else table_path(runs[0]), name="train")
-    where = path or "<data DataFrame>"
+    where = path or "training table (argument `data`)"
     pairs = is_text_pairs(runs[0])
     if pairs:
         task_col, prompt_col, response_col = PAIR_COLUMNS["task"], PAIR_COLUMNS["prompt"], PAIR_COLUMNS["response"]

@@ -193,7 +193,7 @@ def training_table(run, data=None, *, id_col: str = "id", label_col: str = "labe
     from valuekit.data.tables import label_text, read_any
 
     df, meta, path = read_any(data if data is not None else table_path(run), name="train")
-    where = path or "<data DataFrame>"
+    where = path or "training table (argument `data`)"
     if len(df) == 0:
         raise InputError(f"{where}: table is empty")
     for col in (id_col, label_col):

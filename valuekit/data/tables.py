@@ -48,6 +48,7 @@ class ValueDataset:
     file_sha256: str | None = None
     group: np.ndarray | None = None  # text-pair tables: int64 target-sentence id per row (load_text_pairs)
     text: dict | None = None  # a tokenized text column: the tokenizer's describe(), text_col, max_len (run.json)
+    where: str | None = None  # how messages name a table that is not a file ("dev table (argument `dev`)")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,7 +70,7 @@ class ValueDataset:
         return ValueDataset(
             ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,
             image_shape=self.image_shape, feature_cols=self.feature_cols, name=self.name,
-            path=self.path, file_sha256=self.file_sha256, group=self.group, text=self.text,
+            path=self.path, file_sha256=self.file_sha256, group=self.group, text=self.text, where=self.where,
         )
 
     def fingerprint(self) -> str:
@@ -214,8 +215,9 @@ def check_image_shape(shape, what: str) -> tuple[int, ...]:
     return tuple(int(v) for v in shape)
 
 
-def _where(path, name):
-    return path if path else f"<{name} DataFrame>"
+def _where(path, name, where=None) -> str:
+    """How messages name a table: its file, else `where` (the argument it came in), else "NAME table (a DataFrame)"."""
+    return path or where or f"{name} table (a DataFrame)"
 
 
 def _require_rows_and_columns(df: pd.DataFrame, where: str, columns) -> None:
@@ -294,8 +296,10 @@ def load_table(
     tokenizer=None,
     text_col: str = "text",
     max_len: int = 256,
+    where: str | None = None,
 ) -> ValueDataset:
-    """Load a table and validate it once; `like` aligns a dev/test table to the training table.
+    """Load a table and validate it once; `like` aligns a dev/test table to the training table. Messages name the
+    file, or for a DataFrame `where` (the argument it came in, e.g. "dev table (argument `dev`)").
 
     An image column (encoded PNG/JPEG bytes, the Hugging Face `{bytes, path}` struct, or paths relative
     to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
@@ -315,7 +319,7 @@ def load_table(
         image_shape = check_image_shape(image_shape, f"image_shape={image_shape!r}")
     df, meta, path = read_any(source, name=name, defer_images=stream is not False)
     deferred = meta.get("deferred_images", [])
-    where = _where(path, name)
+    where = _where(path, name, where)
     if len(df) == 0:
         raise InputError(f"{where}: table is empty")
     for col, opt in ((id_col, "--id-col"), (label_col, "--label-col")):
@@ -378,7 +382,7 @@ def load_table(
     return ValueDataset(
         ids=ids_np, x=x, y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
-        path=path, file_sha256=_file_sha256(Path(path)) if path else None, text=text,
+        path=path, file_sha256=_file_sha256(Path(path)) if path else None, text=text, where=where,
     )
 
 

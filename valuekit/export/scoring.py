@@ -327,7 +327,7 @@ def _plan(ids: pa.Array, run, *, where: str, id_col: str, selection: Selection, 
     values_path = run.checked_values_path() or run.values_path
     if not values_path.exists():
         raise InputError(f"{run.path}: run has no values.parquet (status {run.meta.get('status')!r}); "
-                         "finish it with --resume")
+                         "finish it with resume=True")
     n = len(ids)
     if n == 0:
         raise InputError(f"{where}: table is empty")

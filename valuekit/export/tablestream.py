@@ -40,6 +40,9 @@ class _Source:
         pass
 
 
+FRAME = "table to score (argument `table`)"  # how messages name a table given as a DataFrame or Arrow table
+
+
 def _first_line(exc: Exception) -> str:
     s = str(exc).strip()
     return s.splitlines()[0] if s else type(exc).__name__
@@ -64,7 +67,7 @@ class _FrameSource(_Source):
     """A DataFrame that comes back as a DataFrame: only its id column goes through Arrow."""
 
     def __init__(self, df: pd.DataFrame):
-        self.df, self.where, self.path = df, "<DataFrame>", None
+        self.df, self.where, self.path = df, FRAME, None
         self.schema = pa.schema([(str(c), pa.null()) for c in df.columns])  # names only
 
     def ids(self, id_col: str) -> pa.Array:
@@ -72,7 +75,7 @@ class _FrameSource(_Source):
             return pa.array(self.df[id_col], from_pandas=True)
         except (pa.ArrowException, ValueError, TypeError) as exc:
             raise InputError(
-                f"<DataFrame>: column {id_col!r} mixes types or is not int/str ({_first_line(exc)})") from None
+                f"{FRAME}: column {id_col!r} mixes types or is not int/str ({_first_line(exc)})") from None
 
 
 class _ParquetSource(_Source):
@@ -190,10 +193,10 @@ def _open_source(table, *, for_csv_out: bool, frame_out: bool = False):
         try:
             t = pa.Table.from_pandas(table, preserve_index=None if not for_csv_out else False)
         except (pa.ArrowException, ValueError, TypeError) as exc:
-            raise InputError(f"<DataFrame>: cannot convert to Arrow ({_first_line(exc)})") from None
-        return _TableSource(t, "<DataFrame>")
+            raise InputError(f"{FRAME}: cannot convert to Arrow ({_first_line(exc)})") from None
+        return _TableSource(t, FRAME)
     if isinstance(table, pa.Table):
-        return _TableSource(table, "<Arrow table>")
+        return _TableSource(table, FRAME)
     path = Path(table)
     if not path.exists():
         raise InputError(f"{path}: no such file (table to score)")

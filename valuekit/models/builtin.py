@@ -312,7 +312,8 @@ def check_token_range(table, size: int, name: str) -> None:
     value = flat[row][bad[row]][0].item()
     shown = int(value) if float(value).is_integer() else value
     ident = table.ids[row].item() if isinstance(table.ids[row], np.generic) else table.ids[row]
+    where = table.path or table.where or f"{table.name} table"
     raise InputError(
-        f"{table.path or f'<{table.name} DataFrame>'}: token id {shown} at id {ident!r} (row {row}) is outside "
+        f"{where}: token id {shown} at id {ident!r} (row {row}) is outside "
         f"--model {name}'s embedding of {size} entries (ids 0..{size - 1})"
     )

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from valuekit.errors import InputError
+from valuekit.errors import InputError, hold_log, say
 
 LM_PREFIXES = ("hf:", "hf-config:")
 
@@ -127,26 +127,31 @@ def _init_(model: nn.Module, generator: torch.Generator, std: float = 0.02) -> N
                 nn.init.zeros_(m.bias)
 
 
+def _model_error(name: str, text: str, cli: str | None = None) -> InputError:
+    """InputError about the model `name`: `model='NAME': text` in the library, `--model NAME: text` (or `cli`) on the
+    command line."""
+    return InputError(f"model={name!r}: {text}", cli=f"--model {name}: {cli or text}")
+
+
 def _hf_config(path: str, name: str):
     try:
         import transformers
     except ImportError:
-        raise InputError(
-            f"--model {name}: needs the optional 'transformers' package (pip install 'valuekit[llm]')"
-        ) from None
+        raise _model_error(name, "needs the optional 'transformers' package (pip install 'valuekit[llm]')") from None
+    hold_log("transformers")  # its warnings about a config (a token id beyond the vocabulary) wait for the checks
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise InputError(f"--model {name}: {folder} has no config.json")
+        raise _model_error(name, f"{folder} has no config.json")
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise InputError(f"--model {name}: {folder}/config.json does not load ({_first(exc)})") from None
+        raise _model_error(name, f"{folder}/config.json does not load ({_first(exc)})") from None
     if type(config) not in transformers.AutoModelForCausalLM._model_mapping:
-        raise InputError(f"--model {name}: {folder} holds a {config.model_type!r} model, which has no causal-LM head "
+        raise _model_error(name, f"{folder} holds a {config.model_type!r} model, which has no causal-LM head "
                          f"in transformers")
     if config.model_type in BIDIRECTIONAL and not getattr(config, "is_decoder", False):
-        raise InputError(
-            f'--model {name}: {folder} holds a {config.model_type!r} encoder without "is_decoder": true; '
+        raise _model_error(
+            name, f'{folder} holds a {config.model_type!r} encoder without "is_decoder": true; '
             f"it attends both ways (a later token changes earlier logits), so it is not a causal LM"
         )
     return transformers, config
@@ -179,8 +184,9 @@ def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
     """Validate an LM name (and LoRA rank) against the data before anything is written (InputError, one line)."""
     if name == BUILTIN:
         if lora:
-            raise InputError(f"--lora {lora}: LoRA adapters need a transformers model (--model hf:DIR or "
-                             f"hf-config:DIR), not the built-in {BUILTIN}")
+            why = "LoRA adapters need a transformers model"
+            raise InputError(f"lora={lora}: {why} (model='hf:DIR' or 'hf-config:DIR'), not the built-in {BUILTIN}",
+                             cli=f"--lora {lora}: {why} (--model hf:DIR or hf-config:DIR), not the built-in {BUILTIN}")
         return
     if lora:
         _peft(lora)
@@ -190,25 +196,24 @@ def check_lm(name: str, *, vocab: int, max_len: int, lora: int = 0) -> None:
     if kind == "hf-config" and v is not None and v != vocab:
         # random weights: the tokenizer decides the vocabulary (a default GPT2Config's 50,257 rows beside the byte
         # tokenizer's 259 made every step ~75x slower); said once, here at the edge
-        import sys
-
-        print(f"valuekit: note: --model {name}: config.json has vocab_size {v}, the tokenizer {vocab}; the model is "
-              f"built with {vocab}", file=sys.stderr)
+        say(f"valuekit: note: --model {name}: config.json has vocab_size {v}, the tokenizer {vocab}; the model is "
+            f"built with {vocab}")
     elif v is not None and v < vocab:
-        raise InputError(f"--model {name}: vocab_size {v} is smaller than the tokenizer's {vocab}")
+        raise _model_error(name, f"vocab_size {v} is smaller than the tokenizer's {vocab}")
     for key in ("n_positions", "max_position_embeddings"):
         p = getattr(config, key, None)
         if isinstance(p, int) and p < max_len:
-            raise InputError(f"--model {name}: {key} {p} is smaller than the sequence length {max_len} (--max-len)")
+            short = f"{key} {p} is smaller than the sequence length {max_len}"
+            raise _model_error(name, f"{short} (max_len)", f"{short} (--max-len)")
     if kind == "hf":
         if not any(Path(path).glob("*.safetensors")) and not any(Path(path).glob("*.bin")):
-            raise InputError(f"--model {name}: {path} has no weights (*.safetensors / *.bin); use hf-config:{path} "
+            raise _model_error(name, f"{path} has no weights (*.safetensors / *.bin); use hf-config:{path} "
                              f"for random weights")
         archs = getattr(config, "architectures", None) or []
         tied = getattr(config, "tie_word_embeddings", True)
         if archs and not tied and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
             # a base model's weights: the untied output layer would start random, silently
-            raise InputError(f"--model {name}: {path} holds {archs[0]} weights, which have no causal-LM head")
+            raise _model_error(name, f"{path} holds {archs[0]} weights, which have no causal-LM head")
 
 
 def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
@@ -227,7 +232,7 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
         try:
             inner = transformers.AutoModelForCausalLM.from_config(_sized(config, vocab))
         except Exception as exc:  # a config transformers cannot build (e.g. n_embd not divisible by n_head)
-            raise InputError(f"--model {name}: {path}/config.json does not build a model ({_first(exc)})") from None
+            raise _model_error(name, f"{path}/config.json does not build a model ({_first(exc)})") from None
         if generator is not None:
             _init_(inner, generator, std=getattr(config, "initializer_range", 0.02))
             if hasattr(inner, "tie_weights"):
@@ -237,10 +242,10 @@ def build_lm(name: str, *, vocab: int, max_len: int, hidden: int = 128,
             inner, info = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
                                                                             output_loading_info=True)
         except Exception as exc:
-            raise InputError(f"--model {name}: weights do not load ({_first(exc)})") from None
+            raise _model_error(name, f"weights do not load ({_first(exc)})") from None
         missing = [k for k in info.get("missing_keys", []) if "lm_head" in k or "embed_out" in k]
         if missing:
-            raise InputError(f"--model {name}: the weights have no causal-LM head ({missing[0]} missing)")
+            raise _model_error(name, f"the weights have no causal-LM head ({missing[0]} missing)")
     inner.float()
     if checkpointing:
         kw = {"use_reentrant": False}
@@ -270,7 +275,8 @@ def _peft(rank: int):
     try:
         import peft
     except ImportError:
-        raise InputError(f"--lora {rank}: needs the optional 'peft' package (pip install 'valuekit[lora]')") from None
+        why = "needs the optional 'peft' package (pip install 'valuekit[lora]')"
+        raise InputError(f"lora={rank}: {why}", cli=f"--lora {rank}: {why}") from None
     return peft
 
 

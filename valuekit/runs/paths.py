@@ -49,6 +49,28 @@ def _writable_dir(folder: Path) -> bool:
     return True
 
 
+def _special(path: Path) -> str:
+    """What a path that is neither a file nor a folder is ("a character device", ...)."""
+    import stat
+
+    mode = path.stat().st_mode
+    for test, what in ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a file or folder"
+
+
+def _holder(run_dir: Path) -> str:
+    """host:pid of the process that holds a run directory's lock ('unknown' when unreadable)."""
+    from valuekit.runs.layout import LOCK
+
+    try:
+        return (run_dir / LOCK).read_text().strip() or "unknown"
+    except (OSError, UnicodeDecodeError):
+        return "unknown"
+
+
 def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), runs=(),
                  suffixes: tuple[str, ...] | None = None, overwrite: bool | None = None) -> Path:
     """Resolve and check an output location before any work; returns the resolved path.
@@ -66,6 +88,10 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
     given = Path(text).expanduser()
     out = given.resolve()
     label = f"{option} {text}"
+    if out.exists() and not (out.is_file() or out.is_dir()):  # a device, a FIFO, a socket: said before its name
+        via = f"is a link to {out}, which " if given.is_symlink() or given.absolute() != out else ""
+        want = "a regular file" if kind == "file" else "a folder"
+        raise InputError(f"{label}: {via}is {_special(out)}, not {want}; valuekit writes only files and folders")
     if suffixes is not None and out.suffix.lower() not in suffixes:
         shown = [s for s in suffixes if s not in (".pq", ".htm")]  # aliases accepted, not advertised
         raise InputError(f"{label}: output must end in {' or '.join(shown)}")
@@ -81,6 +107,7 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
         if out == rp or out.is_relative_to(rp):
             raise InputError(f"{label}: lies in the run directory {r}; write outputs elsewhere")
     from valuekit.runs.layout import RUN_FILES, RUN_JSON
+    from valuekit.runs.lock import lock_held
 
     inside = _run_dir_of(out)
     if inside is not None:
@@ -91,6 +118,11 @@ def check_output(path, *, option: str = "-o", kind: str = "file", inputs=(), run
             raise InputError(f"{label}: is a directory; give a file name")
         if kind != "file" and not out.is_dir():
             raise InputError(f"{label}: exists and is a file, not a folder")
+        if kind == "run" and not (out / RUN_JSON).exists() and lock_held(out):
+            # another process has just made the folder and holds its lock, run.json not yet written: the loser of
+            # a race to create one run directory is told so, not that the folder is not a run
+            raise RunDirError(f"{label}: run directory is in use by another valuekit process ({_holder(out)}) that "
+                              f"is creating a run there; wait for it or choose another folder")
         if kind == "run" and not (out / RUN_JSON).exists() and any(out.iterdir()):
             raise InputError(f"{label}: is a folder that is not empty and holds no valuekit run; "
                              f"choose a new or empty folder")

@@ -25,7 +25,15 @@ from valuekit.data.images import augment
 from valuekit.data.memory import TRIM_SECONDS, fix_mmap_threshold, trim_heap
 from valuekit.data.streaming import RowStream
 from valuekit.data.tables import ValueDataset
-from valuekit.errors import InputError, RunDirError, TrainingDiverged, TrainingFailed, first_line, unreadable
+from valuekit.errors import (
+    InputError,
+    RunDirError,
+    TrainingDiverged,
+    TrainingFailed,
+    first_line,
+    release_warnings,
+    unreadable,
+)
 from valuekit.models.builtin import feature_stats
 from valuekit.models.user import build_user_model, check_model_spec, is_builtin
 from valuekit.ranking import mean_one, rank_by_value
@@ -176,8 +184,9 @@ def run_training(
 
     fix_mmap_threshold(causal_lm=is_lm(config.model))  # $VALUEKIT_MALLOC (valuekit.data.memory)
     if config.precision == "fp16" and not spec.cls.fp16:
-        raise InputError(f"--precision fp16: method {config.method!r} does not use the gradient scaler fp16 needs; "
-                         f"use --precision bf16")
+        why = f"method {config.method!r} does not use the gradient scaler fp16 needs"
+        raise InputError(f"precision='fp16': {why}; use precision='bf16'",
+                         cli=f"--precision fp16: {why}; use --precision bf16")
     device, info = _placement(config, spec)
     if info.is_main:  # the CLI's rule for --out (no '', no file, no non-empty folder that is not a run)
         from valuekit.runs.paths import check_output
@@ -222,8 +231,9 @@ def _placement(config: TrainConfig, spec) -> tuple[torch.device, dist_.DistInfo]
                          f"across processes); run it in one process")
     if info.enabled and device.type == "cuda":
         if config.device not in ("auto", "cuda"):
-            raise InputError(f"--device {config.device}: under torchrun each process uses cuda:LOCAL_RANK; "
-                             f"use --device auto or cuda")
+            raise InputError(f"device={config.device!r}: under torchrun each process uses cuda:LOCAL_RANK; "
+                             f"use 'auto' or 'cuda'", cli=f"--device {config.device}: under torchrun each process "
+                                                           f"uses cuda:LOCAL_RANK; use --device auto or cuda")
         if info.local_rank >= torch.cuda.device_count():
             raise InputError(f"local rank {info.local_rank}: this node has {torch.cuda.device_count()} GPU(s); start "
                              f"at most that many processes per node (or use --device cpu)")
@@ -239,33 +249,40 @@ def _check_inputs(config: TrainConfig, out: Path, train_data, dev_data, test_dat
         raise InputError("early_stopping: needs a dev table (the best model is chosen by dev accuracy)")
     if config.model == "seq2seq" and config.method != "multidds":
         raise InputError(
-            f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}"
+            f"model='seq2seq': translation tables are trained with method='multidds', not {config.method!r}",
+            cli=f"--model seq2seq: translation tables are trained with --method multidds, not {config.method!r}"
         )
+    where = train_data.path or train_data.where or "train"
     if config.augment != "none" and train_data.image_shape is None:
-        raise InputError(f"{train_data.path or 'train'}: --set augment={config.augment} needs an image table")
+        raise InputError(f"{where}: augment={config.augment!r} needs an image table",
+                         cli=f"{where}: --set augment={config.augment} needs an image table")
     from valuekit.models.lm import check_lm, is_lm
 
     if is_lm(config.model):
         if train_data.y.dim() != 2:
-            raise InputError(f"--model {config.model}: needs an instruction table (prompt, response columns)")
+            raise InputError(f"model={config.model!r}: needs an instruction table (prompt, response columns)",
+                             cli=f"--model {config.model}: needs an instruction table (prompt, response columns)")
         check_lm(config.model, vocab=train_data.num_classes, max_len=train_data.x.shape[1], lora=config.lora)
         if config.method not in LM_METHODS:  # their teacher / selector reads a class label and class probabilities
-            raise InputError(f"--method {config.method}: not available for causal-LM instruction tables; use "
-                             f"{', '.join(LM_METHODS)}")
+            raise InputError(f"method={config.method!r}: not available for causal-LM instruction tables; use "
+                             f"{', '.join(LM_METHODS)}", cli=f"--method {config.method}: not available for causal-LM "
+                                                             f"instruction tables; use {', '.join(LM_METHODS)}")
     elif config.lora:
-        raise InputError(f"--lora {config.lora}: LoRA adapters are for causal LMs (--model hf:DIR or hf-config:DIR), "
-                         f"not --model {config.model}")
+        why = "LoRA adapters are for causal LMs"
+        raise InputError(
+            f"lora={config.lora}: {why} (model='hf:DIR' or 'hf-config:DIR'), not model={config.model!r}",
+            cli=f"--lora {config.lora}: {why} (--model hf:DIR or hf-config:DIR), not --model {config.model}")
     elif config.gradient_checkpointing:
-        raise InputError(
-            f"--gradient-checkpointing: for causal LMs (causal-lm, hf:DIR, hf-config:DIR), not --model {config.model}"
-        )
+        lms = "for causal LMs (causal-lm, hf:DIR, hf-config:DIR)"
+        raise InputError(f"gradient_checkpointing=True: {lms}, not model={config.model!r}",
+                         cli=f"--gradient-checkpointing: {lms}, not --model {config.model}")
     if config.model == "cnn" and train_data.image_shape is None:
-        raise InputError(
-            f"{train_data.path or 'train'}: --model cnn needs image-shaped features (a list column with an image shape)"
-        )
+        raise InputError(f"{where}: model='cnn' needs image-shaped features (a list column with an image shape)",
+                         cli=f"{where}: --model cnn needs image-shaped features (a list column with an image shape)")
     for d in (train_data, dev_data, test_data):
         if d is not None and d.path and out.resolve() == Path(d.path).resolve():
-            raise InputError(f"--out {out}: is an input table; choose another run directory")
+            raise InputError(f"out={str(out)!r}: is an input table; choose another run directory",
+                             cli=f"--out {out}: is an input table; choose another run directory")
 
 
 def _prepare(out: Path, meta: dict, resume: bool, info: dist_.DistInfo, overwrite: bool = False):
@@ -296,6 +313,7 @@ def _train(view, dev_data, test_data, *, out: Path, config: TrainConfig, spec, m
     lock, state = _prepare(out, meta, resume, info, overwrite)                        # prepare
     if state:
         _check_state(trainer, sampler, ctx, state, out=out, lock=lock, method=config.method)
+    release_warnings()  # the input passed every check: the warnings held while checking it are shown now
     labels = view.y.numpy().astype(np.int32) if view.y.dim() == 1 else None  # 2-D y (text): null label
     writer = RunWriter(out, meta=meta, id_type=view.id_type, lock=lock, rank=info.rank, world_size=info.world_size,
                        resume_parts=state["parts"] if state else ({} if resume else None),
@@ -339,8 +357,9 @@ def _failed(writer: RunWriter, step: int, exc: BaseException, *, config: TrainCo
         reason += f" (and marking the run failed: {first_line(close_exc)})"
     if not isinstance(exc, Exception):
         raise exc
-    raise TrainingFailed(f"step {step}: training failed (--model {config.model}): {reason}; "
-                         f"{out / RUN_JSON} says failed") from exc
+    said = f"{reason}; {out / RUN_JSON} says failed"
+    raise TrainingFailed(f"step {step}: training failed (model={config.model!r}): {said}",
+                         cli=f"step {step}: training failed (--model {config.model}): {said}") from exc
 
 
 def _check_state(trainer, sampler, ctx, state: dict, *, out: Path, lock, method: str) -> None:

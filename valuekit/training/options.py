@@ -76,8 +76,13 @@ def parse_overrides(pairs, method_cls, loop_cfg: TrainConfig | None = None) -> t
     return method_vals, loop_vals
 
 
-def option(name: str, value, *, loop: bool = False) -> str:
-    """How the user wrote a setting: `--steps 0` for loop flags, `--set name=value` otherwise."""
+def option(name: str, value) -> str:
+    """A setting as the Python API takes it (`steps=0`, `scorer='tree'`): what library messages name."""
+    return f"{name}={value!r}"
+
+
+def cli_option(name: str, value, *, loop: bool = False) -> str:
+    """The same setting as the command line takes it: `--steps 0` for loop flags, `--set name=value` otherwise."""
     if loop and name in FLAGS:
         return (
             f"--{name.replace('_', '-')} {value!r}" if isinstance(value, str) else f"--{name.replace('_', '-')} {value}"
@@ -136,7 +141,8 @@ def check_fields(cfg, *, loop: bool = False) -> None:
             v = getattr(cfg, f.name)
             problem = _wrong_type(v, f.default) or _violates(v, rules)
             if problem:
-                raise InputError(f"{option(f.name, v, loop=loop)}: {problem}")
+                raise InputError(f"{option(f.name, v)}: {problem}",
+                                 cli=f"{cli_option(f.name, v, loop=loop)}: {problem}")
 
 
 def check(cfg) -> None:
@@ -154,8 +160,9 @@ def check_loop(cfg: TrainConfig) -> None:
     check_model_spec(cfg.model)  # a built-in name, a causal LM or the form of a user's model (imported later, once)
     check_fields(cfg, loop=True)
     if cfg.patience and not cfg.early_stopping:
-        raise InputError(f"--patience {cfg.patience}: needs --early-stopping (it counts evaluations without a "
-                         f"better dev accuracy)")
+        why = "(it counts evaluations without a better dev accuracy)"
+        raise InputError(f"patience={cfg.patience}: needs early_stopping=True {why}",
+                         cli=f"--patience {cfg.patience}: needs --early-stopping {why}")
 
 
 def resolve(config: TrainConfig | None = None, method_config=None, *, overrides=()):
@@ -188,9 +195,11 @@ def resolve_device(name: str):
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise InputError(f"--device {name}: no CUDA device is available on this machine (use --device cpu or auto)")
+            raise InputError(f"device={name!r}: no CUDA device is available on this machine (use 'cpu' or 'auto')",
+                             cli=f"--device {name}: no CUDA device is available on this machine (use --device cpu "
+                                 f"or auto)")
         return torch.device(name)
-    raise InputError(f"--device {name!r}: use auto, cpu or cuda")
+    raise InputError(f"device={name!r}: use 'auto', 'cpu' or 'cuda'", cli=f"--device {name!r}: use auto, cpu or cuda")
 
 
 def validate_config(cfg: TrainConfig) -> None:

@@ -40,7 +40,7 @@ def _difference(key: str, old, new) -> str:
 def check_world_size(out, made_with: int, now: int) -> None:
     """A run continues only with the processes it was made with (the global batch and steps/rank-R depend on it)."""
     if made_with != now:
-        raise RunDirError(f"{out}: --resume with {now} process(es), but the run was made with {made_with} "
+        raise RunDirError(f"{out}: resume=True with {now} process(es), but the run was made with {made_with} "
                           f"(world size); resume with {made_with} process(es)")
 
 
@@ -60,7 +60,7 @@ def prepare_run(out: Path, meta: dict, resume: bool, overwrite: bool = False):
                 check_world_size(out, old.meta.get("world_size", 1), meta.get("world_size", 1))
                 new_id, old_id = identity(meta), identity(old.meta)
                 diff = [_difference(k, old_id[k], new_id[k]) for k in new_id if new_id[k] != old_id[k]]
-                raise RunDirError(f"{out}: --resume with different {', '.join(diff)} than the run was made with")
+                raise RunDirError(f"{out}: resume=True with different {', '.join(diff)} than the run was made with")
             state = load_checkpoint(out, training=True)
             if state is not None:
                 check_parts(out, state["parts"], world_size=old.meta.get("world_size", 1))
