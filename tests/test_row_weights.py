@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import blobs
+
 from valuekit.config import TrainConfig
 from valuekit.data.tables import load_table
 from valuekit.errors import InputError

@@ -61,7 +61,8 @@ class Trainer(Method):
         self.loss_sum.index_add_(0, idx, seen)
         self.loss_sq.index_add_(0, idx, seen * seen)
         self.count.index_add_(0, idx, torch.ones_like(seen))
-        return StepRecord(loss=losses.detach(), weight=None if w is None else w.detach(), correct=logits.argmax(1) == batch.y, margin=margins(logits, batch.y))
+        return StepRecord(loss=losses.detach(), weight=None if w is None else w.detach(),
+                          correct=logits.argmax(1) == batch.y, margin=margins(logits, batch.y))
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
