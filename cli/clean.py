@@ -1,8 +1,9 @@
 """valuekit clean: from a noisy table and a trusted dev table to a better table and model, in one command.
 
 Trains the candidate pipelines (early-stopped uniform, the learned methods, uniform retrained without the rows the
-audit flags) with early stopping on one half of --dev, picks the one with the best accuracy on the other half, and
-writes OUT/table.parquet, OUT/model.pt, OUT/candidates.parquet, OUT/clean.json and OUT/runs/ (valuekit.clean).
+audit flags, uniform retrained on the best method's weights) with early stopping on one half of --dev, picks the
+one with the best accuracy on the other half, refits it on the whole --dev (unless --no-refit), and writes
+OUT/table.parquet, OUT/model.pt, OUT/candidates.parquet, OUT/clean.json and OUT/runs/ (valuekit.clean).
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ def add_parser(sub):
     p.add_argument("--subset", action="store_true",
                    help="add subset+retrain: uniform on the top --keep-fraction rows by the best method's value")
     p.add_argument("--keep-fraction", type=float, default=0.5, help="for --subset (default: 0.5)")
+    p.add_argument("--no-weighted", dest="weighted", action="store_false",
+                   help="leave out weighted+retrain (uniform with each row's loss times the best method's weight)")
+    p.add_argument("--no-refit", dest="refit", action="store_false",
+                   help="hand over the pick's model early-stopped on half A of --dev instead of refitting the pick "
+                        "on the whole dev table")
     p.add_argument("--steps", type=int, default=None, help=f"training steps of every candidate (default: {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
@@ -47,7 +53,8 @@ def run(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise InputError(f"--steps {args.steps}: must be >= 1")
     record = clean(args.table, args.dev, test=args.test, out=args.out, methods=args.methods, steps=args.steps,
-                   seed=args.seed, subset=args.subset, keep_fraction=args.keep_fraction, batch_size=args.batch_size,
+                   seed=args.seed, subset=args.subset, keep_fraction=args.keep_fraction, weighted=args.weighted,
+                   refit=args.refit, batch_size=args.batch_size,
                    lr=args.lr, model=args.model, device=args.device, id_col=args.id_col, label_col=args.label_col,
                    log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(format_summary(record))

@@ -32,11 +32,13 @@ def test_bootstrap_std_matches_the_binomial_standard_error():
 def test_clean_writes_the_pick_its_model_and_every_candidate(tables, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
-               "--methods", "dds", "--subset", *FAST, "-o", str(out)])
+               "--methods", "dds", "--subset", "--no-refit", *FAST, "-o", str(out)])
     assert rc == 0
     record = json.loads((out / "clean.json").read_text())
     cands = pd.read_parquet(out / "candidates.parquet")
-    assert list(cands.candidate) == ["uniform", "dds", "clean+retrain", "subset+retrain"]
+    assert list(cands.candidate) == ["uniform", "dds", "clean+retrain", "weighted+retrain", "subset+retrain"]
+    assert record["refit"] is None
+    assert record["test_acc"] == record["test_acc_half_a"] == cands.test_acc[cands.picked].item()
     # the pick is the first argmax of half-B accuracy, and it is marked once
     assert record["pick"] == cands.candidate.iloc[int(np.argmax(cands.dev_b_acc.to_numpy()))]
     assert cands.picked.sum() == 1 and cands.candidate[cands.picked].item() == record["pick"]
@@ -89,8 +91,44 @@ def test_a_weighting_pick_writes_the_weighted_table(tables, tmp_path, monkeypatc
     train = pd.read_parquet(tables["train"])
     assert set(train.columns) | {"weight", "value", "rank"} <= set(table.columns) and len(table) == len(train)
     assert table.weight.mean() == pytest.approx(1.0)
-    values = pd.read_parquet(tmp_path / "w" / "runs" / "dds" / "values.parquet").set_index("example_id")
+    # refitted on the whole dev table: the table carries the refit run's weights, model.pt is its best model
+    assert rec["refit"]["run_dir"].endswith("dds-refit")
+    values = pd.read_parquet(tmp_path / "w" / "runs" / "dds-refit" / "values.parquet").set_index("example_id")
     assert table.value.to_numpy() == pytest.approx(values.value.reindex(table.id).to_numpy())
+    refit_meta = json.loads((tmp_path / "w" / "runs" / "dds-refit" / "run.json").read_text())
+    state = torch.load(tmp_path / "w" / "model.pt", weights_only=True)
+    best = torch.load(tmp_path / "w" / "runs" / "dds-refit" / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(state[k], best[k]) for k in best)
+    assert rec["refit"]["dev_acc"] == refit_meta["best_metrics"]["dev_acc"]
+    assert refit_meta["data"]["dev"]["n_rows"] == len(pd.read_parquet(tables["dev"])) == 24  # every dev row, not half A
+
+
+def test_weighted_retrain_trains_uniform_on_the_best_methods_weights_and_the_refit_reports_both_models(
+        tables, tmp_path):
+    import valuekit
+    from valuekit.export.scoring import score
+
+    out = tmp_path / "c"
+    rec = valuekit.clean(tables["train"], tables["dev"], test=tables["test"], out=out, methods=["dds"], steps=30,
+                         batch_size=16, lr=3e-2, device="cpu", hidden=16)
+    cands = pd.read_parquet(out / "candidates.parquet").set_index("candidate")
+    assert list(cands.index) == ["uniform", "dds", "clean+retrain", "weighted+retrain"]
+    w_run = out / "runs" / "weighted-retrain"
+    meta = json.loads((w_run / "run.json").read_text())
+    assert meta["config"]["method"] == "uniform"
+    # every logged row's loss weight is dds's exported weight for that row (mean 1 over the table)
+    weights = score(pd.read_parquet(tables["train"]), out / "runs" / "dds").set_index("id").weight
+    from valuekit.runs.reader import read_run
+
+    steps = read_run(w_run).steps(["example_id", "weight"]).to_pandas()
+    assert steps.weight.to_numpy() == pytest.approx(weights.reindex(steps.example_id).to_numpy(), rel=1e-6)
+    assert weights.mean() == pytest.approx(1.0) and weights.std() > 0
+    # the handed-over model is the refit's; both test accuracies are recorded
+    pick_dir = {"clean+retrain": "clean-retrain", "weighted+retrain": "weighted-retrain"}.get(rec["pick"], rec["pick"])
+    refit = json.loads((out / "runs" / f"{pick_dir}-refit" / "run.json").read_text())
+    assert rec["test_acc"] == refit["best_metrics"]["test_acc"] == rec["refit"]["test_acc"]
+    assert rec["test_acc_half_a"] == cands.test_acc[rec["pick"]]
+    assert refit["data"]["dev"]["n_rows"] == 24 and refit["config"]["early_stopping"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -27,8 +27,8 @@ def _table(source, name: str, like=None, table_kw: dict | None = None, *, arg: s
     if source is None or isinstance(source, ValueDataset):
         return source
     kw = dict(table_kw or {})
-    if like is not None:
-        kw.pop("feature_cols", None), kw.pop("image_shape", None)
+    if like is not None:  # the training table's choices; a dev/test table has no weights
+        kw.pop("feature_cols", None), kw.pop("image_shape", None), kw.pop("weight_col", None)
     return load_table(source, name=name, like=like, where=f"{name} table (argument `{arg or name}`)", **kw)
 
 
@@ -53,12 +53,15 @@ def train(
     tokenizer=None,
     text_col: str = "text",
     max_len: int = 256,
+    weight_col: str | None = None,
     **settings,
 ):
     """Train `method` on the `train` table with the trusted `dev` table, log to the run directory `out` and
     return the opened Run (valuekit.runs.reader.Run). `table_kw` goes to `load_table` (id_col, label_col, ...).
     `tokenizer` (a local tokenizer folder, or an object with `encode(text) -> ids`) turns the string column
     `text_col` of every table into token ids (cut to `max_len`) for a text model; run.json records it.
+    `weight_col` names a column of fixed per-row loss weights in `train` (e.g. `valuekit score`'s `weight`; rescaled
+    to mean 1; uniform only): each row's loss is multiplied by its weight (`valuekit.methods.uniform`).
     `epochs=E` instead of `steps` trains ceil(E x rows / batch_size) steps; `early_stopping=True` keeps the model
     of the best dev accuracy (`run.best_model_path`; see `valuekit.training.loop.train`).
     An `out` that already holds a run is refused unless `resume=True` (continue it) or `overwrite=True`
@@ -108,6 +111,13 @@ def train(
         if max_len < 1:
             raise InputError(f"valuekit.train: max_len={max_len}: must be >= 1")
         table_kw = {**(table_kw or {}), "tokenizer": tokenizer, "text_col": text_col, "max_len": max_len}
+    if weight_col is not None:
+        from valuekit.data.tables import ValueDataset
+
+        if isinstance(train, ValueDataset):
+            raise InputError("valuekit.train: weight_col= reads a column of a table; a loaded ValueDataset carries "
+                             "its weights from load_table(..., weight_col=...)")
+        table_kw = {**(table_kw or {}), "weight_col": weight_col}
     train_ds = _table(train, "train", table_kw=table_kw)
     dev_ds = _table(dev, "dev", like=train_ds, table_kw=table_kw)
     test_ds = _table(test, "test", like=train_ds, table_kw=table_kw)

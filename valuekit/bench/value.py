@@ -27,6 +27,7 @@ import pandas as pd
 
 from valuekit.bench.outcome import SETTING_DOC, SETTINGS
 from valuekit.bench.quality import LEARNED  # each method's learned column
+from valuekit.runs.layout import RUN_JSON, VALUES
 
 CHOICE = ("digits", "breast-cancer", "wine", "iris", "segment")
 HELD_OUT = ("mnist5k", "fashion-mnist", "phishing", "banana", "penguins", "seattle-weather")
@@ -92,7 +93,7 @@ def score_run(vals: pd.DataFrame, labels, noisy, learned: str | None) -> list[di
 
 def _run_dir(cell: Path, method: str) -> Path | None:
     for d in (cell / "runs" / method, cell / "clean" / "runs" / method):
-        if (d / "values.parquet").exists():
+        if (d / VALUES).exists():
             return d
     return None
 
@@ -127,10 +128,10 @@ def score_cell(name: str, setting: str, seed: int, cell: Path, *, methods) -> li
     rows = []
     for m in methods:
         d = _run_dir(cell, m)
-        meta = json.loads((d / "run.json").read_text()) if d is not None else {}
+        meta = json.loads((d / RUN_JSON).read_text()) if d is not None else {}
         if meta.get("status") != "completed":
             continue
-        vals = pd.read_parquet(d / "values.parquet").set_index("example_id").reindex(df.id.to_numpy())
+        vals = pd.read_parquet(d / VALUES).set_index("example_id").reindex(df.id.to_numpy())
         base = {"dataset": name, "setting": setting, "seed": seed, "method": m, "steps": meta.get("steps_done"),
                 "made_by": "bench outcome" if d.parent.parent.name == "clean" else "bench value"}
         rows += [{**base, **r} for r in score_run(vals, df.label.to_numpy(), noisy, LEARNED.get(m))]

@@ -49,6 +49,7 @@ class ValueDataset:
     group: np.ndarray | None = None  # text-pair tables: int64 target-sentence id per row (load_text_pairs)
     text: dict | None = None  # a tokenized text column: the tokenizer's describe(), text_col, max_len (run.json)
     where: str | None = None  # how messages name a table that is not a file ("dev table (argument `dev`)")
+    weight: np.ndarray | None = None  # fixed float64 per-row loss weights, mean 1 (load_table's weight_col)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -71,6 +72,7 @@ class ValueDataset:
             ids=self.ids, x=self.x, y=self.y, classes=self.classes, source=self.source,
             image_shape=self.image_shape, feature_cols=self.feature_cols, name=self.name,
             path=self.path, file_sha256=self.file_sha256, group=self.group, text=self.text, where=self.where,
+            weight=self.weight,
         )
 
     def fingerprint(self) -> str:
@@ -87,6 +89,8 @@ class ValueDataset:
             h.update("\x00".join(self.source.tolist()).encode())
         if self.group is not None:
             h.update(np.asarray(self.group, dtype=np.int64).tobytes())
+        if self.weight is not None:
+            h.update(b"weight" + np.asarray(self.weight, dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
@@ -297,9 +301,14 @@ def load_table(
     text_col: str = "text",
     max_len: int = 256,
     where: str | None = None,
+    weight_col: str | None = None,
 ) -> ValueDataset:
     """Load a table and validate it once; `like` aligns a dev/test table to the training table. Messages name the
     file, or for a DataFrame `where` (the argument it came in, e.g. "dev table (argument `dev`)").
+
+    `weight_col` names a column of fixed per-row loss weights (finite, >= 0, not all 0; e.g. the `weight` column
+    `valuekit score` writes): it is no feature, and it is rescaled to mean 1 (`ValueDataset.weight`) so that the
+    weights change which rows count, not the step size.
 
     An image column (encoded PNG/JPEG bytes, the Hugging Face `{bytes, path}` struct, or paths relative
     to the table's folder) is decoded with PIL into (C, H, W) images scaled to [0, 1]: grey images give
@@ -322,8 +331,8 @@ def load_table(
     where = _where(path, name, where)
     if len(df) == 0:
         raise InputError(f"{where}: table is empty")
-    for col, opt in ((id_col, "--id-col"), (label_col, "--label-col")):
-        if col not in df.columns:
+    for col, opt in ((id_col, "--id-col"), (label_col, "--label-col"), (weight_col, "--weight-col")):
+        if col is not None and col not in df.columns:
             raise InputError(
                 f"{where}: missing column {col!r} (choose another with {opt}; columns: {list(df.columns)[:12]})"
             )
@@ -340,7 +349,8 @@ def load_table(
     # a text classification table (with a tokenizer): the text column becomes token-id lists
     df, text = _tokenize_text(df, tokenizer, text_col, max_len=max_len, like=like, where=where, ids=ids_np)
     feature_cols = feature_cols or ([text_col] if text else None)
-    reserved = {id_col, label_col, source_col, *EVAL_COLUMNS}
+    reserved = {id_col, label_col, source_col, *EVAL_COLUMNS, *([weight_col] if weight_col else [])}
+    weight = None if weight_col is None else _weights(df[weight_col], where, weight_col, ids_np)
     if like is not None and feature_cols is None:
         feature_cols = like.feature_cols
     base = Path(path).parent if path else Path.cwd()
@@ -382,8 +392,21 @@ def load_table(
     return ValueDataset(
         ids=ids_np, x=x, y=torch.from_numpy(y), classes=classes, source=src,
         is_noisy=is_noisy, clean_label=clean, image_shape=shape, feature_cols=feature_cols, name=name,
-        path=path, file_sha256=_file_sha256(Path(path)) if path else None, text=text, where=where,
+        path=path, file_sha256=_file_sha256(Path(path)) if path else None, text=text, where=where, weight=weight,
     )
+
+
+def _weights(col: pd.Series, where: str, name: str, ids: np.ndarray) -> np.ndarray:
+    """A weight column as float64 rescaled to mean 1; InputError naming the first bad row."""
+    w = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(w) | (w < 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{where}: column {name!r} at id {_show(ids[row])}: {col.iloc[row]} is not a finite "
+                         "weight >= 0")
+    if not w.sum() > 0:
+        raise InputError(f"{where}: column {name!r}: every weight is 0")
+    return w / w.mean()
 
 
 def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, like, where: str,

@@ -89,6 +89,9 @@ class TrainContext:
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
     group: torch.Tensor | None = None  # text-pair tables: target-sentence id per training row (CPU int64)
+    # fixed per-row loss weights, mean 1, on the device (a table loaded with weight_col); only for methods that
+    # declare Method.row_weights (MethodSpec.build refuses the others)
+    row_weight: torch.Tensor | None = None
     rank: int = 0  # this process's rank under torchrun (0 for one process)
     world_size: int = 1  # processes taking part; each step's global batch is batch_size x world_size rows
     # a user's model: (num_classes, input_shape) -> nn.Module (valuekit.models.user.resolve_factory)

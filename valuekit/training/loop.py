@@ -98,6 +98,7 @@ def build_context(view: ValueDataset, dev_data: ValueDataset, config: TrainConfi
         classes=view.classes, dev_x=dev_x, dev_y=dev_y, source=source, sources=view.sources, dev_source=dev_source,
         image_shape=view.image_shape, mean=mean.to(device), std=std.to(device),
         group=None if view.group is None else torch.as_tensor(view.group, dtype=torch.int64),
+        row_weight=None if view.weight is None else torch.as_tensor(view.weight, dtype=torch.float32, device=device),
         rank=rank, world_size=world_size, model_factory=model_factory, scaler=grad_scaler(device, config.precision),
         dev_order=dev_order,
         signals=SignalAccumulator(len(y), device=device, gather=lambda t: dist_.gather(t, world_size=world_size)),

@@ -15,8 +15,10 @@ imports the module, which registers its names.
 Optional capabilities are declared on the class with defaults, never probed: `sampler` (a `Sampler` the method
 draws its batches from; None: shuffled passes), `evaluate(x, y)` (dev/test loss and metric; default: mean
 cross-entropy and accuracy of `self.model`), `source_table()` (multi-source methods: one row per source),
-`distributed` (every reduction goes through the context's kit, so the method runs under torchrun) and `fp16`
-(the model step goes through the context's gradient scaler).
+`distributed` (every reduction goes through the context's kit, so the method runs under torchrun), `fp16`
+(the model step goes through the context's gradient scaler) and `row_weights` (the method multiplies each row's
+training loss by the table's fixed weight, `TrainContext.row_weight`; a weighted table is refused for the others,
+whose own weighting would silently override it).
 
 `values()` returns a `MethodValues`: the method's own per-row columns, and either the learned quantity that the
 loop's common `value` falls back to (`learned`) or the method's own `value` where the method defines what value
@@ -73,6 +75,7 @@ class Method(ABC):
     config_class: ClassVar[type]  # set by `register`
     distributed: ClassVar[bool] = False  # every reduction uses the ctx kit: runs under torchrun
     fp16: ClassVar[bool] = False  # the model step goes through ctx.scale / ctx.optimizer_step
+    row_weights: ClassVar[bool] = False  # honours the table's fixed per-row loss weights (ctx.row_weight)
     sampler: Sampler | None = None  # set in __init__ to draw batches another way than shuffled passes
     model: torch.nn.Module
     ctx: TrainContext
@@ -128,6 +131,10 @@ class MethodSpec:
         """(method, sampler): the method's own `sampler` when it sets one, else shuffled passes."""
         from valuekit.training.samplers import default_sampler
 
+        if ctx.row_weight is not None and not self.cls.row_weights:
+            takes = ", ".join(sorted(n for n, s in REGISTRY.items() if s.cls.row_weights))
+            raise InputError(f"method {self.name!r} learns its own weights and takes no fixed per-row weights "
+                             f"(weight_col); methods that do: {takes}")
         method = self.cls(ctx, cfg)
         return method, method.sampler or default_sampler(ctx)
 
