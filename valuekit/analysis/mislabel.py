@@ -442,9 +442,9 @@ def _check_out(out, runs, data, overwrite: bool) -> Path:
             tables.append(table_path(run))
         except InputError:  # trained from a DataFrame: no table file to protect
             pass
-    where = dict(option="-o", inputs=tables, runs=[r.path for r in runs])
-    path = check_output(out, suffixes=AUDIT_SUFFIXES, **where, overwrite=overwrite)
-    check_output(summary_path(out), **where)
+    run_paths = [r.path for r in runs]
+    path = check_output(out, option="-o", inputs=tables, runs=run_paths, suffixes=AUDIT_SUFFIXES, overwrite=overwrite)
+    check_output(summary_path(out), option="-o", inputs=tables, runs=run_paths)
     refuse_existing(summary_path(out), overwrite=overwrite, of=str(out))
     return path
 
@@ -466,7 +466,12 @@ def write_audit(frame: pd.DataFrame, out) -> dict:
         write_atomic(out, lambda p: table.to_csv(p, index=False))
     else:
         write_atomic(out, lambda p: table.to_parquet(p, index=False))
-    write_atomic(summary_path(out), lambda p: p.write_text(json.dumps(summary, indent=2)))
+    text = json.dumps(summary, indent=2)
+
+    def write_summary(tmp: Path) -> None:
+        tmp.write_text(text)
+
+    write_atomic(summary_path(out), write_summary)
     return summary
 
 
