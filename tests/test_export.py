@@ -262,9 +262,10 @@ def test_rank_by_another_values_column_ranks_and_selects_by_it(tmp_path):
     for _, part in by_class.groupby("label"):
         kept, dropped = reward[part.index[part.selected]], reward[part.index[~part.selected]]
         assert np.nanmin(kept) >= np.nanmax(dropped) or np.isnan(dropped).all()
-    with pytest.raises(InputError, match=r"--rank-by nope: .*values.parquet has no such column \(numeric columns: "
-                                         r"value, value_std, weight, mean_reward\)"):
+    with pytest.raises(InputError, match=r"^rank_by='nope': .*values.parquet has no such column \(numeric columns: "
+                                         r"value, value_std, weight, mean_reward\)") as info:
         valuekit.score(t, run, keep_fraction=0.5, rank_by="nope")
+    assert info.value.cli.startswith("--rank-by nope: ")  # what the CLI prints
 
 
 def test_option_errors(scored, tmp_path):
@@ -297,8 +298,9 @@ def test_defaults_keep_every_row_quietly(scored, tmp_path, capsys):
         and pq.read_table(tmp_path / "all.parquet").num_rows == N
     )
     assert capsys.readouterr().err == ""
-    with pytest.raises(InputError, match=r"^--batch-rows 0: must be an integer >= 1$"):
+    with pytest.raises(InputError, match=r"^batch_rows=0: must be an integer >= 1$") as info:
         export.score(scored["path"], scored["run"], batch_rows=0)
+    assert info.value.cli == "--batch-rows 0: must be an integer >= 1"
 
 
 def test_progress_bar_only_when_asked(scored, tmp_path, monkeypatch):

@@ -259,7 +259,10 @@ def flip_labels(y: np.ndarray, rate: float, kind: str, num_classes: int, rng: np
     elif kind == "pair":
         flipped[chosen] = (y[chosen] + 1) % num_classes
     else:
-        raise InputError(f"--noise-kind {kind!r}: use {', '.join(NOISE_KINDS)}")
+        raise InputError(
+            f"noise_kind={kind!r}: use {', '.join(NOISE_KINDS)}",
+            cli=f"--noise-kind {kind!r}: use {', '.join(NOISE_KINDS)}",
+        )
     return flipped
 
 
@@ -282,17 +285,29 @@ def _check_options(name: str, *, noise: float, noise_kind: str, imbalance: float
     if name not in DATASETS:
         raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (valuekit data list)")
     if not 0.0 <= noise < 1.0:
-        raise InputError(f"--noise {noise}: must be in [0, 1)")
+        raise InputError(f"noise={noise}: must be in [0, 1)", cli=f"--noise {noise}: must be in [0, 1)")
     if noise_kind not in NOISE_KINDS:
-        raise InputError(f"--noise-kind {noise_kind!r}: use {', '.join(NOISE_KINDS)}")
+        raise InputError(
+            f"noise_kind={noise_kind!r}: use {', '.join(NOISE_KINDS)}",
+            cli=f"--noise-kind {noise_kind!r}: use {', '.join(NOISE_KINDS)}",
+        )
     if not (math.isfinite(imbalance) and imbalance >= 1.0):
-        raise InputError(f"--imbalance {imbalance}: must be a finite number >= 1 (ratio of largest to smallest class)")
+        raise InputError(
+            f"imbalance={imbalance}: must be a finite number >= 1 (ratio of largest to smallest class)",
+            cli=f"--imbalance {imbalance}: must be a finite number >= 1 (ratio of largest to smallest class)",
+        )
     if not 0.0 < test_fraction < 1.0:
-        raise InputError(f"--test-fraction {test_fraction}: must be in (0, 1)")
+        raise InputError(
+            f"test_fraction={test_fraction}: must be in (0, 1)",
+            cli=f"--test-fraction {test_fraction}: must be in (0, 1)",
+        )
     if image_format not in IMAGE_FORMATS:
-        raise InputError(f"--format {image_format!r}: use one of {', '.join(IMAGE_FORMATS)}")
+        raise InputError(
+            f"image_format={image_format!r}: use one of {', '.join(IMAGE_FORMATS)}",
+            cli=f"--format {image_format!r}: use one of {', '.join(IMAGE_FORMATS)}",
+        )
     if max_train is not None and max_train < 1:
-        raise InputError(f"--max-train {max_train}: must be >= 1")
+        raise InputError(f"max_train={max_train}: must be >= 1", cli=f"--max-train {max_train}: must be >= 1")
 
 
 def prepare(
@@ -339,7 +354,10 @@ def prepare(
     for c in range(num_classes):
         rows = rest[y[rest] == c]
         if len(rows) <= per_class:
-            raise InputError(f"--dev-size {dev_size}: class {class_names[c]!r} has only {len(rows)} rows left")
+            raise InputError(
+                f"dev_size={dev_size}: class {class_names[c]!r} has only {len(rows)} rows left",
+                cli=f"--dev-size {dev_size}: class {class_names[c]!r} has only {len(rows)} rows left",
+            )
         dev_idx.append(rows[:per_class])
     dev_idx = np.concatenate(dev_idx)
     train_idx = np.setdiff1d(rest, dev_idx)

@@ -131,7 +131,8 @@ def check_rank_by(run, rank_by: str) -> None:
                and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))]
     if rank_by not in numeric:
         what = "is not numeric" if rank_by in schema.names else "has no such column"
-        raise InputError(f"--rank-by {rank_by}: {path} {what} (numeric columns: {', '.join(numeric)})")
+        tail = f"{path} {what} (numeric columns: {', '.join(numeric)})"
+        raise InputError(f"rank_by={rank_by!r}: {tail}", cli=f"--rank-by {rank_by}: {tail}")
 
 
 def missing_in_column(run_dir, column: str) -> tuple[int, int]:
@@ -481,7 +482,8 @@ def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, r
              overwrite: bool = False):
     selection.check()
     if not (isinstance(batch_rows, int) and batch_rows >= 1):
-        raise InputError(f"--batch-rows {batch_rows}: must be an integer >= 1")
+        raise InputError(f"batch_rows={batch_rows!r}: must be an integer >= 1",
+                         cli=f"--batch-rows {batch_rows}: must be an integer >= 1")
     run = open_run(run_dir)
     check_rank_by(run, rank_by)
     csv_out = out is not None and Path(out).suffix.lower() == ".csv"
