@@ -257,6 +257,9 @@ def test_a_folder_whose_lock_a_live_process_holds_is_in_use_not_a_foreign_folder
      "--precision fp16: method 'dds' does not use the gradient scaler fp16 needs; use --precision bf16"),
     ({"resume": True, "lr": 0.5}, ["--resume", "--lr", "0.5"], "resume=True with different config (lr: ",
      "--resume with different config (lr: "),
+    ({"model": "nosuchmodule_xyz:f"}, ["--model", "nosuchmodule_xyz:f"],
+     "model='nosuchmodule_xyz:f': cannot import module 'nosuchmodule_xyz'",
+     "--model nosuchmodule_xyz:f: cannot import module 'nosuchmodule_xyz'"),
 ])
 def test_library_messages_name_arguments_and_the_cli_names_flags(fresh, kw, argv, api, flag):  # noqa: F811
     root, p = fresh

@@ -7,10 +7,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from valuekit.errors import InputError
 from valuekit.models.builtin import MODELS, check_token_range
 from valuekit.ops.modes import eval_mode
 
 EXTRAS = {"torchvision": "vision", "timm": "timm"}  # model prefix -> pip extra that installs it
+
+
+def _model_error(spec, message: str) -> InputError:
+    """A refusal of the `model` argument: the library names the argument, the CLI the flag."""
+    return InputError(f"model={str(spec)!r}: {message}", cli=f"--model {spec}: {message}")
 
 
 def is_builtin(spec) -> bool:
@@ -31,18 +37,17 @@ def describe_model(spec) -> str:
 
 def check_model_spec(spec) -> None:
     """Validate the form of a model spec without importing anything (InputError otherwise)."""
-    from valuekit.errors import InputError
 
     if isinstance(spec, nn.Module) or (callable(spec) and not isinstance(spec, str)):
         return
     if not isinstance(spec, str) or not spec:
-        raise InputError(f"--model {spec!r}: give a built-in name ({', '.join(MODELS)}, causal-lm), hf-config:DIR, "
+        raise _model_error(spec, f"give a built-in name ({', '.join(MODELS)}, causal-lm), hf-config:DIR, "
                          f"hf:DIR, package.module:factory, torchvision:NAME or timm:NAME")
     if is_builtin(spec):
         return
     head, sep, tail = spec.partition(":")
     if not sep or not head or not tail:
-        raise InputError(f"--model {spec!r}: not a built-in model ({', '.join(MODELS)}, causal-lm); a transformers "
+        raise _model_error(spec, f"not a built-in model ({', '.join(MODELS)}, causal-lm); a transformers "
                          f"causal LM is hf-config:DIR or hf:DIR, a model of your own package.module:factory (or "
                          f"torchvision:NAME, timm:NAME)")
 
@@ -52,30 +57,29 @@ def _import_factory(spec: str):
     import importlib
     import sys
 
-    from valuekit.errors import InputError
 
     modname, _, attr = spec.partition(":")
     if modname == "python":
-        raise InputError(f"--model {spec}: names a Python object given to valuekit.train(model=...); pass that "
-                         f"object again from Python (the command line takes package.module:factory)")
+        raise _model_error(spec, "names a Python object given to valuekit.train(model=...); pass that "
+                         "object again from Python (the command line takes package.module:factory)")
     if "" not in sys.path and "." not in sys.path:  # the console script's sys.path lacks the working directory
         sys.path.insert(0, "")
     try:
         module = importlib.import_module(modname)
     except ModuleNotFoundError as exc:
         if exc.name and modname.startswith(exc.name):
-            raise InputError(f"--model {spec}: cannot import module {modname!r} (not in the current directory or "
+            raise _model_error(spec, f"cannot import module {modname!r} (not in the current directory or "
                              f"on PYTHONPATH)") from None
-        raise InputError(f"--model {spec}: importing {modname!r} failed: {exc}") from None
+        raise _model_error(spec, f"importing {modname!r} failed: {exc}") from None
     except Exception as exc:
-        raise InputError(f"--model {spec}: importing {modname!r} failed: {type(exc).__name__}: {exc}") from None
+        raise _model_error(spec, f"importing {modname!r} failed: {type(exc).__name__}: {exc}") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise InputError(f"--model {spec}: module {modname!r} has no attribute {attr!r}")
+            raise _model_error(spec, f"module {modname!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise InputError(f"--model {spec}: {attr!r} is not callable (expected factory(num_classes=, input_shape=))")
+        raise _model_error(spec, f"{attr!r} is not callable (expected factory(num_classes=, input_shape=))")
     return obj
 
 
@@ -100,7 +104,6 @@ def _hub_model(spec: str, num_classes: int, input_shape) -> nn.Module:
     """torchvision:NAME / timm:NAME with random weights (nothing is downloaded)."""
     import importlib
 
-    from valuekit.errors import InputError
 
     hub, _, name = spec.partition(":")
     try:
@@ -109,8 +112,8 @@ def _hub_model(spec: str, num_classes: int, input_shape) -> nn.Module:
         why = (
             "is not installed" if isinstance(exc, ModuleNotFoundError) else f"cannot be imported ({type(exc).__name__})"
         )
-        raise InputError(
-            f"--model {spec}: {hub} {why}; install the extra: pip install 'valuekit[{EXTRAS[hub]}]'"
+        raise _model_error(
+            spec, f"{hub} {why}; install the extra: pip install 'valuekit[{EXTRAS[hub]}]'"
         ) from None
     chans = input_shape[0] if len(input_shape) == 3 else 1
     try:
@@ -119,7 +122,7 @@ def _hub_model(spec: str, num_classes: int, input_shape) -> nn.Module:
         else:
             net = lib.create_model(name, pretrained=False, num_classes=num_classes, in_chans=chans)
     except Exception as exc:
-        raise InputError(f"--model {spec}: {hub} cannot build {name!r}: {type(exc).__name__}: {exc}") from None
+        raise _model_error(spec, f"{hub} cannot build {name!r}: {type(exc).__name__}: {exc}") from None
     repeat = 1
     if hub == "torchvision" and chans == 1:  # torchvision classifiers take 3 channels
         first = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
@@ -152,8 +155,6 @@ def build_user_model(spec, *, num_classes: int, input_shape, generator: torch.Ge
     `torch.random.fork_rng`, so runs are reproducible and the global RNG is left as it was.
     Raises InputError naming the factory when it raises or returns something other than an nn.Module.
     """
-    from valuekit.errors import InputError
-
     name = describe_model(spec)
     factory = factory or resolve_factory(spec)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator)) if generator is not None else 0
@@ -164,9 +165,9 @@ def build_user_model(spec, *, num_classes: int, input_shape, generator: torch.Ge
         except InputError:
             raise
         except Exception as exc:
-            raise InputError(f"--model {name}: the factory raised {type(exc).__name__}: {exc}") from None
+            raise _model_error(name, f"the factory raised {type(exc).__name__}: {exc}") from None
     if not isinstance(net, nn.Module):
-        raise InputError(f"--model {name}: the factory returned {type(net).__name__}, not a torch.nn.Module")
+        raise _model_error(name, f"the factory returned {type(net).__name__}, not a torch.nn.Module")
     if isinstance(net, ShapedInput):
         return net
     return ShapedInput(net, input_shape)
@@ -177,10 +178,9 @@ def check_output(model: nn.Module, x: torch.Tensor, num_classes: int, name: str,
     floating and finite, and the model must have trainable parameters. An nn.Embedding that takes the rows
     themselves as ids (token-id tables) is found on that forward, and every table in `tables` is checked against its
     size before training (an id out of range would otherwise be an IndexError at the first step)."""
-    from valuekit.errors import InputError
 
     if not any(p.requires_grad for p in model.parameters()):
-        raise InputError(f"--model {name}: has no trainable parameters (nothing for the optimizer to train)")
+        raise _model_error(name, "has no trainable parameters (nothing for the optimizer to train)")
     state = {k: b.clone() for k, b in model.named_buffers()}
     seen: list[tuple[nn.Embedding, torch.Tensor]] = []
     hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((mod, args[0])) if args else None)
@@ -206,15 +206,15 @@ def check_output(model: nn.Module, x: torch.Tensor, num_classes: int, name: str,
             break
     if failure is not None:
         text = str(failure).strip()
-        raise InputError(f"--model {name}: forward on rows of shape {tuple(x.shape[1:])} failed: "
+        raise _model_error(name, f"forward on rows of shape {tuple(x.shape[1:])} failed: "
                          f"{type(failure).__name__}: {text.splitlines()[0] if text else ''}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(f"--model {name}: output has shape {got} for {x.shape[0]} rows; expected "
+        raise _model_error(name, f"output has shape {got} for {x.shape[0]} rows; expected "
                          f"({x.shape[0]}, {num_classes}) (one logit per class)")
     if not out.is_floating_point():
-        raise InputError(f"--model {name}: output has dtype {str(out.dtype).removeprefix('torch.')}; expected "
+        raise _model_error(name, f"output has dtype {str(out.dtype).removeprefix('torch.')}; expected "
                          f"floating-point logits")
     if not torch.isfinite(out).all():
-        raise InputError(f"--model {name}: output holds NaN or inf on the first {x.shape[0]} rows (logits must be "
+        raise _model_error(name, f"output holds NaN or inf on the first {x.shape[0]} rows (logits must be "
                          f"finite)")
