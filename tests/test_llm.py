@@ -167,8 +167,9 @@ def test_prepare_instructions_swap_gives_junk_rows_another_messages_english(tmp_
     assert junk.response.isin(set(frame.response)).all()  # fluent English from the catalogs
     assert (junk.response != junk.prompt.map(truth)).all()  # ... that does not translate the prompt
     assert (rand[rand.is_noisy].response != junk.response).all()
-    with pytest.raises(InputError, match="--junk-kind"):
+    with pytest.raises(InputError, match=r"^junk_kind='shuffle': use random or swap$") as info:
         prepare_instructions(tmp_path / "bad", junk_kind="shuffle", **kw)
+    assert info.value.cli == "--junk-kind 'shuffle': use random or swap"  # what the CLI prints
 
 
 def test_prepare_instructions_cli(tmp_path, capsys):

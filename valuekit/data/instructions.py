@@ -178,19 +178,24 @@ def prepare_instructions(
     """
     tasks = tuple(tasks)
     if not tasks:
-        raise InputError("--tasks: give at least one language")
+        raise InputError("tasks=(): give at least one language", cli="--tasks: give at least one language")
     if junk_task in tasks:
-        raise InputError(f"--junk-task {junk_task}: is also a real task; choose another language")
+        raise InputError(f"junk_task={junk_task!r}: is also a real task; choose another language",
+                         cli=f"--junk-task {junk_task}: is also a real task; choose another language")
     if not 0 <= noise < 1:
-        raise InputError(f"--noise {noise}: must be in [0, 1)")
+        raise InputError(f"noise={noise}: must be in [0, 1)", cli=f"--noise {noise}: must be in [0, 1)")
     if dev_size < 1 or test_size < 1:
-        raise InputError(f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
+        raise InputError(f"dev_size={dev_size} / test_size={test_size}: must be >= 1",
+                         cli=f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
     if max_per_task is not None and max_per_task < 1:
-        raise InputError(f"--max-per-task {max_per_task}: must be >= 1")
+        raise InputError(
+            f"max_per_task={max_per_task}: must be >= 1", cli=f"--max-per-task {max_per_task}: must be >= 1"
+        )
     if fmt not in ("parquet", "jsonl", "csv"):
-        raise InputError(f"--format {fmt!r}: use parquet, jsonl or csv")
+        raise InputError(f"fmt={fmt!r}: use parquet, jsonl or csv", cli=f"--format {fmt!r}: use parquet, jsonl or csv")
     if junk_kind not in JUNK_KINDS:
-        raise InputError(f"--junk-kind {junk_kind!r}: use " + " or ".join(JUNK_KINDS))
+        kinds = " or ".join(JUNK_KINDS)
+        raise InputError(f"junk_kind={junk_kind!r}: use {kinds}", cli=f"--junk-kind {junk_kind!r}: use {kinds}")
     frame = build_instructions(tasks=tasks, junk_task=junk_task, max_chars=max_chars)
     rng = np.random.default_rng(seed)
     real = frame[frame.lang.isin(tasks)]
@@ -335,7 +340,7 @@ def load_instructions(
         if col not in columns:
             raise InputError(f"{where}: missing column {col!r} (columns: {columns[:12]})")
     if max_len < 2:
-        raise InputError(f"--max-len {max_len}: must be >= 2")
+        raise InputError(f"max_len={max_len}: must be >= 2", cli=f"--max-len {max_len}: must be >= 2")
     small = list(dict.fromkeys(c for c in (id_col, source_col, "is_noisy") if c in columns))
     meta = pf.read(columns=small).to_pandas() if pf is not None else df[small]
     ids_np = _ids(meta[id_col], where, id_col)
