@@ -438,8 +438,9 @@ def _assert_same_meta_gradient(f: dict, a: dict, variant: str, *, rtol: float, a
 
 
 def test_meta_grad_option_validation():
-    with pytest.raises(InputError, match="meta_grad=fused needs unroll 1"):
+    with pytest.raises(InputError, match="^meta_grad=fused needs unroll 1") as info:  # the argument, no flag
         Config(meta_grad="fused", unroll=2).validate()
+    assert info.value.cli.startswith("--set meta_grad=fused needs unroll 1")  # the CLI's form
     with pytest.raises(InputError, match="meta_grad"):
         Config(meta_grad="x").validate()
     assert tiny_trainer(Config(unroll=2)).dots_by is None  # auto: second order for unroll > 1

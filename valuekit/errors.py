@@ -36,6 +36,12 @@ class TrainingFailed(ValueKitError):
     """An error during training (a model's forward that raises, a write that fails); run.json says failed."""
 
 
+def setting_error(message: str) -> InputError:
+    """A refused method or loop setting. `message` speaks of `name=value`, as `valuekit.train(name=value)` takes
+    it; the CLI prints it after `--set`, the flag that passes settings."""
+    return InputError(message, cli=f"--set {message}")
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (its type name when it has none)."""
     for line in str(exc).splitlines():

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from valuekit.config import setting
-from valuekit.errors import InputError
+from valuekit.errors import InputError, setting_error
 from valuekit.methods.scorers import LabelMLP, label_mlp, token_bag_scorer
 from valuekit.models.features import has_batchnorm, last_linear
 from valuekit.models.lm import without_checkpointing
@@ -116,9 +116,9 @@ class Config:
         check_fields(self)
         if self.init_scorer:
             if not (Path(self.init_scorer) / CHECKPOINT).exists():
-                raise InputError(f"--set init_scorer={self.init_scorer}: no {CHECKPOINT} in that run directory")
+                raise setting_error(f"init_scorer={self.init_scorer}: no {CHECKPOINT} in that run directory")
             if self.prior != "none":
-                raise InputError("--set init_scorer and --set prior: use one of them (both initialise the scorer)")
+                raise setting_error("init_scorer and prior: use one of them (both initialise the scorer)")
 
 # ---------------------------------------------------------------- scorers
 
@@ -143,7 +143,7 @@ def build_scorer(ctx: TrainContext, cfg: Config) -> nn.Module:
 
     if is_lm(ctx.config.model):  # instruction rows: token ids in, no class label to read out
         if cfg.scorer == "same":
-            raise InputError("--set scorer=same: not for causal-LM instruction tables (the model predicts tokens, "
+            raise setting_error("scorer=same: not for causal-LM instruction tables (the model predicts tokens, "
                              "not a score); use the default scorer (a token-bag MLP)")
         return token_bag_scorer(ctx.num_classes, cfg.scorer_hidden, generator=ctx.generator, device=ctx.device)
     if cfg.scorer == "same":
@@ -202,7 +202,7 @@ class Trainer(Method):
         state = load_checkpoint(run_dir)
         scorer_state = state.get("trainer", {}).get("scorer") if isinstance(state, dict) else None
         if scorer_state is None:
-            raise InputError(f"--set init_scorer={run_dir}: {path} holds no DDS scorer (was it a dds run?)")
+            raise setting_error(f"init_scorer={run_dir}: {path} holds no DDS scorer (was it a dds run?)")
         try:
             self.scorer.load_state_dict(scorer_state)
         except RuntimeError as exc:

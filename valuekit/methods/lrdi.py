@@ -68,7 +68,7 @@ from torch import nn
 from torch.func import functional_call
 
 from valuekit.config import setting
-from valuekit.errors import InputError
+from valuekit.errors import setting_error
 from valuekit.models.features import feature_dim, feature_module, features_and_logits, has_batchnorm
 from valuekit.ops.gradients import LayerTape, per_example_dots, second_order
 from valuekit.ops.losses import per_example_loss
@@ -142,15 +142,15 @@ class Config:
         chosen = self._chosen()
         bad = [s for s in chosen if s not in TEACHER_INPUTS]
         if bad or not chosen or len(set(chosen)) != len(chosen):
-            raise InputError(f"--set teacher_inputs={self.teacher_inputs}: choose one or more (no repeats) of "
+            raise setting_error(f"teacher_inputs={self.teacher_inputs}: choose one or more (no repeats) of "
                              f"{','.join(TEACHER_INPUTS)}")
         if self.variant == "mwnet" and chosen not in (TEACHER_INPUTS, ("loss",)):
-            raise InputError(f"--set teacher_inputs={self.teacher_inputs}: mwnet's teacher reads the loss only; "
+            raise setting_error(f"teacher_inputs={self.teacher_inputs}: mwnet's teacher reads the loss only; "
                              f"use variant=lrdi to choose inputs")
         if self.meta_grad == "fused" and self.unroll != 1:
-            raise InputError(f"--set meta_grad=fused needs unroll 1 (got {self.unroll}); use meta_grad=autograd")
+            raise setting_error(f"meta_grad=fused needs unroll 1 (got {self.unroll}); use meta_grad=autograd")
         if self.variant == "l2rw" and self.meta_every != 1:
-            raise InputError(f"--set meta_every={self.meta_every}: l2rw needs its meta-gradient every step; use 1")
+            raise setting_error(f"meta_every={self.meta_every}: l2rw needs its meta-gradient every step; use 1")
 
     def _chosen(self) -> tuple[str, ...]:
         return tuple(s.strip() for s in self.teacher_inputs.split(",") if s.strip())

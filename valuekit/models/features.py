@@ -25,18 +25,20 @@ def has_batchnorm(model) -> bool:
 def feature_module(model: nn.Module, layer: str = "") -> nn.Module:
     """The module whose *input* is the model's feature vector: `layer` by name (from named_modules; a
     name without the `net.` prefix of a wrapped user model is accepted), or the last nn.Linear."""
-    from valuekit.errors import InputError
+    from valuekit.errors import InputError, setting_error
 
     if not layer:
         try:
             return last_linear(model)[1]
         except ValueError as exc:
-            raise InputError(f"{exc} (--set feature_layer=NAME)") from None
+            raise InputError(
+                f"{exc} (choose one with feature_layer=NAME)", cli=f"{exc} (--set feature_layer=NAME)"
+            ) from None
     mods = dict(model.named_modules())
     for cand in (layer, f"net.{layer}"):
         if cand in mods:
             return mods[cand]
-    raise InputError(f"--set feature_layer={layer}: no such layer; layers: {', '.join(n for n in mods if n)[:300]}")
+    raise setting_error(f"feature_layer={layer}: no such layer; layers: {', '.join(n for n in mods if n)[:300]}")
 
 
 def features_and_logits(model: nn.Module, x: torch.Tensor, layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
