@@ -109,7 +109,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except TrainingDiverged as exc:
-        print(f"valuekit: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"valuekit: error: {_one_line(exc.cli or exc)}", file=sys.stderr)
         return 3
     except ValueKitError as exc:
         print(f"valuekit: error: {_one_line(exc.cli or _as_flags(str(exc)))}", file=sys.stderr)

@@ -144,8 +144,9 @@ def test_flag_fraction(tmp_path):
     f = m.audit(make_run(tmp_path, "a", clear_values()), flag_fraction=0.2, predict=False)
     assert f["is_label_issue"].sum() == round(0.2 * N)
     assert f["is_label_issue"].to_numpy()[: round(0.2 * N)].all()  # the lowest-ranked rows
-    with pytest.raises(InputError, match="flag-fraction"):
+    with pytest.raises(InputError, match=r"^flag_fraction=1.5: must be between 0 and 1$") as info:
         m.audit(make_run(tmp_path, "b", clear_values()), flag_fraction=1.5)
+    assert info.value.cli == "--flag-fraction 1.5: must be between 0 and 1"
 
 
 # ---------------------------------------------------------------- splits and metrics

@@ -102,7 +102,7 @@ def _bad_cases(tmp_path, tables):
         (base(good) + ["--set", "nope=1"], "--set nope: unknown setting"),
         (base(good) + ["--set", "eval_every=x"], "expected int"),
         (base(good) + ["--method", "nope"], "unknown method 'nope'"),
-        (base(good) + ["--model", "transformer"], "--model 'transformer'"),
+        (base(good) + ["--model", "transformer"], "--model transformer: not a built-in model"),
         (base(good) + ["--device", "tpu"], "--device 'tpu'"),
         (base(good) + ["--model", "cnn"], "--model cnn needs image-shaped features"),
         (["score", good, "--run", str(tmp_path / "nowhere"), "-o", str(tmp_path / "o.parquet")], "not a valuekit run"),

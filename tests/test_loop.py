@@ -147,6 +147,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_log(tables, tmp_path):
     with pytest.raises(TrainingDiverged, match=r"step \d+: training loss became NaN/inf") as err:
         run_training(tr, dev, out=tmp_path / "run", config=_cfg(steps=200, optimizer="sgd", lr=1e30, momentum=0.0))
     step = int(str(err.value).split(":")[0].split()[1])
+    assert str(err.value).endswith("(try a smaller lr)") and err.value.cli.endswith("(try a smaller --lr)")
     run = read_run(tmp_path / "run")
     assert run.meta["status"] == "failed" and run.meta["steps_done"] == step
     assert run.steps().num_rows == step * 16  # every step up to the bad one is logged

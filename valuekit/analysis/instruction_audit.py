@@ -66,7 +66,8 @@ def instruction_audit(run_dirs, data=None, *, flag_fraction: float | None = None
     from valuekit.data.instructions import read_instructions
 
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
-        raise InputError(f"--flag-fraction {flag_fraction}: must be between 0 and 1")
+        raise InputError(f"flag_fraction={flag_fraction}: must be between 0 and 1",
+                         cli=f"--flag-fraction {flag_fraction}: must be between 0 and 1")
     runs = open_runs(run_dirs)
     names = run_columns(runs)
     df, path = read_instructions(data if data is not None else table_path(runs[0]), name="train")

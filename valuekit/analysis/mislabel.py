@@ -322,7 +322,8 @@ def audit(run_dirs, data=None, *, flag_fraction: float | None = None, baselines:
     training table and the runs' files never are replaced).
     """
     if flag_fraction is not None and not 0.0 <= flag_fraction <= 1.0:
-        raise InputError(f"--flag-fraction {flag_fraction}: must be between 0 and 1")
+        raise InputError(f"flag_fraction={flag_fraction}: must be between 0 and 1",
+                         cli=f"--flag-fraction {flag_fraction}: must be between 0 and 1")
     runs = open_runs(run_dirs)
     names = run_columns(runs)
     if out is not None:

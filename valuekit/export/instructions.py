@@ -32,11 +32,14 @@ def score_instructions(table, run_dir, *, id_col: str = "id", task_col: str = "t
 
     df, path = read_instructions(table, name="table")
     if keep_fraction is not None and not 0 < keep_fraction <= 1:
-        raise InputError(f"--keep-fraction {keep_fraction}: must be in (0, 1]")
+        raise InputError(f"keep_fraction={keep_fraction}: must be in (0, 1]",
+                         cli=f"--keep-fraction {keep_fraction}: must be in (0, 1]")
     if per_task and task_col not in df.columns:
-        raise InputError(f"{path or 'table'}: --per-task needs a {task_col!r} column (choose it with --source-col)")
+        where = path or "table (argument `table`)"
+        raise InputError(f"{where}: per_task=True needs a {task_col!r} column (choose it with task_col=)",
+                         cli=f"{where}: --per-task needs a {task_col!r} column (choose it with --source-col)")
     if per_task and keep_fraction is None:
-        raise InputError("--per-task needs --keep-fraction")
+        raise InputError("per_task=True needs keep_fraction=", cli="--per-task needs --keep-fraction")
     res = score(df, run_dir, id_col=id_col, keep_fraction=None if per_task else keep_fraction, rank_by=rank_by)
     if per_task:
         order = res.groupby(task_col)["rank"].rank(method="first")

@@ -506,8 +506,8 @@ class _Loop:
                 )
         if diverged:
             self.writer.close("failed", steps_done=step, error=f"non-finite {bad} at step {step}", finished_at=_now())
-            raise TrainingDiverged(f"step {step}: training {bad} became NaN/inf; stopped. Everything up to this step "
-                                   f"is in {self.out} (try a smaller --lr)")
+            said = f"step {step}: training {bad} became NaN/inf; stopped. Everything up to this step is in {self.out}"
+            raise TrainingDiverged(f"{said} (try a smaller lr)", cli=f"{said} (try a smaller --lr)")
         self.done = step  # the step is logged: hooks and interrupts from here on see a whole step
         for h in self.hooks:
             h.on_step_end(step, batch, rec, self.trainer)
