@@ -164,12 +164,16 @@ def prepare_multilingual(
     if related or unrelated:
         both = set(related) & set(unrelated)
         if both:
-            raise InputError(f"language {sorted(both)[0]!r} is in both --related and --unrelated")
+            lang = sorted(both)[0]
+            raise InputError(f"language {lang!r} is in both related and unrelated",
+                             cli=f"language {lang!r} is in both --related and --unrelated")
         if target in set(related) | set(unrelated):
-            raise InputError(f"--target {target} is also listed as a source; its own rows are always included")
+            said = "is also listed as a source; its own rows are always included"
+            raise InputError(f"target={target!r} {said}", cli=f"--target {target} {said}")
         sources = tuple(related) + tuple(unrelated)
     if dev_size < 1 or test_size < 1:
-        raise InputError(f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
+        raise InputError(f"dev_size={dev_size} / test_size={test_size}: must be >= 1",
+                         cli=f"--dev-size {dev_size} / --test-size {test_size}: must be >= 1")
     table = build_table(target=target, sources=sources, max_chars=max_chars)
     tgt_groups = np.sort(table.loc[table.source == target, "group"].unique())
     if len(tgt_groups) < dev_size + test_size + 10:

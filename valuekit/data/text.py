@@ -31,15 +31,16 @@ class HFTokenizer:
         try:
             from transformers import AutoTokenizer
         except ImportError:
-            raise InputError(f"--tokenizer {path}: needs the optional 'transformers' package "
-                             f"(pip install 'valuekit[llm]')") from None
+            said = "needs the optional 'transformers' package (pip install 'valuekit[llm]')"
+            raise InputError(f"tokenizer={str(path)!r}: {said}", cli=f"--tokenizer {path}: {said}") from None
         if not Path(path).is_dir():
-            raise InputError(f"--tokenizer {path}: not a directory")
+            raise InputError(f"tokenizer={str(path)!r}: not a directory", cli=f"--tokenizer {path}: not a directory")
         try:
             self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except Exception as exc:  # transformers raises OSError/ValueError/... for a broken folder
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise InputError(f"--tokenizer {path}: does not load as a tokenizer ({first[:200]})") from None
+            said = f"does not load as a tokenizer ({first[:200]})"
+            raise InputError(f"tokenizer={str(path)!r}: {said}", cli=f"--tokenizer {path}: {said}") from None
         self.path = str(path)
         self.bos_id, self.eos_id = self.tok.bos_token_id, self.tok.eos_token_id
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
