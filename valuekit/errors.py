@@ -36,6 +36,21 @@ class TrainingFailed(ValueKitError):
     """An error during training (a model's forward that raises, a write that fails); run.json says failed."""
 
 
+def refusal(cli_message: str) -> InputError:
+    """An InputError from a message written in the CLI's terms: the library's text names arguments instead of
+    flags (`--id-col NAME` -> `id_col=NAME`, `--image-size H,W` -> `image_size=H,W`)."""
+    import re
+
+    def argument(m) -> str:
+        name = m.group(1).replace("-", "_")
+        if m.group(2):  # a value follows: `--image-size H,W`
+            return f"{name}="
+        return f"{name}=True" if m.group(3) else f"{name}="  # a switch used as a subject: `--per-class needs`
+
+    pattern = r"--([a-z][a-z-]*)(?:( )(?=[A-Z\d'\"]|\(\d)|(?=( )[a-z]))?"
+    return InputError(re.sub(pattern, argument, cli_message), cli=cli_message)
+
+
 def setting_error(message: str) -> InputError:
     """A refused method or loop setting. `message` speaks of `name=value`, as `valuekit.train(name=value)` takes
     it; the CLI prints it after `--set`, the flag that passes settings."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from valuekit.data.rowviews import row_index, to_device
-from valuekit.errors import InputError
+from valuekit.errors import InputError, refusal
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 WIDE_GREY = ("I", "I;16", "F")
@@ -295,14 +295,14 @@ def read_image_column(values, kind: str, *, where: str, col: str, ids, base: Pat
             fail(i, name, exc)
         hw = arr.shape[1:]
         if expect_hw is not None and hw != tuple(expect_hw):
-            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
+            raise refusal(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
                              f"training table's are {expect_hw[1]}x{expect_hw[0]}; resize with --image-size H,W")
         if first is None:
             first = hw
             if not stream:
                 out = np.empty((n, channels * hw[0] * hw[1]), dtype=np.float32)
         elif hw != first:
-            raise InputError(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
+            raise refusal(f"{where}: column {col!r} at id {_show(ids[i])}: image is {hw[1]}x{hw[0]} (WxH), the "
                              f"first row's is {first[1]}x{first[0]}; resize with --image-size H,W")
         if out is not None:
             out[i] = arr.reshape(-1) / np.float32(255.0)

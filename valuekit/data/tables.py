@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from valuekit.data.memory import fix_mmap_threshold, shared_strings
-from valuekit.errors import InputError
+from valuekit.errors import InputError, refusal
 
 if TYPE_CHECKING:  # the tensors of a ValueDataset; torch itself is imported when a table is loaded
     import torch
@@ -241,7 +241,7 @@ def _ids(ids: pd.Series, where: str, id_col: str) -> np.ndarray:
     if ids_np.dtype == object:
         odd = next((i for i, v in enumerate(ids_np) if not isinstance(v, (str, bytes, int, float, np.generic))), None)
         if odd is not None:
-            raise InputError(f"{where}: column {id_col!r} holds {type(ids_np[odd]).__name__} values (row {odd}), "
+            raise refusal(f"{where}: column {id_col!r} holds {type(ids_np[odd]).__name__} values (row {odd}), "
                              f"not ids; give the id column with --id-col")
     ids_np = ids_np.astype(np.int64) if ids_np.dtype.kind in "iu" else ids.astype(str).to_numpy(dtype=object)
     if ids_np.dtype == object:  # an empty field of a text file is a missing id, not the id ''
@@ -265,7 +265,7 @@ def _labels(labels: pd.Series, where: str, label_col: str, ids_np: np.ndarray, l
     if labels.dtype == object:
         odd = next((i for i, v in enumerate(labels.to_numpy()) if isinstance(v, (list, tuple, dict, np.ndarray))), None)
         if odd is not None:
-            raise InputError(f"{where}: column {label_col!r} holds {type(labels.iloc[odd]).__name__} values (id "
+            raise refusal(f"{where}: column {label_col!r} holds {type(labels.iloc[odd]).__name__} values (id "
                              f"{_show(ids_np[odd])}), not labels; give the label column with --label-col")
     texts = label_text(labels)
     if like is None:
@@ -361,7 +361,7 @@ def load_table(
                    channels=want[0] if want else None, expect_hw=want[1:] if want and image_size is None else None)
         x, decoded_shape = _image_rows(df, path, stream, deferred=image_col in deferred, want=want, **how)
         if image_shape is not None and tuple(int(v) for v in image_shape) != decoded_shape:
-            raise InputError(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
+            raise refusal(f"{where}: --image-shape {tuple(image_shape)} differs from the decoded images' "
                              f"{decoded_shape} in column {image_col!r} (leave it out, or use --image-size H,W)")
         feature_cols, image_shape = [image_col], decoded_shape
     else:
@@ -423,7 +423,7 @@ def _tokenize_text(df: pd.DataFrame, tokenizer, text_col: str, *, max_len: int, 
     from valuekit.data.text import token_id_rows
 
     if text_col not in df.columns:
-        raise InputError(f"{where}: missing text column {text_col!r} for --tokenizer (choose it with --text-col; "
+        raise refusal(f"{where}: missing text column {text_col!r} for --tokenizer (choose it with --text-col; "
                          f"columns: {list(df.columns)[:12]})")
     width = like.x.shape[1] if like is not None else None
     rows = token_id_rows(df[text_col].to_numpy(dtype=object), tokenizer, max_len=max_len, width=width, where=where,
@@ -471,7 +471,7 @@ def feature_matrix(df, where, reserved, feature_cols, ids):
     list_cols = [c for c in candidates if df[c].dtype == object and _is_list_column(df[c])]
     if list_cols:
         if len(candidates) > 1:
-            raise InputError(
+            raise refusal(
                 f"{where}: list column {list_cols[0]!r} must be the only feature column "
                 f"(also found {[c for c in candidates if c != list_cols[0]][:5]}; choose with --feature-cols)"
             )
@@ -496,7 +496,7 @@ def feature_matrix(df, where, reserved, feature_cols, ids):
         kind = df[c].dtype.kind
         if kind not in "biuf":
             example = df[c].dropna().iloc[0] if df[c].notna().any() else None
-            raise InputError(
+            raise refusal(
                 f"{where}: column {c!r} is not numeric (e.g. {example!r}); declare features with --feature-cols "
                 f"or drop it" + ("; a text column: tokenize it with --tokenizer DIR (--text-col NAME)"
                                  if isinstance(example, str) else "")
@@ -541,7 +541,7 @@ def _image_column(df: pd.DataFrame, reserved, feature_cols, where: str = "table"
         return None
     if len(candidates) > 1:
         others = [c for c in candidates if c != found[0]][:5]
-        raise InputError(
+        raise refusal(
             f"{where}: image column {found[0]!r} must be the only feature column (also found {others}; choose "
             f"with --feature-cols)"
         )

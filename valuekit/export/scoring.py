@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from valuekit.errors import InputError, unreadable
+from valuekit.errors import InputError, refusal, unreadable
 from valuekit.export.tablestream import (
     PARQUET_SUFFIXES,
     _csv_unwritable,
@@ -229,14 +229,14 @@ def starved_classes(selected, labels, *, below: float = 0.5) -> pd.DataFrame:
 def _labels_of(source, label_col: str) -> np.ndarray:
     """The label column of the table being scored (for --per-class), as a numpy array; no nulls."""
     if label_col not in source.schema.names:
-        raise InputError(f"{source.where}: --per-class needs the label column {label_col!r} "
+        raise refusal(f"{source.where}: --per-class needs the label column {label_col!r} "
                          f"(choose it with --label-col; columns: {source.schema.names[:12]})")
     col = source.ids(label_col)
     if pa.types.is_dictionary(col.type):
         col = col.dictionary_decode()
     if col.null_count:
         row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputError(f"{source.where}: column {label_col!r} has a null label at row {row} (--per-class)")
+        raise refusal(f"{source.where}: column {label_col!r} has a null label at row {row} (--per-class)")
     return col.to_numpy(zero_copy_only=False)
 
 
@@ -492,7 +492,7 @@ def _prepare(table, run_dir, *, out, id_col, selection: Selection, batch_rows, r
         out = _check_out(out, source, run, overwrite)
     names = source.schema.names
     if id_col not in names:
-        raise InputError(f"{source.where}: missing column {id_col!r} "
+        raise refusal(f"{source.where}: missing column {id_col!r} "
                          f"(choose another with --id-col; columns: {names[:12]})")
     clash = [c for c in ADDED if c in names]
     if clash:
