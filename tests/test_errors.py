@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-
 from valuekit.cli.main import main
+
 from valuekit.data.tables import load_table
 from valuekit.errors import InputError, refusal
 
