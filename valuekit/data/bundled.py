@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from valuekit.errors import InputError
+from valuekit.errors import InputError, refusal
 from valuekit.runs.atomic import write_parquet_atomic
 
 
@@ -81,7 +81,7 @@ def _fashion(from_dir: str | None = None):
         xi = _find_idx(folder, f"{split}-images-idx3-ubyte")
         yi = _find_idx(folder, f"{split}-labels-idx1-ubyte")
         if xi is None or yi is None:
-            raise InputError(
+            raise refusal(
                 f"{folder}: Fashion-MNIST IDX files not found; install them with "
                 f"'apt-get install dataset-fashion-mnist' or pass --from DIR holding "
                 f"train-images-idx3-ubyte(.gz) and friends"

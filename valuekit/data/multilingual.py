@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from valuekit.errors import InputError
+from valuekit.errors import InputError, refusal
 from valuekit.runs.atomic import write_parquet_atomic
 
 DEFAULT_TARGET = "ast"
@@ -177,7 +177,7 @@ def prepare_multilingual(
     table = build_table(target=target, sources=sources, max_chars=max_chars)
     tgt_groups = np.sort(table.loc[table.source == target, "group"].unique())
     if len(tgt_groups) < dev_size + test_size + 10:
-        raise InputError(
+        raise refusal(
             f"--target {target}: only {len(tgt_groups)} messages; too few for dev {dev_size} + test {test_size}"
         )
     rng = np.random.default_rng(seed)

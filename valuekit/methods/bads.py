@@ -131,7 +131,7 @@ import torch
 from torch import nn
 
 from valuekit.config import setting
-from valuekit.errors import InputError
+from valuekit.errors import InputError, setting_error
 from valuekit.ops.losses import per_example_loss
 from valuekit.ops.modes import no_running_stats_update
 from valuekit.training.context import Batch, StepRecord, TrainContext
@@ -319,7 +319,7 @@ class Trainer(Method):
         self.task_u = None
         if cfg.per_source:
             if ctx.source is None or not ctx.sources:
-                raise InputError("bads --set per_source=true: the training table has no source/task column")
+                raise setting_error("per_source=true: the training table has no source/task column")
             if cfg.weight_net:
                 raise InputError("bads: per_source and weight_net exclude each other")
             S = len(ctx.sources)

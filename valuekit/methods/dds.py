@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from valuekit.config import setting
-from valuekit.errors import InputError, setting_error
+from valuekit.errors import setting_error
 from valuekit.methods.scorers import LabelMLP, label_mlp, token_bag_scorer
 from valuekit.models.features import has_batchnorm, last_linear
 from valuekit.models.lm import without_checkpointing
@@ -207,9 +207,9 @@ class Trainer(Method):
             self.scorer.load_state_dict(scorer_state)
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
-            raise InputError(
-                f"--set init_scorer={run_dir}: its scorer does not fit this data/scorer setting ({first}); "
-                f"use the same data, --set scorer and scorer_hidden as that run"
+            raise setting_error(
+                f"init_scorer={run_dir}: its scorer does not fit this data/scorer setting ({first}); "
+                f"use the same data, scorer and scorer_hidden as that run"
             ) from None
 
     def _fit_class_balance_prior(self) -> None:

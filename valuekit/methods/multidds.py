@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from valuekit.config import setting
-from valuekit.errors import InputError
+from valuekit.errors import InputError, refusal
 
 # scorer maths, TCS similarity, reward accumulator and sampler live in source_scoring (re-exported here)
 from valuekit.methods.source_scoring import (
@@ -159,7 +159,7 @@ class Trainer(Method):
 
     def __init__(self, ctx: TrainContext, cfg: Config):
         if ctx.source is None or not ctx.sources:
-            raise InputError("method multidds needs a training table with a 'source' column (--source-col)")
+            raise refusal("method multidds needs a training table with a 'source' column (--source-col)")
         self.ctx, self.cfg = ctx, cfg
         self.model = ctx.build_model()
         self.opt = ctx.make_optimizer(self.model.parameters())

@@ -299,7 +299,7 @@ def _init_seq2seq_(model: nn.Module, generator: torch.Generator) -> None:
 def check_token_range(table, size: int, name: str) -> None:
     """Every token id of `table` (a ValueDataset whose rows are ids) is in [0, size), else one InputError naming
     the id, the row's id and the file."""
-    from valuekit.errors import InputError
+    from valuekit.errors import refusal
 
     x = table.x
     if not isinstance(x, torch.Tensor) or x.numel() == 0:
@@ -313,7 +313,7 @@ def check_token_range(table, size: int, name: str) -> None:
     shown = int(value) if float(value).is_integer() else value
     ident = table.ids[row].item() if isinstance(table.ids[row], np.generic) else table.ids[row]
     where = table.path or table.where or f"{table.name} table"
-    raise InputError(
+    raise refusal(
         f"{where}: token id {shown} at id {ident!r} (row {row}) is outside "
         f"--model {name}'s embedding of {size} entries (ids 0..{size - 1})"
     )

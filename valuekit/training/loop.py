@@ -31,6 +31,7 @@ from valuekit.errors import (
     TrainingDiverged,
     TrainingFailed,
     first_line,
+    refusal,
     release_warnings,
     unreadable,
 )
@@ -236,7 +237,7 @@ def _placement(config: TrainConfig, spec) -> tuple[torch.device, dist_.DistInfo]
                              f"use 'auto' or 'cuda'", cli=f"--device {config.device}: under torchrun each process "
                                                            f"uses cuda:LOCAL_RANK; use --device auto or cuda")
         if info.local_rank >= torch.cuda.device_count():
-            raise InputError(f"local rank {info.local_rank}: this node has {torch.cuda.device_count()} GPU(s); start "
+            raise refusal(f"local rank {info.local_rank}: this node has {torch.cuda.device_count()} GPU(s); start "
                              f"at most that many processes per node (or use --device cpu)")
         device = torch.device("cuda", info.local_rank)
     return device, info
