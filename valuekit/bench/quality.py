@@ -99,23 +99,31 @@ def median_ess(run) -> float:
 
 def cv_probs_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int = 5) -> np.ndarray:
     """K-fold out-of-sample class probabilities (N, C) of a scikit-learn MLP with early stopping (10 % of each
-    fold's training part held out, patience 5 epochs), so the model stops before it memorises the flipped labels."""
+    fold's training part held out, patience 5 epochs), so the model stops before it memorises the flipped labels.
+    A fold too small for that split is fitted without early stopping (max 200 epochs)."""
     from sklearn.model_selection import StratifiedKFold
-    from sklearn.neural_network import MLPClassifier
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     probs = np.zeros((len(y), num_classes))
     for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y):
-        clf = MLPClassifier(hidden_layer_sizes=(128,), early_stopping=True, validation_fraction=0.1,
-                            n_iter_no_change=5, max_iter=200, random_state=seed)
-        pipe = make_pipeline(StandardScaler(), clf)
         with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore")
-            pipe.fit(x[tr], y[tr])
+            try:
+                pipe = _fit_mlp(x[tr], y[tr], seed=seed, early_stopping=True)
+            except ValueError:  # a fold too small for sklearn's early-stopping split (a tiny long-tailed set)
+                pipe = _fit_mlp(x[tr], y[tr], seed=seed, early_stopping=False)
             probs[np.ix_(te, pipe.classes_)] = pipe.predict_proba(x[te])
     return probs
+
+
+def _fit_mlp(x, y, *, seed: int, early_stopping: bool):
+    from sklearn.neural_network import MLPClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    clf = MLPClassifier(hidden_layer_sizes=(128,), early_stopping=early_stopping, validation_fraction=0.1,
+                        n_iter_no_change=5, max_iter=200, random_state=seed)
+    return make_pipeline(StandardScaler(), clf).fit(x, y)
 
 
 def cleanlab_early_stopped(x, y, num_classes: int, *, seed: int = 0, folds: int = 5) -> np.ndarray:
