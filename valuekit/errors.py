@@ -4,6 +4,7 @@
 such as Pillow's, a library's own log such as transformers', valuekit's notes), so a refusal is the one line."""
 
 import logging
+import re
 import sys
 import warnings
 from contextlib import contextmanager
@@ -36,19 +37,21 @@ class TrainingFailed(ValueKitError):
     """An error during training (a model's forward that raises, a write that fails); run.json says failed."""
 
 
+# a flag in a CLI message, then the space before its value (`--image-size H,W`) or, for a switch used as a
+# subject (`--per-class needs`), the space before the next word
+_FLAG = re.compile(r"--([a-z][a-z-]*)(?:( )(?=[A-Z\d'\"]|\(\d)|(?=( )[a-z]))?")
+
+
 def refusal(cli_message: str) -> InputError:
     """An InputError from a message written in the CLI's terms: the library's text names arguments instead of
-    flags (`--id-col NAME` -> `id_col=NAME`, `--image-size H,W` -> `image_size=H,W`)."""
-    import re
+    flags (`--id-col NAME` -> `id_col=NAME`, `--image-size H,W` -> `image_size=H,W`, `--per-class needs` ->
+    `per_class=True needs`)."""
 
     def argument(m) -> str:
         name = m.group(1).replace("-", "_")
-        if m.group(2):  # a value follows: `--image-size H,W`
-            return f"{name}="
-        return f"{name}=True" if m.group(3) else f"{name}="  # a switch used as a subject: `--per-class needs`
+        return f"{name}=True" if m.group(3) else f"{name}="
 
-    pattern = r"--([a-z][a-z-]*)(?:( )(?=[A-Z\d'\"]|\(\d)|(?=( )[a-z]))?"
-    return InputError(re.sub(pattern, argument, cli_message), cli=cli_message)
+    return InputError(_FLAG.sub(argument, cli_message), cli=cli_message)
 
 
 def setting_error(message: str) -> InputError:

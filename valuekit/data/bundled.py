@@ -110,14 +110,15 @@ def _iris():
     return _tabular(load_iris)()
 
 
-def _package_file(package: str, name: str, extra: str) -> Path:
-    """Path of a data file shipped inside an installed package (`extra`: the valuekit extra that installs it)."""
+def _package_file(dataset: str, name: str) -> Path:
+    """Path of the file `name` inside the package that ships `dataset` (PACKAGES); a missing package is named
+    with the valuekit extra that installs it."""
     import importlib.resources
     import importlib.util
 
-    root = package.split(".")[0]
-    if importlib.util.find_spec(root) is None:
-        raise InputError(f"this data set is read from the package {root}: pip install 'valuekit[{extra}]'")
+    package, extra = PACKAGES[dataset]
+    if importlib.util.find_spec(package) is None:
+        raise InputError(f"this data set is read from the package {package}: pip install 'valuekit[{extra}]'")
     return Path(str(importlib.resources.files(package) / name))
 
 
@@ -135,14 +136,14 @@ def _frame_to_xy(df, label: str, classes: list[str] | None = None):
 def _segment():
     import pandas as pd
 
-    df = pd.read_csv(_package_file("river.datasets", "segment.csv.zip", "benchdata"))
+    df = pd.read_csv(_package_file("segment", "datasets/segment.csv.zip"))
     return _frame_to_xy(df, "category")
 
 
 def _phishing():
     import pandas as pd
 
-    df = pd.read_csv(_package_file("river.datasets", "phishing.csv.gz", "benchdata"))
+    df = pd.read_csv(_package_file("phishing", "datasets/phishing.csv.gz"))
     df["is_phishing"] = df["is_phishing"].map({0: "legitimate", 1: "phishing"})
     return _frame_to_xy(df, "is_phishing", ["legitimate", "phishing"])
 
@@ -152,7 +153,7 @@ def _banana():
 
     import pandas as pd
 
-    with zipfile.ZipFile(_package_file("river.datasets", "banana.zip", "benchdata")) as z:
+    with zipfile.ZipFile(_package_file("banana", "datasets/banana.zip")) as z:
         lines = z.read("banana.all.txt").decode().split("\n")
     # libsvm rows: "LABEL 1:X1 2:X2"
     rows = [line.split() for line in lines if line.strip()]
@@ -164,7 +165,7 @@ def _banana():
 def _penguins():
     import pandas as pd
 
-    path = _package_file("palmerpenguins", "data/penguins.csv", "benchdata")
+    path = _package_file("penguins", "data/penguins.csv")
     df = pd.read_csv(path)
     cols = ["bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"]
     df = df.dropna(subset=cols)[cols + ["species"]]
@@ -174,7 +175,7 @@ def _penguins():
 def _seattle_weather():
     import pandas as pd
 
-    df = pd.read_csv(_package_file("vega_datasets", "_data/seattle-weather.csv", "benchdata"))
+    df = pd.read_csv(_package_file("seattle-weather", "_data/seattle-weather.csv"))
     day = pd.to_datetime(df["date"]).dt.dayofyear.to_numpy() / 365.25
     # the season as a point on a circle, so 31 December and 1 January are neighbours
     df = df.drop(columns=["date"]).assign(season_sin=np.sin(2 * np.pi * day), season_cos=np.cos(2 * np.pi * day))
