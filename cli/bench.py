@@ -40,7 +40,8 @@ def add_parser(sub):
     p.add_argument("--methods", default=None, help="speed/quality: comma-separated methods (default: all); "
                    "text suites: their variants / arms")
     p.add_argument("--settings", default=None, help="quality: comma-separated settings noise20,noise40,imbalance10 "
-                   "(default noise20,noise40); papers: its parts imbalance,pairflip,hostcp,shift (default all); "
+                   "(default noise20,noise40); papers: its parts imbalance,pairflip,instance,features,hostcp,shift "
+                   "(default all); "
                    "outcome, value: sym30,pair40,inst30,lt10+sym20 (default all)")
     p.add_argument("--runs-dir", default=None, help="quality, outcome, text suites: keep every run directory (and "
                    "partial results) here; text suites skip the runs already recorded there; value: comma-separated "

@@ -81,7 +81,7 @@ def test_quick_parts_run_only_the_requested_parts_and_methods(tmp_path):
 
 def test_papers_rejects_an_unknown_part(tmp_path):
     code, _, err = cli(["bench", "papers", "--quick", "--settings", "imbalance,cifar", "-o", tmp_path / "r"])
-    assert code == 2 and "--settings 'cifar'" in err and "imbalance, pairflip, hostcp, shift" in err
+    assert code == 2 and "--settings 'cifar'" in err and "imbalance, pairflip, instance, features, hostcp, shift" in err
     assert not (tmp_path / "r" / "papers.md").exists()
 
 
@@ -130,3 +130,33 @@ def test_k_center_is_farthest_first():
     assert order[1] == int(np.argmax(d))
     d = np.minimum(d, ((z - z[order[1]]) ** 2).sum(1))
     assert order[2] == int(np.argmax(d)) and len(set(order)) == 3
+
+
+def test_feature_noise_data_corrupts_the_inputs_of_the_masked_rows_only(tmp_path):
+    from valuekit.data.bundled import prepare
+
+    tr, dv, te, noisy = papers.feature_noise_data("digits", 0, tmp_path / "noisy")
+    clean = pd.read_parquet(prepare("digits", tmp_path / "clean", seed=0)["train"])
+    x0 = np.stack(clean["pixels"].to_numpy()).astype(np.float32)
+    x = tr.x.reshape(len(tr), -1).numpy()
+    assert abs(noisy.mean() - 0.5) < 0.05 and len(tr) == len(x0)
+    np.testing.assert_array_equal(x[~noisy], x0[~noisy])  # clean rows untouched, labels kept
+    assert tr.y.tolist() == [tr.classes.index(c) for c in clean["label"]]
+    added = (x[noisy] - x0[noisy]).ravel()
+    assert abs(added.std() / (papers.FEATURE_NOISE * x0.std()) - 1) < 0.02 and abs(added.mean()) < 0.05 * added.std()
+
+
+def test_quick_instance_and_features_parts_write_their_tables(tmp_path):
+    out = tmp_path / "reports"
+    code, _, err = cli(["bench", "papers", "--quick", "--device", "cpu", "-o", out, "--settings", "instance,features",
+                        "--methods", "bads", "--steps", "10"])
+    assert code == 0, err
+    md = (out / "papers-instance-features.md").read_text()
+    assert "## Structured noise: 40 % instance-dependent flips" in md and "## BADS's noisy features" in md
+    frame = pd.read_csv(out / "papers-instance-features.csv")
+    assert sorted(map(tuple, frame[["part", "arm"]].to_numpy())) == [
+        ("features", "bads"), ("features", "uniform"), ("instance", "bads"), ("instance", "uniform")]
+    feats = frame[frame.part == "features"].set_index("arm")
+    assert feats.loc["uniform", "w_noisy/w_clean"] == 1.0 and feats.loc["bads", "w_noisy/w_clean"] > 0
+    line = next(ln for ln in md.splitlines() if ln.startswith("| digits | half the rows with noisy inputs | bads |"))
+    assert f"| {feats.loc['bads', 'w_noisy/w_clean']:.2f} |" in line
