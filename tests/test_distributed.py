@@ -10,6 +10,7 @@ counts must match exactly (both runs draw the same global batches from the same 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -179,17 +180,34 @@ def test_dds_fused_resumed_under_torchrun(tmp_path, multisource):
     assert_same_run(tmp_path / "one", tmp_path / "two")
 
 
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory, multisource) -> tuple[Path, subprocess.CompletedProcess, dict]:
+    """Every case of CASES trained by 2 processes with batch B each, in one torchrun launch (tests/torchrun_batch.py:
+    one start-up and one process group for all, each run as under its own launch); (folder, process, exit codes)."""
+    folder = tmp_path_factory.mktemp("two")
+    cases = {case: [*tables(case, multisource), *LOOP, *args, "--batch-size", str(B), "--out", str(folder / case)]
+             for case, args in CASES.items() if args[1] in available_methods()}
+    spec = folder / "cases.json"
+    spec.write_text(json.dumps(cases))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).with_name("torchrun_batch.py")), str(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    status = Path(str(spec) + ".status")
+    return folder, proc, json.loads(status.read_text()) if status.exists() else {}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_two_processes_equal_doubled_batch(case, tmp_path, multisource):
+def test_two_processes_equal_doubled_batch(case, tmp_path, multisource, two_process_runs):
     method = CASES[case][1]
     if method not in available_methods():
         pytest.skip(f"method {method} not in this version")
     # README: every method runs under torchrun; one that lost `distributed = True` fails here, never skips
     assert method_spec(method).distributed, f"method {method} lost distributed = True"
+    folder, proc, codes = two_process_runs
+    assert codes.get(case) == 0, proc.stderr[-3000:]
     args = tables(case, multisource) + LOOP + CASES[case]
     single([*args, "--batch-size", str(2 * B), "--out", str(tmp_path / "one")])
-    ok(torchrun([*args, "--batch-size", str(B), "--out", str(tmp_path / "two")]))
-    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert_same_run(tmp_path / "one", folder / case)
 
 
 # ---------------------------------------------------------------- edges
