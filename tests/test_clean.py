@@ -71,6 +71,34 @@ def test_clean_writes_the_pick_its_model_and_every_candidate(tables, tmp_path, c
     assert f"pick: {record['pick']}" in text and "clean+retrain" in text
 
 
+def test_cross_fit_judges_each_half_by_the_candidate_fitted_on_the_other(tables, tmp_path, capsys):
+    out = tmp_path / "x"
+    rc = main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
+               "--methods", "dds", "--cross-fit", "--no-refit", *FAST, "-o", str(out)])
+    assert rc == 0
+    record = json.loads((out / "clean.json").read_text())
+    cands = pd.read_parquet(out / "candidates.parquet")
+    assert record["cross_fit"] is True
+    assert list(cands.candidate) == ["uniform", "dds", "clean+retrain", "weighted+retrain"]
+    dev, train = pd.read_parquet(tables["dev"]), pd.read_parquet(tables["train"])
+    half_a = split_dev(dev.label.to_numpy(), seed=0)
+    for c in cands.itertuples():
+        swapped = out / "runs" / "swapped" / c.run_dir.split("/runs/")[1]
+        meta = json.loads((swapped / "run.json").read_text())
+        assert meta["data"]["dev"]["n_rows"] == int((~half_a).sum()) == 12  # fitted on half B
+        # the swapped candidate's own table (a retrain's rows come from its own audit / weights)
+        table = train if c.candidate in ("uniform", "dds", "weighted+retrain") else None
+        if table is not None:
+            got = evaluate(dev[half_a], swapped, train=table)
+            assert c.dev_a_judged_acc == pytest.approx(got["acc"], abs=1e-12)
+        assert c.judged_acc == pytest.approx((12 * c.dev_b_acc + 12 * c.dev_a_judged_acc) / 24, abs=1e-12)
+    # the pick is the first argmax of the accuracy over both halves, not of half B alone
+    assert record["pick"] == cands.candidate.iloc[int(np.argmax(cands.judged_acc.to_numpy()))]
+    assert "cross-fitted dev accuracy" in record["why"] and "24 judged rows" in record["why"]
+    text = capsys.readouterr().out
+    assert "both halves" in text and f"pick: {record['pick']}" in text
+
+
 def test_a_weighting_pick_writes_the_weighted_table(tables, tmp_path, monkeypatch):
     import valuekit
     import valuekit.api

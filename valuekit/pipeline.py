@@ -23,6 +23,11 @@ Candidates, from the simplest pipeline to the most elaborate (ties go to the ear
 5. ``subset+retrain`` (with `subset=True`): uniform retrained on the top `keep_fraction` of rows by the value of the
    learned method with the best half-B accuracy.
 
+With `cross_fit=True` every candidate is trained a second time with the halves' roles swapped (fitted on half B,
+judged on half A; in runs/swapped/), and the pick is the candidate with the best accuracy over all dev rows, each
+half judged by the candidate's model that did not see it: twice the judging rows for twice the training, which
+matters on small dev tables, where half-B accuracy moves in steps of 10-20 points (reports/outcome-pick.md).
+
 With `refit=True` the picked pipeline is then trained once more, early-stopped on (and, for a learned method,
 learning from) the *whole* dev table: half A alone costs accuracy on small dev tables (reports/outcome.md), and
 the choice is already made. The refit's model and table are what the user gets; clean.json keeps the half-A
@@ -121,10 +126,11 @@ def bootstrap_std(correct, *, resamples: int = 1000, seed: int = 0) -> float:
 @held_warnings()  # warnings while the tables are checked wait until the first run has passed its checks
 def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = None, seed: int = 0,
           subset: bool = False, keep_fraction: float = 0.5, weighted: bool = True, refit: bool = True,
-          bootstrap: int = 1000, id_col: str = "id", label_col: str = "label", log=None, overwrite: bool = False,
-          **settings) -> dict:
+          cross_fit: bool = False, bootstrap: int = 1000, id_col: str = "id", label_col: str = "label", log=None,
+          overwrite: bool = False, **settings) -> dict:
     """Train the candidate pipelines of the module docstring on `table` with early stopping on half A of `dev`,
-    pick the one with the best half-B accuracy, refit it on the whole dev table (`refit`), and write the outputs to
+    pick the one with the best half-B accuracy (with `cross_fit`, the best accuracy over both halves, each judged by
+    the candidate trained on the other), refit it on the whole dev table (`refit`), and write the outputs to
     `out`. Returns the clean.json record. `settings` go to `valuekit.train` (batch_size, lr, hidden, device, ...).
     A folder `out` that is not empty is refused unless `overwrite=True`, which replaces the files and candidate
     runs a clean writes there (said on stderr) and keeps the folder's other files."""
@@ -177,67 +183,92 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
 
     runs_dir = out / "runs"
     common = dict(steps=steps, seed=seed, early_stopping=True, overwrite=overwrite, **{"progress": False, **settings})
-    cands: list[dict] = []
-    runs: dict = {}  # candidate -> its finished Run
 
-    recipe: dict = {}  # candidate -> (method, its training table): what a refit trains again
+    def fold(fit_dev, judge_dev, folder: Path, tag: str) -> dict:
+        """Every candidate trained with early stopping on (and, for a learned method, learning from) `fit_dev` and
+        judged on `judge_dev`: {"cands": records, "correct": candidate -> judged rows' correctness, "runs",
+        "recipe": candidate -> (method, training table), "retrain": candidate -> its table, "flagged": ids}."""
+        cands: list[dict] = []
+        f: dict = {"cands": cands, "correct": {}, "runs": {}, "recipe": {}, "retrain": {}}
 
-    def add(name: str, method: str, train_ds, note: str, rows: int):
-        folder = runs_dir / CANDIDATE_DIRS.get(name, name)
-        log(f"clean: training {name} ({method}, {rows} rows)")
-        run = train_run(train_ds, dev_a, test_ds, out=folder, method=method, **common)
-        runs[name], recipe[name] = run, (method, train_ds)
-        ev = evaluate(dev_b, run, train=train_ds)
-        best = run.meta["best_metrics"]
-        cands.append({"candidate": name, "method": method, "rows": rows, "dev_a_acc": best["dev_acc"],
-                      "dev_b_acc": ev["acc"], "dev_b_std": bootstrap_std(ev["correct"], resamples=bootstrap, seed=seed),
-                      "test_acc": best.get("test_acc") if test_ds is not None else None,
-                      "best_step": run.meta["best_step"], "run_dir": str(folder), "note": note})
-        return run
+        def add(name: str, method: str, train_ds, note: str, rows: int):
+            where_to = folder / CANDIDATE_DIRS.get(name, name)
+            log(f"clean: training {name} ({method}, {rows} rows){tag}")
+            run = train_run(train_ds, fit_dev, test_ds, out=where_to, method=method, **common)
+            f["runs"][name], f["recipe"][name] = run, (method, train_ds)
+            ev = evaluate(judge_dev, run, train=train_ds)
+            f["correct"][name] = ev["correct"]
+            best = run.meta["best_metrics"]
+            cands.append({"candidate": name, "method": method, "rows": rows, "dev_a_acc": best["dev_acc"],
+                          "dev_b_acc": ev["acc"],
+                          "dev_b_std": bootstrap_std(ev["correct"], resamples=bootstrap, seed=seed),
+                          "test_acc": best.get("test_acc") if test_ds is not None else None,
+                          "best_step": run.meta["best_step"], "run_dir": str(where_to), "note": note})
+            return run
 
-    uni = add("uniform", "uniform", tr, "plain training, early-stopped on half A", len(df))
-    method_runs = {m: add(m, m, tr, f"{m} weights learned on half A", len(df)) for m in names}
-    flags = audit([uni], df, predict=False, id_col=id_col, label_col=label_col)
-    flagged = set(flags.id[flags.is_label_issue].tolist())
-    keep = ~df[id_col].isin(flagged).to_numpy()
-    retrain = {}
-    if keep.all() or not keep.any():
-        log(f"clean: the audit flags {int((~keep).sum())} of {len(df)} rows: clean+retrain skipped")
+        add("uniform", "uniform", tr, "plain training, early-stopped on half A", len(df))
+        method_runs = {m: add(m, m, tr, f"{m} weights learned on half A", len(df)) for m in names}
+        flags = audit([f["runs"]["uniform"]], df, predict=False, id_col=id_col, label_col=label_col)
+        f["flagged"] = flagged = set(flags.id[flags.is_label_issue].tolist())
+        keep = ~df[id_col].isin(flagged).to_numpy()
+        if keep.all() or not keep.any():
+            log(f"clean: the audit flags {int((~keep).sum())} of {len(df)} rows: clean+retrain skipped")
+        else:
+            kept = df[keep].reset_index(drop=True)
+            add("clean+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
+                f"uniform without the {int((~keep).sum())} rows the audit of the uniform run flags", len(kept))
+            f["retrain"]["clean+retrain"] = kept
+        if weighted and names:
+            # the source of the weights is chosen by the fitting half (what the methods learned from), so that the
+            # judging half judges the weighted retrain once, like every other candidate
+            by_a = {c["candidate"]: c["dev_a_acc"] for c in cands}
+            src = max(names, key=lambda m: (by_a[m], -names.index(m)))
+            scored = score(df, method_runs[src].path, id_col=id_col, label_col=label_col)
+            assert isinstance(scored, pd.DataFrame)
+            # a private column name: the input table may have its own `weight`; like=tr keeps the features the same
+            weighted_df = df.assign(**{WEIGHT_COL: scored["weight"].to_numpy()})
+            add("weighted+retrain", "uniform",
+                load_table(weighted_df, like=tr, weight_col=WEIGHT_COL, where=where, **kw),
+                f"uniform with each row's loss multiplied by {src}'s exported weight (mean 1)", len(df))
+            f["retrain"]["weighted+retrain"] = scored  # every input row with the weights it was trained on
+        if subset and names:
+            by_b = {c["candidate"]: c["dev_b_acc"] for c in cands}
+            best_m = max(names, key=lambda m: (by_b[m], -names.index(m)))
+            scored = score(df, method_runs[best_m].path, keep_fraction=keep_fraction, id_col=id_col,
+                           label_col=label_col)
+            assert isinstance(scored, pd.DataFrame)  # score() returns a DataFrame when no out= is given
+            kept = df[scored["selected"].to_numpy(dtype=bool)].reset_index(drop=True)
+            add("subset+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
+                f"uniform on the top {keep_fraction:g} of rows by {best_m}'s value", len(kept))
+            f["retrain"]["subset+retrain"] = kept
+        return f
+
+    main = fold(dev_a, dev_b, runs_dir, "")
+    runs, recipe, retrain, flagged = main["runs"], main["recipe"], main["retrain"], main["flagged"]
+    frame = pd.DataFrame(main["cands"])
+    n_b = int((~half_a).sum())
+    if cross_fit:
+        # the same pipelines with the halves' roles swapped; each candidate is then judged on every dev row, each
+        # half by the models that did not see it, which halves the judging noise of the pick on a small dev table
+        swap = fold(dev_b, dev_a, runs_dir / "swapped", " (halves swapped)")
+        both = {c: np.concatenate([main["correct"][c], swap["correct"][c]]) for c in frame.candidate
+                if c in swap["correct"]}
+        frame["dev_a_judged_acc"] = [float(swap["correct"][c].mean()) if c in both else np.nan for c in frame.candidate]
+        frame["judged_acc"] = [float(both[c].mean()) if c in both else np.nan for c in frame.candidate]
+        frame["judged_std"] = [bootstrap_std(both[c], resamples=bootstrap, seed=seed) if c in both else np.nan
+                               for c in frame.candidate]
+        what, n_judged = "cross-fitted dev accuracy (each half judged by the models fitted on the other)", len(dev_df)
     else:
-        kept = df[keep].reset_index(drop=True)
-        add("clean+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
-            f"uniform without the {int((~keep).sum())} rows the audit of the uniform run flags", len(kept))
-        retrain["clean+retrain"] = kept
-    if weighted and names:
-        # the source of the weights is chosen by half A (what the methods learned from), so that half B judges
-        # the weighted retrain once, like every other candidate
-        by_a = {c["candidate"]: c["dev_a_acc"] for c in cands}
-        src = max(names, key=lambda m: (by_a[m], -names.index(m)))
-        scored = score(df, method_runs[src].path, id_col=id_col, label_col=label_col)
-        assert isinstance(scored, pd.DataFrame)
-        # a private column name: the input table may have its own `weight`; like=tr keeps the features the same
-        weighted_df = df.assign(**{WEIGHT_COL: scored["weight"].to_numpy()})
-        add("weighted+retrain", "uniform", load_table(weighted_df, like=tr, weight_col=WEIGHT_COL, where=where, **kw),
-            f"uniform with each row's loss multiplied by {src}'s exported weight (mean 1)", len(df))
-        retrain["weighted+retrain"] = scored  # every input row with the weights it was trained on
-    if subset and names:
-        by_b = {c["candidate"]: c["dev_b_acc"] for c in cands}
-        best_m = max(names, key=lambda m: (by_b[m], -names.index(m)))
-        scored = score(df, method_runs[best_m].path, keep_fraction=keep_fraction, id_col=id_col, label_col=label_col)
-        assert isinstance(scored, pd.DataFrame)  # score() returns a DataFrame when no out= is given
-        kept = df[scored["selected"].to_numpy(dtype=bool)].reset_index(drop=True)
-        add("subset+retrain", "uniform", load_table(kept, like=tr, where=where, **kw),
-            f"uniform on the top {keep_fraction:g} of rows by {best_m}'s value", len(kept))
-        retrain["subset+retrain"] = kept
-
-    frame = pd.DataFrame(cands)
-    pick_i = int(np.argmax(frame.dev_b_acc.to_numpy()))  # first maximum: the simplest of the tied pipelines
+        frame["judged_acc"], frame["judged_std"] = frame.dev_b_acc, frame.dev_b_std
+        what, n_judged = "half-B accuracy", n_b
+    judged = frame.judged_acc.fillna(-1.0).to_numpy()
+    pick_i = int(np.argmax(judged))  # first maximum: the simplest of the tied pipelines
     pick = frame.iloc[pick_i]
     frame["picked"] = np.arange(len(frame)) == pick_i
-    ties = [c for c in frame.candidate[frame.dev_b_acc == pick.dev_b_acc] if c != pick.candidate]
-    uni_b = float(frame.dev_b_acc.iloc[0])
-    why = (f"highest half-B accuracy {pick.dev_b_acc:.4f} ± {pick.dev_b_std:.4f} of {len(frame)} candidates "
-           f"(uniform {uni_b:.4f}; {int((~half_a).sum())} half-B rows)"
+    ties = [c for c in frame.candidate[judged == judged[pick_i]] if c != pick.candidate]
+    uni_j = float(frame.judged_acc.iloc[0])
+    why = (f"highest {what} {pick.judged_acc:.4f} ± {pick.judged_std:.4f} of {len(frame)} candidates "
+           f"(uniform {uni_j:.4f}; {n_judged} judged rows)"
            + (f"; tied with {', '.join(ties)}, the simpler pipeline wins" if ties else ""))
 
     final, refit_rec = runs[pick.candidate], None
@@ -264,6 +295,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     record = {
         "pick": pick.candidate, "why": why, "table": str(out / "table.parquet"), "model": str(out / "model.pt"),
         "dev_rows": {"half_a": int(half_a.sum()), "half_b": int((~half_a).sum())}, "seed": seed,
+        "cross_fit": bool(cross_fit),
         "steps": int(runs[pick.candidate].meta["config"]["steps"]),
         # the model handed over: the refit's (trained with every dev row) or the pick's half-A model
         "refit": refit_rec, "test_acc": refit_rec["test_acc"] if refit_rec else _num(pick.test_acc),
@@ -286,12 +318,15 @@ def _plain(v):
 
 def format_summary(record: dict) -> str:
     """A few lines for the terminal: every candidate's accuracies and the pick."""
-    lines = [f"{'candidate':<16} {'rows':>6} {'dev A':>7} {'dev B':>15} {'test':>7}"]
+    crossed = record.get("cross_fit", False)
+    lines = [f"{'candidate':<16} {'rows':>6} {'dev A':>7} {'dev B':>15} " + ("{:>15} ".format("both halves")
+                                                                             if crossed else "") + f"{'test':>7}"]
     for c in record["candidates"]:
         t = "" if c["test_acc"] is None else f"{c['test_acc']:.4f}"
         mark = "  <- pick" if c["picked"] else ""
+        both = "" if not crossed or c.get("judged_acc") is None else f"{c['judged_acc']:>7.4f} ± {c['judged_std']:.4f} "
         lines.append(f"{c['candidate']:<16} {c['rows']:>6} {c['dev_a_acc']:>7.4f} "
-                     f"{c['dev_b_acc']:>7.4f} ± {c['dev_b_std']:.4f} {t:>7}{mark}")
+                     f"{c['dev_b_acc']:>7.4f} ± {c['dev_b_std']:.4f} {both}{t:>7}{mark}")
     lines.append(f"pick: {record['pick']}: {record['why']}")
     r = record.get("refit")
     if r:
