@@ -16,8 +16,22 @@ _hsettings.register_profile("valuekit", derandomize=True, database=None, deadlin
 _hsettings.load_profile("valuekit")
 
 
+# The two-worker suite (pytest-xdist `--dist loadfile --no-loadscope-reorder`, pyproject's addopts) hands whole files
+# to the workers in collection order. xdist's own order (most tests first) left the files with few but long tests
+# (the bad-input matrix, torchrun, the quick benchmarks) to the end, where one worker ran them alone; the slowest
+# files go first instead, so the workers finish together (longest first). Measured with `--durations=0`; a stale
+# list only costs wall time.
+SLOWEST_FIRST = ("test_bench.py", "test_badinput.py", "test_distributed_safety.py", "test_readme.py",
+                 "test_suites_text.py", "test_distributed.py", "test_reliability.py", "test_report.py", "test_tour.py",
+                 "test_badinput_kinds.py", "test_first_hour.py", "test_early_stopping.py", "test_ownmodel.py",
+                 "test_layout.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests run by default where CUDA is present and are skipped (with the reason) elsewhere."""
+    """The slowest files first (SLOWEST_FIRST; the rest keep their order); `gpu` tests run by default where CUDA is
+    present and are skipped (with the reason) elsewhere."""
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (none on this machine)")
