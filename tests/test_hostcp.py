@@ -240,3 +240,22 @@ def test_selector_forward_equals_its_layers_composed():
     x, y = torch.randn(16, 12, generator=g), torch.randint(0, 5, (16,), generator=g)
     ref = (net.body(x) * net.label(y)).sum(-1) + net.label_bias(y).squeeze(-1)
     assert torch.equal(net(x, y), ref) and ref.std() > 0
+
+
+def test_values_say_which_selection_program_the_weights_come_from(tmp_path):
+    """values.parquet's column docs name the layer: the top-k relaxation by default, the paper's program with
+    representatives=True."""
+    import json
+
+    import pyarrow.parquet as pq
+    from conftest import blobs
+
+    import valuekit
+
+    tr, dv = blobs(64, seed=1, noise=0.2), blobs(24, seed=2, id_start=1000)
+    for rep, expect in ((False, "from the top-k relaxation (the default layer, not the paper's"),
+                        (True, "from the paper's representativeness program (representatives=True)")):
+        run = valuekit.train(tr, dv, out=tmp_path / f"r{rep}", method="hostcp", steps=4, batch_size=16, device="cpu",
+                             progress=False, representatives=rep)
+        docs = json.loads(pq.read_schema(run.path / "values.parquet").metadata[b"valuekit.column_docs"])
+        assert expect in docs["learned"]

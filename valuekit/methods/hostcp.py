@@ -329,6 +329,10 @@ class Trainer(Method):
             "selection_weight": sel_w, "value_std": torch.where(unseen, nan, var.sqrt()),
             "weight": torch.where(unseen, torch.zeros_like(mean), mean),
             "selected_rate": torch.where(unseen, nan, self.sel_count / count), "score": self.scores().double()},
-            doc={"learned": "selection_weight: the row's mean relaxed selection weight w_i over the steps it was seen",
+            doc={"learned": "selection_weight: the row's mean relaxed selection weight w_i over the steps it was seen, "
+                            + ("from the paper's representativeness program (representatives=True)"
+                               if self.cfg.representatives else
+                               "from the top-k relaxation (the default layer, not the paper's representativeness "
+                               "program)"),
                  "value_std": "std of the row's selection weight w_i over the steps it was seen",
                  "weight": "the row's mean selection weight (0 if never seen), normalised to mean 1"})
