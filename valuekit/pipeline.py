@@ -26,7 +26,9 @@ Candidates, from the simplest pipeline to the most elaborate (ties go to the ear
 With `cross_fit=True` every candidate is trained a second time with the halves' roles swapped (fitted on half B,
 judged on half A; in runs/swapped/), and the pick is the candidate with the best accuracy over all dev rows, each
 half judged by the candidate's model that did not see it: twice the judging rows for twice the training, which
-matters on small dev tables, where half-B accuracy moves in steps of 10-20 points (reports/outcome-pick.md).
+matters on small dev tables, where half-B accuracy moves in steps of 10-20 points. Measured on the outcome grid it is
+no better than the half-B pick (+0.3 points on the choice sets, -0.7 on the held-out ones; reports/outcome-pick.md),
+so it is off by default.
 
 With `refit=True` the picked pipeline is then trained once more, early-stopped on (and, for a learned method,
 learning from) the *whole* dev table: half A alone costs accuracy on small dev tables (reports/outcome.md), and
