@@ -22,21 +22,26 @@ import sys
 import numpy as np
 import pandas as pd
 
-CHOICE = {"digits", "breast-cancer", "wine", "iris", "segment"}  # valuekit.bench.outcome's choice sets
+from valuekit.bench.outcome import CHOICE_SETS
+
+CHOICE = set(CHOICE_SETS)  # the sets the grid's choices were made on; the others are held out
 
 
 def half_b_losses(runs: str) -> pd.DataFrame:
-    """(cell, candidate, dev_b_loss) for every clean candidate of the grid; cached beside the grid."""
+    """(cell, candidate, dev_b_loss) for every clean candidate of the grid; cached beside the grid (pick-losses.csv),
+    and only the cells the cache lacks are computed."""
     from valuekit.api import evaluate
     from valuekit.data.tables import load_table
     from valuekit.pipeline import split_dev
 
     cache = os.path.join(runs, "pick-losses.csv")
-    if os.path.exists(cache):
-        return pd.read_csv(cache)
+    known = pd.read_csv(cache) if os.path.exists(cache) else pd.DataFrame(columns=["cell", "candidate", "dev_b_loss"])
+    done = set(known.cell)
     rows = []
     for cell in sorted(glob.glob(os.path.join(runs, "*/*/*/clean/candidates.parquet"))):
         base = os.path.dirname(os.path.dirname(cell))
+        if base in done:
+            continue
         record = json.load(open(os.path.join(base, "clean", "clean.json")))
         dev = pd.read_parquet(os.path.join(base, "data", "dev.parquet"))
         half_a = split_dev(dev["label"].to_numpy(), seed=record["seed"])
@@ -46,9 +51,10 @@ def half_b_losses(runs: str) -> pd.DataFrame:
             ev = evaluate(dev_b, c.run_dir, train=train)
             assert abs(ev["acc"] - c.dev_b_acc) < 1e-9  # the same half B as the clean run's
             rows.append({"cell": base, "candidate": c.candidate, "dev_b_loss": ev["loss"]})
-    frame = pd.DataFrame(rows)
-    frame.to_csv(cache, index=False)
-    return frame
+    if rows:
+        known = pd.concat([known, pd.DataFrame(rows)], ignore_index=True)
+        known.to_csv(cache, index=False)
+    return known
 
 
 def _first_min(c: pd.DataFrame, key: np.ndarray) -> str:

@@ -317,24 +317,20 @@ def _part_imbalance(tmp: Path, rows: list, *, data, seeds, steps, device, shares
                                  "seed": seed, "n_train": len(tr), **r})
 
 
-def _part_pairflip(tmp: Path, rows: list, *, data, seeds, steps, device, arms):
+def _part_arms(tmp: Path, rows: list, part: str, setting: str, load, *, data, seeds, steps, device, arms,
+               ratio: str | None = None):
+    """One part that trains every arm on the same tables: for each data set and seed, `load(name, seed, folder)`
+    gives (train, dev, test) or (train, dev, test, mask); with `ratio` (a column name) each row also records the
+    mean final weight of the masked training rows over the others (`_weight_ratio`)."""
     for d in data:
         for seed in seeds:
-            tr, dv, te = pairflip_data(d, seed, tmp / f"pf-{d}-{seed}")
+            tr, dv, te, *mask = load(d, seed, tmp / f"{part}-{d}-{seed}")
             for arm in arms:
-                _, r = _train(tr, dv, te, tmp / f"pf-{d}-{seed}-{arm}", arm, steps=steps, seed=seed, device=device)
-                rows.append({"part": "pairflip", "dataset": d, "setting": "40 % pair flips", "arm": arm, "seed": seed,
-                             "n_train": len(tr), **r})
-
-
-def _part_instance(tmp: Path, rows: list, *, data, seeds, steps, device, arms):
-    for d in data:
-        for seed in seeds:
-            tr, dv, te = instance_data(d, seed, tmp / f"in-{d}-{seed}")
-            for arm in arms:
-                _, r = _train(tr, dv, te, tmp / f"in-{d}-{seed}-{arm}", arm, steps=steps, seed=seed, device=device)
-                rows.append({"part": "instance", "dataset": d, "setting": "40 % instance-dependent flips",
-                             "arm": arm, "seed": seed, "n_train": len(tr), **r})
+                run, r = _train(tr, dv, te, tmp / f"{part}-{d}-{seed}-{arm}", arm, steps=steps, seed=seed,
+                                device=device)
+                extra = {ratio: _weight_ratio(run, tr.ids, mask[0])} if ratio else {}
+                rows.append({"part": part, "dataset": d, "setting": setting, "arm": arm, "seed": seed,
+                             "n_train": len(tr), **extra, **r})
 
 
 def _weight_ratio(run, ids, mask: np.ndarray) -> float:
@@ -342,28 +338,6 @@ def _weight_ratio(run, ids, mask: np.ndarray) -> float:
     whose weights are all equal."""
     w = run.values().set_index("example_id").reindex(ids)["weight"].to_numpy()
     return float(np.nanmean(w[mask]) / np.nanmean(w[~mask])) if np.nanstd(w) > 0 else 1.0
-
-
-def _part_features(tmp: Path, rows: list, *, data, seeds, steps, device, arms):
-    for d in data:
-        for seed in seeds:
-            tr, dv, te, noisy = feature_noise_data(d, seed, tmp / f"fe-{d}-{seed}")
-            for arm in arms:
-                run, r = _train(tr, dv, te, tmp / f"fe-{d}-{seed}-{arm}", arm, steps=steps, seed=seed, device=device)
-                rows.append({"part": "features", "dataset": d, "setting": "half the rows with noisy inputs",
-                             "arm": arm, "seed": seed, "n_train": len(tr),
-                             "w_noisy/w_clean": _weight_ratio(run, tr.ids, noisy), **r})
-
-
-def _part_shift(tmp: Path, rows: list, *, data, seeds, steps, device, arms):
-    for d in data:
-        for seed in seeds:
-            tr, dv, te, shifted = shift_data(d, seed, tmp / f"sh-{d}-{seed}")
-            for arm in arms:
-                run, r = _train(tr, dv, te, tmp / f"sh-{d}-{seed}-{arm}", arm, steps=steps, seed=seed, device=device)
-                rows.append({"part": "shift", "dataset": d, "setting": "half the rows rotated 90°", "arm": arm,
-                             "seed": seed, "n_train": len(tr), "w_shifted/w_target": _weight_ratio(run, tr.ids,
-                                                                                                    shifted), **r})
 
 
 def _part_hostcp(tmp: Path, rows: list, *, data, seeds, steps, device, fractions, retrain_steps):
@@ -500,21 +474,22 @@ def run_papers(out: Path, *, command: str, device: str = "cpu", quick: bool = Fa
         if "imbalance" in parts:
             _part_imbalance(tmp, rows, data=data["imbalance"], seeds=seeds, steps=steps, device=device, shares=shares,
                             arms=arms(IMBALANCE_ARMS, ("uniform", "classweight")))
+        loop = dict(seeds=seeds, steps=steps, device=device)
         if "pairflip" in parts:
-            _part_pairflip(tmp, rows, data=data["pairflip"], seeds=seeds, steps=steps, device=device,
-                           arms=arms(PAIRFLIP_ARMS, ("uniform",)))
+            _part_arms(tmp, rows, "pairflip", "40 % pair flips", pairflip_data, data=data["pairflip"], **loop,
+                       arms=arms(PAIRFLIP_ARMS, ("uniform",)))
         if "instance" in parts:
-            _part_instance(tmp, rows, data=data["instance"], seeds=seeds, steps=steps, device=device,
-                           arms=arms(NOISE_ARMS, ("uniform",)))
+            _part_arms(tmp, rows, "instance", "40 % instance-dependent flips", instance_data, data=data["instance"],
+                       **loop, arms=arms(NOISE_ARMS, ("uniform",)))
         if "features" in parts:
-            _part_features(tmp, rows, data=data["features"], seeds=seeds, steps=steps, device=device,
-                           arms=arms(NOISE_ARMS, ("uniform",)))
+            _part_arms(tmp, rows, "features", "half the rows with noisy inputs", feature_noise_data,
+                       data=data["features"], **loop, arms=arms(NOISE_ARMS, ("uniform",)), ratio="w_noisy/w_clean")
         if "hostcp" in parts:
             _part_hostcp(tmp, rows, data=data["hostcp"], seeds=seeds, steps=steps, device=device, fractions=fractions,
                          retrain_steps=steps)
         if "shift" in parts:
-            _part_shift(tmp, rows, data=data["shift"], seeds=seeds, steps=steps, device=device,
-                        arms=arms(SHIFT_ARMS, ("uniform",)))
+            _part_arms(tmp, rows, "shift", "half the rows rotated 90°", shift_data, data=data["shift"], **loop,
+                       arms=arms(SHIFT_ARMS, ("uniform",)), ratio="w_shifted/w_target")
     total = time.perf_counter() - t0
     frame = pd.DataFrame(rows)
     lines = header("The papers' own experiments at CPU scale", command, device) + [
