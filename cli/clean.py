@@ -2,8 +2,10 @@
 
 Trains the candidate pipelines (early-stopped uniform, the learned methods, uniform retrained without the rows the
 audit flags, uniform retrained on the best method's weights) with early stopping on one half of --dev, picks the
-one with the best accuracy on the other half, refits it on the whole --dev (unless --no-refit), and writes
-OUT/table.parquet, OUT/model.pt, OUT/candidates.parquet, OUT/clean.json and OUT/runs/ (valuekit.clean).
+one with the best accuracy on the other half, refits it and the runner-up on the whole --dev (unless --no-refit),
+and writes OUT/table.parquet (the pick's table), OUT/ensemble.pt (the two refitted models, averaged by
+`valuekit predict`), OUT/model.pt (the pick's model alone), OUT/candidates.parquet, OUT/clean.json and OUT/runs/
+(valuekit.clean).
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ def add_parser(sub):
     p.add_argument("--cross-fit", action="store_true",
                    help="train every candidate again with the dev halves swapped and pick by the accuracy over both "
                         "halves (twice the training; steadier picks on small dev tables)")
+    p.add_argument("--ensemble", type=int, default=2, metavar="K",
+                   help="hand over the mean of the K best candidates by held-out dev accuracy, each refitted "
+                        "(OUT/ensemble.pt, valuekit predict); 1: the pick alone (default: 2)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps of every candidate (default: {d.steps})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"(default: {d.batch_size})")
     p.add_argument("--lr", type=float, default=d.lr, help=f"model learning rate (default: {d.lr})")
@@ -57,7 +62,7 @@ def run(args) -> int:
         raise InputError(f"--steps {args.steps}: must be >= 1")
     record = clean(args.table, args.dev, test=args.test, out=args.out, methods=args.methods, steps=args.steps,
                    seed=args.seed, subset=args.subset, keep_fraction=args.keep_fraction, weighted=args.weighted,
-                   refit=args.refit, cross_fit=args.cross_fit, batch_size=args.batch_size,
+                   refit=args.refit, cross_fit=args.cross_fit, ensemble=args.ensemble, batch_size=args.batch_size,
                    lr=args.lr, model=args.model, device=args.device, id_col=args.id_col, label_col=args.label_col,
                    log=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(format_summary(record))

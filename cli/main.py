@@ -14,7 +14,7 @@ import sys
 from valuekit import __version__
 from valuekit.errors import TrainingDiverged, ValueKitError
 
-COMMANDS = ("train", "clean", "score", "audit", "report", "bench", "data")
+COMMANDS = ("train", "clean", "predict", "score", "audit", "report", "bench", "data")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,7 +29,11 @@ def test_outcome_report_matches_the_runs(tmp_path):
     # clean = the refit's model (trained with the whole dev table), clean (half A) = the pick's own model
     pick_dir = {"clean+retrain": "clean-retrain", "weighted+retrain": "weighted-retrain"}.get(rec["pick"], rec["pick"])
     refit = read_run(cell / "clean" / "runs" / f"{pick_dir}-refit").meta
-    assert row.clean == pytest.approx(refit["best_metrics"]["test_acc"]) and refit["data"]["dev"]["n_rows"] == 30
+    assert row["clean (pick)"] == pytest.approx(refit["best_metrics"]["test_acc"])
+    assert refit["data"]["dev"]["n_rows"] == 30
+    # clean = the handed-over model: the refitted members' mean probabilities (tests/test_clean.py recomputes it)
+    assert row.clean == pytest.approx(rec["test_acc"]) and rec["ensemble"]["members"][0] == rec["pick"]
+    assert len(rec["ensemble"]["members"]) == 2
     assert row["clean (half A)"] == pytest.approx(cands.test_acc[rec["pick"]])
     for name in ("uniform", "dds", "clean+retrain", "weighted+retrain"):
         assert row[name] == pytest.approx(cands.test_acc[name])

@@ -32,9 +32,10 @@ def test_bootstrap_std_matches_the_binomial_standard_error():
 def test_clean_writes_the_pick_its_model_and_every_candidate(tables, tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
-               "--methods", "dds", "--subset", "--no-refit", *FAST, "-o", str(out)])
+               "--methods", "dds", "--subset", "--no-refit", "--ensemble", "1", *FAST, "-o", str(out)])
     assert rc == 0
     record = json.loads((out / "clean.json").read_text())
+    assert torch.load(out / "ensemble.pt", weights_only=True)["members"] == [record["pick"]]  # the pick alone
     cands = pd.read_parquet(out / "candidates.parquet")
     assert list(cands.candidate) == ["uniform", "dds", "clean+retrain", "weighted+retrain", "subset+retrain"]
     assert record["refit"] is None
@@ -154,13 +155,77 @@ def test_weighted_retrain_trains_uniform_on_the_best_methods_weights_and_the_ref
     # the handed-over model is the refit's; both test accuracies are recorded
     pick_dir = {"clean+retrain": "clean-retrain", "weighted+retrain": "weighted-retrain"}.get(rec["pick"], rec["pick"])
     refit = json.loads((out / "runs" / f"{pick_dir}-refit" / "run.json").read_text())
-    assert rec["test_acc"] == refit["best_metrics"]["test_acc"] == rec["refit"]["test_acc"]
+    assert rec["test_acc_pick"] == refit["best_metrics"]["test_acc"] == rec["refit"]["test_acc"]
     assert rec["test_acc_half_a"] == cands.test_acc[rec["pick"]]
     assert refit["data"]["dev"]["n_rows"] == 24 and refit["config"]["early_stopping"]
 
 
+def test_the_handed_over_model_averages_the_two_best_candidates_refitted(tables, tmp_path, capsys):
+    out = tmp_path / "e"
+    assert main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
+                 "--methods", "dds", *FAST, "-o", str(out)]) == 0
+    record = json.loads((out / "clean.json").read_text())
+    cands = pd.read_parquet(out / "candidates.parquet")
+    # the two best by half-B accuracy, ties to the earlier (simpler) candidate; the first is the pick
+    order = sorted(range(len(cands)), key=lambda i: (-cands.dev_b_acc[i], i))
+    members = [cands.candidate[i] for i in order[:2]]
+    assert record["ensemble"]["members"] == members and record["pick"] == members[0]
+    assert set(cands.candidate[cands.member]) == set(members) and cands.picked.sum() == 1
+    # each member is refitted on every dev row; ensemble.pt holds the refits' best-dev models in the members' order
+    bundle = torch.load(out / "ensemble.pt", weights_only=True)
+    assert bundle["members"] == members
+    train, test = pd.read_parquet(tables["train"]), pd.read_parquet(tables["test"])
+    dirs = {"clean+retrain": "clean-retrain", "weighted+retrain": "weighted-retrain"}
+    got = []
+    for m, run, state in zip(members, record["ensemble"]["runs"], bundle["models"]):
+        assert run == f"runs/{dirs.get(m, m)}-refit"
+        best = torch.load(out / run / "best.pt", weights_only=True)["model"]
+        assert all(torch.equal(state[k], best[k]) for k in best)
+        assert json.loads((out / run / "run.json").read_text())["data"]["dev"]["n_rows"] == 24
+        got.append(evaluate(test, out / run, train=train))
+    # model.pt is the pick alone; the recorded test accuracy is the mean-probability ensemble's, recomputed here
+    pick_state = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(pick_state[k], bundle["models"][0][k]) for k in pick_state)
+    assert record["test_acc_pick"] == pytest.approx(got[0]["acc"], abs=1e-12)
+    mean = (got[0]["probs"] + got[1]["probs"]) / 2
+    assert record["test_acc"] == pytest.approx(float((mean.argmax(1) == got[0]["labels"]).mean()), abs=1e-12)
+    assert "handed over: the mean of" in capsys.readouterr().out
+    # valuekit predict: the same probabilities on the test rows without their labels
+    rows = tmp_path / "rows.csv"
+    test.drop(columns=["label"]).to_csv(rows, index=False)
+    assert main(["predict", str(rows), "--clean", str(out), "--train", str(tables["train"]),
+                 "-o", str(tmp_path / "p.parquet")]) == 0
+    pred = pd.read_parquet(tmp_path / "p.parquet")
+    classes = sorted(train.label.unique())
+    assert list(pred.columns) == ["id", "prediction"] + [f"prob_{c}" for c in classes]
+    assert list(pred.id) == list(test.id)
+    assert pred[[f"prob_{c}" for c in classes]].to_numpy() == pytest.approx(mean, abs=1e-6)
+    assert list(pred.prediction) == list(np.array(classes)[mean.argmax(1)])
+    assert (pred.prediction == test.label).mean() == pytest.approx(record["test_acc"], abs=1e-12)
+    capsys.readouterr()
+    assert main(["predict", str(rows), "--clean", str(out), "--train", str(tables["train"]),
+                 "-o", str(tmp_path / "p.parquet")]) == 2  # an existing output is kept without --overwrite
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    # a table without one of the training table's feature columns is refused, naming the file and the column
+    test.drop(columns=["f0"]).to_parquet(tmp_path / "bad.parquet")
+    assert main(["predict", str(tmp_path / "bad.parquet"), "--clean", str(out), "--train", str(tables["train"]),
+                 "-o", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.parquet: no feature column 'f0'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "q.csv").exists()
+
+
+def test_predict_refuses_a_folder_that_clean_did_not_write(tables, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", str(tables["test"]), "--clean", str(tmp_path / "empty"), "--train", str(tables["train"]),
+                 "-o", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"--clean {tmp_path / 'empty'}: no clean.json" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     ([], "--dev: a trusted dev table is required"),
+    (["--dev", "DEV", "--ensemble", "0"], "--ensemble 0: must be a whole number >= 1"),
     (["--dev", "DEV", "--methods", "nope"], "unknown method 'nope'"),
     (["--dev", "DEV", "--methods", "uniform"], "'uniform' is always a candidate"),
     (["--dev", "missing.parquet"], "dev table not found"),

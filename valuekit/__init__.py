@@ -12,6 +12,7 @@ _LAZY = {
     "ValueDataset": ("valuekit.data.tables", "ValueDataset"),
     "train": ("valuekit.api", "train"),
     "clean": ("valuekit.pipeline", "clean"),
+    "predict": ("valuekit.pipeline", "predict"),
     "TrainConfig": ("valuekit.config", "TrainConfig"),
     "Hook": ("valuekit.training.hooks", "Hook"),
     "read_run": ("valuekit.runs.reader", "read_run"),

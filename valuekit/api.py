@@ -127,6 +127,8 @@ def train(
 
 def evaluate(table, run, *, train, state: dict | None = None) -> dict:
     """The model of a finished run on `table`: {"correct": per-row bool array, "acc", "loss"} (mean cross-entropy),
+    "probs" (rows x classes softmax probabilities, float64, columns in the training table's class order) and "labels"
+    (the rows' class codes in that order),
     computed as the loop's evaluation does. The model is the run's best-dev one (best.pt) unless `state` (a state
     dict) is given; `train` is the run's training table (path, DataFrame or ValueDataset), which fixes the class
     codes and the feature columns. Built-in models only (the run's `config.model` is a name)."""
@@ -154,6 +156,8 @@ def evaluate(table, run, *, train, state: dict | None = None) -> dict:
     model.load_state_dict(state)
     loss, acc = evaluate_model(model, ctx.dev_x, ctx.dev_y)
     with eval_mode(model, no_grad=True):
-        pred = torch.cat([model(ctx.dev_x[i: i + 2048]).argmax(1) for i in range(0, len(ctx.dev_y), 2048)])
+        logits = torch.cat([model(ctx.dev_x[i: i + 2048]) for i in range(0, len(ctx.dev_y), 2048)])
+    pred = logits.argmax(1)
     return {"correct": (pred == ctx.dev_y).cpu().numpy().astype(bool), "acc": float(acc), "loss": float(loss),
+            "probs": torch.softmax(logits.double(), 1).cpu().numpy(), "labels": ctx.dev_y.cpu().numpy(),
             "rows": len(ctx.dev_y)}
