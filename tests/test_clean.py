@@ -202,6 +202,15 @@ def test_the_handed_over_model_averages_the_two_best_candidates_refitted(tables,
     assert pred[[f"prob_{c}" for c in classes]].to_numpy() == pytest.approx(mean, abs=1e-6)
     assert list(pred.prediction) == list(np.array(classes)[mean.argmax(1)])
     assert (pred.prediction == test.label).mean() == pytest.approx(record["test_acc"], abs=1e-12)
+    # the folder finds its runs wherever it is moved (clean.json names them relative to it)
+    import shutil
+
+    import valuekit
+
+    shutil.copytree(out, tmp_path / "moved")
+    shutil.rmtree(out / "runs")
+    again = valuekit.predict(rows, tmp_path / "moved", train=tables["train"])
+    assert again.drop(columns="id").equals(pred.drop(columns="id"))
     capsys.readouterr()
     assert main(["predict", str(rows), "--clean", str(out), "--train", str(tables["train"]),
                  "-o", str(tmp_path / "p.parquet")]) == 2  # an existing output is kept without --overwrite

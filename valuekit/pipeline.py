@@ -292,6 +292,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
         why += f"; handed over averaged with the next by {what}: {', '.join(members[1:])}"
 
     member_runs = {m: runs[m] for m in members}
+    member_dirs = {m: Path(frame.run_dir.iloc[int(np.flatnonzero(frame.candidate == m)[0])]) for m in members}
     refit_rec, refits = None, {}
     if refit:  # the pick is made: the same pipelines again, early-stopped (and learning) on every dev row
         dev_all = load_table(dev_df, like=tr, name="dev", where=dev_where, **kw)
@@ -300,6 +301,7 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
             folder = runs_dir / f"{CANDIDATE_DIRS.get(m, m)}-refit"
             log(f"clean: refitting {m} on the whole dev table ({len(dev_df)} rows)")
             member_runs[m] = run = train_run(train_ds, dev_all, test_ds, out=folder, method=method, **common)
+            member_dirs[m] = folder
             best_m = run.meta["best_metrics"]
             refits[m] = {"run_dir": str(folder), "dev_acc": best_m["dev_acc"], "best_step": run.meta["best_step"],
                          "test_acc": best_m.get("test_acc") if test_ds is not None else None}
@@ -308,8 +310,9 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
     states = [torch.load(member_runs[m].best_model_path, map_location="cpu", weights_only=True)["model"]
               for m in members]
     ens_rec: dict[str, Any] = {"members": members, "model": str(out / "ensemble.pt"),
-                               # relative to `out`, so that `predict` finds them in a moved folder
-                               "runs": [str(Path(member_runs[m].path).relative_to(out)) for m in members],
+                               # relative to `out` (every run folder is made under it), so that `predict` finds
+                               # them in a moved folder
+                               "runs": [str(member_dirs[m].relative_to(out)) for m in members],
                                "test_acc": None, "test_acc_half_a": None}
     if test_ds is not None and len(members) == 1:
         ens_rec["test_acc"] = refit_rec["test_acc"] if refit_rec else _num(pick.test_acc)
