@@ -411,8 +411,9 @@ def test_data_prepare_options_all_have_help():
     from valuekit.cli.main import build_parser
 
     parser = build_parser()
-    for cmd in ("train", "score", "audit", "report", "bench", "data"):
-        sub = parser._subparsers._group_actions[0].choices[cmd]
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "clean", "predict", "score", "audit", "report", "bench", "data"} <= set(commands)
+    for cmd, sub in commands.items():
         subs = [sub]
         if cmd == "data":
             subs = list(sub._subparsers._group_actions[0].choices.values())
