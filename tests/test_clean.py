@@ -217,10 +217,17 @@ def test_the_handed_over_model_averages_the_two_best_candidates_refitted(tables,
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     # a table without one of the training table's feature columns is refused, naming the file and the column
     test.drop(columns=["f0"]).to_parquet(tmp_path / "bad.parquet")
-    assert main(["predict", str(tmp_path / "bad.parquet"), "--clean", str(out), "--train", str(tables["train"]),
+    assert main(["predict", str(tmp_path / "bad.parquet"), "--clean", str(tmp_path / "moved"), "--train",
+                 str(tables["train"]),
                  "-o", str(tmp_path / "q.csv")]) == 2
     err = capsys.readouterr().err
     assert "bad.parquet: no feature column 'f0'" in err and len(err.strip().splitlines()) == 1
+    # so is a training table that is not the one the models were trained on
+    train.assign(f9=1.0).to_parquet(tmp_path / "other.parquet")
+    assert main(["predict", str(tables["test"]), "--clean", str(tmp_path / "moved"), "--train",
+                 str(tmp_path / "other.parquet"), "-o", str(tmp_path / "q.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "other.parquet: not the training table of --clean" in err and "'f9'" in err
     assert not (tmp_path / "q.csv").exists()
 
 

@@ -381,6 +381,14 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
         raise InputError(f"{path or 'prediction table (argument `table`)'}: no column {id_col!r} "
                          f"(columns: {list(df.columns)[:12]})")
     train_ds = _table(train, "train", table_kw={"id_col": id_col, "label_col": label_col})
+    trained = json.loads((out / record["ensemble"]["runs"][0] / "run.json").read_text())
+    for what, mine, theirs in (("feature columns", train_ds.feature_cols, trained["feature_cols"]),
+                               ("classes", train_ds.classes, trained["classes"])):
+        if list(mine) != list(theirs):
+            raise InputError(f"{train_ds.path or 'training table (argument `train`)'}: not the training table of "
+                             f"{out}: its {what} {list(mine)[:8]} differ from the models' {list(theirs)[:8]}",
+                             cli=f"--train {train_ds.path or train}: not the training table of --clean {out}: its "
+                                 f"{what} {list(mine)[:8]} differ from the models' {list(theirs)[:8]}")
     missing = [c for c in train_ds.feature_cols if c not in df.columns]
     if missing:
         raise InputError(f"{path or 'prediction table (argument `table`)'}: no feature column {missing[0]!r} of the "
