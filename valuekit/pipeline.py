@@ -375,6 +375,7 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
 
     from valuekit.api import _table, evaluate
     from valuekit.data.tables import load_table
+    from valuekit.runs.reader import open_run
 
     out = Path(out)
     for name in ("clean.json", "ensemble.pt"):
@@ -388,7 +389,7 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
         raise InputError(f"{path or 'prediction table (argument `table`)'}: no column {id_col!r} "
                          f"(columns: {list(df.columns)[:12]})")
     train_ds = _table(train, "train", table_kw={"id_col": id_col, "label_col": label_col})
-    trained = json.loads((out / record["ensemble"]["runs"][0] / "run.json").read_text())
+    trained = open_run(out / record["ensemble"]["runs"][0]).meta
     for what, mine, theirs in (("feature columns", train_ds.feature_cols, trained["feature_cols"]),
                                ("classes", train_ds.classes, trained["classes"])):
         if list(mine) != list(theirs):
