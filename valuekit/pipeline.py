@@ -444,7 +444,7 @@ def format_summary(record: dict) -> str:
     if e and len(e["members"]) > 1:
         t = ("" if e["test_acc"] is None else
              f": test {e['test_acc']:.4f} (half-A models {e['test_acc_half_a']:.4f})")
-        lines.append(f"handed over: the mean of {' and '.join(e['members'])}'s probabilities{t}; "
+        lines.append(f"handed over: the mean of the probabilities of {' and '.join(e['members'])}{t}; "
                      f"{e['model']} (valuekit.predict)")
     lines.append(f"table: {record['table']} ({record['rows']['output']} of {record['rows']['input']} rows)   "
                  f"model: {record['model']} (the pick alone)")
