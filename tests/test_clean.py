@@ -231,6 +231,31 @@ def test_the_handed_over_model_averages_the_two_best_candidates_refitted(tables,
     assert not (tmp_path / "q.csv").exists()
 
 
+def test_report_of_a_clean_folder_lists_the_candidates_and_shows_the_handed_over_runs(tables, tmp_path):
+    import re
+
+    out = tmp_path / "c"
+    assert main(["clean", str(tables["train"]), "--dev", str(tables["dev"]), "--test", str(tables["test"]),
+                 "--methods", "dds", *FAST, "-o", str(out)]) == 0
+    record = json.loads((out / "clean.json").read_text())
+    assert main(["report", str(out), "-o", str(tmp_path / "r.html")]) == 0
+    html = (tmp_path / "r.html").read_text()
+    text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
+    section = text.split("valuekit clean: the candidates and the model handed over")[2].split("2. Run summary")[0]
+    # one row per candidate: name, rows, half-A accuracy, judged accuracy ± spread, test accuracy, role
+    from valuekit.reporting import _fmt
+
+    for c in record["candidates"]:
+        role = "pick" if c["picked"] else "averaged with the pick" if c["member"] else ""
+        want = (f"{c['candidate']} {c['rows']} {_fmt(c['dev_a_acc'])} {_fmt(c['judged_acc'])} ± "
+                f"{_fmt(c['judged_std'])} {_fmt(c['test_acc'])} {role}".strip())
+        assert want in section, want
+    assert f"Pick: {record['pick']}" in section and f"test accuracy {_fmt(record['test_acc'])}" in section
+    # the rest of the report is about the runs of the handed-over model
+    members = [r.split("/")[-1] for r in record["ensemble"]["runs"]]
+    assert f"runs: {', '.join(members)}" in text
+
+
 def test_predict_refuses_a_folder_that_clean_did_not_write(tables, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["predict", str(tables["test"]), "--clean", str(tmp_path / "empty"), "--train", str(tables["train"]),

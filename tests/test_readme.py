@@ -179,6 +179,8 @@ def test_readme_commands_run_in_order(tmp_path, monkeypatch):
     assert list(pred.id) == list(pd.read_parquet("data/digits-noisy20/test.parquet").id)
     assert pred.filter(like="prob_").shape[1] == 10 and pred.filter(like="prob_").sum(axis=1).to_numpy() == (
         pytest.approx(1.0))
+    clean_report = Path("out/digits-clean-report.html").read_text()
+    assert "valuekit clean: the candidates and the model handed over" in clean_report
     kept = pq.read_table("out/digits-kept.parquet")
     assert kept.num_rows == 1338 and kept.column("selected").to_numpy().sum() == round(0.7 * 1338)
     audit = pd.read_parquet("out/digits-audit.parquet")

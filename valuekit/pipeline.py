@@ -56,7 +56,8 @@ weighted retrain), ensemble.pt (the members' names and best-dev state dicts, ref
 network), candidates.parquet and clean.json (every candidate's half-A and half-B accuracy, spread, test accuracy,
 run directory, whether it is the pick or a member; the pick and why; the refits' runs and accuracies; the
 ensemble's test accuracy, `test_acc`, beside the pick's alone, `test_acc_pick`) and runs/<candidate>/ (the refits
-in runs/<candidate>-refit/).
+in runs/<candidate>-refit/). `valuekit report OUT` renders the candidates, the pick and why, and the handed-over
+runs as HTML (valuekit.reporting.clean_members).
 """
 
 from __future__ import annotations

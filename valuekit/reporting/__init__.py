@@ -5,6 +5,9 @@ curves, weight distributions, class balance, source usage, rewards, mislabel aud
 subset value) into a single HTML file: figures are inlined as base64 PNG, the style sheet
 is inline, nothing is fetched from the network, so the file opens offline.
 
+An output folder of `valuekit clean` (it holds clean.json) stands for the runs of the model it handed over, and
+adds a first section: every candidate's accuracies, the pick, why, and what was handed over.
+
 A section appears when its data exists (class balance for runs with steps, source usage
 for runs with sources/, subset curves for runs with subset_value.parquet); when data or
 an optional analysis module is missing, or a section fails, the report says so in place
@@ -92,6 +95,58 @@ def _guard(section: _Section, what: str):
 
 
 # ---------------------------------------------------------------- sections
+
+
+def clean_members(path) -> tuple[dict, list[Path]] | None:
+    """For an output folder of `valuekit clean` (clean.json beside no run.json): its record and the run directories
+    of the model it handed over (the ensemble's members, refitted unless the clean was run without refit); None for
+    anything else."""
+    import json
+
+    folder = Path(path) if isinstance(path, (str, Path)) else None
+    if folder is None or not (folder / "clean.json").is_file() or (folder / "run.json").exists():
+        return None
+    try:
+        record = json.loads((folder / "clean.json").read_text())
+    except ValueError as exc:
+        raise InputError(f"{folder / 'clean.json'}: not readable as JSON ({exc})") from None
+    ens = record.get("ensemble") or {}
+    if ens.get("runs"):
+        return record, [folder / r for r in ens["runs"]]
+    # a clean.json written before ensembles: the pick's refit, or its own run
+    pick = next(c for c in record["candidates"] if c["picked"])
+    return record, [Path((record.get("refit") or {}).get("run_dir") or pick["run_dir"])]
+
+
+def _clean_section(folder: Path, record: dict, names: list[str]) -> _Section:
+    """`valuekit clean`'s choice: each candidate's half-A accuracy (its early stopping), judged accuracy with its
+    bootstrap spread, test accuracy, and which candidates make the handed-over model."""
+    judged = "both dev halves, cross-fitted" if record.get("cross_fit") else "half B"
+    sec = _Section("clean", 1, "valuekit clean: the candidates and the model handed over",
+                   f"{folder}: every candidate was early-stopped on half A of the dev table "
+                   f"({record['dev_rows']['half_a']} rows) and judged on {judged} "
+                   f"({record['dev_rows']['half_b']} rows in half B); the spread is the standard deviation over "
+                   "bootstrap resamples of the judged rows.")
+    rows = []
+    for c in record["candidates"]:
+        role = "pick" if c["picked"] else "averaged with the pick" if c.get("member") else ""
+        rows.append([c["candidate"], _fmt(c["rows"]), _fmt(c["dev_a_acc"]),
+                     f"{_fmt(c.get('judged_acc', c['dev_b_acc']))} ± {_fmt(c.get('judged_std', c['dev_b_std']))}",
+                     _fmt(c.get("test_acc")), role])
+    sec.tables.append({"id": "clean-candidates", "caption": f"Candidates of {folder}, simplest first (ties go to "
+                       "the simpler pipeline).", "header": ["candidate", "rows", "dev A (early stopping)",
+                                                           f"judged accuracy ({judged}) ± spread", "test", "role"],
+                       "rows": rows})
+    sec.notes.append(f"Pick: {record['pick']}: {record['why']}.")
+    ens = record.get("ensemble") or {}
+    members = ens.get("members") or [record["pick"]]
+    test = "" if record.get("test_acc") is None else f"; test accuracy {_fmt(record['test_acc'])}"
+    alone = record.get("test_acc_pick")
+    alone_text = "" if alone is None or len(members) < 2 else f" (the pick alone {_fmt(alone)})"
+    sec.notes.append(f"Handed over: {' and '.join(members)}"
+                     + (", the mean of their probabilities" if len(members) > 1 else "")
+                     + f"{test}{alone_text}. The sections below show its runs: {', '.join(names)}.")
+    return sec
 
 
 def _summary(runs, names) -> _Section:
@@ -533,7 +588,15 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     refuse_existing(out, overwrite=overwrite)
     if isinstance(run_dirs, (str, Path, Run)):
         run_dirs = [run_dirs]
-    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in run_dirs]
+    expanded, cleans = [], []
+    for r in run_dirs:  # a clean folder stands for the runs of the model it handed over
+        found = clean_members(r)
+        if found is None:
+            expanded.append(r)
+            continue
+        cleans.append((Path(r), found[0], len(expanded), len(found[1])))
+        expanded += found[1]
+    runs = [(r if isinstance(r, Run) else read_run(r)).check() for r in expanded]
     if not runs:
         raise InputError("no run directory given")
     names = run_columns(runs)
@@ -542,7 +605,9 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
 
         training_table(runs[0], data)
 
-    sections: list[_Section | None] = [_summary(runs, names), _training(runs, names)]
+    sections: list[_Section | None] = [_clean_section(folder, record, names[start: start + n])
+                                       for folder, record, start, n in cleans]
+    sections += [_summary(runs, names), _training(runs, names)]
     audit_sec, frame, table = _audit(runs, names, data, baselines, top_k)
     labels, noisy, label_notes = {}, {}, []
     classes_of = {n: [str(c) for c in r.meta.get("classes") or []] for r, n in zip(runs, names)}
@@ -593,4 +658,4 @@ def write_report(run_dirs, out, *, data=None, baselines: bool = False, top_k: in
     return write_atomic(out, write)
 
 
-__all__ = ["write_report"]
+__all__ = ["clean_members", "write_report"]
