@@ -27,7 +27,7 @@ import pandas as pd
 from valuekit.analysis.instruction_audit import has_no_classes, is_causal_lm
 from valuekit.errors import InputError, ValueKitError
 from valuekit.runs.atomic import write_atomic
-from valuekit.runs.layout import SUBSET_VALUE
+from valuekit.runs.layout import RUN_JSON, SUBSET_VALUE
 from valuekit.runs.paths import refuse_existing
 
 TEMPLATE = "report.html"
@@ -104,7 +104,7 @@ def clean_members(path) -> tuple[dict, list[Path]] | None:
     import json
 
     folder = Path(path) if isinstance(path, (str, Path)) else None
-    if folder is None or not (folder / "clean.json").is_file() or (folder / "run.json").exists():
+    if folder is None or not (folder / "clean.json").is_file() or (folder / RUN_JSON).exists():
         return None
     try:
         record = json.loads((folder / "clean.json").read_text())
