@@ -262,6 +262,16 @@ def test_predict_refuses_a_folder_that_clean_did_not_write(tables, tmp_path, cap
                  "-o", str(tmp_path / "p.csv")]) == 2
     err = capsys.readouterr().err
     assert f"--clean {tmp_path / 'empty'}: no clean.json" in err and len(err.strip().splitlines()) == 1
+    # a clean.json that is not a clean record: one line from predict and from report, naming the file
+    (tmp_path / "empty" / "clean.json").write_text("{}")
+    (tmp_path / "empty" / "ensemble.pt").write_bytes(b"")
+    assert main(["predict", str(tables["test"]), "--clean", str(tmp_path / "empty"), "--train", str(tables["train"]),
+                 "-o", str(tmp_path / "p.csv")]) == 2
+    assert main(["report", str(tmp_path / "empty"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"{tmp_path / 'empty' / 'clean.json'}: not a record of valuekit clean" in e
+                                 for e in err)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "r.html").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

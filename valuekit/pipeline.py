@@ -383,14 +383,19 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
         if not (out / name).is_file():
             raise InputError(f"out={str(out)!r}: no {name} (not an output folder of valuekit.clean)",
                              cli=f"--clean {out}: no {name} (not an output folder of valuekit clean)")
-    record = json.loads((out / "clean.json").read_text())
+    try:
+        record = json.loads((out / "clean.json").read_text())
+        runs = record["ensemble"]["runs"]
+    except (ValueError, KeyError, TypeError):
+        raise InputError(f"{out / 'clean.json'}: not a record of valuekit clean with an ensemble "
+                         "(no ensemble.runs)") from None
     bundle = torch.load(out / "ensemble.pt", map_location="cpu", weights_only=True)
     df, path = _read(table, "prediction")
     if id_col not in df.columns:
         raise InputError(f"{path or 'prediction table (argument `table`)'}: no column {id_col!r} "
                          f"(columns: {list(df.columns)[:12]})")
     train_ds = _table(train, "train", table_kw={"id_col": id_col, "label_col": label_col})
-    trained = open_run(out / record["ensemble"]["runs"][0]).meta
+    trained = open_run(out / runs[0]).meta
     for what, mine, theirs in (("feature columns", train_ds.feature_cols, trained["feature_cols"]),
                                ("classes", train_ds.classes, trained["classes"])):
         if list(mine) != list(theirs):
@@ -408,7 +413,7 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
     rows = load_table(rows.assign(label=train_ds.classes[0]), like=train_ds, name="dev",
                       where=path or "prediction table (argument `table`)")
     probs = np.mean([evaluate(rows, out / run, train=train_ds, state=state)["probs"]
-                     for run, state in zip(record["ensemble"]["runs"], bundle["models"])], axis=0)
+                     for run, state in zip(runs, bundle["models"])], axis=0)
     classes = np.asarray(train_ds.classes, dtype=object)
     result = pd.DataFrame({id_col: df[id_col].to_numpy(), "prediction": classes[probs.argmax(1)]})
     for j, c in enumerate(train_ds.classes):

@@ -110,6 +110,9 @@ def clean_members(path) -> tuple[dict, list[Path]] | None:
         record = json.loads((folder / "clean.json").read_text())
     except ValueError as exc:
         raise InputError(f"{folder / 'clean.json'}: not readable as JSON ({exc})") from None
+    missing = [k for k in ("pick", "why", "dev_rows", "candidates") if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise InputError(f"{folder / 'clean.json'}: not a record of valuekit clean (no {missing[0]!r})")
     ens = record.get("ensemble") or {}
     if ens.get("runs"):
         return record, [folder / r for r in ens["runs"]]
