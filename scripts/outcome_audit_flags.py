@@ -23,7 +23,6 @@ import json
 import os
 import sys
 
-import numpy as np
 import pandas as pd
 
 from valuekit.bench.outcome import CHOICE_SETS
@@ -39,7 +38,7 @@ def run_cell(cell: str) -> dict:
     from valuekit.pipeline import split_dev
 
     sys.path.insert(0, os.path.dirname(__file__))
-    from outcome_ensemble import cell_probs
+    from outcome_ensemble import cell_probs, top_k_acc
 
     key = json.load(open(os.path.join(cell, "cell.json")))
     row, methods = key["row"], key["key"]["methods"]
@@ -62,14 +61,8 @@ def run_cell(cell: str) -> dict:
     eb = evaluate(dev[~half_a].reset_index(drop=True), run, train=tr)
     et = evaluate(os.path.join(data, "test.parquet"), run, train=tr)
 
-    def top2(names, b):
-        order = [names[i] for i in np.argsort(-np.asarray(b), kind="stable")[:2]]
-        probs = np.mean([ptx[n] for n in order], axis=0)
-        return float((probs.argmax(1) == yt).mean()), ",".join(order)
-
     names, b = list(cands.candidate), list(cands.dev_b_acc)
-    ptx = dict(pt)
-    before, members_before = top2(names, b)
+    before, members_before = top_k_acc(names, b, pt, yt)
     if "clean+retrain" in names:
         i = names.index("clean+retrain")
         b[i] = eb["acc"]
@@ -77,13 +70,12 @@ def run_cell(cell: str) -> dict:
         i = 1 + len(methods)
         names.insert(i, "clean+retrain")
         b.insert(i, eb["acc"])
-    ptx["clean+retrain"] = et["probs"]
-    after, members_after = top2(names, b)
+    after, members_after = top_k_acc(names, b, {**pt, "clean+retrain": et["probs"]}, yt)
     return {"dataset": row["dataset"], "setting": row["setting"], "seed": row["seed"],
             "uniform": max(row["uniform"], row["uniform (whole dev)"]), "cleanlab": row["cleanlab+retrain"],
             "flagged_uniform": row["clean_flagged"], "flagged_all": len(flagged), "retrain_all_test": et["acc"],
-            "retrain_uniform_test": row["clean+retrain"], "top2": before, "top2_members": members_before,
-            "top2_all_flags": after, "top2_all_flags_members": members_after,
+            "retrain_uniform_test": row["clean+retrain"], "top2": before, "top2_members": ",".join(members_before),
+            "top2_all_flags": after, "top2_all_flags_members": ",".join(members_after),
             "held_out": row["dataset"] not in CHOICE}
 
 

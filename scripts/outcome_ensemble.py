@@ -64,6 +64,13 @@ def acc(p: np.ndarray, y: np.ndarray) -> float:
     return float((p.argmax(1) == y).mean())
 
 
+def top_k_acc(names: list, judged, probs: dict, y: np.ndarray, k: int = 2) -> tuple[float, list]:
+    """Accuracy of the mean probabilities of the k candidates with the best judged accuracy (ties: the earlier
+    candidate, as `valuekit clean` orders them) and those candidates."""
+    order = [names[i] for i in np.argsort(-np.asarray(judged), kind="stable")[:k]]
+    return acc(np.mean([probs[n] for n in order], axis=0), y), order
+
+
 def rules(cands: pd.DataFrame, pb: dict, pt: dict, yb: np.ndarray, yt: np.ndarray) -> dict[str, float]:
     names = list(cands.candidate)
     b = cands.dev_b_acc.to_numpy()
@@ -73,8 +80,7 @@ def rules(cands: pd.DataFrame, pb: dict, pt: dict, yb: np.ndarray, yt: np.ndarra
     out = {"clean's rule (half-B pick)": acc(pt[pick], yt), "ensemble (all candidates)": acc(ens_t, yt)}
     out["ensemble as a candidate"] = acc(ens_t, yt) if acc(ens_b, yb) > b.max() else acc(pt[pick], yt)
     out["uniform + pick"] = acc(mean([pt["uniform"], pt[pick]]), yt) if pick != "uniform" else acc(pt[pick], yt)
-    order = [names[i] for i in np.argsort(-b, kind="stable")[:2]]
-    out["top-2 by half B"] = acc(mean([pt[n] for n in order]), yt)
+    out["top-2 by half B"] = top_k_acc(names, b, pt, yt)[0]
     out["oracle single candidate (not a rule)"] = max(acc(pt[n], yt) for n in names)
     return out
 

@@ -295,7 +295,8 @@ def clean(table, dev, *, out, test=None, methods="auto", steps: int | None = Non
         why += f"; handed over averaged with the next by {what}: {', '.join(members[1:])}"
 
     member_runs = {m: runs[m] for m in members}
-    member_dirs = {m: Path(frame.run_dir.iloc[int(np.flatnonzero(frame.candidate == m)[0])]) for m in members}
+    run_dirs = dict(zip(frame.candidate, frame.run_dir))
+    member_dirs = {m: Path(run_dirs[m]) for m in members}
     refit_rec, refits = None, {}
     if refit:  # the pick is made: the same pipelines again, early-stopped (and learning) on every dev row
         dev_all = load_table(dev_df, like=tr, name="dev", where=dev_where, **kw)
@@ -376,6 +377,7 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
 
     from valuekit.api import _table, evaluate
     from valuekit.data.tables import load_table
+    from valuekit.reporting import clean_members
     from valuekit.runs.reader import open_run
 
     out = Path(out)
@@ -383,19 +385,18 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
         if not (out / name).is_file():
             raise InputError(f"out={str(out)!r}: no {name} (not an output folder of valuekit.clean)",
                              cli=f"--clean {out}: no {name} (not an output folder of valuekit clean)")
-    try:
-        record = json.loads((out / "clean.json").read_text())
-        runs = record["ensemble"]["runs"]
-    except (ValueError, KeyError, TypeError):
+    found = clean_members(out)  # the one reader of clean.json: it checks the record and resolves the member runs
+    if found is None or not (found[0].get("ensemble") or {}).get("runs"):
         raise InputError(f"{out / 'clean.json'}: not a record of valuekit clean with an ensemble "
-                         "(no ensemble.runs)") from None
+                         "(no ensemble.runs)")
+    runs = found[1]
     bundle = torch.load(out / "ensemble.pt", map_location="cpu", weights_only=True)
     df, path = _read(table, "prediction")
     if id_col not in df.columns:
         raise InputError(f"{path or 'prediction table (argument `table`)'}: no column {id_col!r} "
                          f"(columns: {list(df.columns)[:12]})")
     train_ds = _table(train, "train", table_kw={"id_col": id_col, "label_col": label_col})
-    trained = open_run(out / runs[0]).meta
+    trained = open_run(runs[0]).meta
     for what, mine, theirs in (("feature columns", train_ds.feature_cols, trained["feature_cols"]),
                                ("classes", train_ds.classes, trained["classes"])):
         if list(mine) != list(theirs):
@@ -412,7 +413,7 @@ def predict(table, out, *, train, id_col: str = "id", label_col: str = "label") 
     rows = df.drop(columns=[label_col], errors="ignore").rename(columns={id_col: "id"})
     rows = load_table(rows.assign(label=train_ds.classes[0]), like=train_ds, name="dev",
                       where=path or "prediction table (argument `table`)")
-    probs = np.mean([evaluate(rows, out / run, train=train_ds, state=state)["probs"]
+    probs = np.mean([evaluate(rows, run, train=train_ds, state=state)["probs"]
                      for run, state in zip(runs, bundle["models"])], axis=0)
     classes = np.asarray(train_ds.classes, dtype=object)
     result = pd.DataFrame({id_col: df[id_col].to_numpy(), "prediction": classes[probs.argmax(1)]})
